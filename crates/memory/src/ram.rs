@@ -1,0 +1,281 @@
+//! Guest RAM: creation from a layout, KVM memory slots and dirty-page tracking.
+
+use std::ops::Deref;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::layout::MemoryLayout;
+use crate::GuestMemory;
+
+/// Guest page size used for dirty tracking.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors from building or registering guest memory.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// The host refused to map a RAM range.
+    #[error("cannot map {size:#x} bytes of guest RAM at {start:#x}")]
+    Map {
+        /// Guest-physical start of the range.
+        start: u64,
+        /// Size of the range.
+        size: u64,
+        /// What vm-memory reported.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// The regions could not be collected into one guest memory.
+    #[error("guest RAM ranges are invalid")]
+    Collect(#[source] vm_memory::GuestRegionCollectionError),
+    /// KVM refused a memory slot.
+    #[error("KVM refused memory slot {slot} ({size:#x} bytes at {guest_addr:#x})")]
+    SetSlot {
+        /// Slot number.
+        slot: u32,
+        /// Guest-physical address.
+        guest_addr: u64,
+        /// Size in bytes.
+        size: u64,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM could not return the dirty log of a slot.
+    #[error("KVM could not return the dirty log of slot {slot}")]
+    DirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Dirty pages were requested but logging was never turned on.
+    #[error("dirty logging is off: call GuestRam::set_dirty_logging(vm, true) first")]
+    DirtyLoggingOff,
+    /// The memory has not been registered with a VM.
+    #[error("guest RAM is not registered with a VM: call GuestRam::register first")]
+    NotRegistered,
+}
+
+/// One KVM memory slot backing one RAM region.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    slot: u32,
+    guest_addr: u64,
+    size: u64,
+    host_addr: u64,
+}
+
+/// Guest RAM built from a [`MemoryLayout`], with KVM slot registration and dirty-page
+/// tracking.
+#[derive(Debug)]
+pub struct GuestRam {
+    memory: GuestMemory,
+    slots: Vec<Slot>,
+    registered: bool,
+    dirty_logging: bool,
+}
+
+/// Pages dirtied since the previous call to [`GuestRam::take_dirty_pages`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtyPages {
+    /// Per region: its guest-physical start and a bitmap, one bit per 4 KiB page.
+    regions: Vec<(u64, Vec<u64>)>,
+}
+
+impl DirtyPages {
+    /// Guest-physical addresses of the dirty pages, ascending.
+    pub fn pages(&self) -> impl Iterator<Item = GuestAddress> + '_ {
+        self.regions.iter().flat_map(|(start, bits)| {
+            bits.iter().enumerate().flat_map(move |(word_idx, &word)| {
+                (0..64)
+                    .filter(move |bit| word & (1u64 << bit) != 0)
+                    .map(move |bit| GuestAddress(start + (word_idx as u64 * 64 + bit) * PAGE_SIZE))
+            })
+        })
+    }
+
+    /// Number of dirty pages.
+    pub fn count(&self) -> usize {
+        self.regions
+            .iter()
+            .flat_map(|(_, bits)| bits.iter())
+            .map(|w| w.count_ones() as usize)
+            .sum()
+    }
+
+    /// True if the page holding `addr` is dirty.
+    pub fn contains(&self, addr: GuestAddress) -> bool {
+        self.regions.iter().any(|(start, bits)| {
+            let Some(offset) = addr.0.checked_sub(*start) else {
+                return false;
+            };
+            let page = (offset / PAGE_SIZE) as usize;
+            bits.get(page / 64)
+                .is_some_and(|w| w & (1 << (page % 64)) != 0)
+        })
+    }
+}
+
+impl GuestRam {
+    /// Map anonymous memory for every range of `layout`.
+    pub fn new(layout: &MemoryLayout) -> Result<Self, MemoryError> {
+        let mut regions = Vec::with_capacity(layout.ranges().len());
+        for r in layout.ranges() {
+            let region = GuestRegionMmap::from_range(GuestAddress(r.start), r.size as usize, None)
+                .map_err(|source| MemoryError::Map {
+                    start: r.start,
+                    size: r.size,
+                    source,
+                })?;
+            regions.push(region);
+        }
+        let memory = GuestMemory::from_regions(regions).map_err(MemoryError::Collect)?;
+        let slots = memory
+            .iter()
+            .enumerate()
+            .map(|(i, region)| Slot {
+                slot: i as u32,
+                guest_addr: region.start_addr().0,
+                size: region.len(),
+                host_addr: region.deref().as_ptr() as u64,
+            })
+            .collect();
+        Ok(GuestRam {
+            memory,
+            slots,
+            registered: false,
+            dirty_logging: false,
+        })
+    }
+
+    /// The memory, for reading and writing guest RAM (cheap to clone and share).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Number of KVM memory slots this RAM uses (slots `0..n`).
+    pub fn slot_count(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    /// Register every region with `vm` as a KVM memory slot.
+    pub fn register(&mut self, vm: &VmFd) -> Result<(), MemoryError> {
+        self.set_slots(vm, self.dirty_logging)?;
+        self.registered = true;
+        Ok(())
+    }
+
+    /// Turn KVM dirty logging on or off for every slot. Turning it on also clears
+    /// the VMM-side bitmap, so the next [`GuestRam::take_dirty_pages`] reports only
+    /// writes made from now on.
+    pub fn set_dirty_logging(&mut self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {
+        if !self.registered {
+            return Err(MemoryError::NotRegistered);
+        }
+        self.set_slots(vm, on)?;
+        self.dirty_logging = on;
+        if on {
+            for region in self.memory.iter() {
+                region.deref().bitmap().reset();
+            }
+        }
+        Ok(())
+    }
+
+    /// The pages written since the previous call (or since logging was turned on), by
+    /// the guest (KVM's log) or by the VMM through this memory (vm-memory's bitmap).
+    /// Both logs are cleared.
+    pub fn take_dirty_pages(&self, vm: &VmFd) -> Result<DirtyPages, MemoryError> {
+        if !self.dirty_logging {
+            return Err(MemoryError::DirtyLoggingOff);
+        }
+        let mut regions = Vec::with_capacity(self.slots.len());
+        for (slot, region) in self.slots.iter().zip(self.memory.iter()) {
+            let mut bits = vm
+                .get_dirty_log(slot.slot, slot.size as usize)
+                .map_err(|source| MemoryError::DirtyLog {
+                    slot: slot.slot,
+                    source,
+                })?;
+            let vmm_bits = region.deref().bitmap().get_and_reset();
+            for (k, v) in bits.iter_mut().zip(vmm_bits) {
+                *k |= v;
+            }
+            regions.push((slot.guest_addr, bits));
+        }
+        Ok(DirtyPages { regions })
+    }
+
+    fn set_slots(&self, vm: &VmFd, log_dirty: bool) -> Result<(), MemoryError> {
+        for s in &self.slots {
+            let region = kvm_userspace_memory_region {
+                slot: s.slot,
+                flags: if log_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
+                guest_phys_addr: s.guest_addr,
+                memory_size: s.size,
+                userspace_addr: s.host_addr,
+            };
+            // SAFETY: `userspace_addr` and `memory_size` describe a mapping owned by
+            // `self.memory`, which lives in an `Arc` shared with every user of this
+            // memory; KVM keeps using it only while the VM exists, and every holder of
+            // the VM in vmcraft also holds a clone of this memory, so the mapping
+            // outlives the slot. The ranges come from a validated layout and do not
+            // overlap.
+            unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+                MemoryError::SetSlot {
+                    slot: s.slot,
+                    guest_addr: s.guest_addr,
+                    size: s.size,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn dirty_pages_decode_bitmaps() {
+        let d = DirtyPages {
+            regions: vec![(0, vec![0b101, 1 << 63]), (1 << 32, vec![1])],
+        };
+        let pages: Vec<u64> = d.pages().map(|a| a.0).collect();
+        assert_eq!(pages, vec![0, 0x2000, 127 * 4096, 1 << 32]);
+        assert_eq!(d.count(), 4);
+        assert!(d.contains(GuestAddress(0x2fff)));
+        assert!(!d.contains(GuestAddress(0x1000)));
+    }
+
+    #[test]
+    fn vmm_writes_land_in_the_vm_memory_bitmap() {
+        let ram = GuestRam::new(&MemoryLayout::x86_64(2 << 20).unwrap()).unwrap();
+        ram.memory().write_obj(7u64, GuestAddress(0x5008)).unwrap();
+        let region = ram.memory().iter().next().unwrap();
+        let bits = region.deref().bitmap().get_and_reset();
+        assert_eq!(bits[0], 1 << 5);
+    }
+
+    #[test]
+    fn dirty_pages_need_logging_on() {
+        let ram = GuestRam::new(&MemoryLayout::x86_64(2 << 20).unwrap()).unwrap();
+        let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm (open failed)");
+        let vm = kvm.create_vm().unwrap();
+        assert!(matches!(
+            ram.take_dirty_pages(&vm),
+            Err(MemoryError::DirtyLoggingOff)
+        ));
+    }
+}
