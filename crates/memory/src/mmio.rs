@@ -233,6 +233,8 @@ mod tests {
             })
         );
         assert_eq!(a.allocate_at(0x1000, 0x800).unwrap(), 0x1000);
+        assert_eq!(a.allocate(0x700, 0x100).unwrap(), 0x1900);
+        assert_eq!(a.allocate(0x1000, 0x1000).unwrap(), 0x2000);
         assert_eq!(
             a.allocate(0x1000, 0x1000),
             Err(MmioAllocError::Exhausted {
@@ -240,7 +242,6 @@ mod tests {
                 align: 0x1000
             })
         );
-        assert_eq!(a.allocate(0x700, 0x100).unwrap(), 0x1900);
         assert!(MmioAllocator::new(u64::MAX, 2).is_err());
     }
 
