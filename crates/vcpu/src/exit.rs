@@ -1,0 +1,357 @@
+//! vCPU exits as plain values, and the handler the embedding program implements.
+//!
+//! [`dispatch`] turns one [`Exit`] into calls on an [`ExitHandler`]; it needs no KVM, so
+//! the whole policy (which exits stop the VM and why) is unit tested here.
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest wrote its exit code to the debug-exit port.
+    DebugExit(u32),
+    /// The guest reset the machine (i8042 CPU reset, or a KVM reset event).
+    Reset,
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// The guest powered off (KVM shutdown system event).
+    PowerOff,
+    /// The guest reported a crash (KVM crash system event).
+    Crash,
+    /// A vCPU halted with nothing to wake it and the handler chose to stop.
+    Halted,
+    /// The embedding program asked the VM to stop.
+    Requested,
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Re-enter the guest.
+    Continue,
+    /// Stop the whole VM.
+    Stop(StopReason),
+}
+
+/// One vCPU exit, with the data of the access it reports.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit<'a> {
+    /// Port read of `data.len()` bytes (1, 2 or 4); the handler fills `data`.
+    PioRead {
+        /// I/O port.
+        port: u16,
+        /// Buffer to fill.
+        data: &'a mut [u8],
+    },
+    /// Port write.
+    PioWrite {
+        /// I/O port.
+        port: u16,
+        /// Bytes written by the guest.
+        data: &'a [u8],
+    },
+    /// MMIO read of `data.len()` bytes (1 to 8); the handler fills `data`.
+    MmioRead {
+        /// Guest-physical address.
+        addr: u64,
+        /// Buffer to fill.
+        data: &'a mut [u8],
+    },
+    /// MMIO write.
+    MmioWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// Bytes written by the guest.
+        data: &'a [u8],
+    },
+    /// The guest executed HLT and KVM returned to user space.
+    Hlt,
+    /// Triple fault.
+    Shutdown,
+    /// A KVM system event (`KVM_SYSTEM_EVENT_*`).
+    SystemEvent(u32),
+    /// The run was interrupted by a kick (signal or immediate exit).
+    Kicked,
+    /// KVM could not handle the exit itself (`KVM_EXIT_INTERNAL_ERROR`).
+    InternalError {
+        /// KVM's suberror code.
+        suberror: u32,
+    },
+    /// VM entry failed.
+    FailEntry {
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// An exit reason vmcraft does not handle (the raw `KVM_EXIT_*` value).
+    Unhandled(u32),
+}
+
+/// Access to the registers of the vCPU that exited, for handlers that need them
+/// (hypercalls read arguments from and write results to registers).
+pub trait VcpuRegisters {
+    /// Index of the vCPU (0-based).
+    fn vcpu_index(&self) -> u32;
+    /// General-purpose registers.
+    fn regs(&self) -> Result<kvm_regs, kvm_ioctls::Error>;
+    /// Write the general-purpose registers.
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error>;
+    /// Segment and control registers.
+    fn sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error>;
+}
+
+/// What the embedding program does with each exit. Shared by all vCPU threads, so the
+/// methods take `&self`; devices keep their own locks.
+///
+/// Every method has a default, so a handler implements only what it serves: unclaimed
+/// reads return all ones, unclaimed writes are dropped, HLT stops the VM.
+pub trait ExitHandler: Send + Sync {
+    /// A port read. Fill `data`.
+    fn pio_read(&self, port: u16, data: &mut [u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        let _ = (port, vcpu);
+        data.fill(0xff);
+        ExitAction::Continue
+    }
+    /// A port write.
+    fn pio_write(&self, port: u16, data: &[u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        let _ = (port, data, vcpu);
+        ExitAction::Continue
+    }
+    /// An MMIO read. Fill `data`.
+    fn mmio_read(&self, addr: u64, data: &mut [u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        let _ = (addr, vcpu);
+        data.fill(0xff);
+        ExitAction::Continue
+    }
+    /// An MMIO write.
+    fn mmio_write(&self, addr: u64, data: &[u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        let _ = (addr, data, vcpu);
+        ExitAction::Continue
+    }
+    /// The vCPU halted (only reaches user space without an in-kernel LAPIC).
+    fn halted(&self, vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        let _ = vcpu;
+        ExitAction::Stop(StopReason::Halted)
+    }
+    /// The vCPU came out of the guest because it was kicked.
+    fn kicked(&self, vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        let _ = vcpu;
+        ExitAction::Continue
+    }
+}
+
+/// A VM-fatal condition found while dispatching an exit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExitError {
+    /// KVM reported an internal error.
+    #[error("KVM internal error, suberror {0}")]
+    InternalError(u32),
+    /// VM entry failed.
+    #[error("VM entry failed, hardware reason {0:#x}")]
+    FailEntry(u64),
+    /// An exit reason vmcraft does not handle.
+    #[error("unhandled KVM exit reason {0}")]
+    Unhandled(u32),
+}
+
+/// `KVM_SYSTEM_EVENT_SHUTDOWN`.
+pub const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+/// `KVM_SYSTEM_EVENT_RESET`.
+pub const SYSTEM_EVENT_RESET: u32 = 2;
+/// `KVM_SYSTEM_EVENT_CRASH`.
+pub const SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// Route one exit to `handler`, or decide it directly.
+pub fn dispatch(
+    exit: Exit<'_>,
+    handler: &dyn ExitHandler,
+    vcpu: &mut dyn VcpuRegisters,
+) -> Result<ExitAction, ExitError> {
+    Ok(match exit {
+        Exit::PioRead { port, data } => handler.pio_read(port, data, vcpu),
+        Exit::PioWrite { port, data } => handler.pio_write(port, data, vcpu),
+        Exit::MmioRead { addr, data } => handler.mmio_read(addr, data, vcpu),
+        Exit::MmioWrite { addr, data } => handler.mmio_write(addr, data, vcpu),
+        Exit::Hlt => handler.halted(vcpu),
+        Exit::Kicked => handler.kicked(vcpu),
+        Exit::Shutdown => ExitAction::Stop(StopReason::TripleFault),
+        Exit::SystemEvent(SYSTEM_EVENT_RESET) => ExitAction::Stop(StopReason::Reset),
+        Exit::SystemEvent(SYSTEM_EVENT_CRASH) => ExitAction::Stop(StopReason::Crash),
+        Exit::SystemEvent(_) => ExitAction::Stop(StopReason::PowerOff),
+        Exit::InternalError { suberror } => return Err(ExitError::InternalError(suberror)),
+        Exit::FailEntry { reason } => return Err(ExitError::FailEntry(reason)),
+        Exit::Unhandled(reason) => return Err(ExitError::Unhandled(reason)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct FakeRegs(kvm_regs);
+    impl VcpuRegisters for FakeRegs {
+        fn vcpu_index(&self) -> u32 {
+            3
+        }
+        fn regs(&self) -> Result<kvm_regs, kvm_ioctls::Error> {
+            Ok(self.0)
+        }
+        fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
+            self.0 = *regs;
+            Ok(())
+        }
+        fn sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {
+            Ok(kvm_sregs::default())
+        }
+    }
+
+    /// Records writes; port 0x10 reads 0x42; a write to port 0xf4 stops with its value;
+    /// port 0x500 is a "hypercall": rax += rdi.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, Vec<u8>)>>);
+    impl ExitHandler for Recorder {
+        fn pio_read(&self, port: u16, data: &mut [u8], _: &mut dyn VcpuRegisters) -> ExitAction {
+            data.fill(if port == 0x10 { 0x42 } else { 0xff });
+            ExitAction::Continue
+        }
+        fn pio_write(&self, port: u16, data: &[u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+            self.0.lock().unwrap().push((port.into(), data.to_vec()));
+            match port {
+                0xf4 => ExitAction::Stop(StopReason::DebugExit(data[0].into())),
+                0x500 => {
+                    let mut r = vcpu.regs().unwrap();
+                    r.rax += r.rdi;
+                    vcpu.set_regs(&r).unwrap();
+                    ExitAction::Continue
+                }
+                _ => ExitAction::Continue,
+            }
+        }
+        fn mmio_write(&self, addr: u64, data: &[u8], _: &mut dyn VcpuRegisters) -> ExitAction {
+            self.0.lock().unwrap().push((addr, data.to_vec()));
+            ExitAction::Continue
+        }
+    }
+
+    #[test]
+    fn accesses_reach_the_handler_with_their_data() {
+        let h = Recorder::default();
+        let mut regs = FakeRegs(kvm_regs::default());
+        let mut buf = [0u8; 2];
+        let a = dispatch(
+            Exit::PioRead {
+                port: 0x10,
+                data: &mut buf,
+            },
+            &h,
+            &mut regs,
+        );
+        assert_eq!((a, buf), (Ok(ExitAction::Continue), [0x42, 0x42]));
+        let a = dispatch(
+            Exit::MmioWrite {
+                addr: 0xd000_0000,
+                data: &[1, 2, 3, 4, 5, 6, 7, 8],
+            },
+            &h,
+            &mut regs,
+        );
+        assert_eq!(a, Ok(ExitAction::Continue));
+        assert_eq!(
+            h.0.lock().unwrap()[0],
+            (0xd000_0000, vec![1, 2, 3, 4, 5, 6, 7, 8])
+        );
+        assert_eq!(
+            dispatch(
+                Exit::PioWrite {
+                    port: 0xf4,
+                    data: &[7]
+                },
+                &h,
+                &mut regs
+            ),
+            Ok(ExitAction::Stop(StopReason::DebugExit(7)))
+        );
+    }
+
+    #[test]
+    fn handler_reaches_registers() {
+        let h = Recorder::default();
+        let mut regs = FakeRegs(kvm_regs {
+            rax: 5,
+            rdi: 37,
+            ..Default::default()
+        });
+        dispatch(
+            Exit::PioWrite {
+                port: 0x500,
+                data: &[0; 4],
+            },
+            &h,
+            &mut regs,
+        )
+        .unwrap();
+        assert_eq!(regs.0.rax, 42);
+    }
+
+    #[test]
+    fn defaults_read_all_ones_and_stop_on_halt() {
+        struct Nothing;
+        impl ExitHandler for Nothing {}
+        let mut regs = FakeRegs(kvm_regs::default());
+        let mut buf = [0u8; 8];
+        dispatch(
+            Exit::MmioRead {
+                addr: 0,
+                data: &mut buf,
+            },
+            &Nothing,
+            &mut regs,
+        )
+        .unwrap();
+        assert_eq!(buf, [0xff; 8]);
+        assert_eq!(
+            dispatch(Exit::Hlt, &Nothing, &mut regs),
+            Ok(ExitAction::Stop(StopReason::Halted))
+        );
+        assert_eq!(
+            dispatch(Exit::Kicked, &Nothing, &mut regs),
+            Ok(ExitAction::Continue)
+        );
+    }
+
+    #[test]
+    fn machine_events_stop_or_fail() {
+        struct Nothing;
+        impl ExitHandler for Nothing {}
+        let mut r = FakeRegs(kvm_regs::default());
+        let d = |e, r: &mut FakeRegs| dispatch(e, &Nothing, r);
+        assert_eq!(
+            d(Exit::Shutdown, &mut r),
+            Ok(ExitAction::Stop(StopReason::TripleFault))
+        );
+        assert_eq!(
+            d(Exit::SystemEvent(SYSTEM_EVENT_RESET), &mut r),
+            Ok(ExitAction::Stop(StopReason::Reset))
+        );
+        assert_eq!(
+            d(Exit::SystemEvent(SYSTEM_EVENT_SHUTDOWN), &mut r),
+            Ok(ExitAction::Stop(StopReason::PowerOff))
+        );
+        assert_eq!(
+            d(Exit::SystemEvent(SYSTEM_EVENT_CRASH), &mut r),
+            Ok(ExitAction::Stop(StopReason::Crash))
+        );
+        assert_eq!(
+            d(Exit::InternalError { suberror: 1 }, &mut r),
+            Err(ExitError::InternalError(1))
+        );
+        assert_eq!(
+            d(Exit::FailEntry { reason: 0x21 }, &mut r),
+            Err(ExitError::FailEntry(0x21))
+        );
+        assert_eq!(
+            d(Exit::Unhandled(99), &mut r),
+            Err(ExitError::Unhandled(99))
+        );
+    }
+}

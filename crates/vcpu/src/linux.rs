@@ -1,0 +1,349 @@
+//! Loading Linux: a bzImage (64-bit entry), an ELF vmlinux, or an ELF with a PVH note
+//! (PVH entry), with `linux-loader`; the zero page (or PVH start info) with an e820
+//! map built from the memory layout, the command line, and an initrd placed high.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::elf::PvhBootCapability;
+use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+use vmcraft_memory::layout::MemoryLayout;
+use vmcraft_memory::GuestMemory;
+
+use crate::mode::Entry;
+
+/// Guest-physical address of `boot_params` (the zero page).
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Guest-physical address of `hvm_start_info` for PVH.
+pub const PVH_START_INFO_ADDR: u64 = 0x6000;
+const PVH_MEMMAP_ADDR: u64 = 0x6100;
+const PVH_MODLIST_ADDR: u64 = 0x6800;
+/// Guest-physical address of the kernel command line.
+pub const CMDLINE_ADDR: u64 = 0x20000;
+/// Largest command line accepted, including the terminating NUL.
+pub const CMDLINE_MAX: usize = 4096;
+/// Where the kernel is loaded: 1 MiB.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// End of conventional memory below the EBDA.
+const EBDA_START: u64 = 0x9_fc00;
+/// Highest initrd end when the kernel does not say (the protocol's old default).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+const E820_RAM: u32 = 1;
+const PVH_MAGIC: u32 = 0x336e_c578;
+const BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const HDRS_MAGIC: u32 = 0x5372_6448;
+const LOADER_UNDEFINED: u8 = 0xff;
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// What kind of kernel image was loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A bzImage, entered at its 64-bit entry point.
+    BzImage,
+    /// An ELF vmlinux, entered at its 64-bit entry point.
+    Elf,
+    /// An ELF vmlinux with a PVH note, entered through PVH.
+    ElfPvh,
+}
+
+/// A loaded kernel: where to start and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedKernel {
+    /// The boot vCPU's entry.
+    pub entry: Entry,
+    /// The image format found.
+    pub format: KernelFormat,
+    /// One past the last byte of the kernel in guest memory.
+    pub kernel_end: u64,
+    /// Guest-physical address and size of the initrd, if one was loaded.
+    pub initrd: Option<(u64, u64)>,
+}
+
+/// Errors from loading Linux.
+#[derive(Debug, Error)]
+pub enum LinuxError {
+    /// The image is neither a valid ELF nor a valid bzImage.
+    #[error("the kernel image is neither an ELF vmlinux ({elf:?}) nor a bzImage")]
+    NotAKernel {
+        /// Why the ELF loader refused it.
+        elf: linux_loader::loader::elf::Error,
+        /// Why the bzImage loader refused it.
+        #[source]
+        bzimage: linux_loader::loader::Error,
+    },
+    /// The ELF loader rejected an image with a valid ELF header.
+    #[error("invalid ELF kernel")]
+    Elf(#[source] linux_loader::loader::Error),
+    /// The kernel file could not be read.
+    #[error("cannot read the kernel image")]
+    Read(#[source] std::io::Error),
+    /// The command line is invalid or too long.
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line could not be written.
+    #[error("cannot write the kernel command line")]
+    WriteCmdline(#[source] linux_loader::loader::Error),
+    /// The initrd could not be read or placed.
+    #[error("cannot read the initrd")]
+    ReadInitrd(#[source] std::io::Error),
+    /// The initrd does not fit between the kernel and the top of low memory.
+    #[error(
+        "initrd of {size} bytes does not fit between the kernel end {kernel_end:#x} and {limit:#x}"
+    )]
+    InitrdTooLarge {
+        /// Size of the initrd.
+        size: u64,
+        /// End of the kernel.
+        kernel_end: u64,
+        /// Highest address the initrd may end at.
+        limit: u64,
+    },
+    /// The initrd could not be copied into guest memory.
+    #[error("cannot copy the initrd into guest memory at {0:#x}")]
+    CopyInitrd(u64, #[source] vm_memory::GuestMemoryError),
+    /// The zero page or PVH start info could not be written.
+    #[error("cannot write the boot parameters")]
+    BootParams(#[source] linux_loader::configurator::Error),
+}
+
+/// The e820 map for `layout`: conventional memory below the EBDA, then every RAM range
+/// from 1 MiB up. Pure: unit tested.
+pub fn e820_map(layout: &MemoryLayout) -> Vec<(u64, u64)> {
+    let mut map = vec![(0, EBDA_START)];
+    for r in layout.ranges() {
+        let start = r.start.max(HIMEM_START);
+        if r.end() > start {
+            map.push((start, r.end() - start));
+        }
+    }
+    map
+}
+
+/// Where an initrd of `size` bytes goes: as high as possible below `limit`, page
+/// aligned, above `kernel_end`. Pure: unit tested.
+pub fn initrd_address(size: u64, kernel_end: u64, limit: u64) -> Result<u64, LinuxError> {
+    let too_large = LinuxError::InitrdTooLarge {
+        size,
+        kernel_end,
+        limit,
+    };
+    let addr = limit.checked_sub(size).ok_or(too_large)? & !0xfff;
+    if addr < kernel_end {
+        return Err(LinuxError::InitrdTooLarge {
+            size,
+            kernel_end,
+            limit,
+        });
+    }
+    Ok(addr)
+}
+
+fn load_image(
+    mem: &GuestMemory,
+    kernel: &mut File,
+) -> Result<(KernelLoaderResult, KernelFormat), LinuxError> {
+    use linux_loader::loader::elf::Error as ElfError;
+    let high = Some(GuestAddress(HIMEM_START));
+    match Elf::load(mem, None, kernel, high) {
+        Ok(r) => {
+            let format = match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(_) => KernelFormat::ElfPvh,
+                _ => KernelFormat::Elf,
+            };
+            Ok((r, format))
+        }
+        Err(linux_loader::loader::Error::Elf(elf @ ElfError::InvalidElfMagicNumber)) => {
+            kernel.seek(SeekFrom::Start(0)).map_err(LinuxError::Read)?;
+            BzImage::load(mem, None, kernel, high)
+                .map(|r| (r, KernelFormat::BzImage))
+                .map_err(|bzimage| LinuxError::NotAKernel { elf, bzimage })
+        }
+        Err(e) => Err(LinuxError::Elf(e)),
+    }
+}
+
+/// Load `kernel` (and `initrd`) into `mem` laid out as `layout`, with `cmdline`, and
+/// return the boot vCPU's entry.
+pub fn load_linux(
+    mem: &GuestMemory,
+    layout: &MemoryLayout,
+    kernel: &mut File,
+    initrd: Option<&mut File>,
+    cmdline: &str,
+) -> Result<LoadedKernel, LinuxError> {
+    let (loaded, format) = load_image(mem, kernel)?;
+    let kernel_end = loaded.kernel_end;
+
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(LinuxError::Cmdline)?;
+    cl.insert_str(cmdline).map_err(LinuxError::Cmdline)?;
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl).map_err(LinuxError::WriteCmdline)?;
+    let cmdline_len = cmdline.len() as u32 + 1;
+
+    let initrd = match initrd {
+        None => None,
+        Some(file) => {
+            let size = file.metadata().map_err(LinuxError::ReadInitrd)?.len();
+            let max_end = loaded
+                .setup_header
+                .map(|h| u64::from(h.initrd_addr_max))
+                .filter(|&m| m != 0)
+                .unwrap_or(DEFAULT_INITRD_ADDR_MAX)
+                .saturating_add(1)
+                .min(layout.low_ram_end());
+            let addr = initrd_address(size, kernel_end, max_end)?;
+            mem.read_exact_volatile_from(GuestAddress(addr), file, size as usize)
+                .map_err(|e| LinuxError::CopyInitrd(addr, e))?;
+            Some((addr, size))
+        }
+    };
+
+    let e820 = e820_map(layout);
+    let entry = match (format, loaded.pvh_boot_cap) {
+        (KernelFormat::ElfPvh, PvhBootCapability::PvhEntryPresent(eip)) => {
+            let memmap: Vec<hvm_memmap_table_entry> = e820
+                .iter()
+                .map(|&(addr, size)| hvm_memmap_table_entry {
+                    addr,
+                    size,
+                    type_: E820_RAM,
+                    reserved: 0,
+                })
+                .collect();
+            let start_info = hvm_start_info {
+                magic: PVH_MAGIC,
+                version: 1,
+                cmdline_paddr: CMDLINE_ADDR,
+                memmap_paddr: PVH_MEMMAP_ADDR,
+                memmap_entries: memmap.len() as u32,
+                nr_modules: u32::from(initrd.is_some()),
+                modlist_paddr: if initrd.is_some() {
+                    PVH_MODLIST_ADDR
+                } else {
+                    0
+                },
+                ..Default::default()
+            };
+            let mut params = BootParams::new(&start_info, GuestAddress(PVH_START_INFO_ADDR));
+            params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_ADDR));
+            if let Some((paddr, size)) = initrd {
+                let module = hvm_modlist_entry {
+                    paddr,
+                    size,
+                    ..Default::default()
+                };
+                params.set_modules(&[module], GuestAddress(PVH_MODLIST_ADDR));
+            }
+            PvhBootConfigurator::write_bootparams(&params, mem).map_err(LinuxError::BootParams)?;
+            Entry::Pvh {
+                eip: eip.0,
+                start_info: PVH_START_INFO_ADDR,
+            }
+        }
+        _ => {
+            let mut params = boot_params::default();
+            if let Some(h) = loaded.setup_header {
+                params.hdr = h;
+            }
+            params.hdr.type_of_loader = LOADER_UNDEFINED;
+            params.hdr.boot_flag = BOOT_FLAG_MAGIC;
+            params.hdr.header = HDRS_MAGIC;
+            params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+            params.hdr.cmdline_size = cmdline_len;
+            if let Some((addr, size)) = initrd {
+                params.hdr.ramdisk_image = addr as u32;
+                params.hdr.ramdisk_size = size as u32;
+            }
+            for (slot, &(addr, size)) in params.e820_table.iter_mut().zip(&e820) {
+                *slot = boot_e820_entry {
+                    addr,
+                    size,
+                    r#type: E820_RAM,
+                };
+            }
+            params.e820_entries = e820.len() as u8;
+            LinuxBootConfigurator::write_bootparams(
+                &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
+                mem,
+            )
+            .map_err(LinuxError::BootParams)?;
+            let rip = match format {
+                KernelFormat::BzImage => loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+                _ => loaded.kernel_load.0,
+            };
+            Entry::Linux64 {
+                rip,
+                zero_page: ZERO_PAGE_ADDR,
+            }
+        }
+    };
+    let format = if matches!(entry, Entry::Pvh { .. }) {
+        KernelFormat::ElfPvh
+    } else {
+        format
+    };
+    Ok(LoadedKernel {
+        entry,
+        format,
+        kernel_end,
+        initrd,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e820_covers_ram_around_the_hole() {
+        let l = MemoryLayout::x86_64(4 << 30).unwrap();
+        assert_eq!(
+            e820_map(&l),
+            vec![
+                (0, EBDA_START),
+                (HIMEM_START, 0xC000_0000 - HIMEM_START),
+                (1 << 32, (4 << 30) - 0xC000_0000)
+            ]
+        );
+    }
+
+    #[test]
+    fn initrd_goes_high_and_page_aligned() {
+        assert_eq!(
+            initrd_address(0x1800, 0x20_0000, 0x100_0000).unwrap(),
+            0xff_e000
+        );
+        assert!(matches!(
+            initrd_address(0x100_0000, 0x20_0000, 0x100_0000),
+            Err(LinuxError::InitrdTooLarge { .. })
+        ));
+        assert!(initrd_address(u64::MAX, 0, 10).is_err());
+    }
+
+    #[test]
+    fn garbage_is_not_a_kernel() {
+        let mem = vmcraft_memory::GuestRam::new(&MemoryLayout::x86_64(32 << 20).unwrap()).unwrap();
+        let path =
+            std::env::temp_dir().join(format!("vmcraft-not-a-kernel-{}", std::process::id()));
+        std::fs::write(&path, vec![0x5au8; 8192]).unwrap();
+        let mut f = File::open(&path).unwrap();
+        let err = load_linux(
+            mem.memory(),
+            &MemoryLayout::x86_64(32 << 20).unwrap(),
+            &mut f,
+            None,
+            "",
+        )
+        .unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(err, LinuxError::NotAKernel { .. }), "{err:?}");
+    }
+}

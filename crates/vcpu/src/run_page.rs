@@ -1,0 +1,81 @@
+//! The few reads and writes of the shared `kvm_run` page that kvm-ioctls does not
+//! expose after an exit has been returned: the port I/O header and data (to complete
+//! reads and to learn the access size of string I/O) and the MMIO data (to complete
+//! reads). All unsafe access to `kvm_run` lives here.
+
+use kvm_bindings::{kvm_run, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_MMIO};
+
+/// The header of a port I/O exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PioHeader {
+    pub port: u16,
+    /// Bytes per access: 1, 2 or 4.
+    pub size: usize,
+    /// Accesses (more than one for string I/O).
+    pub count: usize,
+    pub write: bool,
+}
+
+/// The header and data of the port I/O exit in `run`, or `None` if `run` does not
+/// hold a well-formed one (wrong exit reason, bad size, data outside the mapping).
+pub(crate) fn pio(run: &mut kvm_run, run_size: usize) -> Option<(PioHeader, &mut [u8])> {
+    if run.exit_reason != KVM_EXIT_IO {
+        return None;
+    }
+    // SAFETY: the exit reason is KVM_EXIT_IO, so `io` is the union member KVM wrote;
+    // it is plain data (integers) for which any bit pattern is valid.
+    let io = unsafe { run.__bindgen_anon_1.io };
+    let size = usize::from(io.size);
+    let count = io.count as usize;
+    let len = size.checked_mul(count)?;
+    let offset = usize::try_from(io.data_offset).ok()?;
+    if !matches!(size, 1 | 2 | 4) || offset.checked_add(len)? > run_size {
+        return None;
+    }
+    let base = (run as *mut kvm_run).cast::<u8>();
+    // SAFETY: `run` is the start of the vCPU's kvm_run mapping, which is `run_size`
+    // bytes long (KVM_GET_VCPU_MMAP_SIZE); `offset + len <= run_size` was checked just
+    // above, so the slice lies inside the mapping. It is borrowed from `run`, which is
+    // borrowed mutably, so nothing else in this program aliases it while it lives.
+    let data = unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) };
+    let header = PioHeader {
+        port: io.port,
+        size,
+        count,
+        write: u32::from(io.direction) == KVM_EXIT_IO_OUT,
+    };
+    Some((header, data))
+}
+
+/// The data buffer of the MMIO exit in `run` (its `len` bytes), or `None`.
+pub(crate) fn mmio_data(run: &mut kvm_run) -> Option<&mut [u8]> {
+    if run.exit_reason != KVM_EXIT_MMIO {
+        return None;
+    }
+    // SAFETY: the exit reason is KVM_EXIT_MMIO, so `mmio` is the member KVM wrote; it
+    // is plain data. The returned slice borrows from `run`.
+    let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+    let len = (mmio.len as usize).min(mmio.data.len());
+    Some(&mut mmio.data[..len])
+}
+
+/// KVM's suberror for an internal-error exit.
+pub(crate) fn internal_suberror(run: &kvm_run) -> u32 {
+    if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
+        return 0;
+    }
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the member
+    // KVM wrote; it is plain data.
+    unsafe { run.__bindgen_anon_1.internal.suberror }
+}
+
+/// Ask the next (or current) KVM_RUN on the vCPU owning `run` to return at once.
+/// Called from the kick signal handler on the vCPU's own thread.
+///
+/// # Safety
+/// `run` must point to a live kvm_run mapping.
+pub(crate) unsafe fn request_immediate_exit(run: *mut kvm_run) {
+    // SAFETY: the caller guarantees `run` points to a live mapping; a volatile byte
+    // store is what KVM expects for this flag, which it reads at KVM_RUN entry.
+    unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+}
