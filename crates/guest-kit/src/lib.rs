@@ -1,1 +1,161 @@
-//! tmp
+//! Tiny test guests for vmcraft, assembled from `guests/*.S` at build time (gcc and
+//! binutils; no prebuilt binaries), and helpers to load and start them.
+//!
+//! Long-mode guests run at CPL 3 with IOPL 3: on nested KVM without hardware
+//! assistance CPL-3 code runs natively while CPL 0 is emulated, so the guests do their
+//! work, port I/O included, in user mode. Each vCPU gets its index in `rdi` and a
+//! parameter in `rsi`. The contract with the host (ports, addresses) is in [`abi`].
+//!
+//! ```no_run
+//! use vmcraft_guest_kit::{abi, Guest};
+//! # let mem: vmcraft_memory::GuestMemory = unimplemented!();
+//! Guest::EXIT_CODE.load(&mem).unwrap();
+//! let entry = Guest::EXIT_CODE.entry(0, 7); // exits with code 7
+//! ```
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+use vmcraft_memory::GuestMemory;
+use vmcraft_vcpu::mode::{Entry, Privilege};
+
+/// Ports and addresses shared by the guests and the host.
+pub mod abi {
+    include!("abi.rs");
+}
+
+/// How a guest is entered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestMode {
+    /// 64-bit long mode at CPL 3, IOPL 3, loaded at [`abi::LOAD_ADDR`].
+    User64,
+    /// 16-bit real mode, loaded at [`abi::REAL_MODE_LOAD_ADDR`].
+    Real,
+}
+
+/// A test guest program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guest {
+    /// Its name (the source file's stem).
+    pub name: &'static str,
+    /// The flat binary.
+    pub code: &'static [u8],
+    /// How it is entered.
+    pub mode: GuestMode,
+}
+
+macro_rules! guest {
+    ($name:literal, $mode:expr) => {
+        Guest {
+            name: $name,
+            code: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bin")),
+            mode: $mode,
+        }
+    };
+}
+
+/// Errors from loading a guest.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    /// Guest memory is too small or the write failed.
+    #[error("cannot load guest {name} ({len} bytes) at {addr:#x}")]
+    Load {
+        /// Guest name.
+        name: &'static str,
+        /// Load address.
+        addr: u64,
+        /// Size of the code.
+        len: usize,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+impl Guest {
+    /// Greets through the 16550 byte by byte, then exits with code 0.
+    pub const HELLO: Guest = guest!("hello", GuestMode::User64);
+    /// Port and MMIO accesses of widths 1, 2, 4 (and 8 for MMIO) and string I/O against
+    /// the test device; exit code 0 when every read returned the expected pattern.
+    pub const PIO_MMIO: Guest = guest!("pio_mmio", GuestMode::User64);
+    /// Increments its progress counter forever without exiting.
+    pub const COUNTER: Guest = guest!("counter", GuestMode::User64);
+    /// Exits with the code passed as its parameter.
+    pub const EXIT_CODE: Guest = guest!("exit_code", GuestMode::User64);
+    /// Resets the machine through the i8042.
+    pub const I8042_RESET: Guest = guest!("i8042_reset", GuestMode::User64);
+    /// Triple-faults.
+    pub const TRIPLE_FAULT: Guest = guest!("triple_fault", GuestMode::User64);
+    /// Writes the test port `param` times, then exits with code 0.
+    pub const PIO_LOOP: Guest = guest!("pio_loop", GuestMode::User64);
+    /// Writes the test MMIO window `param` times, then exits with code 0.
+    pub const MMIO_LOOP: Guest = guest!("mmio_loop", GuestMode::User64);
+    /// Real mode: writes "real mode\n" to COM1 and exits with code 0x42.
+    pub const REAL_MODE_HELLO: Guest = guest!("rm_hello", GuestMode::Real);
+
+    /// Where the guest is loaded.
+    pub fn load_addr(&self) -> u64 {
+        match self.mode {
+            GuestMode::User64 => abi::LOAD_ADDR,
+            GuestMode::Real => abi::REAL_MODE_LOAD_ADDR,
+        }
+    }
+
+    /// Copy the guest into `mem`.
+    pub fn load(&self, mem: &GuestMemory) -> Result<(), GuestError> {
+        let addr = self.load_addr();
+        mem.write_slice(self.code, GuestAddress(addr))
+            .map_err(|source| GuestError::Load {
+                name: self.name,
+                addr,
+                len: self.code.len(),
+                source,
+            })
+    }
+
+    /// The entry for vCPU `vcpu_index`, with `param` in `rsi`.
+    pub fn entry(&self, vcpu_index: u32, param: u64) -> Entry {
+        match self.mode {
+            GuestMode::User64 => Entry::LongMode {
+                rip: abi::LOAD_ADDR,
+                rsp: abi::STACK_TOP - u64::from(vcpu_index) * 0x1000,
+                privilege: Privilege::User { iopl: 3 },
+                args: [u64::from(vcpu_index), param],
+            },
+            GuestMode::Real => Entry::RealMode {
+                addr: abi::REAL_MODE_LOAD_ADDR,
+            },
+        }
+    }
+
+    /// Guest-physical address of vCPU `vcpu_index`'s progress counter (see
+    /// [`Guest::COUNTER`]).
+    pub fn counter_addr(vcpu_index: u32) -> GuestAddress {
+        GuestAddress(abi::COUNTER_BASE + 64 * u64::from(vcpu_index))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guests_are_assembled_and_small() {
+        for g in [
+            Guest::HELLO,
+            Guest::PIO_MMIO,
+            Guest::COUNTER,
+            Guest::EXIT_CODE,
+            Guest::REAL_MODE_HELLO,
+        ] {
+            assert!(
+                !g.code.is_empty() && g.code.len() < 4096,
+                "{} is {} bytes",
+                g.name,
+                g.code.len()
+            );
+        }
+        // `counter` is: shl $6,%rdi; lea COUNTER_BASE(%rdi),%rbx; incq (%rbx); jmp
+        assert_eq!(&Guest::COUNTER.code[..4], &[0x48, 0xc1, 0xe7, 0x06]);
+        assert!(Guest::HELLO.code.windows(5).any(|w| w == b"Hello"));
+    }
+}

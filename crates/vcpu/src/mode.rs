@@ -9,7 +9,7 @@
 //! |---|---|
 //! | [`GDT_ADDR`] | GDT (selectors below) |
 //! | [`IDT_ADDR`] | empty IDT (an exception triple-faults, which the VMM reports) |
-//! | [`TSS_ADDR`] | 64-bit TSS, no I/O bitmap (IOPL alone decides port access) |
+//! | [`TSS_ADDR`] | 64-bit TSS with an all-zero I/O permission bitmap: CPL-3 code may use every port |
 //! | [`PML4_ADDR`] .. +0x6000 | PML4, PDPT, 4 page directories |
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
@@ -52,7 +52,11 @@ const GDT_FLAGS: [u16; 6] = [
     0xa0fb, // user code64: DPL 3
 ];
 const TSS_FLAGS: u16 = 0x008b; // present, 64-bit busy TSS
-const TSS_LIMIT: u32 = 0x67;
+/// Size of the TSS proper; the I/O permission bitmap follows it.
+const TSS_BASE_SIZE: u32 = 0x68;
+/// The I/O permission bitmap: one bit per port, plus the terminating 0xff byte.
+const IO_BITMAP_SIZE: u32 = 65536 / 8 + 1;
+const TSS_LIMIT: u32 = TSS_BASE_SIZE + IO_BITMAP_SIZE - 1;
 
 const CR0_PE: u64 = 1;
 const CR0_MP: u64 = 1 << 1;
@@ -184,9 +188,11 @@ fn boot_tables() -> Vec<(u64, Vec<u8>)> {
     gdt.push(TSS_ADDR >> 32);
     let gdt_bytes = gdt.iter().flat_map(|e| e.to_le_bytes()).collect();
 
+    // An all-zero I/O permission bitmap right after the TSS lets CPL-3 code use every
+    // port whatever its IOPL (some nested KVMs do not preserve a guest IOPL of 3).
     let mut tss = vec![0u8; TSS_LIMIT as usize + 1];
-    // I/O map base beyond the limit: no I/O permission bitmap.
-    tss[0x66..0x68].copy_from_slice(&((TSS_LIMIT + 1) as u16).to_le_bytes());
+    tss[0x66..0x68].copy_from_slice(&(TSS_BASE_SIZE as u16).to_le_bytes());
+    tss[TSS_LIMIT as usize] = 0xff;
 
     const PRESENT_RW_USER: u64 = 0x7;
     const PAGE_2M: u64 = 0x80;
@@ -408,5 +414,9 @@ mod tests {
         assert_eq!(entry(512 + 3), (PML4_ADDR + 0x5000) | 7);
         assert_eq!(entry(1024 + 2047), (2047 << 21) | 0x87);
         assert!(BOOT_TABLES_END <= 0x10000);
+        let tss = &tables[1].1;
+        assert!(TSS_ADDR + tss.len() as u64 <= crate::linux::PVH_START_INFO_ADDR);
+        assert_eq!(u16::from_le_bytes([tss[0x66], tss[0x67]]), 0x68);
+        assert_eq!(tss[tss.len() - 1], 0xff);
     }
 }

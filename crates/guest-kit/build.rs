@@ -1,0 +1,61 @@
+//! Assembles every guest in `guests/` into a flat binary in OUT_DIR.
+
+use std::path::Path;
+use std::process::Command;
+
+mod abi {
+    #![allow(dead_code)]
+    include!("src/abi.rs");
+}
+
+fn run(cmd: &mut Command) {
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?}: {e} (gcc and binutils are needed to build the test guests)")
+    });
+    assert!(status.success(), "{cmd:?} failed with {status}");
+}
+
+fn main() {
+    let out = std::env::var("OUT_DIR").unwrap();
+    let defines = [
+        ("DEBUG_EXIT_PORT", u64::from(abi::DEBUG_EXIT_PORT)),
+        ("COM1_PORT", u64::from(abi::COM1_PORT)),
+        ("I8042_COMMAND_PORT", u64::from(abi::I8042_COMMAND_PORT)),
+        ("TEST_PORT", u64::from(abi::TEST_PORT)),
+        ("TEST_MMIO", abi::TEST_MMIO),
+        ("COUNTER_BASE", abi::COUNTER_BASE),
+    ];
+    println!("cargo:rerun-if-changed=guests");
+    println!("cargo:rerun-if-changed=src/abi.rs");
+    let mut names: Vec<_> = std::fs::read_dir("guests")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    for src in names
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "S"))
+    {
+        let stem = src.file_stem().unwrap().to_str().unwrap();
+        let real_mode = stem.starts_with("rm_");
+        let base = if real_mode {
+            abi::REAL_MODE_LOAD_ADDR
+        } else {
+            abi::LOAD_ADDR
+        };
+        let obj = Path::new(&out).join(format!("{stem}.o"));
+        let bin = Path::new(&out).join(format!("{stem}.bin"));
+        let mut gcc = Command::new("gcc");
+        gcc.args(["-c", "-nostdlib", "-o"]).arg(&obj).arg(src);
+        for (name, value) in defines {
+            gcc.arg(format!("-D{name}={value:#x}"));
+        }
+        run(&mut gcc);
+        run(Command::new("ld")
+            .args(["-nostdlib", "-N", "-e", "_start", "--oformat", "binary"])
+            .arg(format!("-Ttext={base:#x}"))
+            .arg("-o")
+            .arg(&bin)
+            .arg(&obj));
+    }
+}

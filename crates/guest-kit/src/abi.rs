@@ -1,0 +1,21 @@
+// The contract between test guests and the host, shared by build.rs (which passes each
+// constant to the assembler as -DNAME=value) and the library.
+
+/// Port whose write stops the VM with the written value as exit code.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// First port of the COM1 16550 UART.
+pub const COM1_PORT: u16 = 0x3f8;
+/// i8042 command port (0xfe there resets the CPU).
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// Port of the test device that records writes and answers reads with a pattern.
+pub const TEST_PORT: u16 = 0x510;
+/// Guest-physical address of the test device's MMIO window.
+pub const TEST_MMIO: u64 = 0xd000_0000;
+/// Where long-mode guests are loaded and entered.
+pub const LOAD_ADDR: u64 = 0x10_0000;
+/// Where real-mode guests are loaded and entered.
+pub const REAL_MODE_LOAD_ADDR: u64 = 0x8000;
+/// Per-vCPU progress counters (64 bytes apart) written by the `counter` guest.
+pub const COUNTER_BASE: u64 = 0x20_0000;
+/// Top of vCPU 0's stack; each further vCPU's stack is 0x1000 lower.
+pub const STACK_TOP: u64 = 0x8_0000;
