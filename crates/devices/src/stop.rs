@@ -1,0 +1,47 @@
+//! A latch through which devices ask the VMM to stop (or reset) the VM.
+
+use std::sync::Mutex;
+
+/// Why a device asked the VM to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceStop {
+    /// The guest asked for a CPU reset (i8042 command 0xfe).
+    Reset,
+    /// The guest wrote an exit code to the debug-exit port.
+    DebugExit(u32),
+}
+
+/// Holds the first stop request made by any device until the VMM takes it.
+///
+/// ```
+/// use vmcraft_devices::stop::{DeviceStop, StopLatch};
+/// let latch = StopLatch::default();
+/// latch.request(DeviceStop::DebugExit(3));
+/// latch.request(DeviceStop::Reset); // the first request wins
+/// assert_eq!(latch.peek(), Some(DeviceStop::DebugExit(3)));
+/// ```
+#[derive(Debug, Default)]
+pub struct StopLatch {
+    request: Mutex<Option<DeviceStop>>,
+}
+
+impl StopLatch {
+    /// Record `stop` unless a request is already pending.
+    pub fn request(&self, stop: DeviceStop) {
+        let mut r = self.request.lock().unwrap_or_else(|p| p.into_inner());
+        r.get_or_insert(stop);
+    }
+
+    /// The pending request, if any, without clearing it.
+    pub fn peek(&self) -> Option<DeviceStop> {
+        *self.request.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take the pending request (for a VMM that resets and runs again).
+    pub fn take(&self) -> Option<DeviceStop> {
+        self.request
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
