@@ -26,8 +26,21 @@ use crate::vm::Vm;
 /// How one vCPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VcpuConfig {
-    /// Entry mode and address.
-    pub entry: Entry,
+    /// Entry mode and address. `None` leaves an application processor in KVM's reset
+    /// state, waiting for INIT/SIPI from the boot vCPU (what an SMP Linux guest wants).
+    pub entry: Option<Entry>,
+}
+
+impl VcpuConfig {
+    /// A vCPU that starts running at `entry`.
+    pub fn at(entry: Entry) -> Self {
+        VcpuConfig { entry: Some(entry) }
+    }
+
+    /// An application processor that waits for INIT/SIPI.
+    pub fn waiting_for_sipi() -> Self {
+        VcpuConfig { entry: None }
+    }
 }
 
 /// Errors from starting or running a VM.
@@ -561,7 +574,17 @@ impl RunningVm {
                 .map_err(|source| VmError::CreateVcpu { index, source })?;
             cpu::configure(vm.kvm(), &fd, index, count, info)
                 .map_err(|source| VmError::Cpu { index, source })?;
-            mode::enter(&fd, config.entry).map_err(|source| VmError::Mode { index, source })?;
+            if let Some(entry) = config.entry {
+                mode::enter(&fd, entry).map_err(|source| VmError::Mode { index, source })?;
+                // KVM keeps application processors waiting for SIPI; this one starts now.
+                let runnable = kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                };
+                fd.set_mp_state(runnable).map_err(|source| VmError::Mode {
+                    index,
+                    source: ModeError::Kvm("make the vCPU runnable", source),
+                })?;
+            }
             fds.push(fd);
         }
         let shared = Arc::new(Shared {

@@ -1,0 +1,130 @@
+//! The glue between vCPUs and devices: an [`ExitHandler`] that routes exits to the
+//! port and MMIO buses and turns device stop requests (i8042 reset, debug exit) into
+//! VM stops, and [`LegacyDevices`], the PC devices a minimal VM needs.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vmcraft_devices::bus::{BusError, IoBuses};
+use vmcraft_devices::debug_exit::DebugExit;
+use vmcraft_devices::i8042::{I8042, I8042_BASE, I8042_SIZE};
+use vmcraft_devices::rtc::{Rtc, RTC_BASE, RTC_SIZE};
+use vmcraft_devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, SERIAL_SIZE};
+use vmcraft_devices::stop::{DeviceStop, StopLatch};
+use vmcraft_vcpu::{ExitAction, ExitHandler, StopReason, VcpuRegisters};
+
+/// The debug-exit port (the one the test guests use).
+pub const DEBUG_EXIT_PORT: u16 = vmcraft_guest_kit::abi::DEBUG_EXIT_PORT;
+
+/// Routes every port and MMIO exit to [`IoBuses`].
+#[derive(Debug)]
+pub struct BusExitHandler {
+    buses: Arc<IoBuses>,
+    stop: Arc<StopLatch>,
+}
+
+impl BusExitHandler {
+    /// A handler over `buses`, stopping the VM when a device requests it on `stop`.
+    pub fn new(buses: Arc<IoBuses>, stop: Arc<StopLatch>) -> Self {
+        BusExitHandler { buses, stop }
+    }
+
+    /// The buses.
+    pub fn buses(&self) -> &IoBuses {
+        &self.buses
+    }
+
+    fn after_write(&self) -> ExitAction {
+        match self.stop.peek() {
+            None => ExitAction::Continue,
+            Some(DeviceStop::Reset) => ExitAction::Stop(StopReason::Reset),
+            Some(DeviceStop::DebugExit(code)) => ExitAction::Stop(StopReason::DebugExit(code)),
+        }
+    }
+}
+
+impl ExitHandler for BusExitHandler {
+    fn pio_read(&self, port: u16, data: &mut [u8], _: &mut dyn VcpuRegisters) -> ExitAction {
+        self.buses.pio_read(port, data);
+        ExitAction::Continue
+    }
+    fn pio_write(&self, port: u16, data: &[u8], _: &mut dyn VcpuRegisters) -> ExitAction {
+        self.buses.pio_write(port, data);
+        self.after_write()
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8], _: &mut dyn VcpuRegisters) -> ExitAction {
+        self.buses.mmio_read(addr, data);
+        ExitAction::Continue
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8], _: &mut dyn VcpuRegisters) -> ExitAction {
+        self.buses.mmio_write(addr, data);
+        self.after_write()
+    }
+}
+
+/// Errors from installing the legacy devices.
+#[derive(Debug, Error)]
+pub enum LegacyDeviceError {
+    /// A device could not be put on the bus.
+    #[error("cannot attach {0}")]
+    Bus(&'static str, #[source] BusError),
+    /// The UART could not be created.
+    #[error("cannot create the 16550 UART")]
+    Serial(#[source] std::io::Error),
+    /// KVM refused the UART's irqfd.
+    #[error("KVM refused the irqfd for IRQ {irq}")]
+    Irqfd {
+        /// The IRQ.
+        irq: u32,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The PC devices of a minimal VM: COM1 (16550, IRQ 4 by irqfd), the i8042, the CMOS
+/// RTC and the debug-exit port.
+#[derive(Debug, Clone)]
+pub struct LegacyDevices {
+    /// COM1.
+    pub serial: Arc<SerialDevice>,
+    /// The i8042.
+    pub i8042: Arc<I8042>,
+    /// The RTC.
+    pub rtc: Arc<Rtc>,
+}
+
+impl LegacyDevices {
+    /// Create the devices, attach them to `buses`, and wire COM1's interrupt into `vm`.
+    /// Serial output goes to `serial_out`; stop requests go to `stop`.
+    pub fn install(
+        buses: &mut IoBuses,
+        vm: &VmFd,
+        serial_out: Box<dyn Write + Send>,
+        stop: Arc<StopLatch>,
+    ) -> Result<Self, LegacyDeviceError> {
+        let serial = Arc::new(SerialDevice::new(serial_out).map_err(LegacyDeviceError::Serial)?);
+        vm.register_irqfd(serial.irq_eventfd(), COM1_IRQ)
+            .map_err(|source| LegacyDeviceError::Irqfd {
+                irq: COM1_IRQ,
+                source,
+            })?;
+        let i8042 = Arc::new(I8042::new(stop.clone()));
+        let rtc = Arc::new(Rtc::new());
+        buses
+            .register_pio(COM1_BASE, SERIAL_SIZE, serial.clone())
+            .map_err(|e| LegacyDeviceError::Bus("the 16550 UART", e))?;
+        buses
+            .register_pio(I8042_BASE, I8042_SIZE, i8042.clone())
+            .map_err(|e| LegacyDeviceError::Bus("the i8042", e))?;
+        buses
+            .register_pio(RTC_BASE, RTC_SIZE, rtc.clone())
+            .map_err(|e| LegacyDeviceError::Bus("the RTC", e))?;
+        buses
+            .register_pio(DEBUG_EXIT_PORT, 4, Arc::new(DebugExit::new(stop)))
+            .map_err(|e| LegacyDeviceError::Bus("the debug-exit port", e))?;
+        Ok(LegacyDevices { serial, i8042, rtc })
+    }
+}

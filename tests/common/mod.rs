@@ -1,0 +1,122 @@
+//! Helpers shared by the KVM integration tests.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmcraft::devices::bus::IoBuses;
+use vmcraft::devices::serial::SharedBuffer;
+use vmcraft::devices::stop::StopLatch;
+use vmcraft::devices::vm_device::bus::{
+    MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset,
+};
+use vmcraft::devices::vm_device::{MutDeviceMmio, MutDevicePio};
+use vmcraft::guest_kit::{abi, Guest};
+use vmcraft::machine::{BusExitHandler, LegacyDevices};
+use vmcraft::memory::{layout::MemoryLayout, GuestRam};
+use vmcraft::vcpu::{RunningVm, VcpuConfig, Vm};
+
+/// Fail with a clear message when /dev/kvm is missing or inaccessible.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test runs real guests and needs /dev/kvm (read-write): {e}");
+    }
+}
+
+/// Records every write (address, bytes) and answers byte i of a w-byte read with
+/// 0x10*w + i + 1.
+#[derive(Default)]
+pub struct TestDevice {
+    pub writes: Vec<(u64, Vec<u8>)>,
+}
+
+fn pattern(data: &mut [u8]) {
+    let w = data.len() as u8;
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = 0x10 * w + i as u8 + 1;
+    }
+}
+
+impl MutDevicePio for TestDevice {
+    fn pio_read(&mut self, _: PioAddress, _: PioAddressOffset, data: &mut [u8]) {
+        pattern(data)
+    }
+    fn pio_write(&mut self, base: PioAddress, off: PioAddressOffset, data: &[u8]) {
+        self.writes.push((u64::from(base.0 + off), data.to_vec()));
+    }
+}
+
+impl MutDeviceMmio for TestDevice {
+    fn mmio_read(&mut self, _: MmioAddress, _: MmioAddressOffset, data: &mut [u8]) {
+        pattern(data)
+    }
+    fn mmio_write(&mut self, base: MmioAddress, off: MmioAddressOffset, data: &[u8]) {
+        self.writes.push((base.0 + off, data.to_vec()));
+    }
+}
+
+/// A VM with the legacy devices and the test device, ready to start.
+pub struct TestVm {
+    pub vm: Vm,
+    pub serial: SharedBuffer,
+    pub test_device: Arc<Mutex<TestDevice>>,
+    pub handler: Arc<BusExitHandler>,
+}
+
+impl TestVm {
+    pub fn new(guest: Guest) -> TestVm {
+        require_kvm();
+        let layout = MemoryLayout::x86_64(16 << 20).unwrap();
+        let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
+        let stop = Arc::new(StopLatch::default());
+        let serial = SharedBuffer::new();
+        let mut buses = IoBuses::new();
+        LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone())
+            .unwrap();
+        let test_device = Arc::new(Mutex::new(TestDevice::default()));
+        buses
+            .register_pio(abi::TEST_PORT, 8, test_device.clone())
+            .unwrap();
+        buses
+            .register_mmio(abi::TEST_MMIO, 0x1000, test_device.clone())
+            .unwrap();
+        guest.load(vm.memory()).unwrap();
+        let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
+        TestVm {
+            vm,
+            serial,
+            test_device,
+            handler,
+        }
+    }
+
+    pub fn start(
+        self,
+        entries: &[VcpuConfig],
+    ) -> (RunningVm, SharedBuffer, Arc<Mutex<TestDevice>>) {
+        let running = RunningVm::start(self.vm, entries, self.handler).unwrap();
+        (running, self.serial, self.test_device)
+    }
+}
+
+pub fn one(guest: Guest, param: u64) -> Vec<VcpuConfig> {
+    vec![VcpuConfig::at(guest.entry(0, param))]
+}
+
+/// Poll `f` until it is true or `secs` pass.
+pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    f()
+}
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);

@@ -1,0 +1,203 @@
+//! Real guests on real KVM: entry modes, port and MMIO accesses of every width, serial
+//! output, and the ways a VM stops.
+
+mod common;
+
+use common::*;
+use vm_memory::Bytes;
+use vmcraft::guest_kit::{abi, Guest};
+use vmcraft::vcpu::{ExitKind, StopReason, VcpuConfig};
+
+const GREETING: &[u8] =
+    b"Hello from a vmcraft guest! I run at CPL 3 in long mode; every byte you read crossed the emulated 16550.\n";
+
+#[test]
+fn real_mode_guest_prints_and_exits() {
+    let (vm, serial, _) =
+        TestVm::new(Guest::REAL_MODE_HELLO).start(&one(Guest::REAL_MODE_HELLO, 0));
+    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    assert_eq!(out.reason, StopReason::DebugExit(0x42));
+    assert_eq!(serial.contents(), b"real mode\n");
+}
+
+#[test]
+fn long_mode_cpl3_guest_greets_byte_exact_through_the_16550() {
+    let (vm, serial, _) = TestVm::new(Guest::HELLO).start(&one(Guest::HELLO, 0));
+    let stats_source = vm.vcpu_count();
+    assert_eq!(stats_source, 1);
+    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    assert_eq!((out.reason, out.vcpu), (StopReason::DebugExit(0), Some(0)));
+    assert_eq!(serial.contents(), GREETING);
+}
+
+#[test]
+fn exit_statistics_count_every_trapped_access() {
+    let (vm, _, _) = TestVm::new(Guest::HELLO).start(&one(Guest::HELLO, 0));
+    assert!(eventually(20, || vm.stop_reason().is_some()));
+    let stats = vm.stats(0).unwrap();
+    let bytes = GREETING.len() as u64;
+    assert_eq!(
+        stats.count(ExitKind::PioWrite),
+        bytes + 1,
+        "one write per byte, plus the exit"
+    );
+    assert!(
+        stats.count(ExitKind::PioRead) >= bytes,
+        "at least one LSR poll per byte"
+    );
+    assert!(stats.nanos(ExitKind::PioWrite) > 0);
+    assert_eq!(vm.total_stats(), stats);
+    vm.wait().unwrap();
+}
+
+#[test]
+fn pio_and_mmio_of_every_width_reach_the_device() {
+    let (vm, _, dev) = TestVm::new(Guest::PIO_MMIO).start(&one(Guest::PIO_MMIO, 0));
+    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    assert_eq!(
+        out.reason,
+        StopReason::DebugExit(0),
+        "guest-side check number {:?} failed",
+        out.reason
+    );
+    let p = u64::from(abi::TEST_PORT);
+    let m = abi::TEST_MMIO;
+    let expected: Vec<(u64, Vec<u8>)> = vec![
+        (p, vec![0x11]),
+        (p, vec![0x33, 0x22]),
+        (p, vec![0x77, 0x66, 0x55, 0x44]),
+        (p + 1, b"r".to_vec()),
+        (p + 1, b"e".to_vec()),
+        (p + 1, b"p".to_vec()),
+        (p + 1, b"!".to_vec()),
+        (m, vec![0x11]),
+        (m + 2, vec![0x33, 0x22]),
+        (m + 4, vec![0x77, 0x66, 0x55, 0x44]),
+        (m + 8, vec![0xff, 0xee, 0xdd, 0xcc, 0xbb, 0xaa, 0x99, 0x88]),
+    ];
+    assert_eq!(dev.lock().unwrap().writes, expected);
+}
+
+#[test]
+fn debug_exit_code_comes_back() {
+    let (vm, _, _) = TestVm::new(Guest::EXIT_CODE).start(&one(Guest::EXIT_CODE, 0xdead_beef));
+    assert_eq!(
+        vm.wait_timeout(TIMEOUT).unwrap().reason,
+        StopReason::DebugExit(0xdead_beef)
+    );
+}
+
+#[test]
+fn i8042_reset_stops_the_vm() {
+    let (vm, _, _) = TestVm::new(Guest::I8042_RESET).start(&one(Guest::I8042_RESET, 0));
+    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    assert_eq!((out.reason, out.vcpu), (StopReason::Reset, Some(0)));
+}
+
+#[test]
+fn triple_fault_stops_the_vm() {
+    let (vm, _, _) = TestVm::new(Guest::TRIPLE_FAULT).start(&one(Guest::TRIPLE_FAULT, 0));
+    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    assert_eq!((out.reason, out.vcpu), (StopReason::TripleFault, Some(0)));
+}
+
+fn counter(vm: &vmcraft::vcpu::RunningVm, index: u32) -> u64 {
+    vm.vm()
+        .memory()
+        .read_obj(Guest::counter_addr(index))
+        .unwrap()
+}
+
+fn counters(n: u32) -> Vec<VcpuConfig> {
+    (0..n)
+        .map(|i| VcpuConfig::at(Guest::COUNTER.entry(i, 0)))
+        .collect()
+}
+
+#[test]
+fn two_vcpus_run_at_once_and_stop_on_request() {
+    let (vm, _, _) = TestVm::new(Guest::COUNTER).start(&counters(2));
+    assert!(eventually(20, || counter(&vm, 0) > 1000 && counter(&vm, 1) > 1000));
+    // Both make progress over the same window.
+    let before = (counter(&vm, 0), counter(&vm, 1));
+    assert!(eventually(20, || counter(&vm, 0) > before.0
+        && counter(&vm, 1) > before.1));
+    vm.request_stop();
+    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    assert_eq!((out.reason, out.vcpu), (StopReason::Requested, None));
+}
+
+#[test]
+fn pause_freezes_the_guest_and_resume_continues_it() {
+    let (vm, _, _) = TestVm::new(Guest::COUNTER).start(&counters(2));
+    assert!(eventually(20, || counter(&vm, 0) > 0 && counter(&vm, 1) > 0));
+    for _ in 0..3 {
+        vm.pause();
+        let frozen = (counter(&vm, 0), counter(&vm, 1));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            (counter(&vm, 0), counter(&vm, 1)),
+            frozen,
+            "a paused guest must not run"
+        );
+        vm.resume();
+        assert!(eventually(20, || counter(&vm, 0) > frozen.0
+            && counter(&vm, 1) > frozen.1));
+    }
+    vm.request_stop();
+    vm.wait_timeout(TIMEOUT).unwrap();
+}
+
+#[test]
+fn every_kick_is_seen() {
+    let (vm, _, _) = TestVm::new(Guest::COUNTER).start(&counters(1));
+    assert!(eventually(20, || counter(&vm, 0) > 0));
+    for i in 1..=50 {
+        vm.kick(0).unwrap();
+        assert!(
+            eventually(10, || vm.kicks_seen(0).unwrap() >= i),
+            "kick {i} was lost"
+        );
+    }
+    assert!(vm.stats(0).unwrap().count(ExitKind::Kicked) >= 1);
+    assert!(matches!(
+        vm.kick(1),
+        Err(vmcraft::vcpu::VmError::NoSuchVcpu { index: 1, count: 1 })
+    ));
+    vm.request_stop();
+    vm.wait_timeout(TIMEOUT).unwrap();
+}
+
+#[test]
+fn dirty_pages_merge_guest_and_vmm_writes() {
+    let mut t = TestVm::new(Guest::COUNTER);
+    {
+        let (ram, fd) = t.vm.ram_mut();
+        ram.set_dirty_logging(fd, true).unwrap();
+    }
+    Guest::COUNTER.load(t.vm.memory()).unwrap(); // a VMM write after logging started
+    let (vm, _, _) = t.start(&counters(1));
+    assert!(eventually(20, || counter(&vm, 0) > 0));
+    vm.pause();
+    let dirty = vm.vm().ram().take_dirty_pages(vm.vm().fd()).unwrap();
+    assert!(
+        dirty.contains(Guest::counter_addr(0)),
+        "guest write missing"
+    );
+    assert!(
+        dirty.contains(vm_memory::GuestAddress(abi::LOAD_ADDR)),
+        "VMM write missing"
+    );
+    vm.resume();
+    let c = counter(&vm, 0);
+    assert!(eventually(20, || counter(&vm, 0) > c));
+    vm.pause();
+    let again = vm.vm().ram().take_dirty_pages(vm.vm().fd()).unwrap();
+    assert!(again.contains(Guest::counter_addr(0)));
+    assert!(
+        !again.contains(vm_memory::GuestAddress(abi::LOAD_ADDR)),
+        "log was not cleared"
+    );
+    vm.request_stop();
+    vm.wait_timeout(TIMEOUT).unwrap();
+}
