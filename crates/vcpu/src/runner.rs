@@ -732,6 +732,35 @@ impl RunningVm {
             })
     }
 
+    /// Block until a stop has been requested (by a vCPU exit, a device or
+    /// [`RunningVm::request_stop`]) or `timeout` passes; returns the stop, if any. The
+    /// statistics stay readable afterwards, until [`RunningVm::wait`].
+    pub fn wait_stopped(&self, timeout: Option<Duration>) -> Option<VmOutcome> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut c = self.shared.lock();
+        while c.stop.is_none() && c.live > 0 {
+            c = match deadline {
+                None => self
+                    .shared
+                    .changed
+                    .wait(c)
+                    .unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        break;
+                    }
+                    self.shared
+                        .changed
+                        .wait_timeout(c, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+        c.stop
+    }
+
     /// Wait for the VM to stop, join every vCPU thread, and report why it stopped.
     pub fn wait(mut self) -> Result<VmOutcome, VmError> {
         self.join_all()

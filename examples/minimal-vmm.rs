@@ -1,0 +1,253 @@
+//! The minimal vmcraft VMM.
+//!
+//! With no arguments it runs the embedded demo guest, which greets through the
+//! emulated 16550 (every byte trapped and emulated) and exits; then it prints the exit
+//! statistics. With `--kernel` it boots Linux (bzImage or ELF vmlinux).
+//!
+//! ```text
+//! cargo run --release --example minimal-vmm
+//! cargo run --release --example minimal-vmm -- --kernel /boot/vmlinuz --mem 512M --vcpus 2
+//! ```
+
+use std::error::Error;
+use std::fs::File;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmcraft::devices::bus::IoBuses;
+use vmcraft::devices::serial::SerialInput;
+use vmcraft::devices::stop::StopLatch;
+use vmcraft::guest_kit::Guest;
+use vmcraft::machine::{BusExitHandler, LegacyDevices};
+use vmcraft::memory::layout::MemoryLayout;
+use vmcraft::memory::GuestRam;
+use vmcraft::vcpu::linux::load_linux;
+use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+
+const USAGE: &str = "usage: minimal-vmm [--kernel PATH [--initrd PATH] [--cmdline TEXT]] [--mem SIZE] [--vcpus N] [--timeout SECS]
+
+  no --kernel      run the embedded demo guest (greets through the emulated 16550)
+  --kernel PATH    a Linux bzImage or ELF vmlinux
+  --initrd PATH    an initramfs for the kernel
+  --cmdline TEXT   kernel command line (default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1)
+  --mem SIZE       guest RAM, in MiB or with a K/M/G suffix (default 128M; at least 4M)
+  --vcpus N        number of vCPUs, 1 to 254 (default 1)
+  --timeout SECS   stop the VM after SECS seconds";
+
+const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
+const MIN_MEM: u64 = 4 << 20;
+
+#[derive(Debug)]
+struct Options {
+    kernel: Option<String>,
+    initrd: Option<String>,
+    cmdline: String,
+    mem: u64,
+    vcpus: u32,
+    timeout: Option<Duration>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1 << 20),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid memory size {s:?}"))
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        kernel: None,
+        initrd: None,
+        cmdline: DEFAULT_CMDLINE.into(),
+        mem: 128 << 20,
+        vcpus: 1,
+        timeout: None,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--kernel" => o.kernel = Some(value()?),
+            "--initrd" => o.initrd = Some(value()?),
+            "--cmdline" => o.cmdline = value()?,
+            "--mem" => o.mem = parse_size(&value()?)?,
+            "--vcpus" => {
+                let v = value()?;
+                o.vcpus = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=254).contains(n))
+                    .ok_or(format!("invalid vCPU count {v:?} (1 to 254)"))?;
+            }
+            "--timeout" => {
+                let v = value()?;
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| *s > 0.0)
+                    .ok_or(format!("invalid timeout {v:?}"))?;
+                o.timeout = Some(Duration::from_secs_f64(secs));
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    if o.initrd.is_some() && o.kernel.is_none() {
+        return Err("--initrd needs --kernel".into());
+    }
+    if o.mem < MIN_MEM {
+        return Err(format!(
+            "--mem {} bytes is too little memory: at least {} MiB are needed",
+            o.mem,
+            MIN_MEM >> 20
+        ));
+    }
+    Ok(o)
+}
+
+fn open(what: &str, path: &str) -> Result<File, Box<dyn Error>> {
+    File::open(path).map_err(|e| format!("cannot open {what} {path}: {e}").into())
+}
+
+fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
+    let started = Instant::now();
+    let layout = MemoryLayout::x86_64(o.mem)?;
+    let vm = Vm::new(GuestRam::new(&layout)?)?;
+    let stop = Arc::new(StopLatch::default());
+    let mut buses = IoBuses::new();
+    let devices = LegacyDevices::install(
+        &mut buses,
+        vm.fd(),
+        Box::new(std::io::stdout()),
+        stop.clone(),
+    )?;
+
+    let vcpus: Vec<VcpuConfig> = match &o.kernel {
+        None => {
+            Guest::HELLO.load(vm.memory())?;
+            (0..o.vcpus)
+                .map(|i| {
+                    if i == 0 {
+                        VcpuConfig::at(Guest::HELLO.entry(0, 0))
+                    } else {
+                        VcpuConfig::waiting_for_sipi()
+                    }
+                })
+                .collect()
+        }
+        Some(path) => {
+            let mut kernel = open("kernel", path)?;
+            let mut initrd = o.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
+            let loaded = load_linux(
+                vm.memory(),
+                &layout,
+                &mut kernel,
+                initrd.as_mut(),
+                &o.cmdline,
+            )
+            .map_err(|e| format!("cannot load kernel {path}: {e}{}", source_chain(&e)))?;
+            eprintln!(
+                "minimal-vmm: loaded {path} as {:?}, entry {:?}",
+                loaded.format, loaded.entry
+            );
+            // Feed stdin to COM1 so the guest console is interactive.
+            let input = SerialInput::new(devices.serial.clone(), std::io::stdin());
+            std::thread::Builder::new()
+                .name("serial-input".into())
+                .spawn(move || {
+                    let Ok(mut em) =
+                        EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+                    else {
+                        return;
+                    };
+                    em.add_subscriber(Arc::new(Mutex::new(input)));
+                    while em.run().is_ok() {}
+                })?;
+            (0..o.vcpus)
+                .map(|i| {
+                    if i == 0 {
+                        VcpuConfig::at(loaded.entry)
+                    } else {
+                        VcpuConfig::waiting_for_sipi()
+                    }
+                })
+                .collect()
+        }
+    };
+
+    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
+    let running = RunningVm::start(vm, &vcpus, handler.clone())?;
+    let first_exit = started.elapsed();
+    let stats: Vec<_>;
+    let outcome = {
+        running.wait_stopped(o.timeout);
+        stats = (0..running.vcpu_count())
+            .map(|i| running.stats(i))
+            .collect::<Result<_, _>>()?;
+        running.request_stop();
+        running.wait()?
+    };
+
+    println!();
+    println!("minimal-vmm: VM stopped: {:?} (vCPU {:?}), {:.1} ms after start (vCPUs running after {:.1} ms)",
+        outcome.reason, outcome.vcpu, started.elapsed().as_secs_f64() * 1e3, first_exit.as_secs_f64() * 1e3);
+    for (i, s) in stats.iter().enumerate() {
+        println!(
+            "minimal-vmm: exit statistics of vCPU {i} ({} exits):",
+            s.total()
+        );
+        print!("{s}");
+    }
+    let u = handler.buses().unclaimed();
+    println!("minimal-vmm: unclaimed accesses: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
+        u.pio_reads, u.pio_writes, u.mmio_reads, u.mmio_writes);
+    Ok(match outcome.reason {
+        StopReason::DebugExit(code) => ExitCode::from(code.min(255) as u8),
+        StopReason::Reset | StopReason::PowerOff | StopReason::Requested => ExitCode::SUCCESS,
+        StopReason::TripleFault | StopReason::Crash | StopReason::Halted => ExitCode::FAILURE,
+    })
+}
+
+fn source_chain(e: &dyn Error) -> String {
+    let mut s = String::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let options = match parse(&args) {
+        Ok(o) => o,
+        Err(msg) if msg.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("minimal-vmm: {msg}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(options) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("minimal-vmm: error: {e}{}", source_chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
