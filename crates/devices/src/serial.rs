@@ -265,7 +265,7 @@ mod tests {
             assert_ne!(read(&s, LSR) & 0x20, 0);
             s.pio_write(PioAddress(COM1_BASE), DATA, &[*b]);
         }
-        s.pio_write(PioAddress(COM1_BASE), DATA, &[b'x', b'y']); // wide: ignored
+        s.pio_write(PioAddress(COM1_BASE), DATA, b"xy"); // wide: ignored
         assert_eq!(out.contents(), b"hi\n\x00\xff");
         assert!(s.irq_eventfd().read().unwrap() >= 1);
     }

@@ -70,7 +70,7 @@ impl MemoryLayout {
         if ram_bytes > MAX_RAM {
             return Err(LayoutError::TooLarge(ram_bytes));
         }
-        if ram_bytes % PAGE != 0 {
+        if !ram_bytes.is_multiple_of(PAGE) {
             return Err(LayoutError::NotPageAligned(ram_bytes));
         }
         let low = ram_bytes.min(MMIO_GAP_START);

@@ -28,6 +28,7 @@ pub const TSS_ADDR: u64 = 0x600;
 pub const PML4_ADDR: u64 = 0x9000;
 /// End (exclusive) of the boot structures.
 pub const BOOT_TABLES_END: u64 = PML4_ADDR + 6 * 0x1000;
+const _: () = assert!(BOOT_TABLES_END <= 0x10000, "boot tables must stay below 64 KiB");
 
 /// GDT selector of the 32-bit flat code segment (PVH entry).
 pub const SEL_CODE32: u16 = 0x08;
@@ -413,7 +414,6 @@ mod tests {
         assert_eq!(entry(0), (PML4_ADDR + 0x1000) | 7);
         assert_eq!(entry(512 + 3), (PML4_ADDR + 0x5000) | 7);
         assert_eq!(entry(1024 + 2047), (2047 << 21) | 0x87);
-        assert!(BOOT_TABLES_END <= 0x10000);
         let tss = &tables[1].1;
         assert!(TSS_ADDR + tss.len() as u64 <= crate::linux::PVH_START_INFO_ADDR);
         assert_eq!(u16::from_le_bytes([tss[0x66], tss[0x67]]), 0x68);

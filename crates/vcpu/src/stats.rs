@@ -122,8 +122,7 @@ impl std::fmt::Display for ExitStatsSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for kind in ExitKind::ALL {
             let n = self.count(kind);
-            if n > 0 {
-                let avg = self.nanos(kind) / n;
+            if let Some(avg) = self.nanos(kind).checked_div(n) {
                 writeln!(
                     f,
                     "  {:<13} {:>9} exits  {:>7} ns avg in VMM",
