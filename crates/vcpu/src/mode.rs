@@ -28,7 +28,10 @@ pub const TSS_ADDR: u64 = 0x600;
 pub const PML4_ADDR: u64 = 0x9000;
 /// End (exclusive) of the boot structures.
 pub const BOOT_TABLES_END: u64 = PML4_ADDR + 6 * 0x1000;
-const _: () = assert!(BOOT_TABLES_END <= 0x10000, "boot tables must stay below 64 KiB");
+const _: () = assert!(
+    BOOT_TABLES_END <= 0x10000,
+    "boot tables must stay below 64 KiB"
+);
 
 /// GDT selector of the 32-bit flat code segment (PVH entry).
 pub const SEL_CODE32: u16 = 0x08;
