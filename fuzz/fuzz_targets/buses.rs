@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use vmcraft_devices::bus::IoBuses;
-use vmcraft_devices::vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
+use vmcraft_devices::vm_device::bus::{
+    MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset,
+};
 use vmcraft_devices::vm_device::{MutDeviceMmio, MutDevicePio};
 
 /// Reads as zeros; records nothing.
@@ -26,21 +28,32 @@ impl MutDeviceMmio for Zero {
 
 fuzz_target!(|data: &[u8]| {
     let mut buses = IoBuses::new();
-    let mut pio: Vec<(u64, u64)> = Vec::new();
-    let mut mmio: Vec<(u64, u64)> = Vec::new();
+    // The model works in u128 so ranges ending at the top of the address space (which
+    // vm-device accepts: it checks the last address, base + size - 1) are exact.
+    let mut pio: Vec<(u128, u128)> = Vec::new();
+    let mut mmio: Vec<(u128, u128)> = Vec::new();
     let dev = Arc::new(Mutex::new(Zero));
     let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
     for op in data.chunks_exact(17) {
         let (a, b) = (word(&op[1..9]), word(&op[9..17]));
-        let overlaps = |ranges: &[(u64, u64)], base: u64, size: u64| {
-            ranges.iter().any(|&(s, n)| base < s.saturating_add(n) && s < base.saturating_add(size))
+        let overlaps = |ranges: &[(u128, u128)], base: u128, size: u128| {
+            ranges.iter().any(|&(s, n)| base < s + n && s < base + size)
+        };
+        let inside = |ranges: &[(u128, u128)], addr: u128, len: u128| {
+            ranges
+                .iter()
+                .any(|&(s, n)| addr >= s && addr + len <= s + n)
         };
         match op[0] % 4 {
             0 => {
                 let (base, size) = (a as u16, (b as u16) % 64);
                 let ok = buses.register_pio(base, size, dev.clone()).is_ok();
                 let valid = size > 0 && u32::from(base) + u32::from(size) <= 0x10000;
-                assert_eq!(ok, valid && !overlaps(&pio, base.into(), size.into()));
+                assert_eq!(
+                    ok,
+                    valid && !overlaps(&pio, base.into(), size.into()),
+                    "pio {base:#x}+{size:#x}"
+                );
                 if ok {
                     pio.push((base.into(), size.into()));
                 }
@@ -48,25 +61,40 @@ fuzz_target!(|data: &[u8]| {
             1 => {
                 let size = b % 0x10000;
                 let ok = buses.register_mmio(a, size, dev.clone()).is_ok();
-                let valid = size > 0 && a.checked_add(size).is_some();
-                assert_eq!(ok, valid && !overlaps(&mmio, a, size));
+                let (base, len) = (u128::from(a), u128::from(size));
+                let valid = size > 0 && base + len <= 1 << 64;
+                assert_eq!(
+                    ok,
+                    valid && !overlaps(&mmio, base, len),
+                    "mmio {a:#x}+{size:#x}"
+                );
                 if ok {
-                    mmio.push((a, size));
+                    mmio.push((base, len));
                 }
             }
             2 => {
                 let mut buf = [0x5au8; 4];
                 let len = (b % 4 + 1) as usize;
                 buses.pio_read(a as u16, &mut buf[..len]);
-                let inside = pio.iter().any(|&(s, n)| a as u16 as u64 >= s && a as u16 as u64 + len as u64 <= s + n);
-                assert!(buf[..len].iter().all(|&x| x == if inside { 0 } else { 0xff }));
+                let claimed = inside(&pio, u128::from(a as u16), len as u128);
+                assert!(
+                    buf[..len]
+                        .iter()
+                        .all(|&x| x == if claimed { 0 } else { 0xff }),
+                    "pio read {a:#x}/{len}"
+                );
             }
             _ => {
                 let mut buf = [0x5au8; 8];
                 let len = (b % 8 + 1) as usize;
                 buses.mmio_read(a, &mut buf[..len]);
-                let inside = mmio.iter().any(|&(s, n)| a >= s && a.checked_add(len as u64).is_some_and(|e| e <= s + n));
-                assert!(buf[..len].iter().all(|&x| x == if inside { 0 } else { 0xff }));
+                let claimed = inside(&mmio, u128::from(a), len as u128);
+                assert!(
+                    buf[..len]
+                        .iter()
+                        .all(|&x| x == if claimed { 0 } else { 0xff }),
+                    "mmio read {a:#x}/{len}"
+                );
             }
         }
     }

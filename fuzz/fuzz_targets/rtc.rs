@@ -8,7 +8,11 @@ use vmcraft_devices::vm_device::bus::PioAddress;
 use vmcraft_devices::vm_device::DevicePio;
 
 fuzz_target!(|data: &[u8]| {
-    let clock = u64::from_le_bytes(data.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8])) % (1 << 40);
+    let clock = u64::from_le_bytes(
+        data.get(..8)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or([0; 8]),
+    ) % (1 << 40);
     let rtc = Rtc::with_clock(move || clock);
     for op in data.get(8..).unwrap_or(&[]).chunks(3) {
         let offset = u16::from(*op.get(1).unwrap_or(&0) % 3);
