@@ -6,11 +6,15 @@
 //! work, port I/O included, in user mode. Each vCPU gets its index in `rdi` and a
 //! parameter in `rsi`. The contract with the host (ports, addresses) is in [`abi`].
 //!
-//! ```no_run
+//! ```
 //! use vmcraft_guest_kit::{abi, Guest};
-//! # let mem: vmcraft_memory::GuestMemory = unimplemented!();
-//! Guest::EXIT_CODE.load(&mem).unwrap();
-//! let entry = Guest::EXIT_CODE.entry(0, 7); // exits with code 7
+//! use vmcraft_memory::{layout::MemoryLayout, GuestRam};
+//! use vmcraft_vcpu::mode::Entry;
+//!
+//! let ram = GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+//! Guest::EXIT_CODE.load(ram.memory()).unwrap();
+//! let entry = Guest::EXIT_CODE.entry(0, 7); // vCPU 0; the guest exits with code 7
+//! assert!(matches!(entry, Entry::LongMode { rip: abi::LOAD_ADDR, args: [0, 7], .. }));
 //! ```
 
 use thiserror::Error;

@@ -223,12 +223,11 @@ impl GuestRam {
                 memory_size: s.size,
                 userspace_addr: s.host_addr,
             };
-            // SAFETY: `userspace_addr` and `memory_size` describe a mapping owned by
-            // `self.memory`, which lives in an `Arc` shared with every user of this
-            // memory; KVM keeps using it only while the VM exists, and every holder of
-            // the VM in vmcraft also holds a clone of this memory, so the mapping
-            // outlives the slot. The ranges come from a validated layout and do not
-            // overlap.
+            // The ranges come from a validated layout and do not overlap. KVM uses the
+            // mapping only while the VM exists, and every vmcraft holder of the VM also
+            // holds a clone of this memory.
+            // SAFETY: the address and size describe a live mapping owned by
+            // `self.memory` (shared through an `Arc`), which outlives the slot.
             unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
                 MemoryError::SetSlot {
                     slot: s.slot,

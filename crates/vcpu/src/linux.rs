@@ -285,11 +285,6 @@ pub fn load_linux(
             }
         }
     };
-    let format = if matches!(entry, Entry::Pvh { .. }) {
-        KernelFormat::ElfPvh
-    } else {
-        format
-    };
     Ok(LoadedKernel {
         entry,
         format,

@@ -227,6 +227,16 @@ pub fn write_boot_tables(mem: &GuestMemory) -> Result<(), ModeError> {
     Ok(())
 }
 
+/// Load the shared GDT and TSS, with flat segments: `code` in CS, `data` in the others.
+fn flat_segments(sregs: &mut kvm_sregs, code: u16, data: u16) {
+    sregs.cs = gdt_segment(code);
+    let d = gdt_segment(data);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (d, d, d, d, d);
+    sregs.tr = tss_segment();
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (GDT_FLAGS.len() as u16 + 2) * 8 - 1;
+}
+
 /// The register state for `entry`, starting from the vCPU's reset state `sregs`.
 /// Pure: unit tested without KVM.
 pub fn entry_state(entry: Entry, mut sregs: kvm_sregs) -> Result<(kvm_regs, kvm_sregs), ModeError> {
@@ -235,12 +245,7 @@ pub fn entry_state(entry: Entry, mut sregs: kvm_sregs) -> Result<(kvm_regs, kvm_
         ..Default::default()
     };
     let long_mode = |sregs: &mut kvm_sregs, code: u16, data: u16| {
-        sregs.cs = gdt_segment(code);
-        let d = gdt_segment(data);
-        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (d, d, d, d, d);
-        sregs.tr = tss_segment();
-        sregs.gdt.base = GDT_ADDR;
-        sregs.gdt.limit = (GDT_FLAGS.len() as u16 + 2) * 8 - 1;
+        flat_segments(sregs, code, data);
         sregs.idt.base = IDT_ADDR;
         sregs.idt.limit = 0;
         sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG;
@@ -295,12 +300,7 @@ pub fn entry_state(entry: Entry, mut sregs: kvm_sregs) -> Result<(kvm_regs, kvm_
             regs.rsi = zero_page;
         }
         Entry::Pvh { eip, start_info } => {
-            sregs.cs = gdt_segment(SEL_CODE32);
-            let d = gdt_segment(SEL_KERNEL_DATA);
-            (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (d, d, d, d, d);
-            sregs.tr = tss_segment();
-            sregs.gdt.base = GDT_ADDR;
-            sregs.gdt.limit = (GDT_FLAGS.len() as u16 + 2) * 8 - 1;
+            flat_segments(&mut sregs, SEL_CODE32, SEL_KERNEL_DATA);
             sregs.cr0 = CR0_PE | CR0_ET;
             sregs.cr4 = 0;
             sregs.efer = 0;

@@ -33,10 +33,10 @@ pub(crate) fn pio(run: &mut kvm_run, run_size: usize) -> Option<(PioHeader, &mut
         return None;
     }
     let base = (run as *mut kvm_run).cast::<u8>();
-    // SAFETY: `run` is the start of the vCPU's kvm_run mapping, which is `run_size`
-    // bytes long (KVM_GET_VCPU_MMAP_SIZE); `offset + len <= run_size` was checked just
-    // above, so the slice lies inside the mapping. It is borrowed from `run`, which is
-    // borrowed mutably, so nothing else in this program aliases it while it lives.
+    // `run` starts the vCPU's kvm_run mapping of `run_size` bytes
+    // (KVM_GET_VCPU_MMAP_SIZE), and `offset + len <= run_size` was checked above.
+    // SAFETY: the slice lies inside that mapping, and it borrows `run` mutably, so
+    // nothing else in this program aliases it while it lives.
     let data = unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) };
     let header = PioHeader {
         port: io.port,
