@@ -21,14 +21,17 @@ use vmcraft::devices::serial::SerialInput;
 use vmcraft::devices::stop::StopLatch;
 use vmcraft::guest_kit::Guest;
 use vmcraft::machine::{BusExitHandler, LegacyDevices};
+use vmcraft::memory::host_usage::ProcessMemory;
 use vmcraft::memory::layout::MemoryLayout;
 use vmcraft::memory::GuestRam;
 use vmcraft::vcpu::linux::load_linux;
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
 
-const USAGE: &str = "usage: minimal-vmm [--kernel PATH [--initrd PATH] [--cmdline TEXT]] [--mem SIZE] [--vcpus N] [--timeout SECS]
+const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--mem SIZE] [--vcpus N] [--timeout SECS]
 
-  no --kernel      run the embedded demo guest (greets through the emulated 16550)
+  no --kernel      run an embedded guest (default: the demo, which greets through the emulated 16550)
+  --guest NAME     the embedded guest: hello (the demo) or exit (one real-mode instruction
+                   that writes the debug-exit port; for start-up measurements)
   --kernel PATH    a Linux bzImage or ELF vmlinux
   --initrd PATH    an initramfs for the kernel
   --cmdline TEXT   kernel command line (default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1)
@@ -41,6 +44,7 @@ const MIN_MEM: u64 = 4 << 20;
 
 #[derive(Debug)]
 struct Options {
+    guest: Option<Guest>,
     kernel: Option<String>,
     initrd: Option<String>,
     cmdline: String,
@@ -64,6 +68,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
+        guest: None,
         kernel: None,
         initrd: None,
         cmdline: DEFAULT_CMDLINE.into(),
@@ -79,6 +84,13 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
         match flag.as_str() {
+            "--guest" => {
+                o.guest = Some(match value()?.as_str() {
+                    "hello" => Guest::HELLO,
+                    "exit" => Guest::REAL_MODE_EXIT,
+                    other => return Err(format!("unknown guest {other:?} (hello or exit)")),
+                })
+            }
             "--kernel" => o.kernel = Some(value()?),
             "--initrd" => o.initrd = Some(value()?),
             "--cmdline" => o.cmdline = value()?,
@@ -103,6 +115,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other:?}")),
         }
+    }
+    if o.guest.is_some() && o.kernel.is_some() {
+        return Err("--guest and --kernel exclude each other".into());
     }
     if o.initrd.is_some() && o.kernel.is_none() {
         return Err("--initrd needs --kernel".into());
@@ -136,11 +151,12 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
 
     let vcpus: Vec<VcpuConfig> = match &o.kernel {
         None => {
-            Guest::HELLO.load(vm.memory())?;
+            let guest = o.guest.unwrap_or(Guest::HELLO);
+            guest.load(vm.memory())?;
             (0..o.vcpus)
                 .map(|i| {
                     if i == 0 {
-                        VcpuConfig::at(Guest::HELLO.entry(0, 0))
+                        VcpuConfig::at(guest.entry(0, 0))
                     } else {
                         VcpuConfig::waiting_for_sipi()
                     }
@@ -191,11 +207,13 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     let running = RunningVm::start(vm, &vcpus, handler.clone())?;
     let first_exit = started.elapsed();
     let stats: Vec<_>;
+    let guest_resident;
     let outcome = {
         running.wait_stopped(o.timeout);
         stats = (0..running.vcpu_count())
             .map(|i| running.stats(i))
             .collect::<Result<_, _>>()?;
+        guest_resident = running.vm().ram().resident_bytes()?;
         running.request_stop();
         running.wait()?
     };
@@ -210,6 +228,13 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         );
         print!("{s}");
     }
+    let memory = ProcessMemory::current()?;
+    println!(
+        "minimal-vmm: host memory: peak RSS {} KiB, guest RAM resident {} KiB, VMM overhead {} KiB",
+        memory.peak_rss >> 10,
+        guest_resident >> 10,
+        memory.peak_rss.saturating_sub(guest_resident) >> 10
+    );
     let u = handler.buses().unclaimed();
     println!("minimal-vmm: unclaimed accesses: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
         u.pio_reads, u.pio_writes, u.mmio_reads, u.mmio_writes);

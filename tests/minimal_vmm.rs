@@ -6,29 +6,33 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn minimal_vmm() -> PathBuf {
-    // Integration tests live in target/<profile>/deps; cargo test builds examples into
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    // Integration tests live in target/<profile>/deps, examples in
     // target/<profile>/examples.
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let exe = deps.parent().unwrap().join("examples").join("minimal-vmm");
-    if !exe.exists() {
-        // `cargo test --test minimal_vmm` alone does not build examples.
-        let status = Command::new(env!("CARGO"))
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    // `cargo test` builds examples, but `cargo test --test minimal_vmm` alone does not,
+    // and a stale binary would test old code: let cargo bring it up to date.
+    BUILT.call_once(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
             .args([
                 "build",
+                "--quiet",
                 "--example",
                 "minimal-vmm",
                 "--manifest-path",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
             ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the example failed");
-    }
-    exe
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+        if profile_dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        assert!(
+            cargo.status().unwrap().success(),
+            "building the example failed"
+        );
+    });
+    profile_dir.join("examples").join("minimal-vmm")
 }
 
 fn run(args: &[&str]) -> Output {
@@ -58,8 +62,36 @@ fn demo_guest_greets_prints_statistics_and_exits_zero() {
 }
 
 #[test]
+fn smallest_guest_makes_two_exits_and_the_memory_report_adds_up() {
+    common::require_kvm();
+    let out = run(&["--guest", "exit", "--mem", "64M"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "status {:?}: {stdout}", out.status);
+    // The guest's only output is the newline of its first exit.
+    assert!(
+        stdout.starts_with("\n\nminimal-vmm: VM stopped: DebugExit(0)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(2 exits)"), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("host memory:"))
+        .unwrap_or_else(|| panic!("no memory report in {stdout}"));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [peak, guest, overhead] = numbers[..] else {
+        panic!("three figures expected in {line:?}");
+    };
+    // The boot tables and the code page at least; far less than the 64 MiB.
+    assert!((8..4096).contains(&guest), "{line}");
+    assert_eq!(peak - guest, overhead, "{line}");
+}
+
+#[test]
 fn bad_input_gets_clear_errors() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--kernel", "/nonexistent/vmlinuz"],
             "cannot open kernel /nonexistent/vmlinuz",
@@ -68,6 +100,11 @@ fn bad_input_gets_clear_errors() {
         (&["--mem", "1M"], "too little memory"),
         (&["--vcpus", "0"], "invalid vCPU count"),
         (&["--frobnicate"], "unknown option"),
+        (&["--guest", "doom"], "unknown guest \"doom\""),
+        (
+            &["--guest", "exit", "--kernel", "/boot/vmlinuz"],
+            "exclude each other",
+        ),
     ];
     for (args, message) in cases {
         let out = run(args);

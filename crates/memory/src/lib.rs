@@ -6,6 +6,7 @@
 //!   backend, registered with KVM as memory slots, with dirty-page tracking that merges
 //!   the guest's writes (KVM's log) with the VMM's own writes (vm-memory's bitmap).
 //! * [`mmio`]: an allocator for guest-physical MMIO windows.
+//! * [`host_usage`]: the host memory the VMM process and its guest RAM use.
 //!
 //! ```
 //! use vmcraft_memory::{GuestRam, layout::MemoryLayout};
@@ -17,6 +18,7 @@
 //! assert_eq!(ram.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
 //! ```
 
+pub mod host_usage;
 pub mod layout;
 pub mod mmio;
 mod ram;

@@ -157,6 +157,23 @@ impl GuestRam {
         &self.memory
     }
 
+    /// Bytes of this RAM resident in host memory now (pages the guest or the VMM have
+    /// touched), from mincore(2).
+    pub fn resident_bytes(&self) -> std::io::Result<u64> {
+        let mut total = 0;
+        for region in self.memory.iter() {
+            // SAFETY: the region's mapping lives as long as `self.memory`, which this
+            // borrow keeps alive for the call.
+            total += unsafe {
+                crate::host_usage::resident_bytes_of(
+                    region.deref().as_ptr(),
+                    region.len() as usize,
+                )?
+            };
+        }
+        Ok(total)
+    }
+
     /// Number of KVM memory slots this RAM uses (slots `0..n`).
     pub fn slot_count(&self) -> u32 {
         self.slots.len() as u32
@@ -265,6 +282,20 @@ mod tests {
         let region = ram.memory().iter().next().unwrap();
         let bits = region.deref().bitmap().get_and_reset();
         assert_eq!(bits[0], 1 << 5);
+    }
+
+    #[test]
+    fn resident_bytes_follow_the_pages_touched() {
+        let ram = GuestRam::new(&MemoryLayout::x86_64(8 << 20).unwrap()).unwrap();
+        assert_eq!(ram.resident_bytes().unwrap(), 0);
+        for page in 0..5u64 {
+            ram.memory()
+                .write_obj(1u8, GuestAddress(0x10_0000 + page * PAGE_SIZE))
+                .unwrap();
+        }
+        // Transparent huge pages may back more than was touched, never less.
+        let resident = ram.resident_bytes().unwrap();
+        assert!((5 * PAGE_SIZE..=8 << 20).contains(&resident), "{resident}");
     }
 
     #[test]

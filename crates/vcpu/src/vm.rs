@@ -71,6 +71,9 @@ impl Vm {
                 what: "set the TSS address",
                 source,
             })?;
+        // Memory slots go in before the IRQ chip: once it exists, every slot change
+        // waits for an SRCU grace period (about 5 ms here, most of VM creation).
+        ram.register(&fd).map_err(VmCreateError::Memory)?;
         fd.create_irq_chip().map_err(|source| VmCreateError::Kvm {
             what: "create the in-kernel IRQ chip",
             source,
@@ -83,7 +86,6 @@ impl Vm {
             what: "create the in-kernel PIT",
             source,
         })?;
-        ram.register(&fd).map_err(VmCreateError::Memory)?;
         Ok(Vm { kvm, fd, ram })
     }
 
