@@ -18,5 +18,6 @@ pub mod i8042;
 pub mod rtc;
 pub mod serial;
 pub mod stop;
+pub mod virtio;
 
 pub use vm_device;

@@ -1,0 +1,161 @@
+//! Virtio devices over the virtio-mmio transport (version 2).
+//!
+//! * [`mmio::MmioTransport`]: the register model a guest driver talks to: feature
+//!   negotiation, the status state machine, queue setup with validation, config space,
+//!   interrupt status and acknowledge, reset. Put it on the MMIO bus.
+//! * [`VirtioDevice`]: what a device implements; the transport activates it with its
+//!   queues once the driver sets DRIVER_OK, and resets it when the driver writes 0.
+//! * [`Interrupt`]: the device's interrupt status and its irqfd; a device that meets a
+//!   guest protocol error calls [`Interrupt::device_error`], which sets NEEDS_RESET and
+//!   raises a configuration interrupt, and stops serving that device only.
+//! * [`block::Block`]: virtio-blk on a raw image file, served on its own I/O thread.
+//!
+//! Queue notifications arrive on one eventfd per queue ([`mmio::MmioTransport::notifiers`]):
+//! register them with KVM as ioeventfds on the QueueNotify register so a notification
+//! never leaves the kernel; without that, the transport signals them itself.
+
+pub mod block;
+pub mod mmio;
+mod worker;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vmcraft_memory::GuestMemory;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use virtio_bindings;
+pub use virtio_queue;
+
+/// Feature bit: the device conforms to virtio 1.x (required by this transport).
+pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Feature bit: used/avail event indices (notification suppression on both sides).
+pub const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// What a device behind a [`mmio::MmioTransport`] implements.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (2 for block, 1 for net, ...).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The features the device offers, transport features ([`F_VERSION_1`],
+    /// [`F_EVENT_IDX`]) included.
+    fn features(&self) -> u64;
+    /// Read `data.len()` bytes of the configuration space at `offset`. Bytes past
+    /// the end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// A driver write to the configuration space; ignored unless the device has
+    /// writable fields.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
+    /// Start serving `queues` (the driver has set DRIVER_OK).
+    fn activate(&mut self, queues: ActiveQueues) -> Result<(), ActivateError>;
+    /// Stop serving (the driver wrote 0 to the status register); afterwards the device
+    /// can be activated again.
+    fn reset(&mut self);
+}
+
+/// Everything a device needs to serve its queues.
+#[derive(Debug)]
+pub struct ActiveQueues {
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// The queues, as the driver configured them (all ready).
+    pub queues: Vec<Queue>,
+    /// One eventfd per queue, signalled when the driver notifies it.
+    pub notifiers: Vec<EventFd>,
+    /// Interrupt status and line.
+    pub interrupt: std::sync::Arc<Interrupt>,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+}
+
+/// Errors from activating a device.
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    /// The driver left a queue the device needs unconfigured.
+    #[error("queue {0} is not ready")]
+    QueueNotReady(usize),
+    /// A host resource (eventfd, thread) could not be created.
+    #[error("cannot start the device: {what}")]
+    Host {
+        /// What failed.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Interrupt status bit: a queue has new used buffers.
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// Interrupt status bit: the configuration (or the device status) changed.
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+/// A device's interrupt status register, its NEEDS_RESET flag and the eventfd that
+/// raises its interrupt line (register it with KVM as an irqfd).
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    /// A new interrupt with a fresh eventfd.
+    pub fn new() -> io::Result<Self> {
+        Ok(Interrupt {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            irq: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The eventfd to register as an irqfd.
+    pub fn irq_eventfd(&self) -> &EventFd {
+        &self.irq
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Whether a device error has set NEEDS_RESET.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Raise `bits` in the status register and signal the line.
+    pub fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        // A failed write means the counter is saturated: an interrupt is pending anyway.
+        let _ = self.irq.write(1);
+    }
+
+    /// A queue has new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.raise(INT_VRING);
+    }
+
+    /// The guest broke the protocol: set NEEDS_RESET and raise a configuration
+    /// interrupt. The device stops serving until the driver resets it.
+    pub fn device_error(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.raise(INT_CONFIG);
+    }
+
+    /// The driver acknowledged `bits`.
+    pub(crate) fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Device reset: clear everything.
+    pub(crate) fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,148 @@
+//! The I/O thread of a virtio device: waits on its queue notifiers and a stop eventfd.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// What the handler wants after serving a notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Keep serving.
+    Continue,
+    /// Stop the thread (the device met a guest protocol error and waits for a reset).
+    Stop,
+}
+
+/// A running I/O thread; dropping it stops and joins the thread.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Spawn thread `name`, calling `on_notify(queue_index)` each time the driver
+    /// notifies a queue (once per wakeup, however many notifications it coalesced).
+    pub(crate) fn spawn(
+        name: String,
+        notifiers: Vec<EventFd>,
+        mut on_notify: impl FnMut(usize) -> Next + Send + 'static,
+    ) -> io::Result<Worker> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        let stop_token = notifiers.len() as u64;
+        for (i, fd) in notifiers.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, i as u64),
+            )?;
+        }
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, stop_token),
+        )?;
+        let stop_clone = stop.try_clone()?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let _stop = stop_clone;
+            let mut events = vec![EpollEvent::default(); notifiers.len() + 1];
+            // Serve what was queued before activation.
+            for i in 0..notifiers.len() {
+                if on_notify(i) == Next::Stop {
+                    return;
+                }
+            }
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                for ev in &events[..n] {
+                    let token = ev.data();
+                    if token == stop_token {
+                        return;
+                    }
+                    let Some(fd) = notifiers.get(token as usize) else {
+                        continue;
+                    };
+                    // Reading resets the counter; an error means it was already zero.
+                    let _ = fd.read();
+                    if on_notify(token as usize) == Next::Stop {
+                        return;
+                    }
+                }
+            }
+        })?;
+        Ok(Worker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // If the write fails the counter is saturated, so the thread will wake anyway.
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            // A panic in the handler has already been reported by the panic hook.
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn notifications_reach_the_handler_and_drop_joins() {
+        let a = EventFd::new(EFD_NONBLOCK).unwrap();
+        let b = EventFd::new(EFD_NONBLOCK).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker::spawn(
+            "test-worker".into(),
+            vec![a.try_clone().unwrap(), b.try_clone().unwrap()],
+            move |q| {
+                tx.send(q).unwrap();
+                Next::Continue
+            },
+        )
+        .unwrap();
+        // The initial pass over every queue.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        b.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        a.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        drop(worker);
+        // The thread is gone, and with it the sender.
+        assert!(rx.recv_timeout(Duration::from_secs(5)).is_err());
+    }
+
+    #[test]
+    fn a_stop_from_the_handler_ends_the_thread() {
+        let a = EventFd::new(EFD_NONBLOCK).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let _worker = Worker::spawn(
+            "test-worker".into(),
+            vec![a.try_clone().unwrap()],
+            move |q| {
+                tx.send(q).unwrap();
+                Next::Stop
+            },
+        )
+        .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        a.write(1).unwrap();
+        assert!(rx.recv_timeout(Duration::from_secs(5)).is_err());
+    }
+}
