@@ -342,7 +342,7 @@ fn run<B: vm_memory::bitmap::BitmapSlice>(
     match header.kind {
         VIRTIO_BLK_T_IN => {
             let len = writer.available_bytes() as u64;
-            if reader.available_bytes() != 0 || len % SECTOR_SIZE != 0 {
+            if reader.available_bytes() != 0 || !len.is_multiple_of(SECTOR_SIZE) {
                 return VIRTIO_BLK_S_IOERR;
             }
             let Some(offset) = disk.range(header.sector, len / SECTOR_SIZE) else {
@@ -352,7 +352,7 @@ fn run<B: vm_memory::bitmap::BitmapSlice>(
         }
         VIRTIO_BLK_T_OUT => {
             let len = reader.available_bytes() as u64;
-            if writer.available_bytes() != 0 || len % SECTOR_SIZE != 0 || disk.read_only {
+            if writer.available_bytes() != 0 || !len.is_multiple_of(SECTOR_SIZE) || disk.read_only {
                 return VIRTIO_BLK_S_IOERR;
             }
             let Some(offset) = disk.range(header.sector, len / SECTOR_SIZE) else {
@@ -477,3 +477,7 @@ fn zero_range(disk: &Disk, mut offset: u64, mut len: u64, scratch: &mut [u8]) ->
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "block_tests.rs"]
+mod tests;

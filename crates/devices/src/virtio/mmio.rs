@@ -169,7 +169,7 @@ impl MmioTransport {
             self.device.read_config(offset - config, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0xff);
             return;
         }
@@ -206,7 +206,7 @@ impl MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         let value = u32::from_le_bytes(bytes);

@@ -1,0 +1,451 @@
+//! virtio-blk driven from the host side with virtio-queue's MockSplitQueue: every
+//! request type, every error status, and the hostile chains that need a reset.
+
+use super::*;
+use std::path::PathBuf;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+use vmcraft_memory::{layout::MemoryLayout, GuestRam};
+
+const QLEN: u16 = 16;
+const HEADER: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+const DISK_SECTORS: u64 = 64;
+
+struct TempImage(PathBuf);
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn image(sectors: u64) -> (TempImage, File) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "vmcraft-blk-test-{}-{}.img",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(sectors * SECTOR_SIZE).unwrap();
+    (TempImage(path), file)
+}
+
+fn memory() -> GuestMemory {
+    GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap())
+        .unwrap()
+        .memory()
+        .clone()
+}
+
+/// (address, length, device-writable)
+type Buf = (u64, u32, bool);
+
+fn chain_descs(bufs: &[Buf]) -> Vec<RawDescriptor> {
+    bufs.iter()
+        .enumerate()
+        .map(|(i, &(addr, len, write))| {
+            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, i as u16 + 1))
+        })
+        .collect()
+}
+
+struct Rig {
+    mem: GuestMemory,
+    disk: Disk,
+    interrupt: Interrupt,
+    _image: TempImage,
+}
+
+impl Rig {
+    fn new(read_only: bool) -> Rig {
+        let (img, file) = image(DISK_SECTORS);
+        Rig {
+            mem: memory(),
+            disk: Disk::new(file, read_only, "vmcraft-test-disk").unwrap(),
+            interrupt: Interrupt::new().unwrap(),
+            _image: img,
+        }
+    }
+
+    fn header(&self, kind: u32, sector: u64) {
+        self.mem
+            .write_obj(
+                RequestHeader {
+                    kind,
+                    reserved: 0,
+                    sector,
+                },
+                GuestAddress(HEADER),
+            )
+            .unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    /// Submit the raw descriptors as one queue's content and serve it; returns the
+    /// result and the used ring's (id, len) entries.
+    fn serve_raw(
+        &self,
+        descs: &[RawDescriptor],
+        event_idx: bool,
+    ) -> (Result<usize, ProtocolError>, Vec<(u32, u32)>) {
+        let mock = MockSplitQueue::new(&self.mem, QLEN);
+        mock.add_desc_chains(descs, 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        queue.set_event_idx(event_idx);
+        let mut scratch = vec![0u8; 4096];
+        let result = serve_queue(
+            &mut queue,
+            &self.mem,
+            &self.disk,
+            &self.interrupt,
+            &mut scratch,
+        );
+        let used = mock.used_addr().0;
+        let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+        let entries = (0..u64::from(idx))
+            .map(|i| {
+                let at = GuestAddress(used + 4 + 8 * i);
+                let id: u32 = self.mem.read_obj(at).unwrap();
+                let len: u32 = self.mem.read_obj(GuestAddress(at.0 + 4)).unwrap();
+                (id, len)
+            })
+            .collect();
+        (result, entries)
+    }
+
+    /// Serve one request made of `bufs`; returns (status byte, used len).
+    fn request(&self, bufs: &[Buf]) -> (u8, u32) {
+        let (result, used) = self.serve_raw(&chain_descs(bufs), false);
+        assert_eq!(result, Ok(1));
+        assert_eq!(used.len(), 1);
+        let status: u8 = self.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        (status, used[0].1)
+    }
+
+    fn write(&self, sector: u64, data: &[u8]) -> u8 {
+        self.header(VIRTIO_BLK_T_OUT, sector);
+        self.mem.write_slice(data, GuestAddress(DATA)).unwrap();
+        let (status, len) = self.request(&[
+            (HEADER, 16, false),
+            (DATA, data.len() as u32, false),
+            (STATUS, 1, true),
+        ]);
+        assert_eq!(len, 1, "a write returns only the status byte");
+        status
+    }
+
+    fn read(&self, sector: u64, len: usize) -> (u8, Vec<u8>) {
+        self.header(VIRTIO_BLK_T_IN, sector);
+        let (status, used) = self.request(&[
+            (HEADER, 16, false),
+            (DATA, len as u32, true),
+            (STATUS, 1, true),
+        ]);
+        let mut data = vec![0u8; len];
+        self.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        if status == VIRTIO_BLK_S_OK as u8 {
+            assert_eq!(used as usize, len + 1);
+        }
+        (status, data)
+    }
+}
+
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
+}
+
+#[test]
+fn writes_read_back_and_reach_the_file() {
+    let rig = Rig::new(false);
+    let data = pattern(4096, 0x5a);
+    assert_eq!(rig.write(8, &data), OK);
+    assert_eq!(rig.read(8, 4096), (OK, data.clone()));
+    // The bytes are in the image at sector 8.
+    let mut on_disk = vec![0u8; 4096];
+    rig.disk.file.read_exact_at(&mut on_disk, 8 * 512).unwrap();
+    assert_eq!(on_disk, data);
+    // The last sector of the disk is addressable.
+    assert_eq!(rig.write(DISK_SECTORS - 1, &pattern(512, 1)), OK);
+}
+
+#[test]
+fn a_request_split_over_many_segments_works() {
+    let rig = Rig::new(false);
+    let data = pattern(3 * 512, 9);
+    rig.header(VIRTIO_BLK_T_OUT, 2);
+    rig.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    let (status, _) = rig.request(&[
+        (HEADER, 8, false), // the header itself split in two
+        (HEADER + 8, 8, false),
+        (DATA, 512, false),
+        (DATA + 512, 1024, false),
+        (STATUS, 1, true),
+    ]);
+    assert_eq!(status, OK);
+    assert_eq!(rig.read(2, 1536), (OK, data));
+}
+
+#[test]
+fn flush_and_get_id() {
+    let rig = Rig::new(false);
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(
+        rig.request(&[(HEADER, 16, false), (STATUS, 1, true)]),
+        (OK, 1)
+    );
+    rig.header(VIRTIO_BLK_T_GET_ID, 0);
+    let (status, len) = rig.request(&[(HEADER, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
+    assert_eq!((status, len), (OK, 21));
+    let mut id = [0u8; 20];
+    rig.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id[..17], b"vmcraft-test-disk");
+    assert_eq!(&id[17..], &[0, 0, 0]);
+}
+
+#[test]
+fn bad_requests_get_an_error_status_and_the_queue_goes_on() {
+    let rig = Rig::new(false);
+    // Past the end, straddling the end, sector overflow.
+    assert_eq!(rig.read(DISK_SECTORS, 512).0, IOERR);
+    assert_eq!(rig.read(DISK_SECTORS - 1, 1024).0, IOERR);
+    assert_eq!(rig.read(u64::MAX, 512).0, IOERR);
+    assert_eq!(rig.write(DISK_SECTORS, &pattern(512, 0)), IOERR);
+    // A length that is not whole sectors.
+    assert_eq!(rig.read(0, 100).0, IOERR);
+    assert_eq!(rig.write(0, &pattern(700, 0)), IOERR);
+    // Unknown type.
+    rig.header(0x77, 0);
+    assert_eq!(
+        rig.request(&[(HEADER, 16, false), (STATUS, 1, true)]).0,
+        UNSUPP
+    );
+    // A header too short to read.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        rig.request(&[(HEADER, 8, false), (STATUS, 1, true)]).0,
+        IOERR
+    );
+    // Data of the wrong direction: a read whose buffer the device may not write, a
+    // write whose buffer the device may not read.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        rig.request(&[(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)])
+            .0,
+        IOERR
+    );
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(
+        rig.request(&[(HEADER, 16, false), (DATA, 512, true), (STATUS, 1, true)])
+            .0,
+        IOERR
+    );
+    // A segment larger than size_max.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        rig.request(&[
+            (HEADER, 16, false),
+            (DATA, SIZE_MAX + 512, true),
+            (STATUS, 1, true)
+        ])
+        .0,
+        IOERR
+    );
+    // And the disk still works.
+    assert_eq!(rig.write(0, &pattern(512, 3)), OK);
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes_and_offers_no_discard() {
+    let rig = Rig::new(true);
+    assert_eq!(rig.write(0, &pattern(512, 0)), IOERR);
+    assert_eq!(rig.read(0, 512), (OK, vec![0; 512]));
+    let block = Block::new(Rig::new(true).disk, "ro");
+    assert_ne!(block.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_eq!(block.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    rig.mem
+        .write_obj(
+            DiscardSegment {
+                sector: 0,
+                num_sectors: 1,
+                flags: 0,
+            },
+            GuestAddress(DATA),
+        )
+        .unwrap();
+    assert_eq!(
+        rig.request(&[(HEADER, 16, false), (DATA, 16, false), (STATUS, 1, true)])
+            .0,
+        IOERR
+    );
+}
+
+#[test]
+fn write_zeroes_and_discard() {
+    let rig = Rig::new(false);
+    assert_eq!(rig.write(0, &pattern(8192, 0x11)), OK);
+    let segment = |sector, num_sectors, flags| {
+        rig.mem
+            .write_obj(
+                DiscardSegment {
+                    sector,
+                    num_sectors,
+                    flags,
+                },
+                GuestAddress(DATA),
+            )
+            .unwrap();
+    };
+    let bufs = [(HEADER, 16, false), (DATA, 16, false), (STATUS, 1, true)];
+    rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    segment(2, 4, 1);
+    assert_eq!(rig.request(&bufs).0, OK);
+    let (status, data) = rig.read(0, 8192);
+    assert_eq!(status, OK);
+    assert_eq!(&data[..1024], &pattern(8192, 0x11)[..1024]);
+    assert!(data[1024..3072].iter().all(|&b| b == 0));
+    assert_eq!(&data[3072..], &pattern(8192, 0x11)[3072..]);
+    // Discard is accepted; out-of-range segments and unknown flags are not.
+    rig.header(VIRTIO_BLK_T_DISCARD, 0);
+    segment(8, 8, 0);
+    assert_eq!(rig.request(&bufs).0, OK);
+    segment(DISK_SECTORS - 1, 2, 0);
+    assert_eq!(rig.request(&bufs).0, IOERR);
+    segment(0, 1, 1); // unmap is meaningless for discard
+    assert_eq!(rig.request(&bufs).0, UNSUPP);
+    rig.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    segment(0, 1, 0x8);
+    assert_eq!(rig.request(&bufs).0, UNSUPP);
+}
+
+#[test]
+fn broken_chains_need_a_reset() {
+    let rig = Rig::new(false);
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    // A loop: 0 -> 1 -> 0.
+    let looped = [
+        RawDescriptor::from(SplitDescriptor::new(
+            HEADER,
+            16,
+            VRING_DESC_F_NEXT as u16,
+            1,
+        )),
+        RawDescriptor::from(SplitDescriptor::new(
+            DATA,
+            512,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            0,
+        )),
+    ];
+    assert_eq!(
+        rig.serve_raw(&looped, false).0,
+        Err(ProtocolError::UnterminatedChain)
+    );
+    // A next index outside the queue.
+    let bad_next = [RawDescriptor::from(SplitDescriptor::new(
+        HEADER,
+        16,
+        VRING_DESC_F_NEXT as u16,
+        QLEN + 3,
+    ))];
+    assert_eq!(
+        rig.serve_raw(&bad_next, false).0,
+        Err(ProtocolError::UnterminatedChain)
+    );
+    // A buffer outside guest memory.
+    let outside = chain_descs(&[
+        (HEADER, 16, false),
+        (0x4000_0000, 512, true),
+        (STATUS, 1, true),
+    ]);
+    assert!(matches!(
+        rig.serve_raw(&outside, false).0,
+        Err(ProtocolError::BufferOutsideMemory(_))
+    ));
+    // No writable byte for the status.
+    let no_status = chain_descs(&[(HEADER, 16, false), (DATA, 512, false)]);
+    assert_eq!(
+        rig.serve_raw(&no_status, false).0,
+        Err(ProtocolError::NoStatusByte)
+    );
+}
+
+#[test]
+fn an_avail_index_that_jumps_past_the_queue_size_needs_a_reset() {
+    let rig = Rig::new(false);
+    let mock = MockSplitQueue::new(&rig.mem, QLEN);
+    let mut queue: Queue = mock.create_queue().unwrap();
+    mock.avail().idx().store(QLEN + 1);
+    let mut scratch = vec![0u8; 512];
+    assert!(matches!(
+        serve_queue(
+            &mut queue,
+            &rig.mem,
+            &rig.disk,
+            &rig.interrupt,
+            &mut scratch
+        ),
+        Err(ProtocolError::Ring(_))
+    ));
+}
+
+#[test]
+fn interrupts_follow_the_drivers_wishes() {
+    let rig = Rig::new(false);
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    let flush = chain_descs(&[(HEADER, 16, false), (STATUS, 1, true)]);
+    // Without EVENT_IDX: one interrupt per batch.
+    assert_eq!(rig.serve_raw(&flush, false).0, Ok(1));
+    assert_eq!(rig.interrupt.status() & INT_VRING_BIT, INT_VRING_BIT);
+    rig.interrupt.acknowledge(INT_VRING_BIT);
+    // With EVENT_IDX and used_event = 5 (the driver wants to hear after the 6th
+    // completion): no interrupt for the first.
+    let mock_used_event_at = |mock: &MockSplitQueue<'_, GuestMemory>| {
+        GuestAddress(mock.avail_addr().0 + 4 + 2 * u64::from(QLEN))
+    };
+    let mock = MockSplitQueue::new(&rig.mem, QLEN);
+    mock.add_desc_chains(&flush, 0).unwrap();
+    rig.mem.write_obj(5u16, mock_used_event_at(&mock)).unwrap();
+    let mut queue: Queue = mock.create_queue().unwrap();
+    queue.set_event_idx(true);
+    let mut scratch = vec![0u8; 512];
+    assert_eq!(
+        serve_queue(
+            &mut queue,
+            &rig.mem,
+            &rig.disk,
+            &rig.interrupt,
+            &mut scratch
+        ),
+        Ok(1)
+    );
+    assert_eq!(rig.interrupt.status(), 0);
+    // The device asked to be notified from the next request on (avail_event).
+    let avail_event: u16 = rig
+        .mem
+        .read_obj(GuestAddress(mock.used_addr().0 + 4 + 8 * u64::from(QLEN)))
+        .unwrap();
+    assert_eq!(avail_event, 1);
+}
+
+const INT_VRING_BIT: u32 = super::super::INT_VRING;
