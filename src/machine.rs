@@ -3,9 +3,9 @@
 //! VM stops, and [`LegacyDevices`], the PC devices a minimal VM needs.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use thiserror::Error;
 use vmcraft_devices::bus::{BusError, IoBuses};
 use vmcraft_devices::debug_exit::DebugExit;
@@ -13,6 +13,8 @@ use vmcraft_devices::i8042::{I8042, I8042_BASE, I8042_SIZE};
 use vmcraft_devices::rtc::{Rtc, RTC_BASE, RTC_SIZE};
 use vmcraft_devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, SERIAL_SIZE};
 use vmcraft_devices::stop::{DeviceStop, StopLatch};
+use vmcraft_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, WINDOW_SIZE};
+use vmcraft_devices::virtio::VirtioDevice;
 use vmcraft_vcpu::{ExitAction, ExitHandler, StopReason, VcpuRegisters};
 
 /// The debug-exit port (the one the test guests use).
@@ -127,4 +129,68 @@ impl LegacyDevices {
             .map_err(|e| LegacyDeviceError::Bus("the debug-exit port", e))?;
         Ok(LegacyDevices { serial, i8042, rtc })
     }
+}
+
+/// Errors from attaching a virtio-mmio device.
+#[derive(Debug, Error)]
+pub enum VirtioAttachError {
+    /// The transport's eventfds could not be created.
+    #[error("cannot create the virtio-mmio transport")]
+    Transport(#[source] std::io::Error),
+    /// KVM refused a queue's ioeventfd.
+    #[error("KVM refused the ioeventfd of queue {queue} at {addr:#x}")]
+    Ioeventfd {
+        /// Queue index.
+        queue: u32,
+        /// Guest-physical address of QueueNotify.
+        addr: u64,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM refused the irqfd.
+    #[error("KVM refused the irqfd for IRQ {irq}")]
+    Irqfd {
+        /// The IRQ.
+        irq: u32,
+        /// The ioctl's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The window is taken on the MMIO bus.
+    #[error("cannot put the virtio-mmio window on the bus")]
+    Bus(#[source] BusError),
+}
+
+/// Put `device` behind a virtio-mmio transport at `base` (a 4 KiB window): queue
+/// notifications go to KVM ioeventfds (no exit to the VMM), interrupts to `irq` through
+/// an irqfd. Returns the transport, whose status and errors the embedding program can
+/// inspect. The Linux command line for it is `virtio_mmio.device=4K@<base>:<irq>`.
+pub fn attach_virtio_mmio(
+    buses: &mut IoBuses,
+    vm: &VmFd,
+    memory: &vmcraft_memory::GuestMemory,
+    base: u64,
+    irq: u32,
+    device: Box<dyn VirtioDevice>,
+) -> Result<Arc<Mutex<MmioTransport>>, VirtioAttachError> {
+    let transport =
+        MmioTransport::new(device, memory.clone()).map_err(VirtioAttachError::Transport)?;
+    let addr = base + QUEUE_NOTIFY_OFFSET;
+    for (queue, fd) in transport.notifiers().iter().enumerate() {
+        let queue = queue as u32;
+        vm.register_ioevent(fd, &IoEventAddress::Mmio(addr), queue)
+            .map_err(|source| VirtioAttachError::Ioeventfd {
+                queue,
+                addr,
+                source,
+            })?;
+    }
+    vm.register_irqfd(transport.interrupt().irq_eventfd(), irq)
+        .map_err(|source| VirtioAttachError::Irqfd { irq, source })?;
+    let transport = Arc::new(Mutex::new(transport));
+    buses
+        .register_mmio(base, WINDOW_SIZE, transport.clone())
+        .map_err(VirtioAttachError::Bus)?;
+    Ok(transport)
 }

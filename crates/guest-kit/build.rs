@@ -24,6 +24,8 @@ fn main() {
         ("TEST_PORT", u64::from(abi::TEST_PORT)),
         ("TEST_MMIO", abi::TEST_MMIO),
         ("COUNTER_BASE", abi::COUNTER_BASE),
+        ("VIRTIO_MMIO_BASE", abi::VIRTIO_MMIO_BASE),
+        ("GUEST_HEAP", abi::GUEST_HEAP),
     ];
     println!("cargo:rerun-if-changed=guests");
     println!("cargo:rerun-if-changed=src/abi.rs");
@@ -57,5 +59,73 @@ fn main() {
             .arg("-o")
             .arg(&bin)
             .arg(&obj));
+    }
+
+    build_c_guests(&out, &defines, &names);
+}
+
+/// C guests (`guests/*.c`): freestanding, no SSE, linked after the runtime in
+/// `guests/rt` (entry stub, libc bits) by a script that puts the entry first.
+fn build_c_guests(out: &str, defines: &[(&str, u64)], names: &[std::path::PathBuf]) {
+    let out = Path::new(out);
+    println!("cargo:rerun-if-changed=guests/rt");
+    let script = out.join("guest.ld");
+    std::fs::write(
+        &script,
+        format!(
+            "ENTRY(_start)\nSECTIONS {{\n  . = {:#x};\n  .text : {{ *(.entry) *(.text .text.*) }}\n  \
+             .rodata : {{ *(.rodata .rodata.*) }}\n  .data : {{ *(.data .data.*) }}\n  \
+             .bss : {{ *(.bss .bss.* COMMON) }}\n  /DISCARD/ : {{ *(.note.*) *(.comment) *(.eh_frame*) }}\n}}\n",
+            abi::LOAD_ADDR
+        ),
+    )
+    .unwrap();
+    let compile = |src: &Path, obj: &Path| {
+        let mut gcc = Command::new("gcc");
+        gcc.args([
+            "-c",
+            "-O2",
+            "-std=gnu11",
+            "-Wall",
+            "-Werror",
+            "-ffreestanding",
+            "-fno-builtin",
+            "-nostdlib",
+            "-fno-pic",
+            "-fno-pie",
+            "-mno-red-zone",
+            "-mgeneral-regs-only",
+            "-fno-stack-protector",
+            "-fno-asynchronous-unwind-tables",
+            "-fcf-protection=none",
+            "-Iguests/rt",
+            "-o",
+        ])
+        .arg(obj)
+        .arg(src);
+        for (name, value) in defines {
+            gcc.arg(format!("-D{name}={value:#x}"));
+        }
+        run(&mut gcc);
+    };
+    let start = out.join("rt_start.o");
+    compile(Path::new("guests/rt/start.S"), &start);
+    let lib = out.join("rt_lib.o");
+    compile(Path::new("guests/rt/lib.c"), &lib);
+    for src in names
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "c"))
+    {
+        let stem = src.file_stem().unwrap().to_str().unwrap();
+        let obj = out.join(format!("{stem}.o"));
+        compile(src, &obj);
+        run(Command::new("ld")
+            .args(["-nostdlib", "-N", "--oformat", "binary", "-T"])
+            .arg(&script)
+            .arg("-o")
+            .arg(out.join(format!("{stem}.bin")))
+            .arg(&start)
+            .arg(&obj)
+            .arg(&lib));
     }
 }

@@ -19,3 +19,8 @@ pub const REAL_MODE_LOAD_ADDR: u64 = 0x8000;
 pub const COUNTER_BASE: u64 = 0x20_0000;
 /// Top of vCPU 0's stack; each further vCPU's stack is 0x1000 lower.
 pub const STACK_TOP: u64 = 0x8_0000;
+/// Guest-physical address of the first virtio-mmio device window; device `n` is at
+/// `VIRTIO_MMIO_BASE + n * 0x1000`.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd100_0000;
+/// Scratch memory C guests use for rings and buffers (identity mapped, 4 MiB).
+pub const GUEST_HEAP: u64 = 0x40_0000;

@@ -95,6 +95,11 @@ impl Guest {
     pub const MMIO_LOOP: Guest = guest!("mmio_loop", GuestMode::User64);
     /// Real mode: writes "real mode\n" to COM1 and exits with code 0x42.
     pub const REAL_MODE_HELLO: Guest = guest!("rm_hello", GuestMode::Real);
+    /// A C guest driving the virtio-blk device at [`abi::VIRTIO_MMIO_BASE`]: writes,
+    /// reads, flush, get-id, an out-of-range read that must fail and a batch of 16
+    /// requests per notification; prints `capacity`, `id` and its notification count to
+    /// COM1 and exits 0 when every check passed. Parameter bit 0: use EVENT_IDX.
+    pub const VIRTIO_BLK: Guest = guest!("virtio_blk", GuestMode::User64);
     /// Real mode, the smallest useful guest (for start-up measurements): its first exit
     /// writes a newline to COM1, its second exits with code 0. Position independent and
     /// at most 16 bytes, so it also fits at the reset vector of a firmware image.

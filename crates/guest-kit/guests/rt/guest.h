@@ -1,0 +1,37 @@
+/* The C test-guest runtime: port and MMIO access, barriers, COM1 output. Guests run
+   at CPL 3 with IOPL 3 on identity-mapped, user-accessible memory. */
+#ifndef GUEST_H
+#define GUEST_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+
+/* Compiler barrier; with x86's ordering this is enough between normal stores. */
+#define barrier() __asm__ volatile("" ::: "memory")
+/* Full fence: orders a store before a later load (event-index checks). */
+#define mb() __asm__ volatile("mfence" ::: "memory")
+
+#define READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
+
+void *memset(void *dst, int c, unsigned long n);
+void *memcpy(void *dst, const void *src, unsigned long n);
+int memcmp(const void *a, const void *b, unsigned long n);
+void puts_com1(const char *s);
+void put_hex(u64 v);
+
+#endif

@@ -1,0 +1,44 @@
+/* What gcc may call even in a freestanding build. */
+#include "guest.h"
+
+void *memset(void *dst, int c, unsigned long n)
+{
+    unsigned char *d = dst;
+    while (n--)
+        *d++ = (unsigned char)c;
+    return dst;
+}
+
+void *memcpy(void *dst, const void *src, unsigned long n)
+{
+    unsigned char *d = dst;
+    const unsigned char *s = src;
+    while (n--)
+        *d++ = *s++;
+    return dst;
+}
+
+int memcmp(const void *a, const void *b, unsigned long n)
+{
+    const unsigned char *x = a, *y = b;
+    for (; n; n--, x++, y++)
+        if (*x != *y)
+            return *x - *y;
+    return 0;
+}
+
+void puts_com1(const char *s)
+{
+    for (; *s; s++)
+        outb(COM1_PORT, (u8)*s);
+}
+
+void put_hex(u64 v)
+{
+    static const char digits[] = "0123456789abcdef";
+    char buf[19] = "0x";
+    for (int i = 0; i < 16; i++)
+        buf[2 + i] = digits[(v >> (60 - 4 * i)) & 0xf];
+    buf[18] = 0;
+    puts_com1(buf);
+}

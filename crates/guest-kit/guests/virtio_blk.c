@@ -1,0 +1,131 @@
+/* Drives the virtio-blk device at VIRTIO_MMIO_BASE from CPL 3: negotiation, queue
+   setup, writes and reads checked byte for byte, flush, get-id, an out-of-range read
+   that must fail, and a batch of 16 requests behind one notification. Prints what it
+   learns to COM1 and exits 0 when every check passed, else the failed step's code.
+   Parameter bit 0: negotiate EVENT_IDX. */
+#include "guest.h"
+#include "virtio.h"
+
+#define BLK_T_IN 0
+#define BLK_T_OUT 1
+#define BLK_T_FLUSH 4
+#define BLK_T_GET_ID 8
+#define BLK_S_OK 0
+#define BLK_S_IOERR 1
+
+#define QSIZE 64
+#define SLOTS 16
+#define QUEUE_MEM ((u64)GUEST_HEAP)
+#define HEADERS ((u64)GUEST_HEAP + 0x4000)
+#define STATUSES ((u64)GUEST_HEAP + 0x5000)
+#define DATA ((u64)GUEST_HEAP + 0x10000)
+#define CHECK ((u64)GUEST_HEAP + 0x30000)
+
+struct blk_header {
+    u32 type;
+    u32 reserved;
+    u64 sector;
+};
+
+static struct virtq q;
+
+/* Build request `slot` (descriptors 3*slot..3*slot+2) and push it. */
+static void submit(int slot, u32 type, u64 sector, u64 buf, u32 len)
+{
+    struct blk_header *h = (struct blk_header *)(HEADERS + 16 * slot);
+    volatile u8 *status = (volatile u8 *)(STATUSES + slot);
+    h->type = type;
+    h->reserved = 0;
+    h->sector = sector;
+    *status = 0xff;
+    u16 d = 3 * slot;
+    q.desc[d] = (struct vq_desc){(u64)h, 16, DESC_F_NEXT, d + 1};
+    if (len) {
+        u16 data_flags = DESC_F_NEXT | (type == BLK_T_OUT ? 0 : DESC_F_WRITE);
+        q.desc[d + 1] = (struct vq_desc){buf, len, data_flags, d + 2};
+        q.desc[d + 2] = (struct vq_desc){(u64)status, 1, DESC_F_WRITE, 0};
+    } else {
+        q.desc[d].next = d + 2;
+        q.desc[d + 2] = (struct vq_desc){(u64)status, 1, DESC_F_WRITE, 0};
+    }
+    virtq_push(&q, d);
+}
+
+/* One request, waited for; returns its status. */
+static int request(u32 type, u64 sector, u64 buf, u32 len)
+{
+    u16 old = q.avail_idx;
+    submit(0, type, sector, buf, len);
+    virtq_kick(&q, old);
+    virtq_wait(&q, 0);
+    return *(volatile u8 *)STATUSES;
+}
+
+static void fill(u64 buf, u32 len, u32 seed)
+{
+    for (u32 i = 0; i < len; i += 4)
+        *(u32 *)(buf + i) = seed * 2654435761u ^ i;
+}
+
+u32 guest_main(u64 vcpu, u64 param)
+{
+    u64 base = VIRTIO_MMIO_BASE;
+    u64 features;
+    int err = virtio_init(base, 2, param & 1 ? F_EVENT_IDX : 0, &features);
+    if (err)
+        return 100 - err;
+    err = virtq_setup(&q, base, 0, QSIZE, QUEUE_MEM, !!(features & F_EVENT_IDX));
+    if (err)
+        return 100 - err;
+    virtio_driver_ok(base);
+
+    u64 capacity = vio_r(base, VIRTIO_CONFIG) | (u64)vio_r(base, VIRTIO_CONFIG + 4) << 32;
+    puts_com1("capacity ");
+    put_hex(capacity);
+    puts_com1("\n");
+
+    fill(DATA, 4096, 1);
+    if (request(BLK_T_OUT, 8, DATA, 4096) != BLK_S_OK)
+        return 20;
+    memset((void *)CHECK, 0, 4096);
+    if (request(BLK_T_IN, 8, CHECK, 4096) != BLK_S_OK)
+        return 21;
+    if (memcmp((void *)DATA, (void *)CHECK, 4096))
+        return 22;
+    if (request(BLK_T_FLUSH, 0, 0, 0) != BLK_S_OK)
+        return 23;
+    char id[21];
+    memset(id, 0, sizeof id);
+    if (request(BLK_T_GET_ID, 0, (u64)id, 20) != BLK_S_OK)
+        return 24;
+    puts_com1("id ");
+    puts_com1(id);
+    puts_com1("\n");
+    if (request(BLK_T_IN, capacity, CHECK, 512) != BLK_S_IOERR)
+        return 25;
+
+    /* A batch: SLOTS writes behind one kick, then SLOTS reads behind one kick. */
+    for (int pass = 0; pass < 2; pass++) {
+        u16 old = q.avail_idx;
+        for (int s = 0; s < SLOTS; s++) {
+            u64 buf = (pass ? CHECK : DATA) + 4096 * (u64)s;
+            if (!pass)
+                fill(buf, 4096, 100 + s);
+            submit(s, pass ? BLK_T_IN : BLK_T_OUT, 64 + 8 * (u64)s, buf, 4096);
+        }
+        virtq_kick(&q, old);
+        for (int done = 0; done < SLOTS; done++)
+            virtq_wait(&q, 0);
+        for (int s = 0; s < SLOTS; s++)
+            if (*(volatile u8 *)(STATUSES + s) != BLK_S_OK)
+                return 26 + pass;
+    }
+    if (memcmp((void *)DATA, (void *)CHECK, 4096 * SLOTS))
+        return 28;
+
+    puts_com1("requests 38 notifications ");
+    put_hex(q.notifications);
+    puts_com1("\n");
+    (void)vcpu;
+    return 0;
+}
