@@ -1,0 +1,83 @@
+//! The virtio-mmio register state machine under arbitrary register traffic. Checked on
+//! every step: FEATURES_OK is only ever shown with VERSION_1 accepted and nothing
+//! unoffered; DRIVER_OK only after FEATURES_OK; the device is activated only with
+//! ready queues, at most once per reset.
+#![no_main]
+
+use std::sync::{Arc, Mutex};
+
+use libfuzzer_sys::fuzz_target;
+use vmcraft_devices::virtio::mmio::MmioTransport;
+use vmcraft_devices::virtio::virtio_queue::QueueT;
+use vmcraft_devices::virtio::{
+    ActivateError, ActiveQueues, VirtioDevice, F_EVENT_IDX, F_VERSION_1,
+};
+use vmcraft_memory::layout::MemoryLayout;
+use vmcraft_memory::GuestRam;
+
+const OFFERED: u64 = F_VERSION_1 | F_EVENT_IDX | 0b1011;
+
+#[derive(Default)]
+struct Events {
+    activations_since_reset: u32,
+}
+
+struct Device(Arc<Mutex<Events>>);
+
+impl VirtioDevice for Device {
+    fn device_type(&self) -> u32 {
+        2
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16, 256]
+    }
+    fn features(&self) -> u64 {
+        OFFERED
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0x5a);
+    }
+    fn activate(&mut self, q: ActiveQueues) -> Result<(), ActivateError> {
+        assert!(q.driver_features & F_VERSION_1 != 0);
+        assert_eq!(q.driver_features & !OFFERED, 0);
+        for queue in &q.queues {
+            assert!(!queue.ready() || queue.size().is_power_of_two());
+        }
+        let mut e = self.0.lock().unwrap();
+        e.activations_since_reset += 1;
+        assert_eq!(e.activations_since_reset, 1, "activated twice without a reset");
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.0.lock().unwrap().activations_since_reset = 0;
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+    let events = Arc::new(Mutex::new(Events::default()));
+    let mut t = MmioTransport::new(Box::new(Device(events.clone())), ram.memory().clone()).unwrap();
+    for op in data.chunks(6) {
+        if op.len() < 6 {
+            break;
+        }
+        let offset = u64::from(op[1]) * 4 % 0x140 + u64::from(op[0] >> 6);
+        let width = [1usize, 2, 4, 8][usize::from(op[0] & 3)];
+        let value = u32::from_le_bytes([op[2], op[3], op[4], op[5]]);
+        if op[0] & 4 == 0 {
+            let mut buf = [0u8; 8];
+            t.read(offset, &mut buf[..width]);
+        } else {
+            let bytes = u64::from(value).to_le_bytes();
+            t.write(offset, &bytes[..width]);
+        }
+        let status = t.status();
+        if status & 8 != 0 {
+            assert!(t.driver_features() & F_VERSION_1 != 0);
+            assert_eq!(t.driver_features() & !OFFERED, 0);
+        }
+        if status & 4 != 0 {
+            assert!(status & 8 != 0, "DRIVER_OK without FEATURES_OK");
+        }
+    }
+});
