@@ -19,19 +19,25 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmcraft::devices::bus::IoBuses;
 use vmcraft::devices::serial::SerialInput;
 use vmcraft::devices::stop::StopLatch;
+use vmcraft::devices::virtio::block::{Block, Disk};
+use vmcraft::devices::virtio::mmio::WINDOW_SIZE;
+use vmcraft::guest_kit::abi::VIRTIO_MMIO_BASE;
 use vmcraft::guest_kit::Guest;
-use vmcraft::machine::{BusExitHandler, LegacyDevices};
+use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
 use vmcraft::memory::host_usage::ProcessMemory;
 use vmcraft::memory::layout::MemoryLayout;
 use vmcraft::memory::GuestRam;
 use vmcraft::vcpu::linux::load_linux;
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
 
-const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--mem SIZE] [--vcpus N] [--timeout SECS]
+const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--mem SIZE] [--vcpus N] [--timeout SECS]
 
   no --kernel      run an embedded guest (default: the demo, which greets through the emulated 16550)
-  --guest NAME     the embedded guest: hello (the demo) or exit (one real-mode instruction
-                   that writes the debug-exit port; for start-up measurements)
+  --guest NAME     the embedded guest: hello (the demo); exit (a few real-mode instructions
+                   that write COM1 once and exit, for start-up measurements); virtio-blk (a
+                   driver that tests the first --disk: writes, reads back, flushes, batches)
+  --disk PATH[,ro] a raw disk image as a virtio-blk device (virtio-mmio; for Linux the
+                   virtio_mmio.device= parameters are added to the command line)
   --kernel PATH    a Linux bzImage or ELF vmlinux
   --initrd PATH    an initramfs for the kernel
   --cmdline TEXT   kernel command line (default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1)
@@ -41,10 +47,13 @@ const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd 
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
 const MIN_MEM: u64 = 4 << 20;
+/// IRQ of the first virtio device (COM1 has 4).
+const FIRST_VIRTIO_IRQ: u32 = 5;
 
 #[derive(Debug)]
 struct Options {
     guest: Option<Guest>,
+    disks: Vec<(String, bool)>,
     kernel: Option<String>,
     initrd: Option<String>,
     cmdline: String,
@@ -69,6 +78,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         guest: None,
+        disks: Vec::new(),
         kernel: None,
         initrd: None,
         cmdline: DEFAULT_CMDLINE.into(),
@@ -88,8 +98,25 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 o.guest = Some(match value()?.as_str() {
                     "hello" => Guest::HELLO,
                     "exit" => Guest::REAL_MODE_EXIT,
-                    other => return Err(format!("unknown guest {other:?} (hello or exit)")),
+                    "virtio-blk" => Guest::VIRTIO_BLK,
+                    other => {
+                        return Err(format!(
+                            "unknown guest {other:?} (hello, exit or virtio-blk)"
+                        ))
+                    }
                 })
+            }
+            "--disk" => {
+                let v = value()?;
+                let (path, read_only) = match v.rsplit_once(',') {
+                    Some((path, "ro")) => (path.to_string(), true),
+                    Some((path, "rw")) => (path.to_string(), false),
+                    Some((_, flag)) => {
+                        return Err(format!("unknown disk flag {flag:?} (ro or rw)"))
+                    }
+                    None => (v, false),
+                };
+                o.disks.push((path, read_only));
             }
             "--kernel" => o.kernel = Some(value()?),
             "--initrd" => o.initrd = Some(value()?),
@@ -119,6 +146,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
     if o.guest.is_some() && o.kernel.is_some() {
         return Err("--guest and --kernel exclude each other".into());
     }
+    if o.guest == Some(Guest::VIRTIO_BLK) && o.disks.is_empty() {
+        return Err("--guest virtio-blk needs a --disk to test".into());
+    }
     if o.initrd.is_some() && o.kernel.is_none() {
         return Err("--initrd needs --kernel".into());
     }
@@ -136,8 +166,25 @@ fn open(what: &str, path: &str) -> Result<File, Box<dyn Error>> {
     File::open(path).map_err(|e| format!("cannot open {what} {path}: {e}").into())
 }
 
+fn open_disks(o: &Options) -> Result<Vec<Disk>, Box<dyn Error>> {
+    let mut disks = Vec::new();
+    for (i, (path, read_only)) in o.disks.iter().enumerate() {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| format!("cannot open disk {path}: {e}"))?;
+        disks.push(
+            Disk::new(file, *read_only, &format!("vmcraft{i}"))
+                .map_err(|e| format!("cannot use disk {path}: {e}"))?,
+        );
+    }
+    Ok(disks)
+}
+
 fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     let started = Instant::now();
+    let disks = open_disks(&o)?;
     let layout = MemoryLayout::x86_64(o.mem)?;
     let vm = Vm::new(GuestRam::new(&layout)?)?;
     let stop = Arc::new(StopLatch::default());
@@ -149,6 +196,22 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         stop.clone(),
     )?;
 
+    // virtio-blk disks, one 4 KiB virtio-mmio window and one IRQ each.
+    let mut cmdline = o.cmdline.clone();
+    for (i, disk) in disks.into_iter().enumerate() {
+        let base = VIRTIO_MMIO_BASE + WINDOW_SIZE * i as u64;
+        let irq = FIRST_VIRTIO_IRQ + i as u32;
+        attach_virtio_mmio(
+            &mut buses,
+            vm.fd(),
+            vm.memory(),
+            base,
+            irq,
+            Box::new(Block::new(disk, &format!("vblk{i}"))),
+        )?;
+        cmdline += &format!(" virtio_mmio.device=4K@{base:#x}:{irq}");
+    }
+
     let vcpus: Vec<VcpuConfig> = match &o.kernel {
         None => {
             let guest = o.guest.unwrap_or(Guest::HELLO);
@@ -156,7 +219,8 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             (0..o.vcpus)
                 .map(|i| {
                     if i == 0 {
-                        VcpuConfig::at(guest.entry(0, 0))
+                        // The virtio-blk guest negotiates EVENT_IDX with parameter 1.
+                        VcpuConfig::at(guest.entry(0, u64::from(guest == Guest::VIRTIO_BLK)))
                     } else {
                         VcpuConfig::waiting_for_sipi()
                     }
@@ -166,14 +230,9 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         Some(path) => {
             let mut kernel = open("kernel", path)?;
             let mut initrd = o.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
-            let loaded = load_linux(
-                vm.memory(),
-                &layout,
-                &mut kernel,
-                initrd.as_mut(),
-                &o.cmdline,
-            )
-            .map_err(|e| format!("cannot load kernel {path}: {e}{}", source_chain(&e)))?;
+            let loaded =
+                load_linux(vm.memory(), &layout, &mut kernel, initrd.as_mut(), &cmdline)
+                    .map_err(|e| format!("cannot load kernel {path}: {e}{}", source_chain(&e)))?;
             eprintln!(
                 "minimal-vmm: loaded {path} as {:?}, entry {:?}",
                 loaded.format, loaded.entry

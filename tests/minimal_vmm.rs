@@ -90,8 +90,29 @@ fn smallest_guest_makes_two_exits_and_the_memory_report_adds_up() {
 }
 
 #[test]
+fn the_virtio_blk_guest_tests_a_disk_image() {
+    common::require_kvm();
+    let path = std::env::temp_dir().join(format!("vmcraft-cli-disk-{}.img", std::process::id()));
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let disk = path.to_str().unwrap();
+    let out = run(&["--guest", "virtio-blk", "--disk", disk, "--mem", "16M"]);
+    let image = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "status {:?}: {stdout}", out.status);
+    assert!(stdout.contains("capacity 0x0000000000000800\n"), "{stdout}");
+    assert!(stdout.contains("id vmcraft0\n"), "{stdout}");
+    // The guest wrote sector 8 and sectors 64.. of the image.
+    assert!(image[8 * 512..9 * 512].iter().any(|&b| b != 0));
+    assert!(image[64 * 512..65 * 512].iter().any(|&b| b != 0));
+}
+
+#[test]
 fn bad_input_gets_clear_errors() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["--kernel", "/nonexistent/vmlinuz"],
             "cannot open kernel /nonexistent/vmlinuz",
@@ -105,6 +126,12 @@ fn bad_input_gets_clear_errors() {
             &["--guest", "exit", "--kernel", "/boot/vmlinuz"],
             "exclude each other",
         ),
+        (&["--guest", "virtio-blk"], "needs a --disk"),
+        (
+            &["--disk", "/nonexistent/disk.img"],
+            "cannot open disk /nonexistent/disk.img",
+        ),
+        (&["--disk", "disk.img,fast"], "unknown disk flag \"fast\""),
     ];
     for (args, message) in cases {
         let out = run(args);
