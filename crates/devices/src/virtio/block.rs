@@ -19,7 +19,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use thiserror::Error;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
@@ -27,10 +26,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::ByteValued;
 use vmcraft_memory::GuestMemory;
 
+use super::queue::{check_chain, serve_available, ProtocolError};
 use super::worker::{Next, Worker};
 use super::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 
@@ -78,23 +78,6 @@ pub struct DiscardSegment {
 
 // SAFETY: plain integers with no padding; any bit pattern is a valid value.
 unsafe impl ByteValued for DiscardSegment {}
-
-/// A broken descriptor chain or ring: the device needs a reset.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum ProtocolError {
-    /// The chain loops, is longer than the queue or points at a descriptor outside it.
-    #[error("descriptor chain does not end within the queue (loop or bad next index)")]
-    UnterminatedChain,
-    /// A buffer lies outside guest memory.
-    #[error("descriptor buffer outside guest memory: {0}")]
-    BufferOutsideMemory(String),
-    /// No writable byte for the status.
-    #[error("no writable byte for the status")]
-    NoStatusByte,
-    /// The ring itself is broken (available index, ring addresses).
-    #[error("virtqueue error: {0}")]
-    Ring(String),
-}
 
 /// The backing image and what the device may do with it.
 #[derive(Debug)]
@@ -246,10 +229,8 @@ impl VirtioDevice for Block {
     }
 }
 
-/// Serve every available request of `queue`; returns how many were completed. With
-/// EVENT_IDX, notifications are suppressed while serving and re-enabled at the end,
-/// with a final check for requests that raced in; the interrupt is raised only if the
-/// driver asked for it.
+/// Serve every available request of `queue` (see [`serve_available`]); returns how
+/// many were completed.
 pub fn serve_queue(
     queue: &mut Queue,
     mem: &GuestMemory,
@@ -257,31 +238,9 @@ pub fn serve_queue(
     interrupt: &Interrupt,
     scratch: &mut [u8],
 ) -> Result<usize, ProtocolError> {
-    let ring = |e: virtio_queue::Error| ProtocolError::Ring(e.to_string());
-    let mut served = 0;
-    let result = loop {
-        if queue.event_idx_enabled() {
-            queue.disable_notification(mem).map_err(ring)?;
-        }
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return Err(ring(e)),
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let written = execute(chain, mem, disk, scratch)?;
-            queue.add_used(mem, head, written).map_err(ring)?;
-            served += 1;
-        }
-        if !queue.event_idx_enabled() || !queue.enable_notification(mem).map_err(ring)? {
-            break Ok(served);
-        }
-    };
-    if served > 0 && queue.needs_notification(mem).map_err(ring)? {
-        interrupt.signal_used_queue();
-    }
-    result
+    serve_available(queue, mem, interrupt, |chain| {
+        execute(chain, mem, disk, scratch)
+    })
 }
 
 /// Execute one request chain against `disk`; returns the bytes written into the
@@ -293,28 +252,16 @@ pub fn execute(
     disk: &Disk,
     scratch: &mut [u8],
 ) -> Result<u32, ProtocolError> {
-    // The chain must end by itself: DescriptorChain stops after `queue size`
-    // descriptors or at a bad index, and then the last one it gave still has NEXT.
-    let mut last_has_next = true;
-    let mut count = 0usize;
-    for desc in chain.clone() {
-        last_has_next = desc.has_next();
-        count += 1;
-    }
-    if count == 0 || last_has_next {
-        return Err(ProtocolError::UnterminatedChain);
-    }
+    let count = check_chain(&chain)?;
     let oversized = chain.clone().any(|d| d.len() > SIZE_MAX) || count > SEG_MAX as usize + 2;
-    let outside = |e: virtio_queue::Error| ProtocolError::BufferOutsideMemory(e.to_string());
+    let outside = ProtocolError::outside;
     let mut reader: Reader<'_, _> = Reader::new(mem, chain.clone()).map_err(outside)?;
     let mut writer: Writer<'_, _> = Writer::new(mem, chain).map_err(outside)?;
     let writable = writer.available_bytes();
     if writable == 0 {
         return Err(ProtocolError::NoStatusByte);
     }
-    let mut status_writer = writer
-        .split_at(writable - 1)
-        .map_err(|e| ProtocolError::Ring(e.to_string()))?;
+    let mut status_writer = writer.split_at(writable - 1).map_err(ProtocolError::ring)?;
     let status = if oversized {
         VIRTIO_BLK_S_IOERR
     } else {

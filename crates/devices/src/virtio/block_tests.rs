@@ -2,6 +2,7 @@
 //! request type, every error status, and the hostile chains that need a reset.
 
 use super::*;
+use crate::virtio::queue::ProtocolError;
 use std::path::PathBuf;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};

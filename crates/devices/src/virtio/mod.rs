@@ -9,6 +9,8 @@
 //!   guest protocol error calls [`Interrupt::device_error`], which sets NEEDS_RESET and
 //!   raises a configuration interrupt, and stops serving that device only.
 //! * [`block::Block`]: virtio-blk on a raw image file, served on its own I/O thread.
+//! * [`rng::Rng`]: virtio-rng from the host's getrandom.
+//! * [`queue`]: the serving loop and chain checks the devices share.
 //!
 //! Queue notifications arrive on one eventfd per queue ([`mmio::MmioTransport::notifiers`]):
 //! register them with KVM as ioeventfds on the QueueNotify register so a notification
@@ -16,6 +18,8 @@
 
 pub mod block;
 pub mod mmio;
+pub mod queue;
+pub mod rng;
 mod worker;
 
 use std::io;
