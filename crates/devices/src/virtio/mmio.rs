@@ -7,7 +7,7 @@
 //!
 //! Rules a hostile driver cannot break:
 //! * feature words are accepted only between DRIVER and FEATURES_OK; FEATURES_OK sticks
-//!   only if the driver took [`F_VERSION_1`](super::F_VERSION_1) and nothing the device
+//!   only if the driver took [`F_VERSION_1`] and nothing the device
 //!   did not offer;
 //! * queue size must be a power of two no larger than the maximum, and the rings must
 //!   lie inside guest memory and be aligned, when the driver sets QueueReady; otherwise
