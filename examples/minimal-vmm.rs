@@ -35,7 +35,9 @@ const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd 
   no --kernel      run an embedded guest (default: the demo, which greets through the emulated 16550)
   --guest NAME     the embedded guest: hello (the demo); exit (a few real-mode instructions
                    that write COM1 once and exit, for start-up measurements); virtio-blk (a
-                   driver that tests the first --disk: writes, reads back, flushes, batches)
+                   driver that tests the first --disk: writes, reads back, flushes, batches);
+                   virtio-blk-flush (the same, then 64 KiB written at sector 256, flushed,
+                   \"flushed\" printed, and it waits to be killed: for durability tests)
   --disk PATH[,ro] a raw disk image as a virtio-blk device (virtio-mmio; for Linux the
                    virtio_mmio.device= parameters are added to the command line)
   --kernel PATH    a Linux bzImage or ELF vmlinux
@@ -53,6 +55,7 @@ const FIRST_VIRTIO_IRQ: u32 = 5;
 #[derive(Debug)]
 struct Options {
     guest: Option<Guest>,
+    guest_param: u64,
     disks: Vec<(String, bool)>,
     kernel: Option<String>,
     initrd: Option<String>,
@@ -78,6 +81,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
         guest: None,
+        guest_param: 0,
         disks: Vec::new(),
         kernel: None,
         initrd: None,
@@ -99,9 +103,13 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     "hello" => Guest::HELLO,
                     "exit" => Guest::REAL_MODE_EXIT,
                     "virtio-blk" => Guest::VIRTIO_BLK,
+                    "virtio-blk-flush" => {
+                        o.guest_param = 2;
+                        Guest::VIRTIO_BLK
+                    }
                     other => {
                         return Err(format!(
-                            "unknown guest {other:?} (hello, exit or virtio-blk)"
+                            "unknown guest {other:?} (hello, exit, virtio-blk or virtio-blk-flush)"
                         ))
                     }
                 })
@@ -219,8 +227,9 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             (0..o.vcpus)
                 .map(|i| {
                     if i == 0 {
-                        // The virtio-blk guest negotiates EVENT_IDX with parameter 1.
-                        VcpuConfig::at(guest.entry(0, u64::from(guest == Guest::VIRTIO_BLK)))
+                        // The virtio-blk guest negotiates EVENT_IDX with parameter bit 0.
+                        let event_idx = u64::from(guest == Guest::VIRTIO_BLK);
+                        VcpuConfig::at(guest.entry(0, o.guest_param | event_idx))
                     } else {
                         VcpuConfig::waiting_for_sipi()
                     }

@@ -111,6 +111,53 @@ fn the_virtio_blk_guest_tests_a_disk_image() {
 }
 
 #[test]
+fn a_flushed_write_survives_sigkill_of_the_vmm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    common::require_kvm();
+    let path = std::env::temp_dir().join(format!("vmcraft-kill-disk-{}.img", std::process::id()));
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut child = Command::new(minimal_vmm())
+        .args(["--guest", "virtio-blk-flush", "--mem", "16M", "--disk"])
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line == "flushed" => break,
+            Some(Ok(line)) => seen.push(line),
+            other => {
+                let _ = child.kill();
+                panic!("the guest never flushed ({other:?}); output: {seen:?}");
+            }
+        }
+    }
+    // The flush completed: kill the VMM at once, no chance to tidy up.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let image = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    for s in 0..16u32 {
+        let seed = 7 + s;
+        let at = (256 + 8 * s as usize) * 512;
+        for (i, word) in image[at..at + 4096].chunks_exact(4).enumerate() {
+            let want = seed.wrapping_mul(2_654_435_761) ^ (4 * i as u32);
+            assert_eq!(
+                u32::from_le_bytes(word.try_into().unwrap()),
+                want,
+                "request {s} word {i}"
+            );
+        }
+    }
+}
+
+#[test]
 fn bad_input_gets_clear_errors() {
     let cases: [(&[&str], &str); 10] = [
         (

@@ -2,7 +2,9 @@
    setup, writes and reads checked byte for byte, flush, get-id, an out-of-range read
    that must fail, and a batch of 16 requests behind one notification. Prints what it
    learns to COM1 and exits 0 when every check passed, else the failed step's code.
-   Parameter bit 0: negotiate EVENT_IDX. */
+   Parameter bit 0: negotiate EVENT_IDX. Bit 1: afterwards write 64 KiB at sector 256
+   (seed 7), flush, print "flushed" and spin without exiting, to be killed by a
+   durability test. */
 #include "guest.h"
 #include "virtio.h"
 
@@ -127,5 +129,21 @@ u32 guest_main(u64 vcpu, u64 param)
     put_hex(q.notifications);
     puts_com1("\n");
     (void)vcpu;
-    return 0;
+    if (!(param & 2))
+        return 0;
+
+    u16 old = q.avail_idx;
+    for (int s = 0; s < SLOTS; s++) {
+        u64 buf = DATA + 4096 * (u64)s;
+        fill(buf, 4096, 7 + s);
+        submit(s, BLK_T_OUT, 256 + 8 * (u64)s, buf, 4096);
+    }
+    virtq_kick(&q, old);
+    for (int done = 0; done < SLOTS; done++)
+        virtq_wait(&q, 0);
+    if (request(BLK_T_FLUSH, 0, 0, 0) != BLK_S_OK)
+        return 29;
+    puts_com1("flushed\n");
+    for (;;)
+        __asm__ volatile("pause");
 }
