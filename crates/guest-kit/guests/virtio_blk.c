@@ -6,51 +6,17 @@
    (seed 7), flush, print "flushed" and spin without exiting, to be killed by a
    durability test. */
 #include "guest.h"
-#include "virtio.h"
-
-#define BLK_T_IN 0
-#define BLK_T_OUT 1
-#define BLK_T_FLUSH 4
-#define BLK_T_GET_ID 8
-#define BLK_S_OK 0
-#define BLK_S_IOERR 1
+#include "virtio_blk.h"
 
 #define QSIZE 64
 #define SLOTS 16
-#define QUEUE_MEM ((u64)GUEST_HEAP)
-#define HEADERS ((u64)GUEST_HEAP + 0x4000)
-#define STATUSES ((u64)GUEST_HEAP + 0x5000)
-#define DATA ((u64)GUEST_HEAP + 0x10000)
 #define CHECK ((u64)GUEST_HEAP + 0x30000)
-
-struct blk_header {
-    u32 type;
-    u32 reserved;
-    u64 sector;
-};
 
 static struct virtq q;
 
-/* Build request `slot` (descriptors 3*slot..3*slot+2) and push it. */
 static void submit(int slot, u32 type, u64 sector, u64 buf, u32 len)
 {
-    struct blk_header *h = (struct blk_header *)(HEADERS + 16 * slot);
-    volatile u8 *status = (volatile u8 *)(STATUSES + slot);
-    h->type = type;
-    h->reserved = 0;
-    h->sector = sector;
-    *status = 0xff;
-    u16 d = 3 * slot;
-    q.desc[d] = (struct vq_desc){(u64)h, 16, DESC_F_NEXT, d + 1};
-    if (len) {
-        u16 data_flags = DESC_F_NEXT | (type == BLK_T_OUT ? 0 : DESC_F_WRITE);
-        q.desc[d + 1] = (struct vq_desc){buf, len, data_flags, d + 2};
-        q.desc[d + 2] = (struct vq_desc){(u64)status, 1, DESC_F_WRITE, 0};
-    } else {
-        q.desc[d].next = d + 2;
-        q.desc[d + 2] = (struct vq_desc){(u64)status, 1, DESC_F_WRITE, 0};
-    }
-    virtq_push(&q, d);
+    blk_submit(&q, slot, type, sector, buf, len);
 }
 
 /* One request, waited for; returns its status. */
@@ -72,14 +38,9 @@ static void fill(u64 buf, u32 len, u32 seed)
 u32 guest_main(u64 vcpu, u64 param)
 {
     u64 base = VIRTIO_MMIO_BASE;
-    u64 features;
-    int err = virtio_init(base, 2, param & 1 ? F_EVENT_IDX : 0, &features);
+    int err = blk_init(&q, QSIZE, param & 1);
     if (err)
         return 100 - err;
-    err = virtq_setup(&q, base, 0, QSIZE, QUEUE_MEM, !!(features & F_EVENT_IDX));
-    if (err)
-        return 100 - err;
-    virtio_driver_ok(base);
 
     u64 capacity = vio_r(base, VIRTIO_CONFIG) | (u64)vio_r(base, VIRTIO_CONFIG + 4) << 32;
     puts_com1("capacity ");

@@ -100,6 +100,10 @@ impl Guest {
     /// requests per notification; prints `capacity`, `id` and its notification count to
     /// COM1 and exits 0 when every check passed. Parameter bit 0: use EVENT_IDX.
     pub const VIRTIO_BLK: Guest = guest!("virtio_blk", GuestMode::User64);
+    /// A virtio-blk load generator: 4 KiB reads or writes in batches behind one
+    /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bits 8..15 batch
+    /// (1 to 32), bits 16..47 the number of requests. Prints `kicks <hex>` to COM1.
+    pub const VIRTIO_BLK_BENCH: Guest = guest!("virtio_blk_bench", GuestMode::User64);
     /// Real mode, the smallest useful guest (for start-up measurements): its first exit
     /// writes a newline to COM1, its second exits with code 0. Position independent and
     /// at most 16 bytes, so it also fits at the reset vector of a firmware image.

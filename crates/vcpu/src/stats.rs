@@ -109,6 +109,11 @@ impl ExitStatsSnapshot {
         self.count.iter().sum()
     }
 
+    /// Total nanoseconds spent in the VMM handling exits.
+    pub fn total_nanos(&self) -> u64 {
+        self.nanos.iter().sum()
+    }
+
     /// Field-wise sum, to aggregate vCPUs.
     pub fn merged(&self, other: &ExitStatsSnapshot) -> ExitStatsSnapshot {
         ExitStatsSnapshot {
