@@ -10,6 +10,7 @@
 //!   raises a configuration interrupt, and stops serving that device only.
 //! * [`block::Block`]: virtio-blk on a raw image file, served on its own I/O thread.
 //! * [`rng::Rng`]: virtio-rng from the host's getrandom.
+//! * [`console::Console`]: virtio-console, one port, to any writer and from any fd.
 //! * [`queue`]: the serving loop and chain checks the devices share.
 //!
 //! Queue notifications arrive on one eventfd per queue ([`mmio::MmioTransport::notifiers`]):
@@ -17,6 +18,7 @@
 //! never leaves the kernel; without that, the transport signals them itself.
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod queue;
 pub mod rng;

@@ -16,6 +16,15 @@ pub(crate) enum Next {
     Stop,
 }
 
+/// What woke the I/O thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Token {
+    /// The driver notified this queue.
+    Queue(usize),
+    /// This extra fd (by position) is readable.
+    Fd(usize),
+}
+
 /// A running I/O thread; dropping it stops and joins the thread.
 #[derive(Debug)]
 pub(crate) struct Worker {
@@ -31,14 +40,36 @@ impl Worker {
         notifiers: Vec<EventFd>,
         mut on_notify: impl FnMut(usize) -> Next + Send + 'static,
     ) -> io::Result<Worker> {
+        Self::spawn_with_fds(name, notifiers, Vec::new(), move |_, token| match token {
+            Token::Queue(q) => on_notify(q),
+            Token::Fd(_) => Next::Continue,
+        })
+    }
+
+    /// Like [`Worker::spawn`], also waking when one of `fds` is readable; the
+    /// handler gets the [`Epoll`] (to pause or resume an fd) and the token.
+    pub(crate) fn spawn_with_fds(
+        name: String,
+        notifiers: Vec<EventFd>,
+        fds: Vec<std::os::fd::RawFd>,
+        mut on_event: impl FnMut(&Epoll, Token) -> Next + Send + 'static,
+    ) -> io::Result<Worker> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
-        let stop_token = notifiers.len() as u64;
+        let queues = notifiers.len() as u64;
+        let stop_token = queues + fds.len() as u64;
         for (i, fd) in notifiers.iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
                 fd.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, i as u64),
+            )?;
+        }
+        for (j, fd) in fds.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                *fd,
+                EpollEvent::new(EventSet::IN, queues + j as u64),
             )?;
         }
         epoll.ctl(
@@ -49,10 +80,10 @@ impl Worker {
         let stop_clone = stop.try_clone()?;
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let _stop = stop_clone;
-            let mut events = vec![EpollEvent::default(); notifiers.len() + 1];
+            let mut events = vec![EpollEvent::default(); stop_token as usize + 1];
             // Serve what was queued before activation.
             for i in 0..notifiers.len() {
-                if on_notify(i) == Next::Stop {
+                if on_event(&epoll, Token::Queue(i)) == Next::Stop {
                     return;
                 }
             }
@@ -67,12 +98,15 @@ impl Worker {
                     if token == stop_token {
                         return;
                     }
-                    let Some(fd) = notifiers.get(token as usize) else {
-                        continue;
+                    let event = match notifiers.get(token as usize) {
+                        Some(fd) => {
+                            // Reading resets the counter; an error means it was zero.
+                            let _ = fd.read();
+                            Token::Queue(token as usize)
+                        }
+                        None => Token::Fd((token - queues) as usize),
                     };
-                    // Reading resets the counter; an error means it was already zero.
-                    let _ = fd.read();
-                    if on_notify(token as usize) == Next::Stop {
+                    if on_event(&epoll, event) == Next::Stop {
                         return;
                     }
                 }
