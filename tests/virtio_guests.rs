@@ -14,6 +14,7 @@ use vmcraft::devices::bus::IoBuses;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
+use vmcraft::devices::virtio::console::Console;
 use vmcraft::devices::virtio::mmio::MmioTransport;
 use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
@@ -155,5 +156,105 @@ fn notifications_stay_in_the_kernel_with_ioeventfd() {
     assert!(
         mmio_writes < 40,
         "{mmio_writes} MMIO write exits: notifications left the kernel?"
+    );
+}
+
+fn console_vm(
+    param: u64,
+    with_blk: Option<Disk>,
+) -> (
+    RunningVm,
+    SharedBuffer,
+    std::os::unix::net::UnixStream,
+    Option<Arc<Mutex<MmioTransport>>>,
+) {
+    require_kvm();
+    let layout = MemoryLayout::x86_64(16 << 20).unwrap();
+    let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
+    let stop = Arc::new(StopLatch::default());
+    let mut buses = IoBuses::new();
+    LegacyDevices::install(&mut buses, vm.fd(), Box::new(std::io::sink()), stop.clone()).unwrap();
+    let output = SharedBuffer::new();
+    let (host_end, guest_end) = std::os::unix::net::UnixStream::pair().unwrap();
+    attach_virtio_mmio(
+        &mut buses,
+        vm.fd(),
+        vm.memory(),
+        abi::VIRTIO_MMIO_BASE,
+        5,
+        Box::new(Console::new(
+            Box::new(output.clone()),
+            Some(Box::new(guest_end)),
+            "vcon0",
+        )),
+    )
+    .unwrap();
+    let blk = with_blk.map(|disk| {
+        attach_virtio_mmio(
+            &mut buses,
+            vm.fd(),
+            vm.memory(),
+            abi::VIRTIO_MMIO_BASE + 0x1000,
+            6,
+            Box::new(Block::new(disk, "vblk0")),
+        )
+        .unwrap()
+    });
+    Guest::VIRTIO_CONSOLE.load(vm.memory()).unwrap();
+    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
+    let running = RunningVm::start(
+        vm,
+        &[VcpuConfig::at(Guest::VIRTIO_CONSOLE.entry(0, param))],
+        handler,
+    )
+    .unwrap();
+    (running, output, host_end, blk)
+}
+
+#[test]
+fn a_guest_talks_both_ways_over_virtio_console() {
+    use std::io::Write;
+    let (running, output, mut host, _) = console_vm(0, None);
+    // Sent before the guest posts a buffer: it waits in the device, not lost.
+    host.write_all(b"ping\n").unwrap();
+    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    let text = String::from_utf8_lossy(&output.contents()).into_owned();
+    assert_eq!(
+        outcome.reason,
+        StopReason::DebugExit(0),
+        "console: {text:?}"
+    );
+    assert_eq!(text, "hello from virtio-console\ngot: ping\n");
+}
+
+#[test]
+fn a_device_the_guest_broke_needs_reset_while_the_others_keep_serving() {
+    use std::io::Write;
+    let (_image, file) = TempImage::new("blk-broken", DISK_SECTORS);
+    let disk = Disk::new(file, false, "x").unwrap();
+    let (running, output, mut host, blk) = console_vm(1, Some(disk));
+    host.write_all(b"ping\n").unwrap();
+    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    let text = String::from_utf8_lossy(&output.contents()).into_owned();
+    assert_eq!(
+        outcome.reason,
+        StopReason::DebugExit(0),
+        "console: {text:?}"
+    );
+    assert_eq!(text, "hello from virtio-console\ngot: ping\n");
+    let blk = blk.unwrap();
+    let blk = blk.lock().unwrap();
+    assert_ne!(
+        blk.status() & 64,
+        0,
+        "NEEDS_RESET is set on the broken device"
+    );
+    assert!(
+        matches!(
+            blk.last_error(),
+            Some(vmcraft::devices::virtio::mmio::DriverError::BadQueueSize { queue: 0, size: 3 })
+        ),
+        "{:?}",
+        blk.last_error()
     );
 }

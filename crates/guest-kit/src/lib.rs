@@ -100,6 +100,11 @@ impl Guest {
     /// requests per notification; prints `capacity`, `id` and its notification count to
     /// COM1 and exits 0 when every check passed. Parameter bit 0: use EVENT_IDX.
     pub const VIRTIO_BLK: Guest = guest!("virtio_blk", GuestMode::User64);
+    /// A C guest driving the virtio-console at [`abi::VIRTIO_MMIO_BASE`]: sends
+    /// `hello from virtio-console`, waits for `ping` and answers `got: ping`. Parameter
+    /// bit 0: first give the virtio-blk device in the next window an invalid queue and
+    /// check that it reports NEEDS_RESET.
+    pub const VIRTIO_CONSOLE: Guest = guest!("virtio_console", GuestMode::User64);
     /// A virtio-blk load generator: 4 KiB reads or writes in batches behind one
     /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bits 8..15 batch
     /// (1 to 32), bits 16..47 the number of requests. Prints `kicks <hex>` to COM1.

@@ -316,7 +316,12 @@ impl MmioTransport {
             && q.is_valid(&mem);
         if !valid {
             q.set_ready(false);
-            self.fail(DriverError::BadQueueAddress { queue });
+            if bad_setup {
+                // The bad size or address was reported when it was written.
+                self.interrupt.device_error();
+            } else {
+                self.fail(DriverError::BadQueueAddress { queue });
+            }
         }
     }
 
