@@ -20,7 +20,10 @@ use vmcraft::devices::bus::IoBuses;
 use vmcraft::devices::serial::SerialInput;
 use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
+use vmcraft::devices::virtio::console::Console;
 use vmcraft::devices::virtio::mmio::WINDOW_SIZE;
+use vmcraft::devices::virtio::rng::Rng;
+use vmcraft::devices::virtio::VirtioDevice;
 use vmcraft::guest_kit::abi::VIRTIO_MMIO_BASE;
 use vmcraft::guest_kit::Guest;
 use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
@@ -30,7 +33,7 @@ use vmcraft::memory::GuestRam;
 use vmcraft::vcpu::linux::load_linux;
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
 
-const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--mem SIZE] [--vcpus N] [--timeout SECS]
+const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--mem SIZE] [--vcpus N] [--timeout SECS]
 
   no --kernel      run an embedded guest (default: the demo, which greets through the emulated 16550)
   --guest NAME     the embedded guest: hello (the demo); exit (a few real-mode instructions
@@ -40,6 +43,11 @@ const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd 
                    \"flushed\" printed, and it waits to be killed: for durability tests)
   --disk PATH[,ro] a raw disk image as a virtio-blk device (virtio-mmio; for Linux the
                    virtio_mmio.device= parameters are added to the command line)
+  --console        a virtio-console on stdout/stdin (stdin then feeds it, not COM1)
+  --console-socket PATH
+                   a virtio-console on a Unix socket: listens at PATH and waits for one
+                   client before starting the VM
+  --rng            a virtio-rng device fed from the host's getrandom
   --kernel PATH    a Linux bzImage or ELF vmlinux
   --initrd PATH    an initramfs for the kernel
   --cmdline TEXT   kernel command line (default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1)
@@ -52,11 +60,19 @@ const MIN_MEM: u64 = 4 << 20;
 /// IRQ of the first virtio device (COM1 has 4).
 const FIRST_VIRTIO_IRQ: u32 = 5;
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ConsoleOption {
+    Stdio,
+    Socket(String),
+}
+
 #[derive(Debug)]
 struct Options {
     guest: Option<Guest>,
     guest_param: u64,
     disks: Vec<(String, bool)>,
+    console: Option<ConsoleOption>,
+    rng: bool,
     kernel: Option<String>,
     initrd: Option<String>,
     cmdline: String,
@@ -83,6 +99,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         guest: None,
         guest_param: 0,
         disks: Vec::new(),
+        console: None,
+        rng: false,
         kernel: None,
         initrd: None,
         cmdline: DEFAULT_CMDLINE.into(),
@@ -126,6 +144,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 };
                 o.disks.push((path, read_only));
             }
+            "--console" => o.console = Some(ConsoleOption::Stdio),
+            "--console-socket" => o.console = Some(ConsoleOption::Socket(value()?)),
+            "--rng" => o.rng = true,
             "--kernel" => o.kernel = Some(value()?),
             "--initrd" => o.initrd = Some(value()?),
             "--cmdline" => o.cmdline = value()?,
@@ -193,6 +214,28 @@ fn open_disks(o: &Options) -> Result<Vec<Disk>, Box<dyn Error>> {
 fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     let started = Instant::now();
     let disks = open_disks(&o)?;
+    let console = match &o.console {
+        None => None,
+        Some(ConsoleOption::Stdio) => Some(Console::new(
+            Box::new(std::io::stdout()),
+            Some(Box::new(std::io::stdin())),
+            "vcon",
+        )),
+        Some(ConsoleOption::Socket(path)) => {
+            let listener = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| format!("cannot listen on console socket {path}: {e}"))?;
+            eprintln!("minimal-vmm: waiting for a console client on {path}");
+            let (stream, _) = listener
+                .accept()
+                .map_err(|e| format!("console socket {path}: {e}"))?;
+            let output = stream.try_clone()?;
+            Some(Console::new(
+                Box::new(output),
+                Some(Box::new(stream)),
+                "vcon",
+            ))
+        }
+    };
     let layout = MemoryLayout::x86_64(o.mem)?;
     let vm = Vm::new(GuestRam::new(&layout)?)?;
     let stop = Arc::new(StopLatch::default());
@@ -204,19 +247,23 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         stop.clone(),
     )?;
 
-    // virtio-blk disks, one 4 KiB virtio-mmio window and one IRQ each.
-    let mut cmdline = o.cmdline.clone();
+    // virtio devices: disks, then the console, then the rng; one 4 KiB virtio-mmio
+    // window and one IRQ each.
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (i, disk) in disks.into_iter().enumerate() {
+        virtio.push(Box::new(Block::new(disk, &format!("vblk{i}"))));
+    }
+    if let Some(console) = console {
+        virtio.push(Box::new(console));
+    }
+    if o.rng {
+        virtio.push(Box::new(Rng::new("vrng")));
+    }
+    let mut cmdline = o.cmdline.clone();
+    for (i, device) in virtio.into_iter().enumerate() {
         let base = VIRTIO_MMIO_BASE + WINDOW_SIZE * i as u64;
         let irq = FIRST_VIRTIO_IRQ + i as u32;
-        attach_virtio_mmio(
-            &mut buses,
-            vm.fd(),
-            vm.memory(),
-            base,
-            irq,
-            Box::new(Block::new(disk, &format!("vblk{i}"))),
-        )?;
+        attach_virtio_mmio(&mut buses, vm.fd(), vm.memory(), base, irq, device)?;
         cmdline += &format!(" virtio_mmio.device=4K@{base:#x}:{irq}");
     }
 
@@ -246,19 +293,22 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
                 "minimal-vmm: loaded {path} as {:?}, entry {:?}",
                 loaded.format, loaded.entry
             );
-            // Feed stdin to COM1 so the guest console is interactive.
-            let input = SerialInput::new(devices.serial.clone(), std::io::stdin());
-            std::thread::Builder::new()
-                .name("serial-input".into())
-                .spawn(move || {
-                    let Ok(mut em) =
-                        EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-                    else {
-                        return;
-                    };
-                    em.add_subscriber(Arc::new(Mutex::new(input)));
-                    while em.run().is_ok() {}
-                })?;
+            // Feed stdin to COM1 so the guest console is interactive (unless the
+            // virtio-console has it).
+            if o.console != Some(ConsoleOption::Stdio) {
+                let input = SerialInput::new(devices.serial.clone(), std::io::stdin());
+                std::thread::Builder::new()
+                    .name("serial-input".into())
+                    .spawn(move || {
+                        let Ok(mut em) =
+                            EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+                        else {
+                            return;
+                        };
+                        em.add_subscriber(Arc::new(Mutex::new(input)));
+                        while em.run().is_ok() {}
+                    })?;
+            }
             (0..o.vcpus)
                 .map(|i| {
                     if i == 0 {
