@@ -11,6 +11,7 @@
 //! * [`block::Block`]: virtio-blk on a raw image file, served on its own I/O thread.
 //! * [`rng::Rng`]: virtio-rng from the host's getrandom.
 //! * [`console::Console`]: virtio-console, one port, to any writer and from any fd.
+//! * [`net::Net`]: virtio-net on a [`tap::Tap`] or any other frame backend.
 //! * [`queue`]: the serving loop and chain checks the devices share.
 //!
 //! Queue notifications arrive on one eventfd per queue ([`mmio::MmioTransport::notifiers`]):
@@ -20,8 +21,10 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod tap;
 mod worker;
 
 use std::io;

@@ -1,0 +1,435 @@
+//! virtio-net on a frame backend (a [`Tap`](super::tap::Tap), or anything that
+//! moves whole Ethernet frames, such as a datagram socket in tests).
+//!
+//! Features: VERSION_1, EVENT_IDX, MAC and STATUS (link up); no offloads, so every
+//! frame carries a zeroed 12-byte `virtio_net_hdr_v1`. One receive and one transmit
+//! queue, served on the device's I/O thread together with the backend's fd.
+//!
+//! A frame read from the backend is held until the driver posts a receive buffer big
+//! enough for it; meanwhile the backend is not read (the host queues or drops, as a
+//! real link would). Transmit chains shorter than the header, longer than a 64 KiB
+//! frame, or with a device-writable buffer are dropped (completed with length 0).
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vmcraft_memory::GuestMemory;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::queue::{check_chain, serve_available, ProtocolError};
+use super::worker::{Next, Token, Worker};
+use super::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
+use std::io::{Read, Write};
+
+/// Entries in each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The receive queue.
+pub const RX_QUEUE: usize = 0;
+/// The transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// Size of `virtio_net_hdr_v1`.
+pub const HEADER_SIZE: usize = 12;
+/// Largest frame (no GSO: a 64 KiB MTU at most).
+pub const MAX_FRAME: usize = 65535;
+/// Feature bit: the device has a MAC address in its config.
+pub const F_MAC: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+/// Feature bit: the config has a link status.
+pub const F_STATUS: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_STATUS;
+
+/// Something that sends and receives whole Ethernet frames through a pollable fd.
+/// `recv_frame` must not block: with nothing to read it returns `WouldBlock`.
+pub trait FrameIo: AsRawFd + Send {
+    /// Read one frame into `buf`; returns its length.
+    fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Send one frame.
+    fn send_frame(&mut self, frame: &[u8]) -> io::Result<()>;
+}
+
+impl FrameIo for UnixDatagram {
+    fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.set_nonblocking(true)?;
+        self.recv(buf)
+    }
+    fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.send(frame).map(|_| ())
+    }
+}
+
+type Backend = Arc<Mutex<Box<dyn FrameIo>>>;
+
+/// The virtio-net device.
+pub struct Net {
+    backend: Backend,
+    mac: [u8; 6],
+    worker: Option<Worker>,
+    name: String,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("name", &self.name)
+            .field("mac", &self.mac)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Net {
+    /// A device on `backend` with MAC address `mac`; `name` names its I/O thread.
+    pub fn new(backend: Box<dyn FrameIo>, mac: [u8; 6], name: &str) -> Net {
+        Net {
+            backend: Arc::new(Mutex::new(backend)),
+            mac,
+            worker: None,
+            name: name.to_string(),
+        }
+    }
+}
+
+/// Send the frame in one transmit chain; returns the used length (0).
+pub fn transmit(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+    backend: &mut dyn FrameIo,
+    buf: &mut [u8],
+) -> Result<u32, ProtocolError> {
+    check_chain(&chain)?;
+    if chain.clone().any(|d| d.is_write_only()) {
+        return Ok(0);
+    }
+    let mut reader: Reader<'_, _> = Reader::new(mem, chain).map_err(ProtocolError::outside)?;
+    let total = reader.available_bytes();
+    if !(HEADER_SIZE..=HEADER_SIZE + MAX_FRAME).contains(&total) || buf.len() < total {
+        return Ok(0);
+    }
+    if reader.read_exact(&mut buf[..total]).is_err() {
+        return Ok(0);
+    }
+    // A send error (the link is down, the host queue is full) drops the frame, as
+    // a wire would.
+    let _ = backend.send_frame(&buf[HEADER_SIZE..total]);
+    Ok(0)
+}
+
+/// Put `frame` in one receive chain behind a zeroed header (num_buffers = 1). Returns
+/// the used length, or `None` when the chain cannot take it (wrong direction, too
+/// small): the chain is then completed empty and the frame waits for the next.
+pub fn receive_into(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+    frame: &[u8],
+) -> Result<Option<u32>, ProtocolError> {
+    check_chain(&chain)?;
+    if chain.clone().any(|d| !d.is_write_only()) {
+        return Ok(None);
+    }
+    let mut writer: Writer<'_, _> = Writer::new(mem, chain).map_err(ProtocolError::outside)?;
+    if writer.available_bytes() < HEADER_SIZE + frame.len() {
+        return Ok(None);
+    }
+    let mut header = [0u8; HEADER_SIZE];
+    header[10] = 1; // num_buffers
+    let ok = writer.write_all(&header).is_ok() && writer.write_all(frame).is_ok();
+    if !ok {
+        return Err(ProtocolError::BufferOutsideMemory("receive buffer".into()));
+    }
+    Ok(Some((HEADER_SIZE + frame.len()) as u32))
+}
+
+/// The receive path: frames from the backend into the receive queue.
+#[derive(Debug)]
+pub struct RxPath {
+    frame: Vec<u8>,
+    /// Length of a frame read but not yet delivered.
+    held: Option<usize>,
+}
+
+impl Default for RxPath {
+    fn default() -> Self {
+        RxPath {
+            frame: vec![0u8; MAX_FRAME],
+            held: None,
+        }
+    }
+}
+
+impl RxPath {
+    /// Whether a frame waits for a receive buffer.
+    pub fn holding(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Move frames from `backend` into `rx` until the backend is empty or the driver
+    /// has no buffer; returns how many frames were delivered.
+    pub fn pump(
+        &mut self,
+        rx: &mut Queue,
+        mem: &GuestMemory,
+        backend: &mut dyn FrameIo,
+        interrupt: &Interrupt,
+    ) -> Result<usize, ProtocolError> {
+        let mut delivered = 0;
+        loop {
+            let len = match self.held {
+                Some(len) => len,
+                None => match backend.recv_frame(&mut self.frame) {
+                    Ok(len) => {
+                        self.held = Some(len);
+                        len
+                    }
+                    // Empty (WouldBlock) or broken: nothing more to deliver now.
+                    Err(_) => break,
+                },
+            };
+            let chain = match rx.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return Err(ProtocolError::ring(e)),
+            };
+            let Some(chain) = chain else {
+                if rx.event_idx_enabled()
+                    && rx.enable_notification(mem).map_err(ProtocolError::ring)?
+                {
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let used = receive_into(chain, mem, &self.frame[..len])?;
+            rx.add_used(mem, head, used.unwrap_or(0))
+                .map_err(ProtocolError::ring)?;
+            if used.is_some() {
+                self.held = None;
+                delivered += 1;
+            }
+        }
+        if delivered > 0 && rx.needs_notification(mem).map_err(ProtocolError::ring)? {
+            interrupt.signal_used_queue();
+        }
+        Ok(delivered)
+    }
+}
+
+struct Serving {
+    rx: Queue,
+    tx: Queue,
+    mem: GuestMemory,
+    interrupt: Arc<Interrupt>,
+    backend: Backend,
+    backend_fd: RawFd,
+    rx_path: RxPath,
+    backend_paused: bool,
+    tx_buf: Vec<u8>,
+}
+
+impl Serving {
+    fn on_event(&mut self, epoll: &Epoll, token: Token) -> Result<(), ProtocolError> {
+        let mut backend = self.backend.lock().unwrap_or_else(|p| p.into_inner());
+        if token == Token::Queue(TX_QUEUE) {
+            let mem = &self.mem;
+            let buf = &mut self.tx_buf;
+            serve_available(&mut self.tx, mem, &self.interrupt, |chain| {
+                transmit(chain, mem, &mut **backend, buf)
+            })?;
+        }
+        self.rx_path
+            .pump(&mut self.rx, &self.mem, &mut **backend, &self.interrupt)?;
+        // While a frame waits for a buffer, stop polling the backend.
+        let pause = self.rx_path.holding();
+        if pause != self.backend_paused {
+            let events = if pause {
+                EventSet::empty()
+            } else {
+                EventSet::IN
+            };
+            if epoll
+                .ctl(
+                    ControlOperation::Modify,
+                    self.backend_fd,
+                    EpollEvent::new(events, 2),
+                )
+                .is_ok()
+            {
+                self.backend_paused = pause;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        F_VERSION_1 | F_EVENT_IDX | F_MAC | F_STATUS
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // mac[6], status (link up), max_virtqueue_pairs (1).
+        let mut config = [0u8; 10];
+        config[..6].copy_from_slice(&self.mac);
+        config[6] = 1;
+        config[8] = 1;
+        data.fill(0);
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(data.len()).min(config.len());
+        data[..end - start].copy_from_slice(&config[start..end]);
+    }
+    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
+        let ActiveQueues {
+            mem,
+            queues,
+            notifiers,
+            interrupt,
+            ..
+        } = active;
+        let mut queues = queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueNotReady(TX_QUEUE));
+        };
+        if !rx.ready() || !tx.ready() {
+            return Err(ActivateError::QueueNotReady(RX_QUEUE));
+        }
+        let backend_fd = self
+            .backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_raw_fd();
+        let mut serving = Serving {
+            rx,
+            tx,
+            mem,
+            interrupt: interrupt.clone(),
+            backend: self.backend.clone(),
+            backend_fd,
+            rx_path: RxPath::default(),
+            backend_paused: false,
+            tx_buf: vec![0u8; HEADER_SIZE + MAX_FRAME],
+        };
+        let worker = Worker::spawn_with_fds(
+            format!("{}-io", self.name),
+            notifiers,
+            vec![backend_fd],
+            move |epoll, token| match serving.on_event(epoll, token) {
+                Ok(()) => Next::Continue,
+                Err(_) => {
+                    interrupt.device_error();
+                    Next::Stop
+                }
+            },
+        )
+        .map_err(|source| ActivateError::Host {
+            what: "spawn the I/O thread",
+            source,
+        })?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn d(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+    }
+
+    fn used(mem: &GuestMemory, mock: &MockSplitQueue<'_, GuestMemory>) -> Vec<u32> {
+        let at = mock.used_addr().0;
+        let idx: u16 = mem.read_obj(GuestAddress(at + 2)).unwrap();
+        (0..u64::from(idx))
+            .map(|i| mem.read_obj(GuestAddress(at + 8 + 8 * i)).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn transmitted_frames_lose_their_header_and_bad_chains_are_dropped() {
+        let mem = crate::virtio::mmio::tests::memory();
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        let mut backend: Box<dyn FrameIo> = Box::new(ours);
+        mem.write_slice(&[0u8; HEADER_SIZE], GuestAddress(0x1_0000))
+            .unwrap();
+        mem.write_slice(b"frame-one", GuestAddress(0x2_0000))
+            .unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        mock.add_desc_chains(
+            &[
+                d(0x1_0000, HEADER_SIZE as u32, VRING_DESC_F_NEXT, 1),
+                d(0x2_0000, 9, 0, 0),
+                d(0x1_0000, 4, 0, 0), // shorter than the header
+                d(0x2_0000, 20, VRING_DESC_F_WRITE, 0), // wrong direction
+            ],
+            0,
+        )
+        .unwrap();
+        let mut tx: Queue = mock.create_queue().unwrap();
+        let interrupt = Interrupt::new().unwrap();
+        let mut buf = vec![0u8; HEADER_SIZE + MAX_FRAME];
+        let served = serve_available(&mut tx, &mem, &interrupt, |c| {
+            transmit(c, &mem, &mut *backend, &mut buf)
+        });
+        assert_eq!(served, Ok(3));
+        assert_eq!(used(&mem, &mock), vec![0, 0, 0]);
+        let mut got = [0u8; 64];
+        assert_eq!(theirs.recv(&mut got).unwrap(), 9);
+        assert_eq!(&got[..9], b"frame-one");
+        theirs.set_nonblocking(true).unwrap();
+        assert!(theirs.recv(&mut got).is_err(), "only one frame went out");
+    }
+
+    #[test]
+    fn received_frames_wait_for_a_buffer_big_enough() {
+        let mem = crate::virtio::mmio::tests::memory();
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        let mut backend: Box<dyn FrameIo> = Box::new(ours);
+        theirs.send(b"first frame").unwrap();
+        theirs.send(b"second").unwrap();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut rx: Queue = mock.create_queue().unwrap();
+        let interrupt = Interrupt::new().unwrap();
+        let mut path = RxPath::default();
+        // No buffers: the first frame is held, not lost.
+        assert_eq!(path.pump(&mut rx, &mem, &mut *backend, &interrupt), Ok(0));
+        assert!(path.holding());
+        mock.add_desc_chains(
+            &[
+                d(0x1_0000, 8, VRING_DESC_F_WRITE, 0),    // too small
+                d(0x2_0000, 1526, 0, 0),                  // wrong direction
+                d(0x3_0000, 1526, VRING_DESC_F_WRITE, 0), // takes the first frame
+                d(0x4_0000, 1526, VRING_DESC_F_WRITE, 0), // takes the second
+            ],
+            0,
+        )
+        .unwrap();
+        assert_eq!(path.pump(&mut rx, &mem, &mut *backend, &interrupt), Ok(2));
+        assert!(!path.holding());
+        assert_eq!(used(&mem, &mock), vec![0, 0, 23, 18]);
+        let mut got = [0u8; 23];
+        mem.read_slice(&mut got, GuestAddress(0x3_0000)).unwrap();
+        assert_eq!(got[10], 1, "num_buffers");
+        assert_eq!(&got[HEADER_SIZE..], b"first frame");
+    }
+
+    #[test]
+    fn config_has_the_mac_and_link_up() {
+        let (ours, _theirs) = UnixDatagram::pair().unwrap();
+        let net = Net::new(Box::new(ours), [2, 0, 0, 0, 0, 7], "n");
+        let mut cfg = [0u8; 8];
+        net.read_config(0, &mut cfg);
+        assert_eq!(cfg, [2, 0, 0, 0, 0, 7, 1, 0]);
+    }
+}
