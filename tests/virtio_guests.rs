@@ -16,6 +16,8 @@ use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
 use vmcraft::devices::virtio::mmio::MmioTransport;
+use vmcraft::devices::virtio::net::Net;
+use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
@@ -257,4 +259,79 @@ fn a_device_the_guest_broke_needs_reset_while_the_others_keep_serving() {
         "{:?}",
         blk.last_error()
     );
+}
+
+/// A TAP interface in a network namespace of its own, addressed 10.0.2.1/24 with MAC
+/// 02:00:00:00:00:01 and a static neighbour entry for the guest, plus a UDP socket
+/// bound to 10.0.2.1:5000 in that namespace.
+fn tap_in_private_netns() -> (Tap, std::net::UdpSocket) {
+    std::thread::spawn(|| {
+        // SAFETY: unshare only changes this thread's namespaces; it is a fresh thread
+        // that ends right after setting the interface up.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "this test creates a network namespace (needs CAP_SYS_ADMIN): {}",
+            std::io::Error::last_os_error()
+        );
+        let tap = Tap::open("vmtap0").expect("create a TAP interface in the namespace");
+        // Children inherit this thread's namespace.
+        for args in [
+            "link set lo up",
+            "link set vmtap0 address 02:00:00:00:00:01",
+            "addr add 10.0.2.1/24 dev vmtap0",
+            "link set vmtap0 up",
+            "neigh add 10.0.2.2 lladdr 02:00:00:00:00:02 dev vmtap0",
+        ] {
+            let status = std::process::Command::new("ip")
+                .args(args.split(' '))
+                .status()
+                .expect("run ip (iproute2)");
+            assert!(status.success(), "ip {args} failed");
+        }
+        let socket = std::net::UdpSocket::bind("10.0.2.1:5000").expect("bind in the namespace");
+        (tap, socket)
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_guest_exchanges_real_frames_with_the_host_through_a_tap() {
+    require_kvm();
+    let (tap, socket) = tap_in_private_netns();
+    let layout = MemoryLayout::x86_64(16 << 20).unwrap();
+    let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
+    let stop = Arc::new(StopLatch::default());
+    let mut buses = IoBuses::new();
+    LegacyDevices::install(&mut buses, vm.fd(), Box::new(std::io::sink()), stop.clone()).unwrap();
+    let net = attach_virtio_mmio(
+        &mut buses,
+        vm.fd(),
+        vm.memory(),
+        abi::VIRTIO_MMIO_BASE,
+        5,
+        Box::new(Net::new(Box::new(tap), [2, 0, 0, 0, 0, 2], "vnet0")),
+    )
+    .unwrap();
+    Guest::VIRTIO_NET.load(vm.memory()).unwrap();
+    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
+    let running = RunningVm::start(
+        vm,
+        &[VcpuConfig::at(Guest::VIRTIO_NET.entry(0, 0))],
+        handler,
+    )
+    .unwrap();
+
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 256];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no datagram from the guest: {e}; {:?}", net.lock().unwrap()));
+    assert_eq!(&buf[..n], b"hello from a vmcraft guest");
+    assert_eq!(from.to_string(), "10.0.2.2:4000");
+    socket.send_to(b"pong", from).unwrap();
+    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    assert_eq!(outcome.reason, StopReason::DebugExit(0));
 }
