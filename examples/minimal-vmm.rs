@@ -22,7 +22,9 @@ use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
 use vmcraft::devices::virtio::mmio::WINDOW_SIZE;
+use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
+use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::devices::virtio::VirtioDevice;
 use vmcraft::guest_kit::abi::VIRTIO_MMIO_BASE;
 use vmcraft::guest_kit::Guest;
@@ -33,7 +35,7 @@ use vmcraft::memory::GuestRam;
 use vmcraft::vcpu::linux::load_linux;
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
 
-const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--mem SIZE] [--vcpus N] [--timeout SECS]
+const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--mem SIZE] [--vcpus N] [--timeout SECS]
 
   no --kernel      run an embedded guest (default: the demo, which greets through the emulated 16550)
   --guest NAME     the embedded guest: hello (the demo); exit (a few real-mode instructions
@@ -48,6 +50,8 @@ const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd 
                    a virtio-console on a Unix socket: listens at PATH and waits for one
                    client before starting the VM
   --rng            a virtio-rng device fed from the host's getrandom
+  --net-tap NAME   a virtio-net device on TAP interface NAME (created if missing; needs
+                   CAP_NET_ADMIN or an interface owned by this user)
   --kernel PATH    a Linux bzImage or ELF vmlinux
   --initrd PATH    an initramfs for the kernel
   --cmdline TEXT   kernel command line (default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1)
@@ -73,6 +77,7 @@ struct Options {
     disks: Vec<(String, bool)>,
     console: Option<ConsoleOption>,
     rng: bool,
+    net_tap: Option<String>,
     kernel: Option<String>,
     initrd: Option<String>,
     cmdline: String,
@@ -101,6 +106,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         disks: Vec::new(),
         console: None,
         rng: false,
+        net_tap: None,
         kernel: None,
         initrd: None,
         cmdline: DEFAULT_CMDLINE.into(),
@@ -147,6 +153,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--console" => o.console = Some(ConsoleOption::Stdio),
             "--console-socket" => o.console = Some(ConsoleOption::Socket(value()?)),
             "--rng" => o.rng = true,
+            "--net-tap" => o.net_tap = Some(value()?),
             "--kernel" => o.kernel = Some(value()?),
             "--initrd" => o.initrd = Some(value()?),
             "--cmdline" => o.cmdline = value()?,
@@ -214,6 +221,12 @@ fn open_disks(o: &Options) -> Result<Vec<Disk>, Box<dyn Error>> {
 fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     let started = Instant::now();
     let disks = open_disks(&o)?;
+    let tap = o
+        .net_tap
+        .as_deref()
+        .map(Tap::open)
+        .transpose()
+        .map_err(|e| format!("{e}{}", source_chain(&e)))?;
     let console = match &o.console {
         None => None,
         Some(ConsoleOption::Stdio) => Some(Console::new(
@@ -247,7 +260,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         stop.clone(),
     )?;
 
-    // virtio devices: disks, then the console, then the rng; one 4 KiB virtio-mmio
+    // virtio devices: disks, the console, the rng, the NIC; one 4 KiB virtio-mmio
     // window and one IRQ each.
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (i, disk) in disks.into_iter().enumerate() {
@@ -258,6 +271,14 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     }
     if o.rng {
         virtio.push(Box::new(Rng::new("vrng")));
+    }
+    if let Some(tap) = tap {
+        // A locally administered address.
+        virtio.push(Box::new(Net::new(
+            Box::new(tap),
+            [0x02, 0x76, 0x6d, 0x63, 0, 1],
+            "vnet",
+        )));
     }
     let mut cmdline = o.cmdline.clone();
     for (i, device) in virtio.into_iter().enumerate() {

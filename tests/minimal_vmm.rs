@@ -159,7 +159,7 @@ fn a_flushed_write_survives_sigkill_of_the_vmm() {
 
 #[test]
 fn bad_input_gets_clear_errors() {
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (
             &["--kernel", "/nonexistent/vmlinuz"],
             "cannot open kernel /nonexistent/vmlinuz",
@@ -179,6 +179,10 @@ fn bad_input_gets_clear_errors() {
             "cannot open disk /nonexistent/disk.img",
         ),
         (&["--disk", "disk.img,fast"], "unknown disk flag \"fast\""),
+        (
+            &["--net-tap", "a-name-far-too-long"],
+            "invalid TAP interface name",
+        ),
     ];
     for (args, message) in cases {
         let out = run(args);
