@@ -2,8 +2,7 @@
 //! bytes of guest memory (descriptor table, rings, headers, buffers, packed into the
 //! first page so short inputs reach everything) plus the queue size, the EVENT_IDX flag
 //! and read-only mode. Whatever the guest wrote, serving must return (Ok or a protocol
-//! error), never panic, and publish exactly the chains it completed, no more than the
-//! driver made available.
+//! error), never panic, and publish exactly the chains it completed.
 #![no_main]
 
 #[path = "guest_queue.rs"]
@@ -12,11 +11,10 @@ mod guest_queue;
 use std::fs::File;
 use std::sync::OnceLock;
 
-use guest_queue::{guest_queue, used_idx, AVAIL};
+use guest_queue::{guest_queue, used_idx};
 use libfuzzer_sys::fuzz_target;
 use vmcraft_devices::virtio::block::{serve_queue, Disk};
 use vmcraft_devices::virtio::Interrupt;
-use vmcraft_memory::vm_memory::{Bytes, GuestAddress};
 
 fn image() -> File {
     static IMAGE: OnceLock<File> = OnceLock::new();
@@ -46,15 +44,12 @@ fuzz_target!(|data: &[u8]| {
     let (control, contents) = data.split_at(2);
     let (ram, mut queue) = guest_queue(contents, control[0], control[1] & 1 != 0);
     let mem = ram.memory();
-    let size = 1usize << (control[0] % 5);
     let disk = Disk::new(image(), control[1] & 2 != 0, "fuzz").unwrap();
     let interrupt = Interrupt::new().unwrap();
     let mut scratch = vec![0u8; 4096];
-    let avail_idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
     if let Ok(served) = serve_queue(&mut queue, mem, &disk, &interrupt, &mut scratch) {
-        // Only chains the driver made available (at most a queue's worth at once).
-        assert!(served <= usize::from(avail_idx).min(size));
-        // The last write to the index is the device's (request data may have been
+        // No bound from the avail index read before: a read request may aim its data
+        // at the avail ring and move the index itself. The last write to the index is the device's (request data may have been
         // aimed at the ring, but each completion rewrites the index after it).
         assert_eq!(usize::from(used_idx(&ram)), served);
     }
