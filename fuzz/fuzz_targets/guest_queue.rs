@@ -1,6 +1,7 @@
 //! Shared by the virtio fuzz targets: guest memory whose first bytes (descriptor table,
 //! rings, buffers, packed into the first page) come from the fuzzer, and a queue of up
 //! to 16 entries on it.
+#![allow(dead_code)] // each target uses a different part
 
 use vmcraft_devices::virtio::virtio_queue::{Queue, QueueT};
 use vmcraft_memory::layout::MemoryLayout;
