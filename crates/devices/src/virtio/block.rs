@@ -26,13 +26,16 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::ByteValued;
 use vmcraft_memory::GuestMemory;
 
 use super::queue::{check_chain, serve_available, ProtocolError};
-use super::worker::{Next, Worker};
-use super::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
+use super::worker::{spawn_device, Worker};
+use super::{
+    read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX,
+    F_VERSION_1,
+};
 
 /// Sector size: the unit of every virtio-blk address and length.
 pub const SECTOR_SIZE: u64 = 512;
@@ -181,44 +184,17 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let start = (offset as usize).min(CONFIG_SIZE);
-        let end = start.saturating_add(data.len()).min(CONFIG_SIZE);
-        data[..end - start].copy_from_slice(&self.config[start..end]);
+        read_config_bytes(&self.config, offset, data)
     }
 
-    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        let ActiveQueues {
-            mem,
-            queues,
-            notifiers,
-            interrupt,
-            ..
-        } = active;
-        let Some(mut queue) = queues.into_iter().next() else {
-            return Err(ActivateError::QueueNotReady(0));
-        };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+    fn activate(&mut self, mut active: ActiveQueues) -> Result<(), ActivateError> {
+        let [mut queue] = active.take_ready()?;
+        let (mem, interrupt) = (active.mem.clone(), active.interrupt.clone());
         let disk = self.disk.clone();
         let mut scratch = vec![0u8; 64 << 10];
-        let worker =
-            Worker::spawn(
-                format!("{}-io", self.name),
-                notifiers,
-                move |_| match serve_queue(&mut queue, &mem, &disk, &interrupt, &mut scratch) {
-                    Ok(_) => Next::Continue,
-                    Err(_) => {
-                        interrupt.device_error();
-                        Next::Stop
-                    }
-                },
-            )
-            .map_err(|source| ActivateError::Host {
-                what: "spawn the I/O thread",
-                source,
-            })?;
+        let worker = spawn_device(&self.name, active, Vec::new(), move |_, _| {
+            serve_queue(&mut queue, &mem, &disk, &interrupt, &mut scratch).map(drop)
+        })?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmcraft_memory::{layout::MemoryLayout, GuestRam};
 

@@ -18,8 +18,11 @@ use vmcraft_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::queue::{check_chain, serve_available, ProtocolError};
-use super::worker::{Next, Token, Worker};
-use super::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
+use super::worker::{spawn_device, Token, Worker};
+use super::{
+    read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX,
+    F_VERSION_1,
+};
 
 /// Entries in each queue.
 pub const QUEUE_SIZE: u16 = 64;
@@ -273,26 +276,10 @@ impl VirtioDevice for Console {
         // cols, rows, max_nr_ports (1), emerg_wr: only max_nr_ports is non-zero.
         let mut config = [0u8; 12];
         config[4] = 1;
-        data.fill(0);
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        data[..end - start].copy_from_slice(&config[start..end]);
+        read_config_bytes(&config, offset, data)
     }
-    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        let ActiveQueues {
-            mem,
-            queues,
-            notifiers,
-            interrupt,
-            ..
-        } = active;
-        let mut queues = queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueNotReady(TX_QUEUE));
-        };
-        if !tx.ready() {
-            return Err(ActivateError::QueueNotReady(TX_QUEUE));
-        }
+    fn activate(&mut self, mut active: ActiveQueues) -> Result<(), ActivateError> {
+        let [rx, tx] = active.take_ready()?;
         let input = self.input.as_ref().map(|i| {
             let fd = i.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd();
             (i.clone(), fd)
@@ -301,28 +288,15 @@ impl VirtioDevice for Console {
         let mut serving = Serving {
             rx,
             tx,
-            mem,
-            interrupt: interrupt.clone(),
+            mem: active.mem.clone(),
+            interrupt: active.interrupt.clone(),
             output: self.output.clone(),
             input,
             pending: Pending::default(),
             input_paused: false,
         };
-        let worker = Worker::spawn_with_fds(
-            format!("{}-io", self.name),
-            notifiers,
-            fds,
-            move |epoll, token| match serving.on_event(epoll, token) {
-                Ok(()) => Next::Continue,
-                Err(_) => {
-                    interrupt.device_error();
-                    Next::Stop
-                }
-            },
-        )
-        .map_err(|source| ActivateError::Host {
-            what: "spawn the I/O thread",
-            source,
+        let worker = spawn_device(&self.name, active, fds, move |epoll, token| {
+            serving.on_event(epoll, token)
         })?;
         self.worker = Some(worker);
         Ok(())

@@ -31,7 +31,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use thiserror::Error;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmcraft_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -80,6 +80,32 @@ pub struct ActiveQueues {
     pub interrupt: std::sync::Arc<Interrupt>,
     /// The features the driver accepted.
     pub driver_features: u64,
+}
+
+impl ActiveQueues {
+    /// Take the device's `N` queues, every one of which the driver must have made
+    /// ready.
+    pub fn take_ready<const N: usize>(&mut self) -> Result<[Queue; N], ActivateError> {
+        if let Some(i) = self.queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(i));
+        }
+        let queues = std::mem::take(&mut self.queues);
+        let count = queues.len();
+        queues
+            .try_into()
+            .map_err(|_| ActivateError::QueueNotReady(count.min(N)))
+    }
+}
+
+/// Copy `data.len()` bytes of `config` at `offset` into `data`; bytes past the end of
+/// the configuration space read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(config.len());
+    let end = start.saturating_add(data.len()).min(config.len());
+    data[..end - start].copy_from_slice(&config[start..end]);
 }
 
 /// Errors from activating a device.

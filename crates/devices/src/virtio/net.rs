@@ -21,8 +21,11 @@ use vmcraft_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::queue::{check_chain, serve_available, ProtocolError};
-use super::worker::{Next, Token, Worker};
-use super::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
+use super::worker::{spawn_device, Token, Worker};
+use super::{
+    read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX,
+    F_VERSION_1,
+};
 use std::io::{Read, Write};
 
 /// Entries in each queue.
@@ -276,26 +279,10 @@ impl VirtioDevice for Net {
         config[..6].copy_from_slice(&self.mac);
         config[6] = 1;
         config[8] = 1;
-        data.fill(0);
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        data[..end - start].copy_from_slice(&config[start..end]);
+        read_config_bytes(&config, offset, data)
     }
-    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        let ActiveQueues {
-            mem,
-            queues,
-            notifiers,
-            interrupt,
-            ..
-        } = active;
-        let mut queues = queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueNotReady(TX_QUEUE));
-        };
-        if !rx.ready() || !tx.ready() {
-            return Err(ActivateError::QueueNotReady(RX_QUEUE));
-        }
+    fn activate(&mut self, mut active: ActiveQueues) -> Result<(), ActivateError> {
+        let [rx, tx] = active.take_ready()?;
         let backend_fd = self
             .backend
             .lock()
@@ -304,29 +291,16 @@ impl VirtioDevice for Net {
         let mut serving = Serving {
             rx,
             tx,
-            mem,
-            interrupt: interrupt.clone(),
+            mem: active.mem.clone(),
+            interrupt: active.interrupt.clone(),
             backend: self.backend.clone(),
             backend_fd,
             rx_path: RxPath::default(),
             backend_paused: false,
             tx_buf: vec![0u8; HEADER_SIZE + MAX_FRAME],
         };
-        let worker = Worker::spawn_with_fds(
-            format!("{}-io", self.name),
-            notifiers,
-            vec![backend_fd],
-            move |epoll, token| match serving.on_event(epoll, token) {
-                Ok(()) => Next::Continue,
-                Err(_) => {
-                    interrupt.device_error();
-                    Next::Stop
-                }
-            },
-        )
-        .map_err(|source| ActivateError::Host {
-            what: "spawn the I/O thread",
-            source,
+        let worker = spawn_device(&self.name, active, vec![backend_fd], move |epoll, token| {
+            serving.on_event(epoll, token)
         })?;
         self.worker = Some(worker);
         Ok(())

@@ -8,11 +8,11 @@
 use std::io::{self, Write};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{DescriptorChain, Queue, QueueT, Writer};
+use virtio_queue::{DescriptorChain, Queue, Writer};
 use vmcraft_memory::GuestMemory;
 
 use super::queue::{check_chain, serve_available, ProtocolError};
-use super::worker::{Next, Worker};
+use super::worker::{spawn_device, Worker};
 use super::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 
 /// Entries in the request queue.
@@ -104,34 +104,13 @@ impl VirtioDevice for Rng {
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
-    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        let ActiveQueues {
-            mem,
-            queues,
-            notifiers,
-            interrupt,
-            ..
-        } = active;
-        let Some(mut queue) = queues.into_iter().next().filter(|q| q.ready()) else {
-            return Err(ActivateError::QueueNotReady(0));
-        };
+    fn activate(&mut self, mut active: ActiveQueues) -> Result<(), ActivateError> {
+        let [mut queue] = active.take_ready()?;
+        let (mem, interrupt) = (active.mem.clone(), active.interrupt.clone());
         let mut scratch = vec![0u8; 4096];
-        let worker =
-            Worker::spawn(
-                format!("{}-io", self.name),
-                notifiers,
-                move |_| match serve_queue(&mut queue, &mem, &interrupt, &mut scratch) {
-                    Ok(_) => Next::Continue,
-                    Err(_) => {
-                        interrupt.device_error();
-                        Next::Stop
-                    }
-                },
-            )
-            .map_err(|source| ActivateError::Host {
-                what: "spawn the I/O thread",
-                source,
-            })?;
+        let worker = spawn_device(&self.name, active, Vec::new(), move |_, _| {
+            serve_queue(&mut queue, &mem, &interrupt, &mut scratch).map(drop)
+        })?;
         self.worker = Some(worker);
         Ok(())
     }

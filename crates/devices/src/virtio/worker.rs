@@ -7,6 +7,37 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::queue::ProtocolError;
+use super::{ActivateError, ActiveQueues};
+
+/// Start the I/O thread of device `name` on the notifiers of `active` and `fds`:
+/// `serve` runs on every wakeup; a protocol error marks the device NEEDS_RESET and
+/// ends the thread, leaving every other device alone.
+pub(crate) fn spawn_device(
+    name: &str,
+    active: ActiveQueues,
+    fds: Vec<std::os::fd::RawFd>,
+    mut serve: impl FnMut(&Epoll, Token) -> Result<(), ProtocolError> + Send + 'static,
+) -> Result<Worker, ActivateError> {
+    let interrupt = active.interrupt;
+    Worker::spawn(
+        format!("{name}-io"),
+        active.notifiers,
+        fds,
+        move |epoll, token| match serve(epoll, token) {
+            Ok(()) => Next::Continue,
+            Err(_) => {
+                interrupt.device_error();
+                Next::Stop
+            }
+        },
+    )
+    .map_err(|source| ActivateError::Host {
+        what: "spawn the I/O thread",
+        source,
+    })
+}
+
 /// What the handler wants after serving a notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -33,22 +64,11 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Spawn thread `name`, calling `on_notify(queue_index)` each time the driver
-    /// notifies a queue (once per wakeup, however many notifications it coalesced).
+    /// Spawn thread `name`, calling `on_event` each time the driver notifies a queue
+    /// (once per wakeup, however many notifications it coalesced; and once per queue
+    /// at start, for what was queued before) or one of `fds` is readable. The handler
+    /// gets the [`Epoll`] (to pause or resume an fd) and the token.
     pub(crate) fn spawn(
-        name: String,
-        notifiers: Vec<EventFd>,
-        mut on_notify: impl FnMut(usize) -> Next + Send + 'static,
-    ) -> io::Result<Worker> {
-        Self::spawn_with_fds(name, notifiers, Vec::new(), move |_, token| match token {
-            Token::Queue(q) => on_notify(q),
-            Token::Fd(_) => Next::Continue,
-        })
-    }
-
-    /// Like [`Worker::spawn`], also waking when one of `fds` is readable; the
-    /// handler gets the [`Epoll`] (to pause or resume an fd) and the token.
-    pub(crate) fn spawn_with_fds(
         name: String,
         notifiers: Vec<EventFd>,
         fds: Vec<std::os::fd::RawFd>,
@@ -144,8 +164,11 @@ mod tests {
         let worker = Worker::spawn(
             "test-worker".into(),
             vec![a.try_clone().unwrap(), b.try_clone().unwrap()],
-            move |q| {
-                tx.send(q).unwrap();
+            Vec::new(),
+            move |_, token| {
+                if let Token::Queue(q) = token {
+                    tx.send(q).unwrap();
+                }
                 Next::Continue
             },
         )
@@ -169,13 +192,17 @@ mod tests {
         let _worker = Worker::spawn(
             "test-worker".into(),
             vec![a.try_clone().unwrap()],
-            move |q| {
-                tx.send(q).unwrap();
+            Vec::new(),
+            move |_, token| {
+                tx.send(token).unwrap();
                 Next::Stop
             },
         )
         .unwrap();
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            Token::Queue(0)
+        );
         a.write(1).unwrap();
         assert!(rx.recv_timeout(Duration::from_secs(5)).is_err());
     }
