@@ -11,6 +11,8 @@
 //! between them, so VM creation and thread start cancel out. The rounds alternate
 //! between the two loops and the median is reported. Target: ratio ≤ 1.05.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -128,14 +130,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("the exits benchmark runs real guests and needs /dev/kvm (read-write): {e}");
-        std::process::exit(1);
-    }
+    common::require_kvm("exits");
     // `cargo bench` passes `--bench`; there are no other options.
     println!("exit round trip, ns per exit (median of {ROUNDS} rounds; slope between {SHORT} and {LONG} exits)");
     println!(

@@ -31,6 +31,8 @@
 //!
 //! Without `qemu-system-x86_64` on the PATH only vmcraft is measured.
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -191,14 +193,7 @@ fn firmware_image(dir: &Path) -> PathBuf {
 }
 
 fn main() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("the startup benchmark runs real guests and needs /dev/kvm (read-write): {e}");
-        std::process::exit(1);
-    }
+    common::require_kvm("startup");
     let vmm = example_vmm();
     let qemu = find_in_path("qemu-system-x86_64");
     let firmware = firmware_image(&std::env::temp_dir());

@@ -13,6 +13,8 @@
 //! pread/pwrite on the same image file from the host, with no VM at all.
 //! Target at batch 32: at most 0.05 exits per request.
 
+mod common;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -183,14 +185,7 @@ fn row(name: &str, r: &Run) {
 }
 
 fn main() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("the virtio_blk benchmark runs real guests and needs /dev/kvm (read-write): {e}");
-        std::process::exit(1);
-    }
+    common::require_kvm("virtio_blk");
     let image = Image::new();
     println!("virtio-blk, 4 KiB requests from a CPL-3 guest (EVENT_IDX, ioeventfd, irqfd)");
     println!(
