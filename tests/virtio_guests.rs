@@ -17,6 +17,7 @@ use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
 use vmcraft::devices::virtio::mmio::MmioTransport;
 use vmcraft::devices::virtio::net::Net;
+use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
@@ -334,4 +335,35 @@ fn a_guest_exchanges_real_frames_with_the_host_through_a_tap() {
     socket.send_to(b"pong", from).unwrap();
     let outcome = running.wait_timeout(TIMEOUT).unwrap();
     assert_eq!(outcome.reason, StopReason::DebugExit(0));
+}
+
+#[test]
+fn a_guest_draws_entropy_from_virtio_rng() {
+    require_kvm();
+    let layout = MemoryLayout::x86_64(16 << 20).unwrap();
+    let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
+    let stop = Arc::new(StopLatch::default());
+    let serial = SharedBuffer::new();
+    let mut buses = IoBuses::new();
+    LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone()).unwrap();
+    attach_virtio_mmio(
+        &mut buses,
+        vm.fd(),
+        vm.memory(),
+        abi::VIRTIO_MMIO_BASE,
+        5,
+        Box::new(Rng::new("vrng0")),
+    )
+    .unwrap();
+    Guest::VIRTIO_RNG.load(vm.memory()).unwrap();
+    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
+    let running = RunningVm::start(
+        vm,
+        &[VcpuConfig::at(Guest::VIRTIO_RNG.entry(0, 0))],
+        handler,
+    )
+    .unwrap();
+    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    assert_eq!(outcome.reason, StopReason::DebugExit(0));
+    assert_eq!(serial.contents(), b"rng ok\n");
 }

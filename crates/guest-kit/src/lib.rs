@@ -109,6 +109,10 @@ impl Guest {
     /// UDP datagram `hello from a vmcraft guest` from 10.0.2.2:4000 to 10.0.2.1:5000
     /// (MAC 02:00:00:00:00:01), then waits for `pong` back and exits 0.
     pub const VIRTIO_NET: Guest = guest!("virtio_net", GuestMode::User64);
+    /// A C guest driving the virtio-rng device at [`abi::VIRTIO_MMIO_BASE`]: two
+    /// 64-byte requests come back full and different, a 128 KiB one is cut to the
+    /// 64 KiB cap; prints `rng ok` and exits 0.
+    pub const VIRTIO_RNG: Guest = guest!("virtio_rng", GuestMode::User64);
     /// A virtio-blk load generator: 4 KiB reads or writes in batches behind one
     /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bits 8..15 batch
     /// (1 to 32), bits 16..47 the number of requests. Prints `kicks <hex>` to COM1.

@@ -451,3 +451,89 @@ fn interrupts_follow_the_drivers_wishes() {
 }
 
 const INT_VRING_BIT: u32 = super::super::INT_VRING;
+
+#[test]
+fn a_broken_chain_at_run_time_sets_needs_reset_and_a_reset_recovers() {
+    use crate::virtio::mmio::tests::{driver_ok, negotiate, setup_queue};
+    use crate::virtio::mmio::MmioTransport;
+    use std::time::{Duration, Instant};
+    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
+    use virtio_bindings::virtio_mmio as reg;
+
+    let (_img, file) = image(DISK_SECTORS);
+    let mem = memory();
+    let device = Block::new(Disk::new(file, false, "rt").unwrap(), "blk-rt");
+    let mut t = MmioTransport::new(Box::new(device), mem.clone()).unwrap();
+    let q = 0x8_0000u64; // desc, avail at +0x1000, used at +0x2000
+    let notify = |t: &mut MmioTransport| {
+        t.write(
+            u64::from(reg::VIRTIO_MMIO_QUEUE_NOTIFY),
+            &0u32.to_le_bytes(),
+        )
+    };
+    let wait_used = |idx: u16| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mem.read_obj::<u16>(GuestAddress(q + 0x2002)).unwrap() != idx {
+            assert!(Instant::now() < deadline, "request {idx} not completed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let bring_up = |t: &mut MmioTransport| {
+        negotiate(t, crate::virtio::F_VERSION_1);
+        setup_queue(t, 0, 16, q);
+        driver_ok(t);
+    };
+    bring_up(&mut t);
+
+    // A well-formed flush completes.
+    let put_desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let at = GuestAddress(q + 16 * i);
+        mem.write_obj(addr, at).unwrap();
+        mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(at.0 + 14)).unwrap();
+    };
+    let publish = |slot: u64, head: u16, idx: u16| {
+        mem.write_obj(head, GuestAddress(q + 0x1004 + 2 * slot))
+            .unwrap();
+        mem.write_obj(idx, GuestAddress(q + 0x1002)).unwrap();
+    };
+    mem.write_obj(
+        RequestHeader {
+            kind: VIRTIO_BLK_T_FLUSH,
+            reserved: 0,
+            sector: 0,
+        },
+        GuestAddress(HEADER),
+    )
+    .unwrap();
+    put_desc(0, HEADER, 16, VRING_DESC_F_NEXT as u16, 1);
+    put_desc(1, STATUS, 1, VRING_DESC_F_WRITE as u16, 0);
+    publish(0, 0, 1);
+    notify(&mut t);
+    wait_used(1);
+    assert_eq!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+
+    // A chain that loops on itself: the I/O thread marks the device.
+    put_desc(2, HEADER, 16, VRING_DESC_F_NEXT as u16, 2);
+    publish(1, 2, 2);
+    notify(&mut t);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t.status() & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
+        assert!(Instant::now() < deadline, "NEEDS_RESET never came");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_ne!(t.interrupt().status() & super::super::INT_CONFIG, 0);
+
+    // Reset and bring the device up again: it serves.
+    t.write(u64::from(reg::VIRTIO_MMIO_STATUS), &0u32.to_le_bytes());
+    assert_eq!(t.status(), 0);
+    mem.write_slice(&[0u8; 0x3000], GuestAddress(q)).unwrap();
+    bring_up(&mut t);
+    put_desc(0, HEADER, 16, VRING_DESC_F_NEXT as u16, 1);
+    put_desc(1, STATUS, 1, VRING_DESC_F_WRITE as u16, 0);
+    publish(0, 0, 1);
+    notify(&mut t);
+    wait_used(1);
+    assert_eq!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+}
