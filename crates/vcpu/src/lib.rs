@@ -10,6 +10,8 @@
 //! * [`exit`]: exits as plain values and the [`ExitHandler`] trait the embedding program
 //!   implements; dispatch is plain code.
 //! * [`runner`]: one thread per vCPU, pause/resume/kick/stop, exit statistics.
+//! * [`vcpu`]: a vCPU any thread can run one exit at a time, and the kick that makes it
+//!   leave the guest, for M:N runtimes.
 
 pub mod cpu;
 pub mod exit;
@@ -18,6 +20,7 @@ pub mod mode;
 mod run_page;
 pub mod runner;
 pub mod stats;
+pub mod vcpu;
 mod vm;
 
 pub use exit::{Exit, ExitAction, ExitHandler, StopReason, VcpuRegisters};

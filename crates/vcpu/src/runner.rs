@@ -6,22 +6,21 @@
 //! about to start returns at once and one in progress returns with EINTR. The vCPU
 //! thread clears `immediate_exit` and only then looks at the marks, so no kick is lost.
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
-use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 
-use crate::cpu::{self, CpuError, HypervisorInfo};
-use crate::exit::{dispatch, Exit, ExitAction, ExitError, ExitHandler, StopReason, VcpuRegisters};
-use crate::mode::{self, Entry, ModeError};
-use crate::run_page;
-use crate::stats::{ExitKind, ExitStats, ExitStatsSnapshot};
+use crate::cpu::{CpuError, HypervisorInfo};
+use crate::exit::{ExitError, ExitHandler, StopReason};
+use crate::mode::{Entry, ModeError};
+use crate::stats::{ExitStats, ExitStatsSnapshot};
+use crate::vcpu::{create_vcpus, Kicker, Step, Vcpu};
 use crate::vm::Vm;
+
+pub use crate::vcpu::kick_signal;
 
 /// How one vCPU starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,54 +130,12 @@ pub struct VmOutcome {
     pub vcpu: Option<u32>,
 }
 
-/// The signal used to kick vCPU threads (`SIGRTMIN`). An embedding program must not
-/// use it for anything else.
-pub fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-thread_local! {
-    /// The kvm_run of the vCPU owned by this thread, for the kick signal handler.
-    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let run = KVM_RUN.with(Cell::get);
-    if !run.is_null() {
-        // SAFETY: KVM_RUN is set by a vCPU thread to its own kvm_run mapping and reset
-        // to null before that mapping is dropped (see `VcpuThread::run`); the handler
-        // runs on the thread that set it, so the mapping is live.
-        unsafe { run_page::request_immediate_exit(run) };
-    }
-}
-
-fn install_kick_handler() -> Result<(), VmError> {
-    static INSTALL: Once = Once::new();
-    static mut RESULT: Option<vmm_sys_util::errno::Error> = None;
-    INSTALL.call_once(|| {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
-            // SAFETY: written only here, inside `call_once`, which synchronizes with
-            // every later reader below.
-            unsafe { RESULT = Some(e) };
-        }
-    });
-    // SAFETY: `call_once` has completed (on this or another thread), so the write
-    // above, if any, happened before this read and no write can follow.
-    match unsafe { RESULT } {
-        Some(e) => Err(VmError::Signal(e)),
-        None => Ok(()),
-    }
-}
-
 /// Per-vCPU state shared between its thread and the embedding program.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct VcpuShared {
-    stats: ExitStats,
-    kick_pending: AtomicBool,
+    stats: Arc<ExitStats>,
+    kicker: Kicker,
     kicks_seen: AtomicU64,
-    /// The thread while it runs; cleared by the thread before it ends, so a kicker
-    /// holding this lock never signals a finished thread.
-    thread: Mutex<Option<libc::pthread_t>>,
 }
 
 #[derive(Debug)]
@@ -205,15 +162,7 @@ impl Shared {
     }
 
     fn kick(&self, index: usize) {
-        let v = &self.vcpus[index];
-        v.kick_pending.store(true, Ordering::SeqCst);
-        let thread = v.thread.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = *thread {
-            // SAFETY: `t` is a thread that registered itself under this lock and has not
-            // yet deregistered (it does so under the same lock before ending), so it is
-            // alive; a signal for which a handler is installed is harmless to it.
-            unsafe { libc::pthread_kill(t, kick_signal()) };
-        }
+        self.vcpus[index].kicker.kick();
     }
 
     fn kick_all(&self) {
@@ -271,89 +220,27 @@ impl std::fmt::Debug for RunningVm {
     }
 }
 
-struct FdRegisters<'a> {
-    fd: &'a VcpuFd,
-    index: u32,
-}
-
-impl VcpuRegisters for FdRegisters<'_> {
-    fn vcpu_index(&self) -> u32 {
-        self.index
-    }
-    fn regs(&self) -> Result<kvm_regs, kvm_ioctls::Error> {
-        self.fd.get_regs()
-    }
-    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
-        self.fd.set_regs(regs)
-    }
-    fn sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {
-        self.fd.get_sregs()
-    }
-}
-
-fn describe_registers(fd: &VcpuFd) -> String {
-    match (fd.get_regs(), fd.get_sregs()) {
-        (Ok(r), Ok(s)) => format!(
-            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} \
-             cs={:#x}(dpl {}) cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, s.cs.selector, s.cs.dpl, s.cr0,
-            s.cr3, s.cr4, s.efer
-        ),
-        (Err(e), _) | (_, Err(e)) => format!("unavailable ({e})"),
-    }
-}
-
-/// The raw outcome of one KVM_RUN, before dispatch.
-enum RawExit {
-    Pio,
-    MmioRead {
-        addr: u64,
-    },
-    MmioWrite {
-        addr: u64,
-        data: [u8; 8],
-        len: usize,
-    },
-    Hlt,
-    Shutdown,
-    SystemEvent(u32),
-    Kicked,
-    InternalError,
-    FailEntry(u64),
-    Unhandled(u32),
-}
-
+/// The thread of one vCPU under [`RunningVm`].
 struct VcpuThread {
-    index: u32,
-    fd: VcpuFd,
-    run_size: usize,
+    vcpu: Vcpu,
     shared: Arc<Shared>,
-    handler: Arc<dyn ExitHandler>,
-    /// Copy of the port I/O data of the current exit (at most one page).
-    pio_buf: Box<[u8; 4096]>,
 }
 
 impl VcpuThread {
     fn me(&self) -> &VcpuShared {
-        &self.shared.vcpus[self.index as usize]
+        &self.shared.vcpus[self.vcpu.index() as usize]
     }
 
     fn run(mut self) {
-        KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
-        *self.me().thread.lock().unwrap_or_else(|p| p.into_inner()) =
-            // SAFETY: pthread_self has no preconditions.
-            Some(unsafe { libc::pthread_self() });
-        if self.me().kick_pending.load(Ordering::SeqCst) {
-            self.fd.set_kvm_immediate_exit(1);
-        }
+        let index = self.vcpu.index();
+        self.me().kicker.attach_current_thread();
         let result = self.run_loop();
-        *self.me().thread.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+        self.me().kicker.detach();
         match result {
             Ok(Some(reason)) => self.shared.request_stop(
                 VmOutcome {
                     reason,
-                    vcpu: Some(self.index),
+                    vcpu: Some(index),
                 },
                 None,
             ),
@@ -361,7 +248,7 @@ impl VcpuThread {
             Err(e) => self.shared.request_stop(
                 VmOutcome {
                     reason: StopReason::Crash,
-                    vcpu: Some(self.index),
+                    vcpu: Some(index),
                 },
                 Some(e),
             ),
@@ -377,162 +264,16 @@ impl VcpuThread {
             if self.shared.attention.load(Ordering::SeqCst) && !self.shared.checkpoint() {
                 return Ok(None);
             }
-            let raw = self.enter()?;
-            let start = Instant::now();
-            self.fd.set_kvm_immediate_exit(0);
-            if self.me().kick_pending.swap(false, Ordering::SeqCst) {
-                self.me().kicks_seen.fetch_add(1, Ordering::SeqCst);
+            let shared = self.shared.clone();
+            let me = &shared.vcpus[self.vcpu.index() as usize];
+            let step = self.vcpu.step(&me.kicker)?;
+            if me.kicker.take() {
+                me.kicks_seen.fetch_add(1, Ordering::SeqCst);
             }
-            let (kind, action) = self.handle(raw)?;
-            self.me()
-                .stats
-                .record(kind, start.elapsed().as_nanos() as u64);
-            if let ExitAction::Stop(reason) = action {
+            if let Step::Stop(reason) = step {
                 return Ok(Some(reason));
             }
         }
-    }
-
-    fn enter(&mut self) -> Result<RawExit, VmError> {
-        let index = self.index;
-        let exit = match self.fd.run() {
-            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => RawExit::Pio,
-            Ok(VcpuExit::MmioRead(addr, _)) => RawExit::MmioRead { addr },
-            Ok(VcpuExit::MmioWrite(addr, bytes)) => {
-                let mut data = [0u8; 8];
-                let len = bytes.len().min(8);
-                data[..len].copy_from_slice(&bytes[..len]);
-                RawExit::MmioWrite { addr, data, len }
-            }
-            Ok(VcpuExit::Hlt) => RawExit::Hlt,
-            Ok(VcpuExit::Shutdown) => RawExit::Shutdown,
-            Ok(VcpuExit::SystemEvent(kind, _)) => RawExit::SystemEvent(kind),
-            Ok(VcpuExit::Intr) => RawExit::Kicked,
-            Ok(VcpuExit::InternalError) => RawExit::InternalError,
-            Ok(VcpuExit::FailEntry(reason, _)) => RawExit::FailEntry(reason),
-            Ok(_) => RawExit::Unhandled(self.fd.get_kvm_run().exit_reason),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => RawExit::Kicked,
-            Err(source) => return Err(VmError::Run { index, source }),
-        };
-        Ok(exit)
-    }
-
-    fn fatal(&self, source: ExitError) -> VmError {
-        VmError::FatalExit {
-            index: self.index,
-            source,
-            registers: describe_registers(&self.fd),
-        }
-    }
-
-    fn handle(&mut self, raw: RawExit) -> Result<(ExitKind, ExitAction), VmError> {
-        let handler = &*self.handler;
-        let mut regs = FdRegisters {
-            fd: &self.fd,
-            index: self.index,
-        };
-        let one = |exit: Exit<'_>, regs: &mut FdRegisters<'_>| dispatch(exit, handler, regs);
-        let (kind, result) = match raw {
-            RawExit::Pio => return self.handle_pio(),
-            RawExit::MmioRead { addr } => {
-                let mut data = [0xffu8; 8];
-                let len = run_page::mmio_data(self.fd.get_kvm_run()).map_or(0, |d| d.len());
-                let mut regs = FdRegisters {
-                    fd: &self.fd,
-                    index: self.index,
-                };
-                let action = dispatch(
-                    Exit::MmioRead {
-                        addr,
-                        data: &mut data[..len],
-                    },
-                    handler,
-                    &mut regs,
-                );
-                if let Some(out) = run_page::mmio_data(self.fd.get_kvm_run()) {
-                    out.copy_from_slice(&data[..out.len()]);
-                }
-                (ExitKind::MmioRead, action)
-            }
-            RawExit::MmioWrite { addr, data, len } => (
-                ExitKind::MmioWrite,
-                one(
-                    Exit::MmioWrite {
-                        addr,
-                        data: &data[..len],
-                    },
-                    &mut regs,
-                ),
-            ),
-            RawExit::Hlt => (ExitKind::Hlt, one(Exit::Hlt, &mut regs)),
-            RawExit::Shutdown => (ExitKind::Shutdown, one(Exit::Shutdown, &mut regs)),
-            RawExit::SystemEvent(k) => {
-                (ExitKind::SystemEvent, one(Exit::SystemEvent(k), &mut regs))
-            }
-            RawExit::Kicked => (ExitKind::Kicked, one(Exit::Kicked, &mut regs)),
-            RawExit::InternalError => {
-                let suberror = run_page::internal_suberror(self.fd.get_kvm_run());
-                let mut regs = FdRegisters {
-                    fd: &self.fd,
-                    index: self.index,
-                };
-                (
-                    ExitKind::Other,
-                    dispatch(Exit::InternalError { suberror }, handler, &mut regs),
-                )
-            }
-            RawExit::FailEntry(reason) => {
-                (ExitKind::Other, one(Exit::FailEntry { reason }, &mut regs))
-            }
-            RawExit::Unhandled(r) => (ExitKind::Other, one(Exit::Unhandled(r), &mut regs)),
-        };
-        result.map(|a| (kind, a)).map_err(|e| self.fatal(e))
-    }
-
-    fn handle_pio(&mut self) -> Result<(ExitKind, ExitAction), VmError> {
-        let Some((header, data)) = run_page::pio(self.fd.get_kvm_run(), self.run_size) else {
-            return Err(self.fatal(ExitError::Unhandled(kvm_bindings::KVM_EXIT_IO)));
-        };
-        let len = data.len();
-        self.pio_buf[..len].copy_from_slice(data);
-        let mut regs = FdRegisters {
-            fd: &self.fd,
-            index: self.index,
-        };
-        let mut action = ExitAction::Continue;
-        for chunk in self.pio_buf[..len].chunks_exact_mut(header.size) {
-            let exit = if header.write {
-                Exit::PioWrite {
-                    port: header.port,
-                    data: chunk,
-                }
-            } else {
-                Exit::PioRead {
-                    port: header.port,
-                    data: chunk,
-                }
-            };
-            action =
-                dispatch(exit, &*self.handler, &mut regs).map_err(|source| VmError::FatalExit {
-                    index: self.index,
-                    source,
-                    registers: describe_registers(&self.fd),
-                })?;
-            if action != ExitAction::Continue {
-                break;
-            }
-        }
-        if !header.write {
-            if let Some((_, data)) = run_page::pio(self.fd.get_kvm_run(), self.run_size) {
-                data.copy_from_slice(&self.pio_buf[..len]);
-            }
-        }
-        let kind = if header.write {
-            ExitKind::PioWrite
-        } else {
-            ExitKind::PioRead
-        };
-        Ok((kind, action))
     }
 }
 
@@ -554,65 +295,37 @@ impl RunningVm {
         handler: Arc<dyn ExitHandler>,
         info: HypervisorInfo,
     ) -> Result<Self, VmError> {
-        if vcpus.is_empty() {
-            return Err(VmError::NoVcpus);
-        }
-        install_kick_handler()?;
-        mode::write_boot_tables(vm.memory())
-            .map_err(|source| VmError::Mode { index: 0, source })?;
-        let count = vcpus.len() as u32;
-        let run_size = vm
-            .kvm()
-            .get_vcpu_mmap_size()
-            .map_err(|source| VmError::CreateVcpu { index: 0, source })?;
-        let mut fds = Vec::with_capacity(vcpus.len());
-        for (i, config) in vcpus.iter().enumerate() {
-            let index = i as u32;
-            let fd = vm
-                .fd()
-                .create_vcpu(i as u64)
-                .map_err(|source| VmError::CreateVcpu { index, source })?;
-            cpu::configure(vm.kvm(), &fd, index, count, info)
-                .map_err(|source| VmError::Cpu { index, source })?;
-            if let Some(entry) = config.entry {
-                mode::enter(&fd, entry).map_err(|source| VmError::Mode { index, source })?;
-                // KVM keeps application processors waiting for SIPI; this one starts now.
-                let runnable = kvm_bindings::kvm_mp_state {
-                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-                };
-                fd.set_mp_state(runnable).map_err(|source| VmError::Mode {
-                    index,
-                    source: ModeError::Kvm("make the vCPU runnable", source),
-                })?;
-            }
-            fds.push(fd);
-        }
+        let cores = create_vcpus(&vm, vcpus, handler, info)?;
+        let count = cores.len() as u32;
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
                 stop: None,
                 error: None,
                 pause: false,
                 paused: 0,
-                live: fds.len(),
+                live: cores.len(),
             }),
             changed: Condvar::new(),
             attention: AtomicBool::new(false),
-            vcpus: (0..fds.len()).map(|_| VcpuShared::default()).collect(),
+            vcpus: cores
+                .iter()
+                .map(|c| VcpuShared {
+                    stats: c.stats(),
+                    kicker: Kicker::default(),
+                    kicks_seen: AtomicU64::new(0),
+                })
+                .collect(),
         });
         let mut running = RunningVm {
             vm: Arc::new(vm),
             shared: shared.clone(),
             threads: Vec::new(),
         };
-        for (i, fd) in fds.into_iter().enumerate() {
+        for (i, vcpu) in cores.into_iter().enumerate() {
             let index = i as u32;
             let thread = VcpuThread {
-                index,
-                fd,
-                run_size,
+                vcpu,
                 shared: shared.clone(),
-                handler: handler.clone(),
-                pio_buf: Box::new([0; 4096]),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
