@@ -19,9 +19,14 @@ use vmcraft::vcpu::VcpuConfig;
 const WEIGHTS: [u32; 4] = [256, 256, 512, 1024];
 /// The ideal share of one pCPU for each (2 pCPUs, weights 1:1:2:4).
 const IDEAL: [f64; 4] = [0.25, 0.25, 0.5, 1.0];
-/// Allowed error, as a fraction of the ideal: the host is itself a 2-core VM shared
-/// with the test harness and the ticker thread (measured here: within 2 %).
-const TOLERANCE: f64 = 0.08;
+/// Allowed error of the guest-measured share, as a fraction of the ideal. The host is
+/// itself a 2-core VM whose two cores do not run guest code at the same speed (its
+/// own host shares them): guest progress per unit of CPU time differs between the
+/// worker that runs the weight-4 vCPU and the other by up to 8 % here, while the CPU
+/// time the runtime hands out stays within 1 % of the ideal (asserted below at 5 %).
+const TOLERANCE: f64 = 0.15;
+/// Allowed error of the CPU time the runtime gave each vCPU.
+const RUN_TIME_TOLERANCE: f64 = 0.05;
 
 fn counters(vm: &vmcraft::vcpu::Vm) -> [u64; 4] {
     std::array::from_fn(|i| {
@@ -82,6 +87,12 @@ fn weighted_shares_on_two_workers_match_the_guests_progress() {
     eprintln!("guest-measured shares {shares:.3?}, host-measured run time shares {host:.3?}");
     for i in 0..4 {
         assert!(progress[i] > 0.0, "vCPU {i} made no progress");
+        assert!(
+            (host[i] - IDEAL[i]).abs() <= RUN_TIME_TOLERANCE * IDEAL[i],
+            "vCPU {i}: given {:.3} of a pCPU, ideal {} (all: {host:.3?})",
+            host[i],
+            IDEAL[i]
+        );
         assert!(
             (shares[i] - IDEAL[i]).abs() <= TOLERANCE * IDEAL[i],
             "vCPU {i}: share {:.3}, ideal {} (all: {shares:.3?})",
