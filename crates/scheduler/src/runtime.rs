@@ -23,7 +23,7 @@ use vmcraft_vcpu::{StopReason, VmError};
 use crate::{Affinity, DomainId, Nanos, PcpuId, Policy, SchedError, VcpuId, MS};
 
 /// How often the ticker checks deadlines and halted vCPUs.
-pub const TICKER_PERIOD: Duration = Duration::from_micros(500);
+pub const TICKER_PERIOD: Duration = Duration::from_millis(1);
 /// How long a halted vCPU sleeps before it looks for an interrupt again.
 pub const HALT_POLL: Nanos = MS;
 
