@@ -23,8 +23,7 @@ use vmcraft::guest_kit::Guest;
 use vmcraft::machine::{BusExitHandler, LegacyDevices};
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::scheduler::credit::{Credit, CreditParams};
-use vmcraft::scheduler::runtime::{DomainConfig, Runtime, RuntimeVcpu};
-use vmcraft::scheduler::{Affinity, DomainId, VcpuId};
+use vmcraft::scheduler::runtime::Runtime;
 use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::vcpu::create_vcpus;
 use vmcraft::vcpu::{RunningVm, VcpuConfig, Vm};
@@ -68,31 +67,8 @@ fn measure(vm: &Vm) -> [f64; 4] {
 fn runtime_run(workers: u32) -> ([f64; 4], Vec<Duration>) {
     let (vm, handler) = new_vm();
     let vcpus = create_vcpus(&vm, &configs(), handler, HypervisorInfo::default()).unwrap();
-    let domains: Vec<DomainConfig> = WEIGHTS
-        .iter()
-        .enumerate()
-        .map(|(i, &weight)| DomainConfig {
-            id: DomainId(i as u32),
-            weight,
-            cap: 0,
-        })
-        .collect();
-    let vcpus = vcpus
-        .into_iter()
-        .enumerate()
-        .map(|(i, vcpu)| RuntimeVcpu {
-            id: VcpuId(i as u32),
-            domain: DomainId(i as u32),
-            affinity: Affinity::any(),
-            vcpu,
-        })
-        .collect();
-    let runtime = Runtime::start(
-        Box::new(Credit::new(CreditParams::default(), workers)),
-        &domains,
-        vcpus,
-    )
-    .unwrap();
+    let policy = Box::new(Credit::new(CreditParams::default(), workers));
+    let runtime = Runtime::start_weighted(policy, vcpus, &WEIGHTS).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let (before, given_before) = (counters(&vm), runtime.run_time());
     std::thread::sleep(MEASURE);

@@ -10,8 +10,7 @@ use common::*;
 use vm_memory::Bytes;
 use vmcraft::guest_kit::Guest;
 use vmcraft::scheduler::credit::{Credit, CreditParams};
-use vmcraft::scheduler::runtime::{DomainConfig, Runtime, RuntimeVcpu};
-use vmcraft::scheduler::{Affinity, DomainId, VcpuId};
+use vmcraft::scheduler::runtime::Runtime;
 use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::vcpu::create_vcpus;
 use vmcraft::vcpu::VcpuConfig;
@@ -44,27 +43,8 @@ fn weighted_shares_on_two_workers_match_the_guests_progress() {
         .collect();
     let handler = test_vm.handler.clone();
     let vcpus = create_vcpus(&test_vm.vm, &configs, handler, HypervisorInfo::default()).unwrap();
-    let domains: Vec<DomainConfig> = WEIGHTS
-        .iter()
-        .enumerate()
-        .map(|(i, &weight)| DomainConfig {
-            id: DomainId(i as u32),
-            weight,
-            cap: 0,
-        })
-        .collect();
-    let runtime_vcpus = vcpus
-        .into_iter()
-        .enumerate()
-        .map(|(i, vcpu)| RuntimeVcpu {
-            id: VcpuId(i as u32),
-            domain: DomainId(i as u32),
-            affinity: Affinity::any(),
-            vcpu,
-        })
-        .collect();
     let policy = Box::new(Credit::new(CreditParams::default(), 2));
-    let runtime = Runtime::start(policy, &domains, runtime_vcpus).unwrap();
+    let runtime = Runtime::start_weighted(policy, vcpus, &WEIGHTS).unwrap();
 
     // Let accounting settle, then measure over 3 s.
     std::thread::sleep(Duration::from_millis(500));

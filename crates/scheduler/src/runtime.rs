@@ -333,6 +333,35 @@ impl Runtime {
         Ok(runtime)
     }
 
+    /// Start `policy` with each of `vcpus` in a domain of its own (`DomainId(i)`,
+    /// `VcpuId(i)`) with weight `weights[i]`, no cap and no affinity limit.
+    pub fn start_weighted(
+        policy: Box<dyn Policy + Send>,
+        vcpus: Vec<Vcpu>,
+        weights: &[u32],
+    ) -> Result<Runtime, RuntimeError> {
+        let domains: Vec<DomainConfig> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| DomainConfig {
+                id: DomainId(i as u32),
+                weight,
+                cap: 0,
+            })
+            .collect();
+        let vcpus = vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(i, vcpu)| RuntimeVcpu {
+                id: VcpuId(i as u32),
+                domain: DomainId(i as u32),
+                affinity: Affinity::any(),
+                vcpu,
+            })
+            .collect();
+        Runtime::start(policy, &domains, vcpus)
+    }
+
     /// CPU time each vCPU has been given so far, in the order given.
     pub fn run_time(&self) -> Vec<Duration> {
         self.shared

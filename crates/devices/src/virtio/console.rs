@@ -311,21 +311,10 @@ mod tests {
     use super::*;
     use crate::serial::SharedBuffer;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    fn d(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-    }
-
-    fn used(mem: &GuestMemory, mock: &MockSplitQueue<'_, GuestMemory>) -> Vec<u32> {
-        let at = mock.used_addr().0;
-        let idx: u16 = mem.read_obj(GuestAddress(at + 2)).unwrap();
-        (0..u64::from(idx))
-            .map(|i| mem.read_obj(GuestAddress(at + 8 + 8 * i)).unwrap())
-            .collect()
-    }
+    use crate::virtio::test_util::{desc as d, used_lens as used};
 
     #[test]
     fn transmit_writes_the_readable_bytes() {

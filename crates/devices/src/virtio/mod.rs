@@ -25,6 +25,8 @@ pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod tap;
+#[cfg(test)]
+mod test_util;
 mod worker;
 
 use std::io;

@@ -123,7 +123,7 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -134,17 +134,10 @@ mod tests {
         let interrupt = Interrupt::new().unwrap();
         let mut scratch = vec![0u8; 4096];
         let r = serve_queue(&mut q, mem, &interrupt, &mut scratch);
-        let used = mock.used_addr().0;
-        let idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
-        let lens = (0..u64::from(idx))
-            .map(|i| mem.read_obj(GuestAddress(used + 8 + 8 * i)).unwrap())
-            .collect();
-        (r, lens)
+        (r, crate::virtio::test_util::used_lens(mem, &mock))
     }
 
-    fn d(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-    }
+    use crate::virtio::test_util::desc as d;
 
     #[test]
     fn buffers_are_filled_up_to_the_cap() {
