@@ -6,6 +6,7 @@ mod common;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +20,7 @@ use vmcraft::devices::virtio::mmio::MmioTransport;
 use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
+use vmcraft::devices::virtio::VirtioDevice;
 use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
@@ -49,13 +51,15 @@ impl Drop for TempImage {
     }
 }
 
-struct BlockVm {
+/// A VM running `guest` (parameter `param`) with COM1 output in the returned buffer
+/// and `devices` behind virtio-mmio windows 0, 1, ... (IRQs 5, 6, ...).
+struct VirtioVm {
     running: RunningVm,
     serial: SharedBuffer,
-    transport: Arc<Mutex<MmioTransport>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
-fn start_block_vm(disk: Disk, param: u64) -> BlockVm {
+fn start_virtio_vm(guest: Guest, param: u64, devices: Vec<Box<dyn VirtioDevice>>) -> VirtioVm {
     require_kvm();
     let layout = MemoryLayout::x86_64(16 << 20).unwrap();
     let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
@@ -63,27 +67,22 @@ fn start_block_vm(disk: Disk, param: u64) -> BlockVm {
     let serial = SharedBuffer::new();
     let mut buses = IoBuses::new();
     LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone()).unwrap();
-    let transport = attach_virtio_mmio(
-        &mut buses,
-        vm.fd(),
-        vm.memory(),
-        abi::VIRTIO_MMIO_BASE,
-        5,
-        Box::new(Block::new(disk, "vblk0")),
-    )
-    .unwrap();
-    Guest::VIRTIO_BLK.load(vm.memory()).unwrap();
+    let transports = devices
+        .into_iter()
+        .enumerate()
+        .map(|(i, device)| {
+            let base = abi::VIRTIO_MMIO_BASE + 0x1000 * i as u64;
+            attach_virtio_mmio(&mut buses, vm.fd(), vm.memory(), base, 5 + i as u32, device)
+                .unwrap()
+        })
+        .collect();
+    guest.load(vm.memory()).unwrap();
     let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
-    let running = RunningVm::start(
-        vm,
-        &[VcpuConfig::at(Guest::VIRTIO_BLK.entry(0, param))],
-        handler,
-    )
-    .unwrap();
-    BlockVm {
+    let running = RunningVm::start(vm, &[VcpuConfig::at(guest.entry(0, param))], handler).unwrap();
+    VirtioVm {
         running,
         serial,
-        transport,
+        transports,
     }
 }
 
@@ -105,10 +104,11 @@ fn run_block_guest(event_idx: bool) {
     let (image, file) = TempImage::new(&format!("blk-guest-{event_idx}"), DISK_SECTORS);
     let host_view = file.try_clone().unwrap();
     let disk = Disk::new(file, false, "vmcraft-disk-0").unwrap();
-    let vm = start_block_vm(disk, u64::from(event_idx));
+    let blk: Box<dyn VirtioDevice> = Box::new(Block::new(disk, "vblk0"));
+    let vm = start_virtio_vm(Guest::VIRTIO_BLK, u64::from(event_idx), vec![blk]);
     let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
     let console = String::from_utf8_lossy(&vm.serial.contents()).into_owned();
-    let transport = vm.transport.lock().unwrap();
+    let transport = vm.transports[0].lock().unwrap();
     assert_eq!(
         outcome.reason,
         StopReason::DebugExit(0),
@@ -142,7 +142,9 @@ fn the_same_with_event_idx() {
 #[test]
 fn notifications_stay_in_the_kernel_with_ioeventfd() {
     let (_image, file) = TempImage::new("blk-exits", DISK_SECTORS);
-    let vm = start_block_vm(Disk::new(file, false, "x").unwrap(), 1);
+    let blk: Box<dyn VirtioDevice> =
+        Box::new(Block::new(Disk::new(file, false, "x").unwrap(), "vblk0"));
+    let vm = start_virtio_vm(Guest::VIRTIO_BLK, 1, vec![blk]);
     let outcome = vm.running.wait_stopped(Some(TIMEOUT)).unwrap();
     assert_eq!(outcome.reason, StopReason::DebugExit(0));
     let stats = vm.running.stats(0).unwrap();
@@ -162,65 +164,33 @@ fn notifications_stay_in_the_kernel_with_ioeventfd() {
     );
 }
 
-fn console_vm(
-    param: u64,
-    with_blk: Option<Disk>,
-) -> (
-    RunningVm,
-    SharedBuffer,
-    std::os::unix::net::UnixStream,
-    Option<Arc<Mutex<MmioTransport>>>,
-) {
-    require_kvm();
-    let layout = MemoryLayout::x86_64(16 << 20).unwrap();
-    let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
-    let stop = Arc::new(StopLatch::default());
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(std::io::sink()), stop.clone()).unwrap();
+/// The console guest with a virtio-console whose input is the returned socket end
+/// (output collected in the returned buffer), and optionally a virtio-blk after it.
+fn console_vm(param: u64, with_blk: Option<Disk>) -> (VirtioVm, SharedBuffer, UnixStream) {
     let output = SharedBuffer::new();
-    let (host_end, guest_end) = std::os::unix::net::UnixStream::pair().unwrap();
-    attach_virtio_mmio(
-        &mut buses,
-        vm.fd(),
-        vm.memory(),
-        abi::VIRTIO_MMIO_BASE,
-        5,
-        Box::new(Console::new(
-            Box::new(output.clone()),
-            Some(Box::new(guest_end)),
-            "vcon0",
-        )),
+    let (host_end, guest_end) = UnixStream::pair().unwrap();
+    let mut devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Console::new(
+        Box::new(output.clone()),
+        Some(Box::new(guest_end)),
+        "vcon0",
+    ))];
+    if let Some(disk) = with_blk {
+        devices.push(Box::new(Block::new(disk, "vblk0")));
+    }
+    (
+        start_virtio_vm(Guest::VIRTIO_CONSOLE, param, devices),
+        output,
+        host_end,
     )
-    .unwrap();
-    let blk = with_blk.map(|disk| {
-        attach_virtio_mmio(
-            &mut buses,
-            vm.fd(),
-            vm.memory(),
-            abi::VIRTIO_MMIO_BASE + 0x1000,
-            6,
-            Box::new(Block::new(disk, "vblk0")),
-        )
-        .unwrap()
-    });
-    Guest::VIRTIO_CONSOLE.load(vm.memory()).unwrap();
-    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
-    let running = RunningVm::start(
-        vm,
-        &[VcpuConfig::at(Guest::VIRTIO_CONSOLE.entry(0, param))],
-        handler,
-    )
-    .unwrap();
-    (running, output, host_end, blk)
 }
 
 #[test]
 fn a_guest_talks_both_ways_over_virtio_console() {
     use std::io::Write;
-    let (running, output, mut host, _) = console_vm(0, None);
+    let (vm, output, mut host) = console_vm(0, None);
     // Sent before the guest posts a buffer: it waits in the device, not lost.
     host.write_all(b"ping\n").unwrap();
-    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
     let text = String::from_utf8_lossy(&output.contents()).into_owned();
     assert_eq!(
         outcome.reason,
@@ -235,9 +205,9 @@ fn a_device_the_guest_broke_needs_reset_while_the_others_keep_serving() {
     use std::io::Write;
     let (_image, file) = TempImage::new("blk-broken", DISK_SECTORS);
     let disk = Disk::new(file, false, "x").unwrap();
-    let (running, output, mut host, blk) = console_vm(1, Some(disk));
+    let (vm, output, mut host) = console_vm(1, Some(disk));
     host.write_all(b"ping\n").unwrap();
-    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
     let text = String::from_utf8_lossy(&output.contents()).into_owned();
     assert_eq!(
         outcome.reason,
@@ -245,8 +215,7 @@ fn a_device_the_guest_broke_needs_reset_while_the_others_keep_serving() {
         "console: {text:?}"
     );
     assert_eq!(text, "hello from virtio-console\ngot: ping\n");
-    let blk = blk.unwrap();
-    let blk = blk.lock().unwrap();
+    let blk = vm.transports[1].lock().unwrap();
     assert_ne!(
         blk.status() & 64,
         0,
@@ -302,68 +271,27 @@ fn tap_in_private_netns() -> (Tap, std::net::UdpSocket) {
 fn a_guest_exchanges_real_frames_with_the_host_through_a_tap() {
     require_kvm();
     let (tap, socket) = tap_in_private_netns();
-    let layout = MemoryLayout::x86_64(16 << 20).unwrap();
-    let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
-    let stop = Arc::new(StopLatch::default());
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(std::io::sink()), stop.clone()).unwrap();
-    let net = attach_virtio_mmio(
-        &mut buses,
-        vm.fd(),
-        vm.memory(),
-        abi::VIRTIO_MMIO_BASE,
-        5,
-        Box::new(Net::new(Box::new(tap), [2, 0, 0, 0, 0, 2], "vnet0")),
-    )
-    .unwrap();
-    Guest::VIRTIO_NET.load(vm.memory()).unwrap();
-    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
-    let running = RunningVm::start(
-        vm,
-        &[VcpuConfig::at(Guest::VIRTIO_NET.entry(0, 0))],
-        handler,
-    )
-    .unwrap();
-
+    let nic: Box<dyn VirtioDevice> = Box::new(Net::new(Box::new(tap), [2, 0, 0, 0, 0, 2], "vnet0"));
+    let vm = start_virtio_vm(Guest::VIRTIO_NET, 0, vec![nic]);
     socket.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut buf = [0u8; 256];
-    let (n, from) = socket
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("no datagram from the guest: {e}; {:?}", net.lock().unwrap()));
+    let (n, from) = socket.recv_from(&mut buf).unwrap_or_else(|e| {
+        panic!(
+            "no datagram from the guest: {e}; {:?}",
+            vm.transports[0].lock().unwrap()
+        )
+    });
     assert_eq!(&buf[..n], b"hello from a vmcraft guest");
     assert_eq!(from.to_string(), "10.0.2.2:4000");
     socket.send_to(b"pong", from).unwrap();
-    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
     assert_eq!(outcome.reason, StopReason::DebugExit(0));
 }
 
 #[test]
 fn a_guest_draws_entropy_from_virtio_rng() {
-    require_kvm();
-    let layout = MemoryLayout::x86_64(16 << 20).unwrap();
-    let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
-    let stop = Arc::new(StopLatch::default());
-    let serial = SharedBuffer::new();
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone()).unwrap();
-    attach_virtio_mmio(
-        &mut buses,
-        vm.fd(),
-        vm.memory(),
-        abi::VIRTIO_MMIO_BASE,
-        5,
-        Box::new(Rng::new("vrng0")),
-    )
-    .unwrap();
-    Guest::VIRTIO_RNG.load(vm.memory()).unwrap();
-    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
-    let running = RunningVm::start(
-        vm,
-        &[VcpuConfig::at(Guest::VIRTIO_RNG.entry(0, 0))],
-        handler,
-    )
-    .unwrap();
-    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    let vm = start_virtio_vm(Guest::VIRTIO_RNG, 0, vec![Box::new(Rng::new("vrng0"))]);
+    let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
     assert_eq!(outcome.reason, StopReason::DebugExit(0));
-    assert_eq!(serial.contents(), b"rng ok\n");
+    assert_eq!(vm.serial.contents(), b"rng ok\n");
 }
