@@ -1,0 +1,304 @@
+//! Hypercalls: Xen's x86-64 register convention, a dispatch table the embedding
+//! program extends, and per-hypercall counters.
+//!
+//! The guest puts the hypercall number in `rax` and up to five arguments in `rdi`,
+//! `rsi`, `rdx`, `r10` and `r8`, then traps; the result comes back in `rax`, a
+//! negative errno on failure. VMCALL does not reach userspace on KVM here, so the
+//! trap is a write to a hypercall port (advertised in CPUID leaf 0x40000001); the
+//! table itself does not care how the trap arrived.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmcraft_pv_hypercall::hypercall::{errno, HypercallArgs, HypercallContext, HypercallTable};
+//! use vmcraft_memory::{layout::MemoryLayout, GuestRam};
+//!
+//! let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+//! let mut table = HypercallTable::new();
+//! table.register(42, "add", Arc::new(|_: &HypercallContext<'_>, a: &[u64; 5]| Ok(a[0] + a[1]))).unwrap();
+//! let ctx = HypercallContext { vcpu: 0, memory: ram.memory() };
+//! assert_eq!(table.dispatch(&ctx, HypercallArgs { nr: 42, args: [2, 3, 0, 0, 0] }), 5);
+//! assert_eq!(table.dispatch(&ctx, HypercallArgs { nr: 7, args: [0; 5] }), -errno::ENOSYS);
+//! assert_eq!(table.count(42), 1);
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+use vmcraft_memory::GuestMemory;
+
+/// The errno values hypercalls return (negated in `rax`).
+pub mod errno {
+    /// Bad address: a pointer argument outside guest memory.
+    pub const EFAULT: i64 = 14;
+    /// Invalid argument.
+    pub const EINVAL: i64 = 22;
+    /// No such hypercall.
+    pub const ENOSYS: i64 = 38;
+}
+
+/// A hypercall as the guest made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HypercallArgs {
+    /// The number (`rax`).
+    pub nr: u64,
+    /// `rdi`, `rsi`, `rdx`, `r10`, `r8`.
+    pub args: [u64; 5],
+}
+
+impl HypercallArgs {
+    /// Decode from the guest's general registers.
+    pub fn from_registers(rax: u64, rdi: u64, rsi: u64, rdx: u64, r10: u64, r8: u64) -> Self {
+        HypercallArgs {
+            nr: rax,
+            args: [rdi, rsi, rdx, r10, r8],
+        }
+    }
+}
+
+/// Why a hypercall failed; becomes a negative errno for the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum HypercallFault {
+    /// A pointer argument outside guest memory.
+    #[error("guest address {addr:#x} (+{len} bytes) is outside guest memory")]
+    BadAddress {
+        /// The address.
+        addr: u64,
+        /// Bytes wanted there.
+        len: usize,
+    },
+    /// An argument out of range.
+    #[error("invalid argument {index}: {value:#x}")]
+    Invalid {
+        /// Which argument (0 = rdi).
+        index: usize,
+        /// Its value.
+        value: u64,
+    },
+}
+
+impl HypercallFault {
+    /// The errno the guest sees.
+    pub fn errno(&self) -> i64 {
+        match self {
+            HypercallFault::BadAddress { .. } => errno::EFAULT,
+            HypercallFault::Invalid { .. } => errno::EINVAL,
+        }
+    }
+}
+
+/// What a hypercall handler gets besides its arguments.
+#[derive(Debug, Clone, Copy)]
+pub struct HypercallContext<'a> {
+    /// The calling vCPU.
+    pub vcpu: u32,
+    /// Guest memory, for pointer arguments.
+    pub memory: &'a GuestMemory,
+}
+
+impl HypercallContext<'_> {
+    /// Copy `len` bytes from guest address `addr` (a pointer argument).
+    pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>, HypercallFault> {
+        let mut buf = vec![0u8; len];
+        self.memory
+            .read_slice(&mut buf, GuestAddress(addr))
+            .map_err(|_| HypercallFault::BadAddress { addr, len })?;
+        Ok(buf)
+    }
+
+    /// Copy `data` to guest address `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), HypercallFault> {
+        self.memory
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| HypercallFault::BadAddress {
+                addr,
+                len: data.len(),
+            })
+    }
+}
+
+/// A hypercall implementation: returns a non-negative result or a fault.
+pub trait Hypercall: Send + Sync {
+    /// Handle one call.
+    fn call(&self, ctx: &HypercallContext<'_>, args: &[u64; 5]) -> Result<u64, HypercallFault>;
+}
+
+impl<F> Hypercall for F
+where
+    F: Fn(&HypercallContext<'_>, &[u64; 5]) -> Result<u64, HypercallFault> + Send + Sync,
+{
+    fn call(&self, ctx: &HypercallContext<'_>, args: &[u64; 5]) -> Result<u64, HypercallFault> {
+        self(ctx, args)
+    }
+}
+
+/// Errors from building a table.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TableError {
+    /// The number is taken.
+    #[error("hypercall {nr} is already registered as {name:?}")]
+    Taken {
+        /// The number.
+        nr: u64,
+        /// Who has it.
+        name: &'static str,
+    },
+}
+
+struct Entry {
+    name: &'static str,
+    handler: Arc<dyn Hypercall>,
+    calls: AtomicU64,
+}
+
+/// Hypercall numbers to handlers, with a call counter each.
+#[derive(Default)]
+pub struct HypercallTable {
+    entries: HashMap<u64, Entry>,
+    unknown: AtomicU64,
+}
+
+impl std::fmt::Debug for HypercallTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<_> = self.entries.iter().map(|(nr, e)| (*nr, e.name)).collect();
+        names.sort();
+        f.debug_struct("HypercallTable")
+            .field("entries", &names)
+            .finish()
+    }
+}
+
+impl HypercallTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add hypercall `nr`.
+    pub fn register(
+        &mut self,
+        nr: u64,
+        name: &'static str,
+        handler: Arc<dyn Hypercall>,
+    ) -> Result<(), TableError> {
+        if let Some(e) = self.entries.get(&nr) {
+            return Err(TableError::Taken { nr, name: e.name });
+        }
+        self.entries.insert(
+            nr,
+            Entry {
+                name,
+                handler,
+                calls: AtomicU64::new(0),
+            },
+        );
+        Ok(())
+    }
+
+    /// Run a call; the value for the guest's `rax` (negative errno on failure).
+    pub fn dispatch(&self, ctx: &HypercallContext<'_>, call: HypercallArgs) -> i64 {
+        let Some(entry) = self.entries.get(&call.nr) else {
+            self.unknown.fetch_add(1, Ordering::Relaxed);
+            return -errno::ENOSYS;
+        };
+        entry.calls.fetch_add(1, Ordering::Relaxed);
+        match entry.handler.call(ctx, &call.args) {
+            // Results are reported as non-negative i64; larger values would read as
+            // errors, so they are refused.
+            Ok(v) => i64::try_from(v).unwrap_or(-errno::EINVAL),
+            Err(fault) => -fault.errno(),
+        }
+    }
+
+    /// Calls of `nr` so far.
+    pub fn count(&self, nr: u64) -> u64 {
+        self.entries
+            .get(&nr)
+            .map_or(0, |e| e.calls.load(Ordering::Relaxed))
+    }
+
+    /// Calls of unknown numbers so far.
+    pub fn unknown_calls(&self) -> u64 {
+        self.unknown.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmcraft_memory::{layout::MemoryLayout, GuestRam};
+
+    fn ram() -> GuestRam {
+        GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn errors_map_to_xen_errnos() {
+        let ram = ram();
+        let ctx = HypercallContext {
+            vcpu: 1,
+            memory: ram.memory(),
+        };
+        let mut t = HypercallTable::new();
+        // Copies a 4-byte value from one guest address to another; arg 2 must be 0.
+        let copy = |ctx: &HypercallContext<'_>, a: &[u64; 5]| {
+            if a[2] != 0 {
+                return Err(HypercallFault::Invalid {
+                    index: 2,
+                    value: a[2],
+                });
+            }
+            let v = ctx.read(a[0], 4)?;
+            ctx.write(a[1], &v)?;
+            Ok(4)
+        };
+        t.register(1, "copy", Arc::new(copy)).unwrap();
+        assert_eq!(
+            t.register(1, "again", Arc::new(copy)),
+            Err(TableError::Taken {
+                nr: 1,
+                name: "copy"
+            })
+        );
+        ram.memory()
+            .write_obj(0xabcd_u32, GuestAddress(0x100))
+            .unwrap();
+        let call = |args| HypercallArgs { nr: 1, args };
+        assert_eq!(t.dispatch(&ctx, call([0x100, 0x200, 0, 0, 0])), 4);
+        assert_eq!(
+            ram.memory().read_obj::<u32>(GuestAddress(0x200)).unwrap(),
+            0xabcd
+        );
+        assert_eq!(
+            t.dispatch(&ctx, call([0x100, 0x200, 9, 0, 0])),
+            -errno::EINVAL
+        );
+        assert_eq!(
+            t.dispatch(&ctx, call([1 << 40, 0x200, 0, 0, 0])),
+            -errno::EFAULT
+        );
+        assert_eq!(
+            t.dispatch(&ctx, call([0x100, u64::MAX - 1, 0, 0, 0])),
+            -errno::EFAULT
+        );
+        assert_eq!(
+            t.dispatch(
+                &ctx,
+                HypercallArgs {
+                    nr: 99,
+                    args: [0; 5]
+                }
+            ),
+            -errno::ENOSYS
+        );
+        assert_eq!((t.count(1), t.count(99), t.unknown_calls()), (4, 0, 1));
+    }
+
+    #[test]
+    fn arguments_come_from_the_xen_registers() {
+        let a = HypercallArgs::from_registers(7, 1, 2, 3, 4, 5);
+        assert_eq!((a.nr, a.args), (7, [1, 2, 3, 4, 5]));
+    }
+}

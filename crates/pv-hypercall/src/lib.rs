@@ -1,0 +1,14 @@
+//! Paravirtual building blocks for vmcraft VMMs, after Xen's split-driver model.
+//!
+//! * [`ring`]: shared request/response rings, layout-compatible with Xen's
+//!   `io/ring.h`, generic over the request and response types, with Xen's
+//!   notification suppression. The front end and the ring core are `no_std` (build
+//!   without the default `std` feature), so guest code can use them too.
+//! * [`hypercall`] (std): hypercalls trapped through a port write, decoded from the
+//!   guest's registers in Xen's x86-64 convention, dispatched through a table the
+//!   embedding program extends.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+#[cfg(feature = "std")]
+pub mod hypercall;
+pub mod ring;
