@@ -6,6 +6,8 @@ pub use vmcraft_devices as devices;
 pub use vmcraft_guest_kit as guest_kit;
 #[cfg(feature = "memory")]
 pub use vmcraft_memory as memory;
+#[cfg(feature = "pv")]
+pub use vmcraft_pv_hypercall as pv;
 #[cfg(feature = "scheduler")]
 pub use vmcraft_scheduler as scheduler;
 #[cfg(feature = "vcpu")]

@@ -15,6 +15,7 @@ use vmcraft_devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, SERIAL_SIZE};
 use vmcraft_devices::stop::{DeviceStop, StopLatch};
 use vmcraft_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, WINDOW_SIZE};
 use vmcraft_devices::virtio::VirtioDevice;
+use vmcraft_pv_hypercall::hypercall::{HypercallArgs, HypercallContext, HypercallTable};
 use vmcraft_vcpu::{ExitAction, ExitHandler, StopReason, VcpuRegisters};
 
 /// The debug-exit port (the one the test guests use).
@@ -193,4 +194,93 @@ pub fn attach_virtio_mmio(
         .register_mmio(base, WINDOW_SIZE, transport.clone())
         .map_err(VirtioAttachError::Bus)?;
     Ok(transport)
+}
+
+/// The port test guests and the PV demo trap hypercalls through (advertised in
+/// CPUID leaf 0x40000001, ebx).
+pub const HYPERCALL_PORT: u16 = vmcraft_guest_kit::abi::HYPERCALL_PORT;
+
+/// Routes a write to the hypercall port to a [`HypercallTable`] (number and
+/// arguments from the guest's registers, result into `rax`) and every other exit to
+/// `inner`. If the registers cannot be read or written the VM stops with a crash
+/// rather than run on with a wrong result.
+pub struct HypercallExitHandler<H> {
+    port: u16,
+    table: Arc<HypercallTable>,
+    memory: vmcraft_memory::GuestMemory,
+    inner: H,
+}
+
+impl<H: std::fmt::Debug> std::fmt::Debug for HypercallExitHandler<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HypercallExitHandler")
+            .field("port", &self.port)
+            .field("table", &self.table)
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: ExitHandler> HypercallExitHandler<H> {
+    /// Hypercalls on `port` go to `table` (pointer arguments resolve in `memory`).
+    pub fn new(
+        port: u16,
+        table: Arc<HypercallTable>,
+        memory: vmcraft_memory::GuestMemory,
+        inner: H,
+    ) -> Self {
+        HypercallExitHandler {
+            port,
+            table,
+            memory,
+            inner,
+        }
+    }
+
+    /// The table (for its counters).
+    pub fn table(&self) -> &HypercallTable {
+        &self.table
+    }
+
+    fn hypercall(&self, vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        let Ok(mut regs) = vcpu.regs() else {
+            return ExitAction::Stop(StopReason::Crash);
+        };
+        let call = HypercallArgs::from_registers(
+            regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8,
+        );
+        let ctx = HypercallContext {
+            vcpu: vcpu.vcpu_index(),
+            memory: &self.memory,
+        };
+        regs.rax = self.table.dispatch(&ctx, call) as u64;
+        match vcpu.set_regs(&regs) {
+            Ok(()) => ExitAction::Continue,
+            Err(_) => ExitAction::Stop(StopReason::Crash),
+        }
+    }
+}
+
+impl<H: ExitHandler> ExitHandler for HypercallExitHandler<H> {
+    fn pio_read(&self, port: u16, data: &mut [u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        self.inner.pio_read(port, data, vcpu)
+    }
+    fn pio_write(&self, port: u16, data: &[u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        if port == self.port {
+            return self.hypercall(vcpu);
+        }
+        self.inner.pio_write(port, data, vcpu)
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        self.inner.mmio_read(addr, data, vcpu)
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        self.inner.mmio_write(addr, data, vcpu)
+    }
+    fn halted(&self, vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        self.inner.halted(vcpu)
+    }
+    fn kicked(&self, vcpu: &mut dyn VcpuRegisters) -> ExitAction {
+        self.inner.kicked(vcpu)
+    }
 }

@@ -26,6 +26,7 @@ fn main() {
         ("COUNTER_BASE", abi::COUNTER_BASE),
         ("VIRTIO_MMIO_BASE", abi::VIRTIO_MMIO_BASE),
         ("GUEST_HEAP", abi::GUEST_HEAP),
+        ("HYPERCALL_PORT", u64::from(abi::HYPERCALL_PORT)),
     ];
     println!("cargo:rerun-if-changed=guests");
     println!("cargo:rerun-if-changed=src/abi.rs");

@@ -24,3 +24,7 @@ pub const STACK_TOP: u64 = 0x8_0000;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd100_0000;
 /// Scratch memory C guests use for rings and buffers (identity mapped, 4 MiB).
 pub const GUEST_HEAP: u64 = 0x40_0000;
+/// Port whose write traps a hypercall (number and arguments in registers, Xen's
+/// x86-64 convention; result in rax). Below 0x100, so the guest can use the
+/// immediate form of `out` and keep rdx for an argument.
+pub const HYPERCALL_PORT: u16 = 0x98;

@@ -113,6 +113,11 @@ impl Guest {
     /// 64-byte requests come back full and different, a 128 KiB one is cut to the
     /// 64 KiB cap; prints `rng ok` and exits 0.
     pub const VIRTIO_RNG: Guest = guest!("virtio_rng", GuestMode::User64);
+    /// A C guest that finds the vmcraft interface through CPUID (signature and
+    /// hypercall port) and makes hypercalls at CPL 3 through [`abi::HYPERCALL_PORT`]:
+    /// 1 = sum of five arguments, 2 = copy 8 bytes between guest pointers, 3 = echo an
+    /// argument up to 100, and an unknown number. Prints `hypercalls ok`, exits 0.
+    pub const HYPERCALLS: Guest = guest!("hypercalls", GuestMode::User64);
     /// A virtio-blk load generator: 4 KiB reads or writes in batches behind one
     /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bits 8..15 batch
     /// (1 to 32), bits 16..47 the number of requests. Prints `kicks <hex>` to COM1.
