@@ -64,6 +64,11 @@ pub trait RingMemory {
     fn read(&self, offset: usize, buf: &mut [u8]);
     /// Copy bytes in.
     fn write(&self, offset: usize, data: &[u8]);
+    /// A full barrier (ring.h's `mb()`), between publishing an index and reading the
+    /// other side's event index.
+    fn full_fence(&self) {
+        fence(Ordering::SeqCst);
+    }
 }
 
 /// A request or response: its wire form is `SIZE` bytes.
@@ -236,7 +241,7 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> FrontRing<M, Req, Rsp> {
         let new = self.req_prod_pvt;
         // The store is a release: the entries are visible before the index.
         self.mem.store_u32(REQ_PROD, new);
-        fence(Ordering::SeqCst);
+        self.mem.full_fence();
         need_notify(old, new, self.mem.load_u32(REQ_EVENT))
     }
 
@@ -266,7 +271,7 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> FrontRing<M, Req, Rsp> {
             return Ok(true);
         }
         self.mem.store_u32(RSP_EVENT, self.rsp_cons.wrapping_add(1));
-        fence(Ordering::SeqCst);
+        self.mem.full_fence();
         Ok(self.unconsumed_responses()? > 0)
     }
 }
@@ -339,7 +344,7 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> BackRing<M, Req, Rsp> {
         let old = self.mem.load_u32(RSP_PROD);
         let new = self.rsp_prod_pvt;
         self.mem.store_u32(RSP_PROD, new);
-        fence(Ordering::SeqCst);
+        self.mem.full_fence();
         need_notify(old, new, self.mem.load_u32(RSP_EVENT))
     }
 
@@ -350,7 +355,7 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> BackRing<M, Req, Rsp> {
             return Ok(true);
         }
         self.mem.store_u32(REQ_EVENT, self.req_cons.wrapping_add(1));
-        fence(Ordering::SeqCst);
+        self.mem.full_fence();
         Ok(self.unconsumed_requests()? > 0)
     }
 }
@@ -418,5 +423,8 @@ mod guest;
 #[cfg(feature = "std")]
 pub use guest::{GuestRingMemory, HostRingMemory};
 
-#[cfg(all(test, feature = "std"))]
+#[cfg(all(test, feature = "std", not(loom)))]
 mod tests;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
