@@ -1,0 +1,62 @@
+//! Hypercall dispatch with arbitrary numbers, arguments and guest memory: the result
+//! is a non-negative value or one of -EFAULT, -EINVAL, -ENOSYS, never a panic.
+#![no_main]
+
+use std::sync::Arc;
+
+use libfuzzer_sys::fuzz_target;
+use vmcraft_memory::vm_memory::{Bytes, GuestAddress};
+use vmcraft_memory::{layout::MemoryLayout, GuestRam};
+use vmcraft_pv_hypercall::hypercall::{
+    errno, HypercallArgs, HypercallContext, HypercallFault, HypercallTable,
+};
+
+fn table() -> HypercallTable {
+    let mut t = HypercallTable::new();
+    // Copies rdx bytes (at most 4 KiB) from the address in rdi to the one in rsi.
+    t.register(
+        1,
+        "copy",
+        Arc::new(|ctx: &HypercallContext<'_>, a: &[u64; 5]| {
+            if a[2] > 4096 {
+                return Err(HypercallFault::Invalid { index: 2, value: a[2] });
+            }
+            let bytes = ctx.read(a[0], a[2] as usize)?;
+            ctx.write(a[1], &bytes)?;
+            Ok(a[2])
+        }),
+    )
+    .unwrap();
+    t.register(2, "sum", Arc::new(|_: &HypercallContext<'_>, a: &[u64; 5]| {
+        Ok(a.iter().fold(0u64, |s, v| s.wrapping_add(*v)))
+    }))
+    .unwrap();
+    t
+}
+
+fuzz_target!(|data: &[u8]| {
+    let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+    let table = table();
+    let ctx = HypercallContext { vcpu: 0, memory: ram.memory() };
+    for call in data.chunks(48) {
+        if call.len() < 48 {
+            break;
+        }
+        let word = |i: usize| u64::from_le_bytes(call[8 * i..8 * i + 8].try_into().unwrap());
+        // Small numbers and addresses are likelier to reach the handlers.
+        let args = HypercallArgs::from_registers(
+            word(0) % 4,
+            word(1) % (2 << 20),
+            word(2) % (2 << 20),
+            word(3) % 8192,
+            word(4),
+            word(5),
+        );
+        let _ = ram.memory().write_obj(word(5), GuestAddress(word(4) % (1 << 20)));
+        let r = table.dispatch(&ctx, args);
+        assert!(
+            r >= 0 || [-errno::EFAULT, -errno::EINVAL, -errno::ENOSYS].contains(&r),
+            "{args:?} -> {r}"
+        );
+    }
+});
