@@ -165,19 +165,33 @@ fn unconsumed(prod: u32, cons: u32, entries: u32) -> Result<u32, RingError> {
     Ok(claimed)
 }
 
+/// Run `f` on a zeroed scratch buffer of exactly `len` bytes (at most
+/// [`MAX_ENTRY_SIZE`]), sized to the smallest of a few stack arrays so small entries do
+/// not pay for clearing a large one.
+#[inline(always)]
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    if len <= 16 {
+        f(&mut [0u8; 16][..len])
+    } else if len <= 128 {
+        f(&mut [0u8; 128][..len])
+    } else {
+        f(&mut [0u8; MAX_ENTRY_SIZE][..len])
+    }
+}
+
 fn read_entry<M: RingMemory, T: Entry>(mem: &M, layout: &RingLayout, index: u32) -> T {
     // One copy out of shared memory; decoding works on the private copy only.
-    let mut buf = [0u8; MAX_ENTRY_SIZE];
-    let bytes = &mut buf[..T::SIZE];
-    mem.read(layout.offset(index), bytes);
-    T::decode(bytes)
+    with_scratch(T::SIZE, |bytes| {
+        mem.read(layout.offset(index), bytes);
+        T::decode(bytes)
+    })
 }
 
 fn write_entry<M: RingMemory, T: Entry>(mem: &M, layout: &RingLayout, index: u32, value: &T) {
-    let mut buf = [0u8; MAX_ENTRY_SIZE];
-    let bytes = &mut buf[..T::SIZE];
-    value.encode(bytes);
-    mem.write(layout.offset(index), bytes);
+    with_scratch(T::SIZE, |bytes| {
+        value.encode(bytes);
+        mem.write(layout.offset(index), bytes);
+    })
 }
 
 /// The front end (the guest's driver side): pushes requests, pops responses.
@@ -187,6 +201,10 @@ pub struct FrontRing<M, Req, Rsp> {
     layout: RingLayout,
     req_prod_pvt: u32,
     rsp_cons: u32,
+    /// The back end's response index as last read (validated).
+    rsp_prod_seen: u32,
+    /// The request index as last published.
+    req_published: u32,
     _types: PhantomData<fn(Req) -> Rsp>,
 }
 
@@ -211,6 +229,8 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> FrontRing<M, Req, Rsp> {
             layout,
             req_prod_pvt,
             rsp_cons,
+            rsp_prod_seen: rsp_cons,
+            req_published: req_prod_pvt,
             _types: PhantomData,
         })
     }
@@ -237,8 +257,9 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> FrontRing<M, Req, Rsp> {
 
     /// Publish queued requests; returns whether the back end must be notified.
     pub fn publish_requests(&mut self) -> bool {
-        let old = self.mem.load_u32(REQ_PROD);
+        let old = self.req_published;
         let new = self.req_prod_pvt;
+        self.req_published = new;
         // The store is a release: the entries are visible before the index.
         self.mem.store_u32(REQ_PROD, new);
         self.mem.full_fence();
@@ -254,10 +275,15 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> FrontRing<M, Req, Rsp> {
         )
     }
 
-    /// Pop the next response, if one is published.
+    /// Pop the next response, if one is published. The shared index is read again
+    /// only when the responses seen last time are used up.
     pub fn pop_response(&mut self) -> Result<Option<Rsp>, RingError> {
-        if self.unconsumed_responses()? == 0 {
-            return Ok(None);
+        if self.rsp_cons == self.rsp_prod_seen {
+            let prod = self.mem.load_u32(RSP_PROD);
+            if unconsumed(prod, self.rsp_cons, self.layout.entries)? == 0 {
+                return Ok(None);
+            }
+            self.rsp_prod_seen = prod;
         }
         let rsp = read_entry(&self.mem, &self.layout, self.rsp_cons);
         self.rsp_cons = self.rsp_cons.wrapping_add(1);
@@ -283,6 +309,10 @@ pub struct BackRing<M, Req, Rsp> {
     layout: RingLayout,
     rsp_prod_pvt: u32,
     req_cons: u32,
+    /// The front end's request index as last read (validated).
+    req_prod_seen: u32,
+    /// The response index as last published.
+    rsp_published: u32,
     _types: PhantomData<fn(Req) -> Rsp>,
 }
 
@@ -297,6 +327,8 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> BackRing<M, Req, Rsp> {
             layout,
             rsp_prod_pvt: start,
             req_cons: start,
+            req_prod_seen: start,
+            rsp_published: start,
             _types: PhantomData,
         })
     }
@@ -319,10 +351,19 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> BackRing<M, Req, Rsp> {
         Ok(req.min(room))
     }
 
-    /// Pop the next request, copied out of shared memory once.
+    /// Pop the next request, copied out of shared memory once. The shared index is
+    /// read again only when the requests seen last time are used up.
     pub fn pop_request(&mut self) -> Result<Option<Req>, RingError> {
-        if self.unconsumed_requests()? == 0 {
+        let room = self.layout.entries - self.req_cons.wrapping_sub(self.rsp_prod_pvt);
+        if room == 0 {
             return Ok(None);
+        }
+        if self.req_cons == self.req_prod_seen {
+            let prod = self.mem.load_u32(REQ_PROD);
+            if unconsumed(prod, self.req_cons, self.layout.entries)? == 0 {
+                return Ok(None);
+            }
+            self.req_prod_seen = prod;
         }
         let req = read_entry(&self.mem, &self.layout, self.req_cons);
         self.req_cons = self.req_cons.wrapping_add(1);
@@ -341,8 +382,9 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> BackRing<M, Req, Rsp> {
 
     /// Publish queued responses; returns whether the front end must be notified.
     pub fn publish_responses(&mut self) -> bool {
-        let old = self.mem.load_u32(RSP_PROD);
+        let old = self.rsp_published;
         let new = self.rsp_prod_pvt;
+        self.rsp_published = new;
         self.mem.store_u32(RSP_PROD, new);
         self.mem.full_fence();
         need_notify(old, new, self.mem.load_u32(RSP_EVENT))
@@ -404,16 +446,37 @@ impl RingMemory for RawRingMemory {
     }
     fn read(&self, offset: usize, buf: &mut [u8]) {
         assert!(offset + buf.len() <= self.size, "read past the ring");
-        for (i, b) in buf.iter_mut().enumerate() {
+        let mut i = 0;
+        // Whole 8-byte words where aligned, then bytes.
+        if offset.is_multiple_of(8) {
+            while i + 8 <= buf.len() {
+                // SAFETY: in bounds (checked above) of the region `new` makes valid,
+                // and 8-aligned (base is 8-aligned, offset + i is a multiple of 8).
+                let w =
+                    unsafe { core::ptr::read_volatile(self.base.add(offset + i) as *const u64) };
+                buf[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+                i += 8;
+            }
+        }
+        for (j, b) in buf.iter_mut().enumerate().skip(i) {
             // SAFETY: in bounds (checked above) of the region `new` makes valid.
-            *b = unsafe { core::ptr::read_volatile(self.base.add(offset + i)) };
+            *b = unsafe { core::ptr::read_volatile(self.base.add(offset + j)) };
         }
     }
     fn write(&self, offset: usize, data: &[u8]) {
         assert!(offset + data.len() <= self.size, "write past the ring");
-        for (i, b) in data.iter().enumerate() {
+        let mut i = 0;
+        if offset.is_multiple_of(8) {
+            while i + 8 <= data.len() {
+                let w = u64::from_ne_bytes(data[i..i + 8].try_into().expect("8 bytes"));
+                // SAFETY: as in `read`: in bounds and 8-aligned.
+                unsafe { core::ptr::write_volatile(self.base.add(offset + i) as *mut u64, w) };
+                i += 8;
+            }
+        }
+        for (j, b) in data.iter().enumerate().skip(i) {
             // SAFETY: in bounds (checked above) of the region `new` makes valid.
-            unsafe { core::ptr::write_volatile(self.base.add(offset + i), *b) };
+            unsafe { core::ptr::write_volatile(self.base.add(offset + j), *b) };
         }
     }
 }
