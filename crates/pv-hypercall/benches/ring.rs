@@ -69,7 +69,7 @@ fn ours<M: RingMemory + Send + Clone + 'static>(mem: M, batch: u64) -> f64 {
         if n > 0 {
             front.publish_requests();
         }
-        while let Some(_) = front.pop_response().unwrap() {
+        while front.pop_response().unwrap().is_some() {
             done += 1;
         }
     }
