@@ -1,0 +1,442 @@
+//! Event channels, Xen's 2-level ABI: a shared-info page in guest memory holds the
+//! pending and mask bitmaps (4096 ports) and, per vCPU, `evtchn_upcall_pending`,
+//! `evtchn_upcall_mask` and the `evtchn_pending_sel` selector.
+//!
+//! Raising a port sets its pending bit; if the bit was clear and the port is not
+//! masked, the port's word is set in the vCPU's selector, `upcall_pending` is set and,
+//! unless the vCPU masks upcalls, the upcall is delivered (an interrupt through an
+//! irqfd, on the vector the embedding program chose). Unmasking a pending port raises
+//! it again.
+//!
+//! The guest's side of a channel is a port in this table; the VMM's side (a backend)
+//! is an eventfd the guest's `send` signals, which an event-manager subscriber can
+//! wait on. Operations: `alloc_unbound`, `bind_interdomain` (connect a guest port to
+//! a backend), `send`, `close`, `unmask`, `status`.
+
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+use vmcraft_memory::GuestMemory;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Ports in the 2-level ABI (64 words of 64 bits).
+pub const MAX_PORTS: u32 = 4096;
+/// vCPUs the shared-info page has room for.
+pub const MAX_VCPUS: u32 = 32;
+/// Size of one `vcpu_info`.
+pub const VCPU_INFO_SIZE: u64 = 64;
+/// Offset of `evtchn_pending[]` in the shared-info page.
+pub const PENDING_OFFSET: u64 = VCPU_INFO_SIZE * MAX_VCPUS as u64;
+/// Offset of `evtchn_mask[]`.
+pub const MASK_OFFSET: u64 = PENDING_OFFSET + 8 * 64;
+/// Offsets inside a `vcpu_info`.
+const UPCALL_PENDING: u64 = 0;
+const UPCALL_MASK: u64 = 1;
+const PENDING_SEL: u64 = 8;
+
+/// Errors from event-channel operations; each maps to the errno a guest sees.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum EvtchnError {
+    /// A port outside the table or not in the state the operation needs.
+    #[error("port {0} is not valid for this operation")]
+    BadPort(u32),
+    /// No free port.
+    #[error("no free event-channel port")]
+    NoFreePort,
+    /// A vCPU outside the shared-info page.
+    #[error("vCPU {0} has no vcpu_info")]
+    BadVcpu(u32),
+    /// The shared-info page is not in guest memory.
+    #[error("the shared-info page at {0:#x} is outside guest memory")]
+    BadSharedInfo(u64),
+    /// The backend's eventfd could not be made.
+    #[error("cannot create a backend eventfd")]
+    EventFd(String),
+}
+
+impl EvtchnError {
+    /// The errno a hypercall returns for it.
+    pub fn errno(&self) -> i64 {
+        match self {
+            EvtchnError::BadPort(_) | EvtchnError::BadVcpu(_) => crate::hypercall::errno::EINVAL,
+            EvtchnError::NoFreePort => 28, // ENOSPC
+            EvtchnError::BadSharedInfo(_) => crate::hypercall::errno::EFAULT,
+            EvtchnError::EventFd(_) => 12, // ENOMEM
+        }
+    }
+}
+
+/// A port's state, as `status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortStatus {
+    /// Not allocated.
+    Closed,
+    /// Allocated, waiting for the other end (`remote_dom` may bind).
+    Unbound {
+        /// Who may bind.
+        remote_dom: u16,
+    },
+    /// Connected to a backend.
+    Interdomain {
+        /// The backend's id.
+        backend: u32,
+    },
+}
+
+/// Delivers the upcall to the guest (an irqfd in a VMM; a counter in tests).
+pub trait Upcall: Send + Sync {
+    /// Interrupt vCPU `vcpu`.
+    fn raise(&self, vcpu: u32);
+}
+
+impl Upcall for EventFd {
+    fn raise(&self, _vcpu: u32) {
+        // Saturation means an interrupt is pending already.
+        let _ = self.write(1);
+    }
+}
+
+/// The VMM's end of a channel: `notified` is signalled each time the guest sends.
+#[derive(Debug)]
+pub struct BackendPort {
+    /// The backend's id (its own numbering).
+    pub backend: u32,
+    /// The guest's port.
+    pub port: u32,
+    /// Signalled by the guest's `send`.
+    pub notified: EventFd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Free,
+    Unbound { remote_dom: u16 },
+    Bound { backend: u32, vcpu: u32 },
+}
+
+struct Inner {
+    slots: Vec<Slot>,
+    backends: Vec<Option<EventFd>>,
+}
+
+/// The event channels of one guest.
+pub struct EventChannels {
+    memory: GuestMemory,
+    shared_info: GuestAddress,
+    upcall: Arc<dyn Upcall>,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for EventChannels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventChannels")
+            .field("shared_info", &self.shared_info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventChannels {
+    /// Channels whose shared-info page is at `shared_info` (one 4 KiB page inside
+    /// guest memory), delivering upcalls through `upcall`. Port 0 is reserved, as in
+    /// Xen.
+    pub fn new(
+        memory: GuestMemory,
+        shared_info: GuestAddress,
+        upcall: Arc<dyn Upcall>,
+    ) -> Result<Self, EvtchnError> {
+        if !shared_info.0.is_multiple_of(4096) || !memory.check_range(shared_info, 4096) {
+            return Err(EvtchnError::BadSharedInfo(shared_info.0));
+        }
+        let mut slots = vec![Slot::Free; MAX_PORTS as usize];
+        slots[0] = Slot::Unbound {
+            remote_dom: u16::MAX,
+        };
+        Ok(EventChannels {
+            memory,
+            shared_info,
+            upcall,
+            inner: Mutex::new(Inner {
+                slots,
+                backends: Vec::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn word_addr(&self, base: u64, port: u32) -> GuestAddress {
+        GuestAddress(self.shared_info.0 + base + 8 * u64::from(port / 64))
+    }
+
+    fn vcpu_addr(&self, vcpu: u32, field: u64) -> GuestAddress {
+        GuestAddress(self.shared_info.0 + VCPU_INFO_SIZE * u64::from(vcpu) + field)
+    }
+
+    /// Atomically set bit `bit` of the word at `addr`; returns whether it was set.
+    fn test_and_set(&self, addr: GuestAddress, bit: u32) -> bool {
+        use std::sync::atomic::Ordering;
+        let mask = 1u64 << bit;
+        let Ok(slice) = self.memory.get_slice(addr, 8) else {
+            return true;
+        };
+        // The guest changes these words concurrently (it clears pending bits and the
+        // selector as it handles events): a compare-and-swap loop on the live word.
+        let Ok(word) = slice.get_atomic_ref::<std::sync::atomic::AtomicU64>(0) else {
+            return true;
+        };
+        word.fetch_or(mask, Ordering::SeqCst) & mask != 0
+    }
+
+    fn bit(&self, addr: GuestAddress, bit: u32) -> bool {
+        self.memory
+            .load::<u64>(addr, std::sync::atomic::Ordering::SeqCst)
+            .is_ok_and(|w| w & (1u64 << bit) != 0)
+    }
+
+    /// Raise `port` toward `vcpu`: the 2-level ABI's set-pending path.
+    fn raise(&self, port: u32, vcpu: u32) {
+        if self.test_and_set(self.word_addr(PENDING_OFFSET, port), port % 64) {
+            return; // already pending: the guest will see it
+        }
+        if self.bit(self.word_addr(MASK_OFFSET, port), port % 64) {
+            return; // masked: unmask raises it again
+        }
+        self.deliver(port, vcpu);
+    }
+
+    /// Flag `port`'s word in `vcpu`'s selector and raise the upcall unless the word
+    /// was flagged already or the vCPU masks upcalls.
+    fn deliver(&self, port: u32, vcpu: u32) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.test_and_set(self.vcpu_addr(vcpu, PENDING_SEL), port / 64) {
+            return;
+        }
+        let _ = self
+            .memory
+            .store(1u8, self.vcpu_addr(vcpu, UPCALL_PENDING), SeqCst);
+        let masked = self
+            .memory
+            .load::<u8>(self.vcpu_addr(vcpu, UPCALL_MASK), SeqCst)
+            .map_or(true, |m| m != 0);
+        if !masked {
+            self.upcall.raise(vcpu);
+        }
+    }
+
+    /// `alloc_unbound`: a new port that `remote_dom` may bind to.
+    pub fn alloc_unbound(&self, remote_dom: u16) -> Result<u32, EvtchnError> {
+        let mut inner = self.lock();
+        let port = inner
+            .slots
+            .iter()
+            .position(|s| *s == Slot::Free)
+            .ok_or(EvtchnError::NoFreePort)?;
+        inner.slots[port] = Slot::Unbound { remote_dom };
+        Ok(port as u32)
+    }
+
+    /// `bind_interdomain` from the VMM's side: connect the guest's unbound `port`
+    /// to backend `backend`, with upcalls to `vcpu`. Returns the backend's end.
+    pub fn bind_backend(
+        &self,
+        port: u32,
+        backend: u32,
+        vcpu: u32,
+    ) -> Result<BackendPort, EvtchnError> {
+        if vcpu >= MAX_VCPUS {
+            return Err(EvtchnError::BadVcpu(vcpu));
+        }
+        let mut inner = self.lock();
+        match inner.slots.get(port as usize) {
+            Some(Slot::Unbound { .. }) if port != 0 => {}
+            _ => return Err(EvtchnError::BadPort(port)),
+        }
+        let notified =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| EvtchnError::EventFd(e.to_string()))?;
+        let ours = notified
+            .try_clone()
+            .map_err(|e| EvtchnError::EventFd(e.to_string()))?;
+        inner.slots[port as usize] = Slot::Bound { backend, vcpu };
+        if inner.backends.len() <= port as usize {
+            inner.backends.resize_with(port as usize + 1, || None);
+        }
+        inner.backends[port as usize] = Some(ours);
+        Ok(BackendPort {
+            backend,
+            port,
+            notified,
+        })
+    }
+
+    /// `send` from the guest: signal the backend bound to `port`.
+    pub fn send(&self, port: u32) -> Result<(), EvtchnError> {
+        let inner = self.lock();
+        match (
+            inner.slots.get(port as usize),
+            inner.backends.get(port as usize),
+        ) {
+            (Some(Slot::Bound { .. }), Some(Some(fd))) => {
+                // Saturation means the backend has a notification pending already.
+                let _ = fd.write(1);
+                Ok(())
+            }
+            _ => Err(EvtchnError::BadPort(port)),
+        }
+    }
+
+    /// A backend notifies the guest on `port`.
+    pub fn notify_guest(&self, port: u32) -> Result<(), EvtchnError> {
+        let vcpu = match self.lock().slots.get(port as usize) {
+            Some(Slot::Bound { vcpu, .. }) => *vcpu,
+            _ => return Err(EvtchnError::BadPort(port)),
+        };
+        self.raise(port, vcpu);
+        Ok(())
+    }
+
+    /// `close`: free `port` (a bound backend's eventfd stops being signalled).
+    pub fn close(&self, port: u32) -> Result<(), EvtchnError> {
+        let mut inner = self.lock();
+        match inner.slots.get(port as usize) {
+            Some(Slot::Free) | None => return Err(EvtchnError::BadPort(port)),
+            _ if port == 0 => return Err(EvtchnError::BadPort(port)),
+            _ => {}
+        }
+        inner.slots[port as usize] = Slot::Free;
+        if let Some(b) = inner.backends.get_mut(port as usize) {
+            *b = None;
+        }
+        Ok(())
+    }
+
+    /// `unmask`: clear `port`'s mask bit and, if it is pending, raise it again.
+    pub fn unmask(&self, port: u32) -> Result<(), EvtchnError> {
+        let vcpu = match self.lock().slots.get(port as usize) {
+            Some(Slot::Bound { vcpu, .. }) => *vcpu,
+            Some(Slot::Unbound { .. }) if port != 0 => 0,
+            _ => return Err(EvtchnError::BadPort(port)),
+        };
+        let addr = self.word_addr(MASK_OFFSET, port);
+        if let Ok(slice) = self.memory.get_slice(addr, 8) {
+            if let Ok(word) = slice.get_atomic_ref::<std::sync::atomic::AtomicU64>(0) {
+                word.fetch_and(!(1u64 << (port % 64)), std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        if self.bit(self.word_addr(PENDING_OFFSET, port), port % 64) {
+            self.deliver(port, vcpu);
+        }
+        Ok(())
+    }
+
+    /// `status` of `port`.
+    pub fn status(&self, port: u32) -> Result<PortStatus, EvtchnError> {
+        match self.lock().slots.get(port as usize) {
+            None => Err(EvtchnError::BadPort(port)),
+            Some(Slot::Free) => Ok(PortStatus::Closed),
+            Some(Slot::Unbound { remote_dom }) => Ok(PortStatus::Unbound {
+                remote_dom: *remote_dom,
+            }),
+            Some(Slot::Bound { backend, .. }) => Ok(PortStatus::Interdomain { backend: *backend }),
+        }
+    }
+}
+
+/// Xen's hypercall number for event-channel operations.
+pub const HYPERVISOR_EVENT_CHANNEL_OP: u64 = 32;
+
+/// Xen's `EVTCHNOP_*` commands this table implements (the command is in `rdi`, a
+/// pointer to its argument struct in `rsi`).
+pub mod op {
+    /// `struct evtchn_close { port }`.
+    pub const CLOSE: u64 = 3;
+    /// `struct evtchn_send { port }`.
+    pub const SEND: u64 = 4;
+    /// `struct evtchn_status { dom, port, status (out), vcpu (out), u (out) }`.
+    pub const STATUS: u64 = 5;
+    /// `struct evtchn_alloc_unbound { dom, remote_dom, port (out) }`.
+    pub const ALLOC_UNBOUND: u64 = 6;
+    /// `struct evtchn_unmask { port }`.
+    pub const UNMASK: u64 = 9;
+}
+
+/// `EVTCHNSTAT_*` values `status` writes.
+mod stat {
+    pub const CLOSED: u32 = 0;
+    pub const UNBOUND: u32 = 1;
+    pub const INTERDOMAIN: u32 = 2;
+}
+
+impl EventChannels {
+    /// Register `HYPERVISOR_event_channel_op` (32) in `table`, serving the guest's
+    /// `alloc_unbound`, `send`, `close`, `unmask` and `status` with Xen's argument
+    /// structs.
+    pub fn register_hypercalls(
+        self: &Arc<Self>,
+        table: &mut crate::hypercall::HypercallTable,
+    ) -> Result<(), crate::hypercall::TableError> {
+        let me = self.clone();
+        table.register(
+            HYPERVISOR_EVENT_CHANNEL_OP,
+            "event_channel_op",
+            Arc::new(
+                move |ctx: &crate::hypercall::HypercallContext<'_>, a: &[u64; 5]| {
+                    me.hypercall(ctx, a[0], a[1])
+                },
+            ),
+        )
+    }
+
+    fn hypercall(
+        &self,
+        ctx: &crate::hypercall::HypercallContext<'_>,
+        cmd: u64,
+        arg: u64,
+    ) -> Result<u64, crate::hypercall::HypercallFault> {
+        use crate::hypercall::HypercallFault;
+        let invalid = |e: EvtchnError| HypercallFault::Invalid {
+            index: 1,
+            value: u64::from(match e {
+                EvtchnError::BadPort(p) | EvtchnError::BadVcpu(p) => p,
+                _ => u32::MAX,
+            }),
+        };
+        let read_u32 = |at: u64| -> Result<u32, HypercallFault> {
+            let b = ctx.read(at, 4)?;
+            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        match cmd {
+            op::ALLOC_UNBOUND => {
+                let b = ctx.read(arg, 8)?;
+                let remote = u16::from_le_bytes([b[2], b[3]]);
+                let port = self.alloc_unbound(remote).map_err(invalid)?;
+                ctx.write(arg + 4, &port.to_le_bytes())?;
+                Ok(0)
+            }
+            op::SEND => self.send(read_u32(arg)?).map(|_| 0).map_err(invalid),
+            op::CLOSE => self.close(read_u32(arg)?).map(|_| 0).map_err(invalid),
+            op::UNMASK => self.unmask(read_u32(arg)?).map(|_| 0).map_err(invalid),
+            op::STATUS => {
+                let port = read_u32(arg + 4)?;
+                let (status, extra) = match self.status(port).map_err(invalid)? {
+                    PortStatus::Closed => (stat::CLOSED, 0u64),
+                    PortStatus::Unbound { remote_dom } => (stat::UNBOUND, u64::from(remote_dom)),
+                    PortStatus::Interdomain { backend } => (stat::INTERDOMAIN, u64::from(backend)),
+                };
+                ctx.write(arg + 8, &status.to_le_bytes())?;
+                ctx.write(arg + 12, &0u32.to_le_bytes())?;
+                ctx.write(arg + 16, &extra.to_le_bytes())?;
+                Ok(0)
+            }
+            other => Err(HypercallFault::Invalid {
+                index: 0,
+                value: other,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+//! The 2-level event-channel ABI against a shared-info page in guest memory.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::*;
+use vmcraft_memory::{layout::MemoryLayout, GuestRam};
+
+#[derive(Default)]
+struct Counter(AtomicU32);
+
+impl Upcall for Counter {
+    fn raise(&self, _vcpu: u32) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+const SHARED_INFO: u64 = 0x2000;
+
+fn setup() -> (GuestRam, EventChannels, Arc<Counter>) {
+    let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+    let counter = Arc::new(Counter::default());
+    let ch = EventChannels::new(
+        ram.memory().clone(),
+        GuestAddress(SHARED_INFO),
+        counter.clone(),
+    )
+    .unwrap();
+    (ram, ch, counter)
+}
+
+fn word(ram: &GuestRam, offset: u64, port: u32) -> u64 {
+    ram.memory()
+        .read_obj(GuestAddress(
+            SHARED_INFO + offset + 8 * u64::from(port / 64),
+        ))
+        .unwrap()
+}
+
+fn vcpu_byte(ram: &GuestRam, vcpu: u32, field: u64) -> u8 {
+    ram.memory()
+        .read_obj(GuestAddress(
+            SHARED_INFO + VCPU_INFO_SIZE * u64::from(vcpu) + field,
+        ))
+        .unwrap()
+}
+
+fn selector(ram: &GuestRam, vcpu: u32) -> u64 {
+    ram.memory()
+        .read_obj(GuestAddress(
+            SHARED_INFO + VCPU_INFO_SIZE * u64::from(vcpu) + 8,
+        ))
+        .unwrap()
+}
+
+#[test]
+fn a_channel_goes_through_its_life() {
+    let (_ram, ch, _) = setup();
+    let port = ch.alloc_unbound(0).unwrap();
+    assert_ne!(port, 0, "port 0 is reserved");
+    assert_eq!(ch.status(port), Ok(PortStatus::Unbound { remote_dom: 0 }));
+    let backend = ch.bind_backend(port, 7, 0).unwrap();
+    assert_eq!(ch.status(port), Ok(PortStatus::Interdomain { backend: 7 }));
+    assert!(backend.notified.read().is_err(), "nothing sent yet");
+    ch.send(port).unwrap();
+    ch.send(port).unwrap();
+    assert_eq!(backend.notified.read().unwrap(), 2);
+    ch.close(port).unwrap();
+    assert_eq!(ch.status(port), Ok(PortStatus::Closed));
+    assert_eq!(ch.send(port), Err(EvtchnError::BadPort(port)));
+    // The port is free for reuse.
+    assert_eq!(ch.alloc_unbound(0), Ok(port));
+}
+
+#[test]
+fn raising_sets_pending_selector_and_upcall_once() {
+    let (ram, ch, upcalls) = setup();
+    let port = 130; // word 2, bit 2
+    for _ in 0..port {
+        ch.alloc_unbound(0).unwrap();
+    }
+    let _b = ch.bind_backend(port, 1, 3).unwrap();
+    ch.notify_guest(port).unwrap();
+    assert_eq!(word(&ram, PENDING_OFFSET, port), 1 << 2);
+    assert_eq!(selector(&ram, 3), 1 << 2);
+    assert_eq!(vcpu_byte(&ram, 3, 0), 1, "upcall_pending");
+    assert_eq!(upcalls.0.load(Ordering::SeqCst), 1);
+    // Still pending: no second upcall.
+    ch.notify_guest(port).unwrap();
+    assert_eq!(upcalls.0.load(Ordering::SeqCst), 1);
+    // The guest handles it (clears selector, pending, upcall_pending); the next
+    // event raises a new upcall.
+    let m = ram.memory();
+    m.write_obj(0u64, GuestAddress(SHARED_INFO + VCPU_INFO_SIZE * 3 + 8))
+        .unwrap();
+    m.write_obj(0u64, GuestAddress(SHARED_INFO + PENDING_OFFSET + 16))
+        .unwrap();
+    m.write_obj(0u8, GuestAddress(SHARED_INFO + VCPU_INFO_SIZE * 3))
+        .unwrap();
+    ch.notify_guest(port).unwrap();
+    assert_eq!(upcalls.0.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn masks_hold_events_until_unmask() {
+    let (ram, ch, upcalls) = setup();
+    let port = ch.alloc_unbound(0).unwrap();
+    let _b = ch.bind_backend(port, 1, 0).unwrap();
+    // The guest masks the port.
+    ram.memory()
+        .write_obj(1u64 << port, GuestAddress(SHARED_INFO + MASK_OFFSET))
+        .unwrap();
+    ch.notify_guest(port).unwrap();
+    assert_eq!(
+        word(&ram, PENDING_OFFSET, port),
+        1 << port,
+        "pending is still set"
+    );
+    assert_eq!(selector(&ram, 0), 0);
+    assert_eq!(upcalls.0.load(Ordering::SeqCst), 0);
+    ch.unmask(port).unwrap();
+    assert_eq!(word(&ram, MASK_OFFSET, port), 0);
+    assert_eq!(selector(&ram, 0), 1);
+    assert_eq!(
+        upcalls.0.load(Ordering::SeqCst),
+        1,
+        "unmask re-raises a pending port"
+    );
+}
+
+#[test]
+fn a_vcpu_masking_upcalls_gets_the_flag_but_no_interrupt() {
+    let (ram, ch, upcalls) = setup();
+    let port = ch.alloc_unbound(0).unwrap();
+    let _b = ch.bind_backend(port, 1, 1).unwrap();
+    ram.memory()
+        .write_obj(1u8, GuestAddress(SHARED_INFO + VCPU_INFO_SIZE + 1))
+        .unwrap();
+    ch.notify_guest(port).unwrap();
+    assert_eq!(vcpu_byte(&ram, 1, 0), 1);
+    assert_eq!(upcalls.0.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn bad_ports_and_pages_are_refused() {
+    let (_ram, ch, _) = setup();
+    for port in [0, 5, MAX_PORTS, u32::MAX] {
+        assert_eq!(
+            ch.send(port),
+            Err(EvtchnError::BadPort(port)),
+            "send {port}"
+        );
+        assert_eq!(ch.notify_guest(port), Err(EvtchnError::BadPort(port)));
+    }
+    assert_eq!(ch.close(0), Err(EvtchnError::BadPort(0)));
+    assert!(matches!(
+        ch.bind_backend(0, 1, 0),
+        Err(EvtchnError::BadPort(0))
+    ));
+    let p = ch.alloc_unbound(0).unwrap();
+    assert!(matches!(
+        ch.bind_backend(p, 1, MAX_VCPUS),
+        Err(EvtchnError::BadVcpu(_))
+    ));
+    assert_eq!(ch.status(MAX_PORTS), Err(EvtchnError::BadPort(MAX_PORTS)));
+    let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+    for at in [0x2001, (1 << 20) - 0x800, 1 << 40] {
+        assert!(matches!(
+            EventChannels::new(
+                ram.memory().clone(),
+                GuestAddress(at),
+                Arc::new(Counter::default())
+            ),
+            Err(EvtchnError::BadSharedInfo(_))
+        ));
+    }
+    // Every port can be allocated once.
+    let (_ram, ch, _) = setup();
+    for _ in 1..MAX_PORTS {
+        ch.alloc_unbound(0).unwrap();
+    }
+    assert_eq!(ch.alloc_unbound(0), Err(EvtchnError::NoFreePort));
+}
+
+#[test]
+fn the_guest_drives_channels_through_event_channel_op() {
+    use crate::hypercall::{errno, HypercallArgs, HypercallContext, HypercallTable};
+    let (ram, ch, _) = setup();
+    let ch = Arc::new(ch);
+    let mut table = HypercallTable::new();
+    ch.register_hypercalls(&mut table).unwrap();
+    let ctx = HypercallContext {
+        vcpu: 0,
+        memory: ram.memory(),
+    };
+    let call = |cmd: u64, arg: u64| {
+        table.dispatch(
+            &ctx,
+            HypercallArgs {
+                nr: HYPERVISOR_EVENT_CHANNEL_OP,
+                args: [cmd, arg, 0, 0, 0],
+            },
+        )
+    };
+    let arg = 0x8000u64;
+    // alloc_unbound { dom: 0 (self), remote_dom: 0, port: out }
+    ram.memory().write_obj(0u64, GuestAddress(arg)).unwrap();
+    assert_eq!(call(op::ALLOC_UNBOUND, arg), 0);
+    let port: u32 = ram.memory().read_obj(GuestAddress(arg + 4)).unwrap();
+    assert_eq!(port, 1);
+    let backend = ch.bind_backend(port, 9, 0).unwrap();
+    // send { port }
+    ram.memory().write_obj(port, GuestAddress(arg)).unwrap();
+    assert_eq!(call(op::SEND, arg), 0);
+    assert_eq!(backend.notified.read().unwrap(), 1);
+    // status { dom, port, status: out, vcpu: out, u: out }
+    ram.memory().write_obj(port, GuestAddress(arg + 4)).unwrap();
+    assert_eq!(call(op::STATUS, arg), 0);
+    assert_eq!(
+        ram.memory().read_obj::<u32>(GuestAddress(arg + 8)).unwrap(),
+        2
+    );
+    assert_eq!(
+        ram.memory()
+            .read_obj::<u64>(GuestAddress(arg + 16))
+            .unwrap(),
+        9
+    );
+    // Errors: a bad port, a bad pointer, an unknown command.
+    ram.memory().write_obj(4000u32, GuestAddress(arg)).unwrap();
+    assert_eq!(call(op::SEND, arg), -errno::EINVAL);
+    assert_eq!(call(op::SEND, 1 << 40), -errno::EFAULT);
+    assert_eq!(call(77, arg), -errno::EINVAL);
+    // close { port }
+    ram.memory().write_obj(port, GuestAddress(arg)).unwrap();
+    assert_eq!(call(op::CLOSE, arg), 0);
+    assert_eq!(call(op::SEND, arg), -errno::EINVAL);
+}
