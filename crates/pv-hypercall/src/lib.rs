@@ -7,12 +7,16 @@
 //! * [`hypercall`] (std): hypercalls trapped through a port write, decoded from the
 //!   guest's registers in Xen's x86-64 convention, dispatched through a table the
 //!   embedding program extends.
+//! * [`grant`] (std): grant tables v1: map, unmap and copy with checks on domid,
+//!   the read-only flag and the in-use marks.
 //! * [`evtchn`] (std): event channels, Xen's 2-level ABI, with upcalls through an
 //!   irqfd and backends woken through eventfds.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 #[cfg(feature = "std")]
 pub mod evtchn;
+#[cfg(feature = "std")]
+pub mod grant;
 #[cfg(feature = "std")]
 pub mod hypercall;
 pub mod ring;

@@ -1,0 +1,306 @@
+//! Grant tables, version 1: how a guest lets a backend reach chosen pages of its
+//! memory.
+//!
+//! The table lives in guest memory: entry `ref` is `{u16 flags; u16 domid; u32
+//! frame}` (8 bytes). The guest grants by writing `domid` and `frame`, a write
+//! barrier, then `flags` (`GTF_permit_access`, plus `GTF_readonly` for read-only
+//! access). The backend (the VMM, acting as domain `backend_domid`):
+//! * maps a grant: the entry must permit access to this domain, and to writing if a
+//!   writable mapping is asked; the backend then sets `GTF_reading` (and
+//!   `GTF_writing`) with a compare-and-swap on the live flags, so the grant cannot
+//!   change under it (a guest that wants to revoke sees the in-use bits and must
+//!   wait; that is the guest's side of the protocol, as in Xen);
+//! * unmaps: clears the bits it set;
+//! * copies to or from a granted frame, never across its page.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Mutex;
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+use vmcraft_memory::GuestMemory;
+
+/// Bytes per grant entry (v1).
+pub const ENTRY_SIZE: u64 = 8;
+/// Page size of granted frames.
+pub const PAGE: u64 = 4096;
+/// `GTF_permit_access`: the grant type that lets the named domain map the frame.
+pub const GTF_PERMIT_ACCESS: u16 = 1;
+/// The grant type field.
+pub const GTF_TYPE_MASK: u16 = 3;
+/// Read-only grant.
+pub const GTF_READONLY: u16 = 1 << 2;
+/// Set by the backend while the frame is mapped for reading.
+pub const GTF_READING: u16 = 1 << 3;
+/// Set by the backend while the frame is mapped for writing.
+pub const GTF_WRITING: u16 = 1 << 4;
+
+/// Why a grant operation failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum GrantError {
+    /// The reference is outside the table.
+    #[error("grant reference {0} is outside the table")]
+    BadRef(u32),
+    /// The entry does not grant access (type) or grants it to another domain.
+    #[error("grant {gref} is not for domain {domid} (flags {flags:#x}, domid {granted})")]
+    NotGranted {
+        /// The reference.
+        gref: u32,
+        /// Who asked.
+        domid: u16,
+        /// The entry's flags.
+        flags: u16,
+        /// The entry's domid.
+        granted: u16,
+    },
+    /// A write to a read-only grant.
+    #[error("grant {0} is read-only")]
+    ReadOnly(u32),
+    /// The frame is outside guest memory.
+    #[error("grant {gref} names frame {frame:#x}, outside guest memory")]
+    BadFrame {
+        /// The reference.
+        gref: u32,
+        /// The frame.
+        frame: u32,
+    },
+    /// A copy that would cross its page.
+    #[error("a copy of {len} bytes at offset {offset} crosses the granted page")]
+    CrossesPage {
+        /// Offset in the page.
+        offset: u64,
+        /// Length.
+        len: usize,
+    },
+    /// The table is not in guest memory.
+    #[error("the grant table ({entries} entries at {addr:#x}) is outside guest memory")]
+    BadTable {
+        /// Its address.
+        addr: u64,
+        /// Its size in entries.
+        entries: u32,
+    },
+    /// The guest kept changing the entry while it was being mapped.
+    #[error("grant {0} changed while it was being mapped")]
+    Unstable(u32),
+    /// The mapping was already released.
+    #[error("grant {0} is not mapped")]
+    NotMapped(u32),
+}
+
+/// A mapped grant: the frame it names, and whether it may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    /// The reference.
+    pub gref: u32,
+    /// Guest-physical address of the page.
+    pub page: GuestAddress,
+    /// Whether the backend may write it.
+    pub writable: bool,
+}
+
+/// Direction of a grant copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyDirection {
+    /// From the granted page into the caller's buffer.
+    FromGuest,
+    /// From the caller's buffer into the granted page.
+    ToGuest,
+}
+
+/// One guest's grant table, seen from a backend acting as `backend_domid`.
+pub struct GrantTable {
+    memory: GuestMemory,
+    table: GuestAddress,
+    entries: u32,
+    backend_domid: u16,
+    /// Per reference, how many mappings the backend holds (reads, writes).
+    held: Mutex<Vec<(u32, u32)>>,
+}
+
+impl std::fmt::Debug for GrantTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantTable")
+            .field("table", &self.table)
+            .field("entries", &self.entries)
+            .field("backend_domid", &self.backend_domid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrantTable {
+    /// The `entries`-entry table at `table` (8-aligned, inside guest memory).
+    pub fn new(
+        memory: GuestMemory,
+        table: GuestAddress,
+        entries: u32,
+        backend_domid: u16,
+    ) -> Result<Self, GrantError> {
+        let bad = GrantError::BadTable {
+            addr: table.0,
+            entries,
+        };
+        let len = u64::from(entries) * ENTRY_SIZE;
+        if entries == 0 || !table.0.is_multiple_of(8) || !memory.check_range(table, len as usize) {
+            return Err(bad);
+        }
+        Ok(GrantTable {
+            memory,
+            table,
+            entries,
+            backend_domid,
+            held: Mutex::new(vec![(0, 0); entries as usize]),
+        })
+    }
+
+    /// Entries in the table (`query_size`).
+    pub fn size(&self) -> u32 {
+        self.entries
+    }
+
+    /// Run `f` on entry `gref`'s live flags word (the guest changes it concurrently).
+    fn with_flags<R>(&self, gref: u32, f: impl FnOnce(&AtomicU16) -> R) -> Result<R, GrantError> {
+        if gref >= self.entries {
+            return Err(GrantError::BadRef(gref));
+        }
+        let addr = GuestAddress(self.table.0 + u64::from(gref) * ENTRY_SIZE);
+        let slice = self
+            .memory
+            .get_slice(addr, 2)
+            .map_err(|_| GrantError::BadRef(gref))?;
+        let flags = slice
+            .get_atomic_ref::<AtomicU16>(0)
+            .map_err(|_| GrantError::BadRef(gref))?;
+        Ok(f(flags))
+    }
+
+    /// Map grant `gref` for reading, or for writing as well.
+    pub fn map(&self, gref: u32, writable: bool) -> Result<Mapping, GrantError> {
+        let entry = GuestAddress(self.table.0 + u64::from(gref) * ENTRY_SIZE);
+        let in_use = if writable {
+            GTF_READING | GTF_WRITING
+        } else {
+            GTF_READING
+        };
+        // A guest flipping the entry can make the compare-and-swap fail; give up
+        // after a few tries rather than spin on a hostile guest.
+        for _ in 0..16 {
+            let current = self.with_flags(gref, |f| f.load(Ordering::Acquire))?;
+            let domid: u16 = self
+                .memory
+                .read_obj(GuestAddress(entry.0 + 2))
+                .map_err(|_| GrantError::BadRef(gref))?;
+            if current & GTF_TYPE_MASK != GTF_PERMIT_ACCESS || domid != self.backend_domid {
+                return Err(GrantError::NotGranted {
+                    gref,
+                    domid: self.backend_domid,
+                    flags: current,
+                    granted: domid,
+                });
+            }
+            if writable && current & GTF_READONLY != 0 {
+                return Err(GrantError::ReadOnly(gref));
+            }
+            let swapped = self.with_flags(gref, |f| {
+                f.compare_exchange(
+                    current,
+                    current | in_use,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+            })?;
+            if !swapped {
+                continue;
+            }
+            // The frame is read after the in-use bits are set: the guest may not
+            // change a grant in use.
+            let frame: u32 = self
+                .memory
+                .read_obj(GuestAddress(entry.0 + 4))
+                .map_err(|_| GrantError::BadRef(gref))?;
+            let page = GuestAddress(u64::from(frame) * PAGE);
+            if !self.memory.check_range(page, PAGE as usize) {
+                self.release_bits(gref, writable);
+                return Err(GrantError::BadFrame { gref, frame });
+            }
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let h = &mut held[gref as usize];
+            h.0 += 1;
+            if writable {
+                h.1 += 1;
+            }
+            return Ok(Mapping {
+                gref,
+                page,
+                writable,
+            });
+        }
+        Err(GrantError::Unstable(gref))
+    }
+
+    /// Clear the in-use bits no other mapping of `gref` still needs.
+    fn release_bits(&self, gref: u32, writable: bool) {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (reads, writes) = held[gref as usize];
+        let mut clear = 0;
+        if reads == 0 {
+            clear |= GTF_READING;
+        }
+        if writable && writes == 0 {
+            clear |= GTF_WRITING;
+        }
+        let _ = self.with_flags(gref, |f| f.fetch_and(!clear, Ordering::AcqRel));
+    }
+
+    /// Release a mapping.
+    pub fn unmap(&self, mapping: Mapping) -> Result<(), GrantError> {
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let h = held
+                .get_mut(mapping.gref as usize)
+                .ok_or(GrantError::BadRef(mapping.gref))?;
+            if h.0 == 0 || (mapping.writable && h.1 == 0) {
+                return Err(GrantError::NotMapped(mapping.gref));
+            }
+            h.0 -= 1;
+            if mapping.writable {
+                h.1 -= 1;
+            }
+        }
+        self.release_bits(mapping.gref, mapping.writable);
+        Ok(())
+    }
+
+    /// Copy between `buf` and granted page `gref` at `offset` (the grant is mapped for
+    /// the copy and released after). A copy never crosses the page.
+    pub fn copy(
+        &self,
+        gref: u32,
+        offset: u64,
+        buf: &mut [u8],
+        direction: CopyDirection,
+    ) -> Result<(), GrantError> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > PAGE) {
+            return Err(GrantError::CrossesPage {
+                offset,
+                len: buf.len(),
+            });
+        }
+        let mapping = self.map(gref, direction == CopyDirection::ToGuest)?;
+        let at = GuestAddress(mapping.page.0 + offset);
+        let result = match direction {
+            CopyDirection::FromGuest => self.memory.read_slice(buf, at),
+            CopyDirection::ToGuest => self.memory.write_slice(buf, at),
+        };
+        self.unmap(mapping)?;
+        result.map_err(|_| GrantError::BadFrame {
+            gref,
+            frame: (mapping.page.0 / PAGE) as u32,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
