@@ -9,11 +9,15 @@
 //!   embedding program extends.
 //! * [`grant`] (std): grant tables v1: map, unmap and copy with checks on domid,
 //!   the read-only flag and the in-use marks.
+//! * [`blkif`] (std): the PV block backend (Xen's blkif protocol, granted pages, a
+//!   raw file; flushes acknowledged once durable).
 //! * [`console`] (std): the PV console backend on Xen's console page layout.
 //! * [`evtchn`] (std): event channels, Xen's 2-level ABI, with upcalls through an
 //!   irqfd and backends woken through eventfds.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+#[cfg(feature = "std")]
+pub mod blkif;
 #[cfg(feature = "std")]
 pub mod console;
 #[cfg(feature = "std")]

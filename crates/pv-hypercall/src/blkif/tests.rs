@@ -1,0 +1,229 @@
+//! blkif from the front end's side: a Rust front end on the same guest memory grants
+//! pages, queues requests and checks the answers and the image.
+
+use super::*;
+use crate::grant::{ENTRY_SIZE, GTF_PERMIT_ACCESS, GTF_READONLY};
+use crate::ring::FrontRing;
+use vm_memory::Bytes;
+use vmcraft_memory::{layout::MemoryLayout, GuestRam};
+
+const RING: u64 = 0x1000;
+const GRANTS: u64 = 0x2000;
+const DISK_SECTORS: u64 = 128;
+
+struct Rig {
+    ram: GuestRam,
+    front: FrontRing<GuestRingMemory, Request, Response>,
+    back: BlkifBackend,
+    path: std::path::PathBuf,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn rig(read_only: bool) -> Rig {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+    let mem = ram.memory().clone();
+    let ring_mem = GuestRingMemory::new(mem.clone(), GuestAddress(RING), 4096).unwrap();
+    let front = FrontRing::init(ring_mem).unwrap();
+    let grants = Arc::new(GrantTable::new(mem.clone(), GuestAddress(GRANTS), 32, 0).unwrap());
+    let path = std::env::temp_dir().join(format!(
+        "vmcraft-blkif-{}-{}.img",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(DISK_SECTORS * SECTOR).unwrap();
+    let back = BlkifBackend::new(mem, GuestAddress(RING), grants, file, read_only).unwrap();
+    Rig {
+        ram,
+        front,
+        back,
+        path,
+    }
+}
+
+impl Rig {
+    /// Grant guest page `frame` as `gref`.
+    fn grant(&self, gref: u32, frame: u32, flags: u16) {
+        let at = GRANTS + u64::from(gref) * ENTRY_SIZE;
+        let m = self.ram.memory();
+        m.write_obj(0u16, GuestAddress(at + 2)).unwrap();
+        m.write_obj(frame, GuestAddress(at + 4)).unwrap();
+        m.write_obj(flags, GuestAddress(at)).unwrap();
+    }
+
+    fn request(&mut self, req: Request) -> Response {
+        self.front.push_request(&req).unwrap();
+        self.front.publish_requests();
+        let done = self.back.process().unwrap();
+        assert_eq!(done.requests, 1);
+        self.front.pop_response().unwrap().expect("a response")
+    }
+}
+
+fn seg(gref: u32, first: u8, last: u8) -> Segment {
+    Segment {
+        gref,
+        first_sect: first,
+        last_sect: last,
+    }
+}
+
+fn rw(op: u8, id: u64, sector: u64, segs: &[Segment]) -> Request {
+    let mut r = Request {
+        operation: op,
+        nr_segments: segs.len() as u8,
+        handle: 0,
+        id,
+        sector_number: sector,
+        seg: [Segment::default(); MAX_SEGMENTS],
+    };
+    r.seg[..segs.len()].copy_from_slice(segs);
+    r
+}
+
+#[test]
+fn the_wire_layout_is_blkif_h() {
+    let r = rw(OP_WRITE, 0x1122, 0x3344, &[seg(7, 1, 6)]);
+    let mut b = [0u8; 112];
+    r.encode(&mut b);
+    assert_eq!((b[0], b[1]), (1, 1));
+    assert_eq!(&b[8..10], &[0x22, 0x11]);
+    assert_eq!(&b[16..18], &[0x44, 0x33]);
+    assert_eq!((b[24], b[28], b[29]), (7, 1, 6));
+    assert_eq!(Request::decode(&b), r);
+    let mut rb = [0u8; 16];
+    Response {
+        id: 9,
+        operation: 1,
+        status: -1,
+    }
+    .encode(&mut rb);
+    assert_eq!(&rb[8..12], &[1, 0, 0xff, 0xff]);
+}
+
+#[test]
+fn writes_and_reads_through_granted_pages() {
+    let mut r = rig(false);
+    let m = r.ram.memory().clone();
+    // Data in guest pages 0x10 (8 sectors) and 0x11 (sectors 2..=3).
+    let a: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+    let b: Vec<u8> = (0..1024).map(|i| (i % 13) as u8 + 100).collect();
+    m.write_slice(&a, GuestAddress(0x10_000)).unwrap();
+    m.write_slice(&b, GuestAddress(0x11_000 + 1024)).unwrap();
+    r.grant(1, 0x10, GTF_PERMIT_ACCESS | GTF_READONLY);
+    r.grant(2, 0x11, GTF_PERMIT_ACCESS | GTF_READONLY);
+    let rsp = r.request(rw(OP_WRITE, 42, 16, &[seg(1, 0, 7), seg(2, 2, 3)]));
+    assert_eq!(
+        (rsp.id, rsp.operation, rsp.status),
+        (42, OP_WRITE, STATUS_OKAY)
+    );
+    // On disk at sector 16: a, then b.
+    let mut disk = vec![0u8; 5120];
+    r.back.file.read_exact_at(&mut disk, 16 * SECTOR).unwrap();
+    assert_eq!(&disk[..4096], &a[..]);
+    assert_eq!(&disk[4096..], &b[..]);
+    // Read it back into page 0x12 (granted writable).
+    r.grant(3, 0x12, GTF_PERMIT_ACCESS);
+    let rsp = r.request(rw(OP_READ, 43, 16, &[seg(3, 0, 7)]));
+    assert_eq!(rsp.status, STATUS_OKAY);
+    let mut back = vec![0u8; 4096];
+    m.read_slice(&mut back, GuestAddress(0x12_000)).unwrap();
+    assert_eq!(back, a);
+    // Flush and barrier.
+    assert_eq!(
+        r.request(rw(OP_FLUSH_DISKCACHE, 44, 0, &[])).status,
+        STATUS_OKAY
+    );
+    assert_eq!(
+        r.request(rw(OP_WRITE_BARRIER, 45, 0, &[seg(1, 0, 0)]))
+            .status,
+        STATUS_OKAY
+    );
+}
+
+#[test]
+fn bad_requests_get_error_and_the_ring_goes_on() {
+    let mut r = rig(false);
+    r.grant(1, 0x10, GTF_PERMIT_ACCESS);
+    r.grant(2, 0x10, GTF_PERMIT_ACCESS | GTF_READONLY);
+    let too_many = [seg(1, 0, 0); MAX_SEGMENTS];
+    let mut twelve = rw(OP_WRITE, 1, 0, &too_many);
+    twelve.nr_segments = 12;
+    for (req, what) in [
+        (rw(OP_WRITE, 1, 0, &[]), "no segments"),
+        (twelve, "12 segments"),
+        (rw(OP_WRITE, 1, 0, &[seg(1, 3, 2)]), "first after last"),
+        (
+            rw(OP_WRITE, 1, 0, &[seg(1, 0, 8)]),
+            "a segment past the page",
+        ),
+        (
+            rw(OP_WRITE, 1, DISK_SECTORS, &[seg(1, 0, 0)]),
+            "past the end",
+        ),
+        (
+            rw(OP_WRITE, 1, u64::MAX, &[seg(1, 0, 1)]),
+            "sector overflow",
+        ),
+        (rw(OP_WRITE, 1, 0, &[seg(9, 0, 0)]), "an ungranted page"),
+        (
+            rw(OP_WRITE, 1, 0, &[seg(1000, 0, 0)]),
+            "a reference past the table",
+        ),
+        (
+            rw(OP_READ, 1, 0, &[seg(2, 0, 0)]),
+            "reading into a read-only grant",
+        ),
+    ] {
+        assert_eq!(r.request(req).status, STATUS_ERROR, "{what}");
+    }
+    assert_eq!(
+        r.request(rw(5, 1, 0, &[])).status,
+        STATUS_EOPNOTSUPP,
+        "discard"
+    );
+    assert_eq!(
+        r.request(rw(OP_WRITE, 2, 0, &[seg(1, 0, 7)])).status,
+        STATUS_OKAY
+    );
+}
+
+#[test]
+fn a_read_only_disk_refuses_writes() {
+    let mut r = rig(true);
+    r.grant(1, 0x10, GTF_PERMIT_ACCESS);
+    assert_eq!(
+        r.request(rw(OP_WRITE, 1, 0, &[seg(1, 0, 0)])).status,
+        STATUS_ERROR
+    );
+    assert_eq!(
+        r.request(rw(OP_READ, 2, 0, &[seg(1, 0, 0)])).status,
+        STATUS_OKAY
+    );
+}
+
+#[test]
+fn a_broken_ring_stops_the_backend() {
+    let mut r = rig(false);
+    r.ram
+        .memory()
+        .write_obj(1000u32, GuestAddress(RING))
+        .unwrap();
+    assert!(matches!(
+        r.back.process(),
+        Err(BlkifError::Ring(RingError::ProducerOverflow { .. }))
+    ));
+}
