@@ -28,14 +28,19 @@ use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::devices::virtio::VirtioDevice;
 use vmcraft::guest_kit::abi::VIRTIO_MMIO_BASE;
 use vmcraft::guest_kit::Guest;
-use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
+use vmcraft::machine::{
+    attach_virtio_mmio, BusExitHandler, HypercallExitHandler, LegacyDevices, HYPERCALL_PORT,
+};
 use vmcraft::memory::host_usage::ProcessMemory;
 use vmcraft::memory::layout::MemoryLayout;
 use vmcraft::memory::GuestRam;
+use vmcraft::pv::hypercall::HypercallTable;
+use vmcraft::pv_machine::PvBackends;
+use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::linux::load_linux;
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
 
-const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--mem SIZE] [--vcpus N] [--timeout SECS]
+const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS]
 
   no --kernel      run an embedded guest (default: the demo, which greets through the emulated 16550)
   --guest NAME     the embedded guest: hello (the demo); exit (a few real-mode instructions
@@ -50,6 +55,9 @@ const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd 
                    a virtio-console on a Unix socket: listens at PATH and waits for one
                    client before starting the VM
   --rng            a virtio-rng device fed from the host's getrandom
+  --pv             run the PV demo guest: it prints through the PV console ring and
+                   tests the first --disk as a PV block device (blkif over grants),
+                   through hypercalls and event channels only
   --net-tap NAME   a virtio-net device on TAP interface NAME (created if missing; needs
                    CAP_NET_ADMIN or an interface owned by this user)
   --kernel PATH    a Linux bzImage or ELF vmlinux
@@ -63,6 +71,12 @@ const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k p
 const MIN_MEM: u64 = 4 << 20;
 /// IRQ of the first virtio device (COM1 has 4).
 const FIRST_VIRTIO_IRQ: u32 = 5;
+/// IRQ of the PV event-channel upcall.
+const PV_UPCALL_IRQ: u32 = 11;
+
+fn disk_read_only(o: &Options, index: usize) -> bool {
+    o.disks.get(index).is_some_and(|d| d.1)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ConsoleOption {
@@ -77,6 +91,7 @@ struct Options {
     disks: Vec<(String, bool)>,
     console: Option<ConsoleOption>,
     rng: bool,
+    pv: bool,
     net_tap: Option<String>,
     kernel: Option<String>,
     initrd: Option<String>,
@@ -106,6 +121,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         disks: Vec::new(),
         console: None,
         rng: false,
+        pv: false,
         net_tap: None,
         kernel: None,
         initrd: None,
@@ -153,6 +169,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--console" => o.console = Some(ConsoleOption::Stdio),
             "--console-socket" => o.console = Some(ConsoleOption::Socket(value()?)),
             "--rng" => o.rng = true,
+            "--pv" => o.pv = true,
             "--net-tap" => o.net_tap = Some(value()?),
             "--kernel" => o.kernel = Some(value()?),
             "--initrd" => o.initrd = Some(value()?),
@@ -181,6 +198,15 @@ fn parse(args: &[String]) -> Result<Options, String> {
     }
     if o.guest.is_some() && o.kernel.is_some() {
         return Err("--guest and --kernel exclude each other".into());
+    }
+    if o.pv {
+        if o.guest.is_some() || o.kernel.is_some() {
+            return Err("--pv runs its own guest: no --guest or --kernel with it".into());
+        }
+        if o.disks.is_empty() {
+            return Err("--pv needs a --disk for its PV block device".into());
+        }
+        o.guest = Some(Guest::PV_DEMO);
     }
     if o.guest == Some(Guest::VIRTIO_BLK) && o.disks.is_empty() {
         return Err("--guest virtio-blk needs a --disk to test".into());
@@ -260,10 +286,32 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         stop.clone(),
     )?;
 
+    // Hypercalls (and, with --pv, event channels and the PV backends, which take the
+    // first disk).
+    let mut hypercalls = HypercallTable::new();
+    let mut disks = disks.into_iter();
+    let _pv = if o.pv {
+        let upcall = Arc::new(vmm_sys_util::eventfd::EventFd::new(
+            vmm_sys_util::eventfd::EFD_NONBLOCK,
+        )?);
+        vm.fd().register_irqfd(&upcall, PV_UPCALL_IRQ)?;
+        let disk = disks.next().ok_or("--pv needs a --disk")?;
+        Some(PvBackends::start(
+            vm.memory().clone(),
+            &mut hypercalls,
+            upcall,
+            Box::new(std::io::stdout()),
+            disk.into_file(),
+            disk_read_only(&o, 0),
+        )?)
+    } else {
+        None
+    };
+
     // virtio devices: disks, the console, the rng, the NIC; one 4 KiB virtio-mmio
     // window and one IRQ each.
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for (i, disk) in disks.into_iter().enumerate() {
+    for (i, disk) in disks.enumerate() {
         virtio.push(Box::new(Block::new(disk, &format!("vblk{i}"))));
     }
     if let Some(console) = console {
@@ -342,8 +390,18 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         }
     };
 
-    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
-    let running = RunningVm::start(vm, &vcpus, handler.clone())?;
+    let memory = vm.memory().clone();
+    let handler = Arc::new(HypercallExitHandler::new(
+        HYPERCALL_PORT,
+        Arc::new(hypercalls),
+        memory,
+        BusExitHandler::new(Arc::new(buses), stop),
+    ));
+    let info = HypervisorInfo {
+        hypercall_port: HYPERCALL_PORT,
+        ..HypervisorInfo::default()
+    };
+    let running = RunningVm::start_with_info(vm, &vcpus, handler.clone(), info)?;
     let first_exit = started.elapsed();
     let stats: Vec<_>;
     let guest_resident;
@@ -374,7 +432,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         guest_resident >> 10,
         memory.peak_rss.saturating_sub(guest_resident) >> 10
     );
-    let u = handler.buses().unclaimed();
+    let u = handler.inner().buses().unclaimed();
     println!("minimal-vmm: unclaimed accesses: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
         u.pio_reads, u.pio_writes, u.mmio_reads, u.mmio_writes);
     Ok(match outcome.reason {

@@ -15,3 +15,5 @@ pub use vmcraft_vcpu as vcpu;
 
 #[cfg(feature = "machine")]
 pub mod machine;
+#[cfg(feature = "machine")]
+pub mod pv_machine;

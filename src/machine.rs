@@ -242,6 +242,11 @@ impl<H: ExitHandler> HypercallExitHandler<H> {
         &self.table
     }
 
+    /// The handler every other exit goes to.
+    pub fn inner(&self) -> &H {
+        &self.inner
+    }
+
     fn hypercall(&self, vcpu: &mut dyn VcpuRegisters) -> ExitAction {
         let Ok(mut regs) = vcpu.regs() else {
             return ExitAction::Stop(StopReason::Crash);

@@ -27,6 +27,12 @@ fn main() {
         ("VIRTIO_MMIO_BASE", abi::VIRTIO_MMIO_BASE),
         ("GUEST_HEAP", abi::GUEST_HEAP),
         ("HYPERCALL_PORT", u64::from(abi::HYPERCALL_PORT)),
+        ("PV_SHARED_INFO", abi::PV_SHARED_INFO),
+        ("PV_CONSOLE_PAGE", abi::PV_CONSOLE_PAGE),
+        ("PV_BLK_RING", abi::PV_BLK_RING),
+        ("PV_GRANT_TABLE", abi::PV_GRANT_TABLE),
+        ("PV_CONSOLE_PORT", abi::PV_CONSOLE_PORT),
+        ("PV_BLK_PORT", abi::PV_BLK_PORT),
     ];
     println!("cargo:rerun-if-changed=guests");
     println!("cargo:rerun-if-changed=src/abi.rs");

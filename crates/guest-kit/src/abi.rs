@@ -28,3 +28,15 @@ pub const GUEST_HEAP: u64 = 0x40_0000;
 /// x86-64 convention; result in rax). Below 0x100, so the guest can use the
 /// immediate form of `out` and keep rdx for an argument.
 pub const HYPERCALL_PORT: u16 = 0x98;
+/// PV demo: the event-channel shared-info page.
+pub const PV_SHARED_INFO: u64 = 0x30_0000;
+/// PV demo: the console page (Xen's `xencons_interface`).
+pub const PV_CONSOLE_PAGE: u64 = 0x30_1000;
+/// PV demo: the blkif ring page.
+pub const PV_BLK_RING: u64 = 0x30_2000;
+/// PV demo: the grant table (16 v1 entries).
+pub const PV_GRANT_TABLE: u64 = 0x30_3000;
+/// PV demo: the console's event-channel port.
+pub const PV_CONSOLE_PORT: u64 = 1;
+/// PV demo: the block device's event-channel port.
+pub const PV_BLK_PORT: u64 = 2;

@@ -118,6 +118,11 @@ impl Guest {
     /// 1 = sum of five arguments, 2 = copy 8 bytes between guest pointers, 3 = echo an
     /// argument up to 100, and an unknown number. Prints `hypercalls ok`, exits 0.
     pub const HYPERCALLS: Guest = guest!("hypercalls", GuestMode::User64);
+    /// The PV demo: prints through the PV console ring, writes a page to the PV block
+    /// device through a grant, reads it back, flushes, checks a refused request, and
+    /// exits 0. Uses only hypercalls, rings, event channels and grants (pages and ports
+    /// in [`abi`]: `PV_*`).
+    pub const PV_DEMO: Guest = guest!("pv_demo", GuestMode::User64);
     /// A virtio-blk load generator: 4 KiB reads or writes in batches behind one
     /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bits 8..15 batch
     /// (1 to 32), bits 16..47 the number of requests. Prints `kicks <hex>` to COM1.

@@ -117,6 +117,11 @@ impl Disk {
         self.read_only
     }
 
+    /// The backing file (for another kind of block device).
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// Byte offset of `sectors` sectors at `sector`, if they lie within the disk.
     fn range(&self, sector: u64, sectors: u64) -> Option<u64> {
         let end = sector.checked_add(sectors)?;

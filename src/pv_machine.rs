@@ -1,0 +1,205 @@
+//! The paravirtual glue: event channels and a hypercall table for a guest, and the
+//! PV console and PV block backends, each on an I/O thread woken by its
+//! event-channel port.
+//!
+//! The layout is the PV demo's ABI ([`vmcraft_guest_kit::abi`]`::PV_*`): the
+//! shared-info page, the console page, the blkif ring page and a 16-entry grant table
+//! at fixed guest addresses, ports 1 (console) and 2 (block).
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+use vm_memory::GuestAddress;
+use vmcraft_guest_kit::abi;
+use vmcraft_memory::GuestMemory;
+use vmcraft_pv_hypercall::blkif::{BlkifBackend, BlkifError};
+use vmcraft_pv_hypercall::console::{ConsoleBackend, ConsoleError};
+use vmcraft_pv_hypercall::evtchn::{EventChannels, EvtchnError, Upcall};
+use vmcraft_pv_hypercall::grant::{GrantError, GrantTable};
+use vmcraft_pv_hypercall::hypercall::{HypercallTable, TableError};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Errors from setting up the PV backends.
+#[derive(Debug, Error)]
+pub enum PvError {
+    /// Event channels.
+    #[error("event channels")]
+    Evtchn(#[source] EvtchnError),
+    /// The grant table.
+    #[error("grant table")]
+    Grant(#[source] GrantError),
+    /// The console page.
+    #[error("PV console")]
+    Console(#[source] ConsoleError),
+    /// The block ring.
+    #[error("PV block")]
+    Block(#[source] BlkifError),
+    /// The hypercall table.
+    #[error("hypercall table")]
+    Table(#[source] TableError),
+    /// A host resource (eventfd, epoll, thread).
+    #[error("cannot start a PV backend thread")]
+    Host(#[source] std::io::Error),
+}
+
+/// Running PV backends; dropping them stops and joins their threads.
+pub struct PvBackends {
+    stop: EventFd,
+    threads: Vec<JoinHandle<()>>,
+    /// The guest's event channels (for the upcall and status).
+    pub channels: Arc<EventChannels>,
+}
+
+impl std::fmt::Debug for PvBackends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PvBackends")
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Wait until `fd` (token 0) or the stop eventfd (token 1) is readable; returns false
+/// on stop.
+fn wait(epoll: &Epoll, fd: &EventFd) -> bool {
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        match epoll.wait(-1, &mut events) {
+            Ok(n) => {
+                if events[..n].iter().any(|e| e.data() == 1) {
+                    return false;
+                }
+                // Reading resets the counter; an error means it was already zero.
+                let _ = fd.read();
+                return true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn epoll_for(fd: &EventFd, stop: &EventFd) -> std::io::Result<Epoll> {
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        fd.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, 0),
+    )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        stop.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, 1),
+    )?;
+    Ok(epoll)
+}
+
+impl PvBackends {
+    /// Set up the PV demo's event channels, grant table, console (output to
+    /// `console_out`) and block device (on `disk`) in `memory`, register the
+    /// event-channel hypercall in `table`, and start the backend threads. Upcalls
+    /// go to `upcall`.
+    pub fn start(
+        memory: GuestMemory,
+        table: &mut HypercallTable,
+        upcall: Arc<dyn Upcall>,
+        mut console_out: Box<dyn Write + Send>,
+        disk: std::fs::File,
+        read_only: bool,
+    ) -> Result<PvBackends, PvError> {
+        let channels = Arc::new(
+            EventChannels::new(memory.clone(), GuestAddress(abi::PV_SHARED_INFO), upcall)
+                .map_err(PvError::Evtchn)?,
+        );
+        channels
+            .register_hypercalls(table)
+            .map_err(PvError::Table)?;
+        let console_port = channels.alloc_unbound(0).map_err(PvError::Evtchn)?;
+        let blk_port = channels.alloc_unbound(0).map_err(PvError::Evtchn)?;
+        debug_assert_eq!(
+            (u64::from(console_port), u64::from(blk_port)),
+            (abi::PV_CONSOLE_PORT, abi::PV_BLK_PORT)
+        );
+        let console_end = channels
+            .bind_backend(console_port, 0, 0)
+            .map_err(PvError::Evtchn)?;
+        let blk_end = channels
+            .bind_backend(blk_port, 1, 0)
+            .map_err(PvError::Evtchn)?;
+        let console = ConsoleBackend::new(memory.clone(), GuestAddress(abi::PV_CONSOLE_PAGE))
+            .map_err(PvError::Console)?;
+        let grants = Arc::new(
+            GrantTable::new(memory.clone(), GuestAddress(abi::PV_GRANT_TABLE), 16, 0)
+                .map_err(PvError::Grant)?,
+        );
+        let mut blk = BlkifBackend::new(
+            memory,
+            GuestAddress(abi::PV_BLK_RING),
+            grants,
+            disk,
+            read_only,
+        )
+        .map_err(PvError::Block)?;
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(PvError::Host)?;
+        let mut threads = Vec::new();
+
+        let ch_c = channels.clone();
+        let epoll_c = epoll_for(&console_end.notified, &stop).map_err(PvError::Host)?;
+        threads.push(
+            std::thread::Builder::new()
+                .name("pv-console".into())
+                .spawn(move || {
+                    while wait(&epoll_c, &console_end.notified) {
+                        match console.drain_output(&mut *console_out) {
+                            Ok(n) if n > 0 => {
+                                let _ = ch_c.notify_guest(console_end.port);
+                            }
+                            Ok(_) => {}
+                            // A hostile page: stop serving this console.
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .map_err(PvError::Host)?,
+        );
+
+        let ch_b = channels.clone();
+        let epoll_b = epoll_for(&blk_end.notified, &stop).map_err(PvError::Host)?;
+        threads.push(
+            std::thread::Builder::new()
+                .name("pv-block".into())
+                .spawn(move || {
+                    while wait(&epoll_b, &blk_end.notified) {
+                        match blk.process() {
+                            Ok(done) => {
+                                if done.notify {
+                                    let _ = ch_b.notify_guest(blk_end.port);
+                                }
+                            }
+                            // A broken ring: stop serving this device.
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .map_err(PvError::Host)?,
+        );
+        Ok(PvBackends {
+            stop,
+            threads,
+            channels,
+        })
+    }
+}
+
+impl Drop for PvBackends {
+    fn drop(&mut self) {
+        // Saturation means a stop is pending already.
+        let _ = self.stop.write(1);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
