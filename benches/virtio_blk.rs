@@ -15,9 +15,7 @@
 
 mod common;
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,50 +31,6 @@ use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
 const DISK_BYTES: u64 = 16 << 20;
 const IO_THREAD: &str = "vblk0-io";
 
-struct Image(PathBuf, File);
-
-impl Image {
-    fn new() -> Image {
-        let path =
-            std::env::temp_dir().join(format!("vmcraft-bench-blk-{}.img", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("create the image");
-        // Real data, so reads come from the page cache rather than a hole.
-        let chunk = vec![0xa5u8; 1 << 20];
-        for i in 0..DISK_BYTES >> 20 {
-            file.write_all_at(&chunk, i << 20).expect("fill the image");
-        }
-        Image(path, file)
-    }
-}
-
-impl Drop for Image {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// CPU time (ns) of this process's thread named `name`, from schedstat.
-fn thread_cpu_ns(name: &str) -> Option<u64> {
-    // Threads come and go while we look: skip the ones that vanish.
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let dir = task.path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        if comm.trim_end() == name {
-            let sched = std::fs::read_to_string(dir.join("schedstat")).ok()?;
-            return sched.split_whitespace().next()?.parse().ok();
-        }
-    }
-    None
-}
-
 struct Run {
     requests: u64,
     elapsed: Duration,
@@ -85,7 +39,7 @@ struct Run {
     kicks: u64,
 }
 
-fn guest_run(image: &Image, write: bool, batch: u64, requests: u64) -> Run {
+fn guest_run(image: &common::Image, write: bool, batch: u64, requests: u64) -> Run {
     let layout = MemoryLayout::x86_64(16 << 20).expect("layout");
     let vm = Vm::new(GuestRam::new(&layout).expect("RAM")).expect("VM");
     let stop = Arc::new(StopLatch::default());
@@ -93,7 +47,7 @@ fn guest_run(image: &Image, write: bool, batch: u64, requests: u64) -> Run {
     let mut buses = IoBuses::new();
     LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone())
         .expect("legacy devices");
-    let disk = Disk::new(image.1.try_clone().expect("dup"), false, "bench").expect("disk");
+    let disk = Disk::new(image.file.try_clone().expect("dup"), false, "bench").expect("disk");
     attach_virtio_mmio(
         &mut buses,
         vm.fd(),
@@ -114,7 +68,7 @@ fn guest_run(image: &Image, write: bool, batch: u64, requests: u64) -> Run {
         .wait_stopped(Some(Duration::from_secs(600)))
         .expect("the guest finishes");
     let elapsed = start.elapsed();
-    let io_cpu = thread_cpu_ns(IO_THREAD).expect("the I/O thread is running");
+    let io_cpu = common::thread_cpu_ns(IO_THREAD).expect("the I/O thread is running");
     let stats = running.total_stats();
     running.request_stop();
     running.wait().expect("stop");
@@ -141,16 +95,16 @@ fn guest_run(image: &Image, write: bool, batch: u64, requests: u64) -> Run {
     }
 }
 
-fn host_reference(image: &Image, write: bool, requests: u64) -> Run {
+fn host_reference(image: &common::Image, write: bool, requests: u64) -> Run {
     let mut buf = vec![0x5au8; 4096];
     let cpu_before = thread_cpu_ns_self();
     let start = Instant::now();
     let mut offset = 0u64;
     for _ in 0..requests {
         if write {
-            image.1.write_all_at(&buf, offset).expect("pwrite");
+            image.file.write_all_at(&buf, offset).expect("pwrite");
         } else {
-            image.1.read_exact_at(&mut buf, offset).expect("pread");
+            image.file.read_exact_at(&mut buf, offset).expect("pread");
         }
         offset = (offset + 4096) % DISK_BYTES;
     }
@@ -186,7 +140,7 @@ fn row(name: &str, r: &Run) {
 
 fn main() {
     common::require_kvm("virtio_blk");
-    let image = Image::new();
+    let image = common::Image::new("virtio-blk", DISK_BYTES);
     println!("virtio-blk, 4 KiB requests from a CPL-3 guest (EVENT_IDX, ioeventfd, irqfd)");
     println!(
         "{:<26} {:>12} {:>14} {:>12} {:>12}",

@@ -3,7 +3,7 @@
 //! event-channel port.
 //!
 //! The layout is the PV demo's ABI ([`vmcraft_guest_kit::abi`]`::PV_*`): the
-//! shared-info page, the console page, the blkif ring page and a 16-entry grant table
+//! shared-info page, the console page, the blkif ring page and a 64-entry grant table
 //! at fixed guest addresses, ports 1 (console) and 2 (block).
 
 use std::io::Write;
@@ -22,6 +22,9 @@ use vmcraft_pv_hypercall::grant::{GrantError, GrantTable};
 use vmcraft_pv_hypercall::hypercall::{HypercallTable, TableError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Entries in the PV demo's grant table (one page holds 512).
+pub const PV_GRANT_ENTRIES: u32 = 64;
 
 /// Errors from setting up the PV backends.
 #[derive(Debug, Error)]
@@ -132,8 +135,13 @@ impl PvBackends {
         let console = ConsoleBackend::new(memory.clone(), GuestAddress(abi::PV_CONSOLE_PAGE))
             .map_err(PvError::Console)?;
         let grants = Arc::new(
-            GrantTable::new(memory.clone(), GuestAddress(abi::PV_GRANT_TABLE), 16, 0)
-                .map_err(PvError::Grant)?,
+            GrantTable::new(
+                memory.clone(),
+                GuestAddress(abi::PV_GRANT_TABLE),
+                PV_GRANT_ENTRIES,
+                0,
+            )
+            .map_err(PvError::Grant)?,
         );
         let mut blk = BlkifBackend::new(
             memory,

@@ -11,3 +11,58 @@ pub fn require_kvm(bench: &str) {
         std::process::exit(1);
     }
 }
+
+/// CPU time (ns) of this process's thread named `name`, from schedstat.
+#[allow(dead_code)] // not every benchmark looks at threads
+pub fn thread_cpu_ns(name: &str) -> Option<u64> {
+    // Threads come and go while we look: skip the ones that vanish.
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let dir = task.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if comm.trim_end() == name {
+            let sched = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+            return sched.split_whitespace().next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// A scratch disk image of `bytes`, filled with data (so reads hit real blocks),
+/// removed on drop.
+#[allow(dead_code)]
+pub struct Image {
+    /// Its path.
+    pub path: std::path::PathBuf,
+    /// The open file.
+    pub file: std::fs::File,
+}
+
+#[allow(dead_code)]
+impl Image {
+    /// Create it.
+    pub fn new(name: &str, bytes: u64) -> Image {
+        use std::os::unix::fs::FileExt;
+        let path =
+            std::env::temp_dir().join(format!("vmcraft-bench-{name}-{}.img", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create the image");
+        let chunk = vec![0xa5u8; 1 << 20];
+        for i in 0..bytes >> 20 {
+            file.write_all_at(&chunk, i << 20).expect("fill the image");
+        }
+        Image { path, file }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -34,7 +34,7 @@ pub const PV_SHARED_INFO: u64 = 0x30_0000;
 pub const PV_CONSOLE_PAGE: u64 = 0x30_1000;
 /// PV demo: the blkif ring page.
 pub const PV_BLK_RING: u64 = 0x30_2000;
-/// PV demo: the grant table (16 v1 entries).
+/// PV demo: the grant table (64 v1 entries).
 pub const PV_GRANT_TABLE: u64 = 0x30_3000;
 /// PV demo: the console's event-channel port.
 pub const PV_CONSOLE_PORT: u64 = 1;

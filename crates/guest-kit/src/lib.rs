@@ -123,6 +123,11 @@ impl Guest {
     /// exits 0. Uses only hypercalls, rings, event channels and grants (pages and ports
     /// in [`abi`]: `PV_*`).
     pub const PV_DEMO: Guest = guest!("pv_demo", GuestMode::User64);
+    /// A PV block load generator: 4 KiB reads or writes in batches behind one publish
+    /// each, through granted pages. Parameter: bit 1 write, bits 8..15 batch (1 to
+    /// 32), bits 16..47 the number of requests. Prints `notifications <hex>` on the PV
+    /// console.
+    pub const PV_BLK_BENCH: Guest = guest!("pv_blk_bench", GuestMode::User64);
     /// A virtio-blk load generator: 4 KiB reads or writes in batches behind one
     /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bits 8..15 batch
     /// (1 to 32), bits 16..47 the number of requests. Prints `kicks <hex>` to COM1.
