@@ -88,3 +88,57 @@ fn a_guest_discovers_the_interface_and_makes_hypercalls() {
     assert_eq!((table.count(1), table.count(2), table.count(3)), (1, 2, 2));
     assert_eq!(table.unknown_calls(), 1);
 }
+
+#[test]
+fn a_broken_block_ring_leaves_the_console_working() {
+    use vm_memory::{Bytes, GuestAddress};
+    use vmcraft::pv::evtchn::Upcall;
+    use vmcraft::pv_machine::PvBackends;
+
+    struct NoUpcall;
+    impl Upcall for NoUpcall {
+        fn raise(&self, _: u32) {}
+    }
+    let ram = GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+    let mem = ram.memory().clone();
+    let path = std::env::temp_dir().join(format!("vmcraft-pv-broken-{}.img", std::process::id()));
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    disk.set_len(1 << 20).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let console = SharedBuffer::new();
+    let mut table = HypercallTable::new();
+    let backends = PvBackends::start(
+        mem.clone(),
+        &mut table,
+        Arc::new(NoUpcall),
+        Box::new(console.clone()),
+        disk,
+        false,
+    )
+    .unwrap();
+    // The guest claims 1000 requests in a 32-entry ring and rings the block port.
+    mem.write_obj(1000u32, GuestAddress(abi::PV_BLK_RING))
+        .unwrap();
+    backends.channels.send(abi::PV_BLK_PORT as u32).unwrap();
+    // Then writes to the console and rings its port.
+    let text = b"still here\n";
+    for (i, b) in text.iter().enumerate() {
+        mem.write_obj(*b, GuestAddress(abi::PV_CONSOLE_PAGE + 1024 + i as u64))
+            .unwrap();
+    }
+    mem.write_obj(text.len() as u32, GuestAddress(abi::PV_CONSOLE_PAGE + 3084))
+        .unwrap();
+    backends.channels.send(abi::PV_CONSOLE_PORT as u32).unwrap();
+    assert!(
+        eventually(10, || console.contents() == text),
+        "console output: {:?}",
+        console.contents()
+    );
+    drop(backends);
+}
