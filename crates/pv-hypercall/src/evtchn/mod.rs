@@ -13,6 +13,8 @@
 //! wait on. Operations: `alloc_unbound`, `bind_interdomain` (connect a guest port to
 //! a backend), `send`, `close`, `unmask`, `status`.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
@@ -175,53 +177,16 @@ impl EventChannels {
         GuestAddress(self.shared_info.0 + VCPU_INFO_SIZE * u64::from(vcpu) + field)
     }
 
-    /// Atomically set bit `bit` of the word at `addr`; returns whether it was set.
-    fn test_and_set(&self, addr: GuestAddress, bit: u32) -> bool {
-        use std::sync::atomic::Ordering;
-        let mask = 1u64 << bit;
-        let Ok(slice) = self.memory.get_slice(addr, 8) else {
-            return true;
-        };
-        // The guest changes these words concurrently (it clears pending bits and the
-        // selector as it handles events): a compare-and-swap loop on the live word.
-        let Ok(word) = slice.get_atomic_ref::<std::sync::atomic::AtomicU64>(0) else {
-            return true;
-        };
-        word.fetch_or(mask, Ordering::SeqCst) & mask != 0
+    /// `f` on the live 64-bit word at `addr` (the guest changes these words
+    /// concurrently); `None` if it is not in guest memory.
+    fn with_word<R>(&self, addr: GuestAddress, f: impl FnOnce(&AtomicU64) -> R) -> Option<R> {
+        let slice = self.memory.get_slice(addr, 8).ok()?;
+        let word = slice.get_atomic_ref::<AtomicU64>(0).ok()?;
+        Some(f(word))
     }
 
-    fn bit(&self, addr: GuestAddress, bit: u32) -> bool {
-        self.memory
-            .load::<u64>(addr, std::sync::atomic::Ordering::SeqCst)
-            .is_ok_and(|w| w & (1u64 << bit) != 0)
-    }
-
-    /// Raise `port` toward `vcpu`: the 2-level ABI's set-pending path.
     fn raise(&self, port: u32, vcpu: u32) {
-        if self.test_and_set(self.word_addr(PENDING_OFFSET, port), port % 64) {
-            return; // already pending: the guest will see it
-        }
-        if self.bit(self.word_addr(MASK_OFFSET, port), port % 64) {
-            return; // masked: unmask raises it again
-        }
-        self.deliver(port, vcpu);
-    }
-
-    /// Flag `port`'s word in `vcpu`'s selector and raise the upcall unless the word
-    /// was flagged already or the vCPU masks upcalls.
-    fn deliver(&self, port: u32, vcpu: u32) {
-        use std::sync::atomic::Ordering::SeqCst;
-        if self.test_and_set(self.vcpu_addr(vcpu, PENDING_SEL), port / 64) {
-            return;
-        }
-        let _ = self
-            .memory
-            .store(1u8, self.vcpu_addr(vcpu, UPCALL_PENDING), SeqCst);
-        let masked = self
-            .memory
-            .load::<u8>(self.vcpu_addr(vcpu, UPCALL_MASK), SeqCst)
-            .map_or(true, |m| m != 0);
-        if !masked {
+        if protocol::raise(self, port, vcpu) {
             self.upcall.raise(vcpu);
         }
     }
@@ -319,14 +284,14 @@ impl EventChannels {
             Some(Slot::Unbound { .. }) if port != 0 => 0,
             _ => return Err(EvtchnError::BadPort(port)),
         };
-        let addr = self.word_addr(MASK_OFFSET, port);
-        if let Ok(slice) = self.memory.get_slice(addr, 8) {
-            if let Ok(word) = slice.get_atomic_ref::<std::sync::atomic::AtomicU64>(0) {
-                word.fetch_and(!(1u64 << (port % 64)), std::sync::atomic::Ordering::SeqCst);
-            }
-        }
-        if self.bit(self.word_addr(PENDING_OFFSET, port), port % 64) {
-            self.deliver(port, vcpu);
+        self.with_word(self.word_addr(MASK_OFFSET, port), |w| {
+            w.fetch_and(!(1u64 << (port % 64)), SeqCst)
+        });
+        let pending = self.with_word(self.word_addr(PENDING_OFFSET, port), |w| {
+            w.load(SeqCst) & (1u64 << (port % 64)) != 0
+        });
+        if pending == Some(true) && protocol::deliver(self, port, vcpu) {
+            self.upcall.raise(vcpu);
         }
         Ok(())
     }
@@ -438,5 +403,40 @@ impl EventChannels {
     }
 }
 
-#[cfg(test)]
+impl protocol::Words for EventChannels {
+    fn pending_fetch_or(&self, word: u32, mask: u64) -> u64 {
+        // A word outside memory reads as already set: nothing is delivered.
+        self.with_word(self.word_addr(PENDING_OFFSET, 64 * word), |w| {
+            w.fetch_or(mask, SeqCst)
+        })
+        .unwrap_or(mask)
+    }
+    fn mask_load(&self, word: u32) -> u64 {
+        self.with_word(self.word_addr(MASK_OFFSET, 64 * word), |w| w.load(SeqCst))
+            .unwrap_or(u64::MAX)
+    }
+    fn selector_fetch_or(&self, vcpu: u32, mask: u64) -> u64 {
+        self.with_word(self.vcpu_addr(vcpu, PENDING_SEL), |w| {
+            w.fetch_or(mask, SeqCst)
+        })
+        .unwrap_or(mask)
+    }
+    fn set_upcall_pending(&self, vcpu: u32) {
+        let _ = self
+            .memory
+            .store(1u8, self.vcpu_addr(vcpu, UPCALL_PENDING), SeqCst);
+    }
+    fn upcall_masked(&self, vcpu: u32) -> bool {
+        self.memory
+            .load::<u8>(self.vcpu_addr(vcpu, UPCALL_MASK), SeqCst)
+            .map_or(true, |m| m != 0)
+    }
+}
+
+mod protocol;
+
+#[cfg(all(test, not(loom)))]
 mod tests;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
