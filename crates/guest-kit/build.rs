@@ -69,6 +69,63 @@ fn main() {
     }
 
     build_c_guests(&out, &defines, &names);
+    build_rust_guests(&out);
+}
+
+/// Rust guests (`guests/rust/*.rs`): `no_std` static libraries compiled for the host
+/// target with panic=abort, linked after the same entry stub as the C guests. They
+/// include vmcraft's own `no_std` sources (the ring, blkif's wire format) by path.
+fn build_rust_guests(out: &str) {
+    let out = Path::new(out);
+    println!("cargo:rerun-if-changed=../pv-hypercall/src/ring/mod.rs");
+    println!("cargo:rerun-if-changed=../pv-hypercall/src/blkif/wire.rs");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let target = std::env::var("TARGET").unwrap();
+    let mut srcs: Vec<_> = std::fs::read_dir("guests/rust")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    srcs.sort();
+    for src in srcs {
+        let stem = src.file_stem().unwrap().to_str().unwrap();
+        let lib = out.join(format!("lib{stem}.a"));
+        run(Command::new(&rustc)
+            .args([
+                "--edition",
+                "2021",
+                "--crate-type",
+                "staticlib",
+                "--crate-name",
+                stem,
+            ])
+            .args([
+                "-C",
+                "panic=abort",
+                "-C",
+                "opt-level=2",
+                "-C",
+                "relocation-model=static",
+            ])
+            .args(["-C", "debuginfo=0", "--target", &target, "-o"])
+            .arg(&lib)
+            .arg(&src));
+        // Link an ELF and extract its loadable bytes: `ld --oformat binary` lays
+        // out the archive's sections differently from the ELF link.
+        let elf = out.join(format!("{stem}.elf"));
+        run(Command::new("ld")
+            .args(["-nostdlib", "-N", "--gc-sections", "-T"])
+            .arg(out.join("guest.ld"))
+            .arg("-o")
+            .arg(&elf)
+            .arg(out.join("rt_start.o"))
+            .arg(&lib)
+            .arg(out.join("rt_lib.o")));
+        run(Command::new("objcopy")
+            .args(["-O", "binary"])
+            .arg(&elf)
+            .arg(out.join(format!("{stem}.bin"))));
+    }
 }
 
 /// C guests (`guests/*.c`): freestanding, no SSE, linked after the runtime in
@@ -80,8 +137,8 @@ fn build_c_guests(out: &str, defines: &[(&str, u64)], names: &[std::path::PathBu
     std::fs::write(
         &script,
         format!(
-            "ENTRY(_start)\nSECTIONS {{\n  . = {:#x};\n  .text : {{ *(.entry) *(.text .text.*) }}\n  \
-             .rodata : {{ *(.rodata .rodata.*) }}\n  .data : {{ *(.data .data.*) }}\n  \
+            "ENTRY(_start)\nSECTIONS {{\n  . = {:#x};\n  .text : {{ KEEP(*(.entry)) *(.text .text.*) }}\n  \
+             .rodata : {{ *(.rodata .rodata.*) }}\n  .data : {{ *(.data .data.* .data.rel.ro*) *(.got .got.*) }}\n  \
              .bss : {{ *(.bss .bss.* COMMON) }}\n  /DISCARD/ : {{ *(.note.*) *(.comment) *(.eh_frame*) }}\n}}\n",
             abi::LOAD_ADDR
         ),

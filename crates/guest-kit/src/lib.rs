@@ -128,6 +128,10 @@ impl Guest {
     /// 32), bits 16..47 the number of requests. Prints `notifications <hex>` on the PV
     /// console.
     pub const PV_BLK_BENCH: Guest = guest!("pv_blk_bench", GuestMode::User64);
+    /// A Rust guest whose PV block front end is vmcraft's own `no_std` ring and blkif
+    /// wire code: writes a granted page, reads it back, flushes, checks a refused
+    /// segment; prints `rust front end ok` on COM1 and exits 0.
+    pub const PV_RING_FRONT: Guest = guest!("pv_ring_front", GuestMode::User64);
     /// A virtio-blk load generator: 4 KiB reads or writes in batches behind one
     /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bits 8..15 batch
     /// (1 to 32), bits 16..47 the number of requests. Prints `kicks <hex>` to COM1.

@@ -42,3 +42,13 @@ void put_hex(u64 v)
     buf[18] = 0;
     puts_com1(buf);
 }
+
+/* Rust's core calls bcmp for slice equality. */
+int bcmp(const void *a, const void *b, unsigned long n)
+{
+    return memcmp(a, b, n);
+}
+
+/* Referenced by the unwind tables of the host target's precompiled core; Rust guests
+   are built with panic=abort and never unwind. */
+void rust_eh_personality(void) {}

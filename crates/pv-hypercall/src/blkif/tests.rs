@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::grant::{ENTRY_SIZE, GTF_PERMIT_ACCESS, GTF_READONLY};
-use crate::ring::FrontRing;
+use crate::ring::{Entry, FrontRing};
 use vm_memory::Bytes;
 use vmcraft_memory::{layout::MemoryLayout, GuestRam};
 

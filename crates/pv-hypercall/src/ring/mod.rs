@@ -82,10 +82,13 @@ pub trait Entry: Sized {
 }
 
 /// Errors from a ring.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+///
+/// Display and Error are written out rather than derived: this module depends on
+/// nothing but `core`, so guests compile the very same source (see the guest kit's
+/// Rust guests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingError {
     /// The memory cannot hold the header and one entry, or an entry is too large.
-    #[error("a {size}-byte page cannot hold a ring of {entry_size}-byte entries")]
     BadLayout {
         /// Bytes available.
         size: usize,
@@ -93,11 +96,9 @@ pub enum RingError {
         entry_size: usize,
     },
     /// No free slot for a request.
-    #[error("the ring is full")]
     Full,
     /// The other side's producer index claims more unconsumed entries than the ring
     /// holds.
-    #[error("the producer claims {claimed} unconsumed entries in a ring of {entries}")]
     ProducerOverflow {
         /// Entries claimed.
         claimed: u32,
@@ -105,9 +106,27 @@ pub enum RingError {
         entries: u32,
     },
     /// A response with no consumed request to answer.
-    #[error("more responses than requests")]
     NoRequestToAnswer,
 }
+
+impl core::fmt::Display for RingError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            RingError::BadLayout { size, entry_size } => write!(
+                f,
+                "a {size}-byte page cannot hold a ring of {entry_size}-byte entries"
+            ),
+            RingError::Full => write!(f, "the ring is full"),
+            RingError::ProducerOverflow { claimed, entries } => write!(
+                f,
+                "the producer claims {claimed} unconsumed entries in a ring of {entries}"
+            ),
+            RingError::NoRequestToAnswer => write!(f, "more responses than requests"),
+        }
+    }
+}
+
+impl core::error::Error for RingError {}
 
 /// Entry count and size of a ring in a given amount of memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
