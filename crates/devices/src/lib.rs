@@ -12,6 +12,7 @@
 //! Devices never see a vCPU: they implement `vm-device`'s `DevicePio`/`DeviceMmio`, and
 //! the embedding program (or the `vmcraft` crate's glue) routes exits to the buses.
 
+pub mod ata;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;

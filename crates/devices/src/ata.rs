@@ -1,0 +1,469 @@
+//! An ATA (IDE) disk driven by port I/O, the way an unmodified guest with no
+//! paravirtual driver reaches a disk: task-file registers, a 16-bit data port, status
+//! bits BSY/DRDY/DRQ/ERR, and the commands READ SECTORS, WRITE SECTORS, IDENTIFY
+//! DEVICE and FLUSH CACHE (LBA28). Every 512-byte sector costs 256 data-port exits,
+//! which is the point of having it: the full-virtualization baseline.
+//!
+//! Ports (primary channel): the command block at 0x1f0..=0x1f7 and device control /
+//! alternate status at 0x3f6. Register the same device at both with
+//! [`AtaDisk::COMMAND_BASE`] and [`AtaDisk::CONTROL_BASE`].
+//!
+//! A bad command, a sector outside the disk, or a drive other than 0 gets an error
+//! status (ERR with ABRT or IDNF in the error register); nothing a guest writes can
+//! make the device panic or touch bytes outside its file.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::DevicePio;
+
+/// Sector size.
+pub const SECTOR: usize = 512;
+
+/// Status: busy.
+pub const BSY: u8 = 0x80;
+/// Status: ready.
+pub const DRDY: u8 = 0x40;
+/// Status: seek complete (always set, as drives do).
+pub const DSC: u8 = 0x10;
+/// Status: data request (the data port has a sector for or from the guest).
+pub const DRQ: u8 = 0x08;
+/// Status: error (see the error register).
+pub const ERR: u8 = 0x01;
+/// Error: command aborted.
+pub const ABRT: u8 = 0x04;
+/// Error: sector not found.
+pub const IDNF: u8 = 0x10;
+
+/// READ SECTORS.
+pub const CMD_READ_SECTORS: u8 = 0x20;
+/// WRITE SECTORS.
+pub const CMD_WRITE_SECTORS: u8 = 0x30;
+/// IDENTIFY DEVICE.
+pub const CMD_IDENTIFY: u8 = 0xec;
+/// FLUSH CACHE.
+pub const CMD_FLUSH_CACHE: u8 = 0xe7;
+/// SET FEATURES (accepted, no effect).
+pub const CMD_SET_FEATURES: u8 = 0xef;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    None,
+    /// Sectors left to hand to the guest (the buffer holds the current one).
+    Read {
+        next_lba: u64,
+        left: u32,
+    },
+    /// Sectors left to take from the guest.
+    Write {
+        lba: u64,
+        left: u32,
+    },
+}
+
+#[derive(Debug)]
+struct State {
+    features: u8,
+    count: u8,
+    lba: [u8; 3],
+    device: u8,
+    status: u8,
+    error: u8,
+    control: u8,
+    buf: [u8; SECTOR],
+    pos: usize,
+    transfer: Transfer,
+}
+
+/// The disk.
+#[derive(Debug)]
+pub struct AtaDisk {
+    file: File,
+    sectors: u64,
+    read_only: bool,
+    state: Mutex<State>,
+}
+
+impl AtaDisk {
+    /// Base of the command block (primary channel).
+    pub const COMMAND_BASE: u16 = 0x1f0;
+    /// Device control / alternate status (primary channel).
+    pub const CONTROL_BASE: u16 = 0x3f6;
+
+    /// A disk on `file` (capacity: its length in whole sectors, at most 2^28 for
+    /// LBA28).
+    pub fn new(file: File, read_only: bool) -> std::io::Result<AtaDisk> {
+        let sectors = (file.metadata()?.len() / SECTOR as u64).min(1 << 28);
+        Ok(AtaDisk {
+            file,
+            sectors,
+            read_only,
+            state: Mutex::new(State {
+                features: 0,
+                count: 0,
+                lba: [0; 3],
+                device: 0xa0,
+                status: DRDY | DSC,
+                error: 0,
+                control: 0,
+                buf: [0; SECTOR],
+                pos: 0,
+                transfer: Transfer::None,
+            }),
+        })
+    }
+
+    /// Capacity in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The 512-byte IDENTIFY DEVICE block.
+    fn identify(&self) -> [u8; SECTOR] {
+        let mut w = [0u16; 256];
+        let put_str = |w: &mut [u16; 256], at: usize, words: usize, s: &str| {
+            let mut bytes = vec![b' '; 2 * words];
+            bytes[..s.len().min(2 * words)]
+                .copy_from_slice(&s.as_bytes()[..s.len().min(2 * words)]);
+            for i in 0..words {
+                // ATA strings: the first character in the high byte.
+                w[at + i] = u16::from(bytes[2 * i]) << 8 | u16::from(bytes[2 * i + 1]);
+            }
+        };
+        let lba28 = self.sectors.min(0x0fff_ffff) as u32;
+        w[0] = 0x0040; // fixed device
+        w[1] = 16383; // legacy CHS geometry
+        w[3] = 16;
+        w[6] = 63;
+        put_str(&mut w, 10, 10, "VMCRAFT0001");
+        put_str(&mut w, 23, 4, "1.0");
+        put_str(&mut w, 27, 20, "vmcraft emulated ATA disk");
+        w[47] = 0x8001; // READ/WRITE MULTIPLE: 1 sector
+        w[49] = 1 << 9; // LBA supported
+        w[53] = 0x0006; // words 64-70 and 88 valid
+        w[60] = lba28 as u16;
+        w[61] = (lba28 >> 16) as u16;
+        w[80] = 0x007e; // ATA-1 to ATA-6
+        w[82] = 0x4000;
+        w[83] = 0x4000 | (1 << 12); // FLUSH CACHE supported
+        w[84] = 0x4000;
+        w[86] = 1 << 12; // FLUSH CACHE enabled
+        w[87] = 0x4000;
+        let mut out = [0u8; SECTOR];
+        for (i, v) in w.iter().enumerate() {
+            out[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    fn fail(s: &mut State, error: u8) {
+        s.status = DRDY | DSC | ERR;
+        s.error = error;
+        s.transfer = Transfer::None;
+    }
+
+    /// Start `command` from the task file.
+    fn command(&self, s: &mut State, command: u8) {
+        s.error = 0;
+        s.pos = 0;
+        s.transfer = Transfer::None;
+        // Only drive 0 exists (bit 4 of the device register).
+        if s.device & 0x10 != 0 {
+            return Self::fail(s, ABRT);
+        }
+        let lba = u64::from(s.lba[0])
+            | u64::from(s.lba[1]) << 8
+            | u64::from(s.lba[2]) << 16
+            | u64::from(s.device & 0x0f) << 24;
+        let count = if s.count == 0 {
+            256
+        } else {
+            u32::from(s.count)
+        };
+        let in_range = lba
+            .checked_add(u64::from(count))
+            .is_some_and(|end| end <= self.sectors);
+        match command {
+            CMD_READ_SECTORS | 0x21 => {
+                if !in_range {
+                    return Self::fail(s, IDNF | ABRT);
+                }
+                if self.load(s, lba).is_err() {
+                    return Self::fail(s, ABRT);
+                }
+                s.transfer = Transfer::Read {
+                    next_lba: lba + 1,
+                    left: count - 1,
+                };
+                s.status = DRDY | DSC | DRQ;
+            }
+            CMD_WRITE_SECTORS | 0x31 => {
+                if self.read_only {
+                    return Self::fail(s, ABRT);
+                }
+                if !in_range {
+                    return Self::fail(s, IDNF | ABRT);
+                }
+                s.transfer = Transfer::Write { lba, left: count };
+                s.status = DRDY | DSC | DRQ;
+            }
+            CMD_IDENTIFY => {
+                s.buf = self.identify();
+                s.transfer = Transfer::Read {
+                    next_lba: 0,
+                    left: 0,
+                };
+                s.status = DRDY | DSC | DRQ;
+            }
+            CMD_FLUSH_CACHE => match self.file.sync_data() {
+                Ok(()) => s.status = DRDY | DSC,
+                Err(_) => Self::fail(s, ABRT),
+            },
+            CMD_SET_FEATURES | 0x91 => s.status = DRDY | DSC,
+            _ => Self::fail(s, ABRT),
+        }
+    }
+
+    fn load(&self, s: &mut State, lba: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(&mut s.buf, lba * SECTOR as u64)
+    }
+
+    /// The guest read `n` bytes (1, 2 or 4) from the data port.
+    fn data_in(&self, s: &mut State, out: &mut [u8]) {
+        let Transfer::Read { next_lba, left } = s.transfer else {
+            out.fill(0xff);
+            return;
+        };
+        let n = out.len().min(SECTOR - s.pos);
+        out[..n].copy_from_slice(&s.buf[s.pos..s.pos + n]);
+        out[n..].fill(0xff);
+        s.pos += n;
+        if s.pos < SECTOR {
+            return;
+        }
+        s.pos = 0;
+        if left == 0 {
+            s.transfer = Transfer::None;
+            s.status = DRDY | DSC;
+        } else if self.load(s, next_lba).is_err() {
+            Self::fail(s, ABRT);
+        } else {
+            s.transfer = Transfer::Read {
+                next_lba: next_lba + 1,
+                left: left - 1,
+            };
+        }
+    }
+
+    /// The guest wrote `data` (1, 2 or 4 bytes) to the data port.
+    fn data_out(&self, s: &mut State, data: &[u8]) {
+        let Transfer::Write { lba, left } = s.transfer else {
+            return;
+        };
+        let n = data.len().min(SECTOR - s.pos);
+        s.buf[s.pos..s.pos + n].copy_from_slice(&data[..n]);
+        s.pos += n;
+        if s.pos < SECTOR {
+            return;
+        }
+        s.pos = 0;
+        if self.file.write_all_at(&s.buf, lba * SECTOR as u64).is_err() {
+            return Self::fail(s, ABRT);
+        }
+        if left <= 1 {
+            s.transfer = Transfer::None;
+            s.status = DRDY | DSC;
+        } else {
+            s.transfer = Transfer::Write {
+                lba: lba + 1,
+                left: left - 1,
+            };
+        }
+    }
+}
+
+impl DevicePio for AtaDisk {
+    fn pio_read(&self, base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        let mut s = self.lock();
+        if base.0 == Self::CONTROL_BASE {
+            // Alternate status.
+            data.fill(0);
+            data[0] = s.status;
+            return;
+        }
+        if offset == 0 {
+            return self.data_in(&mut s, data);
+        }
+        data.fill(0xff);
+        let value = match offset {
+            1 => s.error,
+            2 => s.count,
+            3 => s.lba[0],
+            4 => s.lba[1],
+            5 => s.lba[2],
+            6 => s.device,
+            7 => s.status,
+            _ => return,
+        };
+        data[0] = value;
+    }
+
+    fn pio_write(&self, base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        let mut s = self.lock();
+        let Some(&value) = data.first() else {
+            return;
+        };
+        if base.0 == Self::CONTROL_BASE {
+            // Software reset: back to idle.
+            if value & 0x04 != 0 && s.control & 0x04 == 0 {
+                s.transfer = Transfer::None;
+                s.status = DRDY | DSC;
+                s.error = 0;
+                s.pos = 0;
+            }
+            s.control = value;
+            return;
+        }
+        match offset {
+            0 => self.data_out(&mut s, data),
+            1 => s.features = value,
+            2 => s.count = value,
+            3 => s.lba[0] = value,
+            4 => s.lba[1] = value,
+            5 => s.lba[2] = value,
+            6 => s.device = value,
+            7 => self.command(&mut s, value),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(sectors: u64, read_only: bool) -> (AtaDisk, std::path::PathBuf) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "vmcraft-ata-{}-{}.img",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(sectors * SECTOR as u64).unwrap();
+        (AtaDisk::new(f, read_only).unwrap(), path)
+    }
+
+    const CMD: PioAddress = PioAddress(AtaDisk::COMMAND_BASE);
+
+    fn out(d: &AtaDisk, off: u16, v: u8) {
+        d.pio_write(CMD, off, &[v]);
+    }
+    fn inb(d: &AtaDisk, off: u16) -> u8 {
+        let mut b = [0u8];
+        d.pio_read(CMD, off, &mut b);
+        b[0]
+    }
+    fn task(d: &AtaDisk, lba: u32, count: u8, cmd: u8) {
+        out(d, 2, count);
+        out(d, 3, lba as u8);
+        out(d, 4, (lba >> 8) as u8);
+        out(d, 5, (lba >> 16) as u8);
+        out(d, 6, 0xe0 | ((lba >> 24) as u8 & 0x0f));
+        out(d, 7, cmd);
+    }
+    fn read_words(d: &AtaDisk, n: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let mut w = [0u8; 2];
+            d.pio_read(CMD, 0, &mut w);
+            v.extend_from_slice(&w);
+        }
+        v
+    }
+
+    #[test]
+    fn identify_reports_the_model_and_capacity() {
+        let (d, p) = disk(1000, false);
+        task(&d, 0, 0, CMD_IDENTIFY);
+        assert_eq!(inb(&d, 7), DRDY | DSC | DRQ);
+        let id = read_words(&d, 256);
+        assert_eq!(inb(&d, 7), DRDY | DSC, "DRQ clears after 512 bytes");
+        let model: Vec<u8> = id[54..94].chunks(2).flat_map(|c| [c[1], c[0]]).collect();
+        assert!(model.starts_with(b"vmcraft emulated ATA disk"));
+        assert_eq!(u32::from_le_bytes(id[120..124].try_into().unwrap()), 1000);
+        assert_ne!(u16::from_le_bytes([id[98], id[99]]) & (1 << 9), 0, "LBA");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn sectors_written_read_back_and_reach_the_file() {
+        let (d, p) = disk(64, false);
+        task(&d, 10, 2, CMD_WRITE_SECTORS);
+        let data: Vec<u8> = (0..1024).map(|i| (i * 7 % 256) as u8).collect();
+        for (i, w) in data.chunks(4).enumerate() {
+            assert_eq!(inb(&d, 7) & DRQ, DRQ, "DRQ during the transfer ({i})");
+            d.pio_write(CMD, 0, w); // 32-bit data port accesses
+        }
+        assert_eq!(inb(&d, 7), DRDY | DSC);
+        task(&d, 0, 0, CMD_FLUSH_CACHE);
+        assert_eq!(inb(&d, 7), DRDY | DSC);
+        task(&d, 10, 2, CMD_READ_SECTORS);
+        assert_eq!(read_words(&d, 512), data);
+        assert_eq!(inb(&d, 7), DRDY | DSC);
+        let mut on_disk = vec![0u8; 1024];
+        std::fs::File::open(&p)
+            .unwrap()
+            .read_exact_at(&mut on_disk, 10 * 512)
+            .unwrap();
+        assert_eq!(on_disk, data);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn bad_commands_and_sectors_get_error_status() {
+        let (d, p) = disk(64, false);
+        task(&d, 0, 1, 0x99);
+        assert_eq!((inb(&d, 7) & ERR, inb(&d, 1)), (ERR, ABRT));
+        task(&d, 64, 1, CMD_READ_SECTORS);
+        assert_eq!((inb(&d, 7) & ERR, inb(&d, 1)), (ERR, IDNF | ABRT));
+        task(&d, 0, 0, CMD_READ_SECTORS); // count 0 = 256 sectors > 64
+        assert_eq!(inb(&d, 7) & ERR, ERR);
+        // Drive 1 does not exist.
+        out(&d, 6, 0xf0);
+        out(&d, 7, CMD_IDENTIFY);
+        assert_eq!(inb(&d, 7) & ERR, ERR);
+        // The data port without a transfer reads all ones and ignores writes.
+        assert_eq!(read_words(&d, 1), [0xff, 0xff]);
+        d.pio_write(CMD, 0, &[1, 2]);
+        // A new good command clears the error.
+        task(&d, 0, 1, CMD_READ_SECTORS);
+        assert_eq!(inb(&d, 7), DRDY | DSC | DRQ);
+        assert_eq!(inb(&d, 1), 0);
+        // Software reset abandons the transfer.
+        d.pio_write(PioAddress(AtaDisk::CONTROL_BASE), 0, &[0x04]);
+        assert_eq!(inb(&d, 7), DRDY | DSC);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn a_read_only_disk_aborts_writes() {
+        let (d, p) = disk(8, true);
+        task(&d, 0, 1, CMD_WRITE_SECTORS);
+        assert_eq!((inb(&d, 7) & ERR, inb(&d, 1)), (ERR, ABRT));
+        std::fs::remove_file(p).unwrap();
+    }
+}
