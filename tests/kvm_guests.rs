@@ -201,3 +201,57 @@ fn dirty_pages_merge_guest_and_vmm_writes() {
     vm.request_stop();
     vm.wait_timeout(TIMEOUT).unwrap();
 }
+
+#[test]
+fn an_unmodified_style_driver_uses_the_emulated_ata_disk() {
+    use std::sync::Arc;
+    use vmcraft::devices::ata::AtaDisk;
+    use vmcraft::devices::bus::IoBuses;
+    use vmcraft::devices::serial::SharedBuffer;
+    use vmcraft::devices::stop::StopLatch;
+    use vmcraft::machine::{BusExitHandler, LegacyDevices};
+    use vmcraft::memory::{layout::MemoryLayout, GuestRam};
+    use vmcraft::vcpu::{RunningVm, Vm};
+    require_kvm();
+    let vm = Vm::new(GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap()).unwrap();
+    let stop = Arc::new(StopLatch::default());
+    let serial = SharedBuffer::new();
+    let mut buses = IoBuses::new();
+    LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone()).unwrap();
+    let path = std::env::temp_dir().join(format!("vmcraft-ata-guest-{}.img", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(1 << 20).unwrap();
+    let disk = Arc::new(AtaDisk::new(file, false).unwrap());
+    buses
+        .register_pio(AtaDisk::COMMAND_BASE, 8, disk.clone())
+        .unwrap();
+    buses.register_pio(AtaDisk::CONTROL_BASE, 1, disk).unwrap();
+    Guest::ATA_BENCH.load(vm.memory()).unwrap();
+    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
+    let running =
+        RunningVm::start(vm, &[VcpuConfig::at(Guest::ATA_BENCH.entry(0, 4))], handler).unwrap();
+    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    let image = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        outcome.reason,
+        StopReason::DebugExit(0),
+        "{:?}",
+        serial.contents()
+    );
+    assert_eq!(serial.contents(), b"ata ok\n");
+    for (i, word) in image[40 * 512..40 * 512 + 4096].chunks_exact(4).enumerate() {
+        let want = (i as u32).wrapping_mul(0x0100_0193) ^ 0xa7a;
+        assert_eq!(
+            u32::from_le_bytes(word.try_into().unwrap()),
+            want,
+            "word {i}"
+        );
+    }
+}

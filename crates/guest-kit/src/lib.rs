@@ -132,6 +132,12 @@ impl Guest {
     /// wire code: writes a granted page, reads it back, flushes, checks a refused
     /// segment; prints `rust front end ok` on COM1 and exits 0.
     pub const PV_RING_FRONT: Guest = guest!("pv_ring_front", GuestMode::User64);
+    /// Drives the emulated ATA disk as an unmodified guest would (task file, status
+    /// polling, `rep insw`/`rep outsw`): 4 KiB operations, reads or writes, sequential
+    /// or random, latencies in TSC ticks at `GUEST_HEAP + 0x10000`. Parameter: bit 0
+    /// write, bit 1 random, bit 2 verify (round trip a pattern, check an out-of-range
+    /// error, print `ata ok`), bits 16..47 count.
+    pub const ATA_BENCH: Guest = guest!("ata_bench", GuestMode::User64);
     /// A virtio-blk load generator: 4 KiB reads or writes in batches behind one
     /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bits 8..15 batch
     /// (1 to 32), bits 16..47 the number of requests. Prints `kicks <hex>` to COM1.
