@@ -12,7 +12,6 @@
 #define ATA_STATUS_DRQ 0x08
 #define ATA_STATUS_ERR 0x01
 #define BUF ((u64)GUEST_HEAP)
-#define LATENCIES ((u64)GUEST_HEAP + 0x10000)
 #define DISK_SECTORS (16u << 11)
 
 static inline u16 inw(u16 port)
@@ -20,13 +19,6 @@ static inline u16 inw(u16 port)
     u16 v;
     __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
     return v;
-}
-
-static inline u64 rdtsc(void)
-{
-    u32 lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return (u64)hi << 32 | lo;
 }
 
 static int wait_ready(int want_drq)
@@ -97,10 +89,7 @@ u32 guest_main(u64 vcpu, u64 param)
     for (u64 i = 0; i < count; i++) {
         u32 lba;
         if (random) {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            lba = (u32)(seed % (DISK_SECTORS / 8)) * 8;
+            lba = (u32)(xorshift(&seed) % (DISK_SECTORS / 8)) * 8;
         } else {
             lba = (u32)(i * 8 % DISK_SECTORS);
         }

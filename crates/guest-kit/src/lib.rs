@@ -124,9 +124,10 @@ impl Guest {
     /// in [`abi`]: `PV_*`).
     pub const PV_DEMO: Guest = guest!("pv_demo", GuestMode::User64);
     /// A PV block load generator: 4 KiB reads or writes in batches behind one publish
-    /// each, through granted pages. Parameter: bit 1 write, bits 8..15 batch (1 to
-    /// 32), bits 16..47 the number of requests. Prints `notifications <hex>` on the PV
-    /// console.
+    /// each, through granted pages. Parameter: bit 1 write, bit 2 random offsets,
+    /// bits 8..15 batch (1 to 32), bits 16..47 the number of requests. Prints
+    /// `notifications <hex>` on the PV console; per-batch latencies go to
+    /// `GUEST_HEAP + 0x80000`.
     pub const PV_BLK_BENCH: Guest = guest!("pv_blk_bench", GuestMode::User64);
     /// A Rust guest whose PV block front end is vmcraft's own `no_std` ring and blkif
     /// wire code: writes a granted page, reads it back, flushes, checks a refused
@@ -134,13 +135,18 @@ impl Guest {
     pub const PV_RING_FRONT: Guest = guest!("pv_ring_front", GuestMode::User64);
     /// Drives the emulated ATA disk as an unmodified guest would (task file, status
     /// polling, `rep insw`/`rep outsw`): 4 KiB operations, reads or writes, sequential
-    /// or random, latencies in TSC ticks at `GUEST_HEAP + 0x10000`. Parameter: bit 0
+    /// or random, latencies in TSC ticks at `GUEST_HEAP + 0x80000`. Parameter: bit 0
     /// write, bit 1 random, bit 2 verify (round trip a pattern, check an out-of-range
     /// error, print `ata ok`), bits 16..47 count.
     pub const ATA_BENCH: Guest = guest!("ata_bench", GuestMode::User64);
+    /// Console output load through the 16550 (path 0), virtio-console (1) or the PV
+    /// console ring (2), in 4 KiB chunks with per-chunk latencies at `LATENCIES`.
+    /// Parameter: bits 0..1 path, bits 16..47 byte count.
+    pub const CONSOLE_BENCH: Guest = guest!("console_bench", GuestMode::User64);
     /// A virtio-blk load generator: 4 KiB reads or writes in batches behind one
-    /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bits 8..15 batch
-    /// (1 to 32), bits 16..47 the number of requests. Prints `kicks <hex>` to COM1.
+    /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bit 2 random
+    /// offsets, bits 8..15 batch (1 to 32), bits 16..47 the number of requests. Prints
+    /// `kicks <hex>` to COM1; per-batch latencies go to `GUEST_HEAP + 0x80000`.
     pub const VIRTIO_BLK_BENCH: Guest = guest!("virtio_blk_bench", GuestMode::User64);
     /// Real mode, the smallest useful guest (for start-up measurements): its first exit
     /// writes a newline to COM1, its second exits with code 0. Position independent and

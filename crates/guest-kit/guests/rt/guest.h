@@ -20,6 +20,26 @@ static inline u8 inb(u16 port)
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (u64)hi << 32 | lo;
+}
+
+/* Where the load generators record each operation's latency in TSC ticks (65536
+   slots). */
+#define LATENCIES ((u64)GUEST_HEAP + 0x80000)
+
+/* xorshift64, for random offsets. */
+static inline u64 xorshift(u64 *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
 /* Compiler barrier; with x86's ordering this is enough between normal stores. */
 #define barrier() __asm__ volatile("" ::: "memory")
 /* Full fence: orders a store before a later load (event-index checks). */

@@ -54,17 +54,30 @@ struct xencons {
     u32 out_cons, out_prod;
 };
 
-static inline void pv_console_write(const char *s)
+/* Write `n` bytes to the PV console ring, notifying the backend once when the ring
+   fills (then waiting for room) and once at the end. */
+static inline void pv_console_write_n(const char *s, u64 n)
 {
     volatile struct xencons *c = (volatile struct xencons *)PV_CONSOLE_PAGE;
-    for (; *s; s++) {
-        while (c->out_prod - READ_ONCE(c->out_cons) >= sizeof c->out)
+    for (u64 i = 0; i < n; i++) {
+        if (c->out_prod - READ_ONCE(c->out_cons) >= sizeof c->out) {
             evtchn_send(PV_CONSOLE_PORT); /* full: let the host drain it */
-        c->out[c->out_prod % sizeof c->out] = *s;
+            while (c->out_prod - READ_ONCE(c->out_cons) >= sizeof c->out)
+                __asm__ volatile("pause");
+        }
+        c->out[c->out_prod % sizeof c->out] = s[i];
         barrier();
         c->out_prod++;
     }
     evtchn_send(PV_CONSOLE_PORT);
+}
+
+static inline void pv_console_write(const char *s)
+{
+    u64 n = 0;
+    while (s[n])
+        n++;
+    pv_console_write_n(s, n);
 }
 
 /* blkif (io/blkif.h) on a one-page front ring. */
