@@ -7,8 +7,8 @@
 //! ```
 //!
 //! The guest (`pv_blk_bench`, CPL 3) keeps `batch` requests in flight on a blkif ring
-//! through granted pages and notifies the backend by an event-channel hypercall only
-//! when the ring says the backend asked (ring.h's suppression). Host CPU per request
+//! through granted pages and notifies the backend through the event-channel doorbell
+//! (an ioeventfd) only when the ring says the backend asked (ring.h's suppression). Host CPU per request
 //! is the `pv-block` thread's CPU time plus the vCPU's time in the VMM (hypercalls),
 //! over the requests. Target at batch 32: at most 0.05 notifications per request.
 
@@ -56,6 +56,7 @@ fn run(image: &common::Image, write: bool, batch: u64, requests: u64) -> Run {
         false,
     )
     .unwrap();
+    backends.attach_doorbell(&mut buses, vm.fd()).unwrap();
     let guest = Guest::PV_BLK_BENCH;
     guest.load(vm.memory()).unwrap();
     let handler = Arc::new(HypercallExitHandler::new(

@@ -167,17 +167,28 @@ fn run(
                 } else {
                     Box::new(Block::new(Disk::new(disk, false, "cmp")?, "vblk"))
                 };
-            attach_virtio_mmio(&mut buses, vm.fd(), vm.memory(), abi::VIRTIO_MMIO_BASE, 5, device)?;
+            attach_virtio_mmio(
+                &mut buses,
+                vm.fd(),
+                vm.memory(),
+                abi::VIRTIO_MMIO_BASE,
+                5,
+                device,
+            )?;
             None
         }
-        IoPath::Pv => Some(PvBackends::start(
-            vm.memory().clone(),
-            &mut table,
-            Arc::new(EventFd::new(EFD_NONBLOCK)?),
-            Box::new(std::io::sink()),
-            disk,
-            false,
-        )?),
+        IoPath::Pv => {
+            let pv = PvBackends::start(
+                vm.memory().clone(),
+                &mut table,
+                Arc::new(EventFd::new(EFD_NONBLOCK)?),
+                Box::new(std::io::sink()),
+                disk,
+                false,
+            )?;
+            pv.attach_doorbell(&mut buses, vm.fd())?;
+            Some(pv)
+        }
     };
     guest.load(vm.memory())?;
     let memory = vm.memory().clone();
@@ -235,7 +246,10 @@ struct Table {
 
 impl Table {
     fn pv(&self) -> Option<&Measure> {
-        self.rows.iter().find(|r| r.path == IoPath::Pv).map(|r| &r.m)
+        self.rows
+            .iter()
+            .find(|r| r.path == IoPath::Pv)
+            .map(|r| &r.m)
     }
 
     fn markdown(&self) -> String {
@@ -311,6 +325,112 @@ fn cpu_ratio() -> Result<(f64, f64), Box<dyn Error>> {
     Ok((guest_rate, host_rate))
 }
 
+/// Peak RSS minus resident guest RAM of each of `n` example VMMs running at once (a
+/// spinning guest for 2 s), in KiB, as each reports it.
+fn vmcraft_overhead(n: usize) -> Result<Vec<u64>, Box<dyn Error>> {
+    let exe = std::env::current_exe()?;
+    let vmm = exe.with_file_name("minimal-vmm");
+    if !vmm.exists() {
+        return Err(format!(
+            "{} is missing: build the minimal-vmm example",
+            vmm.display()
+        )
+        .into());
+    }
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            std::process::Command::new(&vmm)
+                .args(["--guest", "spin", "--timeout", "2", "--mem", "64M"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for c in children {
+        let o = c.wait_with_output()?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        let kib = text
+            .lines()
+            .find_map(|l| l.split("VMM overhead ").nth(1))
+            .and_then(|v| v.trim_end_matches(" KiB").parse().ok())
+            .ok_or("no memory report from minimal-vmm")?;
+        out.push(kib);
+    }
+    Ok(out)
+}
+
+/// RSS of each of `n` QEMU microvm processes spinning in a one-instruction firmware,
+/// in KiB, read while they run; `None` when QEMU is not installed.
+fn qemu_rss(n: usize) -> Result<Option<Vec<u64>>, Box<dyn Error>> {
+    let Some(qemu) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+    else {
+        return Ok(None);
+    };
+    let firmware = std::env::temp_dir().join(format!("vmcraft-spin-{}.bin", std::process::id()));
+    let mut image = vec![0xf4u8; 64 << 10];
+    image[0xfff0..0xfff2].copy_from_slice(&[0xeb, 0xfe]); // jmp $
+    std::fs::write(&firmware, image)?;
+    let mut children: Vec<_> = (0..n)
+        .map(|_| {
+            std::process::Command::new(&qemu)
+                .args([
+                    "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "64M",
+                ])
+                .args([
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-display",
+                    "none",
+                    "-bios",
+                ])
+                .arg(&firmware)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let mut out = Vec::new();
+    for c in &children {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", c.id()))?;
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0);
+        out.push(kib);
+    }
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = std::fs::remove_file(&firmware);
+    Ok(Some(out))
+}
+
+fn memory_table() -> Result<String, Box<dyn Error>> {
+    let mut md = String::from(
+        "### Host memory per VM
+
+vmcraft: each example VMM's own report (peak RSS minus resident guest RAM).          QEMU microvm: VmRSS while running a one-instruction firmware (its guest RAM is barely touched).
+
+         | VMs at once | vmcraft MiB per VM | QEMU microvm MiB per VM |
+|---|---|---|
+",
+    );
+    for n in [1usize, 2, 8] {
+        let ours = vmcraft_overhead(n)?;
+        let avg = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64 / 1024.0;
+        let theirs =
+            qemu_rss(n)?.map_or("not installed".to_string(), |v| format!("{:.2}", avg(&v)));
+        let _ = writeln!(md, "| {n} | {:.2} | {theirs} |", avg(&ours));
+    }
+    Ok(md)
+}
+
 fn svg(tables: &[Table], path: &std::path::Path) -> Result<(), Box<dyn Error>> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
@@ -318,10 +438,17 @@ fn svg(tables: &[Table], path: &std::path::Path) -> Result<(), Box<dyn Error>> {
     let names: Vec<&str> = tables.iter().map(|t| t.title.as_str()).collect();
     let max = tables
         .iter()
-        .flat_map(|t| t.rows.iter().map(|r| r.m.per_op(r.m.vmm_cpu_ns as f64) / 1e3))
+        .flat_map(|t| {
+            t.rows
+                .iter()
+                .map(|r| r.m.per_op(r.m.vmm_cpu_ns as f64) / 1e3)
+        })
         .fold(1.0f64, f64::max);
     let mut chart = ChartBuilder::on(&root)
-        .caption("VMM host CPU per operation (µs, log scale)", ("sans-serif", 20))
+        .caption(
+            "VMM host CPU per operation (µs, log scale)",
+            ("sans-serif", 20),
+        )
         .margin(12)
         .x_label_area_size(90)
         .y_label_area_size(60)
@@ -367,7 +494,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         .iter()
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
-        .map_or_else(|| std::path::PathBuf::from("docs"), std::path::PathBuf::from);
+        .map_or_else(
+            || std::path::PathBuf::from("docs"),
+            std::path::PathBuf::from,
+        );
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -466,6 +596,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         host_rate,
         100.0 * guest_rate / host_rate
     );
+    eprintln!("compare: memory per VM");
+    md += &memory_table()?;
     println!("{md}");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("comparison.md"), &md)?;

@@ -44,7 +44,8 @@ const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd 
 
   no --kernel      run an embedded guest (default: the demo, which greets through the emulated 16550)
   --guest NAME     the embedded guest: hello (the demo); exit (a few real-mode instructions
-                   that write COM1 once and exit, for start-up measurements); virtio-blk (a
+                   that write COM1 once and exit, for start-up measurements); spin (counts
+                   forever at CPL 3: use with --timeout, for memory measurements); virtio-blk (a
                    driver that tests the first --disk: writes, reads back, flushes, batches);
                    virtio-blk-flush (the same, then 64 KiB written at sector 256, flushed,
                    \"flushed\" printed, and it waits to be killed: for durability tests)
@@ -138,22 +139,19 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
         match flag.as_str() {
-            "--guest" => {
-                o.guest = Some(match value()?.as_str() {
-                    "hello" => Guest::HELLO,
-                    "exit" => Guest::REAL_MODE_EXIT,
-                    "virtio-blk" => Guest::VIRTIO_BLK,
-                    "virtio-blk-flush" => {
-                        o.guest_param = 2;
-                        Guest::VIRTIO_BLK
-                    }
-                    other => {
-                        return Err(format!(
-                            "unknown guest {other:?} (hello, exit, virtio-blk or virtio-blk-flush)"
-                        ))
-                    }
-                })
-            }
+            "--guest" => o.guest = Some(match value()?.as_str() {
+                "hello" => Guest::HELLO,
+                "exit" => Guest::REAL_MODE_EXIT,
+                "virtio-blk" => Guest::VIRTIO_BLK,
+                "spin" => Guest::COUNTER,
+                "virtio-blk-flush" => {
+                    o.guest_param = 2;
+                    Guest::VIRTIO_BLK
+                }
+                other => return Err(format!(
+                    "unknown guest {other:?} (hello, exit, spin, virtio-blk or virtio-blk-flush)"
+                )),
+            }),
             "--disk" => {
                 let v = value()?;
                 let (path, read_only) = match v.rsplit_once(',') {
@@ -296,14 +294,16 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         )?);
         vm.fd().register_irqfd(&upcall, PV_UPCALL_IRQ)?;
         let disk = disks.next().ok_or("--pv needs a --disk")?;
-        Some(PvBackends::start(
+        let pv = PvBackends::start(
             vm.memory().clone(),
             &mut hypercalls,
             upcall,
             Box::new(std::io::stdout()),
             disk.into_file(),
             disk_read_only(&o, 0),
-        )?)
+        )?;
+        pv.attach_doorbell(&mut buses, vm.fd())?;
+        Some(pv)
     } else {
         None
     };

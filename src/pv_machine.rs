@@ -53,6 +53,8 @@ pub enum PvError {
 pub struct PvBackends {
     stop: EventFd,
     threads: Vec<JoinHandle<()>>,
+    /// Each backend's event-channel port and the eventfd a send signals.
+    doorbells: Vec<(u32, EventFd)>,
     /// The guest's event channels (for the upcall and status).
     pub channels: Arc<EventChannels>,
 }
@@ -153,6 +155,16 @@ impl PvBackends {
         .map_err(PvError::Block)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(PvError::Host)?;
         let mut threads = Vec::new();
+        let doorbells = vec![
+            (
+                console_end.port,
+                console_end.notified.try_clone().map_err(PvError::Host)?,
+            ),
+            (
+                blk_end.port,
+                blk_end.notified.try_clone().map_err(PvError::Host)?,
+            ),
+        ];
 
         let ch_c = channels.clone();
         let epoll_c = epoll_for(&console_end.notified, &stop).map_err(PvError::Host)?;
@@ -197,8 +209,78 @@ impl PvBackends {
         Ok(PvBackends {
             stop,
             threads,
+            doorbells,
             channels,
         })
+    }
+
+    /// Bind the doorbell port ([`abi::PV_DOORBELL_PORT`]) to each backend in KVM: a
+    /// 4-byte write of a backend's port number signals its eventfd without leaving the
+    /// kernel.
+    pub fn register_doorbells(&self, vm: &kvm_ioctls::VmFd) -> Result<(), PvError> {
+        for (port, fd) in &self.doorbells {
+            vm.register_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Pio(u64::from(abi::PV_DOORBELL_PORT)),
+                *port,
+            )
+            .map_err(|e| PvError::Host(std::io::Error::from_raw_os_error(e.errno())))?;
+        }
+        Ok(())
+    }
+
+    /// Put the doorbell on `buses` (the slow path) and bind it in KVM (the fast path).
+    pub fn attach_doorbell(
+        &self,
+        buses: &mut vmcraft_devices::bus::IoBuses,
+        vm: &kvm_ioctls::VmFd,
+    ) -> Result<(), PvError> {
+        buses
+            .register_pio(abi::PV_DOORBELL_PORT, 4, self.doorbell_device()?)
+            .map_err(|e| PvError::Host(std::io::Error::other(e.to_string())))?;
+        self.register_doorbells(vm)
+    }
+
+    /// The doorbell as a port device, for when it is not bound in KVM (or a write
+    /// does not match a port): it signals the named backend the slow way.
+    pub fn doorbell_device(&self) -> Result<Arc<Doorbell>, PvError> {
+        let fds = self
+            .doorbells
+            .iter()
+            .map(|(p, fd)| Ok((*p, fd.try_clone()?)))
+            .collect::<std::io::Result<_>>()
+            .map_err(PvError::Host)?;
+        Ok(Arc::new(Doorbell(fds)))
+    }
+}
+
+/// The doorbell port as a device on the port bus.
+#[derive(Debug)]
+pub struct Doorbell(Vec<(u32, EventFd)>);
+
+impl vmcraft_devices::vm_device::DevicePio for Doorbell {
+    fn pio_read(
+        &self,
+        _: vmcraft_devices::vm_device::bus::PioAddress,
+        _: vmcraft_devices::vm_device::bus::PioAddressOffset,
+        data: &mut [u8],
+    ) {
+        data.fill(0xff);
+    }
+    fn pio_write(
+        &self,
+        _: vmcraft_devices::vm_device::bus::PioAddress,
+        _: vmcraft_devices::vm_device::bus::PioAddressOffset,
+        data: &[u8],
+    ) {
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        let port = u32::from_le_bytes(bytes);
+        if let Some((_, fd)) = self.0.iter().find(|(p, _)| *p == port) {
+            // Saturation means the backend has a notification pending already.
+            let _ = fd.write(1);
+        }
     }
 }
 

@@ -186,9 +186,9 @@ fn the_pv_demo_uses_only_hypercalls_rings_event_channels_and_grants() {
             "word {i}"
         );
     }
-    // Only hypercalls (port writes to the hypercall port) left the guest: no emulated
-    // device was read or written. How many depends on how often the backends asked
-    // to be notified.
+    // No emulated device was read or written: the only exits to the VMM are port
+    // writes (the final debug exit; event-channel sends go through the doorbell's
+    // ioeventfd and stay in the kernel).
     let stats: Vec<&str> = stdout.lines().filter(|l| l.starts_with("  ")).collect();
     assert!(
         stats.len() == 1 && stats[0].trim_start().starts_with("pio-write"),

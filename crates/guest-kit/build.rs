@@ -33,6 +33,7 @@ fn main() {
         ("PV_GRANT_TABLE", abi::PV_GRANT_TABLE),
         ("PV_CONSOLE_PORT", abi::PV_CONSOLE_PORT),
         ("PV_BLK_PORT", abi::PV_BLK_PORT),
+        ("PV_DOORBELL_PORT", u64::from(abi::PV_DOORBELL_PORT)),
     ];
     println!("cargo:rerun-if-changed=guests");
     println!("cargo:rerun-if-changed=src/abi.rs");

@@ -40,3 +40,7 @@ pub const PV_GRANT_TABLE: u64 = 0x30_3000;
 pub const PV_CONSOLE_PORT: u64 = 1;
 /// PV demo: the block device's event-channel port.
 pub const PV_BLK_PORT: u64 = 2;
+/// PV demo: the event-channel doorbell. A 4-byte write of a port number sends on that
+/// port; the VMM registers it as an ioeventfd per port, so the send never leaves the
+/// kernel (the `EVTCHNOP_send` hypercall does the same the slow way).
+pub const PV_DOORBELL_PORT: u16 = 0x9c;
