@@ -413,13 +413,11 @@ fn qemu_rss(n: usize) -> Result<Option<Vec<u64>>, Box<dyn Error>> {
 
 fn memory_table() -> Result<String, Box<dyn Error>> {
     let mut md = String::from(
-        "### Host memory per VM
-
-vmcraft: each example VMM's own report (peak RSS minus resident guest RAM).          QEMU microvm: VmRSS while running a one-instruction firmware (its guest RAM is barely touched).
-
-         | VMs at once | vmcraft MiB per VM | QEMU microvm MiB per VM |
-|---|---|---|
-",
+        "### Host memory per VM\n\n\
+         vmcraft: each example VMM's own report (peak RSS minus resident guest RAM). \
+         QEMU microvm: VmRSS while it runs a one-instruction firmware (its guest RAM is \
+         barely touched).\n\n\
+         | VMs at once | vmcraft MiB per VM | QEMU microvm MiB per VM |\n|---|---|---|\n",
     );
     for n in [1usize, 2, 8] {
         let ours = vmcraft_overhead(n)?;
