@@ -139,19 +139,23 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
         match flag.as_str() {
-            "--guest" => o.guest = Some(match value()?.as_str() {
-                "hello" => Guest::HELLO,
-                "exit" => Guest::REAL_MODE_EXIT,
-                "virtio-blk" => Guest::VIRTIO_BLK,
-                "spin" => Guest::COUNTER,
-                "virtio-blk-flush" => {
-                    o.guest_param = 2;
-                    Guest::VIRTIO_BLK
-                }
-                other => return Err(format!(
+            "--guest" => {
+                o.guest = Some(match value()?.as_str() {
+                    "hello" => Guest::HELLO,
+                    "exit" => Guest::REAL_MODE_EXIT,
+                    "virtio-blk" => Guest::VIRTIO_BLK,
+                    "spin" => Guest::COUNTER,
+                    "virtio-blk-flush" => {
+                        o.guest_param = 2;
+                        Guest::VIRTIO_BLK
+                    }
+                    other => {
+                        return Err(format!(
                     "unknown guest {other:?} (hello, exit, spin, virtio-blk or virtio-blk-flush)"
-                )),
-            }),
+                ))
+                    }
+                })
+            }
             "--disk" => {
                 let v = value()?;
                 let (path, read_only) = match v.rsplit_once(',') {

@@ -3,36 +3,17 @@
 //! with a transfer under way, ERR always with an error code).
 #![no_main]
 
-use std::fs::File;
-use std::sync::OnceLock;
+#[path = "scratch.rs"]
+mod scratch;
+
 
 use libfuzzer_sys::fuzz_target;
 use vmcraft_devices::ata::{AtaDisk, DRQ, ERR};
 use vmcraft_devices::vm_device::bus::PioAddress;
 use vmcraft_devices::vm_device::DevicePio;
 
-fn image() -> File {
-    static IMAGE: OnceLock<File> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            let path = std::env::temp_dir().join(format!("vmcraft-fuzz-ata-{}.img", std::process::id()));
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap();
-            std::fs::remove_file(&path).unwrap();
-            f.set_len(32 * 512).unwrap();
-            f
-        })
-        .try_clone()
-        .unwrap()
-}
-
 fuzz_target!(|data: &[u8]| {
-    let disk = AtaDisk::new(image(), data.first().is_some_and(|b| b & 1 != 0)).unwrap();
+    let disk = AtaDisk::new(scratch::image(32), data.first().is_some_and(|b| b & 1 != 0)).unwrap();
     for op in data.chunks(3) {
         if op.len() < 3 {
             break;

@@ -3,35 +3,16 @@
 //! it takes gets exactly one response.
 #![no_main]
 
-use std::fs::File;
-use std::sync::{Arc, OnceLock};
+#[path = "scratch.rs"]
+mod scratch;
+
+use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use vmcraft_memory::vm_memory::{Bytes, GuestAddress};
 use vmcraft_memory::{layout::MemoryLayout, GuestRam};
 use vmcraft_pv_hypercall::blkif::BlkifBackend;
 use vmcraft_pv_hypercall::grant::GrantTable;
-
-fn image() -> File {
-    static IMAGE: OnceLock<File> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            let path = std::env::temp_dir()
-                .join(format!("vmcraft-fuzz-blkif-{}.img", std::process::id()));
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap();
-            std::fs::remove_file(&path).unwrap();
-            f.set_len(64 * 512).unwrap();
-            f
-        })
-        .try_clone()
-        .unwrap()
-}
 
 fuzz_target!(|data: &[u8]| {
     let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
@@ -44,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     mem.write_slice(grants, GuestAddress(0x2000)).unwrap();
     mem.write_slice(&pages[..pages.len().min(8192)], GuestAddress(0x10_000)).unwrap();
     let table = Arc::new(GrantTable::new(mem.clone(), GuestAddress(0x2000), 16, 0).unwrap());
-    let Ok(mut back) = BlkifBackend::new(mem.clone(), GuestAddress(0x1000), table, image(), false)
+    let Ok(mut back) = BlkifBackend::new(mem.clone(), GuestAddress(0x1000), table, scratch::image(64), false)
     else {
         return;
     };

@@ -5,37 +5,17 @@
 //! error), never panic, and publish exactly the chains it completed.
 #![no_main]
 
+#[path = "scratch.rs"]
+mod scratch;
+
 #[path = "guest_queue.rs"]
 mod guest_queue;
 
-use std::fs::File;
-use std::sync::OnceLock;
 
 use guest_queue::{guest_queue, used_idx};
 use libfuzzer_sys::fuzz_target;
 use vmcraft_devices::virtio::block::{serve_queue, Disk};
 use vmcraft_devices::virtio::Interrupt;
-
-fn image() -> File {
-    static IMAGE: OnceLock<File> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            let path = std::env::temp_dir()
-                .join(format!("vmcraft-fuzz-blk-{}.img", std::process::id()));
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap();
-            std::fs::remove_file(&path).unwrap();
-            f.set_len(64 * 512).unwrap();
-            f
-        })
-        .try_clone()
-        .unwrap()
-}
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
@@ -44,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let (control, contents) = data.split_at(2);
     let (ram, mut queue) = guest_queue(contents, control[0], control[1] & 1 != 0);
     let mem = ram.memory();
-    let disk = Disk::new(image(), control[1] & 2 != 0, "fuzz").unwrap();
+    let disk = Disk::new(scratch::image(64), control[1] & 2 != 0, "fuzz").unwrap();
     let interrupt = Interrupt::new().unwrap();
     let mut scratch = vec![0u8; 4096];
     if let Ok(served) = serve_queue(&mut queue, mem, &disk, &interrupt, &mut scratch) {

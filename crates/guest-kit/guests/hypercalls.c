@@ -4,23 +4,11 @@
    address in rdi to the one in rsi (-EFAULT outside memory), 3 = echo rdi if <= 100
    (-EINVAL otherwise). Exits 0 when every answer is right, else the failed step. */
 #include "guest.h"
+#include "xen.h"
 
 static void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
 {
     __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
-}
-
-static long hypercall(u64 nr, u64 a1, u64 a2, u64 a3, u64 a4, u64 a5)
-{
-    register u64 r10 __asm__("r10") = a4;
-    register u64 r8 __asm__("r8") = a5;
-    long ret;
-    __asm__ volatile("outb %%al, %[port]"
-                     : "=a"(ret)
-                     : "a"(nr), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8),
-                       [port] "i"(HYPERCALL_PORT)
-                     : "memory");
-    return ret;
 }
 
 u32 guest_main(u64 vcpu, u64 param)
