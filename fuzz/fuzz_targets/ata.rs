@@ -6,7 +6,6 @@
 #[path = "scratch.rs"]
 mod scratch;
 
-
 use libfuzzer_sys::fuzz_target;
 use vmcraft_devices::ata::{AtaDisk, DRQ, ERR};
 use vmcraft_devices::vm_device::bus::PioAddress;
@@ -19,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
         let control = op[0] & 0x80 != 0;
-        let base = PioAddress(if control { AtaDisk::CONTROL_BASE } else { AtaDisk::COMMAND_BASE });
+        let base = PioAddress(if control {
+            AtaDisk::CONTROL_BASE
+        } else {
+            AtaDisk::COMMAND_BASE
+        });
         let offset = if control { 0 } else { u16::from(op[1] % 8) };
         let width = [1usize, 2, 4][usize::from(op[0] % 3)];
         if op[0] & 0x40 != 0 {

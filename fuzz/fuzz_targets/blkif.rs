@@ -23,10 +23,16 @@ fuzz_target!(|data: &[u8]| {
     let (grants, pages) = rest.split_at(rest.len().min(128));
     mem.write_slice(ring, GuestAddress(0x1000)).unwrap();
     mem.write_slice(grants, GuestAddress(0x2000)).unwrap();
-    mem.write_slice(&pages[..pages.len().min(8192)], GuestAddress(0x10_000)).unwrap();
+    mem.write_slice(&pages[..pages.len().min(8192)], GuestAddress(0x10_000))
+        .unwrap();
     let table = Arc::new(GrantTable::new(mem.clone(), GuestAddress(0x2000), 16, 0).unwrap());
-    let Ok(mut back) = BlkifBackend::new(mem.clone(), GuestAddress(0x1000), table, scratch::image(64), false)
-    else {
+    let Ok(mut back) = BlkifBackend::new(
+        mem.clone(),
+        GuestAddress(0x1000),
+        table,
+        scratch::image(64),
+        false,
+    ) else {
         return;
     };
     let before: u32 = mem.read_obj(GuestAddress(0x1008)).unwrap(); // rsp_prod

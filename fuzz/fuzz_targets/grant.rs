@@ -36,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
             3 => {
                 let offset = u64::from(u16::from_le_bytes([op[2], op[3]]));
                 let mut buf = vec![0u8; usize::from(op[4])];
-                let dir = if op[5] & 1 == 0 { CopyDirection::FromGuest } else { CopyDirection::ToGuest };
+                let dir = if op[5] & 1 == 0 {
+                    CopyDirection::FromGuest
+                } else {
+                    CopyDirection::ToGuest
+                };
                 let r = table.copy(gref, offset, &mut buf, dir);
                 if offset + buf.len() as u64 > PAGE {
                     assert!(r.is_err());

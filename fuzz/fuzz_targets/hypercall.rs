@@ -19,7 +19,10 @@ fn table() -> HypercallTable {
         "copy",
         Arc::new(|ctx: &HypercallContext<'_>, a: &[u64; 5]| {
             if a[2] > 4096 {
-                return Err(HypercallFault::Invalid { index: 2, value: a[2] });
+                return Err(HypercallFault::Invalid {
+                    index: 2,
+                    value: a[2],
+                });
             }
             let bytes = ctx.read(a[0], a[2] as usize)?;
             ctx.write(a[1], &bytes)?;
@@ -27,9 +30,13 @@ fn table() -> HypercallTable {
         }),
     )
     .unwrap();
-    t.register(2, "sum", Arc::new(|_: &HypercallContext<'_>, a: &[u64; 5]| {
-        Ok(a.iter().fold(0u64, |s, v| s.wrapping_add(*v)))
-    }))
+    t.register(
+        2,
+        "sum",
+        Arc::new(|_: &HypercallContext<'_>, a: &[u64; 5]| {
+            Ok(a.iter().fold(0u64, |s, v| s.wrapping_add(*v)))
+        }),
+    )
     .unwrap();
     t
 }
@@ -37,7 +44,10 @@ fn table() -> HypercallTable {
 fuzz_target!(|data: &[u8]| {
     let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
     let table = table();
-    let ctx = HypercallContext { vcpu: 0, memory: ram.memory() };
+    let ctx = HypercallContext {
+        vcpu: 0,
+        memory: ram.memory(),
+    };
     for call in data.chunks(48) {
         if call.len() < 48 {
             break;
@@ -52,7 +62,9 @@ fuzz_target!(|data: &[u8]| {
             word(4),
             word(5),
         );
-        let _ = ram.memory().write_obj(word(5), GuestAddress(word(4) % (1 << 20)));
+        let _ = ram
+            .memory()
+            .write_obj(word(5), GuestAddress(word(4) % (1 << 20)));
         let r = table.dispatch(&ctx, args);
         assert!(
             r >= 0 || [-errno::EFAULT, -errno::EINVAL, -errno::ENOSYS].contains(&r),

@@ -43,7 +43,8 @@ fuzz_target!(|data: &[u8]| {
     // The first byte says how many 5-byte operations come first; the rest is the
     // initial content of the ring page (header, then entries).
     let (ops, contents) = rest.split_at((usize::from(n) * 5).min(rest.len()));
-    mem.write_slice(&contents[..contents.len().min(4096)], page).unwrap();
+    mem.write_slice(&contents[..contents.len().min(4096)], page)
+        .unwrap();
     let ring = GuestRingMemory::new(mem.clone(), page, 4096).unwrap();
     let mut back = BackRing::<_, Req, Rsp>::attach(ring).unwrap();
     let entries = back.entries();
@@ -54,7 +55,10 @@ fuzz_target!(|data: &[u8]| {
             0 => match back.pop_request() {
                 Ok(Some(_)) => taken += 1,
                 Ok(None) => {}
-                Err(RingError::ProducerOverflow { claimed, entries: e }) => {
+                Err(RingError::ProducerOverflow {
+                    claimed,
+                    entries: e,
+                }) => {
                     assert!(claimed > e && e == entries)
                 }
                 Err(e) => panic!("unexpected {e}"),

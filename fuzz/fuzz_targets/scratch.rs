@@ -10,8 +10,8 @@ pub fn image(sectors: u64) -> File {
     static IMAGE: OnceLock<File> = OnceLock::new();
     IMAGE
         .get_or_init(|| {
-            let path = std::env::temp_dir()
-                .join(format!("vmcraft-fuzz-{}.img", std::process::id()));
+            let path =
+                std::env::temp_dir().join(format!("vmcraft-fuzz-{}.img", std::process::id()));
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)

@@ -11,7 +11,6 @@ mod scratch;
 #[path = "guest_queue.rs"]
 mod guest_queue;
 
-
 use guest_queue::{guest_queue, used_idx};
 use libfuzzer_sys::fuzz_target;
 use vmcraft_devices::virtio::block::{serve_queue, Disk};

@@ -24,9 +24,9 @@ fuzz_target!(|data: &[u8]| {
     let interrupt = Interrupt::new().unwrap();
     if control[1] & 2 == 0 {
         let mut out = Vec::new();
-        if let Ok(served) =
-            serve_available(&mut queue, mem, &interrupt, |chain| transmit(chain, mem, &mut out))
-        {
+        if let Ok(served) = serve_available(&mut queue, mem, &interrupt, |chain| {
+            transmit(chain, mem, &mut out)
+        }) {
             assert_eq!(usize::from(used_idx(&ram)), served);
         }
     } else {

@@ -45,7 +45,10 @@ impl VirtioDevice for Device {
         }
         let mut e = self.0.lock().unwrap();
         e.activations_since_reset += 1;
-        assert_eq!(e.activations_since_reset, 1, "activated twice without a reset");
+        assert_eq!(
+            e.activations_since_reset, 1,
+            "activated twice without a reset"
+        );
         Ok(())
     }
     fn reset(&mut self) {
