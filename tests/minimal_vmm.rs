@@ -158,7 +158,7 @@ fn a_flushed_write_survives_sigkill_of_the_vmm() {
 }
 
 #[test]
-fn the_pv_demo_uses_only_hypercalls_rings_event_channels_and_grants() {
+fn the_pv_demo_uses_only_rings_event_channels_and_grants() {
     common::require_kvm();
     let path = std::env::temp_dir().join(format!("vmcraft-pv-disk-{}.img", std::process::id()));
     std::fs::File::create(&path)
