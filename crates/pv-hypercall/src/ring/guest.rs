@@ -68,37 +68,55 @@ impl RingMemory for GuestRingMemory {
     }
 }
 
-/// A ring in a private host mapping, for two host threads (clones share it).
+/// A ring in a private host mapping, for two host threads (clones share it). The
+/// mapping has no dirty bitmap: nothing migrates it.
 #[derive(Debug, Clone)]
-pub struct HostRingMemory(GuestRingMemory);
+pub struct HostRingMemory {
+    mem: vm_memory::GuestMemoryMmap<()>,
+    size: usize,
+}
 
 impl HostRingMemory {
     /// A zeroed mapping of `size` bytes (rounded up to a page).
     pub fn new(size: usize) -> Result<Self, vm_memory::mmap::FromRangesError> {
         let mapped = size.max(1).div_ceil(4096) * 4096;
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), mapped)])?;
-        Ok(HostRingMemory(GuestRingMemory {
-            mem,
-            base: GuestAddress(0),
-            size,
-        }))
+        let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mapped)])?;
+        Ok(HostRingMemory { mem, size })
     }
 }
 
 impl RingMemory for HostRingMemory {
     fn size(&self) -> usize {
-        self.0.size()
+        self.size
     }
     fn load_u32(&self, offset: usize) -> u32 {
-        self.0.load_u32(offset)
+        if offset + 4 > self.size {
+            return 0;
+        }
+        self.mem
+            .load::<u32>(GuestAddress(offset as u64), Ordering::Acquire)
+            .unwrap_or(0)
     }
     fn store_u32(&self, offset: usize, value: u32) {
-        self.0.store_u32(offset, value)
+        if offset + 4 <= self.size {
+            let _ = self
+                .mem
+                .store(value, GuestAddress(offset as u64), Ordering::Release);
+        }
     }
     fn read(&self, offset: usize, buf: &mut [u8]) {
-        self.0.read(offset, buf)
+        if offset + buf.len() > self.size
+            || self
+                .mem
+                .read_slice(buf, GuestAddress(offset as u64))
+                .is_err()
+        {
+            buf.fill(0);
+        }
     }
     fn write(&self, offset: usize, data: &[u8]) {
-        self.0.write(offset, data)
+        if offset + data.len() <= self.size {
+            let _ = self.mem.write_slice(data, GuestAddress(offset as u64));
+        }
     }
 }
