@@ -5,15 +5,11 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use vmcraft::devices::bus::IoBuses;
 use vmcraft::devices::serial::SharedBuffer;
-use vmcraft::devices::stop::StopLatch;
 use vmcraft::guest_kit::{abi, Guest};
-use vmcraft::machine::{BusExitHandler, HypercallExitHandler, LegacyDevices};
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::pv::hypercall::{HypercallContext, HypercallFault, HypercallTable};
-use vmcraft::vcpu::cpu::HypervisorInfo;
-use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft::vcpu::StopReason;
 
 fn table() -> HypercallTable {
     let mut t = HypercallTable::new();
@@ -52,31 +48,10 @@ fn table() -> HypercallTable {
 
 #[test]
 fn a_guest_discovers_the_interface_and_makes_hypercalls() {
-    require_kvm();
-    let vm = Vm::new(GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap()).unwrap();
-    let stop = Arc::new(StopLatch::default());
-    let serial = SharedBuffer::new();
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone()).unwrap();
-    Guest::HYPERCALLS.load(vm.memory()).unwrap();
-    let table = Arc::new(table());
-    let handler = Arc::new(HypercallExitHandler::new(
-        abi::HYPERCALL_PORT,
-        table.clone(),
-        vm.memory().clone(),
-        BusExitHandler::new(Arc::new(buses), stop),
-    ));
-    let info = HypervisorInfo {
-        hypercall_port: abi::HYPERCALL_PORT,
-        ..HypervisorInfo::default()
-    };
-    let running = RunningVm::start_with_info(
-        vm,
-        &[VcpuConfig::at(Guest::HYPERCALLS.entry(0, 0))],
-        handler,
-        info,
-    )
-    .unwrap();
+    let mut m = Machine::new(16);
+    m.hypercalls = table();
+    let serial = m.serial.clone();
+    let (running, table) = m.start(Guest::HYPERCALLS, 0);
     let outcome = running.wait_timeout(TIMEOUT).unwrap();
     assert_eq!(
         outcome.reason,
@@ -147,53 +122,21 @@ fn a_broken_block_ring_leaves_the_console_working() {
 fn a_rust_guest_uses_the_same_no_std_ring_code_as_the_backend() {
     use vmcraft::pv_machine::PvBackends;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-    require_kvm();
-    let vm = Vm::new(GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap()).unwrap();
-    let stop = Arc::new(StopLatch::default());
-    let serial = SharedBuffer::new();
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone()).unwrap();
-    let path = std::env::temp_dir().join(format!("vmcraft-rust-front-{}.img", std::process::id()));
-    let disk = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    disk.set_len(1 << 20).unwrap();
-    let mut table = HypercallTable::new();
+    let image = ScratchImage::new("rust-front", 1 << 20);
+    let mut m = Machine::new(16);
     let backends = PvBackends::start(
-        vm.memory().clone(),
-        &mut table,
+        m.vm.memory().clone(),
+        &mut m.hypercalls,
         Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
         Box::new(std::io::sink()),
-        disk,
+        image.file(),
         false,
     )
     .unwrap();
-    Guest::PV_RING_FRONT.load(vm.memory()).unwrap();
-    let handler = Arc::new(HypercallExitHandler::new(
-        abi::HYPERCALL_PORT,
-        Arc::new(table),
-        vm.memory().clone(),
-        BusExitHandler::new(Arc::new(buses), stop),
-    ));
-    let info = HypervisorInfo {
-        hypercall_port: abi::HYPERCALL_PORT,
-        ..HypervisorInfo::default()
-    };
-    let running = RunningVm::start_with_info(
-        vm,
-        &[VcpuConfig::at(Guest::PV_RING_FRONT.entry(0, 0))],
-        handler,
-        info,
-    )
-    .unwrap();
+    let serial = m.serial.clone();
+    let (running, _) = m.start(Guest::PV_RING_FRONT, 0);
     let outcome = running.wait_timeout(TIMEOUT).unwrap();
     drop(backends);
-    let image = std::fs::read(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
     assert_eq!(
         outcome.reason,
         StopReason::DebugExit(0),
@@ -201,6 +144,7 @@ fn a_rust_guest_uses_the_same_no_std_ring_code_as_the_backend() {
         String::from_utf8_lossy(&serial.contents())
     );
     assert_eq!(serial.contents(), b"rust front end ok\n");
+    let image = image.contents();
     for (i, word) in image[16 * 512..16 * 512 + 4096].chunks_exact(4).enumerate() {
         let want = (i as u32).wrapping_mul(0x0101_0101) ^ 0x5eed;
         assert_eq!(

@@ -120,3 +120,98 @@ pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A VM being assembled: guest RAM, the legacy devices (COM1 into `serial`) and an
+/// empty hypercall table; add devices to `buses` and hypercalls to `hypercalls`, then
+/// [`Machine::start`].
+pub struct Machine {
+    pub vm: Vm,
+    pub buses: IoBuses,
+    pub hypercalls: vmcraft::pv::hypercall::HypercallTable,
+    pub serial: SharedBuffer,
+    stop: Arc<StopLatch>,
+}
+
+impl Machine {
+    pub fn new(mem_mib: u64) -> Machine {
+        require_kvm();
+        let layout = MemoryLayout::x86_64(mem_mib << 20).unwrap();
+        let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
+        let stop = Arc::new(StopLatch::default());
+        let serial = SharedBuffer::new();
+        let mut buses = IoBuses::new();
+        LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone())
+            .unwrap();
+        Machine {
+            vm,
+            buses,
+            hypercalls: vmcraft::pv::hypercall::HypercallTable::new(),
+            serial,
+            stop,
+        }
+    }
+
+    /// Load `guest` and start it on one vCPU with `param`, hypercalls offered on the
+    /// vmcraft port (and advertised by CPUID). The table comes back so its counters
+    /// can be read.
+    pub fn start(
+        self,
+        guest: Guest,
+        param: u64,
+    ) -> (RunningVm, Arc<vmcraft::pv::hypercall::HypercallTable>) {
+        guest.load(self.vm.memory()).unwrap();
+        let table = Arc::new(self.hypercalls);
+        let handler = Arc::new(vmcraft::machine::HypercallExitHandler::new(
+            abi::HYPERCALL_PORT,
+            table.clone(),
+            self.vm.memory().clone(),
+            BusExitHandler::new(Arc::new(self.buses), self.stop),
+        ));
+        let info = vmcraft::vcpu::cpu::HypervisorInfo {
+            hypercall_port: abi::HYPERCALL_PORT,
+            ..Default::default()
+        };
+        let running = RunningVm::start_with_info(
+            self.vm,
+            &[VcpuConfig::at(guest.entry(0, param))],
+            handler,
+            info,
+        )
+        .unwrap();
+        (running, table)
+    }
+}
+
+/// A scratch disk image of `bytes`, removed on drop; `file()` opens another handle.
+pub struct ScratchImage {
+    pub path: std::path::PathBuf,
+}
+
+impl ScratchImage {
+    pub fn new(name: &str, bytes: u64) -> ScratchImage {
+        let path = std::env::temp_dir().join(format!("vmcraft-{name}-{}.img", std::process::id()));
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        ScratchImage { path }
+    }
+
+    pub fn file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .unwrap()
+    }
+
+    pub fn contents(&self) -> Vec<u8> {
+        std::fs::read(&self.path).unwrap()
+    }
+}
+
+impl Drop for ScratchImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
