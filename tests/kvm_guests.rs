@@ -218,16 +218,8 @@ fn an_unmodified_style_driver_uses_the_emulated_ata_disk() {
     let serial = SharedBuffer::new();
     let mut buses = IoBuses::new();
     LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone()).unwrap();
-    let path = std::env::temp_dir().join(format!("vmcraft-ata-guest-{}.img", std::process::id()));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    file.set_len(1 << 20).unwrap();
-    let disk = Arc::new(AtaDisk::new(file, false).unwrap());
+    let scratch = ScratchImage::new("ata-guest", 1 << 20);
+    let disk = Arc::new(AtaDisk::new(scratch.file(), false).unwrap());
     buses
         .register_pio(AtaDisk::COMMAND_BASE, 8, disk.clone())
         .unwrap();
@@ -237,8 +229,7 @@ fn an_unmodified_style_driver_uses_the_emulated_ata_disk() {
     let running =
         RunningVm::start(vm, &[VcpuConfig::at(Guest::ATA_BENCH.entry(0, 4))], handler).unwrap();
     let outcome = running.wait_timeout(TIMEOUT).unwrap();
-    let image = std::fs::read(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = scratch.contents();
     assert_eq!(
         outcome.reason,
         StopReason::DebugExit(0),

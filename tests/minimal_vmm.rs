@@ -92,15 +92,11 @@ fn smallest_guest_makes_two_exits_and_the_memory_report_adds_up() {
 #[test]
 fn the_virtio_blk_guest_tests_a_disk_image() {
     common::require_kvm();
-    let path = std::env::temp_dir().join(format!("vmcraft-cli-disk-{}.img", std::process::id()));
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let image = common::ScratchImage::new("cli-disk", 1 << 20);
+    let path = image.path();
     let disk = path.to_str().unwrap();
     let out = run(&["--guest", "virtio-blk", "--disk", disk, "--mem", "16M"]);
-    let image = std::fs::read(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = image.contents();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "status {:?}: {stdout}", out.status);
     assert!(stdout.contains("capacity 0x0000000000000800\n"), "{stdout}");
@@ -115,14 +111,11 @@ fn a_flushed_write_survives_sigkill_of_the_vmm() {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     common::require_kvm();
-    let path = std::env::temp_dir().join(format!("vmcraft-kill-disk-{}.img", std::process::id()));
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let image = common::ScratchImage::new("kill-disk", 1 << 20);
+    let path = image.path();
     let mut child = Command::new(minimal_vmm())
         .args(["--guest", "virtio-blk-flush", "--mem", "16M", "--disk"])
-        .arg(&path)
+        .arg(path)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -141,8 +134,7 @@ fn a_flushed_write_survives_sigkill_of_the_vmm() {
     // The flush completed: kill the VMM at once, no chance to tidy up.
     child.kill().unwrap();
     child.wait().unwrap();
-    let image = std::fs::read(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = image.contents();
     for s in 0..16u32 {
         let seed = 7 + s;
         let at = (256 + 8 * s as usize) * 512;
@@ -160,14 +152,10 @@ fn a_flushed_write_survives_sigkill_of_the_vmm() {
 #[test]
 fn the_pv_demo_uses_only_rings_event_channels_and_grants() {
     common::require_kvm();
-    let path = std::env::temp_dir().join(format!("vmcraft-pv-disk-{}.img", std::process::id()));
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let image = common::ScratchImage::new("pv-disk", 1 << 20);
+    let path = image.path();
     let out = run(&["--pv", "--mem", "16M", "--disk", path.to_str().unwrap()]);
-    let image = std::fs::read(&path).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let image = image.contents();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "status {:?}: {stdout}", out.status);
     assert!(

@@ -76,16 +76,7 @@ fn a_broken_block_ring_leaves_the_console_working() {
     }
     let ram = GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
     let mem = ram.memory().clone();
-    let path = std::env::temp_dir().join(format!("vmcraft-pv-broken-{}.img", std::process::id()));
-    let disk = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    disk.set_len(1 << 20).unwrap();
-    std::fs::remove_file(&path).unwrap();
+    let disk = ScratchImage::new("pv-broken", 1 << 20).file();
     let console = SharedBuffer::new();
     let mut table = HypercallTable::new();
     let backends = PvBackends::start(

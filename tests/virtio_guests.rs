@@ -7,7 +7,6 @@ mod common;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use common::*;
@@ -27,29 +26,6 @@ use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::vcpu::{ExitKind, RunningVm, StopReason, VcpuConfig, Vm};
 
 const DISK_SECTORS: u64 = 2048; // 1 MiB
-
-struct TempImage(PathBuf);
-
-impl TempImage {
-    fn new(name: &str, sectors: u64) -> (TempImage, File) {
-        let path = std::env::temp_dir().join(format!("vmcraft-{name}-{}.img", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(sectors * 512).unwrap();
-        (TempImage(path), file)
-    }
-}
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// A VM running `guest` (parameter `param`) with COM1 output in the returned buffer
 /// and `devices` behind virtio-mmio windows 0, 1, ... (IRQs 5, 6, ...).
@@ -101,7 +77,8 @@ fn check_image(file: &File, sector: u64, seed: u32) {
 }
 
 fn run_block_guest(event_idx: bool) {
-    let (image, file) = TempImage::new(&format!("blk-guest-{event_idx}"), DISK_SECTORS);
+    let image = ScratchImage::new(&format!("blk-guest-{event_idx}"), DISK_SECTORS * 512);
+    let file = image.file();
     let host_view = file.try_clone().unwrap();
     let disk = Disk::new(file, false, "vmcraft-disk-0").unwrap();
     let blk: Box<dyn VirtioDevice> = Box::new(Block::new(disk, "vblk0"));
@@ -141,7 +118,7 @@ fn the_same_with_event_idx() {
 
 #[test]
 fn notifications_stay_in_the_kernel_with_ioeventfd() {
-    let (_image, file) = TempImage::new("blk-exits", DISK_SECTORS);
+    let file = ScratchImage::new("blk-exits", DISK_SECTORS * 512).file();
     let blk: Box<dyn VirtioDevice> =
         Box::new(Block::new(Disk::new(file, false, "x").unwrap(), "vblk0"));
     let vm = start_virtio_vm(Guest::VIRTIO_BLK, 1, vec![blk]);
@@ -203,7 +180,7 @@ fn a_guest_talks_both_ways_over_virtio_console() {
 #[test]
 fn a_device_the_guest_broke_needs_reset_while_the_others_keep_serving() {
     use std::io::Write;
-    let (_image, file) = TempImage::new("blk-broken", DISK_SECTORS);
+    let file = ScratchImage::new("blk-broken", DISK_SECTORS * 512).file();
     let disk = Disk::new(file, false, "x").unwrap();
     let (vm, output, mut host) = console_vm(1, Some(disk));
     host.write_all(b"ping\n").unwrap();

@@ -182,36 +182,27 @@ impl Machine {
     }
 }
 
-/// A scratch disk image of `bytes`, removed on drop; `file()` opens another handle.
-pub struct ScratchImage {
-    pub path: std::path::PathBuf,
-}
+/// A scratch disk image of `bytes` under a unique name, removed on drop.
+pub struct ScratchImage(vmm_sys_util::tempfile::TempFile);
 
 impl ScratchImage {
     pub fn new(name: &str, bytes: u64) -> ScratchImage {
-        let path = std::env::temp_dir().join(format!("vmcraft-{name}-{}.img", std::process::id()));
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(bytes)
-            .unwrap();
-        ScratchImage { path }
+        let prefix = std::env::temp_dir().join(format!("vmcraft-{name}"));
+        let image = vmm_sys_util::tempfile::TempFile::new_with_prefix(prefix).unwrap();
+        image.as_file().set_len(bytes).unwrap();
+        ScratchImage(image)
     }
 
+    pub fn path(&self) -> &std::path::Path {
+        self.0.as_path()
+    }
+
+    /// Another read-write handle to the image.
     pub fn file(&self) -> std::fs::File {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.path)
-            .unwrap()
+        self.0.as_file().try_clone().unwrap()
     }
 
     pub fn contents(&self) -> Vec<u8> {
-        std::fs::read(&self.path).unwrap()
-    }
-}
-
-impl Drop for ScratchImage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        std::fs::read(self.path()).unwrap()
     }
 }

@@ -348,23 +348,14 @@ impl DevicePio for AtaDisk {
 mod tests {
     use super::*;
 
-    fn disk(sectors: u64, read_only: bool) -> (AtaDisk, std::path::PathBuf) {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "vmcraft-ata-{}-{}.img",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+    /// A disk on an anonymous scratch file, and a second handle to that file.
+    fn disk(sectors: u64, read_only: bool) -> (AtaDisk, std::fs::File) {
+        let f = vmm_sys_util::tempfile::TempFile::new_with_prefix("/tmp/vmcraft-ata")
+            .unwrap()
+            .into_file();
         f.set_len(sectors * SECTOR as u64).unwrap();
-        (AtaDisk::new(f, read_only).unwrap(), path)
+        let other = f.try_clone().unwrap();
+        (AtaDisk::new(f, read_only).unwrap(), other)
     }
 
     const CMD: PioAddress = PioAddress(AtaDisk::COMMAND_BASE);
@@ -397,7 +388,7 @@ mod tests {
 
     #[test]
     fn identify_reports_the_model_and_capacity() {
-        let (d, p) = disk(1000, false);
+        let (d, _) = disk(1000, false);
         task(&d, 0, 0, CMD_IDENTIFY);
         assert_eq!(inb(&d, 7), DRDY | DSC | DRQ);
         let id = read_words(&d, 256);
@@ -406,12 +397,11 @@ mod tests {
         assert!(model.starts_with(b"vmcraft emulated ATA disk"));
         assert_eq!(u32::from_le_bytes(id[120..124].try_into().unwrap()), 1000);
         assert_ne!(u16::from_le_bytes([id[98], id[99]]) & (1 << 9), 0, "LBA");
-        std::fs::remove_file(p).unwrap();
     }
 
     #[test]
     fn sectors_written_read_back_and_reach_the_file() {
-        let (d, p) = disk(64, false);
+        let (d, file) = disk(64, false);
         task(&d, 10, 2, CMD_WRITE_SECTORS);
         let data: Vec<u8> = (0..1024).map(|i| (i * 7 % 256) as u8).collect();
         for (i, w) in data.chunks(4).enumerate() {
@@ -425,17 +415,13 @@ mod tests {
         assert_eq!(read_words(&d, 512), data);
         assert_eq!(inb(&d, 7), DRDY | DSC);
         let mut on_disk = vec![0u8; 1024];
-        std::fs::File::open(&p)
-            .unwrap()
-            .read_exact_at(&mut on_disk, 10 * 512)
-            .unwrap();
+        file.read_exact_at(&mut on_disk, 10 * 512).unwrap();
         assert_eq!(on_disk, data);
-        std::fs::remove_file(p).unwrap();
     }
 
     #[test]
     fn bad_commands_and_sectors_get_error_status() {
-        let (d, p) = disk(64, false);
+        let (d, _) = disk(64, false);
         task(&d, 0, 1, 0x99);
         assert_eq!((inb(&d, 7) & ERR, inb(&d, 1)), (ERR, ABRT));
         task(&d, 64, 1, CMD_READ_SECTORS);
@@ -456,14 +442,12 @@ mod tests {
         // Software reset abandons the transfer.
         d.pio_write(PioAddress(AtaDisk::CONTROL_BASE), 0, &[0x04]);
         assert_eq!(inb(&d, 7), DRDY | DSC);
-        std::fs::remove_file(p).unwrap();
     }
 
     #[test]
     fn a_read_only_disk_aborts_writes() {
-        let (d, p) = disk(8, true);
+        let (d, _) = disk(8, true);
         task(&d, 0, 1, CMD_WRITE_SECTORS);
         assert_eq!((inb(&d, 7) & ERR, inb(&d, 1)), (ERR, ABRT));
-        std::fs::remove_file(p).unwrap();
     }
 }

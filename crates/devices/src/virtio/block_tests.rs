@@ -3,7 +3,6 @@
 
 use super::*;
 use crate::virtio::queue::ProtocolError;
-use std::path::PathBuf;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -17,31 +16,13 @@ const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x30_0000;
 const DISK_SECTORS: u64 = 64;
 
-struct TempImage(PathBuf);
-
-impl Drop for TempImage {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn image(sectors: u64) -> (TempImage, File) {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "vmcraft-blk-test-{}-{}.img",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+/// An anonymous scratch image: its name is gone before the test uses it.
+fn image(sectors: u64) -> File {
+    let file = vmm_sys_util::tempfile::TempFile::new_with_prefix("/tmp/vmcraft-blk-test")
+        .unwrap()
+        .into_file();
     file.set_len(sectors * SECTOR_SIZE).unwrap();
-    (TempImage(path), file)
+    file
 }
 
 fn memory() -> GuestMemory {
@@ -71,17 +52,15 @@ struct Rig {
     mem: GuestMemory,
     disk: Disk,
     interrupt: Interrupt,
-    _image: TempImage,
 }
 
 impl Rig {
     fn new(read_only: bool) -> Rig {
-        let (img, file) = image(DISK_SECTORS);
+        let file = image(DISK_SECTORS);
         Rig {
             mem: memory(),
             disk: Disk::new(file, read_only, "vmcraft-test-disk").unwrap(),
             interrupt: Interrupt::new().unwrap(),
-            _image: img,
         }
     }
 
@@ -460,7 +439,7 @@ fn a_broken_chain_at_run_time_sets_needs_reset_and_a_reset_recovers() {
     use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
     use virtio_bindings::virtio_mmio as reg;
 
-    let (_img, file) = image(DISK_SECTORS);
+    let file = image(DISK_SECTORS);
     let mem = memory();
     let device = Block::new(Disk::new(file, false, "rt").unwrap(), "blk-rt");
     let mut t = MmioTransport::new(Box::new(device), mem.clone()).unwrap();

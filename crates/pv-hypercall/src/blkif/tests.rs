@@ -15,43 +15,21 @@ struct Rig {
     ram: GuestRam,
     front: FrontRing<GuestRingMemory, Request, Response>,
     back: BlkifBackend,
-    path: std::path::PathBuf,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 fn rig(read_only: bool) -> Rig {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
     let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
     let mem = ram.memory().clone();
     let ring_mem = GuestRingMemory::new(mem.clone(), GuestAddress(RING), 4096).unwrap();
     let front = FrontRing::init(ring_mem).unwrap();
     let grants = Arc::new(GrantTable::new(mem.clone(), GuestAddress(GRANTS), 32, 0).unwrap());
-    let path = std::env::temp_dir().join(format!(
-        "vmcraft-blkif-{}-{}.img",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    // Anonymous: the name is removed before the backend gets the file.
+    let file = vmm_sys_util::tempfile::TempFile::new_with_prefix("/tmp/vmcraft-blkif")
+        .unwrap()
+        .into_file();
     file.set_len(DISK_SECTORS * SECTOR).unwrap();
     let back = BlkifBackend::new(mem, GuestAddress(RING), grants, file, read_only).unwrap();
-    Rig {
-        ram,
-        front,
-        back,
-        path,
-    }
+    Rig { ram, front, back }
 }
 
 impl Rig {
