@@ -40,9 +40,11 @@ impl GuestRingMemory {
 }
 
 impl RingMemory for GuestRingMemory {
+    #[inline]
     fn size(&self) -> usize {
         self.size
     }
+    #[inline]
     fn load_u32(&self, offset: usize) -> u32 {
         if offset + 4 > self.size {
             return 0;
@@ -51,16 +53,19 @@ impl RingMemory for GuestRingMemory {
             .load::<u32>(self.at(offset), Ordering::Acquire)
             .unwrap_or(0)
     }
+    #[inline]
     fn store_u32(&self, offset: usize, value: u32) {
         if offset + 4 <= self.size {
             let _ = self.mem.store(value, self.at(offset), Ordering::Release);
         }
     }
+    #[inline]
     fn read(&self, offset: usize, buf: &mut [u8]) {
         if offset + buf.len() > self.size || self.mem.read_slice(buf, self.at(offset)).is_err() {
             buf.fill(0);
         }
     }
+    #[inline]
     fn write(&self, offset: usize, data: &[u8]) {
         if offset + data.len() <= self.size {
             let _ = self.mem.write_slice(data, self.at(offset));
@@ -86,9 +91,11 @@ impl HostRingMemory {
 }
 
 impl RingMemory for HostRingMemory {
+    #[inline]
     fn size(&self) -> usize {
         self.size
     }
+    #[inline]
     fn load_u32(&self, offset: usize) -> u32 {
         if offset + 4 > self.size {
             return 0;
@@ -97,6 +104,7 @@ impl RingMemory for HostRingMemory {
             .load::<u32>(GuestAddress(offset as u64), Ordering::Acquire)
             .unwrap_or(0)
     }
+    #[inline]
     fn store_u32(&self, offset: usize, value: u32) {
         if offset + 4 <= self.size {
             let _ = self
@@ -104,6 +112,7 @@ impl RingMemory for HostRingMemory {
                 .store(value, GuestAddress(offset as u64), Ordering::Release);
         }
     }
+    #[inline]
     fn read(&self, offset: usize, buf: &mut [u8]) {
         if offset + buf.len() > self.size
             || self
@@ -114,6 +123,7 @@ impl RingMemory for HostRingMemory {
             buf.fill(0);
         }
     }
+    #[inline]
     fn write(&self, offset: usize, data: &[u8]) {
         if offset + data.len() <= self.size {
             let _ = self.mem.write_slice(data, GuestAddress(offset as u64));

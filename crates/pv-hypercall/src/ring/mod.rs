@@ -441,6 +441,7 @@ impl RawRingMemory {
         RawRingMemory { base, size }
     }
 
+    #[inline]
     fn atomic(&self, offset: usize) -> &core::sync::atomic::AtomicU32 {
         assert!(
             offset.is_multiple_of(4) && offset + 4 <= self.size,
@@ -454,15 +455,19 @@ impl RawRingMemory {
 }
 
 impl RingMemory for RawRingMemory {
+    #[inline]
     fn size(&self) -> usize {
         self.size
     }
+    #[inline]
     fn load_u32(&self, offset: usize) -> u32 {
         self.atomic(offset).load(Ordering::Acquire)
     }
+    #[inline]
     fn store_u32(&self, offset: usize, value: u32) {
         self.atomic(offset).store(value, Ordering::Release)
     }
+    #[inline]
     fn read(&self, offset: usize, buf: &mut [u8]) {
         assert!(offset + buf.len() <= self.size, "read past the ring");
         let mut i = 0;
@@ -482,6 +487,7 @@ impl RingMemory for RawRingMemory {
             *b = unsafe { core::ptr::read_volatile(self.base.add(offset + j)) };
         }
     }
+    #[inline]
     fn write(&self, offset: usize, data: &[u8]) {
         assert!(offset + data.len() <= self.size, "write past the ring");
         let mut i = 0;
