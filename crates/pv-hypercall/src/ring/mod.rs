@@ -509,7 +509,7 @@ impl RingMemory for RawRingMemory {
 #[cfg(feature = "std")]
 mod guest;
 #[cfg(feature = "std")]
-pub use guest::{GuestRingMemory, HostRingMemory};
+pub use guest::{GuestRingMemory, HostRingMemory, VmRingMemory};
 
 #[cfg(all(test, feature = "std", not(loom)))]
 mod tests;
