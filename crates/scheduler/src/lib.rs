@@ -136,6 +136,18 @@ pub enum SchedError {
     },
 }
 
+/// The range of domain weights every policy accepts (Xen's).
+pub const WEIGHTS: core::ops::RangeInclusive<u32> = 1..=65535;
+
+/// `weight`, if it is inside [`WEIGHTS`].
+pub fn check_weight(weight: u32) -> Result<u32, SchedError> {
+    if WEIGHTS.contains(&weight) {
+        Ok(weight)
+    } else {
+        Err(SchedError::BadWeight(weight))
+    }
+}
+
 /// A scheduling policy: the calls a runtime or a simulator makes.
 ///
 /// A vCPU is added blocked; [`Policy::wake`] makes it runnable. A pCPU asks

@@ -3,7 +3,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::{Affinity, Decision, DomainId, Nanos, PcpuId, Policy, SchedError, VcpuId, MS};
+use crate::{
+    check_weight, Affinity, Decision, DomainId, Nanos, PcpuId, Policy, SchedError, VcpuId, MS,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -75,9 +77,7 @@ impl Policy for RoundRobin {
     }
 
     fn add_domain(&mut self, dom: DomainId, weight: u32, _cap: u32) -> Result<(), SchedError> {
-        if !(1..=65535).contains(&weight) {
-            return Err(SchedError::BadWeight(weight));
-        }
+        check_weight(weight)?;
         if self.domains.contains(&dom) {
             return Err(SchedError::DomainExists(dom));
         }

@@ -20,7 +20,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::{Affinity, Decision, DomainId, Nanos, PcpuId, Policy, SchedError, VcpuId, MS};
+use crate::{
+    check_weight, Affinity, Decision, DomainId, Nanos, PcpuId, Policy, SchedError, VcpuId, MS,
+};
 
 /// The knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -522,9 +524,7 @@ impl Policy for Credit {
     }
 
     fn add_domain(&mut self, dom: DomainId, weight: u32, cap: u32) -> Result<(), SchedError> {
-        if !(1..=65535).contains(&weight) {
-            return Err(SchedError::BadWeight(weight));
-        }
+        check_weight(weight)?;
         if self.domain_index.contains_key(&dom) {
             return Err(SchedError::DomainExists(dom));
         }
