@@ -149,20 +149,15 @@ fn main() {
     println!();
     println!("fairness over 20 s: worst |share - ideal| over the run (relative, absolute), in any 1 s window (absolute, relative); context switches");
     let hogs = |w: u32| DomainSpec::new(w).hogs(1);
-    fairness(
-        "weights 1:2:4, 1 pCPU",
-        &Scenario::new(1, 20_000 * MS)
-            .domain(hogs(100))
-            .domain(hogs(200))
-            .domain(hogs(400)),
-    );
-    fairness(
-        "weights 1:2:4, 2 pCPUs",
-        &Scenario::new(2, 20_000 * MS)
-            .domain(hogs(100))
-            .domain(hogs(200))
-            .domain(hogs(400)),
-    );
+    for (pcpus, label) in [(1, "1 pCPU"), (2, "2 pCPUs")] {
+        fairness(
+            &format!("weights 1:2:4, {label}"),
+            &Scenario::new(pcpus, 20_000 * MS)
+                .domain(hogs(100))
+                .domain(hogs(200))
+                .domain(hogs(400)),
+        );
+    }
     fairness(
         "weights 1:1:2:4, 2 pCPUs",
         &Scenario::new(2, 20_000 * MS)
