@@ -13,7 +13,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
@@ -41,30 +41,17 @@ thread_local! {
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let run = KVM_RUN.with(Cell::get);
     if !run.is_null() {
-        // SAFETY: KVM_RUN is set by `Vcpu::step` to the kvm_run mapping of the vCPU it
-        // runs and reset to null before `step` returns, while the `Vcpu` (and so the
-        // mapping) is borrowed; the handler runs on that same thread, so the mapping
-        // is live.
+        // SAFETY: non-null only while `Vcpu::step` runs on this thread with the
+        // `Vcpu` (and so its kvm_run mapping) borrowed: the mapping is live.
         unsafe { run_page::request_immediate_exit(run) };
     }
 }
 
 pub(crate) fn install_kick_handler() -> Result<(), VmError> {
-    static INSTALL: Once = Once::new();
-    static mut RESULT: Option<vmm_sys_util::errno::Error> = None;
-    INSTALL.call_once(|| {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
-            // SAFETY: written only here, inside `call_once`, which synchronizes with
-            // every later reader below.
-            unsafe { RESULT = Some(e) };
-        }
-    });
-    // SAFETY: `call_once` has completed (on this or another thread), so the write
-    // above, if any, happened before this read and no write can follow.
-    match unsafe { RESULT } {
-        Some(e) => Err(VmError::Signal(e)),
-        None => Ok(()),
-    }
+    static INSTALLED: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler))
+        .map_err(VmError::Signal)
 }
 
 /// Makes the vCPU a thread runs leave the guest: a flag plus a signal to the thread.
