@@ -80,6 +80,12 @@ impl Rig {
 
     /// Submit the raw descriptors as one queue's content and serve it; returns the
     /// result and the used ring's (id, len) entries.
+    /// Serve `queue` once with this rig's memory, disk and interrupt.
+    fn serve(&self, queue: &mut Queue) -> Result<usize, ProtocolError> {
+        let mut scratch = vec![0u8; 4096];
+        serve_queue(queue, &self.mem, &self.disk, &self.interrupt, &mut scratch)
+    }
+
     fn serve_raw(
         &self,
         descs: &[RawDescriptor],
@@ -89,14 +95,7 @@ impl Rig {
         mock.add_desc_chains(descs, 0).unwrap();
         let mut queue: Queue = mock.create_queue().unwrap();
         queue.set_event_idx(event_idx);
-        let mut scratch = vec![0u8; 4096];
-        let result = serve_queue(
-            &mut queue,
-            &self.mem,
-            &self.disk,
-            &self.interrupt,
-            &mut scratch,
-        );
+        let result = self.serve(&mut queue);
         let used = mock.used_addr().0;
         let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
         let entries = (0..u64::from(idx))
@@ -377,17 +376,7 @@ fn an_avail_index_that_jumps_past_the_queue_size_needs_a_reset() {
     let mock = MockSplitQueue::new(&rig.mem, QLEN);
     let mut queue: Queue = mock.create_queue().unwrap();
     mock.avail().idx().store(QLEN + 1);
-    let mut scratch = vec![0u8; 512];
-    assert!(matches!(
-        serve_queue(
-            &mut queue,
-            &rig.mem,
-            &rig.disk,
-            &rig.interrupt,
-            &mut scratch
-        ),
-        Err(ProtocolError::Ring(_))
-    ));
+    assert!(matches!(rig.serve(&mut queue), Err(ProtocolError::Ring(_))));
 }
 
 #[test]
@@ -409,17 +398,7 @@ fn interrupts_follow_the_drivers_wishes() {
     rig.mem.write_obj(5u16, mock_used_event_at(&mock)).unwrap();
     let mut queue: Queue = mock.create_queue().unwrap();
     queue.set_event_idx(true);
-    let mut scratch = vec![0u8; 512];
-    assert_eq!(
-        serve_queue(
-            &mut queue,
-            &rig.mem,
-            &rig.disk,
-            &rig.interrupt,
-            &mut scratch
-        ),
-        Ok(1)
-    );
+    assert_eq!(rig.serve(&mut queue), Ok(1));
     assert_eq!(rig.interrupt.status(), 0);
     // The device asked to be notified from the next request on (avail_event).
     let avail_event: u16 = rig
