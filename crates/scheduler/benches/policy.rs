@@ -158,14 +158,12 @@ fn main() {
                 .domain(hogs(400)),
         );
     }
-    fairness(
-        "weights 1:1:2:4, 2 pCPUs",
-        &Scenario::new(2, 20_000 * MS)
-            .domain(hogs(256))
-            .domain(hogs(256))
-            .domain(hogs(512))
-            .domain(hogs(1024)),
-    );
+    let weights_1124 = Scenario::new(2, 20_000 * MS)
+        .domain(hogs(256))
+        .domain(hogs(256))
+        .domain(hogs(512))
+        .domain(hogs(1024));
+    fairness("weights 1:1:2:4, 2 pCPUs", &weights_1124);
     fairness(
         "cap 50% + hog, 1 pCPU",
         &Scenario::new(1, 20_000 * MS)
@@ -189,15 +187,7 @@ fn main() {
         "credit, 3 ms slice, 1 ms tick",
         Box::new(Credit::new(fine(), 2)),
     )];
-    fairness_of(
-        "weights 1:1:2:4, 2 pCPUs",
-        &Scenario::new(2, 20_000 * MS)
-            .domain(hogs(256))
-            .domain(hogs(256))
-            .domain(hogs(512))
-            .domain(hogs(1024)),
-        finer,
-    );
+    fairness_of("weights 1:1:2:4, 2 pCPUs", &weights_1124, finer);
     println!("  target: share error <= 2 % of ideal over 1 s windows");
     println!();
     println!("I/O vCPU (0.5 ms of CPU every 9.5 ms) wake-to-run among hogs:");
