@@ -64,6 +64,37 @@ fn a_guest_discovers_the_interface_and_makes_hypercalls() {
     assert_eq!(table.unknown_calls(), 1);
 }
 
+/// The discovery above is strict: a guest shown a wrong signature, or a leaf that names
+/// another port, stops before its first hypercall, on every host (discovery runs at
+/// CPL 0, where CPUID always reaches KVM).
+#[test]
+fn discovery_fails_when_the_cpuid_leaves_are_wrong() {
+    let cases = [
+        (*b"XenVMMXenVMM", abi::HYPERCALL_PORT, 10),
+        (*b"vmcraftvmcrb", abi::HYPERCALL_PORT, 10),
+        (
+            *vmcraft::vcpu::cpu::VMCRAFT_SIGNATURE,
+            abi::HYPERCALL_PORT + 1,
+            11,
+        ),
+    ];
+    for (signature, port, code) in cases {
+        let mut m = Machine::new(16);
+        m.hypercalls = table();
+        m.cpuid.signature = signature;
+        m.cpuid.hypercall_port = port;
+        let (running, table) = m.start(Guest::HYPERCALLS, 0);
+        let outcome = running.wait_timeout(TIMEOUT).unwrap();
+        let sig = String::from_utf8_lossy(&signature);
+        assert_eq!(
+            outcome.reason,
+            StopReason::DebugExit(code),
+            "signature {sig}, port {port:#x}"
+        );
+        assert_eq!(table.unknown_calls() + table.count(1), 0, "signature {sig}");
+    }
+}
+
 #[test]
 fn a_broken_block_ring_leaves_the_console_working() {
     use vm_memory::{Bytes, GuestAddress};

@@ -22,6 +22,8 @@ fn main() {
         ("COM1_PORT", u64::from(abi::COM1_PORT)),
         ("I8042_COMMAND_PORT", u64::from(abi::I8042_COMMAND_PORT)),
         ("TEST_PORT", u64::from(abi::TEST_PORT)),
+        ("USER_CODE_SELECTOR", u64::from(abi::USER_CODE_SELECTOR)),
+        ("USER_DATA_SELECTOR", u64::from(abi::USER_DATA_SELECTOR)),
         ("TEST_MMIO", abi::TEST_MMIO),
         ("COUNTER_BASE", abi::COUNTER_BASE),
         ("VIRTIO_MMIO_BASE", abi::VIRTIO_MMIO_BASE),

@@ -128,6 +128,8 @@ pub struct Machine {
     pub vm: Vm,
     pub buses: IoBuses,
     pub hypercalls: vmcraft::pv::hypercall::HypercallTable,
+    /// What the hypervisor CPUID leaves say: vmcraft's signature and the hypercall port.
+    pub cpuid: vmcraft::vcpu::cpu::HypervisorInfo,
     pub serial: SharedBuffer,
     stop: Arc<StopLatch>,
 }
@@ -146,14 +148,18 @@ impl Machine {
             vm,
             buses,
             hypercalls: vmcraft::pv::hypercall::HypercallTable::new(),
+            cpuid: vmcraft::vcpu::cpu::HypervisorInfo {
+                hypercall_port: abi::HYPERCALL_PORT,
+                ..Default::default()
+            },
             serial,
             stop,
         }
     }
 
     /// Load `guest` and start it on one vCPU with `param`, hypercalls offered on the
-    /// vmcraft port (and advertised by CPUID). The table comes back so its counters
-    /// can be read.
+    /// vmcraft port (and advertised by CPUID as `cpuid` says). The table comes back so
+    /// its counters can be read.
     pub fn start(
         self,
         guest: Guest,
@@ -167,15 +173,11 @@ impl Machine {
             self.vm.memory().clone(),
             BusExitHandler::new(Arc::new(self.buses), self.stop),
         ));
-        let info = vmcraft::vcpu::cpu::HypervisorInfo {
-            hypercall_port: abi::HYPERCALL_PORT,
-            ..Default::default()
-        };
         let running = RunningVm::start_with_info(
             self.vm,
             &[VcpuConfig::at(guest.entry(0, param))],
             handler,
-            info,
+            self.cpuid,
         )
         .unwrap();
         (running, table)

@@ -11,6 +11,11 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 pub const TEST_PORT: u16 = 0x510;
 /// Guest-physical address of the test device's MMIO window.
 pub const TEST_MMIO: u64 = 0xd000_0000;
+/// GDT selector of the 64-bit user code segment (RPL 3) that a guest entered at CPL 0
+/// drops to; the same as `vmcraft_vcpu::mode::SEL_USER_CODE` (checked by a test).
+pub const USER_CODE_SELECTOR: u16 = 0x2b;
+/// GDT selector of the user data segment (RPL 3), `vmcraft_vcpu::mode::SEL_USER_DATA`.
+pub const USER_DATA_SELECTOR: u16 = 0x23;
 /// Where long-mode guests are loaded and entered.
 pub const LOAD_ADDR: u64 = 0x10_0000;
 /// Where real-mode guests are loaded and entered.

@@ -1,10 +1,14 @@
 //! Tiny test guests for vmcraft, assembled from `guests/*.S` at build time (gcc and
 //! binutils; no prebuilt binaries), and helpers to load and start them.
 //!
-//! Long-mode guests run at CPL 3 with IOPL 3: on nested KVM without hardware
+//! Long-mode guests do their work at CPL 3 with IOPL 3: on nested KVM without hardware
 //! assistance CPL-3 code runs natively while CPL 0 is emulated, so the guests do their
-//! work, port I/O included, in user mode. Each vCPU gets its index in `rdi` and a
-//! parameter in `rsi`. The contract with the host (ports, addresses) is in [`abi`].
+//! work, port I/O included, in user mode. A guest that needs an instruction to reach the
+//! hypervisor (CPUID for discovery) is entered at CPL 0 instead ([`GuestMode::Kernel64`]):
+//! it does that part in kernel mode, as a real kernel would, then drops to CPL 3. Only
+//! port I/O and MMIO are relied on to exit from CPL 3; see `vmcraft_vcpu`'s notes on
+//! which instructions trap where. Each vCPU gets its index in `rdi` and a parameter in
+//! `rsi`. The contract with the host (ports, addresses) is in [`abi`].
 //!
 //! ```
 //! use vmcraft_guest_kit::{abi, Guest};
@@ -32,6 +36,12 @@ pub mod abi {
 pub enum GuestMode {
     /// 64-bit long mode at CPL 3, IOPL 3, loaded at [`abi::LOAD_ADDR`].
     User64,
+    /// 64-bit long mode entered at CPL 0, loaded at [`abi::LOAD_ADDR`]: the C runtime
+    /// runs the guest's `kernel_init` in kernel mode (where CPUID and the other
+    /// intercepted instructions reach the hypervisor on every host), then drops to
+    /// CPL 3 with IOPL 3 on the same stack and runs `guest_main` as a
+    /// [`GuestMode::User64`] guest would.
+    Kernel64,
     /// 16-bit real mode, loaded at [`abi::REAL_MODE_LOAD_ADDR`].
     Real,
 }
@@ -113,11 +123,14 @@ impl Guest {
     /// 64-byte requests come back full and different, a 128 KiB one is cut to the
     /// 64 KiB cap; prints `rng ok` and exits 0.
     pub const VIRTIO_RNG: Guest = guest!("virtio_rng", GuestMode::User64);
-    /// A C guest that finds the vmcraft interface through CPUID (signature and
-    /// hypercall port) and makes hypercalls at CPL 3 through [`abi::HYPERCALL_PORT`]:
-    /// 1 = sum of five arguments, 2 = copy 8 bytes between guest pointers, 3 = echo an
-    /// argument up to 100, and an unknown number. Prints `hypercalls ok`, exits 0.
-    pub const HYPERCALLS: Guest = guest!("hypercalls", GuestMode::User64);
+    /// A C guest that finds the vmcraft interface through CPUID at CPL 0 (it scans
+    /// the hypervisor range in steps of 0x100 for the signature, then reads the
+    /// hypercall port from the next leaf), then makes hypercalls at CPL 3 through
+    /// [`abi::HYPERCALL_PORT`]: 1 = sum of five arguments, 2 = copy 8 bytes between
+    /// guest pointers, 3 = echo an argument up to 100, and an unknown number. Prints
+    /// `hypercalls ok`, exits 0; exit 10 means no vmcraft signature was found, 11 that
+    /// the leaf after it named another port.
+    pub const HYPERCALLS: Guest = guest!("hypercalls", GuestMode::Kernel64);
     /// The PV demo: prints through the PV console ring, writes a page to the PV block
     /// device through a grant, reads it back, flushes, checks a refused request, and
     /// exits 0. Uses only hypercalls, rings, event channels and grants (pages and ports
@@ -156,7 +169,7 @@ impl Guest {
     /// Where the guest is loaded.
     pub fn load_addr(&self) -> u64 {
         match self.mode {
-            GuestMode::User64 => abi::LOAD_ADDR,
+            GuestMode::User64 | GuestMode::Kernel64 => abi::LOAD_ADDR,
             GuestMode::Real => abi::REAL_MODE_LOAD_ADDR,
         }
     }
@@ -176,10 +189,14 @@ impl Guest {
     /// The entry for vCPU `vcpu_index`, with `param` in `rsi`.
     pub fn entry(&self, vcpu_index: u32, param: u64) -> Entry {
         match self.mode {
-            GuestMode::User64 => Entry::LongMode {
+            GuestMode::User64 | GuestMode::Kernel64 => Entry::LongMode {
                 rip: abi::LOAD_ADDR,
                 rsp: abi::STACK_TOP - u64::from(vcpu_index) * 0x1000,
-                privilege: Privilege::User { iopl: 3 },
+                privilege: if self.mode == GuestMode::Kernel64 {
+                    Privilege::Kernel
+                } else {
+                    Privilege::User { iopl: 3 }
+                },
                 args: [u64::from(vcpu_index), param],
             },
             GuestMode::Real => Entry::RealMode {
@@ -219,5 +236,19 @@ mod tests {
         assert_eq!(&Guest::COUNTER.code[..4], &[0x48, 0xc1, 0xe7, 0x06]);
         assert!(Guest::HELLO.code.windows(5).any(|w| w == b"Hello"));
         assert!(Guest::REAL_MODE_EXIT.code.len() <= 16);
+    }
+
+    #[test]
+    fn the_runtime_drops_to_the_selectors_the_boot_gdt_defines() {
+        use vmcraft_vcpu::mode::{SEL_USER_CODE, SEL_USER_DATA};
+        assert_eq!(abi::USER_CODE_SELECTOR, SEL_USER_CODE);
+        assert_eq!(abi::USER_DATA_SELECTOR, SEL_USER_DATA);
+        assert!(matches!(
+            Guest::HYPERCALLS.entry(0, 0),
+            Entry::LongMode {
+                privilege: Privilege::Kernel,
+                ..
+            }
+        ));
     }
 }

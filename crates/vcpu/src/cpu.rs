@@ -37,15 +37,37 @@ pub enum CpuError {
     },
 }
 
-/// Values vmcraft publishes in its hypervisor leaf 0x40000001.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What vmcraft publishes in its hypervisor leaves: the signature in 0x40000000 and
+/// these values in 0x40000001.
+///
+/// ```
+/// use vmcraft_vcpu::cpu::{HypervisorInfo, VMCRAFT_SIGNATURE};
+///
+/// let info = HypervisorInfo { hypercall_port: 0x98, ..HypervisorInfo::default() };
+/// assert_eq!(&info.signature, VMCRAFT_SIGNATURE);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HypervisorInfo {
+    /// ebx, ecx, edx of leaf 0x40000000: [`VMCRAFT_SIGNATURE`] unless the embedding
+    /// program presents another interface.
+    pub signature: [u8; 12],
     /// eax: interface version.
     pub version: u32,
     /// ebx: hypercall port (0 when there is none).
     pub hypercall_port: u16,
     /// ecx, edx: free for the embedding program.
     pub extra: [u32; 2],
+}
+
+impl Default for HypervisorInfo {
+    fn default() -> Self {
+        HypervisorInfo {
+            signature: *VMCRAFT_SIGNATURE,
+            version: 0,
+            hypercall_port: 0,
+            extra: [0; 2],
+        }
+    }
 }
 
 /// Build the CPUID table for vCPU `index` of `count`: KVM's supported set, with the
@@ -97,8 +119,10 @@ pub fn patch_cpuid(
             _ => {}
         }
     }
-    let sig =
-        |i: usize| u32::from_le_bytes(VMCRAFT_SIGNATURE[i * 4..i * 4 + 4].try_into().unwrap());
+    let sig = |i: usize| {
+        let word = &info.signature[i * 4..i * 4 + 4];
+        u32::from_le_bytes([word[0], word[1], word[2], word[3]])
+    };
     entries.push(kvm_bindings::kvm_cpuid_entry2 {
         function: HYPERVISOR_LEAF,
         eax: HYPERVISOR_LEAF + 1,
@@ -240,7 +264,7 @@ mod tests {
         let info = HypervisorInfo {
             version: 1,
             hypercall_port: 0x5e0,
-            extra: [0, 0],
+            ..HypervisorInfo::default()
         };
         patch_cpuid(&mut entries, 2, 4, info);
         assert_eq!(entries[0].ebx, 0x0204_0807);

@@ -1,5 +1,6 @@
-/* The C test-guest runtime: port and MMIO access, barriers, COM1 output. Guests run
-   at CPL 3 with IOPL 3 on identity-mapped, user-accessible memory. */
+/* The C test-guest runtime: port and MMIO access, barriers, COM1 output. Guests do
+   their work (guest_main) at CPL 3 with IOPL 3 on identity-mapped, user-accessible
+   memory; a guest entered at CPL 0 first runs kernel_init in kernel mode. */
 #ifndef GUEST_H
 #define GUEST_H
 
@@ -47,6 +48,24 @@ static inline u64 xorshift(u64 *s)
 
 #define READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
 #define WRITE_ONCE(x, v) (*(volatile __typeof__(x) *)&(x) = (v))
+
+/* The current privilege level (0 in kernel_init, 3 in guest_main). */
+static inline u32 cpl(void)
+{
+    u16 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    return cs & 3;
+}
+
+static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
+}
+
+/* Kernel-mode start-up of a guest entered at CPL 0; the runtime's default does
+   nothing. */
+void kernel_init(u64 vcpu, u64 param);
+u32 guest_main(u64 vcpu, u64 param);
 
 void *memset(void *dst, int c, unsigned long n);
 void *memcpy(void *dst, const void *src, unsigned long n);

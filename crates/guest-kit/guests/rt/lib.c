@@ -1,5 +1,13 @@
-/* What gcc may call even in a freestanding build. */
+/* What gcc may call even in a freestanding build, and the runtime's defaults. */
 #include "guest.h"
+
+/* The kernel-mode start-up of a guest entered at CPL 0 (see start.S); a guest that
+   has work to do there defines its own. */
+__attribute__((weak)) void kernel_init(u64 vcpu, u64 param)
+{
+    (void)vcpu;
+    (void)param;
+}
 
 void *memset(void *dst, int c, unsigned long n)
 {
