@@ -40,8 +40,10 @@ use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::linux::load_linux;
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
 
-const USAGE: &str = "usage: minimal-vmm [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS]
+const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS]
 
+  --diagnose       probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and
+                   what a port-I/O exit costs, print it and exit
   no --kernel      run an embedded guest (default: the demo, which greets through the emulated 16550)
   --guest NAME     the embedded guest: hello (the demo); exit (a few real-mode instructions
                    that write COM1 once and exit, for start-up measurements); spin (counts
@@ -87,6 +89,7 @@ enum ConsoleOption {
 
 #[derive(Debug)]
 struct Options {
+    diagnose: bool,
     guest: Option<Guest>,
     guest_param: u64,
     disks: Vec<(String, bool)>,
@@ -117,6 +120,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut o = Options {
+        diagnose: false,
         guest: None,
         guest_param: 0,
         disks: Vec::new(),
@@ -139,6 +143,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
         match flag.as_str() {
+            "--diagnose" => o.diagnose = true,
             "--guest" => {
                 o.guest = Some(match value()?.as_str() {
                     "hello" => Guest::HELLO,
@@ -198,6 +203,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
             other => return Err(format!("unknown option {other:?}")),
         }
     }
+    if o.diagnose && args.len() > 1 {
+        return Err("--diagnose runs its own probe VM and takes no other option".into());
+    }
     if o.guest.is_some() && o.kernel.is_some() {
         return Err("--guest and --kernel exclude each other".into());
     }
@@ -246,7 +254,41 @@ fn open_disks(o: &Options) -> Result<Vec<Disk>, Box<dyn Error>> {
     Ok(disks)
 }
 
+/// `--diagnose`: the CPU, whether its kernel offers CPUID faulting, and what the probe
+/// VM found.
+fn diagnose() -> Result<ExitCode, Box<dyn Error>> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map_or("unknown", |(_, v)| v.trim())
+    };
+    let flags = field("flags");
+    let has_flag = |f: &str| flags.split_whitespace().any(|x| x == f);
+    println!(
+        "minimal-vmm: host CPU: {} ({}); cpuid_fault: {}; hardware virtualization visible: {}",
+        field("model name"),
+        field("vendor_id"),
+        if has_flag("cpuid_fault") { "yes" } else { "no" },
+        if has_flag("vmx") || has_flag("svm") {
+            "yes"
+        } else {
+            "no (nested KVM: CPL 0 is emulated)"
+        }
+    );
+    let probe = vmcraft::vcpu::probe::probe_host()?;
+    for line in probe.to_string().lines() {
+        println!("minimal-vmm: {line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
+    if o.diagnose {
+        return diagnose();
+    }
     let started = Instant::now();
     let disks = open_disks(&o)?;
     let tap = o

@@ -246,3 +246,21 @@ fn an_unmodified_style_driver_uses_the_emulated_ata_disk() {
         );
     }
 }
+
+/// The probe sees the VMM's hypervisor leaf from kernel mode on every host, and from
+/// user mode wherever the host can fault CPUID (hardware-assisted KVM always can; a
+/// nested host only with `cpuid_fault`).
+#[test]
+fn the_host_probe_finds_the_vmm_leaf_from_kernel_mode() {
+    require_kvm();
+    let probe = vmcraft::vcpu::probe::probe_host().unwrap();
+    assert!(probe.cpuid_traps_at_cpl0, "{probe}");
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap();
+    let faulting = flags.split_whitespace().any(|f| f == "cpuid_fault");
+    let hardware = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    if faulting || hardware {
+        assert!(probe.cpuid_traps_at_cpl3, "{probe}");
+    }
+    assert!(probe.pio_exit > std::time::Duration::ZERO, "{probe}");
+}

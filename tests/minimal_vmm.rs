@@ -40,6 +40,24 @@ fn run(args: &[&str]) -> Output {
 }
 
 #[test]
+fn diagnose_reports_what_the_host_intercepts() {
+    common::require_kvm();
+    let out = run(&["--diagnose"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {:?}", out.stderr);
+    assert!(stdout.contains("host CPU: "), "{stdout}");
+    assert!(
+        stdout.contains("CPUID at CPL 0: intercepted (the VMM's leaves)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("CPUID at CPL 3: "), "{stdout}");
+    assert!(stdout.contains("port-I/O exit round trip: "), "{stdout}");
+    let out = run(&["--diagnose", "--rng"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("takes no other option"));
+}
+
+#[test]
 fn demo_guest_greets_prints_statistics_and_exits_zero() {
     common::require_kvm();
     let out = run(&[]);

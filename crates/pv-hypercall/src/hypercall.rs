@@ -4,8 +4,10 @@
 //! The guest puts the hypercall number in `rax` and up to five arguments in `rdi`,
 //! `rsi`, `rdx`, `r10` and `r8`, then traps; the result comes back in `rax`, a
 //! negative errno on failure. VMCALL does not reach userspace on KVM here, so the
-//! trap is a write to a hypercall port (advertised in CPUID leaf 0x40000001); the
-//! table itself does not care how the trap arrived.
+//! trap is a write to a hypercall port (advertised in CPUID leaf 0x40000001), which
+//! exits from any privilege level; the table itself does not care how the trap
+//! arrived. A guest reads the leaves from kernel mode: CPUID at CPL 3 is not
+//! intercepted on every host (see `vmcraft_vcpu`'s table of what traps where).
 //!
 //! ```
 //! use std::sync::Arc;
