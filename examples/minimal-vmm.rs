@@ -16,8 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmcraft::acpi::{AcpiDevice, MachineDescription};
 use vmcraft::devices::bus::IoBuses;
+use vmcraft::devices::irq::IrqAllocator;
 use vmcraft::devices::serial::SerialInput;
+use vmcraft::devices::serial::{COM1_BASE, COM1_IRQ};
 use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
@@ -72,8 +75,6 @@ const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PA
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
 const MIN_MEM: u64 = 4 << 20;
-/// IRQ of the first virtio device (COM1 has 4).
-const FIRST_VIRTIO_IRQ: u32 = 5;
 /// IRQ of the PV event-channel upcall.
 const PV_UPCALL_IRQ: u32 = 11;
 
@@ -355,7 +356,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     };
 
     // virtio devices: disks, the console, the rng, the NIC; one 4 KiB virtio-mmio
-    // window and one IRQ each.
+    // window each, and an interrupt line no legacy device owns.
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (i, disk) in disks.enumerate() {
         virtio.push(Box::new(Block::new(disk, &format!("vblk{i}"))));
@@ -374,11 +375,31 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             "vnet",
         )));
     }
+    let mut irqs = IrqAllocator::pc();
+    irqs.reserve(PV_UPCALL_IRQ)?;
+    let mut acpi = MachineDescription {
+        vcpus: o.vcpus,
+        devices: vec![
+            AcpiDevice::Serial {
+                port: COM1_BASE,
+                irq: COM1_IRQ,
+            },
+            AcpiDevice::I8042,
+            AcpiDevice::Rtc,
+        ],
+    };
     let mut cmdline = o.cmdline.clone();
     for (i, device) in virtio.into_iter().enumerate() {
         let base = VIRTIO_MMIO_BASE + WINDOW_SIZE * i as u64;
-        let irq = FIRST_VIRTIO_IRQ + i as u32;
+        let irq = irqs.allocate()?;
         attach_virtio_mmio(&mut buses, vm.fd(), vm.memory(), base, irq, device)?;
+        acpi.devices.push(AcpiDevice::VirtioMmio {
+            base,
+            size: WINDOW_SIZE,
+            irq,
+        });
+        // For kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; stock kernels
+        // find the devices in the DSDT.
         cmdline += &format!(" virtio_mmio.device=4K@{base:#x}:{irq}");
     }
 
@@ -399,6 +420,8 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
                 .collect()
         }
         Some(path) => {
+            // Linux finds the CPUs, the IOAPIC and the devices in the ACPI tables.
+            acpi.write(vm.memory())?;
             let mut kernel = open("kernel", path)?;
             let mut initrd = o.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
             let loaded =

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use thiserror::Error;
+use vmcraft_devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_SIZE};
 use vmcraft_devices::bus::{BusError, IoBuses};
 use vmcraft_devices::debug_exit::DebugExit;
 use vmcraft_devices::i8042::{I8042, I8042_BASE, I8042_SIZE};
@@ -44,6 +45,7 @@ impl BusExitHandler {
             None => ExitAction::Continue,
             Some(DeviceStop::Reset) => ExitAction::Stop(StopReason::Reset),
             Some(DeviceStop::DebugExit(code)) => ExitAction::Stop(StopReason::DebugExit(code)),
+            Some(DeviceStop::PowerOff) => ExitAction::Stop(StopReason::PowerOff),
         }
     }
 }
@@ -88,7 +90,8 @@ pub enum LegacyDeviceError {
 }
 
 /// The PC devices of a minimal VM: COM1 (16550, IRQ 4 by irqfd), the i8042, the CMOS
-/// RTC and the debug-exit port.
+/// RTC, the ACPI power-management registers (power-off and reset) and the debug-exit
+/// port.
 #[derive(Debug, Clone)]
 pub struct LegacyDevices {
     /// COM1.
@@ -125,6 +128,13 @@ impl LegacyDevices {
         buses
             .register_pio(RTC_BASE, RTC_SIZE, rtc.clone())
             .map_err(|e| LegacyDeviceError::Bus("the RTC", e))?;
+        buses
+            .register_pio(
+                ACPI_PM_BASE,
+                ACPI_PM_SIZE,
+                Arc::new(AcpiPm::new(stop.clone())),
+            )
+            .map_err(|e| LegacyDeviceError::Bus("the ACPI power-management registers", e))?;
         buses
             .register_pio(DEBUG_EXIT_PORT, 4, Arc::new(DebugExit::new(stop)))
             .map_err(|e| LegacyDeviceError::Bus("the debug-exit port", e))?;

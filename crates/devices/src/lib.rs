@@ -5,17 +5,22 @@
 //! * [`serial`]: the 16550 UART from `vm-superio`, its interrupt on an eventfd (for
 //!   KVM's irqfd), output to any writer and input from any fd through `event-manager`.
 //! * [`i8042`]: the i8042 controller from `vm-superio`, whose CPU reset stops the VM.
+//! * [`irq`]: interrupt lines for new devices, away from the legacy devices' lines.
 //! * [`rtc`]: a CMOS real-time clock good enough for Linux to read the date.
+//! * [`acpi_pm`]: the sleep and reset registers of a hardware-reduced ACPI platform
+//!   (power-off and reset from an unmodified guest).
 //! * [`debug_exit`]: a port whose write stops the VM with an exit code (for tests).
 //! * [`stop`]: how devices ask the VMM to stop the VM.
 //!
 //! Devices never see a vCPU: they implement `vm-device`'s `DevicePio`/`DeviceMmio`, and
 //! the embedding program (or the `vmcraft` crate's glue) routes exits to the buses.
 
+pub mod acpi_pm;
 pub mod ata;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
+pub mod irq;
 pub mod rtc;
 pub mod serial;
 pub mod stop;

@@ -9,6 +9,8 @@ pub enum DeviceStop {
     Reset,
     /// The guest wrote an exit code to the debug-exit port.
     DebugExit(u32),
+    /// The guest entered ACPI S5 (soft off).
+    PowerOff,
 }
 
 /// Holds the first stop request made by any device until the VMM takes it.

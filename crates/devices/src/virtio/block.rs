@@ -95,7 +95,8 @@ impl Disk {
     /// A disk on `file` (its length, rounded down to whole sectors, is the capacity).
     /// `id` is the serial the guest reads with get-id (at most 20 bytes are kept).
     pub fn new(file: File, read_only: bool, id: &str) -> io::Result<Disk> {
-        let sectors = file.metadata()?.len() / SECTOR_SIZE;
+        // Seeking to the end sizes block devices too (their metadata says 0 bytes).
+        let sectors = io::Seek::seek(&mut &file, io::SeekFrom::End(0))? / SECTOR_SIZE;
         let mut serial = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&id.as_bytes()[..n]);
