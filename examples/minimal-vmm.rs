@@ -521,7 +521,27 @@ fn source_chain(e: &dyn Error) -> String {
     s
 }
 
+/// Warnings from the library (a device that needs a reset, input that cannot be
+/// used) go to stderr.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("minimal-vmm: {}: {}", record.level(), record.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 fn main() -> ExitCode {
+    static LOG: StderrLog = StderrLog;
+    if log::set_logger(&LOG).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let options = match parse(&args) {
         Ok(o) => o,

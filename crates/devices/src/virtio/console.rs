@@ -60,18 +60,56 @@ impl std::fmt::Debug for Console {
 impl Console {
     /// A console writing guest output to `output` and, if given, feeding `input` to
     /// the guest. `name` names its I/O thread.
+    ///
+    /// Input that epoll cannot watch (a regular file, `/dev/null`) is read by a relay
+    /// thread into a socket the I/O thread watches; its end of file ends the input,
+    /// as a closed socket does.
     pub fn new(
         output: Box<dyn Write + Send>,
         input: Option<Box<dyn ConsoleInput>>,
         name: &str,
     ) -> Console {
+        let input = input.and_then(|i| match pollable(i, name) {
+            Ok(i) => Some(Arc::new(Mutex::new(i))),
+            Err(e) => {
+                log::warn!("virtio-console {name}: input unusable, console is output only: {e}");
+                None
+            }
+        });
         Console {
             output: Arc::new(Mutex::new(output)),
-            input: input.map(|i| Arc::new(Mutex::new(i))),
+            input,
             worker: None,
             name: name.to_string(),
         }
     }
+}
+
+/// `input` if epoll can watch it, else the read end of a socket pair that a relay
+/// thread fills from it.
+fn pollable(
+    mut input: Box<dyn ConsoleInput>,
+    name: &str,
+) -> std::io::Result<Box<dyn ConsoleInput>> {
+    let probe = Epoll::new()?;
+    match probe.ctl(
+        ControlOperation::Add,
+        input.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, 0),
+    ) {
+        Ok(()) => return Ok(input),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        Err(e) => return Err(e),
+    }
+    let (ours, mut relay) = std::os::unix::net::UnixStream::pair()?;
+    std::thread::Builder::new()
+        .name(format!("{name}-input"))
+        .spawn(move || {
+            // Ends at the input's end of file (at once for /dev/null) or when the
+            // device side is gone; dropping `relay` is the end of file it sees.
+            let _ = std::io::copy(&mut input, &mut relay);
+        })?;
+    Ok(Box::new(ours))
 }
 
 /// Write the readable bytes of one transmit chain to `out`; returns the used length
@@ -315,6 +353,32 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use crate::virtio::test_util::{desc as d, used_lens as used};
+
+    #[test]
+    fn input_epoll_refuses_is_relayed_to_its_end() {
+        // /dev/null and regular files cannot be added to an epoll set (EPERM).
+        let mut null = pollable(Box::new(std::fs::File::open("/dev/null").unwrap()), "t").unwrap();
+        let epoll = Epoll::new().unwrap();
+        let watch = EpollEvent::new(EventSet::IN, 0);
+        epoll
+            .ctl(ControlOperation::Add, null.as_raw_fd(), watch)
+            .unwrap();
+        let mut buf = Vec::new();
+        null.read_to_end(&mut buf).unwrap();
+        assert!(buf.is_empty());
+
+        let file = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        std::fs::write(file.as_path(), b"typed ahead").unwrap();
+        let f = std::fs::File::open(file.as_path()).unwrap();
+        let mut relayed = pollable(Box::new(f), "t").unwrap();
+        relayed.read_to_end(&mut buf).unwrap();
+        assert_eq!(buf, b"typed ahead");
+
+        // A socket is watched as it is: no relay.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = a.as_raw_fd();
+        assert_eq!(pollable(Box::new(a), "t").unwrap().as_raw_fd(), fd);
+    }
 
     #[test]
     fn transmit_writes_the_readable_bytes() {

@@ -154,6 +154,10 @@ impl MmioTransport {
     }
 
     fn fail(&mut self, error: DriverError) {
+        log::warn!(
+            "virtio-mmio: device type {} needs a reset: {error:?}",
+            self.device.device_type()
+        );
         self.last_error = Some(error);
         self.interrupt.device_error();
     }
