@@ -504,6 +504,14 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     let u = handler.inner().buses().unclaimed();
     println!("minimal-vmm: unclaimed accesses: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
         u.pio_reads, u.pio_writes, u.mmio_reads, u.mmio_writes);
+    let ports = handler.inner().buses().unclaimed_ports();
+    if !ports.is_empty() {
+        let list: Vec<String> = ports
+            .iter()
+            .map(|p| format!("{:#x} ({}r/{}w)", p.port, p.reads, p.writes))
+            .collect();
+        println!("minimal-vmm: unclaimed ports: {}", list.join(", "));
+    }
     Ok(match outcome.reason {
         StopReason::DebugExit(code) => ExitCode::from(code.min(255) as u8),
         StopReason::Reset | StopReason::PowerOff | StopReason::Requested => ExitCode::SUCCESS,

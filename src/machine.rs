@@ -10,7 +10,7 @@ use thiserror::Error;
 use vmcraft_devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_SIZE};
 use vmcraft_devices::bus::{BusError, IoBuses};
 use vmcraft_devices::debug_exit::DebugExit;
-use vmcraft_devices::i8042::{I8042, I8042_BASE, I8042_SIZE};
+use vmcraft_devices::i8042::{I8042, I8042_BASE, I8042_KBD_IRQ, I8042_SIZE};
 use vmcraft_devices::rtc::{Rtc, RTC_BASE, RTC_SIZE};
 use vmcraft_devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, SERIAL_SIZE};
 use vmcraft_devices::stop::{DeviceStop, StopLatch};
@@ -75,8 +75,8 @@ pub enum LegacyDeviceError {
     /// A device could not be put on the bus.
     #[error("cannot attach {0}")]
     Bus(&'static str, #[source] BusError),
-    /// The UART could not be created.
-    #[error("cannot create the 16550 UART")]
+    /// The UART or an interrupt eventfd could not be created.
+    #[error("cannot create the 16550 UART or an interrupt eventfd")]
     Serial(#[source] std::io::Error),
     /// KVM refused the UART's irqfd.
     #[error("KVM refused the irqfd for IRQ {irq}")]
@@ -89,7 +89,8 @@ pub enum LegacyDeviceError {
     },
 }
 
-/// The PC devices of a minimal VM: COM1 (16550, IRQ 4 by irqfd), the i8042, the CMOS
+/// The PC devices of a minimal VM: COM1 (16550, IRQ 4 by irqfd), the i8042 (keyboard
+/// interrupt on IRQ 1), the CMOS
 /// RTC, the ACPI power-management registers (power-off and reset) and the debug-exit
 /// port.
 #[derive(Debug, Clone)]
@@ -117,7 +118,14 @@ impl LegacyDevices {
                 irq: COM1_IRQ,
                 source,
             })?;
-        let i8042 = Arc::new(I8042::new(stop.clone()));
+        let kbd_irq = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+            .map_err(LegacyDeviceError::Serial)?;
+        vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)
+            .map_err(|source| LegacyDeviceError::Irqfd {
+                irq: I8042_KBD_IRQ,
+                source,
+            })?;
+        let i8042 = Arc::new(I8042::new(stop.clone(), Some(kbd_irq)));
         let rtc = Arc::new(Rtc::new());
         buses
             .register_pio(COM1_BASE, SERIAL_SIZE, serial.clone())

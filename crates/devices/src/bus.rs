@@ -77,11 +77,25 @@ pub struct UnclaimedAccesses {
     pub mmio_writes: u64,
 }
 
+/// Unclaimed accesses to one port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnclaimedPort {
+    /// The port.
+    pub port: u16,
+    /// Reads of it.
+    pub reads: u64,
+    /// Writes to it.
+    pub writes: u64,
+}
+
 /// The port and MMIO buses of one VM.
 #[derive(Default)]
 pub struct IoBuses {
     manager: IoManager,
     unclaimed: [AtomicU64; 4],
+    /// Per port, the unclaimed reads and writes (bounded by the 64 Ki ports; touched
+    /// only on the unclaimed path).
+    unclaimed_ports: std::sync::Mutex<std::collections::BTreeMap<u16, (u64, u64)>>,
 }
 
 impl std::fmt::Debug for IoBuses {
@@ -163,6 +177,7 @@ impl IoBuses {
         if self.manager.pio_read(PioAddress(port), data).is_err() {
             data.fill(0xff);
             self.unclaimed[0].fetch_add(1, Ordering::Relaxed);
+            self.count_port(port, true);
         }
     }
 
@@ -170,6 +185,7 @@ impl IoBuses {
     pub fn pio_write(&self, port: u16, data: &[u8]) {
         if self.manager.pio_write(PioAddress(port), data).is_err() {
             self.unclaimed[1].fetch_add(1, Ordering::Relaxed);
+            self.count_port(port, false);
         }
     }
 
@@ -186,6 +202,34 @@ impl IoBuses {
         if self.manager.mmio_write(MmioAddress(addr), data).is_err() {
             self.unclaimed[3].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn count_port(&self, port: u16, read: bool) {
+        let mut ports = self
+            .unclaimed_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let e = ports.entry(port).or_default();
+        if read {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+
+    /// The ports nobody claimed, with how often each was read and written, in port
+    /// order (a guest probing for hardware the VM does not have shows up here).
+    pub fn unclaimed_ports(&self) -> Vec<UnclaimedPort> {
+        self.unclaimed_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(&port, &(reads, writes))| UnclaimedPort {
+                port,
+                reads,
+                writes,
+            })
+            .collect()
     }
 
     /// How many accesses nobody claimed so far.
@@ -253,6 +297,22 @@ mod tests {
                 mmio_reads: 1,
                 mmio_writes: 1
             }
+        );
+        b.pio_write(0x10, &[2]);
+        assert_eq!(
+            b.unclaimed_ports(),
+            vec![
+                UnclaimedPort {
+                    port: 0x10,
+                    reads: 0,
+                    writes: 2
+                },
+                UnclaimedPort {
+                    port: 0x3ff,
+                    reads: 1,
+                    writes: 0
+                }
+            ]
         );
     }
 

@@ -4,7 +4,8 @@
 //!   devices, overlaps rejected, unclaimed reads answered with all ones and counted.
 //! * [`serial`]: the 16550 UART from `vm-superio`, its interrupt on an eventfd (for
 //!   KVM's irqfd), output to any writer and input from any fd through `event-manager`.
-//! * [`i8042`]: the i8042 controller from `vm-superio`, whose CPU reset stops the VM.
+//! * [`i8042`]: the i8042 keyboard controller and a keyboard, enough for Linux's
+//!   drivers to probe them; its CPU reset stops the VM.
 //! * [`irq`]: interrupt lines for new devices, away from the legacy devices' lines.
 //! * [`rtc`]: a CMOS real-time clock good enough for Linux to read the date.
 //! * [`acpi_pm`]: the sleep and reset registers of a hardware-reduced ACPI platform
