@@ -66,7 +66,8 @@ const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PA
                    through hypercalls and event channels only
   --net-tap NAME   a virtio-net device on TAP interface NAME (created if missing; needs
                    CAP_NET_ADMIN or an interface owned by this user)
-  --kernel PATH    a Linux bzImage or ELF vmlinux
+  --kernel PATH    a Linux bzImage or ELF vmlinux; ACPI tables describe the vCPUs, the
+                   IOAPIC and every device to it, and its power-off stops the VM
   --initrd PATH    an initramfs for the kernel
   --cmdline TEXT   kernel command line (default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1)
   --mem SIZE       guest RAM, in MiB or with a K/M/G suffix (default 128M; at least 4M)
