@@ -66,6 +66,24 @@ pub enum DriverError {
     Activation(String),
 }
 
+/// A queue's configuration registers as written (virtio 1.2 §4.2.2: QueueNum and the
+/// ring address registers are write-only; the device uses them when QueueReady is set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct QueueSetup {
+    size: u32,
+    /// Descriptor table, available ring, used ring.
+    rings: [u64; 3],
+}
+
+impl QueueSetup {
+    fn new(max_size: u16) -> Self {
+        QueueSetup {
+            size: max_size.into(),
+            rings: [0; 3],
+        }
+    }
+}
+
 /// The virtio-mmio register file of one device.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -73,8 +91,9 @@ pub struct MmioTransport {
     interrupt: Arc<Interrupt>,
     notifiers: Vec<EventFd>,
     queues: Vec<Queue>,
-    /// Per queue: the driver wrote a size or ring address virtio-queue refused.
-    bad_setup: Vec<bool>,
+    /// Per queue: the size and ring addresses as the driver last wrote them, checked
+    /// only when it sets QueueReady (a driver may correct a value before that).
+    setup: Vec<QueueSetup>,
     queue_sel: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -107,7 +126,10 @@ impl MmioTransport {
             mem,
             interrupt: Arc::new(Interrupt::new()?),
             notifiers,
-            bad_setup: vec![false; queues.len()],
+            setup: queues
+                .iter()
+                .map(|q| QueueSetup::new(q.max_size()))
+                .collect(),
             queues,
             queue_sel: 0,
             device_features_sel: 0,
@@ -193,6 +215,12 @@ impl MmioTransport {
             reg::VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             reg::VIRTIO_MMIO_STATUS => self.status(),
             reg::VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions: every selected region is absent, which reads
+            // as a length and base of -1 (virtio 1.2 §4.2.2).
+            reg::VIRTIO_MMIO_SHM_LEN_LOW
+            | reg::VIRTIO_MMIO_SHM_LEN_HIGH
+            | reg::VIRTIO_MMIO_SHM_BASE_LOW
+            | reg::VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
             _ => 0,
         };
         data.copy_from_slice(&value.to_le_bytes());
@@ -241,21 +269,12 @@ impl MmioTransport {
             }
             reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
             reg::VIRTIO_MMIO_QUEUE_NUM if configuring_queue => {
-                let queue = self.queue_sel;
-                let q = self.selected_queue().expect("configuring_queue checked it");
-                if q.try_set_size(value.try_into().unwrap_or(0)).is_err() {
-                    self.bad_setup[queue as usize] = true;
-                    self.fail(DriverError::BadQueueSize { queue, size: value });
-                }
+                self.setup[self.queue_sel as usize].size = value;
             }
             reg::VIRTIO_MMIO_QUEUE_READY if value == 1 && configuring_queue => {
                 self.make_queue_ready()
             }
-            reg::VIRTIO_MMIO_QUEUE_READY if value == 0 && !self.live() => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_ready(false);
-                }
-            }
+            reg::VIRTIO_MMIO_QUEUE_READY if value == 0 => self.stop_queue(),
             reg::VIRTIO_MMIO_QUEUE_DESC_LOW
             | reg::VIRTIO_MMIO_QUEUE_DESC_HIGH
             | reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW
@@ -278,54 +297,62 @@ impl MmioTransport {
         }
     }
 
-    /// One half of a ring address. virtio-queue checks alignment; a rejected address
-    /// leaves the queue unable to become ready.
+    /// One half of a ring address, recorded; it is checked at QueueReady.
     fn set_queue_address(&mut self, register: u32, value: u32) {
+        let setup = &mut self.setup[self.queue_sel as usize];
+        let ring = match register & !4 {
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => 0,
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => 1,
+            _ => 2,
+        };
+        let old = setup.rings[ring];
+        setup.rings[ring] = if register % 8 == 4 {
+            (old & 0xffff_ffff) | (u64::from(value) << 32)
+        } else {
+            (old & !0xffff_ffff) | u64::from(value)
+        };
+    }
+
+    /// QueueReady = 1: the size and rings as last written must be valid (size a power
+    /// of two up to the maximum, rings aligned and inside guest memory), else the queue
+    /// stays unready and the device needs a reset.
+    fn make_queue_ready(&mut self) {
         let queue = self.queue_sel;
+        let mem = self.mem.clone();
+        let setup = self.setup[queue as usize];
         let q = self.selected_queue().expect("configuring_queue checked it");
-        let combine = |old: u64, high: bool| {
-            if high {
-                (old & 0xffff_ffff) | (u64::from(value) << 32)
-            } else {
-                (old & !0xffff_ffff) | u64::from(value)
-            }
-        };
-        let high = register % 8 == 4;
-        let result = match register & !4 {
-            reg::VIRTIO_MMIO_QUEUE_DESC_LOW => {
-                q.try_set_desc_table_address(GuestAddress(combine(q.desc_table(), high)))
-            }
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
-                q.try_set_avail_ring_address(GuestAddress(combine(q.avail_ring(), high)))
-            }
-            _ => q.try_set_used_ring_address(GuestAddress(combine(q.used_ring(), high))),
-        };
-        if result.is_err() {
-            self.bad_setup[queue as usize] = true;
+        let size_ok = u16::try_from(setup.size).is_ok_and(|s| q.try_set_size(s).is_ok())
+            && q.size().is_power_of_two();
+        if !size_ok {
+            self.fail(DriverError::BadQueueSize {
+                queue,
+                size: setup.size,
+            });
+            return;
+        }
+        let [desc, avail, used] = setup.rings.map(GuestAddress);
+        let rings_ok = q.try_set_desc_table_address(desc).is_ok()
+            && q.try_set_avail_ring_address(avail).is_ok()
+            && q.try_set_used_ring_address(used).is_ok();
+        q.set_ready(true);
+        if !rings_ok || !q.is_valid(&mem) {
+            q.set_ready(false);
             self.fail(DriverError::BadQueueAddress { queue });
         }
     }
 
-    fn make_queue_ready(&mut self) {
-        let queue = self.queue_sel;
-        let mem = self.mem.clone();
-        let bad_setup = self.bad_setup[queue as usize];
-        let q = self.selected_queue().expect("configuring_queue checked it");
-        // Size and alignment were checked by virtio-queue's setters as the driver wrote
-        // them; the rings must also lie inside guest memory.
-        q.set_ready(true);
-        let valid = !bad_setup
-            && q.size().is_power_of_two()
-            && q.size() <= q.max_size()
-            && q.is_valid(&mem);
-        if !valid {
-            q.set_ready(false);
-            if bad_setup {
-                // The bad size or address was reported when it was written.
-                self.interrupt.device_error();
-            } else {
-                self.fail(DriverError::BadQueueAddress { queue });
-            }
+    /// QueueReady = 0: the driver stops using the queue (virtio 1.2 §4.2.2.2) and reads
+    /// 0 back. While the device is live its I/O thread stops, for every queue: it
+    /// resumes after the driver resets the device and sets it up again.
+    fn stop_queue(&mut self) {
+        let live = self.live();
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        let was_ready = q.ready();
+        q.set_ready(false);
+        if live && was_ready {
+            self.device.reset();
         }
     }
 
@@ -407,7 +434,11 @@ impl MmioTransport {
     fn reset(&mut self) {
         self.device.reset();
         self.queues = new_queues(self.device.as_ref());
-        self.bad_setup.fill(false);
+        self.setup = self
+            .queues
+            .iter()
+            .map(|q| QueueSetup::new(q.max_size()))
+            .collect();
         self.queue_sel = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -587,10 +618,19 @@ pub(crate) mod tests {
                 F_VERSION_1 | F_EVENT_IDX
             )]
         );
-        // Queue registers are frozen while live.
+        // Queue configuration is frozen while live...
         w(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, 1);
-        w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 0);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM, 2);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, 0x9000);
         assert_eq!(r(&t, reg::VIRTIO_MMIO_QUEUE_READY), 1);
+        // ...but the driver may stop using a queue (virtio 1.2 §4.2.2.2): QueueReady
+        // reads back 0 and the device stops.
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 0);
+        assert_eq!(r(&t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(log.lock().unwrap().last().unwrap(), "reset");
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 0);
+        assert_eq!(r(&t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
         // Reset.
         w(&mut t, reg::VIRTIO_MMIO_STATUS, 0);
         assert_eq!(r(&t, reg::VIRTIO_MMIO_STATUS), 0);
@@ -661,6 +701,50 @@ pub(crate) mod tests {
             w(&mut t, reg::VIRTIO_MMIO_STATUS, 0);
             assert_eq!(r(&t, reg::VIRTIO_MMIO_STATUS), 0);
             assert_eq!(r(&t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        }
+    }
+
+    #[test]
+    fn a_driver_may_correct_queue_registers_before_queue_ready() {
+        let (mut t, log) = probe();
+        negotiate(&mut t, F_VERSION_1);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM, 3); // not a power of two...
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, 0x10001); // ...misaligned...
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_DESC_HIGH, 7); // ...outside memory
+        assert_eq!(
+            r(&t, reg::VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
+        setup_queue(&mut t, 0, 16, 0x10000); // corrected
+        setup_queue(&mut t, 1, 4, 0x20000);
+        assert_eq!(r(&t, reg::VIRTIO_MMIO_QUEUE_READY), 1);
+        assert_eq!(
+            r(&t, reg::VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
+        driver_ok(&mut t);
+        assert!(log
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap()
+            .starts_with("activate [16, 4]"));
+    }
+
+    #[test]
+    fn absent_shared_memory_regions_read_as_minus_one() {
+        let (mut t, _) = probe();
+        for sel in [0, 1, 255] {
+            w(&mut t, reg::VIRTIO_MMIO_SHM_SEL, sel);
+            for off in [
+                reg::VIRTIO_MMIO_SHM_LEN_LOW,
+                reg::VIRTIO_MMIO_SHM_LEN_HIGH,
+                reg::VIRTIO_MMIO_SHM_BASE_LOW,
+                reg::VIRTIO_MMIO_SHM_BASE_HIGH,
+            ] {
+                assert_eq!(r(&t, off), u32::MAX, "register {off:#x}, region {sel}");
+            }
         }
     }
 
