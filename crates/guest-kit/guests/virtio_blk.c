@@ -4,7 +4,10 @@
    learns to COM1 and exits 0 when every check passed, else the failed step's code.
    Parameter bit 0: negotiate EVENT_IDX. Bit 1: afterwards write 64 KiB at sector 256
    (seed 7), flush, print "flushed" and spin without exiting, to be killed by a
-   durability test. */
+   durability test. Bit 2: then tear the device down as virtio 1.2 §4.2.2.2 says
+   (QueueReady 0 while DRIVER_OK is set, polled until it reads 0), reset it, bring it
+   up again with the other EVENT_IDX choice, write sector 16 (seed 9), read it back,
+   and print "re-initialised". */
 #include "guest.h"
 #include "virtio_blk.h"
 
@@ -90,6 +93,30 @@ u32 guest_main(u64 vcpu, u64 param)
     put_hex(q.notifications);
     puts_com1("\n");
     (void)vcpu;
+    if (param & 4) {
+        vio_w(base, VIRTIO_QUEUE_SEL, 0);
+        vio_w(base, VIRTIO_QUEUE_READY, 0);
+        int polls = 0;
+        while (vio_r(base, VIRTIO_QUEUE_READY) && polls < 1000)
+            polls++;
+        if (polls == 1000)
+            return 30;
+        vio_w(base, VIRTIO_STATUS, 0);
+        if (vio_r(base, VIRTIO_STATUS) != 0)
+            return 31;
+        err = blk_init(&q, QSIZE, !(param & 1));
+        if (err)
+            return 60 - err;
+        fill(DATA, 4096, 9);
+        if (request(BLK_T_OUT, 16, DATA, 4096) != BLK_S_OK)
+            return 32;
+        memset((void *)CHECK, 0, 4096);
+        if (request(BLK_T_IN, 16, CHECK, 4096) != BLK_S_OK)
+            return 33;
+        if (memcmp((void *)DATA, (void *)CHECK, 4096))
+            return 34;
+        puts_com1("re-initialised\n");
+    }
     if (!(param & 2))
         return 0;
 
