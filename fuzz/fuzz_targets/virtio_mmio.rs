@@ -1,7 +1,8 @@
 //! The virtio-mmio register state machine under arbitrary register traffic. Checked on
 //! every step: FEATURES_OK is only ever shown with VERSION_1 accepted and nothing
 //! unoffered; DRIVER_OK only after FEATURES_OK; the device is activated only with
-//! ready queues, at most once per reset.
+//! ready queues, at most once per reset; a QueueReady of 0 reads back 0 in every state
+//! (virtio 1.2 §4.2.2.2: a driver stops a queue by writing 0 and reading it back).
 #![no_main]
 
 use std::sync::{Arc, Mutex};
@@ -73,6 +74,11 @@ fuzz_target!(|data: &[u8]| {
         } else {
             let bytes = u64::from(value).to_le_bytes();
             t.write(offset, &bytes[..width]);
+            if offset == 0x44 && width == 4 && value == 0 {
+                let mut ready = [0xffu8; 4];
+                t.read(0x44, &mut ready);
+                assert_eq!(ready, [0; 4], "QueueReady 0 did not read back");
+            }
         }
         let status = t.status();
         if status & 8 != 0 {
