@@ -140,6 +140,26 @@ pub enum AcpiError {
     },
 }
 
+/// A PNP device with fixed port ranges (first port, length) and one edge-triggered
+/// interrupt, as AML.
+fn isa_device(name: &str, hid: &str, ports: &[(u16, u8)], irq: u32, sink: &mut Vec<u8>) {
+    let ios: Vec<aml::IO> = ports
+        .iter()
+        .map(|&(port, len)| aml::IO::new(port, port, 1, len))
+        .collect();
+    let interrupt = aml::Interrupt::new(true, true, false, false, irq);
+    let mut resources: Vec<&dyn Aml> = ios.iter().map(|io| io as &dyn Aml).collect();
+    resources.push(&interrupt);
+    aml::Device::new(
+        name.into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new(hid)),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources)),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
 /// AML already encoded, as a child of a scope.
 struct EncodedAml(Vec<u8>);
 
@@ -233,35 +253,11 @@ impl MachineDescription {
                     .to_aml_bytes(&mut bytes);
                     serial_uid += 1;
                 }
-                AcpiDevice::I8042 => aml::Device::new(
-                    "PS2K".into(),
-                    vec![
-                        &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
-                        &aml::Name::new(
-                            "_CRS".into(),
-                            &aml::ResourceTemplate::new(vec![
-                                &aml::IO::new(0x60, 0x60, 1, 1),
-                                &aml::IO::new(0x64, 0x64, 1, 1),
-                                &aml::Interrupt::new(true, true, false, false, 1),
-                            ]),
-                        ),
-                    ],
-                )
-                .to_aml_bytes(&mut bytes),
-                AcpiDevice::Rtc => aml::Device::new(
-                    "RTC_".into(),
-                    vec![
-                        &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
-                        &aml::Name::new(
-                            "_CRS".into(),
-                            &aml::ResourceTemplate::new(vec![
-                                &aml::IO::new(0x70, 0x70, 1, 2),
-                                &aml::Interrupt::new(true, true, false, false, 8),
-                            ]),
-                        ),
-                    ],
-                )
-                .to_aml_bytes(&mut bytes),
+                // The i8042 and the RTC at their fixed ISA ports and lines.
+                AcpiDevice::I8042 => {
+                    isa_device("PS2K", "PNP0303", &[(0x60, 1), (0x64, 1)], 1, &mut bytes)
+                }
+                AcpiDevice::Rtc => isa_device("RTC_", "PNP0B00", &[(0x70, 2)], 8, &mut bytes),
                 AcpiDevice::VirtioMmio { base, size, irq } => {
                     let name = format!("V{virtio_uid:03X}");
                     aml::Device::new(

@@ -38,6 +38,19 @@ static void fill(u64 buf, u32 len, u32 seed)
         *(u32 *)(buf + i) = seed * 2654435761u ^ i;
 }
 
+/* Write a 4 KiB pattern (seed) at `sector`, read it back and compare: 0 when right,
+   else 1 (write failed), 2 (read failed) or 3 (different bytes). */
+static int round_trip(u64 sector, u32 seed)
+{
+    fill(DATA, 4096, seed);
+    if (request(BLK_T_OUT, sector, DATA, 4096) != BLK_S_OK)
+        return 1;
+    memset((void *)CHECK, 0, 4096);
+    if (request(BLK_T_IN, sector, CHECK, 4096) != BLK_S_OK)
+        return 2;
+    return memcmp((void *)DATA, (void *)CHECK, 4096) ? 3 : 0;
+}
+
 u32 guest_main(u64 vcpu, u64 param)
 {
     u64 base = VIRTIO_MMIO_BASE;
@@ -50,14 +63,9 @@ u32 guest_main(u64 vcpu, u64 param)
     put_hex(capacity);
     puts_com1("\n");
 
-    fill(DATA, 4096, 1);
-    if (request(BLK_T_OUT, 8, DATA, 4096) != BLK_S_OK)
-        return 20;
-    memset((void *)CHECK, 0, 4096);
-    if (request(BLK_T_IN, 8, CHECK, 4096) != BLK_S_OK)
-        return 21;
-    if (memcmp((void *)DATA, (void *)CHECK, 4096))
-        return 22;
+    err = round_trip(8, 1);
+    if (err)
+        return 19 + err;
     if (request(BLK_T_FLUSH, 0, 0, 0) != BLK_S_OK)
         return 23;
     char id[21];
@@ -107,14 +115,9 @@ u32 guest_main(u64 vcpu, u64 param)
         err = blk_init(&q, QSIZE, !(param & 1));
         if (err)
             return 60 - err;
-        fill(DATA, 4096, 9);
-        if (request(BLK_T_OUT, 16, DATA, 4096) != BLK_S_OK)
-            return 32;
-        memset((void *)CHECK, 0, 4096);
-        if (request(BLK_T_IN, 16, CHECK, 4096) != BLK_S_OK)
-            return 33;
-        if (memcmp((void *)DATA, (void *)CHECK, 4096))
-            return 34;
+        err = round_trip(16, 9);
+        if (err)
+            return 31 + err;
         puts_com1("re-initialised\n");
     }
     if (!(param & 2))
