@@ -480,6 +480,13 @@ mod tests {
         assert!(find(b"LNRO0005\0"));
         assert!(find(b"V000") && find(b"V001"));
         assert!(find(b"_S5_"));
+        // The i8042 (PNP0303 as an EISA id) with both its ports, the RTC with two ports.
+        assert!(find(b"PS2K") && find(b"RTC_"));
+        assert!(
+            find(&[0x47, 1, 0x60, 0, 0x60, 0, 1, 1]) && find(&[0x47, 1, 0x64, 0, 0x64, 0, 1, 1])
+        );
+        assert!(find(&[0x47, 1, 0x70, 0, 0x70, 0, 1, 2]));
+        assert!(find(&[0x0c, 0x41, 0xd0, 0x03, 0x03]), "EisaId(\"PNP0303\")");
         // Memory32Fixed descriptor (0x86) of the second window: read-write, base, size.
         let mut mem32 = vec![0x86, 9, 0, 1];
         mem32.extend_from_slice(&0xd100_1000u32.to_le_bytes());
