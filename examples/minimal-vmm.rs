@@ -53,7 +53,9 @@ const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PA
                    forever at CPL 3: use with --timeout, for memory measurements); virtio-blk (a
                    driver that tests the first --disk: writes, reads back, flushes, batches);
                    virtio-blk-flush (the same, then 64 KiB written at sector 256, flushed,
-                   \"flushed\" printed, and it waits to be killed: for durability tests)
+                   \"flushed\" printed, and it waits to be killed: for durability tests);
+                   virtio-console (a driver that greets on the --console or
+                   --console-socket, waits for \"ping\" and answers \"got: ping\")
   --disk PATH[,ro] a raw disk image as a virtio-blk device (virtio-mmio; for Linux the
                    virtio_mmio.device= parameters are added to the command line)
   --console        a virtio-console on stdout/stdin (stdin then feeds it, not COM1)
@@ -151,6 +153,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     "hello" => Guest::HELLO,
                     "exit" => Guest::REAL_MODE_EXIT,
                     "virtio-blk" => Guest::VIRTIO_BLK,
+                    "virtio-console" => Guest::VIRTIO_CONSOLE,
                     "spin" => Guest::COUNTER,
                     "virtio-blk-flush" => {
                         o.guest_param = 2;
@@ -158,7 +161,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     }
                     other => {
                         return Err(format!(
-                    "unknown guest {other:?} (hello, exit, spin, virtio-blk or virtio-blk-flush)"
+                    "unknown guest {other:?} (hello, exit, spin, virtio-blk, virtio-blk-flush or virtio-console)"
                 ))
                     }
                 })
@@ -222,6 +225,11 @@ fn parse(args: &[String]) -> Result<Options, String> {
     }
     if o.guest == Some(Guest::VIRTIO_BLK) && o.disks.is_empty() {
         return Err("--guest virtio-blk needs a --disk to test".into());
+    }
+    if o.guest == Some(Guest::VIRTIO_CONSOLE) && (o.console.is_none() || !o.disks.is_empty()) {
+        return Err(
+            "--guest virtio-console needs --console or --console-socket, and no --disk".into(),
+        );
     }
     if o.initrd.is_some() && o.kernel.is_none() {
         return Err("--initrd needs --kernel".into());

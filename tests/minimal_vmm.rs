@@ -240,3 +240,50 @@ fn bad_input_gets_clear_errors() {
         );
     }
 }
+
+/// `--console-socket`: the VMM listens, waits for one client, and the virtio-console
+/// test guest talks both ways through that socket.
+#[test]
+fn the_console_socket_carries_both_directions() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    common::require_kvm();
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(
+        std::env::temp_dir().join("vmcraft-console-socket"),
+    )
+    .unwrap();
+    let path = dir.as_path().join("console.sock");
+    let mut child = Command::new(minimal_vmm())
+        .args(["--guest", "virtio-console", "--console-socket"])
+        .arg(&path)
+        .args(["--timeout", "30"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let stream = loop {
+        match UnixStream::connect(&path) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("no console socket at {}: {e}", path.display()),
+        }
+    };
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut lines = BufReader::new(stream.try_clone().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "hello from virtio-console");
+    (&stream).write_all(b"ping\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "got: ping");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
