@@ -253,7 +253,7 @@ fn the_console_socket_carries_both_directions() {
     )
     .unwrap();
     let path = dir.as_path().join("console.sock");
-    let mut child = Command::new(minimal_vmm())
+    let child = Command::new(minimal_vmm())
         .args(["--guest", "virtio-console", "--console-socket"])
         .arg(&path)
         .args(["--timeout", "30"])
