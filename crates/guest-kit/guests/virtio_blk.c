@@ -7,7 +7,9 @@
    durability test. Bit 2: then tear the device down as virtio 1.2 §4.2.2.2 says
    (QueueReady 0 while DRIVER_OK is set, polled until it reads 0), reset it, bring it
    up again with the other EVENT_IDX choice, write sector 16 (seed 9), read it back,
-   and print "re-initialised". */
+   and print "re-initialised". Bit 3: then reset with 16 writes in flight, check the
+   device leaves the old rings alone, bring it up again, round-trip sector 24 (seed
+   11) and print "reset in flight ok". */
 #include "guest.h"
 #include "virtio_blk.h"
 
@@ -119,6 +121,34 @@ u32 guest_main(u64 vcpu, u64 param)
         if (err)
             return 31 + err;
         puts_com1("re-initialised\n");
+    }
+    if (param & 8) {
+        /* Reset with I/O in flight: 16 writes published and notified, then a reset
+           at once. After the status reads 0 the device must not touch the old rings
+           (virtio 1.2 §2.4.1): the used index stays put while the guest spins. Then
+           the device comes up again and works. */
+        u16 old = q.avail_idx;
+        for (int s = 0; s < SLOTS; s++) {
+            u64 buf = DATA + 4096 * (u64)s;
+            fill(buf, 4096, 200 + s);
+            submit(s, BLK_T_OUT, 512 + 8 * (u64)s, buf, 4096);
+        }
+        virtq_kick(&q, old);
+        vio_w(base, VIRTIO_STATUS, 0);
+        if (vio_r(base, VIRTIO_STATUS) != 0)
+            return 35;
+        u16 used_at_reset = q.used[1];
+        for (volatile int spin = 0; spin < 2000000; spin++)
+            ;
+        if (q.used[1] != used_at_reset)
+            return 36;
+        err = blk_init(&q, QSIZE, param & 1);
+        if (err)
+            return 60 - err;
+        err = round_trip(24, 11);
+        if (err)
+            return 36 + err;
+        puts_com1("reset in flight ok\n");
     }
     if (!(param & 2))
         return 0;
