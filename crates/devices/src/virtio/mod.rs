@@ -21,6 +21,8 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+#[cfg(test)]
+mod mmio_conformance;
 pub mod net;
 pub mod queue;
 pub mod rng;
