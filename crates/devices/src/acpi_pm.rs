@@ -89,6 +89,28 @@ impl DevicePio for AcpiPm {
 mod tests {
     use super::*;
 
+    /// Every byte the guest can write at every offset (the whole input space, so no
+    /// fuzz target is needed): only S5 with SLP_EN powers off, only RESET_VALUE at the
+    /// reset register resets.
+    #[test]
+    fn every_write_decodes_as_the_registers_say() {
+        for offset in 0..=ACPI_PM_SIZE + 1 {
+            for value in 0..=u8::MAX {
+                let want = match (offset, value) {
+                    (0, v) if v & SLP_EN != 0 && (v >> 2) & 7 == 5 => PmRequest::PowerOff,
+                    (0, v) if v & SLP_EN != 0 => PmRequest::Sleep((v >> 2) & 7),
+                    (2, RESET_VALUE) => PmRequest::Reset,
+                    _ => PmRequest::None,
+                };
+                assert_eq!(
+                    decode(offset, value),
+                    want,
+                    "offset {offset}, value {value:#x}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn s5_powers_off_and_the_reset_value_resets() {
         // Linux writes (SLP_TYP << 2) | SLP_EN to the sleep control register.
