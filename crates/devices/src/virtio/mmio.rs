@@ -361,6 +361,14 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // The driver owns these bits; anything else it writes (NEEDS_RESET, which the
+        // device sets, undefined bits, the upper 24 bits of the register) is ignored.
+        let value = value
+            & (VIRTIO_CONFIG_S_ACKNOWLEDGE
+                | VIRTIO_CONFIG_S_DRIVER
+                | VIRTIO_CONFIG_S_FEATURES_OK
+                | VIRTIO_CONFIG_S_DRIVER_OK
+                | VIRTIO_CONFIG_S_FAILED);
         // Bits are only ever added (the spec forbids clearing them without a reset).
         if value & self.status != self.status {
             return;

@@ -269,6 +269,15 @@ fn driver_sequences() {
             ]),
         ),
         (
+            "§2.1 the driver sets only its own status bits; others are ignored",
+            vec![
+                W(reg::VIRTIO_MMIO_STATUS, 0x6501_6500 | ACK),
+                Status(ACK),
+                W(reg::VIRTIO_MMIO_STATUS, ACK | NEEDS_RESET),
+                Status(ACK),
+            ],
+        ),
+        (
             "§2.2.1 re-negotiation after a reset with a different set",
             cat(vec![
                 bring_up(),
