@@ -104,6 +104,11 @@ fn run_block_guest_with(param: u64) -> String {
     );
     assert!(console.contains("id vmcraft-disk-0\n"), "{console}");
     assert_eq!(transport.last_error(), None);
+    assert_ne!(
+        transport.driver_features() & (1 << 9),
+        0,
+        "FLUSH negotiated"
+    );
     // After a re-initialisation the driver took the other EVENT_IDX choice.
     let renegotiated = param & 4 != 0;
     assert_eq!(
@@ -124,11 +129,15 @@ fn run_block_guest_with(param: u64) -> String {
         check_image(&host_view, 24, 11);
     }
     // The guest never acknowledges an interrupt (it polls the used ring with
-    // interrupts off): the device kept serving with InterruptStatus left set.
-    assert_ne!(
-        transport.interrupt().status() & vmcraft::devices::virtio::INT_VRING,
-        0
-    );
+    // interrupts off): the device kept serving with InterruptStatus left set. (With
+    // EVENT_IDX whether the last completions asked for an interrupt depends on where
+    // the polling guest had moved used_event, so this is checked without it.)
+    if transport.driver_features() & (1 << 29) == 0 {
+        assert_ne!(
+            transport.interrupt().status() & vmcraft::devices::virtio::INT_VRING,
+            0
+        );
+    }
     drop(image);
     console
 }

@@ -89,6 +89,11 @@ pub struct Disk {
     sectors: u64,
     read_only: bool,
     id: [u8; ID_BYTES],
+    /// Make every completed write stable before its status: set when the driver did
+    /// not accept VIRTIO_BLK_F_FLUSH (virtio 1.2 §5.2.6: then it may rely on that).
+    write_through: std::sync::atomic::AtomicBool,
+    /// How many times the backing file was synced (for tests and statistics).
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 impl Disk {
@@ -105,7 +110,41 @@ impl Disk {
             sectors,
             read_only,
             id: serial,
+            write_through: false.into(),
+            syncs: 0.into(),
         })
+    }
+
+    /// Sync every completed write before its status (`true`), or only on FLUSH. The
+    /// device sets this at activation from whether the driver accepted
+    /// VIRTIO_BLK_F_FLUSH.
+    pub fn set_write_through(&self, on: bool) {
+        self.write_through
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many times the backing file has been synced.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `fdatasync` the backing file.
+    fn sync(&self) -> io::Result<()> {
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.file.sync_data()
+    }
+
+    /// After a completed write: sync it if every write must be stable.
+    fn settle(&self, written: io::Result<()>) -> io::Result<()> {
+        written?;
+        if self
+            .write_through
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.sync()?;
+        }
+        Ok(())
     }
 
     /// Capacity in sectors.
@@ -197,6 +236,7 @@ impl VirtioDevice for Block {
         let [mut queue] = active.take_ready()?;
         let (mem, interrupt) = (active.mem.clone(), active.interrupt.clone());
         let disk = self.disk.clone();
+        disk.set_write_through(active.driver_features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
         let mut scratch = vec![0u8; 64 << 10];
         let worker = spawn_device(&self.name, active, Vec::new(), move |_, _| {
             serve_queue(&mut queue, &mem, &disk, &interrupt, &mut scratch).map(drop)
@@ -287,9 +327,9 @@ fn run<B: vm_memory::bitmap::BitmapSlice>(
             let Some(offset) = disk.range(header.sector, len / SECTOR_SIZE) else {
                 return VIRTIO_BLK_S_IOERR;
             };
-            io(copy_from_guest(disk, offset, len, reader, scratch))
+            io(disk.settle(copy_from_guest(disk, offset, len, reader, scratch)))
         }
-        VIRTIO_BLK_T_FLUSH => io(disk.file.sync_data()),
+        VIRTIO_BLK_T_FLUSH => io(disk.sync()),
         VIRTIO_BLK_T_GET_ID => {
             let n = writer.available_bytes().min(ID_BYTES);
             io(writer.write_all(&disk.id[..n]))
@@ -317,11 +357,11 @@ fn run<B: vm_memory::bitmap::BitmapSlice>(
             };
             let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
             if zeroes {
-                io(zero_range(disk, offset, len, scratch))
+                io(disk.settle(zero_range(disk, offset, len, scratch)))
             } else {
                 // Discard is a hint: a file system without hole punching keeps the data.
                 let _ = punch_hole(&disk.file, offset, len);
-                VIRTIO_BLK_S_OK
+                io(disk.settle(Ok(())))
             }
         }
         _ => VIRTIO_BLK_S_UNSUPP,

@@ -168,6 +168,28 @@ fn writes_read_back_and_reach_the_file() {
     assert_eq!(rig.write(DISK_SECTORS - 1, &pattern(512, 1)), OK);
 }
 
+/// A driver that did not accept VIRTIO_BLK_F_FLUSH relies on every completed write
+/// being stable (virtio 1.2 §5.2.6, case 1): each write is synced before its status.
+/// One that accepted it gets syncs only for FLUSH.
+#[test]
+fn writes_are_synced_before_completion_unless_the_driver_took_flush() {
+    let rig = Rig::new(false);
+    assert_eq!(rig.write(8, &pattern(4096, 1)), OK);
+    assert_eq!(rig.disk.syncs(), 0, "write-back: no sync until FLUSH");
+    rig.header(VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(rig.request(&[(HEADER, 16, false), (STATUS, 1, true)]).0, OK);
+    assert_eq!(rig.disk.syncs(), 1);
+    rig.disk.set_write_through(true);
+    assert_eq!(rig.write(16, &pattern(4096, 2)), OK);
+    assert_eq!(
+        rig.disk.syncs(),
+        2,
+        "write-through: the write itself is synced"
+    );
+    assert_eq!(rig.read(16, 4096).0, OK);
+    assert_eq!(rig.disk.syncs(), 2, "reads are not synced");
+}
+
 #[test]
 fn a_request_split_over_many_segments_works() {
     let rig = Rig::new(false);

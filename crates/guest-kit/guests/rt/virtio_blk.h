@@ -45,11 +45,17 @@ static inline void blk_submit(struct virtq *q, int slot, u32 type, u64 sector, u
 
 static inline u8 blk_status(int slot) { return *(volatile u8 *)(STATUSES + slot); }
 
-/* Probe, negotiate (EVENT_IDX if `event_idx`), set up queue 0 with `size` entries. */
+/* VIRTIO_BLK_F_FLUSH: completed writes are stable only after a FLUSH (without it the
+   device makes every write stable before completing it). */
+#define BLK_F_FLUSH (1ul << 9)
+
+/* Probe, negotiate FLUSH (and EVENT_IDX if `event_idx`), set up queue 0 with `size`
+   entries. */
 static inline int blk_init(struct virtq *q, u16 size, int event_idx)
 {
     u64 features;
-    int err = virtio_init(VIRTIO_MMIO_BASE, 2, event_idx ? F_EVENT_IDX : 0, &features);
+    u64 want = BLK_F_FLUSH | (event_idx ? F_EVENT_IDX : 0);
+    int err = virtio_init(VIRTIO_MMIO_BASE, 2, want, &features);
     if (err)
         return err;
     err = virtq_setup(q, VIRTIO_MMIO_BASE, 0, size, QUEUE_MEM, !!(features & F_EVENT_IDX));
