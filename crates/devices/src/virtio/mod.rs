@@ -29,7 +29,7 @@ pub mod rng;
 pub mod tap;
 #[cfg(test)]
 mod test_util;
-mod worker;
+pub mod worker;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -1,4 +1,11 @@
-//! The I/O thread of a virtio device: waits on its queue notifiers and a stop eventfd.
+//! The I/O thread of a virtio device: waits on its queue notifiers, any extra fds of
+//! its backend and a stop eventfd, and calls the device's handler on each wakeup.
+//!
+//! A device written outside this crate uses it the way vmcraft's own do: in
+//! [`VirtioDevice::activate`](super::VirtioDevice::activate), [`spawn_device`] with
+//! the [`ActiveQueues`] and a handler that serves the queue the [`Token`] names (with
+//! [`serve_available`](super::queue::serve_available)); keep the returned [`Worker`],
+//! and drop it in `reset`. `examples/custom-device.rs` is a whole device in this form.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -13,7 +20,7 @@ use super::{ActivateError, ActiveQueues};
 /// Start the I/O thread of device `name` on the notifiers of `active` and `fds`:
 /// `serve` runs on every wakeup; a protocol error marks the device NEEDS_RESET and
 /// ends the thread, leaving every other device alone.
-pub(crate) fn spawn_device(
+pub fn spawn_device(
     name: &str,
     active: ActiveQueues,
     fds: Vec<std::os::fd::RawFd>,
@@ -49,7 +56,7 @@ pub(crate) enum Next {
 
 /// What woke the I/O thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Token {
+pub enum Token {
     /// The driver notified this queue.
     Queue(usize),
     /// This extra fd (by position) is readable.
@@ -58,7 +65,7 @@ pub(crate) enum Token {
 
 /// A running I/O thread; dropping it stops and joins the thread.
 #[derive(Debug)]
-pub(crate) struct Worker {
+pub struct Worker {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
 }

@@ -1,0 +1,148 @@
+//! A virtio device written outside vmcraft's crates, with only their public API: a
+//! console-type device (virtio ID 3, a receive and a transmit queue) that prints what
+//! the guest transmits and answers a greeting with "ping". vmcraft's virtio-console test
+//! guest drives it: it greets, waits for "ping" and answers "got: ping".
+//!
+//! ```text
+//! cargo run --release --example custom-device
+//! ```
+
+use std::error::Error;
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmcraft::devices::bus::IoBuses;
+use vmcraft::devices::stop::StopLatch;
+use vmcraft::devices::virtio::queue::{serve_available, ProtocolError};
+use vmcraft::devices::virtio::virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vmcraft::devices::virtio::worker::{spawn_device, Token, Worker};
+use vmcraft::devices::virtio::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_VERSION_1};
+use vmcraft::guest_kit::{abi::VIRTIO_MMIO_BASE, Guest};
+use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
+use vmcraft::memory::{layout::MemoryLayout, GuestMemory, GuestRam};
+use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+
+/// The transmit queue's index (the receive queue is 0).
+const TX: usize = 1;
+
+/// The device: a worker thread while the driver has it running.
+#[derive(Default)]
+struct Pinger {
+    worker: Option<Worker>,
+}
+
+fn outside(e: impl std::fmt::Display) -> ProtocolError {
+    ProtocolError::BufferOutsideMemory(e.to_string())
+}
+
+/// Print each transmitted buffer; a greeting earns a "ping" in `pending`.
+fn transmit(
+    tx: &mut Queue,
+    mem: &GuestMemory,
+    irq: &Interrupt,
+    pending: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    serve_available(tx, mem, irq, |chain| {
+        let mut text = Vec::new();
+        Reader::new(mem, chain)
+            .map_err(outside)?
+            .read_to_end(&mut text)
+            .map_err(outside)?;
+        print!("guest says: {}", String::from_utf8_lossy(&text));
+        if text.starts_with(b"hello") {
+            pending.extend_from_slice(b"ping\n");
+        }
+        Ok(0) // the device writes nothing into transmit buffers
+    })
+    .map(drop)
+}
+
+/// Move `pending` bytes into the receive buffers the guest has posted.
+fn receive(
+    rx: &mut Queue,
+    mem: &GuestMemory,
+    irq: &Interrupt,
+    pending: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    while !pending.is_empty() {
+        let chain = rx
+            .iter(mem)
+            .map_err(|e| ProtocolError::Ring(e.to_string()))?
+            .next();
+        let Some(chain) = chain else { break }; // no buffer yet: wait for the next kick
+        let head = chain.head_index();
+        let mut writer = Writer::new(mem, chain).map_err(outside)?;
+        let n = pending.len().min(writer.available_bytes());
+        std::io::Write::write_all(&mut writer, &pending[..n]).map_err(outside)?;
+        pending.drain(..n);
+        rx.add_used(mem, head, n as u32)
+            .map_err(|e| ProtocolError::Ring(e.to_string()))?;
+        irq.signal_used_queue();
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Pinger {
+    fn device_type(&self) -> u32 {
+        3
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16, 16]
+    }
+    fn features(&self) -> u64 {
+        F_VERSION_1
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, mut active: ActiveQueues) -> Result<(), ActivateError> {
+        let [mut rx, mut tx] = active.take_ready()?;
+        let (mem, irq) = (active.mem.clone(), active.interrupt.clone());
+        let mut pending = Vec::new();
+        // The handler runs on the device's own thread for every notification; an
+        // error marks this device NEEDS_RESET and leaves the rest of the VM alone.
+        let worker = spawn_device("pinger", active, Vec::new(), move |_, token| {
+            if token == Token::Queue(TX) {
+                transmit(&mut tx, &mem, &irq, &mut pending)?;
+            }
+            receive(&mut rx, &mem, &irq, &mut pending)
+        })?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None; // stops and joins the thread
+    }
+}
+
+fn main() -> Result<ExitCode, Box<dyn Error>> {
+    let vm = Vm::new(GuestRam::new(&MemoryLayout::x86_64(16 << 20)?)?)?;
+    let stop = Arc::new(StopLatch::default());
+    let mut buses = IoBuses::new();
+    LegacyDevices::install(
+        &mut buses,
+        vm.fd(),
+        Box::new(std::io::stdout()),
+        stop.clone(),
+    )?;
+    let device = Box::new(Pinger::default());
+    attach_virtio_mmio(
+        &mut buses,
+        vm.fd(),
+        vm.memory(),
+        VIRTIO_MMIO_BASE,
+        16,
+        device,
+    )?;
+    Guest::VIRTIO_CONSOLE.load(vm.memory())?;
+    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
+    let entry = VcpuConfig::at(Guest::VIRTIO_CONSOLE.entry(0, 0));
+    let outcome = RunningVm::start(vm, &[entry], handler)?.wait_timeout(Duration::from_secs(30))?;
+    println!("custom-device: VM stopped: {:?}", outcome.reason);
+    Ok(match outcome.reason {
+        StopReason::DebugExit(0) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
+}
