@@ -25,12 +25,12 @@ use vmcraft::devices::vm_device::bus::{
     MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset,
 };
 use vmcraft::devices::vm_device::{DeviceMmio, DevicePio};
-use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::machine::BusExitHandler;
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::vcpu::cpu::{self, HypervisorInfo};
 use vmcraft::vcpu::mode;
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft_guest_kit::{abi, Guest};
 
 const SHORT: u64 = 2_000;
 const LONG: u64 = 22_000;

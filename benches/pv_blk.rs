@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 use vmcraft::devices::bus::IoBuses;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::devices::stop::StopLatch;
-use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::machine::{BusExitHandler, HypercallExitHandler, LegacyDevices};
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
 use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft_guest_kit::{abi, Guest};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const DISK_BYTES: u64 = 16 << 20;
@@ -49,6 +49,7 @@ fn run(image: &common::Image, write: bool, batch: u64, requests: u64) -> Run {
     let upcall = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
     let backends = PvBackends::start(
         vm.memory().clone(),
+        &vmcraft_guest_kit::PV_LAYOUT,
         &mut table,
         upcall,
         Box::new(console.clone()),

@@ -19,7 +19,6 @@ use std::time::Duration;
 use vm_memory::Bytes;
 use vmcraft::devices::bus::IoBuses;
 use vmcraft::devices::stop::StopLatch;
-use vmcraft::guest_kit::Guest;
 use vmcraft::machine::{BusExitHandler, LegacyDevices};
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::scheduler::credit::{Credit, CreditParams};
@@ -27,6 +26,7 @@ use vmcraft::scheduler::runtime::Runtime;
 use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::vcpu::create_vcpus;
 use vmcraft::vcpu::{RunningVm, VcpuConfig, Vm};
+use vmcraft_guest_kit::Guest;
 
 const WEIGHTS: [u32; 4] = [256, 256, 512, 1024];
 const NICE: [i32; 4] = [0, 0, -3, -6];

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmcraft::guest_kit::Guest;
+use vmcraft_guest_kit::Guest;
 
 const ROUNDS: usize = 21;
 const GUEST_MEM: &str = "128M";

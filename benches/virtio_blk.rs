@@ -23,10 +23,10 @@ use vmcraft::devices::bus::IoBuses;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
-use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft_guest_kit::{abi, Guest};
 
 const DISK_BYTES: u64 = 16 << 20;
 const IO_THREAD: &str = "vblk0-io";

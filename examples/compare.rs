@@ -31,7 +31,6 @@ use vmcraft::devices::bus::IoBuses;
 use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
-use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::machine::{
     attach_virtio_mmio, BusExitHandler, HypercallExitHandler, LegacyDevices, HYPERCALL_PORT,
 };
@@ -40,6 +39,7 @@ use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
 use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft_guest_kit::{abi, Guest};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const DISK_BYTES: u64 = 16 << 20;
@@ -180,6 +180,7 @@ fn run(
         IoPath::Pv => {
             let pv = PvBackends::start(
                 vm.memory().clone(),
+                &vmcraft_guest_kit::PV_LAYOUT,
                 &mut table,
                 Arc::new(EventFd::new(EFD_NONBLOCK)?),
                 Box::new(std::io::sink()),

@@ -19,10 +19,10 @@ use vmcraft::devices::virtio::queue::{serve_available, ProtocolError};
 use vmcraft::devices::virtio::virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vmcraft::devices::virtio::worker::{spawn_device, Token, Worker};
 use vmcraft::devices::virtio::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_VERSION_1};
-use vmcraft::guest_kit::{abi::VIRTIO_MMIO_BASE, Guest};
 use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
 use vmcraft::memory::{layout::MemoryLayout, GuestMemory, GuestRam};
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft_guest_kit::{abi::VIRTIO_MMIO_BASE, Guest};
 
 /// The transmit queue's index (the receive queue is 0).
 const TX: usize = 1;

@@ -29,8 +29,6 @@ use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::devices::virtio::VirtioDevice;
-use vmcraft::guest_kit::abi::VIRTIO_MMIO_BASE;
-use vmcraft::guest_kit::Guest;
 use vmcraft::machine::{
     attach_virtio_mmio, BusExitHandler, HypercallExitHandler, LegacyDevices, HYPERCALL_PORT,
 };
@@ -42,6 +40,8 @@ use vmcraft::pv_machine::PvBackends;
 use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::linux::load_linux;
 use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft_guest_kit::abi::VIRTIO_MMIO_BASE;
+use vmcraft_guest_kit::Guest;
 
 const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS]
 
@@ -352,6 +352,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         let disk = disks.next().ok_or("--pv needs a --disk")?;
         let pv = PvBackends::start(
             vm.memory().clone(),
+            &vmcraft_guest_kit::PV_LAYOUT,
             &mut hypercalls,
             upcall,
             Box::new(std::io::stdout()),

@@ -2,8 +2,6 @@
 
 #[cfg(feature = "devices")]
 pub use vmcraft_devices as devices;
-#[cfg(feature = "machine")]
-pub use vmcraft_guest_kit as guest_kit;
 #[cfg(feature = "memory")]
 pub use vmcraft_memory as memory;
 #[cfg(feature = "pv")]

@@ -19,8 +19,8 @@ use vmcraft_devices::virtio::VirtioDevice;
 use vmcraft_pv_hypercall::hypercall::{HypercallArgs, HypercallContext, HypercallTable};
 use vmcraft_vcpu::{ExitAction, ExitHandler, StopReason, VcpuRegisters};
 
-/// The debug-exit port (the one the test guests use).
-pub const DEBUG_EXIT_PORT: u16 = vmcraft_guest_kit::abi::DEBUG_EXIT_PORT;
+/// The debug-exit port (QEMU's isa-debug-exit port; the test guests use it too).
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
 /// Routes every port and MMIO exit to [`IoBuses`].
 #[derive(Debug)]
@@ -214,9 +214,10 @@ pub fn attach_virtio_mmio(
     Ok(transport)
 }
 
-/// The port test guests and the PV demo trap hypercalls through (advertised in
-/// CPUID leaf 0x40000001, ebx).
-pub const HYPERCALL_PORT: u16 = vmcraft_guest_kit::abi::HYPERCALL_PORT;
+/// The port vmcraft's guests trap hypercalls through by default (advertise it in CPUID
+/// leaf 0x40000001, ebx). Below 0x100, so a guest can use the immediate form of `out`
+/// and keep rdx for an argument.
+pub const HYPERCALL_PORT: u16 = 0x98;
 
 /// Routes a write to the hypercall port to a [`HypercallTable`] (number and
 /// arguments from the guest's registers, result into `rax`) and every other exit to
@@ -305,5 +306,16 @@ impl<H: ExitHandler> ExitHandler for HypercallExitHandler<H> {
     }
     fn kicked(&self, vcpu: &mut dyn VcpuRegisters) -> ExitAction {
         self.inner.kicked(vcpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The test guests are built against the same ports.
+    #[test]
+    fn the_guests_abi_matches_the_machine_ports() {
+        use vmcraft_guest_kit::abi;
+        assert_eq!(super::DEBUG_EXIT_PORT, abi::DEBUG_EXIT_PORT);
+        assert_eq!(super::HYPERCALL_PORT, abi::HYPERCALL_PORT);
     }
 }

@@ -2,9 +2,10 @@
 //! PV console and PV block backends, each on an I/O thread woken by its
 //! event-channel port.
 //!
-//! The layout is the PV demo's ABI ([`vmcraft_guest_kit::abi`]`::PV_*`): the
-//! shared-info page, the console page, the blkif ring page and a 64-entry grant table
-//! at fixed guest addresses, ports 1 (console) and 2 (block).
+//! Where the shared pages are is the embedding program's choice, a
+//! [`PvLayout`]: the shared-info page, the console page, the blkif ring page and the
+//! grant table, and the doorbell port. The console gets event-channel port 1 and the
+//! block device port 2 ([`PvBackends::console_port`], [`PvBackends::blk_port`]).
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -13,18 +14,15 @@ use std::thread::JoinHandle;
 
 use thiserror::Error;
 use vm_memory::GuestAddress;
-use vmcraft_guest_kit::abi;
 use vmcraft_memory::GuestMemory;
 use vmcraft_pv_hypercall::blkif::{BlkifBackend, BlkifError};
 use vmcraft_pv_hypercall::console::{ConsoleBackend, ConsoleError};
 use vmcraft_pv_hypercall::evtchn::{EventChannels, EvtchnError, Upcall};
 use vmcraft_pv_hypercall::grant::{GrantError, GrantTable};
 use vmcraft_pv_hypercall::hypercall::{HypercallTable, TableError};
+use vmcraft_pv_hypercall::layout::PvLayout;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-/// Entries in the PV demo's grant table (one page holds 512).
-pub const PV_GRANT_ENTRIES: u32 = 64;
 
 /// Errors from setting up the PV backends.
 #[derive(Debug, Error)]
@@ -47,6 +45,9 @@ pub enum PvError {
     /// A host resource (eventfd, epoll, thread).
     #[error("cannot start a PV backend thread")]
     Host(#[source] std::io::Error),
+    /// Two regions of the layout overlap.
+    #[error("the PV layout's {0} and {1} overlap")]
+    Layout(&'static str, &'static str),
 }
 
 /// Running PV backends; dropping them stops and joins their threads.
@@ -55,6 +56,8 @@ pub struct PvBackends {
     threads: Vec<JoinHandle<()>>,
     /// Each backend's event-channel port and the eventfd a send signals.
     doorbells: Vec<(u32, EventFd)>,
+    doorbell_port: u16,
+    ports: (u32, u32),
     /// The guest's event channels (for the upcall and status).
     pub channels: Arc<EventChannels>,
 }
@@ -103,20 +106,24 @@ fn epoll_for(fd: &EventFd, stop: &EventFd) -> std::io::Result<Epoll> {
 }
 
 impl PvBackends {
-    /// Set up the PV demo's event channels, grant table, console (output to
-    /// `console_out`) and block device (on `disk`) in `memory`, register the
+    /// Set up event channels, a grant table, a console (output to `console_out`) and
+    /// a block device (on `disk`) in `memory` where `layout` says, register the
     /// event-channel hypercall in `table`, and start the backend threads. Upcalls
     /// go to `upcall`.
     pub fn start(
         memory: GuestMemory,
+        layout: &PvLayout,
         table: &mut HypercallTable,
         upcall: Arc<dyn Upcall>,
         mut console_out: Box<dyn Write + Send>,
         disk: std::fs::File,
         read_only: bool,
     ) -> Result<PvBackends, PvError> {
+        if let Some((a, b)) = layout.pages_overlap() {
+            return Err(PvError::Layout(a, b));
+        }
         let channels = Arc::new(
-            EventChannels::new(memory.clone(), GuestAddress(abi::PV_SHARED_INFO), upcall)
+            EventChannels::new(memory.clone(), GuestAddress(layout.shared_info), upcall)
                 .map_err(PvError::Evtchn)?,
         );
         channels
@@ -124,30 +131,26 @@ impl PvBackends {
             .map_err(PvError::Table)?;
         let console_port = channels.alloc_unbound(0).map_err(PvError::Evtchn)?;
         let blk_port = channels.alloc_unbound(0).map_err(PvError::Evtchn)?;
-        debug_assert_eq!(
-            (u64::from(console_port), u64::from(blk_port)),
-            (abi::PV_CONSOLE_PORT, abi::PV_BLK_PORT)
-        );
         let console_end = channels
             .bind_backend(console_port, 0, 0)
             .map_err(PvError::Evtchn)?;
         let blk_end = channels
             .bind_backend(blk_port, 1, 0)
             .map_err(PvError::Evtchn)?;
-        let console = ConsoleBackend::new(memory.clone(), GuestAddress(abi::PV_CONSOLE_PAGE))
+        let console = ConsoleBackend::new(memory.clone(), GuestAddress(layout.console_page))
             .map_err(PvError::Console)?;
         let grants = Arc::new(
             GrantTable::new(
                 memory.clone(),
-                GuestAddress(abi::PV_GRANT_TABLE),
-                PV_GRANT_ENTRIES,
+                GuestAddress(layout.grant_table),
+                layout.grant_entries,
                 0,
             )
             .map_err(PvError::Grant)?,
         );
         let mut blk = BlkifBackend::new(
             memory,
-            GuestAddress(abi::PV_BLK_RING),
+            GuestAddress(layout.blk_ring),
             grants,
             disk,
             read_only,
@@ -210,18 +213,30 @@ impl PvBackends {
             stop,
             threads,
             doorbells,
+            doorbell_port: layout.doorbell_port,
+            ports: (console_port, blk_port),
             channels,
         })
     }
 
-    /// Bind the doorbell port ([`abi::PV_DOORBELL_PORT`]) to each backend in KVM: a
+    /// The console's event-channel port.
+    pub fn console_port(&self) -> u32 {
+        self.ports.0
+    }
+
+    /// The block device's event-channel port.
+    pub fn blk_port(&self) -> u32 {
+        self.ports.1
+    }
+
+    /// Bind the layout's doorbell port to each backend in KVM: a
     /// 4-byte write of a backend's port number signals its eventfd without leaving the
     /// kernel.
     pub fn register_doorbells(&self, vm: &kvm_ioctls::VmFd) -> Result<(), PvError> {
         for (port, fd) in &self.doorbells {
             vm.register_ioevent(
                 fd,
-                &kvm_ioctls::IoEventAddress::Pio(u64::from(abi::PV_DOORBELL_PORT)),
+                &kvm_ioctls::IoEventAddress::Pio(u64::from(self.doorbell_port)),
                 *port,
             )
             .map_err(|e| PvError::Host(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -236,7 +251,7 @@ impl PvBackends {
         vm: &kvm_ioctls::VmFd,
     ) -> Result<(), PvError> {
         buses
-            .register_pio(abi::PV_DOORBELL_PORT, 4, self.doorbell_device()?)
+            .register_pio(self.doorbell_port, 4, self.doorbell_device()?)
             .map_err(|e| PvError::Host(std::io::Error::other(e.to_string())))?;
         self.register_doorbells(vm)
     }

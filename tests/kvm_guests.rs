@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use vm_memory::Bytes;
-use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::vcpu::{ExitKind, StopReason, VcpuConfig};
+use vmcraft_guest_kit::{abi, Guest};
 
 const GREETING: &[u8] =
     b"Hello from a vmcraft guest! I run at CPL 3 in long mode; every byte you read crossed the emulated 16550.\n";

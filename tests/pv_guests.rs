@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use common::*;
 use vmcraft::devices::serial::SharedBuffer;
-use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::pv::hypercall::{HypercallContext, HypercallFault, HypercallTable};
 use vmcraft::vcpu::StopReason;
+use vmcraft_guest_kit::{abi, Guest};
 
 fn table() -> HypercallTable {
     let mut t = HypercallTable::new();
@@ -112,6 +112,7 @@ fn a_broken_block_ring_leaves_the_console_working() {
     let mut table = HypercallTable::new();
     let backends = PvBackends::start(
         mem.clone(),
+        &vmcraft_guest_kit::PV_LAYOUT,
         &mut table,
         Arc::new(NoUpcall),
         Box::new(console.clone()),
@@ -119,6 +120,27 @@ fn a_broken_block_ring_leaves_the_console_working() {
         false,
     )
     .unwrap();
+    // The ports the guests are built to use.
+    assert_eq!(u64::from(backends.console_port()), abi::PV_CONSOLE_PORT);
+    assert_eq!(u64::from(backends.blk_port()), abi::PV_BLK_PORT);
+    // An overlapping layout is refused with the regions named.
+    let overlapping = vmcraft::pv::layout::PvLayout {
+        blk_ring: abi::PV_CONSOLE_PAGE,
+        ..vmcraft_guest_kit::PV_LAYOUT
+    };
+    let refused = PvBackends::start(
+        mem.clone(),
+        &overlapping,
+        &mut HypercallTable::new(),
+        Arc::new(NoUpcall),
+        Box::new(SharedBuffer::new()),
+        ScratchImage::new("pv-overlap", 4096).file(),
+        false,
+    );
+    assert_eq!(
+        refused.unwrap_err().to_string(),
+        "the PV layout's console page and blkif ring overlap"
+    );
     // The guest claims 1000 requests in a 32-entry ring and rings the block port.
     mem.write_obj(1000u32, GuestAddress(abi::PV_BLK_RING))
         .unwrap();
@@ -148,6 +170,7 @@ fn a_rust_guest_uses_the_same_no_std_ring_code_as_the_backend() {
     let mut m = Machine::new(16);
     let backends = PvBackends::start(
         m.vm.memory().clone(),
+        &vmcraft_guest_kit::PV_LAYOUT,
         &mut m.hypercalls,
         Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
         Box::new(std::io::sink()),

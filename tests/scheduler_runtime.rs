@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use common::*;
 use vm_memory::Bytes;
-use vmcraft::guest_kit::Guest;
 use vmcraft::scheduler::credit::{Credit, CreditParams};
 use vmcraft::scheduler::runtime::Runtime;
 use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::vcpu::create_vcpus;
 use vmcraft::vcpu::VcpuConfig;
+use vmcraft_guest_kit::Guest;
 
 const WEIGHTS: [u32; 4] = [256, 256, 512, 1024];
 /// The ideal share of one pCPU for each (2 pCPUs, weights 1:1:2:4).

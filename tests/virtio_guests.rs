@@ -20,10 +20,10 @@ use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::devices::virtio::VirtioDevice;
-use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::vcpu::{ExitKind, RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft_guest_kit::{abi, Guest};
 
 const DISK_SECTORS: u64 = 2048; // 1 MiB
 

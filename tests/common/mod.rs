@@ -11,10 +11,10 @@ use vmcraft::devices::vm_device::bus::{
     MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset,
 };
 use vmcraft::devices::vm_device::{MutDeviceMmio, MutDevicePio};
-use vmcraft::guest_kit::{abi, Guest};
 use vmcraft::machine::{BusExitHandler, LegacyDevices};
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::vcpu::{RunningVm, VcpuConfig, Vm};
+use vmcraft_guest_kit::{abi, Guest};
 
 /// Fail with a clear message when /dev/kvm is missing or inaccessible.
 pub fn require_kvm() {

@@ -31,6 +31,18 @@ pub mod abi {
     include!("abi.rs");
 }
 
+/// The PV demo's layout ([`abi`]'s `PV_*` pages, a 64-entry grant table, the
+/// doorbell port), for `vmcraft::pv_machine::PvBackends`.
+pub const PV_LAYOUT: vmcraft_pv_hypercall::layout::PvLayout =
+    vmcraft_pv_hypercall::layout::PvLayout {
+        shared_info: abi::PV_SHARED_INFO,
+        console_page: abi::PV_CONSOLE_PAGE,
+        blk_ring: abi::PV_BLK_RING,
+        grant_table: abi::PV_GRANT_TABLE,
+        grant_entries: 64,
+        doorbell_port: abi::PV_DOORBELL_PORT,
+    };
+
 /// How a guest is entered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestMode {

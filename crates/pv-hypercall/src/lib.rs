@@ -12,6 +12,7 @@
 //! * [`blkif`] (std): the PV block backend (Xen's blkif protocol, granted pages, a
 //!   raw file; flushes acknowledged once durable).
 //! * [`console`] (std): the PV console backend on Xen's console page layout.
+//! * [`layout`]: where a PV machine's shared pages are, and its doorbell port.
 //! * [`evtchn`] (std): event channels, Xen's 2-level ABI, with upcalls through an
 //!   irqfd and backends woken through eventfds.
 #![cfg_attr(not(feature = "std"), no_std)]
@@ -26,4 +27,5 @@ pub mod evtchn;
 pub mod grant;
 #[cfg(feature = "std")]
 pub mod hypercall;
+pub mod layout;
 pub mod ring;
