@@ -525,7 +525,8 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     Ok(match outcome.reason {
         StopReason::DebugExit(code) => ExitCode::from(code.min(255) as u8),
         StopReason::Reset | StopReason::PowerOff | StopReason::Requested => ExitCode::SUCCESS,
-        StopReason::TripleFault | StopReason::Crash | StopReason::Halted => ExitCode::FAILURE,
+        // TripleFault, Crash, Halted, and whatever later versions add.
+        _ => ExitCode::FAILURE,
     })
 }
 

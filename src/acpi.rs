@@ -100,6 +100,7 @@ pub struct MachineDescription {
 
 /// Errors from building or writing the tables.
 #[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AcpiError {
     /// No vCPU, or more than xAPIC IDs can name.
     #[error("{0} vCPUs cannot be described (1 to 255, xAPIC IDs)")]

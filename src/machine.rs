@@ -71,6 +71,7 @@ impl ExitHandler for BusExitHandler {
 
 /// Errors from installing the legacy devices.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum LegacyDeviceError {
     /// A device could not be put on the bus.
     #[error("cannot attach {0}")]
@@ -152,6 +153,7 @@ impl LegacyDevices {
 
 /// Errors from attaching a virtio-mmio device.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum VirtioAttachError {
     /// The transport's eventfds could not be created.
     #[error("cannot create the virtio-mmio transport")]

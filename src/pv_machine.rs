@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors from setting up the PV backends.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum PvError {
     /// Event channels.
     #[error("event channels")]

@@ -38,6 +38,7 @@ use vm_device::{DeviceMmio, DevicePio};
 
 /// Errors from registering a device.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum BusError {
     /// The range is empty or wraps around the address space.
     #[error("invalid {bus} range {base:#x}+{size:#x}")]

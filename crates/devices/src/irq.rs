@@ -12,6 +12,7 @@ pub const LEGACY_LINES: [u32; 10] = [0, 1, 2, 3, 4, 8, 12, 13, 14, 15];
 
 /// Errors from the allocator.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum IrqError {
     /// Every line the allocator manages is in use.
     #[error("no interrupt line is free")]

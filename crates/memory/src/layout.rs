@@ -26,6 +26,7 @@ const PAGE: u64 = 4096;
 
 /// Why a layout cannot be built.
 #[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LayoutError {
     /// Less RAM than [`MIN_RAM`].
     #[error("guest RAM of {0} bytes is too small: at least {min} bytes are needed", min = MIN_RAM)]

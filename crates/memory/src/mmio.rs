@@ -15,6 +15,7 @@ use thiserror::Error;
 
 /// Why a window cannot be allocated.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MmioAllocError {
     /// A zero-sized window was requested.
     #[error("an MMIO window cannot be empty")]

@@ -15,6 +15,7 @@ pub const PAGE_SIZE: u64 = 4096;
 
 /// Errors from building or registering guest memory.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum MemoryError {
     /// The host refused to map a RAM range.
     #[error("cannot map {size:#x} bytes of guest RAM at {start:#x}")]

@@ -35,6 +35,7 @@ const OFF_OUT_PROD: u64 = 3084;
 
 /// Errors from the console backend.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConsoleError {
     /// The page is not in guest memory.
     #[error("the console page at {0:#x} is outside guest memory")]

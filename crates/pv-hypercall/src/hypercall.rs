@@ -138,6 +138,7 @@ where
 
 /// Errors from building a table.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TableError {
     /// The number is taken.
     #[error("hypercall {nr} is already registered as {name:?}")]

@@ -104,6 +104,7 @@ pub struct Decision {
 
 /// Errors from configuring a policy.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SchedError {
     /// The domain exists already.
     #[error("domain {0:?} exists already")]

@@ -53,6 +53,7 @@ pub struct RuntimeVcpu {
 
 /// Errors from the runtime.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum RuntimeError {
     /// The policy refused the configuration.
     #[error("the scheduling policy refused the configuration")]

@@ -13,6 +13,7 @@ pub const KVM_LEAF_RELOCATED: u32 = 0x4000_0100;
 
 /// Errors from configuring a vCPU.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum CpuError {
     /// A KVM call failed.
     #[error("KVM refused to {what} for vCPU {vcpu}")]

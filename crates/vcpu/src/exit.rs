@@ -7,6 +7,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 
 /// Why a VM stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StopReason {
     /// The guest wrote its exit code to the debug-exit port.
     DebugExit(u32),
@@ -141,6 +142,7 @@ pub trait ExitHandler: Send + Sync {
 
 /// A VM-fatal condition found while dispatching an exit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ExitError {
     /// KVM reported an internal error.
     #[error("KVM internal error, suberror {0}")]

@@ -70,6 +70,7 @@ pub struct LoadedKernel {
 
 /// Errors from loading Linux.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum LinuxError {
     /// The image is neither a valid ELF nor a valid bzImage.
     #[error("the kernel image is neither an ELF vmlinux ({elf:?}) nor a bzImage")]

@@ -123,6 +123,7 @@ pub enum Entry {
 
 /// Errors from setting up an entry mode.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum ModeError {
     /// The boot tables do not fit in guest memory.
     #[error("cannot write the boot tables into guest memory at {addr:#x}")]

@@ -88,6 +88,7 @@ const _: () = assert!(PROBE_CODE[0x19] as u16 == SEL_USER_CODE);
 
 /// Errors from probing the host.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum ProbeError {
     /// The probe VM's memory layout was refused.
     #[error("cannot lay out the probe VM's memory")]

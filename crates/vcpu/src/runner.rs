@@ -44,6 +44,7 @@ impl VcpuConfig {
 
 /// Errors from starting or running a VM.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum VmError {
     /// No vCPUs were asked for.
     #[error("a VM needs at least one vCPU")]

@@ -12,6 +12,7 @@ pub const KVM_TSS_ADDRESS: usize = 0xFFFB_D000;
 
 /// Errors from creating a VM.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum VmCreateError {
     /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm (is KVM available, and may this user open it?)")]

@@ -45,6 +45,7 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 /// Everything that can go wrong in the driver's use of the transport, kept for
 /// diagnosis ([`MmioTransport::last_error`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DriverError {
     /// The driver accepted features the device does not offer.
     UnofferedFeatures(u64),

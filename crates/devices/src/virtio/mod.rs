@@ -114,6 +114,7 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 
 /// Errors from activating a device.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum ActivateError {
     /// The driver left a queue the device needs unconfigured.
     #[error("queue {0} is not ready")]

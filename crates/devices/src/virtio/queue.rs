@@ -8,6 +8,7 @@ use super::Interrupt;
 
 /// A broken descriptor chain or ring: the device needs a reset.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// The chain loops, is longer than the queue or points at a descriptor outside it.
     #[error("descriptor chain does not end within the queue (loop or bad next index)")]

@@ -24,6 +24,7 @@ struct IfReq {
 
 /// Errors from opening a TAP interface.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum TapError {
     /// The name is empty, too long or has a NUL.
     #[error("invalid TAP interface name {0:?} (1 to 15 bytes, no NUL)")]

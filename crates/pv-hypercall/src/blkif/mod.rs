@@ -30,6 +30,7 @@ mod wire;
 
 /// Errors that stop the backend.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BlkifError {
     /// The shared ring is broken.
     #[error("the blkif ring is broken")]

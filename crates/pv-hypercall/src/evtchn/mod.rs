@@ -39,6 +39,7 @@ const PENDING_SEL: u64 = 8;
 
 /// Errors from event-channel operations; each maps to the errno a guest sees.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EvtchnError {
     /// A port outside the table or not in the state the operation needs.
     #[error("port {0} is not valid for this operation")]

@@ -37,6 +37,7 @@ pub const GTF_WRITING: u16 = 1 << 4;
 
 /// Why a grant operation failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GrantError {
     /// The reference is outside the table.
     #[error("grant reference {0} is outside the table")]

@@ -87,6 +87,7 @@ pub trait Entry: Sized {
 /// nothing but `core`, so guests compile the very same source (see the guest kit's
 /// Rust guests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RingError {
     /// The memory cannot hold the header and one entry, or an entry is too large.
     BadLayout {
