@@ -1,5 +1,8 @@
 #![doc = include_str!("../README.md")]
 
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("vmcraft runs x86-64 guests on KVM and builds only for x86_64 Linux hosts");
+
 #[cfg(feature = "devices")]
 pub use vmcraft_devices as devices;
 #[cfg(feature = "memory")]

@@ -41,6 +41,9 @@
 //! `GuestMode::Kernel64` in `vmcraft-guest-kit`). [`probe::probe_host`] tells which
 //! kind of host a program is on; the example VMM prints it with `--diagnose`.
 
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("vmcraft-vcpu runs x86-64 guests on KVM and builds only for x86_64 Linux hosts");
+
 pub mod cpu;
 pub mod exit;
 pub mod linux;
