@@ -10,19 +10,16 @@
 use std::error::Error;
 use std::io::Read;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use vmcraft::devices::bus::IoBuses;
-use vmcraft::devices::stop::StopLatch;
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::virtio::queue::{serve_available, ProtocolError};
 use vmcraft::devices::virtio::virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vmcraft::devices::virtio::worker::{spawn_device, Token, Worker};
 use vmcraft::devices::virtio::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_VERSION_1};
-use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
-use vmcraft::memory::{layout::MemoryLayout, GuestMemory, GuestRam};
-use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
-use vmcraft_guest_kit::{abi::VIRTIO_MMIO_BASE, Guest};
+use vmcraft::memory::GuestMemory;
+use vmcraft::vcpu::{StopReason, VcpuConfig};
+use vmcraft_guest_kit::Guest;
 
 /// The transmit queue's index (the receive queue is 0).
 const TX: usize = 1;
@@ -118,28 +115,11 @@ impl VirtioDevice for Pinger {
 }
 
 fn main() -> Result<ExitCode, Box<dyn Error>> {
-    let vm = Vm::new(GuestRam::new(&MemoryLayout::x86_64(16 << 20)?)?)?;
-    let stop = Arc::new(StopLatch::default());
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(
-        &mut buses,
-        vm.fd(),
-        Box::new(std::io::stdout()),
-        stop.clone(),
-    )?;
-    let device = Box::new(Pinger::default());
-    attach_virtio_mmio(
-        &mut buses,
-        vm.fd(),
-        vm.memory(),
-        VIRTIO_MMIO_BASE,
-        16,
-        device,
-    )?;
-    Guest::VIRTIO_CONSOLE.load(vm.memory())?;
-    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
-    let entry = VcpuConfig::at(Guest::VIRTIO_CONSOLE.entry(0, 0));
-    let outcome = RunningVm::start(vm, &[entry], handler)?.wait_timeout(Duration::from_secs(30))?;
+    let mut b = MachineBuilder::new(16 << 20, Box::new(std::io::stdout()))?;
+    b.add_virtio(Box::new(Pinger::default()))?; // the first window, where the guest looks
+    Guest::VIRTIO_CONSOLE.load(b.memory())?;
+    let machine = b.start(&[VcpuConfig::at(Guest::VIRTIO_CONSOLE.entry(0, 0))])?;
+    let outcome = machine.running.wait_timeout(Duration::from_secs(30))?;
     println!("custom-device: VM stopped: {:?}", outcome.reason);
     Ok(match outcome.reason {
         StopReason::DebugExit(0) => ExitCode::SUCCESS,

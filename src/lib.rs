@@ -17,6 +17,8 @@ pub use vmcraft_vcpu as vcpu;
 #[cfg(feature = "machine")]
 pub mod acpi;
 #[cfg(feature = "machine")]
+pub mod builder;
+#[cfg(feature = "machine")]
 pub mod machine;
 #[cfg(feature = "machine")]
 pub mod pv_machine;

@@ -319,5 +319,6 @@ mod tests {
         use vmcraft_guest_kit::abi;
         assert_eq!(super::DEBUG_EXIT_PORT, abi::DEBUG_EXIT_PORT);
         assert_eq!(super::HYPERCALL_PORT, abi::HYPERCALL_PORT);
+        assert_eq!(crate::builder::VIRTIO_MMIO_BASE, abi::VIRTIO_MMIO_BASE);
     }
 }

@@ -172,10 +172,10 @@ fn every_kick_is_seen() {
 fn dirty_pages_merge_guest_and_vmm_writes() {
     let mut t = TestVm::new(Guest::COUNTER);
     {
-        let (ram, fd) = t.vm.ram_mut();
+        let (ram, fd) = t.builder.vm_mut().ram_mut();
         ram.set_dirty_logging(fd, true).unwrap();
     }
-    Guest::COUNTER.load(t.vm.memory()).unwrap(); // a VMM write after logging started
+    Guest::COUNTER.load(t.builder.memory()).unwrap(); // a VMM write after logging started
     let (vm, _, _) = t.start(&counters(1));
     assert!(eventually(20, || counter(&vm, 0) > 0));
     vm.pause();

@@ -169,7 +169,7 @@ fn a_rust_guest_uses_the_same_no_std_ring_code_as_the_backend() {
     let image = ScratchImage::new("rust-front", 1 << 20);
     let mut m = Machine::new(16);
     let backends = PvBackends::start(
-        m.vm.memory().clone(),
+        m.memory().clone(),
         &vmcraft_guest_kit::PV_LAYOUT,
         &mut m.hypercalls,
         Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),

@@ -10,7 +10,6 @@ use common::*;
 use vm_memory::Bytes;
 use vmcraft::scheduler::credit::{Credit, CreditParams};
 use vmcraft::scheduler::runtime::Runtime;
-use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::vcpu::create_vcpus;
 use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::Guest;
@@ -41,17 +40,17 @@ fn weighted_shares_on_two_workers_match_the_guests_progress() {
     let configs: Vec<VcpuConfig> = (0..4)
         .map(|i| VcpuConfig::at(Guest::COUNTER.entry(i, 0)))
         .collect();
-    let handler = test_vm.handler.clone();
-    let vcpus = create_vcpus(&test_vm.vm, &configs, handler, HypervisorInfo::default()).unwrap();
+    let parts = test_vm.builder.into_parts();
+    let vcpus = create_vcpus(&parts.vm, &configs, parts.handler.clone(), parts.info).unwrap();
     let policy = Box::new(Credit::new(CreditParams::default(), 2));
     let runtime = Runtime::start_weighted(policy, vcpus, &WEIGHTS).unwrap();
 
     // Let accounting settle, then measure over 3 s.
     std::thread::sleep(Duration::from_millis(500));
-    let before = counters(&test_vm.vm);
+    let before = counters(&parts.vm);
     let run_before = runtime.run_time();
     std::thread::sleep(Duration::from_secs(3));
-    let after = counters(&test_vm.vm);
+    let after = counters(&parts.vm);
     let run_after = runtime.run_time();
     let stopped = runtime.stop().unwrap();
     assert_eq!(stopped.vcpus.len(), 4, "every vCPU comes back");

@@ -10,9 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use vmcraft::devices::bus::IoBuses;
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
-use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
 use vmcraft::devices::virtio::mmio::MmioTransport;
@@ -20,15 +19,13 @@ use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::devices::virtio::VirtioDevice;
-use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
-use vmcraft::memory::{layout::MemoryLayout, GuestRam};
-use vmcraft::vcpu::{ExitKind, RunningVm, StopReason, VcpuConfig, Vm};
-use vmcraft_guest_kit::{abi, Guest};
+use vmcraft::vcpu::{ExitKind, RunningVm, StopReason, VcpuConfig};
+use vmcraft_guest_kit::Guest;
 
 const DISK_SECTORS: u64 = 2048; // 1 MiB
 
 /// A VM running `guest` (parameter `param`) with COM1 output in the returned buffer
-/// and `devices` behind virtio-mmio windows 0, 1, ... (IRQs 5, 6, ...).
+/// and `devices` behind virtio-mmio windows 0, 1, ... (the builder's order).
 struct VirtioVm {
     running: RunningVm,
     serial: SharedBuffer,
@@ -37,28 +34,19 @@ struct VirtioVm {
 
 fn start_virtio_vm(guest: Guest, param: u64, devices: Vec<Box<dyn VirtioDevice>>) -> VirtioVm {
     require_kvm();
-    let layout = MemoryLayout::x86_64(16 << 20).unwrap();
-    let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
-    let stop = Arc::new(StopLatch::default());
     let serial = SharedBuffer::new();
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone()).unwrap();
-    let transports = devices
-        .into_iter()
-        .enumerate()
-        .map(|(i, device)| {
-            let base = abi::VIRTIO_MMIO_BASE + 0x1000 * i as u64;
-            attach_virtio_mmio(&mut buses, vm.fd(), vm.memory(), base, 5 + i as u32, device)
-                .unwrap()
-        })
-        .collect();
-    guest.load(vm.memory()).unwrap();
-    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
-    let running = RunningVm::start(vm, &[VcpuConfig::at(guest.entry(0, param))], handler).unwrap();
+    let mut builder = MachineBuilder::new(16 << 20, Box::new(serial.clone())).unwrap();
+    for device in devices {
+        builder.add_virtio(device).unwrap();
+    }
+    guest.load(builder.memory()).unwrap();
+    let machine = builder
+        .start(&[VcpuConfig::at(guest.entry(0, param))])
+        .unwrap();
     VirtioVm {
-        running,
+        running: machine.running,
         serial,
-        transports,
+        transports: machine.virtio.into_iter().map(|s| s.transport).collect(),
     }
 }
 

@@ -4,16 +4,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vmcraft::devices::bus::IoBuses;
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
-use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::vm_device::bus::{
     MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset,
 };
 use vmcraft::devices::vm_device::{MutDeviceMmio, MutDevicePio};
-use vmcraft::machine::{BusExitHandler, LegacyDevices};
-use vmcraft::memory::{layout::MemoryLayout, GuestRam};
-use vmcraft::vcpu::{RunningVm, VcpuConfig, Vm};
+use vmcraft::vcpu::{RunningVm, VcpuConfig};
 use vmcraft_guest_kit::{abi, Guest};
 
 /// Fail with a clear message when /dev/kvm is missing or inaccessible.
@@ -61,36 +58,29 @@ impl MutDeviceMmio for TestDevice {
 
 /// A VM with the legacy devices and the test device, ready to start.
 pub struct TestVm {
-    pub vm: Vm,
+    pub builder: MachineBuilder,
     pub serial: SharedBuffer,
     pub test_device: Arc<Mutex<TestDevice>>,
-    pub handler: Arc<BusExitHandler>,
 }
 
 impl TestVm {
     pub fn new(guest: Guest) -> TestVm {
         require_kvm();
-        let layout = MemoryLayout::x86_64(16 << 20).unwrap();
-        let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
-        let stop = Arc::new(StopLatch::default());
         let serial = SharedBuffer::new();
-        let mut buses = IoBuses::new();
-        LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone())
-            .unwrap();
+        let mut builder = MachineBuilder::new(16 << 20, Box::new(serial.clone())).unwrap();
         let test_device = Arc::new(Mutex::new(TestDevice::default()));
+        let buses = builder.buses_mut();
         buses
             .register_pio(abi::TEST_PORT, 8, test_device.clone())
             .unwrap();
         buses
             .register_mmio(abi::TEST_MMIO, 0x1000, test_device.clone())
             .unwrap();
-        guest.load(vm.memory()).unwrap();
-        let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
+        guest.load(builder.memory()).unwrap();
         TestVm {
-            vm,
+            builder,
             serial,
             test_device,
-            handler,
         }
     }
 
@@ -98,8 +88,8 @@ impl TestVm {
         self,
         entries: &[VcpuConfig],
     ) -> (RunningVm, SharedBuffer, Arc<Mutex<TestDevice>>) {
-        let running = RunningVm::start(self.vm, entries, self.handler).unwrap();
-        (running, self.serial, self.test_device)
+        let machine = self.builder.start(entries).unwrap();
+        (machine.running, self.serial, self.test_device)
     }
 }
 
@@ -122,65 +112,50 @@ pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A VM being assembled: guest RAM, the legacy devices (COM1 into `serial`) and an
-/// empty hypercall table; add devices to `buses` and hypercalls to `hypercalls`, then
-/// [`Machine::start`].
+/// empty hypercall table; add hypercalls to `hypercalls`, then [`Machine::start`].
 pub struct Machine {
-    pub vm: Vm,
-    pub buses: IoBuses,
+    pub builder: MachineBuilder,
     pub hypercalls: vmcraft::pv::hypercall::HypercallTable,
     /// What the hypervisor CPUID leaves say: vmcraft's signature and the hypercall port.
     pub cpuid: vmcraft::vcpu::cpu::HypervisorInfo,
     pub serial: SharedBuffer,
-    stop: Arc<StopLatch>,
 }
 
 impl Machine {
     pub fn new(mem_mib: u64) -> Machine {
         require_kvm();
-        let layout = MemoryLayout::x86_64(mem_mib << 20).unwrap();
-        let vm = Vm::new(GuestRam::new(&layout).unwrap()).unwrap();
-        let stop = Arc::new(StopLatch::default());
         let serial = SharedBuffer::new();
-        let mut buses = IoBuses::new();
-        LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone())
-            .unwrap();
         Machine {
-            vm,
-            buses,
+            builder: MachineBuilder::new(mem_mib << 20, Box::new(serial.clone())).unwrap(),
             hypercalls: vmcraft::pv::hypercall::HypercallTable::new(),
             cpuid: vmcraft::vcpu::cpu::HypervisorInfo {
                 hypercall_port: abi::HYPERCALL_PORT,
                 ..Default::default()
             },
             serial,
-            stop,
         }
     }
 
-    /// Load `guest` and start it on one vCPU with `param`, hypercalls offered on the
-    /// vmcraft port (and advertised by CPUID as `cpuid` says). The table comes back so
-    /// its counters can be read.
+    pub fn memory(&self) -> &vmcraft::memory::GuestMemory {
+        self.builder.memory()
+    }
+
+    /// Load `guest` and start it on one vCPU with `param`, hypercalls served on the
+    /// port `cpuid` names (and advertised there). The table comes back so its
+    /// counters can be read.
     pub fn start(
         self,
         guest: Guest,
         param: u64,
     ) -> (RunningVm, Arc<vmcraft::pv::hypercall::HypercallTable>) {
-        guest.load(self.vm.memory()).unwrap();
-        let table = Arc::new(self.hypercalls);
-        let handler = Arc::new(vmcraft::machine::HypercallExitHandler::new(
-            abi::HYPERCALL_PORT,
-            table.clone(),
-            self.vm.memory().clone(),
-            BusExitHandler::new(Arc::new(self.buses), self.stop),
-        ));
-        let running = RunningVm::start_with_info(
-            self.vm,
-            &[VcpuConfig::at(guest.entry(0, param))],
-            handler,
-            self.cpuid,
-        )
-        .unwrap();
-        (running, table)
+        let mut builder = self.builder;
+        guest.load(builder.memory()).unwrap();
+        builder.hypercalls(self.cpuid.hypercall_port, self.hypercalls);
+        builder.hypervisor_info(self.cpuid);
+        let machine = builder
+            .start(&[VcpuConfig::at(guest.entry(0, param))])
+            .unwrap();
+        (machine.running, machine.hypercalls.unwrap())
     }
 }
 

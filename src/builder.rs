@@ -1,0 +1,360 @@
+//! One way to put a VM together: guest RAM, the PC's legacy devices, virtio-mmio devices
+//! with their windows, interrupt lines, Linux command-line entries and ACPI
+//! descriptions, an optional hypercall table, and the vCPUs.
+//!
+//! ```no_run
+//! use vmcraft::builder::MachineBuilder;
+//! use vmcraft::devices::virtio::rng::Rng;
+//! use vmcraft::vcpu::{mode::{Entry, Privilege}, VcpuConfig};
+//!
+//! let mut b = MachineBuilder::new(64 << 20, Box::new(std::io::stdout()))?;
+//! let rng = b.add_virtio(Box::new(Rng::new("vrng")))?; // window, IRQ, cmdline, ACPI
+//! println!("virtio-rng at {:#x}, IRQ {}", rng.base, rng.irq);
+//! // ... load a guest into b.memory() ...
+//! let entry = Entry::LongMode { rip: 0x10_0000, rsp: 0x8_0000, privilege: Privilege::Kernel, args: [0, 0] };
+//! let machine = b.start(&[VcpuConfig::at(entry)])?;
+//! let outcome = machine.running.wait()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use vmcraft_devices::bus::IoBuses;
+use vmcraft_devices::irq::{IrqAllocator, IrqError};
+use vmcraft_devices::serial::{COM1_BASE, COM1_IRQ};
+use vmcraft_devices::stop::StopLatch;
+use vmcraft_devices::virtio::mmio::{MmioTransport, WINDOW_SIZE};
+use vmcraft_devices::virtio::VirtioDevice;
+use vmcraft_memory::layout::{LayoutError, MemoryLayout};
+use vmcraft_memory::{GuestMemory, GuestRam, MemoryError};
+use vmcraft_pv_hypercall::hypercall::HypercallTable;
+use vmcraft_vcpu::cpu::HypervisorInfo;
+use vmcraft_vcpu::linux::{load_linux, LinuxError, LoadedKernel};
+use vmcraft_vcpu::{ExitHandler, RunningVm, VcpuConfig, Vm, VmCreateError, VmError};
+
+use crate::acpi::{AcpiDevice, AcpiError, MachineDescription};
+use crate::machine::{
+    attach_virtio_mmio, BusExitHandler, HypercallExitHandler, LegacyDeviceError, LegacyDevices,
+    VirtioAttachError,
+};
+
+/// Where the first virtio-mmio window goes; the next ones follow, one 4 KiB window
+/// each (vmcraft's test guests expect device `n` at `VIRTIO_MMIO_BASE + n * 0x1000`).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd100_0000;
+
+/// Errors from building or starting a machine.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The memory size was refused.
+    #[error("cannot lay out {0} bytes of guest RAM")]
+    Layout(u64, #[source] LayoutError),
+    /// Guest RAM could not be mapped.
+    #[error("cannot map guest RAM")]
+    Memory(#[source] MemoryError),
+    /// The KVM VM could not be created.
+    #[error("cannot create the VM")]
+    Vm(#[source] VmCreateError),
+    /// The legacy devices could not be installed.
+    #[error("cannot install the legacy devices")]
+    Legacy(#[source] LegacyDeviceError),
+    /// No interrupt line for a device, or a reserved one was taken.
+    #[error("interrupt lines")]
+    Irq(#[source] IrqError),
+    /// A virtio device could not be attached.
+    #[error("cannot attach virtio device {index} at {base:#x}")]
+    Virtio {
+        /// Its position among the virtio devices.
+        index: usize,
+        /// Its window.
+        base: u64,
+        /// What failed.
+        #[source]
+        source: VirtioAttachError,
+    },
+    /// The ACPI tables could not be built or written.
+    #[error("ACPI tables")]
+    Acpi(#[source] AcpiError),
+    /// The kernel could not be loaded.
+    #[error("cannot load the kernel")]
+    Linux(#[source] LinuxError),
+    /// The vCPUs could not be started.
+    #[error("cannot start the vCPUs")]
+    Start(#[source] VmError),
+}
+
+/// Where [`MachineBuilder::add_virtio`] put a device.
+#[derive(Debug, Clone)]
+pub struct VirtioSlot {
+    /// The window's guest-physical base.
+    pub base: u64,
+    /// Its interrupt line.
+    pub irq: u32,
+    /// The transport (status, negotiated features, errors).
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// A VM being assembled. See the [module documentation](self).
+pub struct MachineBuilder {
+    layout: MemoryLayout,
+    vm: Vm,
+    buses: IoBuses,
+    stop: Arc<StopLatch>,
+    legacy: LegacyDevices,
+    irqs: IrqAllocator,
+    virtio: Vec<VirtioSlot>,
+    hypercalls: Option<HypercallTable>,
+    info: HypervisorInfo,
+}
+
+impl std::fmt::Debug for MachineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineBuilder")
+            .field("layout", &self.layout)
+            .field("virtio", &self.virtio.len())
+            .field("hypercalls", &self.hypercalls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MachineBuilder {
+    /// A VM with `memory_bytes` of RAM and the legacy devices (COM1 writing to
+    /// `serial_out`, the i8042, the RTC, the ACPI power registers, the debug-exit
+    /// port).
+    pub fn new(memory_bytes: u64, serial_out: Box<dyn Write + Send>) -> Result<Self, BuildError> {
+        let layout =
+            MemoryLayout::x86_64(memory_bytes).map_err(|e| BuildError::Layout(memory_bytes, e))?;
+        let vm =
+            Vm::new(GuestRam::new(&layout).map_err(BuildError::Memory)?).map_err(BuildError::Vm)?;
+        let stop = Arc::new(StopLatch::default());
+        let mut buses = IoBuses::new();
+        let legacy = LegacyDevices::install(&mut buses, vm.fd(), serial_out, stop.clone())
+            .map_err(BuildError::Legacy)?;
+        Ok(MachineBuilder {
+            layout,
+            vm,
+            buses,
+            stop,
+            legacy,
+            irqs: IrqAllocator::pc(),
+            virtio: Vec::new(),
+            hypercalls: None,
+            info: HypervisorInfo::default(),
+        })
+    }
+
+    /// The VM (its memory, its KVM file descriptor).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The VM, mutably (guest RAM's dirty logging).
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        self.vm.memory()
+    }
+
+    /// The memory layout.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// The legacy devices (COM1, for its input).
+    pub fn legacy(&self) -> &LegacyDevices {
+        &self.legacy
+    }
+
+    /// The buses, to attach devices of your own.
+    pub fn buses_mut(&mut self) -> &mut IoBuses {
+        &mut self.buses
+    }
+
+    /// Keep interrupt line `irq` away from [`MachineBuilder::add_virtio`] (a device
+    /// wired by hand).
+    pub fn reserve_irq(&mut self, irq: u32) -> Result<(), BuildError> {
+        self.irqs.reserve(irq).map_err(BuildError::Irq)
+    }
+
+    /// Attach `device` behind a virtio-mmio transport in the next 4 KiB window from
+    /// [`VIRTIO_MMIO_BASE`], on the next free interrupt line. Its Linux command-line
+    /// entry and ACPI description come with it.
+    pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<VirtioSlot, BuildError> {
+        let index = self.virtio.len();
+        let base = VIRTIO_MMIO_BASE + WINDOW_SIZE * index as u64;
+        let irq = self.irqs.allocate().map_err(BuildError::Irq)?;
+        let transport = attach_virtio_mmio(
+            &mut self.buses,
+            self.vm.fd(),
+            self.vm.memory(),
+            base,
+            irq,
+            device,
+        )
+        .map_err(|source| BuildError::Virtio {
+            index,
+            base,
+            source,
+        })?;
+        let slot = VirtioSlot {
+            base,
+            irq,
+            transport,
+        };
+        self.virtio.push(slot.clone());
+        Ok(slot)
+    }
+
+    /// Serve hypercalls on `port` from `table`, and advertise the port in the CPUID
+    /// leaf 0x40000001 (one setting for both).
+    pub fn hypercalls(&mut self, port: u16, table: HypercallTable) {
+        self.info.hypercall_port = port;
+        self.hypercalls = Some(table);
+    }
+
+    /// What the hypervisor CPUID leaves say besides the hypercall port (the
+    /// signature, the version).
+    pub fn hypervisor_info(&mut self, info: HypervisorInfo) {
+        let port = self.info.hypercall_port;
+        self.info = HypervisorInfo {
+            hypercall_port: port,
+            ..info
+        };
+    }
+
+    /// The kernel command-line entries of the virtio devices, for kernels built with
+    /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (stock kernels find them in the DSDT).
+    pub fn virtio_cmdline(&self) -> String {
+        self.virtio
+            .iter()
+            .map(|s| format!(" virtio_mmio.device=4K@{:#x}:{}", s.base, s.irq))
+            .collect()
+    }
+
+    /// The ACPI description of this machine with `vcpus` vCPUs.
+    pub fn acpi(&self, vcpus: u32) -> MachineDescription {
+        let mut devices = vec![
+            AcpiDevice::Serial {
+                port: COM1_BASE,
+                irq: COM1_IRQ,
+            },
+            AcpiDevice::I8042,
+            AcpiDevice::Rtc,
+        ];
+        devices.extend(self.virtio.iter().map(|s| AcpiDevice::VirtioMmio {
+            base: s.base,
+            size: WINDOW_SIZE,
+            irq: s.irq,
+        }));
+        MachineDescription { vcpus, devices }
+    }
+
+    /// Load Linux for `vcpus` vCPUs: the ACPI tables, then the kernel, the initrd and
+    /// `cmdline` with the virtio entries appended. Returns where the boot vCPU starts.
+    pub fn load_linux(
+        &mut self,
+        kernel: &mut File,
+        initrd: Option<&mut File>,
+        cmdline: &str,
+        vcpus: u32,
+    ) -> Result<LoadedKernel, BuildError> {
+        self.acpi(vcpus)
+            .write(self.vm.memory())
+            .map_err(BuildError::Acpi)?;
+        let cmdline = format!("{cmdline}{}", self.virtio_cmdline());
+        load_linux(self.vm.memory(), &self.layout, kernel, initrd, &cmdline)
+            .map_err(BuildError::Linux)
+    }
+
+    /// Finish building without starting vCPUs: the VM, the exit handler every vCPU
+    /// should use, and the CPUID information, for an embedding program that runs the
+    /// vCPUs itself (an M:N runtime with `vmcraft_vcpu::vcpu::create_vcpus`).
+    pub fn into_parts(self) -> MachineParts {
+        let buses = Arc::new(self.buses);
+        let bus_handler = BusExitHandler::new(buses.clone(), self.stop);
+        let (handler, table): (Arc<dyn ExitHandler>, _) = match self.hypercalls {
+            Some(table) => {
+                let table = Arc::new(table);
+                let handler = HypercallExitHandler::new(
+                    self.info.hypercall_port,
+                    table.clone(),
+                    self.vm.memory().clone(),
+                    bus_handler,
+                );
+                (Arc::new(handler), Some(table))
+            }
+            None => (Arc::new(bus_handler), None),
+        };
+        MachineParts {
+            vm: self.vm,
+            handler,
+            info: self.info,
+            virtio: self.virtio,
+            buses,
+            hypercalls: table,
+            legacy: self.legacy,
+        }
+    }
+
+    /// Start one vCPU per entry of `vcpus`, each on a thread of its own.
+    pub fn start(self, vcpus: &[VcpuConfig]) -> Result<Machine, BuildError> {
+        let parts = self.into_parts();
+        let running = RunningVm::start_with_info(parts.vm, vcpus, parts.handler, parts.info)
+            .map_err(BuildError::Start)?;
+        Ok(Machine {
+            running,
+            virtio: parts.virtio,
+            buses: parts.buses,
+            hypercalls: parts.hypercalls,
+            legacy: parts.legacy,
+        })
+    }
+}
+
+/// A built machine whose vCPUs the embedding program runs itself.
+pub struct MachineParts {
+    /// The VM.
+    pub vm: Vm,
+    /// The exit handler for every vCPU.
+    pub handler: Arc<dyn ExitHandler>,
+    /// The hypervisor CPUID information for every vCPU.
+    pub info: HypervisorInfo,
+    /// The virtio devices.
+    pub virtio: Vec<VirtioSlot>,
+    /// The buses.
+    pub buses: Arc<IoBuses>,
+    /// The hypercall table, if any.
+    pub hypercalls: Option<Arc<HypercallTable>>,
+    /// The legacy devices.
+    pub legacy: LegacyDevices,
+}
+
+impl std::fmt::Debug for MachineParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineParts")
+            .field("vm", &self.vm)
+            .field("virtio", &self.virtio.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running machine.
+#[derive(Debug)]
+pub struct Machine {
+    /// The vCPUs.
+    pub running: RunningVm,
+    /// The virtio devices, in the order they were added.
+    pub virtio: Vec<VirtioSlot>,
+    /// The buses (for their unclaimed-access counts).
+    pub buses: Arc<IoBuses>,
+    /// The hypercall table, if any (for its counters).
+    pub hypercalls: Option<Arc<HypercallTable>>,
+    /// The legacy devices.
+    pub legacy: LegacyDevices,
+}
