@@ -16,31 +16,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vmcraft::acpi::{AcpiDevice, MachineDescription};
-use vmcraft::devices::bus::IoBuses;
-use vmcraft::devices::irq::IrqAllocator;
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SerialInput;
-use vmcraft::devices::serial::{COM1_BASE, COM1_IRQ};
-use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
-use vmcraft::devices::virtio::mmio::WINDOW_SIZE;
 use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
-use vmcraft::devices::virtio::VirtioDevice;
-use vmcraft::machine::{
-    attach_virtio_mmio, BusExitHandler, HypercallExitHandler, LegacyDevices, HYPERCALL_PORT,
-};
+use vmcraft::machine::HYPERCALL_PORT;
 use vmcraft::memory::host_usage::ProcessMemory;
-use vmcraft::memory::layout::MemoryLayout;
-use vmcraft::memory::GuestRam;
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
-use vmcraft::vcpu::cpu::HypervisorInfo;
-use vmcraft::vcpu::linux::load_linux;
-use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
-use vmcraft_guest_kit::abi::VIRTIO_MMIO_BASE;
+use vmcraft::vcpu::{StopReason, VcpuConfig};
 use vmcraft_guest_kit::Guest;
 
 const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS]
@@ -329,16 +316,8 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             ))
         }
     };
-    let layout = MemoryLayout::x86_64(o.mem)?;
-    let vm = Vm::new(GuestRam::new(&layout)?)?;
-    let stop = Arc::new(StopLatch::default());
-    let mut buses = IoBuses::new();
-    let devices = LegacyDevices::install(
-        &mut buses,
-        vm.fd(),
-        Box::new(std::io::stdout()),
-        stop.clone(),
-    )?;
+    let mut b = MachineBuilder::new(o.mem, Box::new(std::io::stdout()))?;
+    b.reserve_irq(PV_UPCALL_IRQ)?;
 
     // Hypercalls (and, with --pv, event channels and the PV backends, which take the
     // first disk).
@@ -348,10 +327,10 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         let upcall = Arc::new(vmm_sys_util::eventfd::EventFd::new(
             vmm_sys_util::eventfd::EFD_NONBLOCK,
         )?);
-        vm.fd().register_irqfd(&upcall, PV_UPCALL_IRQ)?;
+        b.vm().fd().register_irqfd(&upcall, PV_UPCALL_IRQ)?;
         let disk = disks.next().ok_or("--pv needs a --disk")?;
         let pv = PvBackends::start(
-            vm.memory().clone(),
+            b.memory().clone(),
             &vmcraft_guest_kit::PV_LAYOUT,
             &mut hypercalls,
             upcall,
@@ -359,84 +338,48 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             disk.into_file(),
             disk_read_only(&o, 0),
         )?;
-        pv.attach_doorbell(&mut buses, vm.fd())?;
+        let (buses, vm) = b.buses_and_vm();
+        pv.attach_doorbell(buses, vm.fd())?;
         Some(pv)
     } else {
         None
     };
+    b.hypercalls(HYPERCALL_PORT, hypercalls);
 
-    // virtio devices: disks, the console, the rng, the NIC; one 4 KiB virtio-mmio
-    // window each, and an interrupt line no legacy device owns.
-    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    // virtio devices: disks, the console, the rng, the NIC; the builder gives each a
+    // window, an interrupt line no legacy device owns, a command-line entry and an
+    // ACPI description.
     for (i, disk) in disks.enumerate() {
-        virtio.push(Box::new(Block::new(disk, &format!("vblk{i}"))));
+        b.add_virtio(Box::new(Block::new(disk, &format!("vblk{i}"))))?;
     }
     if let Some(console) = console {
-        virtio.push(Box::new(console));
+        b.add_virtio(Box::new(console))?;
     }
     if o.rng {
-        virtio.push(Box::new(Rng::new("vrng")));
+        b.add_virtio(Box::new(Rng::new("vrng")))?;
     }
     if let Some(tap) = tap {
         // A locally administered address.
-        virtio.push(Box::new(Net::new(
-            Box::new(tap),
-            [0x02, 0x76, 0x6d, 0x63, 0, 1],
-            "vnet",
-        )));
-    }
-    let mut irqs = IrqAllocator::pc();
-    irqs.reserve(PV_UPCALL_IRQ)?;
-    let mut acpi = MachineDescription {
-        vcpus: o.vcpus,
-        devices: vec![
-            AcpiDevice::Serial {
-                port: COM1_BASE,
-                irq: COM1_IRQ,
-            },
-            AcpiDevice::I8042,
-            AcpiDevice::Rtc,
-        ],
-    };
-    let mut cmdline = o.cmdline.clone();
-    for (i, device) in virtio.into_iter().enumerate() {
-        let base = VIRTIO_MMIO_BASE + WINDOW_SIZE * i as u64;
-        let irq = irqs.allocate()?;
-        attach_virtio_mmio(&mut buses, vm.fd(), vm.memory(), base, irq, device)?;
-        acpi.devices.push(AcpiDevice::VirtioMmio {
-            base,
-            size: WINDOW_SIZE,
-            irq,
-        });
-        // For kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; stock kernels
-        // find the devices in the DSDT.
-        cmdline += &format!(" virtio_mmio.device=4K@{base:#x}:{irq}");
+        let mac = [0x02, 0x76, 0x6d, 0x63, 0, 1];
+        b.add_virtio(Box::new(Net::new(Box::new(tap), mac, "vnet")))?;
     }
 
+    let aps = (1..o.vcpus).map(|_| VcpuConfig::waiting_for_sipi());
     let vcpus: Vec<VcpuConfig> = match &o.kernel {
         None => {
             let guest = o.guest.unwrap_or(Guest::HELLO);
-            guest.load(vm.memory())?;
-            (0..o.vcpus)
-                .map(|i| {
-                    if i == 0 {
-                        // The virtio-blk guest negotiates EVENT_IDX with parameter bit 0.
-                        let event_idx = u64::from(guest == Guest::VIRTIO_BLK);
-                        VcpuConfig::at(guest.entry(0, o.guest_param | event_idx))
-                    } else {
-                        VcpuConfig::waiting_for_sipi()
-                    }
-                })
-                .collect()
+            guest.load(b.memory())?;
+            // The virtio-blk guest negotiates EVENT_IDX with parameter bit 0.
+            let event_idx = u64::from(guest == Guest::VIRTIO_BLK);
+            let bsp = VcpuConfig::at(guest.entry(0, o.guest_param | event_idx));
+            std::iter::once(bsp).chain(aps).collect()
         }
         Some(path) => {
-            // Linux finds the CPUs, the IOAPIC and the devices in the ACPI tables.
-            acpi.write(vm.memory())?;
             let mut kernel = open("kernel", path)?;
             let mut initrd = o.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
-            let loaded =
-                load_linux(vm.memory(), &layout, &mut kernel, initrd.as_mut(), &cmdline)
-                    .map_err(|e| format!("cannot load kernel {path}: {e}{}", source_chain(&e)))?;
+            let loaded = b
+                .load_linux(&mut kernel, initrd.as_mut(), &o.cmdline, o.vcpus)
+                .map_err(|e| format!("cannot load kernel {path}: {e}{}", source_chain(&e)))?;
             eprintln!(
                 "minimal-vmm: loaded {path} as {:?}, entry {:?}",
                 loaded.format, loaded.entry
@@ -444,7 +387,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             // Feed stdin to COM1 so the guest console is interactive (unless the
             // virtio-console has it).
             if o.console != Some(ConsoleOption::Stdio) {
-                let input = SerialInput::new(devices.serial.clone(), std::io::stdin());
+                let input = SerialInput::new(b.legacy().serial.clone(), std::io::stdin());
                 std::thread::Builder::new()
                     .name("serial-input".into())
                     .spawn(move || {
@@ -457,30 +400,14 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
                         while em.run().is_ok() {}
                     })?;
             }
-            (0..o.vcpus)
-                .map(|i| {
-                    if i == 0 {
-                        VcpuConfig::at(loaded.entry)
-                    } else {
-                        VcpuConfig::waiting_for_sipi()
-                    }
-                })
+            std::iter::once(VcpuConfig::at(loaded.entry))
+                .chain(aps)
                 .collect()
         }
     };
 
-    let memory = vm.memory().clone();
-    let handler = Arc::new(HypercallExitHandler::new(
-        HYPERCALL_PORT,
-        Arc::new(hypercalls),
-        memory,
-        BusExitHandler::new(Arc::new(buses), stop),
-    ));
-    let info = HypervisorInfo {
-        hypercall_port: HYPERCALL_PORT,
-        ..HypervisorInfo::default()
-    };
-    let running = RunningVm::start_with_info(vm, &vcpus, handler.clone(), info)?;
+    let machine = b.start(&vcpus)?;
+    let (running, buses) = (machine.running, machine.buses);
     let first_exit = started.elapsed();
     let stats: Vec<_>;
     let guest_resident;
@@ -511,10 +438,10 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         guest_resident >> 10,
         memory.peak_rss.saturating_sub(guest_resident) >> 10
     );
-    let u = handler.inner().buses().unclaimed();
+    let u = buses.unclaimed();
     println!("minimal-vmm: unclaimed accesses: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
         u.pio_reads, u.pio_writes, u.mmio_reads, u.mmio_writes);
-    let ports = handler.inner().buses().unclaimed_ports();
+    let ports = buses.unclaimed_ports();
     if !ports.is_empty() {
         let list: Vec<String> = ports
             .iter()

@@ -176,6 +176,12 @@ impl MachineBuilder {
         &mut self.buses
     }
 
+    /// The buses and the VM at once (a device that registers ioeventfds in KVM as it
+    /// goes on the bus, such as `PvBackends::attach_doorbell`).
+    pub fn buses_and_vm(&mut self) -> (&mut IoBuses, &Vm) {
+        (&mut self.buses, &self.vm)
+    }
+
     /// Keep interrupt line `irq` away from [`MachineBuilder::add_virtio`] (a device
     /// wired by hand).
     pub fn reserve_irq(&mut self, irq: u32) -> Result<(), BuildError> {
