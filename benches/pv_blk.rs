@@ -17,15 +17,11 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmcraft::devices::bus::IoBuses;
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
-use vmcraft::devices::stop::StopLatch;
-use vmcraft::machine::{BusExitHandler, HypercallExitHandler, LegacyDevices};
-use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
-use vmcraft::vcpu::cpu::HypervisorInfo;
-use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft::vcpu::{StopReason, VcpuConfig};
 use vmcraft_guest_kit::{abi, Guest};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -40,15 +36,12 @@ struct Run {
 }
 
 fn run(image: &common::Image, write: bool, batch: u64, requests: u64) -> Run {
-    let vm = Vm::new(GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap()).unwrap();
-    let stop = Arc::new(StopLatch::default());
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(std::io::sink()), stop.clone()).unwrap();
+    let mut b = MachineBuilder::new(16 << 20, Box::new(std::io::sink())).unwrap();
     let mut table = HypercallTable::new();
     let console = SharedBuffer::new();
     let upcall = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
     let backends = PvBackends::start(
-        vm.memory().clone(),
+        b.memory().clone(),
         &vmcraft_guest_kit::PV_LAYOUT,
         &mut table,
         upcall,
@@ -57,24 +50,17 @@ fn run(image: &common::Image, write: bool, batch: u64, requests: u64) -> Run {
         false,
     )
     .unwrap();
-    backends.attach_doorbell(&mut buses, vm.fd()).unwrap();
+    let (buses, vm) = b.buses_and_vm();
+    backends.attach_doorbell(buses, vm.fd()).unwrap();
+    b.hypercalls(abi::HYPERCALL_PORT, table);
     let guest = Guest::PV_BLK_BENCH;
-    guest.load(vm.memory()).unwrap();
-    let handler = Arc::new(HypercallExitHandler::new(
-        abi::HYPERCALL_PORT,
-        Arc::new(table),
-        vm.memory().clone(),
-        BusExitHandler::new(Arc::new(buses), stop),
-    ));
-    let info = HypervisorInfo {
-        hypercall_port: abi::HYPERCALL_PORT,
-        ..HypervisorInfo::default()
-    };
+    guest.load(b.memory()).unwrap();
     let param = (u64::from(write) << 1) | (batch << 8) | (requests << 16);
     let start = Instant::now();
-    let running =
-        RunningVm::start_with_info(vm, &[VcpuConfig::at(guest.entry(0, param))], handler, info)
-            .unwrap();
+    let running = b
+        .start(&[VcpuConfig::at(guest.entry(0, param))])
+        .unwrap()
+        .running;
     let outcome = running
         .wait_stopped(Some(Duration::from_secs(600)))
         .unwrap();

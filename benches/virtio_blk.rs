@@ -16,17 +16,13 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmcraft::devices::bus::IoBuses;
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
-use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
-use vmcraft::machine::{attach_virtio_mmio, BusExitHandler, LegacyDevices};
-use vmcraft::memory::{layout::MemoryLayout, GuestRam};
-use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
-use vmcraft_guest_kit::{abi, Guest};
+use vmcraft::vcpu::{StopReason, VcpuConfig};
+use vmcraft_guest_kit::Guest;
 
 const DISK_BYTES: u64 = 16 << 20;
 const IO_THREAD: &str = "vblk0-io";
@@ -40,30 +36,19 @@ struct Run {
 }
 
 fn guest_run(image: &common::Image, write: bool, batch: u64, requests: u64) -> Run {
-    let layout = MemoryLayout::x86_64(16 << 20).expect("layout");
-    let vm = Vm::new(GuestRam::new(&layout).expect("RAM")).expect("VM");
-    let stop = Arc::new(StopLatch::default());
     let serial = SharedBuffer::new();
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone())
-        .expect("legacy devices");
+    let mut b = MachineBuilder::new(16 << 20, Box::new(serial.clone())).expect("machine");
     let disk = Disk::new(image.file.try_clone().expect("dup"), false, "bench").expect("disk");
-    attach_virtio_mmio(
-        &mut buses,
-        vm.fd(),
-        vm.memory(),
-        abi::VIRTIO_MMIO_BASE,
-        5,
-        Box::new(Block::new(disk, "vblk0")),
-    )
-    .expect("attach virtio-blk");
+    b.add_virtio(Box::new(Block::new(disk, "vblk0")))
+        .expect("attach virtio-blk");
     let guest = Guest::VIRTIO_BLK_BENCH;
-    guest.load(vm.memory()).expect("load");
+    guest.load(b.memory()).expect("load");
     let param = 1 | (u64::from(write) << 1) | (batch << 8) | (requests << 16);
-    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
     let start = Instant::now();
-    let running =
-        RunningVm::start(vm, &[VcpuConfig::at(guest.entry(0, param))], handler).expect("start");
+    let running = b
+        .start(&[VcpuConfig::at(guest.entry(0, param))])
+        .expect("start")
+        .running;
     let outcome = running
         .wait_stopped(Some(Duration::from_secs(600)))
         .expect("the guest finishes");

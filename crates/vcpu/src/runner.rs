@@ -206,11 +206,14 @@ impl Shared {
 
 /// A running VM: its vCPU threads and the controls over them.
 ///
-/// Dropping it stops the VM and joins its threads.
+/// Dropping it stops the VM and joins its threads. It keeps the exit handler (and so
+/// the devices behind it) alive as long as it lives, so device state stays readable
+/// after the vCPUs have stopped.
 pub struct RunningVm {
     vm: Arc<Vm>,
     shared: Arc<Shared>,
     threads: Vec<(u32, JoinHandle<()>)>,
+    _handler: Arc<dyn ExitHandler>,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -296,7 +299,7 @@ impl RunningVm {
         handler: Arc<dyn ExitHandler>,
         info: HypervisorInfo,
     ) -> Result<Self, VmError> {
-        let cores = create_vcpus(&vm, vcpus, handler, info)?;
+        let cores = create_vcpus(&vm, vcpus, handler.clone(), info)?;
         let count = cores.len() as u32;
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
@@ -321,6 +324,7 @@ impl RunningVm {
             vm: Arc::new(vm),
             shared: shared.clone(),
             threads: Vec::new(),
+            _handler: handler,
         };
         for (i, vcpu) in cores.into_iter().enumerate() {
             let index = i as u32;
