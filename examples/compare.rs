@@ -26,19 +26,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::ata::AtaDisk;
-use vmcraft::devices::bus::IoBuses;
-use vmcraft::devices::stop::StopLatch;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
-use vmcraft::machine::{
-    attach_virtio_mmio, BusExitHandler, HypercallExitHandler, LegacyDevices, HYPERCALL_PORT,
-};
-use vmcraft::memory::{layout::MemoryLayout, GuestRam};
+use vmcraft::machine::HYPERCALL_PORT;
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
-use vmcraft::vcpu::cpu::HypervisorInfo;
-use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft::vcpu::{StopReason, VcpuConfig};
 use vmcraft_guest_kit::{abi, Guest};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -147,17 +142,15 @@ fn run(
     latency_slots: u64,
     tsc: f64,
 ) -> Result<Measure, Box<dyn Error>> {
-    let vm = Vm::new(GuestRam::new(&MemoryLayout::x86_64(32 << 20)?)?)?;
-    let stop = Arc::new(StopLatch::default());
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(std::io::sink()), stop.clone())?;
+    let mut b = MachineBuilder::new(32 << 20, Box::new(std::io::sink()))?;
     let mut table = HypercallTable::new();
     let disk = scratch_disk()?;
     let _pv = match path {
         IoPath::Emulated => {
             let ata = Arc::new(AtaDisk::new(disk, false)?);
-            buses.register_pio(AtaDisk::COMMAND_BASE, 8, ata.clone())?;
-            buses.register_pio(AtaDisk::CONTROL_BASE, 1, ata)?;
+            b.buses_mut()
+                .register_pio(AtaDisk::COMMAND_BASE, 8, ata.clone())?;
+            b.buses_mut().register_pio(AtaDisk::CONTROL_BASE, 1, ata)?;
             None
         }
         IoPath::Virtio => {
@@ -167,19 +160,12 @@ fn run(
                 } else {
                     Box::new(Block::new(Disk::new(disk, false, "cmp")?, "vblk"))
                 };
-            attach_virtio_mmio(
-                &mut buses,
-                vm.fd(),
-                vm.memory(),
-                abi::VIRTIO_MMIO_BASE,
-                5,
-                device,
-            )?;
+            b.add_virtio(device)?;
             None
         }
         IoPath::Pv => {
             let pv = PvBackends::start(
-                vm.memory().clone(),
+                b.memory().clone(),
                 &vmcraft_guest_kit::PV_LAYOUT,
                 &mut table,
                 Arc::new(EventFd::new(EFD_NONBLOCK)?),
@@ -187,26 +173,17 @@ fn run(
                 disk,
                 false,
             )?;
-            pv.attach_doorbell(&mut buses, vm.fd())?;
+            let (buses, vm) = b.buses_and_vm();
+            pv.attach_doorbell(buses, vm.fd())?;
             Some(pv)
         }
     };
-    guest.load(vm.memory())?;
-    let memory = vm.memory().clone();
-    let handler = Arc::new(HypercallExitHandler::new(
-        HYPERCALL_PORT,
-        Arc::new(table),
-        memory.clone(),
-        BusExitHandler::new(Arc::new(buses), stop),
-    ));
-    let info = HypervisorInfo {
-        hypercall_port: HYPERCALL_PORT,
-        ..HypervisorInfo::default()
-    };
+    guest.load(b.memory())?;
+    let memory = b.memory().clone();
+    b.hypercalls(HYPERCALL_PORT, table);
     let threads_before = threads_cpu_ns(io_threads);
     let start = Instant::now();
-    let running =
-        RunningVm::start_with_info(vm, &[VcpuConfig::at(guest.entry(0, param))], handler, info)?;
+    let running = b.start(&[VcpuConfig::at(guest.entry(0, param))])?.running;
     let outcome = running
         .wait_stopped(Some(Duration::from_secs(900)))
         .ok_or("the guest did not finish")?;
@@ -290,14 +267,12 @@ impl Table {
 /// The CPU-bound loop: guest progress per second at CPL 3 against the same loop on
 /// the host.
 fn cpu_ratio() -> Result<(f64, f64), Box<dyn Error>> {
-    let vm = Vm::new(GuestRam::new(&MemoryLayout::x86_64(16 << 20)?)?)?;
-    let stop = Arc::new(StopLatch::default());
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(std::io::sink()), stop.clone())?;
-    Guest::COUNTER.load(vm.memory())?;
-    let memory = vm.memory().clone();
-    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
-    let running = RunningVm::start(vm, &[VcpuConfig::at(Guest::COUNTER.entry(0, 0))], handler)?;
+    let b = MachineBuilder::new(16 << 20, Box::new(std::io::sink()))?;
+    Guest::COUNTER.load(b.memory())?;
+    let memory = b.memory().clone();
+    let running = b
+        .start(&[VcpuConfig::at(Guest::COUNTER.entry(0, 0))])?
+        .running;
     std::thread::sleep(Duration::from_millis(300));
     let counter = Guest::counter_addr(0);
     let c0: u64 = memory.read_obj(counter)?;
