@@ -13,17 +13,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::Bytes;
-use vmcraft::devices::bus::IoBuses;
-use vmcraft::devices::stop::StopLatch;
-use vmcraft::machine::{BusExitHandler, LegacyDevices};
-use vmcraft::memory::{layout::MemoryLayout, GuestRam};
+use vmcraft::builder::{MachineBuilder, MachineParts};
 use vmcraft::scheduler::credit::{Credit, CreditParams};
 use vmcraft::scheduler::runtime::Runtime;
-use vmcraft::vcpu::cpu::HypervisorInfo;
 use vmcraft::vcpu::vcpu::create_vcpus;
 use vmcraft::vcpu::{RunningVm, VcpuConfig, Vm};
 use vmcraft_guest_kit::Guest;
@@ -32,13 +27,10 @@ const WEIGHTS: [u32; 4] = [256, 256, 512, 1024];
 const NICE: [i32; 4] = [0, 0, -3, -6];
 const MEASURE: Duration = Duration::from_secs(3);
 
-fn new_vm() -> (Vm, Arc<BusExitHandler>) {
-    let vm = Vm::new(GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap()).unwrap();
-    let stop = Arc::new(StopLatch::default());
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(std::io::sink()), stop.clone()).unwrap();
-    Guest::COUNTER.load(vm.memory()).unwrap();
-    (vm, Arc::new(BusExitHandler::new(Arc::new(buses), stop)))
+fn new_vm() -> MachineParts {
+    let b = MachineBuilder::new(16 << 20, Box::new(std::io::sink())).unwrap();
+    Guest::COUNTER.load(b.memory()).unwrap();
+    b.into_parts()
 }
 
 fn configs() -> Vec<VcpuConfig> {
@@ -65,8 +57,10 @@ fn measure(vm: &Vm) -> [f64; 4] {
 }
 
 fn runtime_run(workers: u32) -> ([f64; 4], Vec<Duration>) {
-    let (vm, handler) = new_vm();
-    let vcpus = create_vcpus(&vm, &configs(), handler, HypervisorInfo::default()).unwrap();
+    let MachineParts {
+        vm, handler, info, ..
+    } = new_vm();
+    let vcpus = create_vcpus(&vm, &configs(), handler, info).unwrap();
     let policy = Box::new(Credit::new(CreditParams::default(), workers));
     let runtime = Runtime::start_weighted(policy, vcpus, &WEIGHTS).unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -100,8 +94,8 @@ fn vcpu_tids() -> [Option<i32>; 4] {
 }
 
 fn linux_run() -> Result<[f64; 4], String> {
-    let (vm, handler) = new_vm();
-    let running = RunningVm::start(vm, &configs(), handler).unwrap();
+    let parts = new_vm();
+    let running = RunningVm::start(parts.vm, &configs(), parts.handler).unwrap();
     // The threads name themselves as they start.
     let mut tids = vcpu_tids();
     for _ in 0..100 {
