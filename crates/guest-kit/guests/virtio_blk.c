@@ -40,6 +40,19 @@ static void fill(u64 buf, u32 len, u32 seed)
         *(u32 *)(buf + i) = seed * 2654435761u ^ i;
 }
 
+/* Publish SLOTS 4 KiB writes (patterns seed, seed + 1, ...) at `sector`, 8 sectors
+   apart, behind one notification; does not wait for them. */
+static void publish_writes(u64 sector, u32 seed)
+{
+    u16 old = q.avail_idx;
+    for (int s = 0; s < SLOTS; s++) {
+        u64 buf = DATA + 4096 * (u64)s;
+        fill(buf, 4096, seed + s);
+        submit(s, BLK_T_OUT, sector + 8 * (u64)s, buf, 4096);
+    }
+    virtq_kick(&q, old);
+}
+
 /* Write a 4 KiB pattern (seed) at `sector`, read it back and compare: 0 when right,
    else 1 (write failed), 2 (read failed) or 3 (different bytes). */
 static int round_trip(u64 sector, u32 seed)
@@ -127,13 +140,7 @@ u32 guest_main(u64 vcpu, u64 param)
            at once. After the status reads 0 the device must not touch the old rings
            (virtio 1.2 §2.4.1): the used index stays put while the guest spins. Then
            the device comes up again and works. */
-        u16 old = q.avail_idx;
-        for (int s = 0; s < SLOTS; s++) {
-            u64 buf = DATA + 4096 * (u64)s;
-            fill(buf, 4096, 200 + s);
-            submit(s, BLK_T_OUT, 512 + 8 * (u64)s, buf, 4096);
-        }
-        virtq_kick(&q, old);
+        publish_writes(512, 200);
         vio_w(base, VIRTIO_STATUS, 0);
         if (vio_r(base, VIRTIO_STATUS) != 0)
             return 35;
@@ -153,13 +160,7 @@ u32 guest_main(u64 vcpu, u64 param)
     if (!(param & 2))
         return 0;
 
-    u16 old = q.avail_idx;
-    for (int s = 0; s < SLOTS; s++) {
-        u64 buf = DATA + 4096 * (u64)s;
-        fill(buf, 4096, 7 + s);
-        submit(s, BLK_T_OUT, 256 + 8 * (u64)s, buf, 4096);
-    }
-    virtq_kick(&q, old);
+    publish_writes(256, 7);
     for (int done = 0; done < SLOTS; done++)
         virtq_wait(&q, 0);
     if (request(BLK_T_FLUSH, 0, 0, 0) != BLK_S_OK)
