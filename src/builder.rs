@@ -190,7 +190,8 @@ impl MachineBuilder {
 
     /// Attach `device` behind a virtio-mmio transport in the next 4 KiB window from
     /// [`VIRTIO_MMIO_BASE`], on the next free interrupt line. Its Linux command-line
-    /// entry and ACPI description come with it.
+    /// entry and ACPI description come with it. If the device cannot start on the
+    /// host's side, the VM stops with `StopReason::DeviceFailed`.
     pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<VirtioSlot, BuildError> {
         let index = self.virtio.len();
         let base = VIRTIO_MMIO_BASE + WINDOW_SIZE * index as u64;
@@ -208,6 +209,10 @@ impl MachineBuilder {
             base,
             source,
         })?;
+        transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stop_vm_on_host_failure(self.stop.clone());
         let slot = VirtioSlot {
             base,
             irq,

@@ -46,6 +46,9 @@ impl BusExitHandler {
             Some(DeviceStop::Reset) => ExitAction::Stop(StopReason::Reset),
             Some(DeviceStop::DebugExit(code)) => ExitAction::Stop(StopReason::DebugExit(code)),
             Some(DeviceStop::PowerOff) => ExitAction::Stop(StopReason::PowerOff),
+            Some(DeviceStop::DeviceFailed(code)) => {
+                ExitAction::Stop(StopReason::DeviceFailed(code))
+            }
         }
     }
 }

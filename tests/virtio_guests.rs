@@ -311,3 +311,44 @@ fn a_guest_draws_entropy_from_virtio_rng() {
     assert_eq!(outcome.reason, StopReason::DebugExit(0));
     assert_eq!(vm.serial.contents(), b"rng ok\n");
 }
+
+/// A device that cannot start on the host's side (here: its I/O thread cannot be
+/// made) stops the VM with `DeviceFailed` and its device ID, instead of leaving the
+/// guest waiting on a device that never serves it.
+#[test]
+fn a_device_that_cannot_start_stops_the_vm() {
+    use vmcraft::devices::virtio::{ActivateError, ActiveQueues};
+    struct Broken;
+    impl VirtioDevice for Broken {
+        fn device_type(&self) -> u32 {
+            4 // entropy: the rng guest drives it
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            vmcraft::devices::virtio::F_VERSION_1 | vmcraft::devices::virtio::F_EVENT_IDX
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn activate(&mut self, _: ActiveQueues) -> Result<(), ActivateError> {
+            Err(ActivateError::Host {
+                what: "spawn the I/O thread",
+                source: std::io::Error::from_raw_os_error(libc::EAGAIN),
+            })
+        }
+        fn reset(&mut self) {}
+    }
+    let vm = start_virtio_vm(Guest::VIRTIO_RNG, 0, vec![Box::new(Broken)]);
+    let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
+    assert_eq!(outcome.reason, StopReason::DeviceFailed(4));
+    let transport = vm.transports[0].lock().unwrap();
+    assert!(
+        matches!(
+            transport.last_error(),
+            Some(vmcraft::devices::virtio::mmio::DriverError::Activation(_))
+        ),
+        "{transport:?}"
+    );
+}

@@ -11,6 +11,9 @@ pub enum DeviceStop {
     DebugExit(u32),
     /// The guest entered ACPI S5 (soft off).
     PowerOff,
+    /// A device failed on the host's side and the VM cannot go on correctly; the value
+    /// is the device's code (for virtio devices, the virtio device ID).
+    DeviceFailed(u32),
 }
 
 /// Holds the first stop request made by any device until the VMM takes it.

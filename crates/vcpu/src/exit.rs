@@ -23,6 +23,10 @@ pub enum StopReason {
     Halted,
     /// The embedding program asked the VM to stop.
     Requested,
+    /// A device could not go on for a reason on the host's side (it could not start
+    /// its I/O thread, say); the value is the device's own code (for virtio devices,
+    /// the virtio device ID). The VMM has logged what failed.
+    DeviceFailed(u32),
 }
 
 /// What the run loop does after an exit.

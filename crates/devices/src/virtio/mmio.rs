@@ -29,7 +29,8 @@ use vm_memory::GuestAddress;
 use vmcraft_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
+use super::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
+use crate::stop::{DeviceStop, StopLatch};
 
 /// "virt" in little endian.
 pub const MAGIC: u32 = 0x7472_6976;
@@ -102,6 +103,8 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     last_error: Option<DriverError>,
+    /// Where a failure on the host's side (a device that cannot start) stops the VM.
+    host_failure: Option<Arc<StopLatch>>,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -139,7 +142,15 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             last_error: None,
+            host_failure: None,
         })
+    }
+
+    /// Stop the VM through `latch` when the device fails on the host's side (it
+    /// cannot start its I/O thread, say) instead of leaving a guest waiting on a device
+    /// that will never serve it. Guest errors still only set NEEDS_RESET.
+    pub fn stop_vm_on_host_failure(&mut self, latch: Arc<StopLatch>) {
+        self.host_failure = Some(latch);
     }
 
     /// The interrupt (its eventfd is the device's irqfd).
@@ -436,7 +447,13 @@ impl MmioTransport {
             driver_features: self.driver_features,
         };
         if let Err(e) = self.device.activate(active) {
+            let host = matches!(e, ActivateError::Host { .. });
+            let code = self.device.device_type();
             self.fail(DriverError::Activation(e.to_string()));
+            if let (true, Some(latch)) = (host, &self.host_failure) {
+                log::error!("virtio-mmio: device type {code} cannot start, stopping the VM: {e}");
+                latch.request(DeviceStop::DeviceFailed(code));
+            }
         }
     }
 
