@@ -1,0 +1,227 @@
+//! The command line of the minimal VMM: its options, their parsing and the usage text.
+
+use std::error::Error;
+use std::fs::File;
+use std::time::Duration;
+
+use vmcraft::devices::virtio::block::Disk;
+use vmcraft_guest_kit::Guest;
+
+pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS]
+
+  --diagnose       probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and
+                   what a port-I/O exit costs, print it and exit
+  no --kernel      run an embedded guest (default: the demo, which greets through the emulated 16550)
+  --guest NAME     the embedded guest: hello (the demo); exit (a few real-mode instructions
+                   that write COM1 once and exit, for start-up measurements); spin (counts
+                   forever at CPL 3: use with --timeout, for memory measurements); virtio-blk (a
+                   driver that tests the first --disk: writes, reads back, flushes, batches);
+                   virtio-blk-flush (the same, then 64 KiB written at sector 256, flushed,
+                   \"flushed\" printed, and it waits to be killed: for durability tests);
+                   virtio-console (a driver that greets on the --console or
+                   --console-socket, waits for \"ping\" and answers \"got: ping\")
+  --disk PATH[,ro] a raw disk image as a virtio-blk device (virtio-mmio; for Linux the
+                   virtio_mmio.device= parameters are added to the command line)
+  --console        a virtio-console on stdout/stdin (stdin then feeds it, not COM1)
+  --console-socket PATH
+                   a virtio-console on a Unix socket: listens at PATH and waits for one
+                   client before starting the VM
+  --rng            a virtio-rng device fed from the host's getrandom
+  --pv             run the PV demo guest: it prints through the PV console ring and
+                   tests the first --disk as a PV block device (blkif over grants),
+                   through hypercalls and event channels only
+  --net-tap NAME   a virtio-net device on TAP interface NAME (created if missing; needs
+                   CAP_NET_ADMIN or an interface owned by this user)
+  --kernel PATH    a Linux bzImage or ELF vmlinux; ACPI tables describe the vCPUs, the
+                   IOAPIC and every device to it, and its power-off stops the VM
+  --initrd PATH    an initramfs for the kernel
+  --cmdline TEXT   kernel command line (default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1)
+  --mem SIZE       guest RAM, in MiB or with a K/M/G suffix (default 128M; at least 4M)
+  --vcpus N        number of vCPUs, 1 to 254 (default 1)
+  --timeout SECS   stop the VM after SECS seconds";
+
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
+pub const MIN_MEM: u64 = 4 << 20;
+
+pub fn disk_read_only(o: &Options, index: usize) -> bool {
+    o.disks.get(index).is_some_and(|d| d.1)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOption {
+    Stdio,
+    Socket(String),
+}
+
+#[derive(Debug)]
+pub struct Options {
+    pub diagnose: bool,
+    pub guest: Option<Guest>,
+    pub guest_param: u64,
+    pub disks: Vec<(String, bool)>,
+    pub console: Option<ConsoleOption>,
+    pub rng: bool,
+    pub pv: bool,
+    pub net_tap: Option<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+    pub mem: u64,
+    pub vcpus: u32,
+    pub timeout: Option<Duration>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1 << 20),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid memory size {s:?}"))
+}
+
+pub fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        diagnose: false,
+        guest: None,
+        guest_param: 0,
+        disks: Vec::new(),
+        console: None,
+        rng: false,
+        pv: false,
+        net_tap: None,
+        kernel: None,
+        initrd: None,
+        cmdline: DEFAULT_CMDLINE.into(),
+        mem: 128 << 20,
+        vcpus: 1,
+        timeout: None,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--diagnose" => o.diagnose = true,
+            "--guest" => {
+                o.guest = Some(match value()?.as_str() {
+                    "hello" => Guest::HELLO,
+                    "exit" => Guest::REAL_MODE_EXIT,
+                    "virtio-blk" => Guest::VIRTIO_BLK,
+                    "virtio-console" => Guest::VIRTIO_CONSOLE,
+                    "spin" => Guest::COUNTER,
+                    "virtio-blk-flush" => {
+                        o.guest_param = 2;
+                        Guest::VIRTIO_BLK
+                    }
+                    other => {
+                        return Err(format!(
+                    "unknown guest {other:?} (hello, exit, spin, virtio-blk, virtio-blk-flush or virtio-console)"
+                ))
+                    }
+                })
+            }
+            "--disk" => {
+                let v = value()?;
+                let (path, read_only) = match v.rsplit_once(',') {
+                    Some((path, "ro")) => (path.to_string(), true),
+                    Some((path, "rw")) => (path.to_string(), false),
+                    Some((_, flag)) => {
+                        return Err(format!("unknown disk flag {flag:?} (ro or rw)"))
+                    }
+                    None => (v, false),
+                };
+                o.disks.push((path, read_only));
+            }
+            "--console" => o.console = Some(ConsoleOption::Stdio),
+            "--console-socket" => o.console = Some(ConsoleOption::Socket(value()?)),
+            "--rng" => o.rng = true,
+            "--pv" => o.pv = true,
+            "--net-tap" => o.net_tap = Some(value()?),
+            "--kernel" => o.kernel = Some(value()?),
+            "--initrd" => o.initrd = Some(value()?),
+            "--cmdline" => o.cmdline = value()?,
+            "--mem" => o.mem = parse_size(&value()?)?,
+            "--vcpus" => {
+                let v = value()?;
+                o.vcpus = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=254).contains(n))
+                    .ok_or(format!("invalid vCPU count {v:?} (1 to 254)"))?;
+            }
+            "--timeout" => {
+                let v = value()?;
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| *s > 0.0)
+                    .ok_or(format!("invalid timeout {v:?}"))?;
+                o.timeout = Some(Duration::from_secs_f64(secs));
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    if o.diagnose && args.len() > 1 {
+        return Err("--diagnose runs its own probe VM and takes no other option".into());
+    }
+    if o.guest.is_some() && o.kernel.is_some() {
+        return Err("--guest and --kernel exclude each other".into());
+    }
+    if o.pv {
+        if o.guest.is_some() || o.kernel.is_some() {
+            return Err("--pv runs its own guest: no --guest or --kernel with it".into());
+        }
+        if o.disks.is_empty() {
+            return Err("--pv needs a --disk for its PV block device".into());
+        }
+        o.guest = Some(Guest::PV_DEMO);
+    }
+    if o.guest == Some(Guest::VIRTIO_BLK) && o.disks.is_empty() {
+        return Err("--guest virtio-blk needs a --disk to test".into());
+    }
+    if o.guest == Some(Guest::VIRTIO_CONSOLE) && (o.console.is_none() || !o.disks.is_empty()) {
+        return Err(
+            "--guest virtio-console needs --console or --console-socket, and no --disk".into(),
+        );
+    }
+    if o.initrd.is_some() && o.kernel.is_none() {
+        return Err("--initrd needs --kernel".into());
+    }
+    if o.mem < MIN_MEM {
+        return Err(format!(
+            "--mem {} bytes is too little memory: at least {} MiB are needed",
+            o.mem,
+            MIN_MEM >> 20
+        ));
+    }
+    Ok(o)
+}
+
+pub fn open(what: &str, path: &str) -> Result<File, Box<dyn Error>> {
+    File::open(path).map_err(|e| format!("cannot open {what} {path}: {e}").into())
+}
+
+pub fn open_disks(o: &Options) -> Result<Vec<Disk>, Box<dyn Error>> {
+    let mut disks = Vec::new();
+    for (i, (path, read_only)) in o.disks.iter().enumerate() {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| format!("cannot open disk {path}: {e}"))?;
+        disks.push(
+            Disk::new(file, *read_only, &format!("vmcraft{i}"))
+                .map_err(|e| format!("cannot use disk {path}: {e}"))?,
+        );
+    }
+    Ok(disks)
+}

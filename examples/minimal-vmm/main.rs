@@ -1,0 +1,245 @@
+//! The minimal vmcraft VMM.
+//!
+//! With no arguments it runs the embedded demo guest, which greets through the
+//! emulated 16550 (every byte trapped and emulated) and exits; then it prints the exit
+//! statistics. With `--kernel` it boots Linux (bzImage or ELF vmlinux).
+//!
+//! ```text
+//! cargo run --release --example minimal-vmm
+//! cargo run --release --example minimal-vmm -- --kernel /boot/vmlinuz --mem 512M --vcpus 2
+//! ```
+
+use std::error::Error;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmcraft::builder::MachineBuilder;
+use vmcraft::devices::serial::SerialInput;
+use vmcraft::devices::virtio::block::Block;
+use vmcraft::devices::virtio::console::Console;
+use vmcraft::devices::virtio::net::Net;
+use vmcraft::devices::virtio::rng::Rng;
+use vmcraft::devices::virtio::tap::Tap;
+use vmcraft::machine::HYPERCALL_PORT;
+use vmcraft::pv::hypercall::HypercallTable;
+use vmcraft::pv_machine::PvBackends;
+use vmcraft::vcpu::{StopReason, VcpuConfig};
+use vmcraft_guest_kit::Guest;
+
+mod cli;
+mod diagnose;
+mod report;
+
+use cli::{disk_read_only, open, open_disks, parse, ConsoleOption, Options, USAGE};
+
+/// IRQ of the PV event-channel upcall.
+const PV_UPCALL_IRQ: u32 = 11;
+
+fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
+    if o.diagnose {
+        return diagnose::diagnose();
+    }
+    let started = Instant::now();
+    let disks = open_disks(&o)?;
+    let tap = o
+        .net_tap
+        .as_deref()
+        .map(Tap::open)
+        .transpose()
+        .map_err(|e| format!("{e}{}", source_chain(&e)))?;
+    let console = match &o.console {
+        None => None,
+        Some(ConsoleOption::Stdio) => Some(Console::new(
+            Box::new(std::io::stdout()),
+            Some(Box::new(std::io::stdin())),
+            "vcon",
+        )),
+        Some(ConsoleOption::Socket(path)) => {
+            let listener = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| format!("cannot listen on console socket {path}: {e}"))?;
+            eprintln!("minimal-vmm: waiting for a console client on {path}");
+            let (stream, _) = listener
+                .accept()
+                .map_err(|e| format!("console socket {path}: {e}"))?;
+            let output = stream.try_clone()?;
+            Some(Console::new(
+                Box::new(output),
+                Some(Box::new(stream)),
+                "vcon",
+            ))
+        }
+    };
+    let mut b = MachineBuilder::new(o.mem, Box::new(std::io::stdout()))?;
+    b.reserve_irq(PV_UPCALL_IRQ)?;
+
+    // Hypercalls (and, with --pv, event channels and the PV backends, which take the
+    // first disk).
+    let mut hypercalls = HypercallTable::new();
+    let mut disks = disks.into_iter();
+    let _pv = if o.pv {
+        let upcall = Arc::new(vmm_sys_util::eventfd::EventFd::new(
+            vmm_sys_util::eventfd::EFD_NONBLOCK,
+        )?);
+        b.vm().fd().register_irqfd(&upcall, PV_UPCALL_IRQ)?;
+        let disk = disks.next().ok_or("--pv needs a --disk")?;
+        let pv = PvBackends::start(
+            b.memory().clone(),
+            &vmcraft_guest_kit::PV_LAYOUT,
+            &mut hypercalls,
+            upcall,
+            Box::new(std::io::stdout()),
+            disk.into_file(),
+            disk_read_only(&o, 0),
+        )?;
+        let (buses, vm) = b.buses_and_vm();
+        pv.attach_doorbell(buses, vm.fd())?;
+        Some(pv)
+    } else {
+        None
+    };
+    b.hypercalls(HYPERCALL_PORT, hypercalls);
+
+    // virtio devices: disks, the console, the rng, the NIC; the builder gives each a
+    // window, an interrupt line no legacy device owns, a command-line entry and an
+    // ACPI description.
+    for (i, disk) in disks.enumerate() {
+        b.add_virtio(Box::new(Block::new(disk, &format!("vblk{i}"))))?;
+    }
+    if let Some(console) = console {
+        b.add_virtio(Box::new(console))?;
+    }
+    if o.rng {
+        b.add_virtio(Box::new(Rng::new("vrng")))?;
+    }
+    if let Some(tap) = tap {
+        // A locally administered address.
+        let mac = [0x02, 0x76, 0x6d, 0x63, 0, 1];
+        b.add_virtio(Box::new(Net::new(Box::new(tap), mac, "vnet")))?;
+    }
+
+    let aps = (1..o.vcpus).map(|_| VcpuConfig::waiting_for_sipi());
+    let vcpus: Vec<VcpuConfig> = match &o.kernel {
+        None => {
+            let guest = o.guest.unwrap_or(Guest::HELLO);
+            guest.load(b.memory())?;
+            // The virtio-blk guest negotiates EVENT_IDX with parameter bit 0.
+            let event_idx = u64::from(guest == Guest::VIRTIO_BLK);
+            let bsp = VcpuConfig::at(guest.entry(0, o.guest_param | event_idx));
+            std::iter::once(bsp).chain(aps).collect()
+        }
+        Some(path) => {
+            let mut kernel = open("kernel", path)?;
+            let mut initrd = o.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
+            let loaded = b
+                .load_linux(&mut kernel, initrd.as_mut(), &o.cmdline, o.vcpus)
+                .map_err(|e| format!("cannot load kernel {path}: {e}{}", source_chain(&e)))?;
+            eprintln!(
+                "minimal-vmm: loaded {path} as {:?}, entry {:?}",
+                loaded.format, loaded.entry
+            );
+            // Feed stdin to COM1 so the guest console is interactive (unless the
+            // virtio-console has it).
+            if o.console != Some(ConsoleOption::Stdio) {
+                let input = SerialInput::new(b.legacy().serial.clone(), std::io::stdin());
+                std::thread::Builder::new()
+                    .name("serial-input".into())
+                    .spawn(move || {
+                        let Ok(mut em) =
+                            EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+                        else {
+                            return;
+                        };
+                        em.add_subscriber(Arc::new(Mutex::new(input)));
+                        while em.run().is_ok() {}
+                    })?;
+            }
+            std::iter::once(VcpuConfig::at(loaded.entry))
+                .chain(aps)
+                .collect()
+        }
+    };
+
+    let machine = b.start(&vcpus)?;
+    let (running, buses) = (machine.running, machine.buses);
+    let first_exit = started.elapsed();
+    let stats: Vec<_>;
+    let guest_resident;
+    let outcome = {
+        running.wait_stopped(o.timeout);
+        stats = (0..running.vcpu_count())
+            .map(|i| running.stats(i))
+            .collect::<Result<_, _>>()?;
+        guest_resident = running.vm().ram().resident_bytes()?;
+        running.request_stop();
+        running.wait()?
+    };
+
+    report::print(&report::Report {
+        outcome,
+        started,
+        first_exit,
+        stats: &stats,
+        guest_resident,
+        buses: &buses,
+    })?;
+    Ok(match outcome.reason {
+        StopReason::DebugExit(code) => ExitCode::from(code.min(255) as u8),
+        StopReason::Reset | StopReason::PowerOff | StopReason::Requested => ExitCode::SUCCESS,
+        // TripleFault, Crash, Halted, and whatever later versions add.
+        _ => ExitCode::FAILURE,
+    })
+}
+
+fn source_chain(e: &dyn Error) -> String {
+    let mut s = String::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+/// Warnings from the library (a device that needs a reset, input that cannot be
+/// used) go to stderr.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("minimal-vmm: {}: {}", record.level(), record.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    static LOG: StderrLog = StderrLog;
+    if log::set_logger(&LOG).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let options = match parse(&args) {
+        Ok(o) => o,
+        Err(msg) if msg.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("minimal-vmm: {msg}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(options) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("minimal-vmm: error: {e}{}", source_chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
