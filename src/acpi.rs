@@ -141,9 +141,16 @@ pub enum AcpiError {
     },
 }
 
-/// A PNP device with fixed port ranges (first port, length) and one edge-triggered
-/// interrupt, as AML.
-fn isa_device(name: &str, hid: &str, ports: &[(u16, u8)], irq: u32, sink: &mut Vec<u8>) {
+/// A PNP device (`hid`, and `_UID` if given) with fixed port ranges (first port,
+/// length) and one edge-triggered interrupt, as AML.
+fn isa_device(
+    name: &str,
+    hid: &str,
+    uid: Option<u32>,
+    ports: &[(u16, u8)],
+    irq: u32,
+    sink: &mut Vec<u8>,
+) {
     let ios: Vec<aml::IO> = ports
         .iter()
         .map(|&(port, len)| aml::IO::new(port, port, 1, len))
@@ -151,14 +158,13 @@ fn isa_device(name: &str, hid: &str, ports: &[(u16, u8)], irq: u32, sink: &mut V
     let interrupt = aml::Interrupt::new(true, true, false, false, irq);
     let mut resources: Vec<&dyn Aml> = ios.iter().map(|io| io as &dyn Aml).collect();
     resources.push(&interrupt);
-    aml::Device::new(
-        name.into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new(hid)),
-            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources)),
-        ],
-    )
-    .to_aml_bytes(sink);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new(hid));
+    let uid = uid.map(|u| aml::Name::new("_UID".into(), &u));
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(resources));
+    let mut children: Vec<&dyn Aml> = vec![&hid];
+    children.extend(uid.as_ref().map(|u| u as &dyn Aml));
+    children.push(&crs);
+    aml::Device::new(name.into(), children).to_aml_bytes(sink);
 }
 
 /// AML already encoded, as a child of a scope.
@@ -237,28 +243,20 @@ impl MachineDescription {
             match *d {
                 AcpiDevice::Serial { port, irq } => {
                     let name = format!("COM{}", serial_uid + 1);
-                    aml::Device::new(
-                        name.as_str().into(),
-                        vec![
-                            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
-                            &aml::Name::new("_UID".into(), &serial_uid),
-                            &aml::Name::new(
-                                "_CRS".into(),
-                                &aml::ResourceTemplate::new(vec![
-                                    &aml::IO::new(port, port, 1, 8),
-                                    &aml::Interrupt::new(true, true, false, false, irq),
-                                ]),
-                            ),
-                        ],
-                    )
-                    .to_aml_bytes(&mut bytes);
+                    let uid = Some(serial_uid);
+                    isa_device(&name, "PNP0501", uid, &[(port, 8)], irq, &mut bytes);
                     serial_uid += 1;
                 }
                 // The i8042 and the RTC at their fixed ISA ports and lines.
-                AcpiDevice::I8042 => {
-                    isa_device("PS2K", "PNP0303", &[(0x60, 1), (0x64, 1)], 1, &mut bytes)
-                }
-                AcpiDevice::Rtc => isa_device("RTC_", "PNP0B00", &[(0x70, 2)], 8, &mut bytes),
+                AcpiDevice::I8042 => isa_device(
+                    "PS2K",
+                    "PNP0303",
+                    None,
+                    &[(0x60, 1), (0x64, 1)],
+                    1,
+                    &mut bytes,
+                ),
+                AcpiDevice::Rtc => isa_device("RTC_", "PNP0B00", None, &[(0x70, 2)], 8, &mut bytes),
                 AcpiDevice::VirtioMmio { base, size, irq } => {
                     let name = format!("V{virtio_uid:03X}");
                     aml::Device::new(

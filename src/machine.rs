@@ -79,9 +79,18 @@ pub enum LegacyDeviceError {
     /// A device could not be put on the bus.
     #[error("cannot attach {0}")]
     Bus(&'static str, #[source] BusError),
-    /// The UART or an interrupt eventfd could not be created.
-    #[error("cannot create the 16550 UART or an interrupt eventfd")]
+    /// The UART could not be created.
+    #[error("cannot create the 16550 UART")]
     Serial(#[source] std::io::Error),
+    /// An interrupt eventfd could not be created.
+    #[error("cannot create the eventfd of IRQ {irq}")]
+    Eventfd {
+        /// The IRQ.
+        irq: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// KVM refused the UART's irqfd.
     #[error("KVM refused the irqfd for IRQ {irq}")]
     Irqfd {
@@ -123,7 +132,10 @@ impl LegacyDevices {
                 source,
             })?;
         let kbd_irq = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
-            .map_err(LegacyDeviceError::Serial)?;
+            .map_err(|source| LegacyDeviceError::Eventfd {
+                irq: I8042_KBD_IRQ,
+                source,
+            })?;
         vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)
             .map_err(|source| LegacyDeviceError::Irqfd {
                 irq: I8042_KBD_IRQ,

@@ -155,21 +155,21 @@ impl Controller {
         }
     }
 
+    /// Put `bytes` in the output buffer, as many as fit.
+    fn enqueue(&mut self, bytes: &[u8]) {
+        let room = OUTPUT_CAPACITY - self.output.len();
+        self.output.extend(bytes.iter().take(room));
+    }
+
+    /// Keyboard bytes: they raise the interrupt.
     fn push(&mut self, bytes: &[u8]) -> Effects {
-        for &b in bytes {
-            if self.output.len() < OUTPUT_CAPACITY {
-                self.output.push_back(b);
-            }
-        }
+        self.enqueue(bytes);
         self.interrupt_if_pending()
     }
 
-    /// Bytes to the host through the output buffer without an interrupt (replies to
-    /// controller commands, which drivers poll for).
+    /// A reply to a controller command, without an interrupt (drivers poll for it).
     fn reply(&mut self, byte: u8) -> Effects {
-        if self.output.len() < OUTPUT_CAPACITY {
-            self.output.push_back(byte);
-        }
+        self.enqueue(&[byte]);
         Effects::default()
     }
 

@@ -130,10 +130,7 @@ impl MmioTransport {
             mem,
             interrupt: Arc::new(Interrupt::new()?),
             notifiers,
-            setup: queues
-                .iter()
-                .map(|q| QueueSetup::new(q.max_size()))
-                .collect(),
+            setup: new_setups(&queues),
             queues,
             queue_sel: 0,
             device_features_sel: 0,
@@ -447,10 +444,9 @@ impl MmioTransport {
             driver_features: self.driver_features,
         };
         if let Err(e) = self.device.activate(active) {
-            let host = matches!(e, ActivateError::Host { .. });
-            let code = self.device.device_type();
             self.fail(DriverError::Activation(e.to_string()));
-            if let (true, Some(latch)) = (host, &self.host_failure) {
+            if let (ActivateError::Host { .. }, Some(latch)) = (&e, &self.host_failure) {
+                let code = self.device.device_type();
                 log::error!("virtio-mmio: device type {code} cannot start, stopping the VM: {e}");
                 latch.request(DeviceStop::DeviceFailed(code));
             }
@@ -460,11 +456,7 @@ impl MmioTransport {
     fn reset(&mut self) {
         self.device.reset();
         self.queues = new_queues(self.device.as_ref());
-        self.setup = self
-            .queues
-            .iter()
-            .map(|q| QueueSetup::new(q.max_size()))
-            .collect();
+        self.setup = new_setups(&self.queues);
         self.queue_sel = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -483,6 +475,14 @@ impl MmioTransport {
         self.config_generation = self.config_generation.wrapping_add(1);
         self.interrupt.raise(super::INT_CONFIG);
     }
+}
+
+/// Each queue's registers as a reset leaves them: the maximum size, rings at 0.
+fn new_setups(queues: &[Queue]) -> Vec<QueueSetup> {
+    queues
+        .iter()
+        .map(|q| QueueSetup::new(q.max_size()))
+        .collect()
 }
 
 fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
