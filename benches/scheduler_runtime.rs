@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use vm_memory::Bytes;
 use vmcraft::builder::{MachineBuilder, MachineParts};
-use vmcraft::scheduler::credit::{Credit, CreditParams};
-use vmcraft::scheduler::runtime::Runtime;
 use vmcraft::vcpu::vcpu::create_vcpus;
 use vmcraft::vcpu::{RunningVm, VcpuConfig, Vm};
 use vmcraft_guest_kit::Guest;
+use vmcraft_scheduler::credit::{Credit, CreditParams};
+use vmcraft_scheduler::runtime::Runtime;
 
 const WEIGHTS: [u32; 4] = [256, 256, 512, 1024];
 const NICE: [i32; 4] = [0, 0, -3, -6];

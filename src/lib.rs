@@ -1,4 +1,7 @@
 #![doc = include_str!("../README.md")]
+// docs.rs (and `.ci/run`) build the docs with `--cfg docsrs` on nightly: each item
+// behind a feature is marked with the feature it needs.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("vmcraft runs x86-64 guests on KVM and builds only for x86_64 Linux hosts");

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use common::*;
 use vm_memory::Bytes;
-use vmcraft::scheduler::credit::{Credit, CreditParams};
-use vmcraft::scheduler::runtime::Runtime;
 use vmcraft::vcpu::vcpu::create_vcpus;
 use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::Guest;
+use vmcraft_scheduler::credit::{Credit, CreditParams};
+use vmcraft_scheduler::runtime::Runtime;
 
 const WEIGHTS: [u32; 4] = [256, 256, 512, 1024];
 /// The ideal share of one pCPU for each (2 pCPUs, weights 1:1:2:4).

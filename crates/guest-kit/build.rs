@@ -76,14 +76,35 @@ fn main() {
 }
 
 /// Rust guests (`guests/rust/*.rs`): `no_std` static libraries compiled for the host
-/// target with panic=abort, linked after the same entry stub as the C guests. They
-/// include vmcraft's own `no_std` sources (the ring, blkif's wire format) by path.
+/// target with panic=abort, linked after the same entry stub as the C guests. Their
+/// one dependency, `vmcraft-pv-wire` (the ring and blkif wire formats the VMM's back
+/// ends use), is compiled first as a crate of its own and passed with `--extern`,
+/// as cargo would; the guests are not cargo packages because they link with our own
+/// script and runtime.
 fn build_rust_guests(out: &str) {
     let out = Path::new(out);
-    println!("cargo:rerun-if-changed=../pv-hypercall/src/ring/mod.rs");
-    println!("cargo:rerun-if-changed=../pv-hypercall/src/blkif/wire.rs");
+    let wire_src = Path::new("../pv-wire/src");
+    println!("cargo:rerun-if-changed={}", wire_src.display());
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let target = std::env::var("TARGET").unwrap();
+    let codegen = [
+        "-C",
+        "panic=abort",
+        "-C",
+        "opt-level=2",
+        "-C",
+        "relocation-model=static",
+        "-C",
+        "debuginfo=0",
+    ];
+    let wire = out.join("libvmcraft_pv_wire.rlib");
+    run(Command::new(&rustc)
+        .args(["--edition", "2021", "--crate-type", "rlib"])
+        .args(["--crate-name", "vmcraft_pv_wire"])
+        .args(codegen)
+        .args(["--target", &target, "-o"])
+        .arg(&wire)
+        .arg(wire_src.join("lib.rs")));
     let mut srcs: Vec<_> = std::fs::read_dir("guests/rust")
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -94,23 +115,12 @@ fn build_rust_guests(out: &str) {
         let stem = src.file_stem().unwrap().to_str().unwrap();
         let lib = out.join(format!("lib{stem}.a"));
         run(Command::new(&rustc)
-            .args([
-                "--edition",
-                "2021",
-                "--crate-type",
-                "staticlib",
-                "--crate-name",
-                stem,
-            ])
-            .args([
-                "-C",
-                "panic=abort",
-                "-C",
-                "opt-level=2",
-                "-C",
-                "relocation-model=static",
-            ])
-            .args(["-C", "debuginfo=0", "--target", &target, "-o"])
+            .args(["--edition", "2021", "--crate-type", "staticlib"])
+            .args(["--crate-name", stem])
+            .args(codegen)
+            .arg("--extern")
+            .arg(format!("vmcraft_pv_wire={}", wire.display()))
+            .args(["--target", &target, "-o"])
             .arg(&lib)
             .arg(&src));
         // Link an ELF and extract its loadable bytes: `ld --oformat binary` lays

@@ -1,5 +1,5 @@
 //! A Rust guest whose blkif front end is vmcraft's own `no_std` ring code and blkif
-//! wire format (the same source files the VMM's back end uses), driving the PV block
+//! wire format (the `vmcraft-pv-wire` crate the VMM's back end uses too), driving the PV block
 //! backend at CPL 3: grants two pages, writes one to sector 16, reads it back into
 //! the other, flushes, checks that a segment past its page is refused, and reports
 //! on COM1. Exits 0 when all of it held.
@@ -9,15 +9,13 @@
 
 #[path = "../../src/abi.rs"]
 mod abi;
-#[path = "../../../pv-hypercall/src/ring/mod.rs"]
-mod ring;
-#[path = "../../../pv-hypercall/src/blkif/wire.rs"]
-mod wire;
 
 use core::arch::asm;
 
-use ring::{FrontRing, RawRingMemory};
-use wire::{Request, Response, Segment, MAX_SEGMENTS, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE};
+use vmcraft_pv_wire::blkif::{
+    Request, Response, Segment, MAX_SEGMENTS, OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE,
+};
+use vmcraft_pv_wire::ring::{FrontRing, RawRingMemory};
 
 const PAGE_A: u64 = abi::GUEST_HEAP + 0x20_0000;
 const PAGE_B: u64 = PAGE_A + 0x1000;

@@ -24,9 +24,7 @@ use vmcraft_memory::GuestMemory;
 use crate::grant::{CopyDirection, GrantTable};
 use crate::ring::{BackRing, GuestRingMemory, RingError};
 
-pub use wire::*;
-
-mod wire;
+pub use vmcraft_pv_wire::blkif::*;
 
 /// Errors that stop the backend.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

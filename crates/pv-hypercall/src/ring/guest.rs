@@ -98,3 +98,52 @@ impl<M: GuestMemoryBackend> RingMemory for VmRingMemory<M> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+    use vmcraft_memory::{layout::MemoryLayout, GuestRam};
+
+    use super::*;
+    use crate::ring::{BackRing, Entry, FrontRing};
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Word(u32);
+    impl Entry for Word {
+        const SIZE: usize = 4;
+        fn encode(&self, out: &mut [u8]) {
+            out.copy_from_slice(&self.0.to_le_bytes());
+        }
+        fn decode(b: &[u8]) -> Self {
+            Word(u32::from_le_bytes(b.try_into().unwrap()))
+        }
+    }
+
+    #[test]
+    fn guest_memory_rings_are_bounds_checked() {
+        let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+        let mem = ram.memory().clone();
+        assert!(
+            GuestRingMemory::new(mem.clone(), GuestAddress(0x1004), 4096).is_err(),
+            "misaligned"
+        );
+        assert!(GuestRingMemory::new(mem.clone(), GuestAddress((1 << 20) - 100), 4096).is_err());
+        assert!(GuestRingMemory::new(mem.clone(), GuestAddress(u64::MAX - 8), 4096).is_err());
+        let ring = GuestRingMemory::new(mem, GuestAddress(0x1000), 4096).unwrap();
+        let mut f = FrontRing::<_, Word, Word>::init(ring.clone()).unwrap();
+        let mut b = BackRing::<_, Word, Word>::attach(ring).unwrap();
+        f.push_request(&Word(5)).unwrap();
+        f.publish_requests();
+        assert_eq!(b.pop_request().unwrap(), Some(Word(5)));
+    }
+
+    #[test]
+    fn host_rings_are_shared_by_their_clones() {
+        let page = HostRingMemory::new(4096).unwrap();
+        let mut f = FrontRing::<_, Word, Word>::init(page.clone()).unwrap();
+        let mut b = BackRing::<_, Word, Word>::attach(page).unwrap();
+        f.push_request(&Word(9)).unwrap();
+        f.publish_requests();
+        assert_eq!(b.pop_request().unwrap(), Some(Word(9)));
+    }
+}

@@ -13,6 +13,9 @@ use loom::sync::{Arc, Notify};
 
 use super::*;
 
+extern crate std;
+use std::vec::Vec;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Req(u32);
 
