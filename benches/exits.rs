@@ -29,7 +29,7 @@ use vmcraft::machine::BusExitHandler;
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::vcpu::cpu::{self, HypervisorInfo};
 use vmcraft::vcpu::mode;
-use vmcraft::vcpu::{RunningVm, StopReason, VcpuConfig, Vm};
+use vmcraft::vcpu::{RunningVm, VcpuConfig, Vm};
 use vmcraft_guest_kit::{abi, Guest};
 
 const SHORT: u64 = 2_000;
@@ -90,7 +90,7 @@ fn vmcraft_run(guest: Guest, n: u64) -> Duration {
         RunningVm::start(vm, &[VcpuConfig::at(guest.entry(0, n))], handler).expect("start the VM");
     let outcome = running.wait().expect("VM run");
     let elapsed = start.elapsed();
-    assert_eq!(outcome.reason, StopReason::DebugExit(0));
+    assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0));
     assert_eq!(counter.0.load(Ordering::Relaxed), n, "every write arrives");
     elapsed
 }

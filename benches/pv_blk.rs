@@ -21,7 +21,7 @@ use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
-use vmcraft::vcpu::{StopReason, VcpuConfig};
+use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::{abi, Guest};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -75,7 +75,7 @@ fn run(image: &common::Image, write: bool, batch: u64, requests: u64) -> Run {
     let text = String::from_utf8_lossy(&console.contents()).into_owned();
     assert_eq!(
         outcome.reason,
-        StopReason::DebugExit(0),
+        vmcraft_guest_kit::exited(0),
         "guest failed: {text}"
     );
     let notifications = text

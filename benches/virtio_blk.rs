@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::devices::virtio::block::{Block, Disk};
-use vmcraft::vcpu::{StopReason, VcpuConfig};
+use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::Guest;
 
 const DISK_BYTES: u64 = 16 << 20;
@@ -60,7 +60,7 @@ fn guest_run(image: &common::Image, write: bool, batch: u64, requests: u64) -> R
     let console = String::from_utf8_lossy(&serial.contents()).into_owned();
     assert_eq!(
         outcome.reason,
-        StopReason::DebugExit(0),
+        vmcraft_guest_kit::exited(0),
         "guest failed: {console}"
     );
     let kicks = console

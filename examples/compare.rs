@@ -33,7 +33,7 @@ use vmcraft::devices::virtio::console::Console;
 use vmcraft::machine::HYPERCALL_PORT;
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
-use vmcraft::vcpu::{StopReason, VcpuConfig};
+use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::{abi, Guest};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -192,8 +192,8 @@ fn run(
     let stats = running.total_stats();
     running.request_stop();
     running.wait()?;
-    if outcome.reason != StopReason::DebugExit(0) {
-        return Err(format!("{guest:?} on {path:?} stopped with {:?}", outcome.reason).into());
+    if outcome.reason != vmcraft_guest_kit::exited(0) {
+        return Err(format!("{guest:?} on {path:?} stopped: {}", outcome.reason).into());
     }
     let latencies_ns = (0..latency_slots.min(65536))
         .map(|i| {

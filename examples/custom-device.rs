@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use vmcraft::builder::MachineBuilder;
+use vmcraft::devices::debug_exit;
 use vmcraft::devices::virtio::queue::{serve_available, ProtocolError};
 use vmcraft::devices::virtio::virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vmcraft::devices::virtio::worker::{spawn_device, Token, Worker};
@@ -120,9 +121,12 @@ fn main() -> Result<ExitCode, Box<dyn Error>> {
     Guest::VIRTIO_CONSOLE.load(b.memory())?;
     let machine = b.start(&[VcpuConfig::at(Guest::VIRTIO_CONSOLE.entry(0, 0))])?;
     let outcome = machine.running.wait_timeout(Duration::from_secs(30))?;
-    println!("custom-device: VM stopped: {:?}", outcome.reason);
+    println!("custom-device: VM stopped: {}", outcome.reason);
     Ok(match outcome.reason {
-        StopReason::DebugExit(0) => ExitCode::SUCCESS,
+        StopReason::Device {
+            device: debug_exit::NAME,
+            code: 0,
+        } => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     })
 }

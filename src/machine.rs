@@ -44,7 +44,9 @@ impl BusExitHandler {
         match self.stop.peek() {
             None => ExitAction::Continue,
             Some(DeviceStop::Reset) => ExitAction::Stop(StopReason::Reset),
-            Some(DeviceStop::DebugExit(code)) => ExitAction::Stop(StopReason::DebugExit(code)),
+            Some(DeviceStop::Device { device, code }) => {
+                ExitAction::Stop(StopReason::Device { device, code })
+            }
             Some(DeviceStop::PowerOff) => ExitAction::Stop(StopReason::PowerOff),
             Some(DeviceStop::DeviceFailed(code)) => {
                 ExitAction::Stop(StopReason::DeviceFailed(code))

@@ -16,7 +16,7 @@ fn real_mode_guest_prints_and_exits() {
     let (vm, serial, _) =
         TestVm::new(Guest::REAL_MODE_HELLO).start(&one(Guest::REAL_MODE_HELLO, 0));
     let out = vm.wait_timeout(TIMEOUT).unwrap();
-    assert_eq!(out.reason, StopReason::DebugExit(0x42));
+    assert_eq!(out.reason, vmcraft_guest_kit::exited(0x42));
     assert_eq!(serial.contents(), b"real mode\n");
 }
 
@@ -26,7 +26,10 @@ fn long_mode_cpl3_guest_greets_byte_exact_through_the_16550() {
     let stats_source = vm.vcpu_count();
     assert_eq!(stats_source, 1);
     let out = vm.wait_timeout(TIMEOUT).unwrap();
-    assert_eq!((out.reason, out.vcpu), (StopReason::DebugExit(0), Some(0)));
+    assert_eq!(
+        (out.reason, out.vcpu),
+        (vmcraft_guest_kit::exited(0), Some(0))
+    );
     assert_eq!(serial.contents(), GREETING);
 }
 
@@ -56,7 +59,7 @@ fn pio_and_mmio_of_every_width_reach_the_device() {
     let out = vm.wait_timeout(TIMEOUT).unwrap();
     assert_eq!(
         out.reason,
-        StopReason::DebugExit(0),
+        vmcraft_guest_kit::exited(0),
         "guest-side check number {:?} failed",
         out.reason
     );
@@ -83,7 +86,7 @@ fn debug_exit_code_comes_back() {
     let (vm, _, _) = TestVm::new(Guest::EXIT_CODE).start(&one(Guest::EXIT_CODE, 0xdead_beef));
     assert_eq!(
         vm.wait_timeout(TIMEOUT).unwrap().reason,
-        StopReason::DebugExit(0xdead_beef)
+        vmcraft_guest_kit::exited(0xdead_beef)
     );
 }
 
@@ -232,7 +235,7 @@ fn an_unmodified_style_driver_uses_the_emulated_ata_disk() {
     let image = scratch.contents();
     assert_eq!(
         outcome.reason,
-        StopReason::DebugExit(0),
+        vmcraft_guest_kit::exited(0),
         "{:?}",
         serial.contents()
     );

@@ -80,7 +80,10 @@ fn demo_guest_greets_prints_statistics_and_exits_zero() {
         stdout.starts_with("Hello from a vmcraft guest!"),
         "{stdout}"
     );
-    assert!(stdout.contains("VM stopped: DebugExit(0)"), "{stdout}");
+    assert!(
+        stdout.contains("VM stopped: debug-exit (code 0)"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("pio-write") && stdout.contains("pio-read"),
         "{stdout}"
@@ -95,7 +98,7 @@ fn smallest_guest_makes_two_exits_and_the_memory_report_adds_up() {
     assert!(out.status.success(), "status {:?}: {stdout}", out.status);
     // The guest's only output is the newline of its first exit.
     assert!(
-        stdout.starts_with("\n\nminimal-vmm: VM stopped: DebugExit(0)"),
+        stdout.starts_with("\n\nminimal-vmm: VM stopped: debug-exit (code 0)"),
         "{stdout}"
     );
     assert!(stdout.contains("(2 exits)"), "{stdout}");
@@ -309,5 +312,8 @@ fn a_device_written_outside_the_crates_serves_a_guest() {
         "{stdout}"
     );
     assert!(stdout.contains("guest says: got: ping\n"), "{stdout}");
-    assert!(stdout.contains("VM stopped: DebugExit(0)"), "{stdout}");
+    assert!(
+        stdout.contains("VM stopped: debug-exit (code 0)"),
+        "{stdout}"
+    );
 }

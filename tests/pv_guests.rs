@@ -8,7 +8,6 @@ use common::*;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::memory::{layout::MemoryLayout, GuestRam};
 use vmcraft::pv::hypercall::{HypercallContext, HypercallFault, HypercallTable};
-use vmcraft::vcpu::StopReason;
 use vmcraft_guest_kit::{abi, Guest};
 
 fn table() -> HypercallTable {
@@ -55,7 +54,7 @@ fn a_guest_discovers_the_interface_and_makes_hypercalls() {
     let outcome = running.wait_timeout(TIMEOUT).unwrap();
     assert_eq!(
         outcome.reason,
-        StopReason::DebugExit(0),
+        vmcraft_guest_kit::exited(0),
         "console: {:?}",
         String::from_utf8_lossy(&serial.contents())
     );
@@ -88,7 +87,7 @@ fn discovery_fails_when_the_cpuid_leaves_are_wrong() {
         let sig = String::from_utf8_lossy(&signature);
         assert_eq!(
             outcome.reason,
-            StopReason::DebugExit(code),
+            vmcraft_guest_kit::exited(code),
             "signature {sig}, port {port:#x}"
         );
         assert_eq!(table.unknown_calls() + table.count(1), 0, "signature {sig}");
@@ -184,7 +183,7 @@ fn a_rust_guest_uses_the_same_no_std_ring_code_as_the_backend() {
     drop(backends);
     assert_eq!(
         outcome.reason,
-        StopReason::DebugExit(0),
+        vmcraft_guest_kit::exited(0),
         "{:?}",
         String::from_utf8_lossy(&serial.contents())
     );

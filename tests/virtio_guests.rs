@@ -83,7 +83,7 @@ fn run_block_guest_with(param: u64) -> String {
     let transport = vm.transports[0].lock().unwrap();
     assert_eq!(
         outcome.reason,
-        StopReason::DebugExit(0),
+        vmcraft_guest_kit::exited(0),
         "guest failed; console: {console}; transport: {transport:?}"
     );
     assert!(
@@ -164,7 +164,7 @@ fn notifications_stay_in_the_kernel_with_ioeventfd() {
         Box::new(Block::new(Disk::new(file, false, "x").unwrap(), "vblk0"));
     let vm = start_virtio_vm(Guest::VIRTIO_BLK, 1, vec![blk]);
     let outcome = vm.running.wait_stopped(Some(TIMEOUT)).unwrap();
-    assert_eq!(outcome.reason, StopReason::DebugExit(0));
+    assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0));
     let stats = vm.running.stats(0).unwrap();
     let console = String::from_utf8_lossy(&vm.serial.contents()).into_owned();
     let notifications = console
@@ -213,7 +213,7 @@ fn ping_over_console(param: u64, with_blk: Option<Disk>) -> Vec<Arc<Mutex<MmioTr
     let text = String::from_utf8_lossy(&output.contents()).into_owned();
     assert_eq!(
         outcome.reason,
-        StopReason::DebugExit(0),
+        vmcraft_guest_kit::exited(0),
         "console: {text:?}"
     );
     assert_eq!(text, "hello from virtio-console\ngot: ping\n");
@@ -301,14 +301,14 @@ fn a_guest_exchanges_real_frames_with_the_host_through_a_tap() {
     assert_eq!(from.to_string(), "10.0.2.2:4000");
     socket.send_to(b"pong", from).unwrap();
     let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
-    assert_eq!(outcome.reason, StopReason::DebugExit(0));
+    assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0));
 }
 
 #[test]
 fn a_guest_draws_entropy_from_virtio_rng() {
     let vm = start_virtio_vm(Guest::VIRTIO_RNG, 0, vec![Box::new(Rng::new("vrng0"))]);
     let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
-    assert_eq!(outcome.reason, StopReason::DebugExit(0));
+    assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0));
     assert_eq!(vm.serial.contents(), b"rng ok\n");
 }
 

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmcraft::builder::MachineBuilder;
+use vmcraft::devices::debug_exit;
 use vmcraft::devices::serial::SerialInput;
 use vmcraft::devices::virtio::block::Block;
 use vmcraft::devices::virtio::console::Console;
@@ -185,7 +186,10 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         buses: &buses,
     })?;
     Ok(match outcome.reason {
-        StopReason::DebugExit(code) => ExitCode::from(code.min(255) as u8),
+        StopReason::Device {
+            device: debug_exit::NAME,
+            code,
+        } => ExitCode::from(code.min(255) as u8),
         StopReason::Reset | StopReason::PowerOff | StopReason::Requested => ExitCode::SUCCESS,
         // TripleFault, Crash, Halted, and whatever later versions add.
         _ => ExitCode::FAILURE,

@@ -29,7 +29,7 @@ pub fn print(r: &Report<'_>) -> Result<(), Box<dyn Error>> {
         r.buses,
     );
     println!();
-    println!("minimal-vmm: VM stopped: {:?} (vCPU {:?}), {:.1} ms after start (vCPUs running after {:.1} ms)",
+    println!("minimal-vmm: VM stopped: {} (vCPU {:?}), {:.1} ms after start (vCPUs running after {:.1} ms)",
         outcome.reason, outcome.vcpu, started.elapsed().as_secs_f64() * 1e3, first_exit.as_secs_f64() * 1e3);
     for (i, s) in stats.iter().enumerate() {
         println!(

@@ -8,6 +8,10 @@ use vm_device::DevicePio;
 
 use crate::stop::{DeviceStop, StopLatch};
 
+/// The name the debug-exit device gives when it stops the VM
+/// ([`DeviceStop::Device`]'s `device`).
+pub const NAME: &str = "debug-exit";
+
 /// The debug-exit device.
 #[derive(Debug)]
 pub struct DebugExit {
@@ -35,7 +39,10 @@ impl DevicePio for DebugExit {
     }
 
     fn pio_write(&self, _: PioAddress, _: PioAddressOffset, data: &[u8]) {
-        self.latch.request(DeviceStop::DebugExit(Self::code(data)));
+        self.latch.request(DeviceStop::Device {
+            device: NAME,
+            code: Self::code(data),
+        });
     }
 }
 
@@ -51,6 +58,12 @@ mod tests {
         let latch = Arc::new(StopLatch::default());
         let d = DebugExit::new(latch.clone());
         d.pio_write(PioAddress(0xf4), 0, &[0x2a, 0, 0, 0]);
-        assert_eq!(latch.peek(), Some(DeviceStop::DebugExit(42)));
+        assert_eq!(
+            latch.peek(),
+            Some(DeviceStop::Device {
+                device: NAME,
+                code: 42
+            })
+        );
     }
 }

@@ -7,8 +7,14 @@ use std::sync::Mutex;
 pub enum DeviceStop {
     /// The guest asked for a CPU reset (i8042 command 0xfe).
     Reset,
-    /// The guest wrote an exit code to the debug-exit port.
-    DebugExit(u32),
+    /// The device stops the VM with a code of its own meaning (the debug-exit port:
+    /// the status the guest wrote).
+    Device {
+        /// The device's name.
+        device: &'static str,
+        /// The device's code.
+        code: u32,
+    },
     /// The guest entered ACPI S5 (soft off).
     PowerOff,
     /// A device failed on the host's side and the VM cannot go on correctly; the value
@@ -21,9 +27,10 @@ pub enum DeviceStop {
 /// ```
 /// use vmcraft_devices::stop::{DeviceStop, StopLatch};
 /// let latch = StopLatch::default();
-/// latch.request(DeviceStop::DebugExit(3));
+/// let exit = DeviceStop::Device { device: "debug-exit", code: 3 };
+/// latch.request(exit);
 /// latch.request(DeviceStop::Reset); // the first request wins
-/// assert_eq!(latch.peek(), Some(DeviceStop::DebugExit(3)));
+/// assert_eq!(latch.peek(), Some(exit));
 /// ```
 #[derive(Debug, Default)]
 pub struct StopLatch {

@@ -31,6 +31,15 @@ pub mod abi {
     include!("abi.rs");
 }
 
+/// How a VM stops when its guest writes `code` to the debug-exit port
+/// ([`abi`]'s `DEBUG_EXIT_PORT`), the test guests' way out: exit codes are theirs.
+pub const fn exited(code: u32) -> vmcraft_vcpu::exit::StopReason {
+    vmcraft_vcpu::exit::StopReason::Device {
+        device: "debug-exit",
+        code,
+    }
+}
+
 /// The PV demo's layout ([`abi`]'s `PV_*` pages, a 64-entry grant table, the
 /// doorbell port), for `vmcraft::pv_machine::PvBackends`.
 pub const PV_LAYOUT: vmcraft_pv_hypercall::layout::PvLayout =

@@ -9,8 +9,15 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StopReason {
-    /// The guest wrote its exit code to the debug-exit port.
-    DebugExit(u32),
+    /// A device stopped the VM with a code whose meaning is the device's own: the
+    /// debug-exit port's is the status the guest wrote; an embedder's device can
+    /// stop the VM the same way with codes of its own.
+    Device {
+        /// The device's name, as it gave it.
+        device: &'static str,
+        /// The device's code.
+        code: u32,
+    },
     /// The guest reset the machine (i8042 CPU reset, or a KVM reset event).
     Reset,
     /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
@@ -27,6 +34,22 @@ pub enum StopReason {
     /// its I/O thread, say); the value is the device's own code (for virtio devices,
     /// the virtio device ID). The VMM has logged what failed.
     DeviceFailed(u32),
+}
+
+/// A short phrase: "debug-exit (code 0)", "guest power-off".
+impl core::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StopReason::Device { device, code } => write!(f, "{device} (code {code})"),
+            StopReason::Reset => f.write_str("guest reset"),
+            StopReason::TripleFault => f.write_str("triple fault"),
+            StopReason::PowerOff => f.write_str("guest power-off"),
+            StopReason::Crash => f.write_str("guest crash"),
+            StopReason::Halted => f.write_str("every vCPU halted"),
+            StopReason::Requested => f.write_str("stop requested by the embedding program"),
+            StopReason::DeviceFailed(code) => write!(f, "host-side failure of device {code}"),
+        }
+    }
 }
 
 /// What the run loop does after an exit.
@@ -223,7 +246,10 @@ mod tests {
         fn pio_write(&self, port: u16, data: &[u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
             self.0.lock().unwrap().push((port.into(), data.to_vec()));
             match port {
-                0xf4 => ExitAction::Stop(StopReason::DebugExit(data[0].into())),
+                0xf4 => ExitAction::Stop(StopReason::Device {
+                    device: "test",
+                    code: data[0].into(),
+                }),
                 0x500 => {
                     let mut r = vcpu.regs().unwrap();
                     r.rax += r.rdi;
@@ -275,7 +301,10 @@ mod tests {
                 &h,
                 &mut regs
             ),
-            Ok(ExitAction::Stop(StopReason::DebugExit(7)))
+            Ok(ExitAction::Stop(StopReason::Device {
+                device: "test",
+                code: 7
+            }))
         );
     }
 

@@ -47,6 +47,8 @@ const PORT_CPL0_CPUID: u16 = 0x80;
 const PORT_CPL3_CPUID: u16 = 0x81;
 const PORT_TIMED: u16 = 0x82;
 const PORT_DONE: u16 = 0x83;
+/// The name the probe's own exit handler stops its VM with.
+const PROBE_DEVICE: &str = "probe";
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The probe guest, entered at CPL 0 with rdi = the number of timed exits:
@@ -188,7 +190,12 @@ impl ExitHandler for ProbeHandler {
                 r.last_timed = Some(now);
                 r.timed += 1;
             }
-            PORT_DONE => return ExitAction::Stop(StopReason::DebugExit(0)),
+            PORT_DONE => {
+                return ExitAction::Stop(StopReason::Device {
+                    device: PROBE_DEVICE,
+                    code: 0,
+                })
+            }
             _ => {}
         }
         ExitAction::Continue
@@ -270,7 +277,12 @@ mod tests {
             ..Reports::default()
         };
         timed(&mut r, now, Duration::from_micros(66 * 999));
-        let p = r.interpret(StopReason::DebugExit(0)).unwrap();
+        let p = r
+            .interpret(StopReason::Device {
+                device: PROBE_DEVICE,
+                code: 0,
+            })
+            .unwrap();
         assert!(p.cpuid_traps_at_cpl0);
         assert!(!p.cpuid_traps_at_cpl3);
         assert_eq!(p.pio_exit, Duration::from_micros(66));
@@ -280,7 +292,12 @@ mod tests {
         assert!(text.contains("66.0 µs"), "{text}");
 
         r.cpl3_ebx = r.cpl0_ebx;
-        let p = r.interpret(StopReason::DebugExit(0)).unwrap();
+        let p = r
+            .interpret(StopReason::Device {
+                device: PROBE_DEVICE,
+                code: 0,
+            })
+            .unwrap();
         assert!(p.cpuid_traps_at_cpl3);
         assert!(p.to_string().contains("CPL 3: intercepted"));
     }
