@@ -10,7 +10,7 @@
 //! * [`sim`]: a discrete-event simulator that runs workloads (CPU hogs, I/O-bound
 //!   sleepers, periodic tasks, tick dodgers) on N pCPUs under any policy and reports
 //!   shares against the ideal, wake-to-run latency and context switches.
-//! * [`runtime`] (feature `runtime`): the vCPUs of KVM VMs on a pool of worker threads,
+//! * `runtime` (feature `runtime`): the vCPUs of KVM VMs on a pool of worker threads,
 //!   following a policy, preempted on time by kicks.
 //!
 //! Time is passed in (nanoseconds on any monotonic clock), so the same calls always
