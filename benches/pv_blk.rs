@@ -54,7 +54,7 @@ fn run(image: &common::Image, write: bool, batch: u64, requests: u64) -> Run {
     backends.attach_doorbell(buses, vm.fd()).unwrap();
     b.hypercalls(abi::HYPERCALL_PORT, table);
     let guest = Guest::PV_BLK_BENCH;
-    guest.load(b.memory()).unwrap();
+    b.load(guest.image()).unwrap();
     let param = (u64::from(write) << 1) | (batch << 8) | (requests << 16);
     let start = Instant::now();
     let running = b

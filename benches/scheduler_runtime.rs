@@ -28,8 +28,9 @@ const NICE: [i32; 4] = [0, 0, -3, -6];
 const MEASURE: Duration = Duration::from_secs(3);
 
 fn new_vm() -> MachineParts {
-    let b = MachineBuilder::new(16 << 20, Box::new(std::io::sink())).unwrap();
-    Guest::COUNTER.load(b.memory()).unwrap();
+    let mut b = MachineBuilder::new(16 << 20, Box::new(std::io::sink())).unwrap();
+    b.reserve_boot_tables().unwrap(); // the runtime's vCPUs enter in long mode
+    b.load(Guest::COUNTER.image()).unwrap();
     b.into_parts()
 }
 

@@ -42,7 +42,7 @@ fn guest_run(image: &common::Image, write: bool, batch: u64, requests: u64) -> R
     b.add_virtio(Box::new(Block::new(disk, "vblk0")))
         .expect("attach virtio-blk");
     let guest = Guest::VIRTIO_BLK_BENCH;
-    guest.load(b.memory()).expect("load");
+    b.load(guest.image()).expect("load");
     let param = 1 | (u64::from(write) << 1) | (batch << 8) | (requests << 16);
     let start = Instant::now();
     let running = b

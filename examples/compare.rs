@@ -178,7 +178,7 @@ fn run(
             Some(pv)
         }
     };
-    guest.load(b.memory())?;
+    b.load(guest.image())?;
     let memory = b.memory().clone();
     b.hypercalls(HYPERCALL_PORT, table);
     let threads_before = threads_cpu_ns(io_threads);
@@ -267,8 +267,8 @@ impl Table {
 /// The CPU-bound loop: guest progress per second at CPL 3 against the same loop on
 /// the host.
 fn cpu_ratio() -> Result<(f64, f64), Box<dyn Error>> {
-    let b = MachineBuilder::new(16 << 20, Box::new(std::io::sink()))?;
-    Guest::COUNTER.load(b.memory())?;
+    let mut b = MachineBuilder::new(16 << 20, Box::new(std::io::sink()))?;
+    b.load(Guest::COUNTER.image())?;
     let memory = b.memory().clone();
     let running = b
         .start(&[VcpuConfig::at(Guest::COUNTER.entry(0, 0))])?

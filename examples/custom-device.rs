@@ -118,7 +118,7 @@ impl VirtioDevice for Pinger {
 fn main() -> Result<ExitCode, Box<dyn Error>> {
     let mut b = MachineBuilder::new(16 << 20, Box::new(std::io::stdout()))?;
     b.add_virtio(Box::new(Pinger::default()))?; // the first window, where the guest looks
-    Guest::VIRTIO_CONSOLE.load(b.memory())?;
+    b.load(Guest::VIRTIO_CONSOLE.image())?;
     let machine = b.start(&[VcpuConfig::at(Guest::VIRTIO_CONSOLE.entry(0, 0))])?;
     let outcome = machine.running.wait_timeout(Duration::from_secs(30))?;
     println!("custom-device: VM stopped: {}", outcome.reason);

@@ -365,7 +365,8 @@ impl MachineDescription {
         Ok(blob)
     }
 
-    /// Build the tables and write them at [`TABLES_ADDR`]; returns the RSDP's address.
+    /// Build the tables and write them at [`TABLES_ADDR`] (where the RSDP is); returns
+    /// how many bytes they take.
     pub fn write(&self, mem: &GuestMemory) -> Result<u64, AcpiError> {
         let blob = self.build(TABLES_ADDR)?;
         mem.write_slice(&blob, GuestAddress(TABLES_ADDR))
@@ -373,7 +374,7 @@ impl MachineDescription {
                 addr: TABLES_ADDR,
                 reason: e.to_string(),
             })?;
-        Ok(TABLES_ADDR)
+        Ok(blob.len() as u64)
     }
 }
 

@@ -10,7 +10,7 @@
 //! let mut b = MachineBuilder::new(64 << 20, Box::new(std::io::stdout()))?;
 //! let rng = b.add_virtio(Box::new(Rng::new("vrng")))?; // window, IRQ, cmdline, ACPI
 //! println!("virtio-rng at {:#x}, IRQ {}", rng.base, rng.irq);
-//! // ... load a guest into b.memory() ...
+//! // ... load a guest with b.load(image) ...
 //! let entry = Entry::LongMode { rip: 0x10_0000, rsp: 0x8_0000, privilege: Privilege::Kernel, args: [0, 0] };
 //! let machine = b.start(&[VcpuConfig::at(entry)])?;
 //! let outcome = machine.running.wait()?;
@@ -22,20 +22,22 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
 use vmcraft_devices::bus::IoBuses;
 use vmcraft_devices::irq::{IrqAllocator, IrqError};
 use vmcraft_devices::serial::{COM1_BASE, COM1_IRQ};
 use vmcraft_devices::stop::StopLatch;
 use vmcraft_devices::virtio::mmio::{MmioTransport, WINDOW_SIZE};
 use vmcraft_devices::virtio::VirtioDevice;
-use vmcraft_memory::layout::{LayoutError, MemoryLayout};
+use vmcraft_memory::layout::{Image, LayoutError, MemoryLayout};
 use vmcraft_memory::{GuestMemory, GuestRam, MemoryError};
 use vmcraft_pv_hypercall::hypercall::HypercallTable;
 use vmcraft_vcpu::cpu::HypervisorInfo;
-use vmcraft_vcpu::linux::{load_linux, LinuxError, LoadedKernel};
+use vmcraft_vcpu::linux::{load_linux, LinuxError, LoadedKernel, BOOT_PARAMS_RANGE, CMDLINE_ADDR};
+use vmcraft_vcpu::mode::boot_table_ranges;
 use vmcraft_vcpu::{ExitHandler, RunningVm, VcpuConfig, Vm, VmCreateError, VmError};
 
-use crate::acpi::{AcpiDevice, AcpiError, MachineDescription};
+use crate::acpi::{AcpiDevice, AcpiError, MachineDescription, TABLES_ADDR};
 use crate::machine::{
     attach_virtio_mmio, BusExitHandler, HypercallExitHandler, LegacyDeviceError, LegacyDevices,
     VirtioAttachError,
@@ -81,6 +83,21 @@ pub enum BuildError {
     /// The kernel could not be loaded.
     #[error("cannot load the kernel")]
     Linux(#[source] LinuxError),
+    /// Two owners claim one range of guest RAM (an image loaded over the boot
+    /// tables, say), or a range is outside RAM.
+    #[error("guest RAM")]
+    Reserve(#[source] LayoutError),
+    /// An image could not be written to guest memory.
+    #[error("cannot load {name} at {addr:#x}")]
+    Load {
+        /// The image.
+        name: &'static str,
+        /// Its load address.
+        addr: u64,
+        /// What failed.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     /// The vCPUs could not be started.
     #[error("cannot start the vCPUs")]
     Start(#[source] VmError),
@@ -266,8 +283,48 @@ impl MachineBuilder {
         MachineDescription { vcpus, devices }
     }
 
+    /// Load `image` into guest RAM, reserving its range first: an image that
+    /// overlaps another, or the boot tables of [`start`](Self::start)'s entries, is
+    /// an error ([`BuildError::Reserve`]) instead of one overwriting the other.
+    ///
+    /// Bytes written through [`memory`](Self::memory) directly are not checked.
+    pub fn load(&mut self, image: Image<'_>) -> Result<(), BuildError> {
+        self.reserve(image.name, image.addr, image.bytes.len() as u64)?;
+        self.vm
+            .memory()
+            .write_slice(image.bytes, GuestAddress(image.addr))
+            .map_err(|source| BuildError::Load {
+                name: image.name,
+                addr: image.addr,
+                source,
+            })
+    }
+
+    /// Reserve `[start, start + size)` of guest RAM for `name` (see
+    /// [`MemoryLayout::reserve`]).
+    pub fn reserve(&mut self, name: &'static str, start: u64, size: u64) -> Result<(), BuildError> {
+        self.layout
+            .reserve(name, start, size)
+            .map_err(BuildError::Reserve)
+    }
+
+    /// Reserve the boot tables' ranges ([`boot_table_ranges`]), which vCPUs entering
+    /// in protected or long mode need. [`start`](Self::start) does it when its entries
+    /// need them; a program that runs the vCPUs itself (after
+    /// [`into_parts`](Self::into_parts)) calls it before loading its images.
+    pub fn reserve_boot_tables(&mut self) -> Result<(), BuildError> {
+        for r in boot_table_ranges() {
+            if self.layout.reservations().contains(&r) {
+                continue;
+            }
+            self.reserve(r.name, r.start, r.size)?;
+        }
+        Ok(())
+    }
+
     /// Load Linux for `vcpus` vCPUs: the ACPI tables, then the kernel, the initrd and
-    /// `cmdline` with the virtio entries appended. Returns where the boot vCPU starts.
+    /// `cmdline` with the virtio entries appended, each range reserved. Returns where
+    /// the boot vCPU starts.
     pub fn load_linux(
         &mut self,
         kernel: &mut File,
@@ -275,12 +332,32 @@ impl MachineBuilder {
         cmdline: &str,
         vcpus: u32,
     ) -> Result<LoadedKernel, BuildError> {
-        self.acpi(vcpus)
-            .write(self.vm.memory())
-            .map_err(BuildError::Acpi)?;
         let cmdline = format!("{cmdline}{}", self.virtio_cmdline());
-        load_linux(self.vm.memory(), &self.layout, kernel, initrd, &cmdline)
-            .map_err(BuildError::Linux)
+        let acpi = self.acpi(vcpus);
+        let acpi_len = acpi.build(TABLES_ADDR).map_err(BuildError::Acpi)?.len() as u64;
+        self.reserve("ACPI tables", TABLES_ADDR, acpi_len)?;
+        self.reserve(
+            "Linux boot parameters",
+            BOOT_PARAMS_RANGE.start,
+            BOOT_PARAMS_RANGE.end - BOOT_PARAMS_RANGE.start,
+        )?;
+        self.reserve(
+            "kernel command line",
+            CMDLINE_ADDR,
+            cmdline.len() as u64 + 1,
+        )?;
+        acpi.write(self.vm.memory()).map_err(BuildError::Acpi)?;
+        let loaded = load_linux(self.vm.memory(), &self.layout, kernel, initrd, &cmdline)
+            .map_err(BuildError::Linux)?;
+        self.reserve(
+            "kernel",
+            loaded.kernel_start,
+            loaded.kernel_end.saturating_sub(loaded.kernel_start),
+        )?;
+        if let Some((addr, size)) = loaded.initrd {
+            self.reserve("initrd", addr, size)?;
+        }
+        Ok(loaded)
     }
 
     /// Finish building without starting vCPUs: the VM, the exit handler every vCPU
@@ -313,8 +390,16 @@ impl MachineBuilder {
         }
     }
 
-    /// Start one vCPU per entry of `vcpus`, each on a thread of its own.
-    pub fn start(self, vcpus: &[VcpuConfig]) -> Result<Machine, BuildError> {
+    /// Start one vCPU per entry of `vcpus`, each on a thread of its own. If an entry
+    /// needs the boot tables, their ranges are reserved first: an image loaded
+    /// over them is an error.
+    pub fn start(mut self, vcpus: &[VcpuConfig]) -> Result<Machine, BuildError> {
+        if vcpus
+            .iter()
+            .any(|c| c.entry.is_some_and(|e| e.needs_boot_tables()))
+        {
+            self.reserve_boot_tables()?;
+        }
         let parts = self.into_parts();
         let running = RunningVm::start_with_info(parts.vm, vcpus, parts.handler, parts.info)
             .map_err(BuildError::Start)?;

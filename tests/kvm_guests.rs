@@ -178,7 +178,8 @@ fn dirty_pages_merge_guest_and_vmm_writes() {
         let (ram, fd) = t.builder.vm_mut().ram_mut();
         ram.set_dirty_logging(fd, true).unwrap();
     }
-    Guest::COUNTER.load(t.builder.memory()).unwrap(); // a VMM write after logging started
+    // A VMM write after logging started (the same bytes again, so unchecked).
+    Guest::COUNTER.load(t.builder.memory()).unwrap();
     let (vm, _, _) = t.start(&counters(1));
     assert!(eventually(20, || counter(&vm, 0) > 0));
     vm.pause();
@@ -266,4 +267,57 @@ fn the_host_probe_finds_the_vmm_leaf_from_kernel_mode() {
         assert!(probe.cpuid_traps_at_cpl3, "{probe}");
     }
     assert!(probe.pio_exit > std::time::Duration::ZERO, "{probe}");
+}
+
+#[test]
+fn boot_tables_are_written_only_when_an_entry_needs_them() {
+    use vmcraft::vcpu::mode::{boot_table_ranges, GDT_ADDR, PML4_ADDR};
+    // Real mode runs without them: the GDT's and PML4's pages stay as they were.
+    let vm = TestVm::new(Guest::REAL_MODE_HELLO);
+    let memory = vm.builder.memory().clone();
+    let (running, serial, _) = vm.start(&one(Guest::REAL_MODE_HELLO, 0));
+    assert_eq!(
+        running.wait_timeout(TIMEOUT).unwrap().reason,
+        vmcraft_guest_kit::exited(0x42)
+    );
+    assert_eq!(serial.contents(), b"real mode\n");
+    let gdt: u64 = memory
+        .read_obj(vm_memory::GuestAddress(GDT_ADDR + 8))
+        .unwrap();
+    let pml4: u64 = memory.read_obj(vm_memory::GuestAddress(PML4_ADDR)).unwrap();
+    assert_eq!(
+        (gdt, pml4),
+        (0, 0),
+        "boot tables written for a real-mode entry"
+    );
+
+    // A long-mode entry gets them; an image loaded over them is refused, naming both.
+    let mut b = vmcraft::builder::MachineBuilder::new(16 << 20, Box::new(std::io::sink())).unwrap();
+    b.load(Guest::HELLO.image()).unwrap();
+    let tables = boot_table_ranges()[1];
+    let overlay = [0x90u8; 16];
+    b.load(vmcraft::memory::layout::Image {
+        name: "overlay",
+        addr: tables.start + 0x100,
+        bytes: &overlay,
+    })
+    .unwrap();
+    let e = b
+        .start(&[VcpuConfig::at(Guest::HELLO.entry(0, 0))])
+        .unwrap_err();
+    let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+    assert!(
+        msg.contains("boot page tables") && msg.contains("overlay"),
+        "{msg}"
+    );
+
+    // Two images on one range are refused when the second is loaded.
+    let mut b = vmcraft::builder::MachineBuilder::new(16 << 20, Box::new(std::io::sink())).unwrap();
+    b.load(Guest::HELLO.image()).unwrap();
+    let e = b.load(Guest::COUNTER.image()).unwrap_err();
+    let msg = format!("{}", std::error::Error::source(&e).unwrap());
+    assert!(
+        msg.contains("counter") && msg.contains("overlaps hello"),
+        "{msg}"
+    );
 }

@@ -39,7 +39,7 @@ fn start_virtio_vm(guest: Guest, param: u64, devices: Vec<Box<dyn VirtioDevice>>
     for device in devices {
         builder.add_virtio(device).unwrap();
     }
-    guest.load(builder.memory()).unwrap();
+    builder.load(guest.image()).unwrap();
     let machine = builder
         .start(&[VcpuConfig::at(guest.entry(0, param))])
         .unwrap();

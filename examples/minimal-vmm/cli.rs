@@ -181,7 +181,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             return Err("--pv runs its own guest: no --guest or --kernel with it".into());
         }
         if o.disks.is_empty() {
-            return Err("--pv needs a --disk for its PV block device".into());
+            return Err("--pv needs a --disk PATH for its PV block device, a raw image the guest may overwrite (truncate -s 16M disk.img, then --pv --disk disk.img)".into());
         }
         o.guest = Some(Guest::PV_DEMO);
     }

@@ -124,7 +124,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     let vcpus: Vec<VcpuConfig> = match &o.kernel {
         None => {
             let guest = o.guest.unwrap_or(Guest::HELLO);
-            guest.load(b.memory())?;
+            b.load(guest.image())?;
             // The virtio-blk guest negotiates EVENT_IDX with parameter bit 0.
             let event_idx = u64::from(guest == Guest::VIRTIO_BLK);
             let bsp = VcpuConfig::at(guest.entry(0, o.guest_param | event_idx));

@@ -76,7 +76,10 @@ impl TestVm {
         buses
             .register_mmio(abi::TEST_MMIO, 0x1000, test_device.clone())
             .unwrap();
-        guest.load(builder.memory()).unwrap();
+        if guest.entry(0, 0).needs_boot_tables() {
+            builder.reserve_boot_tables().unwrap();
+        }
+        builder.load(guest.image()).unwrap();
         TestVm {
             builder,
             serial,
@@ -149,7 +152,7 @@ impl Machine {
         param: u64,
     ) -> (RunningVm, Arc<vmcraft::pv::hypercall::HypercallTable>) {
         let mut builder = self.builder;
-        guest.load(builder.memory()).unwrap();
+        builder.load(guest.image()).unwrap();
         builder.hypercalls(self.cpuid.hypercall_port, self.hypercalls);
         builder.hypervisor_info(self.cpuid);
         let machine = builder

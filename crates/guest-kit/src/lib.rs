@@ -195,7 +195,17 @@ impl Guest {
         }
     }
 
-    /// Copy the guest into `mem`.
+    /// The guest as an image to load (with `vmcraft::builder::MachineBuilder::load`,
+    /// which checks it against the boot tables and other images).
+    pub fn image(&self) -> vmcraft_memory::layout::Image<'static> {
+        vmcraft_memory::layout::Image {
+            name: self.name,
+            addr: self.load_addr(),
+            bytes: self.code,
+        }
+    }
+
+    /// Write the guest's code into `mem` directly, unchecked (for a bare `Vm`).
     pub fn load(&self, mem: &GuestMemory) -> Result<(), GuestError> {
         let addr = self.load_addr();
         mem.write_slice(self.code, GuestAddress(addr))

@@ -37,6 +37,51 @@ pub enum LayoutError {
     /// RAM size not a multiple of the page size.
     #[error("guest RAM of {0} bytes is not a multiple of the 4 KiB page size")]
     NotPageAligned(u64),
+    /// A range to reserve is not inside guest RAM.
+    #[error("{name} at {start:#x}..{end:#x} is not inside guest RAM")]
+    OutsideRam {
+        /// What the range is for.
+        name: &'static str,
+        /// First address.
+        start: u64,
+        /// One past the last address.
+        end: u64,
+    },
+    /// A range to reserve overlaps one reserved before.
+    #[error("{name} at {start:#x}..{end:#x} overlaps {other} at {other_start:#x}..{other_end:#x}")]
+    Overlap {
+        /// What the new range is for.
+        name: &'static str,
+        /// Its first address.
+        start: u64,
+        /// One past its last address.
+        end: u64,
+        /// What the range reserved before is for.
+        other: &'static str,
+        /// Its first address.
+        other_start: u64,
+        /// One past its last address.
+        other_end: u64,
+    },
+}
+
+/// A range of guest RAM that something owns: an image loaded there, the boot page
+/// tables, the ACPI tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// What the range is for.
+    pub name: &'static str,
+    /// First guest-physical address.
+    pub start: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl Reservation {
+    /// One past the last address.
+    pub fn end(&self) -> u64 {
+        self.start + self.size
+    }
 }
 
 /// One contiguous range of guest RAM.
@@ -55,10 +100,25 @@ impl RamRange {
     }
 }
 
-/// Where RAM lives in the guest-physical address space.
+/// Bytes to load into guest RAM at an address, with a name for errors and
+/// reservations: a test guest, a firmware blob, a kernel image.
+#[derive(Debug, Clone, Copy)]
+pub struct Image<'a> {
+    /// What it is.
+    pub name: &'static str,
+    /// Guest-physical load address.
+    pub addr: u64,
+    /// The bytes.
+    pub bytes: &'a [u8],
+}
+
+/// Where RAM lives in the guest-physical address space, and which parts of it are
+/// reserved (what loaded or wrote them, so that two owners of one range are an error
+/// instead of a silently overwritten image).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryLayout {
     ranges: Vec<RamRange>,
+    reserved: Vec<Reservation>,
 }
 
 impl MemoryLayout {
@@ -85,7 +145,60 @@ impl MemoryLayout {
                 size: ram_bytes - low,
             });
         }
-        Ok(MemoryLayout { ranges })
+        Ok(MemoryLayout {
+            ranges,
+            reserved: Vec::new(),
+        })
+    }
+
+    /// Reserve `[start, start + size)` for `name`: it must lie in RAM and overlap no
+    /// earlier reservation. An empty range reserves nothing.
+    ///
+    /// ```
+    /// use vmcraft_memory::layout::{LayoutError, MemoryLayout};
+    /// let mut l = MemoryLayout::x86_64(16 << 20).unwrap();
+    /// l.reserve("kernel", 0x10_0000, 0x20_0000).unwrap();
+    /// let e = l.reserve("initrd", 0x28_0000, 0x1000).unwrap_err();
+    /// assert!(matches!(e, LayoutError::Overlap { other: "kernel", .. }));
+    /// ```
+    pub fn reserve(
+        &mut self,
+        name: &'static str,
+        start: u64,
+        size: u64,
+    ) -> Result<(), LayoutError> {
+        if size == 0 {
+            return Ok(());
+        }
+        let end = start.saturating_add(size);
+        if !self.contains(start, size) {
+            return Err(LayoutError::OutsideRam { name, start, end });
+        }
+        if let Some(other) = self.reserved_overlap(start, size) {
+            return Err(LayoutError::Overlap {
+                name,
+                start,
+                end,
+                other: other.name,
+                other_start: other.start,
+                other_end: other.end(),
+            });
+        }
+        self.reserved.push(Reservation { name, start, size });
+        Ok(())
+    }
+
+    /// The first reservation that `[start, start + size)` overlaps, if any.
+    pub fn reserved_overlap(&self, start: u64, size: u64) -> Option<&Reservation> {
+        let end = start.saturating_add(size);
+        self.reserved
+            .iter()
+            .find(|r| size > 0 && start < r.end() && r.start < end)
+    }
+
+    /// The reservations, in the order they were made.
+    pub fn reservations(&self) -> &[Reservation] {
+        &self.reserved
     }
 
     /// The RAM ranges, in ascending address order.
@@ -116,6 +229,36 @@ impl MemoryLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reservations_must_be_in_ram_and_disjoint() {
+        let mut l = MemoryLayout::x86_64(1 << 20).unwrap();
+        l.reserve("tables", 0x500, 0x100).unwrap();
+        l.reserve("image", 0x600, 0x1000).unwrap(); // touching is fine
+        l.reserve("nothing", 0x550, 0).unwrap();
+        assert_eq!(
+            l.reserve("zero page", 0x5ff, 2),
+            Err(LayoutError::Overlap {
+                name: "zero page",
+                start: 0x5ff,
+                end: 0x601,
+                other: "tables",
+                other_start: 0x500,
+                other_end: 0x600,
+            })
+        );
+        assert!(matches!(
+            l.reserve("big", 0xf_f000, 0x2000),
+            Err(LayoutError::OutsideRam { name: "big", .. })
+        ));
+        assert!(matches!(
+            l.reserve("wrap", u64::MAX - 1, 4),
+            Err(LayoutError::OutsideRam { .. })
+        ));
+        assert_eq!(l.reservations().len(), 2);
+        assert_eq!(l.reserved_overlap(0x1500, 0x200).unwrap().name, "image");
+        assert!(l.reserved_overlap(0x1600, 0x200).is_none());
+    }
 
     #[test]
     fn small_ram_is_one_range_below_the_gap() {

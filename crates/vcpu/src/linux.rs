@@ -25,6 +25,9 @@ use crate::mode::Entry;
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
 /// Guest-physical address of `hvm_start_info` for PVH.
 pub const PVH_START_INFO_ADDR: u64 = 0x6000;
+/// The guest RAM the boot parameters take: from [`PVH_START_INFO_ADDR`] (the PVH
+/// start info, its memory map and module list) to the end of the zero page.
+pub const BOOT_PARAMS_RANGE: core::ops::Range<u64> = PVH_START_INFO_ADDR..ZERO_PAGE_ADDR + 0x1000;
 const PVH_MEMMAP_ADDR: u64 = 0x6100;
 const PVH_MODLIST_ADDR: u64 = 0x6800;
 /// Guest-physical address of the kernel command line.
@@ -62,6 +65,9 @@ pub struct LoadedKernel {
     pub entry: Entry,
     /// The image format found.
     pub format: KernelFormat,
+    /// Where the kernel was loaded (a bzImage's protected-mode code; an ELF
+    /// kernel's entry, the start of its text).
+    pub kernel_start: u64,
     /// One past the last byte of the kernel in guest memory.
     pub kernel_end: u64,
     /// Guest-physical address and size of the initrd, if one was loaded.
@@ -289,6 +295,7 @@ pub fn load_linux(
     Ok(LoadedKernel {
         entry,
         format,
+        kernel_start: loaded.kernel_load.0,
         kernel_end,
         initrd,
     })

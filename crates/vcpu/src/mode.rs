@@ -16,6 +16,7 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
+use vmcraft_memory::layout::Reservation;
 use vmcraft_memory::GuestMemory;
 
 /// Guest-physical address of the GDT.
@@ -119,6 +120,40 @@ pub enum Entry {
         /// Guest-physical address of `hvm_start_info`.
         start_info: u64,
     },
+}
+
+impl Entry {
+    /// Whether this entry runs on the boot tables ([`write_boot_tables`]): every
+    /// protected- and long-mode entry does (their GDT, TSS and page tables are there);
+    /// real mode does not.
+    pub fn needs_boot_tables(&self) -> bool {
+        !matches!(self, Entry::RealMode { .. })
+    }
+}
+
+/// The guest RAM the boot tables occupy, as reservations for
+/// [`MemoryLayout::reserve`](vmcraft_memory::layout::MemoryLayout::reserve): the
+/// GDT, IDT and TSS (with its I/O bitmap) from [`GDT_ADDR`], and the page tables
+/// from [`PML4_ADDR`] to [`BOOT_TABLES_END`]. The pages between them are free (the
+/// Linux loader puts the zero page there).
+pub fn boot_table_ranges() -> Vec<Reservation> {
+    let names = ["boot GDT", "boot TSS", "boot page tables"];
+    let mut ranges: Vec<Reservation> = boot_tables()
+        .into_iter()
+        .zip(names)
+        .map(|((start, bytes), name)| Reservation {
+            name,
+            start,
+            size: bytes.len() as u64,
+        })
+        .collect();
+    // The IDT (empty, limit 0) sits between the GDT and the TSS: one range for the
+    // three descriptor tables.
+    let tss_end = ranges[1].end();
+    ranges[0].size = tss_end - GDT_ADDR;
+    ranges[0].name = "boot GDT, IDT and TSS";
+    ranges.remove(1);
+    ranges
 }
 
 /// Errors from setting up an entry mode.
@@ -328,6 +363,30 @@ pub fn enter(fd: &VcpuFd, entry: Entry) -> Result<(), ModeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_table_ranges_cover_every_table_and_leave_the_zero_page_free() {
+        let ranges = boot_table_ranges();
+        for (addr, bytes) in boot_tables() {
+            assert!(
+                ranges
+                    .iter()
+                    .any(|r| addr >= r.start && addr + bytes.len() as u64 <= r.end()),
+                "{addr:#x}"
+            );
+        }
+        assert!(ranges.iter().all(|r| r.end() <= BOOT_TABLES_END));
+        assert!(ranges
+            .iter()
+            .all(|r| r.end() <= 0x6000 || r.start >= 0x8000));
+        assert!(ranges[0].start <= IDT_ADDR && IDT_ADDR < ranges[0].end());
+        assert!(!Entry::RealMode { addr: 0x7c00 }.needs_boot_tables());
+        assert!(Entry::Pvh {
+            eip: 0x100_0000,
+            start_info: 0x6000
+        }
+        .needs_boot_tables());
+    }
 
     #[test]
     fn gdt_entries_encode_like_the_manual() {

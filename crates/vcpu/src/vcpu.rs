@@ -199,7 +199,9 @@ impl Drop for RunPublished {
 
 /// Create and configure one vCPU per entry of `configs` (CPUID with `info`, MSRs,
 /// FPU, LAPIC, entry state), with every exit going to `handler`. Writes the boot
-/// tables and installs the kick signal handler.
+/// tables if an entry needs them ([`Entry::needs_boot_tables`](crate::mode::Entry::needs_boot_tables);
+/// over [`boot_table_ranges`](crate::mode::boot_table_ranges), which the caller keeps
+/// free) and installs the kick signal handler.
 pub fn create_vcpus(
     vm: &Vm,
     configs: &[VcpuConfig],
@@ -210,7 +212,13 @@ pub fn create_vcpus(
         return Err(VmError::NoVcpus);
     }
     install_kick_handler()?;
-    mode::write_boot_tables(vm.memory()).map_err(|source| VmError::Mode { index: 0, source })?;
+    if configs
+        .iter()
+        .any(|c| c.entry.is_some_and(|e| e.needs_boot_tables()))
+    {
+        mode::write_boot_tables(vm.memory())
+            .map_err(|source| VmError::Mode { index: 0, source })?;
+    }
     let count = configs.len() as u32;
     let run_size = vm
         .kvm()
