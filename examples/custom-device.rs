@@ -31,10 +31,6 @@ struct Pinger {
     worker: Option<Worker>,
 }
 
-fn outside(e: impl std::fmt::Display) -> ProtocolError {
-    ProtocolError::BufferOutsideMemory(e.to_string())
-}
-
 /// Print each transmitted buffer; a greeting earns a "ping" in `pending`.
 fn transmit(
     tx: &mut Queue,
@@ -44,10 +40,14 @@ fn transmit(
 ) -> Result<(), ProtocolError> {
     serve_available(tx, mem, irq, |chain| {
         let mut text = Vec::new();
+        let copy = |source| ProtocolError::BufferCopy {
+            what: "greeting",
+            source,
+        };
         Reader::new(mem, chain)
-            .map_err(outside)?
+            .map_err(ProtocolError::outside)?
             .read_to_end(&mut text)
-            .map_err(outside)?;
+            .map_err(copy)?;
         print!("guest says: {}", String::from_utf8_lossy(&text));
         if text.starts_with(b"hello") {
             pending.extend_from_slice(b"ping\n");
@@ -65,18 +65,20 @@ fn receive(
     pending: &mut Vec<u8>,
 ) -> Result<(), ProtocolError> {
     while !pending.is_empty() {
-        let chain = rx
-            .iter(mem)
-            .map_err(|e| ProtocolError::Ring(e.to_string()))?
-            .next();
+        let chain = rx.iter(mem).map_err(ProtocolError::ring)?.next();
         let Some(chain) = chain else { break }; // no buffer yet: wait for the next kick
         let head = chain.head_index();
-        let mut writer = Writer::new(mem, chain).map_err(outside)?;
+        let mut writer = Writer::new(mem, chain).map_err(ProtocolError::outside)?;
         let n = pending.len().min(writer.available_bytes());
-        std::io::Write::write_all(&mut writer, &pending[..n]).map_err(outside)?;
+        std::io::Write::write_all(&mut writer, &pending[..n]).map_err(|source| {
+            ProtocolError::BufferCopy {
+                what: "ping",
+                source,
+            }
+        })?;
         pending.drain(..n);
         rx.add_used(mem, head, n as u32)
-            .map_err(|e| ProtocolError::Ring(e.to_string()))?;
+            .map_err(ProtocolError::ring)?;
         irq.signal_used_queue();
     }
     Ok(())

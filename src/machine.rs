@@ -299,7 +299,14 @@ impl<H: ExitHandler> HypercallExitHandler<H> {
         regs.rax = self.table.dispatch(&ctx, call) as u64;
         match vcpu.set_regs(&regs) {
             Ok(()) => ExitAction::Continue,
-            Err(_) => ExitAction::Stop(StopReason::Crash),
+            Err(e) => {
+                log::error!(
+                    "vCPU {}: cannot return hypercall {} result, stopping the VM: {e}",
+                    vcpu.vcpu_index(),
+                    call.nr
+                );
+                ExitAction::Stop(StopReason::Crash)
+            }
         }
     }
 }

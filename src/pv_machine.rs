@@ -11,6 +11,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use vmcraft_memory::report::ErrorChain;
 
 use thiserror::Error;
 use vm_memory::GuestAddress;
@@ -46,6 +47,9 @@ pub enum PvError {
     /// A host resource (eventfd, epoll, thread).
     #[error("cannot start a PV backend thread")]
     Host(#[source] std::io::Error),
+    /// The doorbell port could not be put on the bus.
+    #[error("cannot put the PV doorbell on the port bus")]
+    Doorbell(#[source] vmcraft_devices::bus::BusError),
     /// Two regions of the layout overlap.
     #[error("the PV layout's {0} and {1} overlap")]
     Layout(&'static str, &'static str),
@@ -86,7 +90,10 @@ fn wait(epoll: &Epoll, fd: &EventFd) -> bool {
                 return true;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+            Err(e) => {
+                log::error!("PV backend: epoll_wait failed, the backend stops: {e}");
+                return false;
+            }
         }
     }
 }
@@ -183,7 +190,13 @@ impl PvBackends {
                             }
                             Ok(_) => {}
                             // A hostile page: stop serving this console.
-                            Err(_) => return,
+                            Err(e) => {
+                                log::warn!(
+                                    "pv-console: stops serving the guest: {}",
+                                    ErrorChain(&e)
+                                );
+                                return;
+                            }
                         }
                     }
                 })
@@ -204,7 +217,10 @@ impl PvBackends {
                                 }
                             }
                             // A broken ring: stop serving this device.
-                            Err(_) => return,
+                            Err(e) => {
+                                log::warn!("pv-block: stops serving the guest: {}", ErrorChain(&e));
+                                return;
+                            }
                         }
                     }
                 })
@@ -253,7 +269,7 @@ impl PvBackends {
     ) -> Result<(), PvError> {
         buses
             .register_pio(self.doorbell_port, 4, self.doorbell_device()?)
-            .map_err(|e| PvError::Host(std::io::Error::other(e.to_string())))?;
+            .map_err(PvError::Doorbell)?;
         self.register_doorbells(vm)
     }
 

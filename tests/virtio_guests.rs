@@ -91,7 +91,11 @@ fn run_block_guest_with(param: u64) -> String {
         "{console}"
     );
     assert!(console.contains("id vmcraft-disk-0\n"), "{console}");
-    assert_eq!(transport.last_error(), None);
+    assert!(
+        transport.last_error().is_none(),
+        "{:?}",
+        transport.last_error()
+    );
     assert_ne!(
         transport.driver_features() & (1 << 9),
         0,

@@ -22,6 +22,7 @@ pub mod host_usage;
 pub mod layout;
 pub mod mmio;
 mod ram;
+pub mod report;
 
 pub use ram::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
 pub use vm_memory;

@@ -306,7 +306,14 @@ fn run<B: vm_memory::bitmap::BitmapSlice>(
 ) -> u32 {
     let io = |r: io::Result<()>| match r {
         Ok(()) => VIRTIO_BLK_S_OK,
-        Err(_) => VIRTIO_BLK_S_IOERR,
+        Err(e) => {
+            log::warn!(
+                "virtio-blk: request type {} at sector {} failed: {e}",
+                header.kind,
+                header.sector
+            );
+            VIRTIO_BLK_S_IOERR
+        }
     };
     match header.kind {
         VIRTIO_BLK_T_IN => {

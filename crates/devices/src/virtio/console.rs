@@ -210,10 +210,13 @@ impl Pending {
         let n = writer.available_bytes().min(self.bytes.len());
         let (a, b) = self.bytes.as_slices();
         let first = n.min(a.len());
-        let ok = writer.write_all(&a[..first]).is_ok() && writer.write_all(&b[..n - first]).is_ok();
-        if !ok {
-            return Err(ProtocolError::BufferOutsideMemory("receive buffer".into()));
-        }
+        writer
+            .write_all(&a[..first])
+            .and_then(|()| writer.write_all(&b[..n - first]))
+            .map_err(|source| ProtocolError::BufferCopy {
+                what: "console input",
+                source,
+            })?;
         self.bytes.drain(..n);
         Ok(n as u32)
     }
@@ -400,7 +403,7 @@ mod tests {
         let mut w: Box<dyn Write + Send> = Box::new(out.clone());
         let interrupt = Interrupt::new().unwrap();
         let served = serve_available(&mut q, &mem, &interrupt, |c| transmit(c, &mem, &mut *w));
-        assert_eq!(served, Ok(2));
+        assert_eq!(served.ok(), Some(2));
         assert_eq!(out.contents(), b"hello world\n");
         assert_eq!(used(&mem, &mock), vec![0, 0]);
     }
@@ -414,7 +417,7 @@ mod tests {
         let mut pending = Pending::default();
         pending.push(b"0123456789");
         // No buffers yet: nothing is delivered, nothing lost.
-        assert_eq!(pending.deliver(&mut rx, &mem, &interrupt), Ok(0));
+        assert_eq!(pending.deliver(&mut rx, &mem, &interrupt).ok(), Some(0));
         assert_eq!(pending.len(), 10);
         mock.add_desc_chains(
             &[
@@ -425,7 +428,7 @@ mod tests {
             0,
         )
         .unwrap();
-        assert_eq!(pending.deliver(&mut rx, &mem, &interrupt), Ok(3));
+        assert_eq!(pending.deliver(&mut rx, &mem, &interrupt).ok(), Some(3));
         assert!(pending.is_empty());
         assert_eq!(used(&mem, &mock), vec![4, 0, 6]);
         let mut a = [0u8; 4];

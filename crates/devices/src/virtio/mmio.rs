@@ -45,14 +45,17 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
 /// Everything that can go wrong in the driver's use of the transport, kept for
 /// diagnosis ([`MmioTransport::last_error`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DriverError {
     /// The driver accepted features the device does not offer.
+    #[error("the driver accepted features {0:#x} that the device does not offer")]
     UnofferedFeatures(u64),
     /// The driver did not accept VIRTIO_F_VERSION_1.
+    #[error("the driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not served)")]
     NoVersion1,
     /// A queue size that is zero, not a power of two or above the maximum.
+    #[error("queue {queue}: size {size} is zero, not a power of two or above the maximum")]
     BadQueueSize {
         /// Queue index.
         queue: u32,
@@ -60,12 +63,23 @@ pub enum DriverError {
         size: u32,
     },
     /// A ring outside guest memory or misaligned.
+    #[error("queue {queue}: a ring is outside guest memory or misaligned")]
     BadQueueAddress {
         /// Queue index.
         queue: u32,
     },
+    /// A queue's configuration was refused when the device started.
+    #[error("queue {queue}: its configuration is not valid")]
+    InvalidQueue {
+        /// Queue index.
+        queue: u32,
+        /// What virtio-queue found.
+        #[source]
+        source: virtio_queue::Error,
+    },
     /// The device refused to start.
-    Activation(String),
+    #[error("the device could not start")]
+    Activation(#[source] ActivateError),
 }
 
 /// A queue's configuration registers as written (virtio 1.2 §4.2.2: QueueNum and the
@@ -186,8 +200,9 @@ impl MmioTransport {
 
     fn fail(&mut self, error: DriverError) {
         log::warn!(
-            "virtio-mmio: device type {} needs a reset: {error:?}",
-            self.device.device_type()
+            "virtio-mmio: device type {} needs a reset: {}",
+            self.device.device_type(),
+            vmcraft_memory::report::ErrorChain(&error)
         );
         self.last_error = Some(error);
         self.interrupt.device_error();
@@ -411,15 +426,18 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         let mut queues = Vec::with_capacity(self.queues.len());
-        for q in &self.queues {
+        for (queue, q) in self.queues.iter().enumerate() {
             let state = q.state();
             match Queue::try_from(state) {
                 Ok(mut copy) => {
                     copy.set_event_idx(self.driver_features & F_EVENT_IDX != 0);
                     queues.push(copy);
                 }
-                Err(e) => {
-                    self.fail(DriverError::Activation(e.to_string()));
+                Err(source) => {
+                    self.fail(DriverError::InvalidQueue {
+                        queue: queue as u32,
+                        source,
+                    });
                     return;
                 }
             }
@@ -431,8 +449,11 @@ impl MmioTransport {
             .collect::<Result<Vec<_>, _>>()
         {
             Ok(n) => n,
-            Err(e) => {
-                self.fail(DriverError::Activation(e.to_string()));
+            Err(source) => {
+                self.fail(DriverError::Activation(ActivateError::Host {
+                    what: "clone the queue notifiers",
+                    source,
+                }));
                 return;
             }
         };
@@ -444,12 +465,15 @@ impl MmioTransport {
             driver_features: self.driver_features,
         };
         if let Err(e) = self.device.activate(active) {
-            self.fail(DriverError::Activation(e.to_string()));
             if let (ActivateError::Host { .. }, Some(latch)) = (&e, &self.host_failure) {
                 let code = self.device.device_type();
-                log::error!("virtio-mmio: device type {code} cannot start, stopping the VM: {e}");
+                log::error!(
+                    "virtio-mmio: device type {code} cannot start, stopping the VM: {}",
+                    vmcraft_memory::report::ErrorChain(&e)
+                );
                 latch.request(DeviceStop::DeviceFailed(code));
             }
+            self.fail(DriverError::Activation(e));
         }
     }
 
@@ -669,11 +693,14 @@ pub(crate) mod tests {
         let (mut t, log) = probe();
         negotiate(&mut t, 0b101);
         assert_eq!(r(&t, reg::VIRTIO_MMIO_STATUS), ACK | DRV);
-        assert_eq!(t.last_error(), Some(&DriverError::NoVersion1));
+        assert!(matches!(t.last_error(), Some(DriverError::NoVersion1)));
         w(&mut t, reg::VIRTIO_MMIO_STATUS, 0);
         negotiate(&mut t, F_VERSION_1 | 0b10);
         assert_eq!(r(&t, reg::VIRTIO_MMIO_STATUS), ACK | DRV);
-        assert_eq!(t.last_error(), Some(&DriverError::UnofferedFeatures(0b10)));
+        assert!(matches!(
+            t.last_error(),
+            Some(DriverError::UnofferedFeatures(0b10))
+        ));
         // DRIVER_OK without FEATURES_OK is refused: nothing activates.
         driver_ok(&mut t);
         assert_eq!(r(&t, reg::VIRTIO_MMIO_STATUS), ACK | DRV);

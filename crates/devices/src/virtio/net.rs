@@ -136,10 +136,13 @@ pub fn receive_into(
     }
     let mut header = [0u8; HEADER_SIZE];
     header[10] = 1; // num_buffers
-    let ok = writer.write_all(&header).is_ok() && writer.write_all(frame).is_ok();
-    if !ok {
-        return Err(ProtocolError::BufferOutsideMemory("receive buffer".into()));
-    }
+    writer
+        .write_all(&header)
+        .and_then(|()| writer.write_all(frame))
+        .map_err(|source| ProtocolError::BufferCopy {
+            what: "received frame",
+            source,
+        })?;
     Ok(Some((HEADER_SIZE + frame.len()) as u32))
 }
 
@@ -345,7 +348,7 @@ mod tests {
         let served = serve_available(&mut tx, &mem, &interrupt, |c| {
             transmit(c, &mem, &mut *backend, &mut buf)
         });
-        assert_eq!(served, Ok(3));
+        assert_eq!(served.ok(), Some(3));
         assert_eq!(used(&mem, &mock), vec![0, 0, 0]);
         let mut got = [0u8; 64];
         assert_eq!(theirs.recv(&mut got).unwrap(), 9);
@@ -366,7 +369,10 @@ mod tests {
         let interrupt = Interrupt::new().unwrap();
         let mut path = RxPath::default();
         // No buffers: the first frame is held, not lost.
-        assert_eq!(path.pump(&mut rx, &mem, &mut *backend, &interrupt), Ok(0));
+        assert_eq!(
+            path.pump(&mut rx, &mem, &mut *backend, &interrupt).ok(),
+            Some(0)
+        );
         assert!(path.holding());
         mock.add_desc_chains(
             &[
@@ -378,7 +384,10 @@ mod tests {
             0,
         )
         .unwrap();
-        assert_eq!(path.pump(&mut rx, &mem, &mut *backend, &interrupt), Ok(2));
+        assert_eq!(
+            path.pump(&mut rx, &mem, &mut *backend, &interrupt).ok(),
+            Some(2)
+        );
         assert!(!path.holding());
         assert_eq!(used(&mem, &mock), vec![0, 0, 23, 18]);
         let mut got = [0u8; 23];

@@ -7,29 +7,41 @@ use vmcraft_memory::GuestMemory;
 use super::Interrupt;
 
 /// A broken descriptor chain or ring: the device needs a reset.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum ProtocolError {
     /// The chain loops, is longer than the queue or points at a descriptor outside it.
     #[error("descriptor chain does not end within the queue (loop or bad next index)")]
     UnterminatedChain,
-    /// A buffer lies outside guest memory.
-    #[error("descriptor buffer outside guest memory: {0}")]
-    BufferOutsideMemory(String),
+    /// A descriptor's buffer lies outside guest memory.
+    #[error("descriptor buffer outside guest memory")]
+    BufferOutsideMemory(#[source] virtio_queue::Error),
+    /// Bytes could not be copied into or out of the guest's buffers (a buffer the
+    /// descriptors name is not in guest memory).
+    #[error("cannot copy the {what} through the guest's buffers")]
+    BufferCopy {
+        /// What was being copied.
+        what: &'static str,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// No writable byte for the status.
     #[error("no writable byte for the status")]
     NoStatusByte,
     /// The ring itself is broken (available index, ring addresses).
-    #[error("virtqueue error: {0}")]
-    Ring(String),
+    #[error("virtqueue broken")]
+    Ring(#[source] virtio_queue::Error),
 }
 
 impl ProtocolError {
-    pub(crate) fn ring(e: virtio_queue::Error) -> Self {
-        ProtocolError::Ring(e.to_string())
+    /// A broken ring (from `Queue::iter`, `add_used` and the like).
+    pub fn ring(e: virtio_queue::Error) -> Self {
+        ProtocolError::Ring(e)
     }
-    pub(crate) fn outside(e: virtio_queue::Error) -> Self {
-        ProtocolError::BufferOutsideMemory(e.to_string())
+    /// A buffer outside guest memory (from `Reader::new`, `Writer::new`).
+    pub fn outside(e: virtio_queue::Error) -> Self {
+        ProtocolError::BufferOutsideMemory(e)
     }
 }
 

@@ -149,25 +149,28 @@ mod tests {
                 d(0x2_0000, 28, VRING_DESC_F_WRITE, 0),
             ],
         );
-        assert_eq!((r, lens), (Ok(1), vec![128]));
+        assert_eq!((r.ok(), lens), (Some(1), vec![128]));
         let mut got = [0u8; 100];
         mem.read_slice(&mut got, GuestAddress(0x1_0000)).unwrap();
         assert!(got.iter().any(|&b| b != 0), "random bytes are not all zero");
         // A request for more than the cap gets the cap.
         let (r, lens) = run(&mem, &[d(0x1_0000, 0x8_0000, VRING_DESC_F_WRITE, 0)]);
-        assert_eq!((r, lens), (Ok(1), vec![MAX_BYTES_PER_REQUEST as u32]));
+        assert_eq!(
+            (r.ok(), lens),
+            (Some(1), vec![MAX_BYTES_PER_REQUEST as u32])
+        );
     }
 
     #[test]
     fn wrong_direction_gets_nothing_and_broken_chains_need_reset() {
         let mem = crate::virtio::mmio::tests::memory();
         let (r, lens) = run(&mem, &[d(0x1_0000, 64, 0, 0)]);
-        assert_eq!((r, lens), (Ok(1), vec![0]));
+        assert_eq!((r.ok(), lens), (Some(1), vec![0]));
         let (r, _) = run(
             &mem,
             &[d(0x1_0000, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)],
         );
-        assert_eq!(r, Err(ProtocolError::UnterminatedChain));
+        assert!(matches!(r, Err(ProtocolError::UnterminatedChain)), "{r:?}");
         let (r, _) = run(&mem, &[d(0xfff_0000, 64, VRING_DESC_F_WRITE, 0)]);
         assert!(matches!(r, Err(ProtocolError::BufferOutsideMemory(_))));
     }

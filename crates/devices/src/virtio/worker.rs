@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queue::ProtocolError;
 use super::{ActivateError, ActiveQueues};
+use vmcraft_memory::report::ErrorChain;
 
 /// Start the I/O thread of device `name` on the notifiers of `active` and `fds`:
 /// `serve` runs on every wakeup; a protocol error marks the device NEEDS_RESET and
@@ -27,13 +28,18 @@ pub fn spawn_device(
     mut serve: impl FnMut(&Epoll, Token) -> Result<(), ProtocolError> + Send + 'static,
 ) -> Result<Worker, ActivateError> {
     let interrupt = active.interrupt;
+    let device = name.to_string();
     Worker::spawn(
         format!("{name}-io"),
         active.notifiers,
         fds,
         move |epoll, token| match serve(epoll, token) {
             Ok(()) => Next::Continue,
-            Err(_) => {
+            Err(e) => {
+                log::warn!(
+                    "{device}: the guest broke the virtio protocol on {token:?}, the device needs a reset: {}",
+                    ErrorChain(&e)
+                );
                 interrupt.device_error();
                 Next::Stop
             }
@@ -43,6 +49,13 @@ pub fn spawn_device(
         what: "spawn the I/O thread",
         source,
     })
+}
+
+fn thread_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("device I/O thread")
+        .to_string()
 }
 
 /// What the handler wants after serving a notification.
@@ -118,7 +131,13 @@ impl Worker {
                 let n = match epoll.wait(-1, &mut events) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => return,
+                    Err(e) => {
+                        log::error!(
+                            "{}: epoll_wait failed, the device stops serving: {e}",
+                            thread_name()
+                        );
+                        return;
+                    }
                 };
                 for ev in &events[..n] {
                     let token = ev.data();

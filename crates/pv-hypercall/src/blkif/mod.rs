@@ -19,9 +19,10 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::GuestAddress;
+use vmcraft_memory::report::ErrorChain;
 use vmcraft_memory::GuestMemory;
 
-use crate::grant::{CopyDirection, GrantTable};
+use crate::grant::{CopyDirection, GrantError, GrantTable};
 use crate::ring::{BackRing, GuestRingMemory, RingError};
 
 pub use vmcraft_pv_wire::blkif::*;
@@ -33,6 +34,54 @@ pub enum BlkifError {
     /// The shared ring is broken.
     #[error("the blkif ring is broken")]
     Ring(#[source] RingError),
+}
+
+/// Why one request failed (it is answered `STATUS_ERROR`; the ring goes on).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// A write to a read-only disk.
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    /// No segments, or more than [`MAX_SEGMENTS`].
+    #[error("{0} segments (1 to {max} allowed)", max = MAX_SEGMENTS)]
+    SegmentCount(u8),
+    /// A segment whose sectors are reversed or leave its page.
+    #[error("segment sectors {first}..={last} are not inside one page")]
+    BadSegment {
+        /// First sector in the page.
+        first: u8,
+        /// Last sector in the page.
+        last: u8,
+    },
+    /// Sectors past the end of the disk.
+    #[error("sectors from {start} ({count} of them) run past the disk's {sectors}")]
+    PastEnd {
+        /// First sector.
+        start: u64,
+        /// How many.
+        count: u64,
+        /// The disk's size in sectors.
+        sectors: u64,
+    },
+    /// A grant the guest did not give as the operation needs.
+    #[error("grant {gref}")]
+    Grant {
+        /// The grant reference.
+        gref: u32,
+        /// What the grant table said.
+        #[source]
+        source: GrantError,
+    },
+    /// The disk file failed (a host-side error).
+    #[error("disk I/O at byte {offset}")]
+    Io {
+        /// Offset in the disk file.
+        offset: u64,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The outcome of one [`BlkifBackend::process`].
@@ -114,42 +163,79 @@ impl BlkifBackend {
         match req.operation {
             OP_READ | OP_WRITE | OP_WRITE_BARRIER => {
                 let write = req.operation != OP_READ;
-                if write && self.read_only {
-                    return STATUS_ERROR;
+                let result = if write && self.read_only {
+                    Err(RequestError::ReadOnly)
+                } else {
+                    self.transfer(req, write).and_then(|()| {
+                        if req.operation == OP_WRITE_BARRIER {
+                            self.sync()
+                        } else {
+                            Ok(())
+                        }
+                    })
+                };
+                match result {
+                    Ok(()) => STATUS_OKAY,
+                    Err(e) => {
+                        Self::report(req, &e);
+                        STATUS_ERROR
+                    }
                 }
-                if self.transfer(req, write).is_err() {
-                    return STATUS_ERROR;
-                }
-                if req.operation == OP_WRITE_BARRIER && self.file.sync_data().is_err() {
-                    return STATUS_ERROR;
-                }
-                STATUS_OKAY
             }
-            OP_FLUSH_DISKCACHE => match self.file.sync_data() {
+            OP_FLUSH_DISKCACHE => match self.sync() {
                 Ok(()) => STATUS_OKAY,
-                Err(_) => STATUS_ERROR,
+                Err(e) => {
+                    Self::report(req, &e);
+                    STATUS_ERROR
+                }
             },
             _ => STATUS_EOPNOTSUPP,
         }
     }
 
+    /// Log a failed request: host-side failures as warnings, the guest's own
+    /// mistakes (which it can repeat at will) at debug level.
+    fn report(req: &Request, e: &RequestError) {
+        let chain = ErrorChain(e);
+        match e {
+            RequestError::Io { .. } => {
+                log::warn!("pv-block: request {} failed on the host: {chain}", req.id)
+            }
+            _ => log::debug!("pv-block: request {} refused: {chain}", req.id),
+        }
+    }
+
+    fn sync(&self) -> Result<(), RequestError> {
+        self.file
+            .sync_data()
+            .map_err(|source| RequestError::Io { offset: 0, source })
+    }
+
     /// Move the segments' sectors between the granted pages and the disk.
-    fn transfer(&self, req: &Request, write: bool) -> Result<(), ()> {
+    fn transfer(&self, req: &Request, write: bool) -> Result<(), RequestError> {
         let n = usize::from(req.nr_segments);
         if n == 0 || n > MAX_SEGMENTS {
-            return Err(());
+            return Err(RequestError::SegmentCount(req.nr_segments));
         }
         let segs = &req.seg[..n];
         let mut total = 0u64;
         for s in segs {
             if s.first_sect > s.last_sect || s.last_sect > 7 {
-                return Err(());
+                return Err(RequestError::BadSegment {
+                    first: s.first_sect,
+                    last: s.last_sect,
+                });
             }
             total += u64::from(s.last_sect - s.first_sect) + 1;
         }
-        let end = req.sector_number.checked_add(total).ok_or(())?;
-        if end > self.sectors {
-            return Err(());
+        let past_end = RequestError::PastEnd {
+            start: req.sector_number,
+            count: total,
+            sectors: self.sectors,
+        };
+        match req.sector_number.checked_add(total) {
+            Some(end) if end <= self.sectors => {}
+            _ => return Err(past_end),
         }
         let mut sector = req.sector_number;
         let mut buf = [0u8; 4096];
@@ -158,20 +244,26 @@ impl BlkifBackend {
             let len = (count * SECTOR) as usize;
             let page_off = u64::from(s.first_sect) * SECTOR;
             let disk_off = sector * SECTOR;
+            let grant = |source| RequestError::Grant {
+                gref: s.gref,
+                source,
+            };
+            let io = |source| RequestError::Io {
+                offset: disk_off,
+                source,
+            };
             if write {
                 self.grants
                     .copy(s.gref, page_off, &mut buf[..len], CopyDirection::FromGuest)
-                    .map_err(|_| ())?;
-                self.file
-                    .write_all_at(&buf[..len], disk_off)
-                    .map_err(|_| ())?;
+                    .map_err(grant)?;
+                self.file.write_all_at(&buf[..len], disk_off).map_err(io)?;
             } else {
                 self.file
                     .read_exact_at(&mut buf[..len], disk_off)
-                    .map_err(|_| ())?;
+                    .map_err(io)?;
                 self.grants
                     .copy(s.gref, page_off, &mut buf[..len], CopyDirection::ToGuest)
-                    .map_err(|_| ())?;
+                    .map_err(grant)?;
             }
             sector += count;
         }

@@ -53,9 +53,14 @@ pub enum EvtchnError {
     /// The shared-info page is not in guest memory.
     #[error("the shared-info page at {0:#x} is outside guest memory")]
     BadSharedInfo(u64),
-    /// The backend's eventfd could not be made.
-    #[error("cannot create a backend eventfd")]
-    EventFd(String),
+    /// The backend's eventfd could not be made (the value is the OS error number).
+    #[error("cannot create a backend eventfd: {}", std::io::Error::from_raw_os_error(*.0))]
+    EventFd(i32),
+}
+
+/// The OS error number of `e` (EIO for an error that has none).
+fn os_errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(5)
 }
 
 impl EvtchnError {
@@ -221,10 +226,10 @@ impl EventChannels {
             _ => return Err(EvtchnError::BadPort(port)),
         }
         let notified =
-            EventFd::new(EFD_NONBLOCK).map_err(|e| EvtchnError::EventFd(e.to_string()))?;
+            EventFd::new(EFD_NONBLOCK).map_err(|e| EvtchnError::EventFd(os_errno(&e)))?;
         let ours = notified
             .try_clone()
-            .map_err(|e| EvtchnError::EventFd(e.to_string()))?;
+            .map_err(|e| EvtchnError::EventFd(os_errno(&e)))?;
         inner.slots[port as usize] = Slot::Bound { backend, vcpu };
         if inner.backends.len() <= port as usize {
             inner.backends.resize_with(port as usize + 1, || None);
