@@ -210,28 +210,15 @@ fn dirty_pages_merge_guest_and_vmm_writes() {
 fn an_unmodified_style_driver_uses_the_emulated_ata_disk() {
     use std::sync::Arc;
     use vmcraft::devices::ata::AtaDisk;
-    use vmcraft::devices::bus::IoBuses;
-    use vmcraft::devices::serial::SharedBuffer;
-    use vmcraft::devices::stop::StopLatch;
-    use vmcraft::machine::{BusExitHandler, LegacyDevices};
-    use vmcraft::memory::{layout::MemoryLayout, GuestRam};
-    use vmcraft::vcpu::{RunningVm, Vm};
-    require_kvm();
-    let vm = Vm::new(GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap()).unwrap();
-    let stop = Arc::new(StopLatch::default());
-    let serial = SharedBuffer::new();
-    let mut buses = IoBuses::new();
-    LegacyDevices::install(&mut buses, vm.fd(), Box::new(serial.clone()), stop.clone()).unwrap();
+    let mut t = TestVm::new(Guest::ATA_BENCH);
     let scratch = ScratchImage::new("ata-guest", 1 << 20);
     let disk = Arc::new(AtaDisk::new(scratch.file(), false).unwrap());
+    let buses = t.builder.buses_mut();
     buses
         .register_pio(AtaDisk::COMMAND_BASE, 8, disk.clone())
         .unwrap();
     buses.register_pio(AtaDisk::CONTROL_BASE, 1, disk).unwrap();
-    Guest::ATA_BENCH.load(vm.memory()).unwrap();
-    let handler = Arc::new(BusExitHandler::new(Arc::new(buses), stop));
-    let running =
-        RunningVm::start(vm, &[VcpuConfig::at(Guest::ATA_BENCH.entry(0, 4))], handler).unwrap();
+    let (running, serial, _) = t.start(&one(Guest::ATA_BENCH, 4));
     let outcome = running.wait_timeout(TIMEOUT).unwrap();
     let image = scratch.contents();
     assert_eq!(
