@@ -155,11 +155,7 @@ pub struct RingLayout {
 impl RingLayout {
     /// The layout ring.h gives requests `Req` and responses `Rsp` in `bytes`.
     pub fn new<Req: Entry, Rsp: Entry>(bytes: usize) -> Result<Self, RingError> {
-        let entry_size = if Req::SIZE > Rsp::SIZE {
-            Req::SIZE
-        } else {
-            Rsp::SIZE
-        };
+        let entry_size = entry_size::<Req, Rsp>();
         let bad = RingError::BadLayout {
             size: bytes,
             entry_size,
@@ -180,17 +176,31 @@ impl RingLayout {
         })
     }
 
-    fn offset(&self, index: u32) -> usize {
-        HEADER_SIZE + (index & (self.entries - 1)) as usize * self.entry_size
+    /// Where entry `index` is, for entries of `entry_size` bytes (the callers pass a
+    /// constant, so the multiply is a shift or a constant).
+    #[inline]
+    fn offset(&self, index: u32, entry_size: usize) -> usize {
+        HEADER_SIZE + (index & (self.entries - 1)) as usize * entry_size
+    }
+}
+
+/// The bytes of one ring slot: the larger of the request and the response.
+const fn entry_size<Req: Entry, Rsp: Entry>() -> usize {
+    if Req::SIZE > Rsp::SIZE {
+        Req::SIZE
+    } else {
+        Rsp::SIZE
     }
 }
 
 /// Whether a producer that moved its index from `old` to `new` must notify a
 /// consumer that asked to hear at `event` (ring.h's check, wrapping).
+#[inline]
 pub fn need_notify(old: u32, new: u32, event: u32) -> bool {
     new.wrapping_sub(event) < new.wrapping_sub(old)
 }
 
+#[inline]
 fn unconsumed(prod: u32, cons: u32, entries: u32) -> Result<u32, RingError> {
     let claimed = prod.wrapping_sub(cons);
     if claimed > entries {
@@ -213,18 +223,31 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     }
 }
 
-fn read_entry<M: RingMemory, T: Entry>(mem: &M, layout: &RingLayout, index: u32) -> T {
+#[inline]
+fn read_entry<M: RingMemory, T: Entry>(
+    mem: &M,
+    layout: &RingLayout,
+    index: u32,
+    entry_size: usize,
+) -> T {
     // One copy out of shared memory; decoding works on the private copy only.
     with_scratch(T::SIZE, |bytes| {
-        mem.read(layout.offset(index), bytes);
+        mem.read(layout.offset(index, entry_size), bytes);
         T::decode(bytes)
     })
 }
 
-fn write_entry<M: RingMemory, T: Entry>(mem: &M, layout: &RingLayout, index: u32, value: &T) {
+#[inline]
+fn write_entry<M: RingMemory, T: Entry>(
+    mem: &M,
+    layout: &RingLayout,
+    index: u32,
+    entry_size: usize,
+    value: &T,
+) {
     with_scratch(T::SIZE, |bytes| {
         value.encode(bytes);
-        mem.write(layout.offset(index), bytes);
+        mem.write(layout.offset(index, entry_size), bytes);
     })
 }
 
@@ -243,6 +266,8 @@ pub struct FrontRing<M, Req, Rsp> {
 }
 
 impl<M: RingMemory, Req: Entry, Rsp: Entry> FrontRing<M, Req, Rsp> {
+    const ENTRY_SIZE: usize = entry_size::<Req, Rsp>();
+
     /// Initialise the shared header (a new ring filling `mem`) and attach to it.
     pub fn init(mem: M) -> Result<Self, RingError> {
         RingLayout::new::<Req, Rsp>(mem.size())?;
@@ -275,21 +300,30 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> FrontRing<M, Req, Rsp> {
     }
 
     /// Requests that can still be pushed before responses are consumed.
+    #[inline]
     pub fn free_requests(&self) -> u32 {
         self.layout.entries - self.req_prod_pvt.wrapping_sub(self.rsp_cons)
     }
 
     /// Queue a request (not yet visible to the back end).
+    #[inline]
     pub fn push_request(&mut self, req: &Req) -> Result<(), RingError> {
         if self.free_requests() == 0 {
             return Err(RingError::Full);
         }
-        write_entry(&self.mem, &self.layout, self.req_prod_pvt, req);
+        write_entry(
+            &self.mem,
+            &self.layout,
+            self.req_prod_pvt,
+            Self::ENTRY_SIZE,
+            req,
+        );
         self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
         Ok(())
     }
 
     /// Publish queued requests; returns whether the back end must be notified.
+    #[inline]
     pub fn publish_requests(&mut self) -> bool {
         let old = self.req_published;
         let new = self.req_prod_pvt;
@@ -301,6 +335,7 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> FrontRing<M, Req, Rsp> {
     }
 
     /// Responses published but not yet popped.
+    #[inline]
     pub fn unconsumed_responses(&self) -> Result<u32, RingError> {
         unconsumed(
             self.mem.load_u32(RSP_PROD),
@@ -311,6 +346,7 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> FrontRing<M, Req, Rsp> {
 
     /// Pop the next response, if one is published. The shared index is read again
     /// only when the responses seen last time are used up.
+    #[inline]
     pub fn pop_response(&mut self) -> Result<Option<Rsp>, RingError> {
         if self.rsp_cons == self.rsp_prod_seen {
             let prod = self.mem.load_u32(RSP_PROD);
@@ -319,7 +355,7 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> FrontRing<M, Req, Rsp> {
             }
             self.rsp_prod_seen = prod;
         }
-        let rsp = read_entry(&self.mem, &self.layout, self.rsp_cons);
+        let rsp = read_entry(&self.mem, &self.layout, self.rsp_cons, Self::ENTRY_SIZE);
         self.rsp_cons = self.rsp_cons.wrapping_add(1);
         Ok(Some(rsp))
     }
@@ -351,6 +387,8 @@ pub struct BackRing<M, Req, Rsp> {
 }
 
 impl<M: RingMemory, Req: Entry, Rsp: Entry> BackRing<M, Req, Rsp> {
+    const ENTRY_SIZE: usize = entry_size::<Req, Rsp>();
+
     /// Attach to a ring (filling `mem`) the front end has initialised, continuing
     /// from its published responses.
     pub fn attach(mem: M) -> Result<Self, RingError> {
@@ -375,6 +413,7 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> BackRing<M, Req, Rsp> {
     /// Requests published but not yet popped (never more than the responses the
     /// ring has room for). A producer index claiming more than a ring of
     /// unconsumed requests is an error.
+    #[inline]
     pub fn unconsumed_requests(&self) -> Result<u32, RingError> {
         let req = unconsumed(
             self.mem.load_u32(REQ_PROD),
@@ -387,6 +426,7 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> BackRing<M, Req, Rsp> {
 
     /// Pop the next request, copied out of shared memory once. The shared index is
     /// read again only when the requests seen last time are used up.
+    #[inline]
     pub fn pop_request(&mut self) -> Result<Option<Req>, RingError> {
         let room = self.layout.entries - self.req_cons.wrapping_sub(self.rsp_prod_pvt);
         if room == 0 {
@@ -399,22 +439,30 @@ impl<M: RingMemory, Req: Entry, Rsp: Entry> BackRing<M, Req, Rsp> {
             }
             self.req_prod_seen = prod;
         }
-        let req = read_entry(&self.mem, &self.layout, self.req_cons);
+        let req = read_entry(&self.mem, &self.layout, self.req_cons, Self::ENTRY_SIZE);
         self.req_cons = self.req_cons.wrapping_add(1);
         Ok(Some(req))
     }
 
     /// Queue a response to a popped request (not yet visible to the front end).
+    #[inline]
     pub fn push_response(&mut self, rsp: &Rsp) -> Result<(), RingError> {
         if self.rsp_prod_pvt == self.req_cons {
             return Err(RingError::NoRequestToAnswer);
         }
-        write_entry(&self.mem, &self.layout, self.rsp_prod_pvt, rsp);
+        write_entry(
+            &self.mem,
+            &self.layout,
+            self.rsp_prod_pvt,
+            Self::ENTRY_SIZE,
+            rsp,
+        );
         self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
         Ok(())
     }
 
     /// Publish queued responses; returns whether the front end must be notified.
+    #[inline]
     pub fn publish_responses(&mut self) -> bool {
         let old = self.rsp_published;
         let new = self.rsp_prod_pvt;
