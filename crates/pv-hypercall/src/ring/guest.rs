@@ -1,15 +1,17 @@
 //! Rings in vm-memory: guest memory, or a private host mapping shared by threads.
 
-use core::sync::atomic::Ordering;
-
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmcraft_memory::GuestMemory;
 
-use super::{RingError, RingMemory};
+use super::{RawRingMemory, RingError, RingMemory};
 
-/// A ring in vm-memory: `size` bytes at `base` of `M`. Every access is
-/// bounds-checked against the range validated at creation; should the memory vanish,
-/// loads read 0 and stores are dropped rather than panic.
+/// A ring in vm-memory: `size` bytes at `base` of `M`, inside one of its regions.
+///
+/// The range is checked once, at creation; then every access goes straight to the
+/// mapping through [`RawRingMemory`] (atomic indices, volatile entries, each access
+/// bounds-checked against `size`), with no region lookup, and writes mark the
+/// region's dirty bitmap. The value holds `M`, which keeps the mapping alive.
 ///
 /// Use it through [`GuestRingMemory`] (a ring in guest memory) or
 /// [`HostRingMemory`] (a private mapping for two host threads).
@@ -17,8 +19,17 @@ use super::{RingError, RingMemory};
 pub struct VmRingMemory<M> {
     mem: M,
     base: GuestAddress,
-    size: usize,
+    raw: RawRingMemory,
 }
+
+// SAFETY: `raw` points into a mapping that `mem` keeps alive (vm-memory's regions are
+// reference counted and unmapped only when the last holder drops them), and every
+// access through it is atomic or volatile, which is how two sides share a ring page.
+// `M` itself is Send for both aliases below.
+unsafe impl<M: Send> Send for VmRingMemory<M> {}
+// SAFETY: as for Send: `&VmRingMemory` only reaches the page through atomic and
+// volatile accesses, and marks dirty pages through the bitmap's atomics.
+unsafe impl<M: Sync> Sync for VmRingMemory<M> {}
 
 /// A ring at a guest-physical address. Writes mark guest pages dirty, as every VMM
 /// write to guest memory does.
@@ -28,9 +39,9 @@ pub type GuestRingMemory = VmRingMemory<GuestMemory>;
 /// mapping has no dirty bitmap: nothing migrates it.
 pub type HostRingMemory = VmRingMemory<vm_memory::GuestMemoryMmap<()>>;
 
-impl GuestRingMemory {
-    /// The `size` bytes at `base` (8-aligned, inside guest memory).
-    pub fn new(mem: GuestMemory, base: GuestAddress, size: usize) -> Result<Self, RingError> {
+impl<M: GuestMemoryBackend> VmRingMemory<M> {
+    /// The `size` bytes at `base` of `mem`: 8-aligned, not empty, inside one region.
+    fn attach(mem: M, base: GuestAddress, size: usize) -> Result<Self, RingError> {
         let bad = RingError::BadLayout {
             size,
             entry_size: 0,
@@ -38,11 +49,32 @@ impl GuestRingMemory {
         if !base.0.is_multiple_of(8) || size == 0 {
             return Err(bad);
         }
-        let last = base.0.checked_add(size as u64 - 1).ok_or(bad)?;
-        if !mem.check_range(base, size) || !mem.address_in_range(GuestAddress(last)) {
-            return Err(bad);
+        // One region holds the whole range (get_slice fails otherwise).
+        let host = mem
+            .get_slice(base, size)
+            .map_err(|_| bad)?
+            .ptr_guard_mut()
+            .as_ptr();
+        // SAFETY: `host` is 8-aligned (base is, and regions are page-aligned
+        // mappings) and valid for `size` bytes of reads and writes: vm-memory just
+        // checked the range lies in one mapped region, which `mem` (stored beside
+        // the pointer) keeps mapped for as long as this value or a clone exists.
+        let raw = unsafe { RawRingMemory::new(host, size) };
+        Ok(VmRingMemory { mem, base, raw })
+    }
+
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        let addr = GuestAddress(self.base.0 + offset as u64);
+        if let Some((region, at)) = self.mem.to_region_addr(addr) {
+            region.bitmap().mark_dirty(at.0 as usize, len);
         }
-        Ok(VmRingMemory { mem, base, size })
+    }
+}
+
+impl GuestRingMemory {
+    /// The `size` bytes at `base` (8-aligned, inside one region of guest memory).
+    pub fn new(mem: GuestMemory, base: GuestAddress, size: usize) -> Result<Self, RingError> {
+        Self::attach(mem, base, size)
     }
 }
 
@@ -51,51 +83,33 @@ impl HostRingMemory {
     pub fn new(size: usize) -> Result<Self, vm_memory::mmap::FromRangesError> {
         let mapped = size.max(1).div_ceil(4096) * 4096;
         let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mapped)])?;
-        Ok(VmRingMemory {
-            mem,
-            base: GuestAddress(0),
-            size,
-        })
-    }
-}
-
-impl<M> VmRingMemory<M> {
-    fn at(&self, offset: usize) -> GuestAddress {
-        GuestAddress(self.base.0 + offset as u64)
+        Ok(Self::attach(mem, GuestAddress(0), size.max(1))
+            .expect("a fresh mapping holds its own range"))
     }
 }
 
 impl<M: GuestMemoryBackend> RingMemory for VmRingMemory<M> {
     #[inline]
     fn size(&self) -> usize {
-        self.size
+        self.raw.size()
     }
     #[inline]
     fn load_u32(&self, offset: usize) -> u32 {
-        if offset + 4 > self.size {
-            return 0;
-        }
-        self.mem
-            .load::<u32>(self.at(offset), Ordering::Acquire)
-            .unwrap_or(0)
+        self.raw.load_u32(offset)
     }
     #[inline]
     fn store_u32(&self, offset: usize, value: u32) {
-        if offset + 4 <= self.size {
-            let _ = self.mem.store(value, self.at(offset), Ordering::Release);
-        }
+        self.raw.store_u32(offset, value);
+        self.mark_dirty(offset, 4);
     }
     #[inline]
     fn read(&self, offset: usize, buf: &mut [u8]) {
-        if offset + buf.len() > self.size || self.mem.read_slice(buf, self.at(offset)).is_err() {
-            buf.fill(0);
-        }
+        self.raw.read(offset, buf)
     }
     #[inline]
     fn write(&self, offset: usize, data: &[u8]) {
-        if offset + data.len() <= self.size {
-            let _ = self.mem.write_slice(data, self.at(offset));
-        }
+        self.raw.write(offset, data);
+        self.mark_dirty(offset, data.len());
     }
 }
 
@@ -135,6 +149,42 @@ mod tests {
         f.push_request(&Word(5)).unwrap();
         f.publish_requests();
         assert_eq!(b.pop_request().unwrap(), Some(Word(5)));
+    }
+
+    #[test]
+    fn ring_writes_mark_guest_pages_dirty_and_reads_do_not() {
+        use std::ops::Deref;
+        use vm_memory::GuestMemoryBackend;
+        let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+        let mem = ram.memory().clone();
+        let dirty = || {
+            let region = mem.iter().next().unwrap();
+            region.deref().bitmap().get_and_reset()[0]
+        };
+        // A two-page ring at 0x3000: the header in page 3, then 1024 entries of 4
+        // bytes from offset 64, the last ones in page 4.
+        let ring = GuestRingMemory::new(ram.memory().clone(), GuestAddress(0x3000), 8192).unwrap();
+        let mut f = FrontRing::<_, Word, Word>::init(ring.clone()).unwrap();
+        let mut b = BackRing::<_, Word, Word>::attach(ring).unwrap();
+        dirty();
+        f.push_request(&Word(1)).unwrap();
+        assert_eq!(dirty(), 1 << 3, "the entry's page");
+        f.publish_requests();
+        assert_eq!(dirty(), 1 << 3, "the header's page");
+        assert_eq!(b.pop_request().unwrap(), Some(Word(1)));
+        assert_eq!(dirty(), 0, "reading dirties nothing");
+        b.push_response(&Word(1)).unwrap();
+        b.publish_responses();
+        f.pop_response().unwrap();
+        for i in 0..1100 {
+            f.push_request(&Word(i)).unwrap();
+            f.publish_requests();
+            b.pop_request().unwrap();
+            b.push_response(&Word(i)).unwrap();
+            b.publish_responses();
+            f.pop_response().unwrap();
+        }
+        assert_eq!(dirty(), (1 << 3) | (1 << 4), "entries in both pages");
     }
 
     #[test]
