@@ -99,7 +99,7 @@ pub struct MachineDescription {
 }
 
 /// Errors from building or writing the tables.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum AcpiError {
     /// No vCPU, or more than xAPIC IDs can name.
@@ -132,12 +132,13 @@ pub enum AcpiError {
         room: u64,
     },
     /// Guest memory refused the write.
-    #[error("cannot write the ACPI tables at {addr:#x}: {reason}")]
+    #[error("cannot write the ACPI tables at {addr:#x}")]
     Write {
         /// Where.
         addr: u64,
-        /// vm-memory's error, as text (it is not `PartialEq`).
-        reason: String,
+        /// What vm-memory said.
+        #[source]
+        source: vm_memory::GuestMemoryError,
     },
 }
 
@@ -370,9 +371,9 @@ impl MachineDescription {
     pub fn write(&self, mem: &GuestMemory) -> Result<u64, AcpiError> {
         let blob = self.build(TABLES_ADDR)?;
         mem.write_slice(&blob, GuestAddress(TABLES_ADDR))
-            .map_err(|e| AcpiError::Write {
+            .map_err(|source| AcpiError::Write {
                 addr: TABLES_ADDR,
-                reason: e.to_string(),
+                source,
             })?;
         Ok(blob.len() as u64)
     }
@@ -502,22 +503,25 @@ mod tests {
     fn bad_descriptions_are_refused_with_the_value() {
         let mut m = machine();
         m.vcpus = 0;
-        assert_eq!(m.build(TABLES_ADDR), Err(AcpiError::VcpuCount(0)));
+        assert!(matches!(m.build(TABLES_ADDR), Err(AcpiError::VcpuCount(0))));
         m.vcpus = 256;
-        assert_eq!(m.build(TABLES_ADDR), Err(AcpiError::VcpuCount(256)));
+        assert!(matches!(
+            m.build(TABLES_ADDR),
+            Err(AcpiError::VcpuCount(256))
+        ));
         let mut m = machine();
         m.devices.push(AcpiDevice::VirtioMmio {
             base: 0xd100_2000,
             size: 0x1000,
             irq: 24,
         });
-        assert_eq!(
+        assert!(matches!(
             m.build(TABLES_ADDR),
             Err(AcpiError::Irq {
                 device: "a virtio-mmio device",
                 irq: 24
             })
-        );
+        ));
         let mut m = machine();
         m.devices.push(AcpiDevice::VirtioMmio {
             base: 0xffff_f800,
