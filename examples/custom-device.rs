@@ -45,7 +45,7 @@ fn transmit(
             source,
         };
         Reader::new(mem, chain)
-            .map_err(ProtocolError::outside)?
+            .map_err(ProtocolError::BufferOutsideMemory)?
             .read_to_end(&mut text)
             .map_err(copy)?;
         print!("guest says: {}", String::from_utf8_lossy(&text));
@@ -65,10 +65,10 @@ fn receive(
     pending: &mut Vec<u8>,
 ) -> Result<(), ProtocolError> {
     while !pending.is_empty() {
-        let chain = rx.iter(mem).map_err(ProtocolError::ring)?.next();
+        let chain = rx.iter(mem).map_err(ProtocolError::Ring)?.next();
         let Some(chain) = chain else { break }; // no buffer yet: wait for the next kick
         let head = chain.head_index();
-        let mut writer = Writer::new(mem, chain).map_err(ProtocolError::outside)?;
+        let mut writer = Writer::new(mem, chain).map_err(ProtocolError::BufferOutsideMemory)?;
         let n = pending.len().min(writer.available_bytes());
         std::io::Write::write_all(&mut writer, &pending[..n]).map_err(|source| {
             ProtocolError::BufferCopy {
@@ -78,7 +78,7 @@ fn receive(
         })?;
         pending.drain(..n);
         rx.add_used(mem, head, n as u32)
-            .map_err(ProtocolError::ring)?;
+            .map_err(ProtocolError::Ring)?;
         irq.signal_used_queue();
     }
     Ok(())

@@ -366,8 +366,7 @@ impl MachineDescription {
         Ok(blob)
     }
 
-    /// Build the tables and write them at [`TABLES_ADDR`] (where the RSDP is); returns
-    /// how many bytes they take.
+    /// Build the tables and write them at [`TABLES_ADDR`]; returns the RSDP's address.
     pub fn write(&self, mem: &GuestMemory) -> Result<u64, AcpiError> {
         let blob = self.build(TABLES_ADDR)?;
         mem.write_slice(&blob, GuestAddress(TABLES_ADDR))
@@ -375,7 +374,7 @@ impl MachineDescription {
                 addr: TABLES_ADDR,
                 source,
             })?;
-        Ok(blob.len() as u64)
+        Ok(TABLES_ADDR)
     }
 }
 

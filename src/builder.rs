@@ -333,9 +333,15 @@ impl MachineBuilder {
         vcpus: u32,
     ) -> Result<LoadedKernel, BuildError> {
         let cmdline = format!("{cmdline}{}", self.virtio_cmdline());
-        let acpi = self.acpi(vcpus);
-        let acpi_len = acpi.build(TABLES_ADDR).map_err(BuildError::Acpi)?.len() as u64;
-        self.reserve("ACPI tables", TABLES_ADDR, acpi_len)?;
+        let acpi = self
+            .acpi(vcpus)
+            .build(TABLES_ADDR)
+            .map_err(BuildError::Acpi)?;
+        self.load(Image {
+            name: "ACPI tables",
+            addr: TABLES_ADDR,
+            bytes: &acpi,
+        })?;
         self.reserve(
             "Linux boot parameters",
             BOOT_PARAMS_RANGE.start,
@@ -346,7 +352,6 @@ impl MachineBuilder {
             CMDLINE_ADDR,
             cmdline.len() as u64 + 1,
         )?;
-        acpi.write(self.vm.memory()).map_err(BuildError::Acpi)?;
         let loaded = load_linux(self.vm.memory(), &self.layout, kernel, initrd, &cmdline)
             .map_err(BuildError::Linux)?;
         self.reserve(
@@ -394,10 +399,7 @@ impl MachineBuilder {
     /// needs the boot tables, their ranges are reserved first: an image loaded
     /// over them is an error.
     pub fn start(mut self, vcpus: &[VcpuConfig]) -> Result<Machine, BuildError> {
-        if vcpus
-            .iter()
-            .any(|c| c.entry.is_some_and(|e| e.needs_boot_tables()))
-        {
+        if vcpus.iter().any(VcpuConfig::needs_boot_tables) {
             self.reserve_boot_tables()?;
         }
         let parts = self.into_parts();

@@ -40,6 +40,12 @@ impl VcpuConfig {
     pub fn waiting_for_sipi() -> Self {
         VcpuConfig { entry: None }
     }
+
+    /// Whether this vCPU starts on the boot tables
+    /// ([`Entry::needs_boot_tables`](crate::mode::Entry::needs_boot_tables)).
+    pub fn needs_boot_tables(&self) -> bool {
+        self.entry.is_some_and(|e| e.needs_boot_tables())
+    }
 }
 
 /// Errors from starting or running a VM.

@@ -212,10 +212,7 @@ pub fn create_vcpus(
         return Err(VmError::NoVcpus);
     }
     install_kick_handler()?;
-    if configs
-        .iter()
-        .any(|c| c.entry.is_some_and(|e| e.needs_boot_tables()))
-    {
+    if configs.iter().any(VcpuConfig::needs_boot_tables) {
         mode::write_boot_tables(vm.memory())
             .map_err(|source| VmError::Mode { index: 0, source })?;
     }

@@ -276,14 +276,14 @@ pub fn execute(
 ) -> Result<u32, ProtocolError> {
     let count = check_chain(&chain)?;
     let oversized = chain.clone().any(|d| d.len() > SIZE_MAX) || count > SEG_MAX as usize + 2;
-    let outside = ProtocolError::outside;
+    let outside = ProtocolError::BufferOutsideMemory;
     let mut reader: Reader<'_, _> = Reader::new(mem, chain.clone()).map_err(outside)?;
     let mut writer: Writer<'_, _> = Writer::new(mem, chain).map_err(outside)?;
     let writable = writer.available_bytes();
     if writable == 0 {
         return Err(ProtocolError::NoStatusByte);
     }
-    let mut status_writer = writer.split_at(writable - 1).map_err(ProtocolError::ring)?;
+    let mut status_writer = writer.split_at(writable - 1).map_err(ProtocolError::Ring)?;
     let status = if oversized {
         VIRTIO_BLK_S_IOERR
     } else {

@@ -123,7 +123,8 @@ pub fn transmit(
     if chain.clone().any(|d| d.is_write_only()) {
         return Ok(0);
     }
-    let mut reader: Reader<'_, _> = Reader::new(mem, chain).map_err(ProtocolError::outside)?;
+    let mut reader: Reader<'_, _> =
+        Reader::new(mem, chain).map_err(ProtocolError::BufferOutsideMemory)?;
     let mut buf = [0u8; 4096];
     loop {
         let n = reader.read(&mut buf).unwrap_or(0);
@@ -176,11 +177,11 @@ impl Pending {
         while !self.bytes.is_empty() {
             let chain = match rx.iter(mem) {
                 Ok(mut it) => it.next(),
-                Err(e) => return Err(ProtocolError::ring(e)),
+                Err(e) => return Err(ProtocolError::Ring(e)),
             };
             let Some(chain) = chain else {
                 if rx.event_idx_enabled()
-                    && rx.enable_notification(mem).map_err(ProtocolError::ring)?
+                    && rx.enable_notification(mem).map_err(ProtocolError::Ring)?
                 {
                     continue;
                 }
@@ -188,10 +189,10 @@ impl Pending {
             };
             let head = chain.head_index();
             let len = self.fill(chain, mem)?;
-            rx.add_used(mem, head, len).map_err(ProtocolError::ring)?;
+            rx.add_used(mem, head, len).map_err(ProtocolError::Ring)?;
             completed += 1;
         }
-        if completed > 0 && rx.needs_notification(mem).map_err(ProtocolError::ring)? {
+        if completed > 0 && rx.needs_notification(mem).map_err(ProtocolError::Ring)? {
             interrupt.signal_used_queue();
         }
         Ok(completed)
@@ -206,7 +207,8 @@ impl Pending {
         if chain.clone().any(|d| !d.is_write_only()) {
             return Ok(0);
         }
-        let mut writer: Writer<'_, _> = Writer::new(mem, chain).map_err(ProtocolError::outside)?;
+        let mut writer: Writer<'_, _> =
+            Writer::new(mem, chain).map_err(ProtocolError::BufferOutsideMemory)?;
         let n = writer.available_bytes().min(self.bytes.len());
         let (a, b) = self.bytes.as_slices();
         let first = n.min(a.len());

@@ -104,7 +104,8 @@ pub fn transmit(
     if chain.clone().any(|d| d.is_write_only()) {
         return Ok(0);
     }
-    let mut reader: Reader<'_, _> = Reader::new(mem, chain).map_err(ProtocolError::outside)?;
+    let mut reader: Reader<'_, _> =
+        Reader::new(mem, chain).map_err(ProtocolError::BufferOutsideMemory)?;
     let total = reader.available_bytes();
     if !(HEADER_SIZE..=HEADER_SIZE + MAX_FRAME).contains(&total) || buf.len() < total {
         return Ok(0);
@@ -130,7 +131,8 @@ pub fn receive_into(
     if chain.clone().any(|d| !d.is_write_only()) {
         return Ok(None);
     }
-    let mut writer: Writer<'_, _> = Writer::new(mem, chain).map_err(ProtocolError::outside)?;
+    let mut writer: Writer<'_, _> =
+        Writer::new(mem, chain).map_err(ProtocolError::BufferOutsideMemory)?;
     if writer.available_bytes() < HEADER_SIZE + frame.len() {
         return Ok(None);
     }
@@ -193,11 +195,11 @@ impl RxPath {
             };
             let chain = match rx.iter(mem) {
                 Ok(mut it) => it.next(),
-                Err(e) => return Err(ProtocolError::ring(e)),
+                Err(e) => return Err(ProtocolError::Ring(e)),
             };
             let Some(chain) = chain else {
                 if rx.event_idx_enabled()
-                    && rx.enable_notification(mem).map_err(ProtocolError::ring)?
+                    && rx.enable_notification(mem).map_err(ProtocolError::Ring)?
                 {
                     continue;
                 }
@@ -206,13 +208,13 @@ impl RxPath {
             let head = chain.head_index();
             let used = receive_into(chain, mem, &self.frame[..len])?;
             rx.add_used(mem, head, used.unwrap_or(0))
-                .map_err(ProtocolError::ring)?;
+                .map_err(ProtocolError::Ring)?;
             if used.is_some() {
                 self.held = None;
                 delivered += 1;
             }
         }
-        if delivered > 0 && rx.needs_notification(mem).map_err(ProtocolError::ring)? {
+        if delivered > 0 && rx.needs_notification(mem).map_err(ProtocolError::Ring)? {
             interrupt.signal_used_queue();
         }
         Ok(delivered)

@@ -34,17 +34,6 @@ pub enum ProtocolError {
     Ring(#[source] virtio_queue::Error),
 }
 
-impl ProtocolError {
-    /// A broken ring (from `Queue::iter`, `add_used` and the like).
-    pub fn ring(e: virtio_queue::Error) -> Self {
-        ProtocolError::Ring(e)
-    }
-    /// A buffer outside guest memory (from `Reader::new`, `Writer::new`).
-    pub fn outside(e: virtio_queue::Error) -> Self {
-        ProtocolError::BufferOutsideMemory(e)
-    }
-}
-
 /// Check that `chain` ends by itself and return its descriptor count. DescriptorChain
 /// stops after `queue size` descriptors or at an index outside the table; then the
 /// last descriptor it gave still has NEXT set.
@@ -77,30 +66,30 @@ pub fn serve_available(
         if queue.event_idx_enabled() {
             queue
                 .disable_notification(mem)
-                .map_err(ProtocolError::ring)?;
+                .map_err(ProtocolError::Ring)?;
         }
         loop {
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
-                Err(e) => return Err(ProtocolError::ring(e)),
+                Err(e) => return Err(ProtocolError::Ring(e)),
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let written = handle(chain)?;
             queue
                 .add_used(mem, head, written)
-                .map_err(ProtocolError::ring)?;
+                .map_err(ProtocolError::Ring)?;
             served += 1;
         }
         if !queue.event_idx_enabled()
             || !queue
                 .enable_notification(mem)
-                .map_err(ProtocolError::ring)?
+                .map_err(ProtocolError::Ring)?
         {
             break Ok(served);
         }
     };
-    if served > 0 && queue.needs_notification(mem).map_err(ProtocolError::ring)? {
+    if served > 0 && queue.needs_notification(mem).map_err(ProtocolError::Ring)? {
         interrupt.signal_used_queue();
     }
     result

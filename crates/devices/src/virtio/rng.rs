@@ -67,7 +67,8 @@ pub fn fill_request(
     if chain.clone().any(|d| !d.is_write_only()) {
         return Ok(0);
     }
-    let mut writer: Writer<'_, _> = Writer::new(mem, chain).map_err(ProtocolError::outside)?;
+    let mut writer: Writer<'_, _> =
+        Writer::new(mem, chain).map_err(ProtocolError::BufferOutsideMemory)?;
     let mut want = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
     while want > 0 {
         let n = want.min(scratch.len());

@@ -51,13 +51,6 @@ pub fn spawn_device(
     })
 }
 
-fn thread_name() -> String {
-    std::thread::current()
-        .name()
-        .unwrap_or("device I/O thread")
-        .to_string()
-}
-
 /// What the handler wants after serving a notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -118,6 +111,7 @@ impl Worker {
             EpollEvent::new(EventSet::IN, stop_token),
         )?;
         let stop_clone = stop.try_clone()?;
+        let label = name.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let _stop = stop_clone;
             let mut events = vec![EpollEvent::default(); stop_token as usize + 1];
@@ -132,10 +126,7 @@ impl Worker {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        log::error!(
-                            "{}: epoll_wait failed, the device stops serving: {e}",
-                            thread_name()
-                        );
+                        log::error!("{label}: epoll_wait failed, the device stops serving: {e}");
                         return;
                     }
                 };

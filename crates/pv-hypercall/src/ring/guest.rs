@@ -55,10 +55,9 @@ impl<M: GuestMemoryBackend> VmRingMemory<M> {
             .map_err(|_| bad)?
             .ptr_guard_mut()
             .as_ptr();
-        // SAFETY: `host` is 8-aligned (base is, and regions are page-aligned
-        // mappings) and valid for `size` bytes of reads and writes: vm-memory just
-        // checked the range lies in one mapped region, which `mem` (stored beside
-        // the pointer) keeps mapped for as long as this value or a clone exists.
+        // SAFETY: `host` is 8-aligned (so is base; regions are page-aligned) and valid
+        // for `size` bytes: get_slice found them in one mapped region, which `mem`
+        // (stored beside the pointer) keeps mapped while this value or a clone lives.
         let raw = unsafe { RawRingMemory::new(host, size) };
         Ok(VmRingMemory { mem, base, raw })
     }
