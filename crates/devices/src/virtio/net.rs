@@ -58,6 +58,9 @@ impl FrameIo for UnixDatagram {
         self.recv(buf)
     }
     fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        // Never block the device's thread on a peer that does not read: a full queue
+        // is `WouldBlock`, and the frame is dropped as a wire would drop it.
+        self.set_nonblocking(true)?;
         self.send(frame).map(|_| ())
     }
 }
@@ -323,6 +326,25 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use crate::virtio::test_util::{desc as d, used_lens as used};
+
+    #[test]
+    fn a_peer_that_never_reads_drops_frames_instead_of_blocking_the_device() {
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut backend: Box<dyn FrameIo> = Box::new(ours);
+            // Far more than a socket buffer holds; `theirs` never reads.
+            let refused = (0..4096)
+                .filter(|_| backend.send_frame(&[0u8; 1514]).is_err())
+                .count();
+            done.send(refused).unwrap();
+        });
+        let refused = finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("send_frame blocked on a full peer");
+        assert!(refused > 0, "some frames must have been dropped");
+        drop(theirs);
+    }
 
     #[test]
     fn transmitted_frames_lose_their_header_and_bad_chains_are_dropped() {
