@@ -1,26 +1,39 @@
-//! Start-up cost of the example VMM against QEMU's microvm machine, in the same run.
+//! Start-up cost of the example VMM against QEMU's microvm machine and Firecracker,
+//! in the same run.
 //!
 //! ```text
 //! cargo bench --bench startup
 //! ```
 //!
-//! Both run the same 13-byte real-mode guest (`Guest::REAL_MODE_EXIT`): its first exit
-//! writes a newline to the COM1 16550, its second exits through the debug-exit port.
-//! The example VMM loads it at 0x8000 (`--guest exit`); QEMU gets it at the reset
-//! vector of a 64 KiB firmware image (`-bios`). Figures per run:
+//! Two pairs, each running one guest under both VMMs:
+//!
+//! * against QEMU, the 13-byte real-mode guest (`Guest::REAL_MODE_EXIT`): its first exit
+//!   writes a newline to the COM1 16550, its second exits through the debug-exit port.
+//!   The example VMM loads it at 0x8000 (`--guest exit`); QEMU gets it at the reset
+//!   vector of a 64 KiB firmware image (`-bios`);
+//! * against Firecracker, the tiny ELF kernel `vmcraft_guest_kit::ELF_RESET`, booted by
+//!   both as a Linux vmlinux (long mode, CPL 0): it writes a newline to COM1, then resets
+//!   through the i8042, which ends both VMMs. Firecracker runs without its API socket,
+//!   from a configuration file, its log in a file.
+//!
+//! Figures per run:
 //!
 //! * first exit: from just before `spawn` to the guest's newline arriving on the pipe
 //!   (the process has started, built the VM and run the guest up to its first exit);
 //! * whole run: to the process being reaped (VM teardown included);
+//! * CPU: the process's user and system time, from `wait4`;
 //! * peak RSS and VMM overhead: the example reports its own peak RSS (`VmHWM`) and the
-//!   guest RAM resident in it (mincore); overhead is the difference. For QEMU the peak
-//!   RSS is `ru_maxrss` from `wait4` (which also counts this benchmark's own RSS at
-//!   spawn time, about 2 MiB, far below QEMU's), and its guest RAM is counted in it:
-//!   the guest touches only a few pages either way.
+//!   guest RAM resident in it (mincore); overhead is the difference. For the others the
+//!   peak RSS is `ru_maxrss` from `wait4` (which also counts this benchmark's own RSS at
+//!   spawn time, about 2 MiB), guest RAM included: the guests touch a few pages.
 //!
-//! Targets: at least 5× faster first exit than QEMU, at most 2 MiB VMM overhead.
-//! `VMCRAFT_VMM=path` measures another build of the example, for instance a statically
-//! linked one, which does not map glibc's shared pages:
+//! Targets: at least 5× faster first exit than QEMU, at most 2 MiB VMM overhead, at
+//! most 0.5× Firecracker's CPU and peak RSS. A reference that is not installed or fails
+//! to start gets a row saying so, with its stderr, never a figure. QEMU is
+//! `qemu-system-x86_64` on the PATH or `$VMCRAFT_QEMU`; Firecracker is `firecracker` on
+//! the PATH or `$VMCRAFT_FIRECRACKER`. `VMCRAFT_VMM=path` measures another build of the
+//! example, for instance a statically linked one, which does not map glibc's shared
+//! pages:
 //!
 //! ```text
 //! RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --example minimal-vmm \
@@ -28,8 +41,6 @@
 //! VMCRAFT_VMM=target/static/x86_64-unknown-linux-gnu/release/examples/minimal-vmm \
 //!     cargo bench --bench startup
 //! ```
-//!
-//! Without `qemu-system-x86_64` on the PATH only vmcraft is measured.
 
 mod common;
 
@@ -38,14 +49,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmcraft_guest_kit::Guest;
+use vmcraft_guest_kit::peers::{self, PeerError};
+use vmcraft_guest_kit::{Guest, ELF_RESET};
 
 const ROUNDS: usize = 21;
-const GUEST_MEM: &str = "128M";
+const GUEST_MEM_MIB: u32 = 128;
 
 struct Sample {
     first_exit: Duration,
     whole: Duration,
+    cpu: Duration,
     peak_rss_kib: u64,
     /// Peak RSS minus resident guest RAM, when the VMM reports it.
     overhead_kib: Option<u64>,
@@ -71,24 +84,31 @@ fn reported_memory(output: &str) -> Option<(u64, u64)> {
     Some((peak, overhead))
 }
 
+fn timeval(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
 /// Run `cmd` once: it must print the guest's newline first.
 #[expect(
     clippy::zombie_processes,
     reason = "reaped with wait4 below, which also returns its rusage"
 )]
-fn measure(cmd: &mut Command) -> Sample {
+fn measure(cmd: &mut Command) -> Result<Sample, PeerError> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        .map_err(|source| PeerError::Spawn {
+            peer: format!("{cmd:?}"),
+            source,
+        })?;
     let mut stdout = child.stdout.take().expect("piped stdout");
     let mut first = [0u8; 1];
-    stdout
-        .read_exact(&mut first)
-        .unwrap_or_else(|e| panic!("{cmd:?} printed nothing: {e}"));
+    if stdout.read_exact(&mut first).is_err() {
+        return Err(peers::exited_early(cmd, child, "the guest's first output"));
+    }
     let first_exit = start.elapsed();
     assert_eq!(first[0], b'\n', "{cmd:?}: the guest's first byte");
     let mut rest = Vec::new();
@@ -103,12 +123,13 @@ fn measure(cmd: &mut Command) -> Sample {
     assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
     let whole = start.elapsed();
     let reported = reported_memory(&String::from_utf8_lossy(&rest));
-    Sample {
+    Ok(Sample {
         first_exit,
         whole,
+        cpu: timeval(usage.ru_utime) + timeval(usage.ru_stime),
         peak_rss_kib: reported.map_or(usage.ru_maxrss as u64, |r| r.0),
         overhead_kib: reported.map(|r| r.1),
-    }
+    })
 }
 
 fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
@@ -119,15 +140,17 @@ fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
 struct Summary {
     first_exit: Duration,
     whole: Duration,
+    cpu: Duration,
     peak_rss_kib: u64,
     overhead_kib: Option<u64>,
 }
 
-fn summarize(samples: Vec<Sample>) -> Summary {
+fn summarize(samples: &[Sample]) -> Summary {
     let overheads: Option<Vec<u64>> = samples.iter().map(|s| s.overhead_kib).collect();
     Summary {
         first_exit: median(samples.iter().map(|s| s.first_exit).collect()),
         whole: median(samples.iter().map(|s| s.whole).collect()),
+        cpu: median(samples.iter().map(|s| s.cpu).collect()),
         peak_rss_kib: median(samples.iter().map(|s| s.peak_rss_kib).collect()),
         overhead_kib: overheads.map(median),
     }
@@ -137,16 +160,74 @@ fn mib(kib: u64) -> String {
     format!("{:.2}", kib as f64 / 1024.0)
 }
 
-fn print_row(name: &str, s: &Summary) {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!(
-        "{:<28} {:>14.2} {:>14.2} {:>14} {:>14}",
-        name,
-        ms(s.first_exit),
-        ms(s.whole),
-        mib(s.peak_rss_kib),
-        s.overhead_kib.map_or("-".into(), mib)
-    );
+/// One VMM running one guest, measured [`ROUNDS`] times unless it fails.
+struct Contender<'a> {
+    name: &'static str,
+    command: Box<dyn Fn() -> Result<Command, PeerError> + 'a>,
+    /// Why it is not measured: not installed, or it failed to run.
+    missing: Option<String>,
+    samples: Vec<Sample>,
+}
+
+impl<'a> Contender<'a> {
+    fn new(name: &'static str, command: impl Fn() -> Result<Command, PeerError> + 'a) -> Self {
+        Contender {
+            name,
+            command: Box::new(command),
+            missing: None,
+            samples: Vec::new(),
+        }
+    }
+
+    fn not_installed(name: &'static str, why: &str) -> Self {
+        let mut c = Contender::new(name, || unreachable!("not installed"));
+        c.missing = Some(why.into());
+        c
+    }
+
+    fn run_once(&mut self) {
+        if self.missing.is_some() {
+            return;
+        }
+        match (self.command)().and_then(|mut c| measure(&mut c)) {
+            Ok(s) => self.samples.push(s),
+            Err(e) => self.missing = Some(error_chain(&e)),
+        }
+    }
+
+    fn summary(&self) -> Option<Summary> {
+        (self.missing.is_none() && !self.samples.is_empty()).then(|| summarize(&self.samples))
+    }
+
+    fn print(&self) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        match (&self.missing, self.summary()) {
+            (None, Some(s)) => println!(
+                "{:<34} {:>13.2} {:>13.2} {:>10.2} {:>13} {:>13}",
+                self.name,
+                ms(s.first_exit),
+                ms(s.whole),
+                ms(s.cpu),
+                mib(s.peak_rss_kib),
+                s.overhead_kib.map_or("-".into(), mib)
+            ),
+            (why, _) => println!(
+                "{:<34} not measured: {}",
+                self.name,
+                why.as_deref().unwrap_or("no runs")
+            ),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text += &format!(": {s}");
+        source = s.source();
+    }
+    text
 }
 
 /// The example VMM, built (or found up to date) by cargo in the release profile.
@@ -168,91 +249,180 @@ fn example_vmm() -> PathBuf {
     profile_dir.join("examples").join("minimal-vmm")
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+/// Set in the environment of this benchmark's own executable to make it the floor: the
+/// least a VMM must do for the ELF guest, on a bare kvm-ioctls VM, then exit.
+const BARE_KVM_ENV: &str = "VMCRAFT_STARTUP_BARE_KVM";
+
+/// The floor under any VMM on this host: the same KVM objects both VMMs create (VM, TSS,
+/// in-kernel irqchip and PIT, a 128 MiB memory slot, one vCPU with the supported CPUID
+/// and a long-mode entry, with vmcraft's register setup), the ELF's one segment copied
+/// in, the vCPU run on the main thread until the i8042 reset. No threads, no devices, no
+/// parsing: what is left is the host kernel's cost of a VM.
+fn bare_kvm(kernel: &[u8]) -> ! {
+    use kvm_ioctls::{Kvm, VcpuExit};
+    use vm_memory::Bytes;
+    use vmcraft::memory::{layout::MemoryLayout, GuestRam};
+    use vmcraft::vcpu::cpu::{self, HypervisorInfo};
+    use vmcraft::vcpu::mode::{self, Entry, Privilege};
+    use vmcraft_guest_kit::abi;
+    let le64 = |at: usize| u64::from_le_bytes(kernel[at..at + 8].try_into().expect("8 bytes"));
+    // ELF64: e_entry at 0x18, e_phoff at 0x20; the first program header's p_offset,
+    // p_paddr and p_filesz at 0x08, 0x18 and 0x20 into it.
+    let (entry, ph) = (le64(0x18), le64(0x20) as usize);
+    let (offset, paddr, size) = (le64(ph + 8) as usize, le64(ph + 0x18), le64(ph + 0x20));
+    let kvm = Kvm::new().expect("open /dev/kvm");
+    let vm = kvm.create_vm().expect("KVM_CREATE_VM");
+    // Memory first: a slot added once the irqchip exists costs this host's kernel
+    // milliseconds of waiting (Firecracker adds it after its vCPU: 7.6 ms in
+    // KVM_SET_USER_MEMORY_REGION under strace -T); vmcraft adds it first, as here.
+    let mut ram =
+        GuestRam::new(&MemoryLayout::x86_64(u64::from(GUEST_MEM_MIB) << 20).expect("layout"))
+            .expect("guest RAM");
+    ram.register(&vm).expect("memory slot");
+    vm.set_tss_address(0xfffb_d000).expect("TSS");
+    vm.create_irq_chip().expect("irqchip");
+    vm.create_pit2(kvm_bindings::kvm_pit_config::default())
+        .expect("PIT");
+    ram.memory()
+        .write_slice(
+            &kernel[offset..offset + size as usize],
+            vm_memory::GuestAddress(paddr),
+        )
+        .expect("load the segment");
+    mode::write_boot_tables(ram.memory()).expect("boot tables");
+    let mut vcpu = vm.create_vcpu(0).expect("vCPU");
+    cpu::configure(&kvm, &vcpu, 0, 1, HypervisorInfo::default()).expect("CPUID");
+    let entry = Entry::LongMode {
+        rip: entry,
+        rsp: 0,
+        privilege: Privilege::Kernel,
+        args: [0, 0],
+    };
+    mode::enter(&vcpu, entry).expect("entry");
+    loop {
+        match vcpu.run().expect("KVM_RUN") {
+            VcpuExit::IoOut(abi::COM1_PORT, _) => {
+                std::io::Write::write_all(&mut std::io::stdout(), b"\n").expect("stdout")
+            }
+            VcpuExit::IoOut(abi::I8042_COMMAND_PORT, _) => std::process::exit(0),
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
 }
 
-/// A 64 KiB firmware image with the guest at the reset vector (offset 0xfff0, which
-/// the CPU runs as F000:FFF0) and `hlt` everywhere else.
-fn firmware_image(dir: &Path) -> PathBuf {
-    let code = Guest::REAL_MODE_EXIT.code;
-    assert!(
-        code.len() <= 16,
-        "the guest must fit before the end of the image"
-    );
-    let mut image = vec![0xf4u8; 64 << 10];
-    image[0xfff0..0xfff0 + code.len()].copy_from_slice(code);
-    let path = dir.join(format!(
-        "vmcraft-startup-firmware-{}.bin",
-        std::process::id()
-    ));
-    std::fs::write(&path, image).expect("write the firmware image");
-    path
+fn ratio(a: f64, b: f64) -> String {
+    format!("{:.2}x", a / b)
 }
 
 fn main() {
+    if let Some(kernel) = std::env::var_os(BARE_KVM_ENV) {
+        bare_kvm(&std::fs::read(kernel).expect("read the ELF guest"));
+    }
     common::require_kvm("startup");
     let vmm = example_vmm();
-    let qemu = find_in_path("qemu-system-x86_64");
-    let firmware = firmware_image(&std::env::temp_dir());
+    let dir = std::env::temp_dir().join(format!("vmcraft-startup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the benchmark's directory");
+    let firmware = dir.join("firmware.bin");
+    peers::write_firmware(Guest::REAL_MODE_EXIT.code, &firmware).expect("firmware image");
+    let kernel = dir.join("reset.elf");
+    std::fs::write(&kernel, ELF_RESET).expect("write the ELF guest");
+    let mem = format!("{GUEST_MEM_MIB}M");
+    // The commands borrow these; the `move` closures below take the references.
+    let (mem, firmware, kernel, dir) = (&mem, &firmware, &kernel, &dir);
 
-    let vmcraft_cmd = || {
+    let vmcraft = |guest: &[&str]| {
         let mut c = Command::new(&vmm);
-        c.args(["--guest", "exit", "--mem", GUEST_MEM]);
+        c.args(guest).args(["--mem", mem]);
         c
     };
-    let qemu_cmd = |qemu: &Path| {
-        let mut c = Command::new(qemu);
-        c.args([
-            "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", GUEST_MEM,
-        ])
-        .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-serial", "stdio", "-bios"])
-        .arg(&firmware)
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
-        c
-    };
+    let mut contenders = vec![
+        Contender::new("vmcraft, real-mode guest", || {
+            Ok(vmcraft(&["--guest", "exit"]))
+        }),
+        match peers::qemu() {
+            Some(q) => Contender::new("QEMU microvm, real-mode guest", move || {
+                let mut c = peers::qemu_microvm(&q, mem, firmware);
+                c.args(["-serial", "stdio"])
+                    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
+                Ok(c)
+            }),
+            None => Contender::not_installed(
+                "QEMU microvm, real-mode guest",
+                "qemu-system-x86_64 is not on the PATH (Debian: apt-get install qemu-system-x86)",
+            ),
+        },
+        Contender::new("vmcraft, ELF kernel", || {
+            Ok(vmcraft(&["--kernel", kernel.to_str().expect("UTF-8 path")]))
+        }),
+        Contender::new("floor: bare KVM, ELF kernel", || {
+            let mut c = Command::new(std::env::current_exe().expect("own path"));
+            c.env(BARE_KVM_ENV, kernel);
+            Ok(c)
+        }),
+        match peers::firecracker() {
+            Some(f) => Contender::new("Firecracker, ELF kernel", move || {
+                peers::firecracker_command(&f, kernel, GUEST_MEM_MIB, dir)
+            }),
+            None => Contender::not_installed(
+                "Firecracker, ELF kernel",
+                "no firecracker on the PATH and VMCRAFT_FIRECRACKER is not set",
+            ),
+        },
+    ];
 
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        // Alternate the order so that neither side always runs on a warm cache.
-        if round % 2 == 0 {
-            ours.push(measure(&mut vmcraft_cmd()));
-        }
-        if let Some(q) = &qemu {
-            theirs.push(measure(&mut qemu_cmd(q)));
-        }
-        if round % 2 == 1 {
-            ours.push(measure(&mut vmcraft_cmd()));
+        // Rotate the order so that no one always runs first, on a cold cache.
+        let n = contenders.len();
+        for i in 0..n {
+            contenders[(round + i) % n].run_once();
         }
     }
-    let _ = std::fs::remove_file(&firmware);
+    for ours in [&contenders[0], &contenders[2], &contenders[3]] {
+        if let Some(why) = &ours.missing {
+            panic!("{}: {why}", ours.name);
+        }
+    }
+    let firecracker_log = peers::firecracker_log(dir);
 
-    println!("start-up, median of {ROUNDS} runs, guest memory {GUEST_MEM} (touched: a few pages)");
     println!(
-        "{:<28} {:>14} {:>14} {:>14} {:>14}",
-        "", "first exit ms", "whole run ms", "peak RSS MiB", "overhead MiB"
+        "start-up, median of {ROUNDS} runs, guest memory {GUEST_MEM_MIB} MiB (touched: a few pages)"
     );
-    let ours = summarize(ours);
-    print_row("vmcraft minimal-vmm", &ours);
-    let theirs = (!theirs.is_empty()).then(|| summarize(theirs));
-    if let Some(t) = &theirs {
-        print_row("qemu-system-x86_64 microvm", t);
+    println!(
+        "{:<34} {:>13} {:>13} {:>10} {:>13} {:>13}",
+        "", "first exit ms", "whole run ms", "CPU ms", "peak RSS MiB", "overhead MiB"
+    );
+    for c in &contenders {
+        c.print();
     }
+    let s: Vec<Option<Summary>> = contenders.iter().map(Contender::summary).collect();
+    let ours = s[0].as_ref().expect("measured above");
     println!(
         "vmcraft VMM overhead: {} MiB (target <= 2 MiB)",
         ours.overhead_kib.map_or("not reported".into(), mib)
     );
-    match &theirs {
-        Some(t) => println!(
-            "QEMU / vmcraft: first exit {:.1}x (target >= 5x), peak RSS {:.1}x",
-            t.first_exit.as_secs_f64() / ours.first_exit.as_secs_f64(),
-            t.peak_rss_kib as f64 / ours.peak_rss_kib as f64,
-        ),
-        None => println!(
-            "qemu-system-x86_64 is not on the PATH (Debian: apt-get install qemu-system-x86): no comparison"
-        ),
+    if let Some(q) = &s[1] {
+        println!(
+            "QEMU / vmcraft: first exit {} (target >= 5x), peak RSS {}",
+            ratio(q.first_exit.as_secs_f64(), ours.first_exit.as_secs_f64()),
+            ratio(q.peak_rss_kib as f64, ours.peak_rss_kib as f64),
+        );
     }
+    let floor = s[3].as_ref().expect("measured above");
+    if let (Some(v), Some(f)) = (&s[2], &s[4]) {
+        println!(
+            "vmcraft / Firecracker: CPU {} (target <= 0.5x), peak RSS {} (target <= 0.5x), first exit {}, whole run {}",
+            ratio(v.cpu.as_secs_f64(), f.cpu.as_secs_f64()),
+            ratio(v.peak_rss_kib as f64, f.peak_rss_kib as f64),
+            ratio(v.first_exit.as_secs_f64(), f.first_exit.as_secs_f64()),
+            ratio(v.whole.as_secs_f64(), f.whole.as_secs_f64()),
+        );
+        println!(
+            "floor / Firecracker: CPU {}, peak RSS {} (what no VMM on this host can go below)",
+            ratio(floor.cpu.as_secs_f64(), f.cpu.as_secs_f64()),
+            ratio(floor.peak_rss_kib as f64, f.peak_rss_kib as f64),
+        );
+    } else if contenders[4].missing.is_some() && !firecracker_log.is_empty() {
+        println!("Firecracker's log: {firecracker_log}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

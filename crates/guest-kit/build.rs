@@ -63,6 +63,14 @@ fn main() {
             gcc.arg(format!("-D{name}={value:#x}"));
         }
         run(&mut gcc);
+        if let Some(name) = stem.strip_prefix("elf_") {
+            // An ELF file for VMMs that load kernels, linked where Linux's would be.
+            run(Command::new("ld")
+                .args(["-nostdlib", "-N", "-e", "_start", "-Ttext=0x100000", "-o"])
+                .arg(Path::new(&out).join(format!("{name}.elf")))
+                .arg(&obj));
+            continue;
+        }
         run(Command::new("ld")
             .args(["-nostdlib", "-N", "-e", "_start", "--oformat", "binary"])
             .arg(format!("-Ttext={base:#x}"))

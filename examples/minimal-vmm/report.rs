@@ -29,8 +29,15 @@ pub fn print(r: &Report<'_>) -> Result<(), Box<dyn Error>> {
         r.buses,
     );
     println!();
-    println!("minimal-vmm: VM stopped: {} (vCPU {:?}), {:.1} ms after start (vCPUs running after {:.1} ms)",
-        outcome.reason, outcome.vcpu, started.elapsed().as_secs_f64() * 1e3, first_exit.as_secs_f64() * 1e3);
+    let by = outcome
+        .vcpu
+        .map_or(String::new(), |v| format!(" (vCPU {v})"));
+    println!(
+        "minimal-vmm: VM stopped: {}{by}, {:.1} ms after start (vCPUs running after {:.1} ms)",
+        outcome.reason,
+        started.elapsed().as_secs_f64() * 1e3,
+        first_exit.as_secs_f64() * 1e3
+    );
     for (i, s) in stats.iter().enumerate() {
         println!(
             "minimal-vmm: exit statistics of vCPU {i} ({} exits):",

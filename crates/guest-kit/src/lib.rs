@@ -31,6 +31,14 @@ pub mod abi {
     include!("abi.rs");
 }
 
+pub mod peers;
+
+/// An ELF "kernel" (`guests/elf_reset.S`) for comparing start-up with VMMs that boot
+/// kernels: linked at 1 MiB and entered in long mode at CPL 0 as the Linux 64-bit boot
+/// protocol enters a vmlinux. Its first exit writes a newline to COM1, its second
+/// resets the machine through the i8042. Write it to a file and pass it as the kernel.
+pub const ELF_RESET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reset.elf"));
+
 /// How a VM stops when its guest writes `code` to the debug-exit port
 /// ([`abi`]'s `DEBUG_EXIT_PORT`), the test guests' way out: exit codes are theirs.
 pub const fn exited(code: u32) -> vmcraft_vcpu::exit::StopReason {
