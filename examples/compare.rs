@@ -34,7 +34,7 @@ use vmcraft::machine::HYPERCALL_PORT;
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
 use vmcraft::vcpu::VcpuConfig;
-use vmcraft_guest_kit::{abi, Guest};
+use vmcraft_guest_kit::{abi, peers, Guest};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const DISK_BYTES: u64 = 16 << 20;
@@ -337,54 +337,60 @@ fn vmcraft_overhead(n: usize) -> Result<Vec<u64>, Box<dyn Error>> {
 }
 
 /// RSS of each of `n` QEMU microvm processes spinning in a one-instruction firmware,
-/// in KiB, read while they run; `None` when QEMU is not installed.
-fn qemu_rss(n: usize) -> Result<Option<Vec<u64>>, Box<dyn Error>> {
-    let Some(qemu) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join("qemu-system-x86_64"))
-        .find(|p| p.is_file())
-    else {
-        return Ok(None);
+/// in KiB, read while they run; `Err` says why there is no figure (QEMU not installed,
+/// or it exited, with its stderr).
+fn qemu_rss(n: usize) -> Result<Vec<u64>, String> {
+    let Some(qemu) = peers::qemu() else {
+        return Err("not installed".into());
     };
     let firmware = std::env::temp_dir().join(format!("vmcraft-spin-{}.bin", std::process::id()));
-    let mut image = vec![0xf4u8; 64 << 10];
-    image[0xfff0..0xfff2].copy_from_slice(&[0xeb, 0xfe]); // jmp $
-    std::fs::write(&firmware, image)?;
-    let mut children: Vec<_> = (0..n)
-        .map(|_| {
-            std::process::Command::new(&qemu)
-                .args([
-                    "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "64M",
-                ])
-                .args([
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-display",
-                    "none",
-                    "-bios",
-                ])
-                .arg(&firmware)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-        })
-        .collect::<Result<_, _>>()?;
-    std::thread::sleep(Duration::from_secs(2));
-    let mut out = Vec::new();
-    for c in &children {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", c.id()))?;
-        let kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-            .unwrap_or(0);
-        out.push(kib);
+    peers::write_firmware(&[0xeb, 0xfe], &firmware).map_err(|e| e.to_string())?; // jmp $
+    let command = || {
+        let mut c = peers::qemu_microvm(&qemu, "64M", &firmware);
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let mut children = Vec::new();
+    for _ in 0..n {
+        match command().spawn() {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                children.iter_mut().for_each(|c| {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                });
+                return Err(format!("cannot start {}: {e}", qemu.display()));
+            }
+        }
     }
+    std::thread::sleep(Duration::from_secs(2));
+    let mut out = Ok(Vec::new());
     for c in &mut children {
+        let running = matches!(c.try_wait(), Ok(None));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", c.id()));
+        let kib = status.ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        });
+        match (&mut out, running, kib) {
+            (Ok(v), true, Some(kib)) => v.push(kib),
+            (Ok(_), _, _) => out = Err(None),
+            _ => {}
+        }
+    }
+    let mut why = None;
+    for mut c in children {
         let _ = c.kill();
-        let _ = c.wait();
+        if out.is_err() && why.is_none() {
+            why = Some(peers::exited_early(&command(), c, "its RSS was read").to_string());
+        } else {
+            let _ = c.wait();
+        }
     }
     let _ = std::fs::remove_file(&firmware);
-    Ok(Some(out))
+    out.map_err(|_: Option<()>| why.unwrap_or_default())
 }
 
 fn memory_table() -> Result<String, Box<dyn Error>> {
@@ -398,8 +404,10 @@ fn memory_table() -> Result<String, Box<dyn Error>> {
     for n in [1usize, 2, 8] {
         let ours = vmcraft_overhead(n)?;
         let avg = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64 / 1024.0;
-        let theirs =
-            qemu_rss(n)?.map_or("not installed".to_string(), |v| format!("{:.2}", avg(&v)));
+        let theirs = match qemu_rss(n) {
+            Ok(v) => format!("{:.2}", avg(&v)),
+            Err(why) => format!("not measured: {why}"),
+        };
         let _ = writeln!(md, "| {n} | {:.2} | {theirs} |", avg(&ours));
     }
     Ok(md)
