@@ -89,10 +89,7 @@ fn timeval(t: libc::timeval) -> Duration {
 }
 
 /// Run `cmd` once: it must print the guest's newline first.
-#[expect(
-    clippy::zombie_processes,
-    reason = "reaped with wait4 below, which also returns its rusage"
-)]
+/// The child is reaped with `wait4`, which also returns its rusage.
 fn measure(cmd: &mut Command) -> Result<Sample, PeerError> {
     let start = Instant::now();
     let mut child = cmd
