@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo bench --bench virtio_blk
+//! cargo bench --bench virtio_blk -- "read, batch 1"   # only the rows whose name contains it
 //! ```
 //!
 //! The guest (`virtio_blk_bench`, CPL 3) keeps `batch` requests in flight behind one
@@ -131,16 +132,19 @@ fn main() {
         "{:<26} {:>12} {:>14} {:>12} {:>12}",
         "", "requests/s", "host CPU µs/req", "exits/req", "kicks/req"
     );
+    let only = common::row_filter();
     for write in [false, true] {
         let op = if write { "write" } else { "read" };
         for (batch, requests) in [(1u64, 20_000u64), (32, 100_000)] {
-            let run = guest_run(&image, write, batch, requests);
-            row(&format!("guest {op}, batch {batch}"), &run);
+            let name = format!("guest {op}, batch {batch}");
+            if only(&name) {
+                row(&name, &guest_run(&image, write, batch, requests));
+            }
         }
-        row(
-            &format!("host p{op} (reference)"),
-            &host_reference(&image, write, 100_000),
-        );
+        let name = format!("host p{op} (reference)");
+        if only(&name) {
+            row(&name, &host_reference(&image, write, 100_000));
+        }
     }
     println!("target: at batch 32, at most 0.05 exits per request");
 }

@@ -66,3 +66,15 @@ impl Drop for Image {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// The benchmark's row filter: the arguments after `cargo bench --bench NAME --` that
+/// are not flags (cargo adds `--bench`); a row runs if its name contains any of them,
+/// or if there are none.
+#[allow(dead_code)] // not every benchmark has rows to pick
+pub fn row_filter() -> impl Fn(&str) -> bool {
+    let words: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    move |name| words.is_empty() || words.iter().any(|w| name.contains(w.as_str()))
+}

@@ -7,6 +7,8 @@
 //!   the guest's writes (KVM's log) with the VMM's own writes (vm-memory's bitmap).
 //! * [`mmio`]: an allocator for guest-physical MMIO windows.
 //! * [`host_usage`]: the host memory the VMM process and its guest RAM use.
+//! * [`poll`]: how long a device thread spins on a ring in guest memory before it
+//!   sleeps (adaptive polling, shared by the virtio and PV back ends).
 //!
 //! ```
 //! use vmcraft_memory::{GuestRam, layout::MemoryLayout};
@@ -21,6 +23,7 @@
 pub mod host_usage;
 pub mod layout;
 pub mod mmio;
+pub mod poll;
 mod ram;
 pub mod report;
 

@@ -18,6 +18,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -28,9 +29,10 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::ByteValued;
+use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::GuestMemory;
 
-use super::queue::{check_chain, serve_available, ProtocolError};
+use super::queue::{check_chain, serve_available, serve_polling, ProtocolError};
 use super::worker::{spawn_device, Worker};
 use super::{
     read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX,
@@ -176,6 +178,7 @@ pub struct Block {
     config: [u8; CONFIG_SIZE],
     worker: Option<Worker>,
     name: String,
+    poll_max: Duration,
 }
 
 impl Block {
@@ -199,7 +202,17 @@ impl Block {
             config,
             worker: None,
             name: name.to_string(),
+            poll_max: AdaptivePoll::DEFAULT_MAX,
         }
+    }
+
+    /// How long at most the I/O thread polls the queue for the driver's next request
+    /// before it sleeps until notified (see [`serve_polling`]); zero turns polling
+    /// off. Default: [`AdaptivePoll::DEFAULT_MAX`]. Takes effect at the next
+    /// activation.
+    pub fn with_poll_max(mut self, max: Duration) -> Block {
+        self.poll_max = max;
+        self
     }
 }
 
@@ -238,8 +251,21 @@ impl VirtioDevice for Block {
         let disk = self.disk.clone();
         disk.set_write_through(active.driver_features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
         let mut scratch = vec![0u8; 64 << 10];
+        let requeue = active
+            .notifiers
+            .first()
+            .ok_or(ActivateError::QueueNotReady(0))?
+            .try_clone()
+            .map_err(|source| ActivateError::Host {
+                what: "duplicate the queue notifier",
+                source,
+            })?;
+        let mut poll = AdaptivePoll::new(self.poll_max);
         let worker = spawn_device(&self.name, active, Vec::new(), move |_, _| {
-            serve_queue(&mut queue, &mem, &disk, &interrupt, &mut scratch).map(drop)
+            serve_polling(&mut queue, &mem, &interrupt, &mut poll, &requeue, |chain| {
+                execute(chain, &mem, &disk, &mut scratch)
+            })
+            .map(drop)
         })?;
         self.worker = Some(worker);
         Ok(())

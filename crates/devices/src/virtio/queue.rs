@@ -4,6 +4,9 @@ use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmcraft_memory::GuestMemory;
 
+use vmcraft_memory::poll::AdaptivePoll;
+use vmm_sys_util::eventfd::EventFd;
+
 use super::Interrupt;
 
 /// A broken descriptor chain or ring: the device needs a reset.
@@ -68,19 +71,7 @@ pub fn serve_available(
                 .disable_notification(mem)
                 .map_err(ProtocolError::Ring)?;
         }
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => return Err(ProtocolError::Ring(e)),
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let written = handle(chain)?;
-            queue
-                .add_used(mem, head, written)
-                .map_err(ProtocolError::Ring)?;
-            served += 1;
-        }
+        served += complete_available(queue, mem, usize::MAX, &mut handle)?;
         if !queue.event_idx_enabled()
             || !queue
                 .enable_notification(mem)
@@ -93,4 +84,208 @@ pub fn serve_available(
         interrupt.signal_used_queue();
     }
     result
+}
+
+/// The most chains one call of [`serve_polling`] completes before it yields to its
+/// thread's event loop (which then sees a stop request, and calls it again).
+pub const SERVE_BUDGET: usize = 1024;
+
+/// Like [`serve_available`], for a device that keeps up with a busy driver: after each
+/// batch it raises the interrupt (if the driver asked) and, with the driver's
+/// notifications still suppressed, polls the available ring for the next chain for
+/// `poll`'s window before it re-enables them. A busy driver then neither notifies nor
+/// waits for the device thread to wake; an idle one costs at most one window.
+///
+/// At most [`SERVE_BUDGET`] chains per call: past that it signals `requeue` (the
+/// queue's own notifier) so that its event loop calls it again, and returns. Returns how
+/// many chains were completed; a protocol error stops serving at once.
+pub fn serve_polling(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    interrupt: &Interrupt,
+    poll: &mut AdaptivePoll,
+    requeue: &EventFd,
+    mut handle: impl FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, ProtocolError>,
+) -> Result<usize, ProtocolError> {
+    poll.woke();
+    let mut served = 0;
+    loop {
+        queue
+            .disable_notification(mem)
+            .map_err(ProtocolError::Ring)?;
+        let now = complete_available(queue, mem, SERVE_BUDGET - served, &mut handle)?;
+        served += now;
+        if now > 0 && queue.needs_notification(mem).map_err(ProtocolError::Ring)? {
+            interrupt.signal_used_queue();
+        }
+        if served >= SERVE_BUDGET {
+            // Notifications stay off: the requeue is the wake-up. If the write fails
+            // the counter is saturated and the loop wakes anyway.
+            let _ = requeue.write(1);
+            return Ok(served);
+        }
+        if poll.poll(|| has_available(queue, mem)) {
+            continue;
+        }
+        if !queue
+            .enable_notification(mem)
+            .map_err(ProtocolError::Ring)?
+        {
+            poll.sleeping();
+            return Ok(served);
+        }
+    }
+}
+
+/// Complete up to `limit` available chains with `handle`; returns how many.
+fn complete_available(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    limit: usize,
+    handle: &mut impl FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, ProtocolError>,
+) -> Result<usize, ProtocolError> {
+    let mut served = 0;
+    while served < limit {
+        let chain = match queue.iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => return Err(ProtocolError::Ring(e)),
+        };
+        let Some(chain) = chain else { break };
+        let head = chain.head_index();
+        let written = handle(chain)?;
+        queue
+            .add_used(mem, head, written)
+            .map_err(ProtocolError::Ring)?;
+        served += 1;
+    }
+    Ok(served)
+}
+
+/// Whether the driver has made a chain available that the device has not taken. A
+/// ring that cannot be read counts as ready, so that serving it reports the error.
+fn has_available(queue: &Queue, mem: &GuestMemory) -> bool {
+    queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_or(true, |idx| idx.0 != queue.next_avail())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_util::desc;
+    use std::time::Duration;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// `count` one-descriptor chains on a fresh queue of `size` with EVENT_IDX.
+    fn queue_with_chains(
+        mem: &GuestMemory,
+        size: u16,
+        count: u16,
+    ) -> (MockSplitQueue<'_, GuestMemory>, Queue) {
+        let mock = MockSplitQueue::new(mem, size);
+        let descs: Vec<_> = (0..count).map(|_| desc(0x8_0000, 16, 0, 0)).collect();
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = mock.create_queue().unwrap();
+        q.set_event_idx(true);
+        (mock, q)
+    }
+
+    fn avail_event(mem: &GuestMemory, mock: &MockSplitQueue<'_, GuestMemory>, size: u16) -> u16 {
+        mem.read_obj(GuestAddress(mock.used_addr().0 + 4 + 8 * u64::from(size)))
+            .unwrap()
+    }
+
+    fn busy_poll(max: Duration) -> AdaptivePoll {
+        let mut poll = AdaptivePoll::new(max);
+        while poll.window() < poll.max() {
+            poll.after_sleep(Duration::ZERO);
+        }
+        poll
+    }
+
+    #[test]
+    fn polling_takes_a_chain_the_driver_adds_during_the_window_without_a_notification() {
+        let mem = crate::virtio::mmio::tests::memory();
+        let (mock, mut q) = queue_with_chains(&mem, 16, 2);
+        // Hide the second chain from the device; a "driver" thread publishes it later.
+        let avail_idx = GuestAddress(mock.avail_addr().0 + 2);
+        mem.write_obj(1u16, avail_idx).unwrap();
+        let interrupt = Interrupt::new().unwrap();
+        let requeue = EventFd::new(EFD_NONBLOCK).unwrap();
+        // The window must outlast the driver thread's reaction to the first completion
+        // however loaded the host is; the call then spins one window out at the end.
+        let mut poll = busy_poll(Duration::from_secs(1));
+        let driver_mem = mem.clone();
+        let used_idx = GuestAddress(mock.used_addr().0 + 2);
+        let driver = std::thread::spawn(move || {
+            while driver_mem.read_obj::<u16>(used_idx).unwrap() == 0 {
+                std::thread::yield_now();
+            }
+            // Long after a device without polling would have gone to sleep.
+            std::thread::sleep(Duration::from_millis(10));
+            driver_mem.write_obj(2u16, avail_idx).unwrap();
+        });
+        let mut handled = 0;
+        let served = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| {
+            handled += 1;
+            Ok(0)
+        })
+        .unwrap();
+        driver.join().unwrap();
+        assert_eq!((served, handled), (2, 2), "the late chain was found by polling");
+        assert_eq!(poll.stats().misses, 1, "then the window ran out");
+        // Each batch raised the interrupt the driver asked for (used_event 0).
+        assert_eq!(interrupt.status(), crate::virtio::INT_VRING);
+        // The window ran out with nothing more: notifications are back on, asking
+        // for the next chain.
+        assert_eq!(avail_event(&mem, &mock, 16), 2);
+        assert!(requeue.read().is_err(), "no requeue: the call finished");
+    }
+
+    #[test]
+    fn without_polling_it_serves_and_re_enables_notifications() {
+        let mem = crate::virtio::mmio::tests::memory();
+        let (mock, mut q) = queue_with_chains(&mem, 16, 3);
+        let interrupt = Interrupt::new().unwrap();
+        let requeue = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut poll = AdaptivePoll::off();
+        let served = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| Ok(0));
+        assert_eq!(served.unwrap(), 3);
+        assert_eq!(avail_event(&mem, &mock, 16), 3);
+        assert_eq!(poll.stats(), Default::default());
+    }
+
+    #[test]
+    fn a_driver_that_keeps_the_queue_full_gets_a_bounded_turn_and_a_requeue() {
+        let mem = crate::virtio::mmio::tests::memory();
+        let extra = 76;
+        let (_mock, mut q) = queue_with_chains(&mem, 2048, SERVE_BUDGET as u16 + extra);
+        let interrupt = Interrupt::new().unwrap();
+        let requeue = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut poll = busy_poll(Duration::from_micros(50));
+        let first = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| Ok(0));
+        assert_eq!(first.unwrap(), SERVE_BUDGET);
+        assert_eq!(requeue.read().unwrap(), 1, "the event loop is asked to call again");
+        let second = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| Ok(0));
+        assert_eq!(second.unwrap(), usize::from(extra));
+        assert!(requeue.read().is_err());
+    }
+
+    #[test]
+    fn a_broken_chain_stops_polling_with_the_protocol_error() {
+        let mem = crate::virtio::mmio::tests::memory();
+        let (_mock, mut q) = queue_with_chains(&mem, 16, 2);
+        let interrupt = Interrupt::new().unwrap();
+        let requeue = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut poll = busy_poll(Duration::from_secs(30));
+        let mut calls = 0;
+        let r = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| {
+            calls += 1;
+            Err(ProtocolError::NoStatusByte)
+        });
+        assert!(matches!(r, Err(ProtocolError::NoStatusByte)));
+        assert_eq!(calls, 1, "nothing more is served after the error");
+    }
 }
