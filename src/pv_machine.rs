@@ -11,6 +11,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::report::ErrorChain;
 
 use thiserror::Error;
@@ -209,11 +210,17 @@ impl PvBackends {
             std::thread::Builder::new()
                 .name("pv-block".into())
                 .spawn(move || {
+                    let mut poll = AdaptivePoll::new(AdaptivePoll::DEFAULT_MAX);
                     while wait(&epoll_b, &blk_end.notified) {
-                        match blk.process() {
+                        let notify = || {
+                            let _ = ch_b.notify_guest(blk_end.port);
+                        };
+                        match blk.process_polling(&mut poll, notify) {
                             Ok(done) => {
-                                if done.notify {
-                                    let _ = ch_b.notify_guest(blk_end.port);
+                                if done.more {
+                                    // Come back after checking for a stop. A failed
+                                    // write means the counter is full: it wakes anyway.
+                                    let _ = blk_end.notified.write(1);
                                 }
                             }
                             // A broken ring: stop serving this device.

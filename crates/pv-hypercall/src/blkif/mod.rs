@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::GuestAddress;
+use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::report::ErrorChain;
 use vmcraft_memory::GuestMemory;
 
@@ -91,7 +92,13 @@ pub struct Processed {
     pub requests: usize,
     /// Whether the front end must be notified.
     pub notify: bool,
+    /// [`BlkifBackend::process_polling`] stopped at its budget with requests left:
+    /// call it again (after checking for a stop).
+    pub more: bool,
 }
+
+/// The most requests one [`BlkifBackend::process_polling`] answers before it returns.
+pub const PROCESS_BUDGET: usize = 1024;
 
 /// A blkif backend over one ring.
 #[derive(Debug)]
@@ -156,7 +163,76 @@ impl BlkifBackend {
                 break;
             }
         }
-        Ok(Processed { requests, notify })
+        Ok(Processed {
+            requests,
+            notify,
+            more: false,
+        })
+    }
+
+    /// Like [`process`](Self::process), for a busy front end: after each batch the
+    /// responses are published and `notify` is called if the front end asked for it;
+    /// then, with the request event left behind (so the front end does not notify), the
+    /// ring is polled for `poll`'s window before the final check. At most
+    /// [`PROCESS_BUDGET`] requests per call; `more` says requests are left. The
+    /// returned `notify` is always false: notifications were made along the way.
+    pub fn process_polling(
+        &mut self,
+        poll: &mut AdaptivePoll,
+        mut notify: impl FnMut(),
+    ) -> Result<Processed, BlkifError> {
+        poll.woke();
+        let mut requests = 0;
+        loop {
+            while requests < PROCESS_BUDGET {
+                let Some(req) = self.ring.pop_request().map_err(BlkifError::Ring)? else {
+                    break;
+                };
+                let status = self.execute(&req);
+                self.ring
+                    .push_response(&Response {
+                        id: req.id,
+                        operation: req.operation,
+                        status,
+                    })
+                    .map_err(BlkifError::Ring)?;
+                requests += 1;
+            }
+            if self.ring.publish_responses() {
+                notify();
+            }
+            if requests >= PROCESS_BUDGET {
+                // Ask to be notified again (a caller that is stopping would otherwise
+                // leave the front end waiting), and say whether requests are left.
+                let more = self
+                    .ring
+                    .final_check_for_requests()
+                    .map_err(BlkifError::Ring)?;
+                poll.sleeping();
+                return Ok(Processed {
+                    requests,
+                    notify: false,
+                    more,
+                });
+            }
+            let ring = &self.ring;
+            // A ring that cannot be read counts as ready: serving it reports the error.
+            if poll.poll(|| ring.unconsumed_requests().map_or(true, |n| n > 0)) {
+                continue;
+            }
+            if !self
+                .ring
+                .final_check_for_requests()
+                .map_err(BlkifError::Ring)?
+            {
+                poll.sleeping();
+                return Ok(Processed {
+                    requests,
+                    notify: false,
+                    more: false,
+                });
+            }
+        }
     }
 
     fn execute(&self, req: &Request) -> i16 {

@@ -205,3 +205,65 @@ fn a_broken_ring_stops_the_backend() {
         Err(BlkifError::Ring(RingError::ProducerOverflow { .. }))
     ));
 }
+
+fn flush(id: u64) -> Request {
+    rw(OP_FLUSH_DISKCACHE, id, 0, &[])
+}
+
+#[test]
+fn polling_keeps_up_with_a_busy_front_end_and_returns_at_its_budget() {
+    let Rig { ram, front, back } = rig(false);
+    let mut back = back;
+    let total = PROCESS_BUDGET as u64 + 76;
+    // A front end on its own thread keeps the 32-slot ring full and never waits for a
+    // notification: only polling lets the backend see its requests after the first.
+    let mut front = front;
+    let driver = std::thread::spawn(move || {
+        let (mut sent, mut answered) = (0u64, 0u64);
+        while answered < total {
+            while sent < total && front.free_requests() > 0 {
+                front.push_request(&flush(sent)).unwrap();
+                sent += 1;
+            }
+            front.publish_requests();
+            while let Some(rsp) = front.pop_response().unwrap() {
+                assert_eq!((rsp.id, rsp.status), (answered, STATUS_OKAY));
+                answered += 1;
+            }
+            std::thread::yield_now();
+        }
+    });
+    let mut poll = AdaptivePoll::new(std::time::Duration::from_secs(1));
+    while poll.window() < poll.max() {
+        poll.after_sleep(std::time::Duration::ZERO);
+    }
+    // Wait for the front end's first requests, as a notification would.
+    while back.ring.unconsumed_requests().unwrap() == 0 {
+        std::thread::yield_now();
+    }
+    let mut notified = 0;
+    let first = back.process_polling(&mut poll, || notified += 1).unwrap();
+    assert_eq!(first.requests, PROCESS_BUDGET, "one call answers at most its budget");
+    // `first.more` depends on whether the front end refilled the ring by then.
+    let second = back.process_polling(&mut poll, || notified += 1).unwrap();
+    assert_eq!(second.requests, 76);
+    assert!(!second.more);
+    driver.join().unwrap();
+    assert!(notified > 0, "the front end was told about its responses");
+    drop(ram);
+}
+
+#[test]
+fn a_polling_backend_stops_at_a_broken_ring() {
+    let mut r = rig(false);
+    r.ram
+        .memory()
+        .write_obj(1000u32, GuestAddress(RING))
+        .unwrap();
+    let mut poll = AdaptivePoll::new(std::time::Duration::from_secs(1));
+    poll.after_sleep(std::time::Duration::ZERO);
+    assert!(matches!(
+        r.back.process_polling(&mut poll, || {}),
+        Err(BlkifError::Ring(RingError::ProducerOverflow { .. }))
+    ));
+}
