@@ -1,7 +1,7 @@
 /* virtio-blk load generator: `count` 4 KiB requests (reads, or writes with parameter
    bit 1) in batches of `batch` behind one kick each, over the first 16 MiB of the disk.
-   Parameter: bit 0 EVENT_IDX, bit 1 write, bit 2 random offsets, bits 8..15 batch
-   (1..32), bits 16..47 count. Each batch's latency in TSC ticks goes to LATENCIES.
+   Parameter: bit 0 EVENT_IDX, bit 1 write, bit 2 random offsets, bit 3 a polled queue
+   (no interrupts wanted), bits 8..15 batch (1..32), bits 16..47 count. Each batch's latency in TSC ticks goes to LATENCIES.
    Exits 0 when every request succeeded; prints the kicks it made. */
 #include "guest.h"
 #include "virtio_blk.h"
@@ -21,6 +21,8 @@ u32 guest_main(u64 vcpu, u64 param)
     int err = blk_init(&q, QSIZE, param & 1);
     if (err)
         return 100 - err;
+    if (param & 8)
+        virtq_polled(&q);
     u64 done = 0, sector = 0, seed = 0x9e3779b97f4a7c15ul, batches = 0;
     int random = param & 4;
     while (done < count) {

@@ -187,7 +187,8 @@ impl Guest {
     pub const CONSOLE_BENCH: Guest = guest!("console_bench", GuestMode::User64);
     /// A virtio-blk load generator: 4 KiB reads or writes in batches behind one
     /// notification each. Parameter: bit 0 EVENT_IDX, bit 1 write, bit 2 random
-    /// offsets, bits 8..15 batch (1 to 32), bits 16..47 the number of requests. Prints
+    /// offsets, bit 3 a polled queue (no interrupts wanted, as Linux's virtio-blk poll
+    /// queues ask), bits 8..15 batch (1 to 32), bits 16..47 the number of requests. Prints
     /// `kicks <hex>` to COM1; per-batch latencies go to `GUEST_HEAP + 0x80000`.
     pub const VIRTIO_BLK_BENCH: Guest = guest!("virtio_blk_bench", GuestMode::User64);
     /// Real mode, the smallest useful guest (for start-up measurements): its first exit

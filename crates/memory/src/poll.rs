@@ -227,6 +227,10 @@ mod tests {
         assert_eq!(p.window(), Duration::ZERO);
         p.sleeping();
         p.woke();
-        assert_eq!(p.window(), AdaptivePoll::START, "slept far less than a minute");
+        assert_eq!(
+            p.window(),
+            AdaptivePoll::START,
+            "slept far less than a minute"
+        );
     }
 }

@@ -234,7 +234,11 @@ mod tests {
         })
         .unwrap();
         driver.join().unwrap();
-        assert_eq!((served, handled), (2, 2), "the late chain was found by polling");
+        assert_eq!(
+            (served, handled),
+            (2, 2),
+            "the late chain was found by polling"
+        );
         assert_eq!(poll.stats().misses, 1, "then the window ran out");
         // Each batch raised the interrupt the driver asked for (used_event 0).
         assert_eq!(interrupt.status(), crate::virtio::INT_VRING);
@@ -267,7 +271,11 @@ mod tests {
         let mut poll = busy_poll(Duration::from_micros(50));
         let first = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| Ok(0));
         assert_eq!(first.unwrap(), SERVE_BUDGET);
-        assert_eq!(requeue.read().unwrap(), 1, "the event loop is asked to call again");
+        assert_eq!(
+            requeue.read().unwrap(),
+            1,
+            "the event loop is asked to call again"
+        );
         let second = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| Ok(0));
         assert_eq!(second.unwrap(), usize::from(extra));
         assert!(requeue.read().is_err());

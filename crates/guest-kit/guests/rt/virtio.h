@@ -63,6 +63,7 @@ struct virtq {
     u16 avail_idx;       /* next avail index the driver publishes */
     u16 last_used;       /* next used index the driver consumes */
     u64 notifications;   /* QueueNotify writes actually made */
+    int polled;          /* no interrupts wanted (virtq_polled) */
 };
 
 static inline u32 vio_r(u64 base, u32 off) { return mmio_read32(base + off); }
@@ -185,9 +186,21 @@ static inline u32 virtq_wait(struct virtq *q, u32 *len)
         *len = elem->len;
     q->last_used++;
     if (q->event_idx)
-        /* used_event: interrupt after the next completion (we poll, but keep it honest). */
-        q->avail[2 + q->size] = q->last_used;
+        /* used_event: interrupt after the next completion (we poll, but keep it honest),
+           or, on a polled queue, never: one behind what we consumed. */
+        q->avail[2 + q->size] = q->polled ? (u16)(q->last_used - 1) : q->last_used;
     return id;
+}
+
+/* Ask for no interrupts at all, as Linux's virtio-blk poll queues do: used_event kept
+   behind the used index (EVENT_IDX), or VIRTQ_AVAIL_F_NO_INTERRUPT. */
+static inline void virtq_polled(struct virtq *q)
+{
+    q->polled = 1;
+    if (q->event_idx)
+        q->avail[2 + q->size] = (u16)(q->last_used - 1);
+    else
+        q->avail[0] = 1;
 }
 
 #endif

@@ -243,7 +243,10 @@ fn polling_keeps_up_with_a_busy_front_end_and_returns_at_its_budget() {
     }
     let mut notified = 0;
     let first = back.process_polling(&mut poll, || notified += 1).unwrap();
-    assert_eq!(first.requests, PROCESS_BUDGET, "one call answers at most its budget");
+    assert_eq!(
+        first.requests, PROCESS_BUDGET,
+        "one call answers at most its budget"
+    );
     // `first.more` depends on whether the front end refilled the ring by then.
     let second = back.process_polling(&mut poll, || notified += 1).unwrap();
     assert_eq!(second.requests, 76);
