@@ -143,17 +143,7 @@ impl BlkifBackend {
         let mut requests = 0;
         let mut notify = false;
         loop {
-            while let Some(req) = self.ring.pop_request().map_err(BlkifError::Ring)? {
-                let status = self.execute(&req);
-                self.ring
-                    .push_response(&Response {
-                        id: req.id,
-                        operation: req.operation,
-                        status,
-                    })
-                    .map_err(BlkifError::Ring)?;
-                requests += 1;
-            }
+            requests += self.answer_waiting(usize::MAX)?;
             notify |= self.ring.publish_responses();
             if !self
                 .ring
@@ -184,20 +174,7 @@ impl BlkifBackend {
         poll.woke();
         let mut requests = 0;
         loop {
-            while requests < PROCESS_BUDGET {
-                let Some(req) = self.ring.pop_request().map_err(BlkifError::Ring)? else {
-                    break;
-                };
-                let status = self.execute(&req);
-                self.ring
-                    .push_response(&Response {
-                        id: req.id,
-                        operation: req.operation,
-                        status,
-                    })
-                    .map_err(BlkifError::Ring)?;
-                requests += 1;
-            }
+            requests += self.answer_waiting(PROCESS_BUDGET - requests)?;
             if self.ring.publish_responses() {
                 notify();
             }
@@ -233,6 +210,27 @@ impl BlkifBackend {
                 });
             }
         }
+    }
+
+    /// Answer up to `limit` waiting requests (responses pushed, not published);
+    /// returns how many.
+    fn answer_waiting(&mut self, limit: usize) -> Result<usize, BlkifError> {
+        let mut answered = 0;
+        while answered < limit {
+            let Some(req) = self.ring.pop_request().map_err(BlkifError::Ring)? else {
+                break;
+            };
+            let status = self.execute(&req);
+            self.ring
+                .push_response(&Response {
+                    id: req.id,
+                    operation: req.operation,
+                    status,
+                })
+                .map_err(BlkifError::Ring)?;
+            answered += 1;
+        }
+        Ok(answered)
     }
 
     fn execute(&self, req: &Request) -> i16 {
