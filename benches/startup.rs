@@ -49,6 +49,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vmcraft::memory::report::ErrorChain;
 use vmcraft_guest_kit::peers::{self, PeerError};
 use vmcraft_guest_kit::{Guest, ELF_RESET};
 
@@ -188,7 +189,7 @@ impl<'a> Contender<'a> {
         }
         match (self.command)().and_then(|mut c| measure(&mut c)) {
             Ok(s) => self.samples.push(s),
-            Err(e) => self.missing = Some(error_chain(&e)),
+            Err(e) => self.missing = Some(ErrorChain(&e).to_string()),
         }
     }
 
@@ -215,16 +216,6 @@ impl<'a> Contender<'a> {
             ),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text += &format!(": {s}");
-        source = s.source();
-    }
-    text
 }
 
 /// The example VMM, built (or found up to date) by cargo in the release profile.

@@ -365,32 +365,36 @@ fn qemu_rss(n: usize) -> Result<Vec<u64>, String> {
         }
     }
     std::thread::sleep(Duration::from_secs(2));
-    let mut out = Ok(Vec::new());
-    for c in &mut children {
-        let running = matches!(c.try_wait(), Ok(None));
-        let status = std::fs::read_to_string(format!("/proc/{}/status", c.id()));
-        let kib = status.ok().and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        });
-        match (&mut out, running, kib) {
-            (Ok(v), true, Some(kib)) => v.push(kib),
-            (Ok(_), _, _) => out = Err(None),
-            _ => {}
+    // The RSS of each QEMU still running; the first one that is not spoils the row.
+    let mut rss = Vec::new();
+    let mut exited = None;
+    for (i, c) in children.iter_mut().enumerate() {
+        let kib = std::fs::read_to_string(format!("/proc/{}/status", c.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            });
+        match (c.try_wait(), kib) {
+            (Ok(None), Some(kib)) => rss.push(kib),
+            _ => {
+                exited = Some(i);
+                break;
+            }
         }
     }
     let mut why = None;
-    for mut c in children {
+    for (i, mut c) in children.into_iter().enumerate() {
         let _ = c.kill();
-        if out.is_err() && why.is_none() {
+        if exited == Some(i) {
             why = Some(peers::exited_early(&command(), c, "its RSS was read").to_string());
         } else {
             let _ = c.wait();
         }
     }
     let _ = std::fs::remove_file(&firmware);
-    out.map_err(|_: Option<()>| why.unwrap_or_default())
+    why.map_or(Ok(rss), Err)
 }
 
 fn memory_table() -> Result<String, Box<dyn Error>> {

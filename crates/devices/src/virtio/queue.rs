@@ -2,9 +2,8 @@
 
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vmcraft_memory::GuestMemory;
-
 use vmcraft_memory::poll::AdaptivePoll;
+use vmcraft_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Interrupt;
