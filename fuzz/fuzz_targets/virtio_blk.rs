@@ -14,6 +14,7 @@ mod guest_queue;
 use guest_queue::{guest_queue, used_idx};
 use libfuzzer_sys::fuzz_target;
 use vmcraft_devices::virtio::block::{serve_queue, Disk};
+use vmcraft_devices::virtio::chain_buffers::ChainBuffers;
 use vmcraft_devices::virtio::Interrupt;
 
 fuzz_target!(|data: &[u8]| {
@@ -25,8 +26,8 @@ fuzz_target!(|data: &[u8]| {
     let mem = ram.memory();
     let disk = Disk::new(scratch::image(64), control[1] & 2 != 0, "fuzz").unwrap();
     let interrupt = Interrupt::new().unwrap();
-    let mut scratch = vec![0u8; 4096];
-    if let Ok(served) = serve_queue(&mut queue, mem, &disk, &interrupt, &mut scratch) {
+    let mut buffers = ChainBuffers::default();
+    if let Ok(served) = serve_queue(&mut queue, mem, &disk, &interrupt, &mut buffers) {
         // No bound from the avail index read before: a read request may aim its data
         // at the avail ring and move the index itself. The last write to the index is the device's (request data may have been
         // aimed at the ring, but each completion rewrites the index after it).

@@ -14,7 +14,7 @@
 //!   jumps more than the queue size) marks the device NEEDS_RESET.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -27,12 +27,13 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
-use vm_memory::ByteValued;
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::GuestMemory;
 
-use super::queue::{check_chain, serve_available, serve_polling, ProtocolError};
+use super::chain_buffers::{mark_dirty, read_vectors, ChainBuffers, LoadedChain};
+use super::queue::{check_chain, serve_polling, serve_with, ChainHandler, ProtocolError};
 use super::worker::{spawn_device, Worker};
 use super::{
     read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX,
@@ -250,7 +251,8 @@ impl VirtioDevice for Block {
         let (mem, interrupt) = (active.mem.clone(), active.interrupt.clone());
         let disk = self.disk.clone();
         disk.set_write_through(active.driver_features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
-        let mut scratch = vec![0u8; 64 << 10];
+        let mut buffers = ChainBuffers::default();
+        let mut run = ReadRun::default();
         let requeue = active
             .notifiers
             .first()
@@ -262,10 +264,13 @@ impl VirtioDevice for Block {
             })?;
         let mut poll = AdaptivePoll::new(self.poll_max);
         let worker = spawn_device(&self.name, active, Vec::new(), move |_, _| {
-            serve_polling(&mut queue, &mem, &interrupt, &mut poll, &requeue, |chain| {
-                execute(chain, &mem, &disk, &mut scratch)
-            })
-            .map(drop)
+            let handler = BlockQueue {
+                mem: &mem,
+                disk: &disk,
+                buffers: &mut buffers,
+                run: &mut run,
+            };
+            serve_polling(&mut queue, &mem, &interrupt, &mut poll, &requeue, handler).map(drop)
         })?;
         self.worker = Some(worker);
         Ok(())
@@ -277,59 +282,280 @@ impl VirtioDevice for Block {
     }
 }
 
-/// Serve every available request of `queue` (see [`serve_available`]); returns how
-/// many were completed.
+/// Serve every available request of `queue` as the device thread does (see
+/// [`serve_with`]), reads of adjacent sectors merged; returns how many were completed.
+/// `buffers` is reused from request to request.
 pub fn serve_queue(
     queue: &mut Queue,
     mem: &GuestMemory,
     disk: &Disk,
     interrupt: &Interrupt,
-    scratch: &mut [u8],
+    buffers: &mut ChainBuffers,
 ) -> Result<usize, ProtocolError> {
-    serve_available(queue, mem, interrupt, |chain| {
-        execute(chain, mem, disk, scratch)
-    })
+    let mut run = ReadRun::default();
+    let handler = BlockQueue {
+        mem,
+        disk,
+        buffers,
+        run: &mut run,
+    };
+    serve_with(queue, mem, interrupt, handler)
 }
 
 /// Execute one request chain against `disk`; returns the bytes written into the
-/// chain (data and status), the `len` of its used element. `scratch` is the bounce
-/// buffer (any size; 64 KiB is plenty).
+/// chain (data and status), the `len` of its used element. Data moves between the
+/// image and guest memory in one `preadv`/`pwritev`, with no copy in between.
 pub fn execute(
     chain: DescriptorChain<&GuestMemory>,
     mem: &GuestMemory,
     disk: &Disk,
-    scratch: &mut [u8],
+    buffers: &mut ChainBuffers,
 ) -> Result<u32, ProtocolError> {
-    let count = check_chain(&chain)?;
-    let oversized = chain.clone().any(|d| d.len() > SIZE_MAX) || count > SEG_MAX as usize + 2;
-    let outside = ProtocolError::BufferOutsideMemory;
-    let mut reader: Reader<'_, _> = Reader::new(mem, chain.clone()).map_err(outside)?;
-    let mut writer: Writer<'_, _> = Writer::new(mem, chain).map_err(outside)?;
-    let writable = writer.available_bytes();
-    if writable == 0 {
-        return Err(ProtocolError::NoStatusByte);
-    }
-    let mut status_writer = writer.split_at(writable - 1).map_err(ProtocolError::Ring)?;
-    let status = if oversized {
-        VIRTIO_BLK_S_IOERR
-    } else {
-        match reader.read_obj::<RequestHeader>() {
-            Ok(header) => run(header, &mut reader, &mut writer, disk, scratch),
-            Err(_) => VIRTIO_BLK_S_IOERR,
-        }
-    };
-    // Cannot fail: the status writer has exactly one byte of room.
-    let _ = status_writer.write_all(&[status as u8]);
-    Ok(writer.bytes_written() as u32 + 1)
+    let used = execute_or_hold(chain, mem, disk, buffers, None)?;
+    // Without a run nothing is held.
+    Ok(used.unwrap_or(1))
 }
 
-fn run<B: vm_memory::bitmap::BitmapSlice>(
-    header: RequestHeader,
-    reader: &mut Reader<'_, B>,
-    writer: &mut Writer<'_, B>,
+/// [`execute`], except that with a `run` a read that continues it is held there (and
+/// `None` returned) to be done with its neighbours; any other request first does the
+/// held reads, so that no request overtakes a read that came before it.
+fn execute_or_hold(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
     disk: &Disk,
-    scratch: &mut [u8],
-) -> u32 {
+    buffers: &mut ChainBuffers,
+    run: Option<&mut ReadRun>,
+) -> Result<Option<u32>, ProtocolError> {
+    let head = chain.head_index();
+    let count = check_chain(&chain)?;
+    let oversized = chain.clone().any(|d| d.len() > SIZE_MAX) || count > SEG_MAX as usize + 2;
+    let mut request = buffers.load(mem, chain)?;
+    // The status is the last device-writable byte; the data area is what precedes it.
+    let Some(data_room) = request.writable_len().checked_sub(1) else {
+        return Err(ProtocolError::NoStatusByte);
+    };
+    let mut header = RequestHeader::default();
+    let readable = !oversized && request.read(0, header.as_mut_slice()).is_ok();
+    if let Some(run) = run {
+        if readable && header.kind == VIRTIO_BLK_T_IN && data_room > 0 {
+            if let Some(offset) = read_offset(&header, &request, data_room, disk) {
+                if !run.continues(offset) {
+                    run.flush(mem, disk);
+                }
+                run.hold(&request, head, offset, data_room)?;
+                return Ok(None);
+            }
+        }
+        run.flush(mem, disk);
+    }
+    let (status, written) = if readable {
+        run_request(header, &mut request, data_room, disk)
+    } else {
+        (VIRTIO_BLK_S_IOERR, 0)
+    };
+    request
+        .write(data_room, &[status as u8])
+        .map_err(|e| ProtocolError::BufferCopy {
+            what: "status byte",
+            source: io::Error::other(e),
+        })?;
+    Ok(Some(written as u32 + 1))
+}
+
+/// The image offset a read of `data_room` bytes reads from, if the read is valid: no
+/// data after the header, whole sectors, within the disk.
+fn read_offset(
+    header: &RequestHeader,
+    request: &LoadedChain<'_>,
+    data_room: usize,
+    disk: &Disk,
+) -> Option<u64> {
+    let len = data_room as u64;
+    let payload = request.readable_len() - std::mem::size_of::<RequestHeader>();
+    if payload != 0 || !len.is_multiple_of(SECTOR_SIZE) {
+        return None;
+    }
+    disk.range(header.sector, len / SECTOR_SIZE)
+}
+
+/// Reads of adjacent sectors from consecutive chains, done as one `preadv` (as QEMU
+/// merges virtio-blk requests): a driver reading sequentially with 32 requests in
+/// flight costs one system call per batch instead of 32. Each chain still gets its own
+/// status: if the merged read fails, each is read again alone.
+#[derive(Debug, Default)]
+struct ReadRun {
+    /// Host vectors of the held chains' data, in image order.
+    iov: Vec<libc::iovec>,
+    /// The same bytes as guest ranges, to mark dirty once read.
+    ranges: Vec<(GuestAddress, usize)>,
+    /// A copy of vectors for `preadv` to narrow as it goes.
+    work: Vec<libc::iovec>,
+    held: Vec<HeldRead>,
+    /// Image offsets of the run's first byte and of one past its last.
+    start: u64,
+    end: u64,
+    /// Chains whose I/O is done, to be completed: (head index, used length).
+    done: Vec<(u16, u32)>,
+    /// How many reads of the image the runs took (for tests).
+    reads: u64,
+}
+
+// SAFETY: the raw pointers in `iov` and `work` point into guest memory. They are put
+// there by `hold` and used by `flush` within one call of `BlockQueue`'s handler methods,
+// which borrow that memory for the call (`finish` always flushes); between calls the
+// lists are empty or stale and never dereferenced, so moving a `ReadRun` to another
+// thread moves no live reference.
+unsafe impl Send for ReadRun {}
+
+/// One chain held in a [`ReadRun`].
+#[derive(Debug, Clone, Copy)]
+struct HeldRead {
+    head: u16,
+    /// Where its status byte goes.
+    status: GuestAddress,
+    bytes: usize,
+    /// Where its vectors and ranges end in the run's lists.
+    iov_end: usize,
+    ranges_end: usize,
+}
+
+impl ReadRun {
+    /// The most vectors one run gathers (the kernel's limit for one `preadv`).
+    const MAX_VECTORS: usize = 1024;
+
+    /// Whether a read at image offset `offset` can join the run.
+    fn continues(&self, offset: u64) -> bool {
+        self.held.is_empty() || (offset == self.end && self.iov.len() < Self::MAX_VECTORS)
+    }
+
+    /// Hold `request`'s read of `bytes` bytes at `offset` (the caller checked both).
+    fn hold(
+        &mut self,
+        request: &LoadedChain<'_>,
+        head: u16,
+        offset: u64,
+        bytes: usize,
+    ) -> Result<(), ProtocolError> {
+        let status = request
+            .writable_address(bytes)
+            .ok_or(ProtocolError::NoStatusByte)?;
+        request
+            .append_writable(0, bytes, &mut self.iov, &mut self.ranges)
+            .map_err(|source| ProtocolError::BufferCopy {
+                what: "read data",
+                source,
+            })?;
+        if self.held.is_empty() {
+            self.start = offset;
+        }
+        self.end = offset + bytes as u64;
+        self.held.push(HeldRead {
+            head,
+            status,
+            bytes,
+            iov_end: self.iov.len(),
+            ranges_end: self.ranges.len(),
+        });
+        Ok(())
+    }
+
+    /// Do every held read, write each chain's status and move it to the done list.
+    fn flush(&mut self, mem: &GuestMemory, disk: &Disk) {
+        if self.held.is_empty() {
+            return;
+        }
+        self.work.clear();
+        self.work.extend_from_slice(&self.iov);
+        // SAFETY: the vectors were resolved by `hold` from chains in `mem`, which the
+        // caller borrows for this call (see the `Send` argument above); guest RAM stays
+        // mapped while `mem` lives and nothing here holds a reference into it.
+        let merged = unsafe { read_vectors(&disk.file, &mut self.work, self.start) };
+        self.reads += 1;
+        if let Err(e) = &merged {
+            log::warn!(
+                "virtio-blk: merged read of {} requests at byte {} failed ({e}); reading each alone",
+                self.held.len(),
+                self.start
+            );
+        }
+        let (mut iov_at, mut ranges_at, mut offset) = (0, 0, self.start);
+        for held in self.held.drain(..) {
+            let result = match merged {
+                Ok(()) => Ok(()),
+                Err(_) => {
+                    self.work.clear();
+                    self.work.extend_from_slice(&self.iov[iov_at..held.iov_end]);
+                    self.reads += 1;
+                    // SAFETY: as above, for this chain's vectors alone.
+                    unsafe { read_vectors(&disk.file, &mut self.work, offset) }
+                }
+            };
+            let (status, used) = match result {
+                Ok(()) => {
+                    for &(addr, len) in &self.ranges[ranges_at..held.ranges_end] {
+                        mark_dirty(mem, addr, len);
+                    }
+                    (VIRTIO_BLK_S_OK, held.bytes as u32 + 1)
+                }
+                Err(e) => {
+                    log::warn!(
+                        "virtio-blk: read of {} bytes at byte {offset} failed: {e}",
+                        held.bytes
+                    );
+                    (VIRTIO_BLK_S_IOERR, 1)
+                }
+            };
+            if let Err(e) = mem.write_obj(status as u8, held.status) {
+                // Resolved in guest memory when the chain was held: cannot happen.
+                log::warn!("virtio-blk: status byte at {:#x}: {e}", held.status.0);
+            }
+            self.done.push((held.head, used));
+            iov_at = held.iov_end;
+            ranges_at = held.ranges_end;
+            offset += held.bytes as u64;
+        }
+        self.iov.clear();
+        self.ranges.clear();
+    }
+}
+
+/// The device thread's handler: requests in order, adjacent reads merged.
+struct BlockQueue<'a> {
+    mem: &'a GuestMemory,
+    disk: &'a Disk,
+    buffers: &'a mut ChainBuffers,
+    run: &'a mut ReadRun,
+}
+
+impl ChainHandler for BlockQueue<'_> {
+    fn handle(
+        &mut self,
+        chain: DescriptorChain<&GuestMemory>,
+    ) -> Result<Option<u32>, ProtocolError> {
+        execute_or_hold(chain, self.mem, self.disk, self.buffers, Some(self.run))
+    }
+
+    fn finish(
+        &mut self,
+        complete: &mut dyn FnMut(u16, u32) -> Result<(), ProtocolError>,
+    ) -> Result<(), ProtocolError> {
+        self.run.flush(self.mem, self.disk);
+        for (head, used) in self.run.done.drain(..) {
+            complete(head, used)?;
+        }
+        Ok(())
+    }
+}
+
+/// Carry out a request whose header is read; returns its status and how many data
+/// bytes it wrote into the chain.
+fn run_request(
+    header: RequestHeader,
+    request: &mut LoadedChain<'_>,
+    data_room: usize,
+    disk: &Disk,
+) -> (u32, usize) {
+    const HEADER: usize = std::mem::size_of::<RequestHeader>();
     let io = |r: io::Result<()>| match r {
         Ok(()) => VIRTIO_BLK_S_OK,
         Err(e) => {
@@ -341,98 +567,73 @@ fn run<B: vm_memory::bitmap::BitmapSlice>(
             VIRTIO_BLK_S_IOERR
         }
     };
+    let payload = request.readable_len() - HEADER;
+    let status_only = |status| (status, 0);
     match header.kind {
         VIRTIO_BLK_T_IN => {
-            let len = writer.available_bytes() as u64;
-            if reader.available_bytes() != 0 || !len.is_multiple_of(SECTOR_SIZE) {
-                return VIRTIO_BLK_S_IOERR;
+            let len = data_room as u64;
+            if payload != 0 || !len.is_multiple_of(SECTOR_SIZE) {
+                return status_only(VIRTIO_BLK_S_IOERR);
             }
             let Some(offset) = disk.range(header.sector, len / SECTOR_SIZE) else {
-                return VIRTIO_BLK_S_IOERR;
+                return status_only(VIRTIO_BLK_S_IOERR);
             };
-            io(copy_to_guest(disk, offset, len, writer, scratch))
+            match io(request.read_file(&disk.file, offset, 0, data_room)) {
+                VIRTIO_BLK_S_OK => (VIRTIO_BLK_S_OK, data_room),
+                failed => status_only(failed),
+            }
         }
         VIRTIO_BLK_T_OUT => {
-            let len = reader.available_bytes() as u64;
-            if writer.available_bytes() != 0 || !len.is_multiple_of(SECTOR_SIZE) || disk.read_only {
-                return VIRTIO_BLK_S_IOERR;
+            let len = payload as u64;
+            if data_room != 0 || !len.is_multiple_of(SECTOR_SIZE) || disk.read_only {
+                return status_only(VIRTIO_BLK_S_IOERR);
             }
             let Some(offset) = disk.range(header.sector, len / SECTOR_SIZE) else {
-                return VIRTIO_BLK_S_IOERR;
+                return status_only(VIRTIO_BLK_S_IOERR);
             };
-            io(disk.settle(copy_from_guest(disk, offset, len, reader, scratch)))
+            let written = request.write_file(&disk.file, offset, HEADER, payload);
+            status_only(io(disk.settle(written)))
         }
-        VIRTIO_BLK_T_FLUSH => io(disk.sync()),
+        VIRTIO_BLK_T_FLUSH => status_only(io(disk.sync())),
         VIRTIO_BLK_T_GET_ID => {
-            let n = writer.available_bytes().min(ID_BYTES);
-            io(writer.write_all(&disk.id[..n]))
+            let n = data_room.min(ID_BYTES);
+            match io(request.write(0, &disk.id[..n]).map_err(io::Error::other)) {
+                VIRTIO_BLK_S_OK => (VIRTIO_BLK_S_OK, n),
+                failed => status_only(failed),
+            }
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            if disk.read_only || writer.available_bytes() != 0 {
-                return VIRTIO_BLK_S_IOERR;
+            if disk.read_only || data_room != 0 {
+                return status_only(VIRTIO_BLK_S_IOERR);
             }
             // One segment per request (max_discard_seg = max_write_zeroes_seg = 1).
-            if reader.available_bytes() != std::mem::size_of::<DiscardSegment>() {
-                return VIRTIO_BLK_S_IOERR;
+            let mut seg = DiscardSegment::default();
+            if payload != std::mem::size_of::<DiscardSegment>()
+                || request.read(HEADER, seg.as_mut_slice()).is_err()
+            {
+                return status_only(VIRTIO_BLK_S_IOERR);
             }
-            let Ok(seg) = reader.read_obj::<DiscardSegment>() else {
-                return VIRTIO_BLK_S_IOERR;
-            };
             let zeroes = header.kind == VIRTIO_BLK_T_WRITE_ZEROES;
             if seg.flags & !1 != 0 || (!zeroes && seg.flags != 0) {
-                return VIRTIO_BLK_S_UNSUPP;
+                return status_only(VIRTIO_BLK_S_UNSUPP);
             }
             if seg.num_sectors > MAX_DISCARD_SECTORS {
-                return VIRTIO_BLK_S_IOERR;
+                return status_only(VIRTIO_BLK_S_IOERR);
             }
             let Some(offset) = disk.range(seg.sector, u64::from(seg.num_sectors)) else {
-                return VIRTIO_BLK_S_IOERR;
+                return status_only(VIRTIO_BLK_S_IOERR);
             };
             let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
             if zeroes {
-                io(disk.settle(zero_range(disk, offset, len, scratch)))
+                status_only(io(disk.settle(zero_range(disk, offset, len))))
             } else {
                 // Discard is a hint: a file system without hole punching keeps the data.
                 let _ = punch_hole(&disk.file, offset, len);
-                io(disk.settle(Ok(())))
+                status_only(io(disk.settle(Ok(()))))
             }
         }
-        _ => VIRTIO_BLK_S_UNSUPP,
+        _ => status_only(VIRTIO_BLK_S_UNSUPP),
     }
-}
-
-fn copy_to_guest<B: vm_memory::bitmap::BitmapSlice>(
-    disk: &Disk,
-    mut offset: u64,
-    mut len: u64,
-    writer: &mut Writer<'_, B>,
-    scratch: &mut [u8],
-) -> io::Result<()> {
-    while len > 0 {
-        let n = (len as usize).min(scratch.len());
-        disk.file.read_exact_at(&mut scratch[..n], offset)?;
-        writer.write_all(&scratch[..n])?;
-        offset += n as u64;
-        len -= n as u64;
-    }
-    Ok(())
-}
-
-fn copy_from_guest<B: vm_memory::bitmap::BitmapSlice>(
-    disk: &Disk,
-    mut offset: u64,
-    mut len: u64,
-    reader: &mut Reader<'_, B>,
-    scratch: &mut [u8],
-) -> io::Result<()> {
-    while len > 0 {
-        let n = (len as usize).min(scratch.len());
-        reader.read_exact(&mut scratch[..n])?;
-        disk.file.write_all_at(&scratch[..n], offset)?;
-        offset += n as u64;
-        len -= n as u64;
-    }
-    Ok(())
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
@@ -459,7 +660,7 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// Zero a range: let the file system do it, or write zeroes.
-fn zero_range(disk: &Disk, mut offset: u64, mut len: u64, scratch: &mut [u8]) -> io::Result<()> {
+fn zero_range(disk: &Disk, mut offset: u64, mut len: u64) -> io::Result<()> {
     if fallocate(
         &disk.file,
         libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
@@ -470,10 +671,10 @@ fn zero_range(disk: &Disk, mut offset: u64, mut len: u64, scratch: &mut [u8]) ->
     {
         return Ok(());
     }
-    scratch.fill(0);
+    let zeroes = vec![0u8; (len as usize).min(64 << 10)];
     while len > 0 {
-        let n = (len as usize).min(scratch.len());
-        disk.file.write_all_at(&scratch[..n], offset)?;
+        let n = (len as usize).min(zeroes.len());
+        disk.file.write_all_at(&zeroes[..n], offset)?;
         offset += n as u64;
         len -= n as u64;
     }

@@ -82,8 +82,8 @@ impl Rig {
     /// result and the used ring's (id, len) entries.
     /// Serve `queue` once with this rig's memory, disk and interrupt.
     fn serve(&self, queue: &mut Queue) -> Result<usize, ProtocolError> {
-        let mut scratch = vec![0u8; 4096];
-        serve_queue(queue, &self.mem, &self.disk, &self.interrupt, &mut scratch)
+        let mut buffers = ChainBuffers::default();
+        serve_queue(queue, &self.mem, &self.disk, &self.interrupt, &mut buffers)
     }
 
     fn serve_raw(
@@ -390,7 +390,10 @@ fn broken_chains_need_a_reset() {
     ]);
     assert!(matches!(
         rig.serve_raw(&outside, false).0,
-        Err(ProtocolError::BufferOutsideMemory(_))
+        Err(ProtocolError::BufferNotInMemory {
+            addr: 0x4000_0000,
+            len: 512
+        })
     ));
     // No writable byte for the status.
     let no_status = chain_descs(&[(HEADER, 16, false), (DATA, 512, false)]);
@@ -528,4 +531,171 @@ fn a_broken_chain_at_run_time_sets_needs_reset_and_a_reset_recovers() {
     notify(&mut t);
     wait_used(1);
     assert_eq!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+}
+
+/// Several requests, each its own chain: (type, sector, data length, data to write).
+/// Chain `k` has its header at `HEADER + 32 k`, data at `DATA + 0x2000 k` and status at
+/// `STATUS + k`.
+fn submit<'r>(
+    rig: &'r Rig,
+    requests: &[(u32, u64, u32, Option<&[u8]>)],
+) -> (MockSplitQueue<'r, GuestMemory>, Queue) {
+    let mut descs = Vec::new();
+    for (k, &(kind, sector, len, data)) in requests.iter().enumerate() {
+        let k = k as u64;
+        let header = HEADER + 32 * k;
+        rig.mem
+            .write_obj(
+                RequestHeader {
+                    kind,
+                    reserved: 0,
+                    sector,
+                },
+                GuestAddress(header),
+            )
+            .unwrap();
+        rig.mem.write_obj(0xffu8, GuestAddress(STATUS + k)).unwrap();
+        if let Some(data) = data {
+            rig.mem
+                .write_slice(data, GuestAddress(DATA + 0x2000 * k))
+                .unwrap();
+        }
+        let first = descs.len() as u16;
+        let flags = |more: bool, write: bool| {
+            (if more { VRING_DESC_F_NEXT } else { 0 } | if write { VRING_DESC_F_WRITE } else { 0 })
+                as u16
+        };
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            header,
+            16,
+            flags(true, false),
+            first + 1,
+        )));
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            DATA + 0x2000 * k,
+            len,
+            flags(true, kind == VIRTIO_BLK_T_IN),
+            first + 2,
+        )));
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            STATUS + k,
+            1,
+            flags(false, true),
+            0,
+        )));
+    }
+    let mock = MockSplitQueue::new(&rig.mem, 64);
+    mock.add_desc_chains(&descs, 0).unwrap();
+    let queue: Queue = mock.create_queue().unwrap();
+    (mock, queue)
+}
+
+/// Serve `queue` with the device thread's handler; returns how many chains were served
+/// and how many reads of the image the merged runs took.
+fn serve_merging(rig: &Rig, queue: &mut Queue) -> (usize, u64) {
+    let mut buffers = ChainBuffers::default();
+    let mut run = ReadRun::default();
+    let handler = BlockQueue {
+        mem: &rig.mem,
+        disk: &rig.disk,
+        buffers: &mut buffers,
+        run: &mut run,
+    };
+    let served = serve_with(queue, &rig.mem, &rig.interrupt, handler).unwrap();
+    (served, run.reads)
+}
+
+fn used_entries(rig: &Rig, mock: &MockSplitQueue<'_, GuestMemory>) -> Vec<(u32, u32)> {
+    let used = mock.used_addr().0;
+    let idx: u16 = rig.mem.read_obj(GuestAddress(used + 2)).unwrap();
+    let mut entries: Vec<(u32, u32)> = (0..u64::from(idx))
+        .map(|i| {
+            let at = GuestAddress(used + 4 + 8 * i);
+            (
+                rig.mem.read_obj(at).unwrap(),
+                rig.mem.read_obj(GuestAddress(at.0 + 4)).unwrap(),
+            )
+        })
+        .collect();
+    entries.sort();
+    entries
+}
+
+fn guest_bytes(rig: &Rig, addr: u64, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    rig.mem.read_slice(&mut data, GuestAddress(addr)).unwrap();
+    data
+}
+
+/// Reads of adjacent sectors are done as one read of the image, each chain still
+/// completed with its own data, status and length; a write between reads is not
+/// overtaken by them, nor they by it.
+#[test]
+fn adjacent_reads_are_merged_and_nothing_overtakes() {
+    let rig = Rig::new(false);
+    let old = pattern(24 * 512, 3);
+    rig.disk.file.write_all_at(&old, 0).unwrap();
+    let new = pattern(512, 0x77);
+    let (mock, mut queue) = submit(
+        &rig,
+        &[
+            (VIRTIO_BLK_T_IN, 0, 4096, None),
+            (VIRTIO_BLK_T_IN, 8, 4096, None),
+            (VIRTIO_BLK_T_OUT, 8, 512, Some(&new)),
+            (VIRTIO_BLK_T_IN, 8, 1024, None),
+            (VIRTIO_BLK_T_IN, 40, 512, None),
+        ],
+    );
+    let (served, reads) = serve_merging(&rig, &mut queue);
+    assert_eq!(served, 5);
+    assert_eq!(reads, 3, "chains 0 and 1 in one read, 3 and 4 alone");
+    assert_eq!(guest_bytes(&rig, DATA, 4096), old[..4096]);
+    assert_eq!(
+        guest_bytes(&rig, DATA + 0x2000, 4096),
+        old[4096..8192],
+        "read before the write"
+    );
+    let mut after = new.clone();
+    after.extend_from_slice(&old[4608..5120]);
+    assert_eq!(
+        guest_bytes(&rig, DATA + 0x6000, 1024),
+        after,
+        "read after the write"
+    );
+    assert_eq!(guest_bytes(&rig, DATA + 0x8000, 512), vec![0u8; 512]);
+    assert_eq!(guest_bytes(&rig, STATUS, 5), vec![OK; 5]);
+    // Heads are 0, 3, 6, 9, 12: data plus the status byte for reads, the status alone
+    // for the write.
+    assert_eq!(
+        used_entries(&rig, &mock),
+        [(0, 4097), (3, 4097), (6, 1), (9, 1025), (12, 513)]
+    );
+    // The merged read marked the guest's buffers dirty.
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let region = rig.mem.find_region(GuestAddress(DATA)).unwrap();
+    assert!(region.bitmap().dirty_at(DATA as usize + 0x2000 + 4095));
+    assert!(!region.bitmap().dirty_at(0xa0_0000), "and nothing else");
+}
+
+/// When a merged read fails (the image shrank under the device), each request is read
+/// again alone and gets its own status.
+#[test]
+fn a_failed_merged_read_gives_each_request_its_own_status() {
+    let rig = Rig::new(false);
+    rig.disk.file.write_all_at(&pattern(4096, 5), 0).unwrap();
+    let (mock, mut queue) = submit(
+        &rig,
+        &[
+            (VIRTIO_BLK_T_IN, 0, 4096, None),
+            (VIRTIO_BLK_T_IN, 8, 4096, None),
+        ],
+    );
+    rig.disk.file.set_len(4096).unwrap();
+    let (served, reads) = serve_merging(&rig, &mut queue);
+    assert_eq!(served, 2);
+    assert_eq!(reads, 3, "the merged read, then each alone");
+    assert_eq!(guest_bytes(&rig, STATUS, 2), vec![OK, IOERR]);
+    assert_eq!(guest_bytes(&rig, DATA, 4096), pattern(4096, 5));
+    assert_eq!(used_entries(&rig, &mock), [(0, 4097), (3, 1)]);
 }

@@ -19,6 +19,7 @@
 //! never leaves the kernel; without that, the transport signals them itself.
 
 pub mod block;
+pub mod chain_buffers;
 pub mod console;
 pub mod mmio;
 #[cfg(test)]

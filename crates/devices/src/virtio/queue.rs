@@ -28,6 +28,17 @@ pub enum ProtocolError {
         #[source]
         source: std::io::Error,
     },
+    /// A descriptor's buffer is not (wholly) in guest memory.
+    #[error("descriptor buffer of {len} bytes at {addr:#x} is not in guest memory")]
+    BufferNotInMemory {
+        /// The descriptor's guest address.
+        addr: u64,
+        /// The descriptor's length.
+        len: usize,
+    },
+    /// The chain's buffer lengths add up to more than the address space.
+    #[error("descriptor chain's lengths overflow")]
+    LengthOverflow,
     /// No writable byte for the status.
     #[error("no writable byte for the status")]
     NoStatusByte,
@@ -52,16 +63,76 @@ pub fn check_chain(chain: &DescriptorChain<&GuestMemory>) -> Result<usize, Proto
     Ok(count)
 }
 
+/// What serves a queue's chains. [`complete_each`] makes one of a closure that
+/// completes each chain as it comes; a device that gathers work across chains (merged
+/// reads of adjacent sectors, say) holds chains back from [`handle`](Self::handle) and
+/// completes them in [`finish`](Self::finish), which the serving loops call after
+/// every batch, before they raise an interrupt, poll or return.
+pub trait ChainHandler {
+    /// Serve one chain: `Some(used length)` completes it now; `None` holds it, and
+    /// [`finish`](Self::finish) must complete it.
+    fn handle(
+        &mut self,
+        chain: DescriptorChain<&GuestMemory>,
+    ) -> Result<Option<u32>, ProtocolError>;
+
+    /// Complete every chain held back, calling `complete(head index, used length)` for
+    /// each. Called after every batch, also when the batch stopped at a protocol error.
+    fn finish(
+        &mut self,
+        complete: &mut dyn FnMut(u16, u32) -> Result<(), ProtocolError>,
+    ) -> Result<(), ProtocolError> {
+        let _ = complete;
+        Ok(())
+    }
+}
+
+/// A [`ChainHandler`] that completes each chain as it comes: `handle` returns the
+/// bytes it wrote into the chain (the used length).
+pub fn complete_each<F>(handle: F) -> CompleteEach<F>
+where
+    F: FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, ProtocolError>,
+{
+    CompleteEach(handle)
+}
+
+/// See [`complete_each`].
+#[derive(Debug)]
+pub struct CompleteEach<F>(F);
+
+impl<F> ChainHandler for CompleteEach<F>
+where
+    F: FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, ProtocolError>,
+{
+    fn handle(
+        &mut self,
+        chain: DescriptorChain<&GuestMemory>,
+    ) -> Result<Option<u32>, ProtocolError> {
+        (self.0)(chain).map(Some)
+    }
+}
+
 /// Complete every available chain of `queue` with `handle`, which returns the bytes
-/// it wrote into the chain (the used length). With EVENT_IDX, notifications are
-/// suppressed while serving and re-enabled at the end with a final check for chains
-/// that raced in; the interrupt is raised only if the driver asked for it. Returns
-/// how many chains were completed; a protocol error stops serving at once.
+/// it wrote into the chain (the used length). See [`serve_with`].
 pub fn serve_available(
     queue: &mut Queue,
     mem: &GuestMemory,
     interrupt: &Interrupt,
-    mut handle: impl FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, ProtocolError>,
+    handle: impl FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, ProtocolError>,
+) -> Result<usize, ProtocolError> {
+    serve_with(queue, mem, interrupt, complete_each(handle))
+}
+
+/// Serve every available chain of `queue` with `handle`. With EVENT_IDX,
+/// notifications are suppressed while serving and re-enabled at the end with a final
+/// check for chains that raced in; the interrupt is raised only if the driver asked
+/// for it. Returns how many chains were completed; a protocol error stops serving at
+/// once.
+pub fn serve_with(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    interrupt: &Interrupt,
+    mut handle: impl ChainHandler,
 ) -> Result<usize, ProtocolError> {
     let mut served = 0;
     let result = loop {
@@ -104,7 +175,7 @@ pub fn serve_polling(
     interrupt: &Interrupt,
     poll: &mut AdaptivePoll,
     requeue: &EventFd,
-    mut handle: impl FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, ProtocolError>,
+    mut handle: impl ChainHandler,
 ) -> Result<usize, ProtocolError> {
     poll.woke();
     let mut served = 0;
@@ -136,28 +207,44 @@ pub fn serve_polling(
     }
 }
 
-/// Complete up to `limit` available chains with `handle`; returns how many.
+/// Take up to `limit` available chains to `handle`, then let it finish the ones it held;
+/// returns how many were taken (all completed, unless an error is returned).
 fn complete_available(
     queue: &mut Queue,
     mem: &GuestMemory,
     limit: usize,
-    handle: &mut impl FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, ProtocolError>,
+    handle: &mut impl ChainHandler,
 ) -> Result<usize, ProtocolError> {
     let mut served = 0;
-    while served < limit {
+    let taken = loop {
+        if served >= limit {
+            break Ok(());
+        }
         let chain = match queue.iter(mem) {
             Ok(mut it) => it.next(),
-            Err(e) => return Err(ProtocolError::Ring(e)),
+            Err(e) => break Err(ProtocolError::Ring(e)),
         };
-        let Some(chain) = chain else { break };
+        let Some(chain) = chain else { break Ok(()) };
         let head = chain.head_index();
-        let written = handle(chain)?;
+        match handle.handle(chain) {
+            Ok(Some(written)) => {
+                if let Err(e) = queue.add_used(mem, head, written) {
+                    break Err(ProtocolError::Ring(e));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+        served += 1;
+    };
+    // Held chains are completed even when the batch ended in an error: their I/O was
+    // accepted and the driver is owed its status.
+    let finished = handle.finish(&mut |head, written| {
         queue
             .add_used(mem, head, written)
-            .map_err(ProtocolError::Ring)?;
-        served += 1;
-    }
-    Ok(served)
+            .map_err(ProtocolError::Ring)
+    });
+    taken.and(finished).map(|()| served)
 }
 
 /// Whether the driver has made a chain available that the device has not taken. A
@@ -227,10 +314,17 @@ mod tests {
             driver_mem.write_obj(2u16, avail_idx).unwrap();
         });
         let mut handled = 0;
-        let served = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| {
-            handled += 1;
-            Ok(0)
-        })
+        let served = serve_polling(
+            &mut q,
+            &mem,
+            &interrupt,
+            &mut poll,
+            &requeue,
+            complete_each(|_| {
+                handled += 1;
+                Ok(0)
+            }),
+        )
         .unwrap();
         driver.join().unwrap();
         assert_eq!(
@@ -254,7 +348,14 @@ mod tests {
         let interrupt = Interrupt::new().unwrap();
         let requeue = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut poll = AdaptivePoll::off();
-        let served = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| Ok(0));
+        let served = serve_polling(
+            &mut q,
+            &mem,
+            &interrupt,
+            &mut poll,
+            &requeue,
+            complete_each(|_| Ok(0)),
+        );
         assert_eq!(served.unwrap(), 3);
         assert_eq!(avail_event(&mem, &mock, 16), 3);
         assert_eq!(poll.stats(), Default::default());
@@ -268,14 +369,28 @@ mod tests {
         let interrupt = Interrupt::new().unwrap();
         let requeue = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut poll = busy_poll(Duration::from_micros(50));
-        let first = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| Ok(0));
+        let first = serve_polling(
+            &mut q,
+            &mem,
+            &interrupt,
+            &mut poll,
+            &requeue,
+            complete_each(|_| Ok(0)),
+        );
         assert_eq!(first.unwrap(), SERVE_BUDGET);
         assert_eq!(
             requeue.read().unwrap(),
             1,
             "the event loop is asked to call again"
         );
-        let second = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| Ok(0));
+        let second = serve_polling(
+            &mut q,
+            &mem,
+            &interrupt,
+            &mut poll,
+            &requeue,
+            complete_each(|_| Ok(0)),
+        );
         assert_eq!(second.unwrap(), usize::from(extra));
         assert!(requeue.read().is_err());
     }
@@ -288,10 +403,17 @@ mod tests {
         let requeue = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut poll = busy_poll(Duration::from_secs(30));
         let mut calls = 0;
-        let r = serve_polling(&mut q, &mem, &interrupt, &mut poll, &requeue, |_| {
-            calls += 1;
-            Err(ProtocolError::NoStatusByte)
-        });
+        let r = serve_polling(
+            &mut q,
+            &mem,
+            &interrupt,
+            &mut poll,
+            &requeue,
+            complete_each(|_| {
+                calls += 1;
+                Err(ProtocolError::NoStatusByte)
+            }),
+        );
         assert!(matches!(r, Err(ProtocolError::NoStatusByte)));
         assert_eq!(calls, 1, "nothing more is served after the error");
     }

@@ -185,15 +185,19 @@ static inline u32 virtq_wait(struct virtq *q, u32 *len)
     if (len)
         *len = elem->len;
     q->last_used++;
-    if (q->event_idx)
-        /* used_event: interrupt after the next completion (we poll, but keep it honest),
-           or, on a polled queue, never: one behind what we consumed. */
-        q->avail[2 + q->size] = q->polled ? (u16)(q->last_used - 1) : q->last_used;
+    if (q->event_idx && !q->polled)
+        /* used_event: interrupt after the next completion (we poll, but keep it honest).
+           A polled queue leaves it where virtq_polled put it: moving it along with what
+           we consumed would ask for an interrupt whenever the device completes a chain
+           while we are still consuming the ones before. */
+        q->avail[2 + q->size] = q->last_used;
     return id;
 }
 
-/* Ask for no interrupts at all, as Linux's virtio-blk poll queues do: used_event kept
-   behind the used index (EVENT_IDX), or VIRTQ_AVAIL_F_NO_INTERRUPT. */
+/* Ask for no interrupts at all, as Linux's virtio-blk poll queues do: used_event set
+   once, behind the used index, and left there (Linux writes 0 once; the device then
+   asks for an interrupt only when the used index wraps past it, once per 65536
+   completions), or VIRTQ_AVAIL_F_NO_INTERRUPT. */
 static inline void virtq_polled(struct virtq *q)
 {
     q->polled = 1;
