@@ -1,47 +1,58 @@
 //! Rings in vm-memory: guest memory, or a private host mapping shared by threads.
 
+use std::sync::Arc;
+
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmcraft_memory::GuestMemory;
 
 use super::{RawRingMemory, RingError, RingMemory};
 
-/// A ring in vm-memory: `size` bytes at `base` of `M`, inside one of its regions.
+/// A ring in vm-memory: `size` bytes at `base` of a [`GuestMemoryMmap`] with bitmap
+/// `B`, inside one of its regions.
 ///
 /// The range is checked once, at creation; then every access goes straight to the
 /// mapping through [`RawRingMemory`] (atomic indices, volatile entries, each access
 /// bounds-checked against `size`), with no region lookup, and writes mark the
-/// region's dirty bitmap. The value holds `M`, which keeps the mapping alive.
+/// region's dirty bitmap directly. The value holds the region's mapping, which keeps
+/// it alive.
 ///
 /// Use it through [`GuestRingMemory`] (a ring in guest memory) or
 /// [`HostRingMemory`] (a private mapping for two host threads).
 #[derive(Debug, Clone)]
-pub struct VmRingMemory<M> {
-    mem: M,
-    base: GuestAddress,
+pub struct VmRingMemory<B: Bitmap> {
+    /// The mapping that holds the ring, and its dirty bitmap.
+    region: Arc<MmapRegion<B>>,
+    /// The ring's offset within `region`.
+    offset: usize,
     raw: RawRingMemory,
 }
 
-// SAFETY: `raw` points into a mapping that `mem` keeps alive (vm-memory's regions are
-// reference counted and unmapped only when the last holder drops them), and every
-// access through it is atomic or volatile, which is how two sides share a ring page.
-// `M` itself is Send for both aliases below.
-unsafe impl<M: Send> Send for VmRingMemory<M> {}
+// SAFETY: `raw` points into the mapping `region` keeps alive (an `MmapRegion` unmaps
+// only when the last `Arc` to it drops), and every access through it is atomic or
+// volatile, which is how two sides share a ring page. The bitmaps used here (none, or
+// vm-memory's AtomicBitmap) are Send and Sync.
+unsafe impl<B: Bitmap + Send> Send for VmRingMemory<B> {}
 // SAFETY: as for Send: `&VmRingMemory` only reaches the page through atomic and
-// volatile accesses, and marks dirty pages through the bitmap's atomics.
-unsafe impl<M: Sync> Sync for VmRingMemory<M> {}
+// volatile accesses, and marks dirty pages through the bitmap's own `&self` methods.
+unsafe impl<B: Bitmap + Sync> Sync for VmRingMemory<B> {}
 
 /// A ring at a guest-physical address. Writes mark guest pages dirty, as every VMM
 /// write to guest memory does.
-pub type GuestRingMemory = VmRingMemory<GuestMemory>;
+pub type GuestRingMemory = VmRingMemory<vm_memory::bitmap::AtomicBitmap>;
 
 /// A ring in a private host mapping, for two host threads (clones share it). The
 /// mapping has no dirty bitmap: nothing migrates it.
-pub type HostRingMemory = VmRingMemory<vm_memory::GuestMemoryMmap<()>>;
+pub type HostRingMemory = VmRingMemory<()>;
 
-impl<M: GuestMemoryBackend> VmRingMemory<M> {
+impl<B: Bitmap> VmRingMemory<B> {
     /// The `size` bytes at `base` of `mem`: 8-aligned, not empty, inside one region.
-    fn attach(mem: M, base: GuestAddress, size: usize) -> Result<Self, RingError> {
+    fn attach(
+        mem: &GuestMemoryMmap<B>,
+        base: GuestAddress,
+        size: usize,
+    ) -> Result<Self, RingError> {
         let bad = RingError::BadLayout {
             size,
             entry_size: 0,
@@ -49,31 +60,33 @@ impl<M: GuestMemoryBackend> VmRingMemory<M> {
         if !base.0.is_multiple_of(8) || size == 0 {
             return Err(bad);
         }
-        // One region holds the whole range (get_slice fails otherwise).
-        let host = mem
-            .get_slice(base, size)
-            .map_err(|_| bad)?
-            .ptr_guard_mut()
-            .as_ptr();
+        let (region, at) = mem.to_region_addr(base).ok_or(bad)?;
+        let offset = at.0 as usize;
+        if (region.len() as usize).saturating_sub(offset) < size {
+            return Err(bad);
+        }
+        let host = region.get_host_address(at).map_err(|_| bad)?;
         // SAFETY: `host` is 8-aligned (so is base; regions are page-aligned) and valid
-        // for `size` bytes: get_slice found them in one mapped region, which `mem`
-        // (stored beside the pointer) keeps mapped while this value or a clone lives.
+        // for `size` bytes: they lie in one mapped region, whose mapping (stored beside
+        // the pointer) stays mapped while this value or a clone lives.
         let raw = unsafe { RawRingMemory::new(host, size) };
-        Ok(VmRingMemory { mem, base, raw })
+        Ok(VmRingMemory {
+            region: region.get_mmap(),
+            offset,
+            raw,
+        })
     }
 
+    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
-        let addr = GuestAddress(self.base.0 + offset as u64);
-        if let Some((region, at)) = self.mem.to_region_addr(addr) {
-            region.bitmap().mark_dirty(at.0 as usize, len);
-        }
+        self.region.bitmap().mark_dirty(self.offset + offset, len);
     }
 }
 
 impl GuestRingMemory {
     /// The `size` bytes at `base` (8-aligned, inside one region of guest memory).
     pub fn new(mem: GuestMemory, base: GuestAddress, size: usize) -> Result<Self, RingError> {
-        Self::attach(mem, base, size)
+        Self::attach(&mem, base, size)
     }
 }
 
@@ -81,13 +94,13 @@ impl HostRingMemory {
     /// A zeroed mapping of `size` bytes (rounded up to a page).
     pub fn new(size: usize) -> Result<Self, vm_memory::mmap::FromRangesError> {
         let mapped = size.max(1).div_ceil(4096) * 4096;
-        let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mapped)])?;
-        Ok(Self::attach(mem, GuestAddress(0), size.max(1))
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mapped)])?;
+        Ok(Self::attach(&mem, GuestAddress(0), size.max(1))
             .expect("a fresh mapping holds its own range"))
     }
 }
 
-impl<M: GuestMemoryBackend> RingMemory for VmRingMemory<M> {
+impl<B: Bitmap> RingMemory for VmRingMemory<B> {
     #[inline]
     fn size(&self) -> usize {
         self.raw.size()
