@@ -9,6 +9,8 @@
 //! * [`host_usage`]: the host memory the VMM process and its guest RAM use.
 //! * [`poll`]: how long a device thread spins on a ring in guest memory before it
 //!   sleeps (adaptive polling, shared by the virtio and PV back ends).
+//! * [`vectored`]: file I/O straight between a file and guest memory (`preadv` and
+//!   `pwritev` over gathered guest ranges), the guest pages it fills marked dirty.
 //!
 //! ```
 //! use vmcraft_memory::{GuestRam, layout::MemoryLayout};
@@ -26,6 +28,7 @@ pub mod mmio;
 pub mod poll;
 mod ram;
 pub mod report;
+pub mod vectored;
 
 pub use ram::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
 pub use vm_memory;

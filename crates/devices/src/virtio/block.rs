@@ -30,9 +30,10 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmcraft_memory::poll::AdaptivePoll;
+use vmcraft_memory::vectored::{Gather, IoVecs, Mark, MAX_VECTORS};
 use vmcraft_memory::GuestMemory;
 
-use super::chain_buffers::{mark_dirty, read_vectors, ChainBuffers, LoadedChain};
+use super::chain_buffers::{ChainBuffers, LoadedChain};
 use super::queue::{check_chain, serve_polling, serve_with, ChainHandler, ProtocolError};
 use super::worker::{spawn_device, Worker};
 use super::{
@@ -252,7 +253,7 @@ impl VirtioDevice for Block {
         let disk = self.disk.clone();
         disk.set_write_through(active.driver_features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
         let mut buffers = ChainBuffers::default();
-        let mut run = ReadRun::default();
+        let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
         let requeue = active
             .notifiers
             .first()
@@ -264,12 +265,7 @@ impl VirtioDevice for Block {
             })?;
         let mut poll = AdaptivePoll::new(self.poll_max);
         let worker = spawn_device(&self.name, active, Vec::new(), move |_, _| {
-            let handler = BlockQueue {
-                mem: &mem,
-                disk: &disk,
-                buffers: &mut buffers,
-                run: &mut run,
-            };
+            let handler = BlockQueue::new(&mem, &disk, &mut buffers, &mut run, &mut data);
             serve_polling(&mut queue, &mem, &interrupt, &mut poll, &requeue, handler).map(drop)
         })?;
         self.worker = Some(worker);
@@ -292,13 +288,8 @@ pub fn serve_queue(
     interrupt: &Interrupt,
     buffers: &mut ChainBuffers,
 ) -> Result<usize, ProtocolError> {
-    let mut run = ReadRun::default();
-    let handler = BlockQueue {
-        mem,
-        disk,
-        buffers,
-        run: &mut run,
-    };
+    let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
+    let handler = BlockQueue::new(mem, disk, buffers, &mut run, &mut data);
     serve_with(queue, mem, interrupt, handler)
 }
 
@@ -324,7 +315,7 @@ fn execute_or_hold(
     mem: &GuestMemory,
     disk: &Disk,
     buffers: &mut ChainBuffers,
-    run: Option<&mut ReadRun>,
+    run: Option<(&mut ReadRun, &mut Gather<'_>)>,
 ) -> Result<Option<u32>, ProtocolError> {
     let head = chain.head_index();
     let count = check_chain(&chain)?;
@@ -336,17 +327,17 @@ fn execute_or_hold(
     };
     let mut header = RequestHeader::default();
     let readable = !oversized && request.read(0, header.as_mut_slice()).is_ok();
-    if let Some(run) = run {
+    if let Some((run, data)) = run {
         if readable && header.kind == VIRTIO_BLK_T_IN && data_room > 0 {
             if let Some(offset) = read_offset(&header, &request, data_room, disk) {
-                if !run.continues(offset) {
-                    run.flush(mem, disk);
+                if !run.continues(offset, data) {
+                    run.flush(data, mem, disk);
                 }
-                run.hold(&request, head, offset, data_room)?;
+                run.hold(&request, data, head, offset, data_room)?;
                 return Ok(None);
             }
         }
-        run.flush(mem, disk);
+        run.flush(data, mem, disk);
     }
     let (status, written) = if readable {
         run_request(header, &mut request, data_room, disk)
@@ -381,15 +372,10 @@ fn read_offset(
 /// Reads of adjacent sectors from consecutive chains, done as one `preadv` (as QEMU
 /// merges virtio-blk requests): a driver reading sequentially with 32 requests in
 /// flight costs one system call per batch instead of 32. Each chain still gets its own
-/// status: if the merged read fails, each is read again alone.
+/// status: if the merged read fails, each is read again alone. The data's guest ranges
+/// are gathered in the [`Gather`] that [`BlockQueue`] carries for one serving call.
 #[derive(Debug, Default)]
 struct ReadRun {
-    /// Host vectors of the held chains' data, in image order.
-    iov: Vec<libc::iovec>,
-    /// The same bytes as guest ranges, to mark dirty once read.
-    ranges: Vec<(GuestAddress, usize)>,
-    /// A copy of vectors for `preadv` to narrow as it goes.
-    work: Vec<libc::iovec>,
     held: Vec<HeldRead>,
     /// Image offsets of the run's first byte and of one past its last.
     start: u64,
@@ -400,13 +386,6 @@ struct ReadRun {
     reads: u64,
 }
 
-// SAFETY: the raw pointers in `iov` and `work` point into guest memory. They are put
-// there by `hold` and used by `flush` within one call of `BlockQueue`'s handler methods,
-// which borrow that memory for the call (`finish` always flushes); between calls the
-// lists are empty or stale and never dereferenced, so moving a `ReadRun` to another
-// thread moves no live reference.
-unsafe impl Send for ReadRun {}
-
 /// One chain held in a [`ReadRun`].
 #[derive(Debug, Clone, Copy)]
 struct HeldRead {
@@ -414,24 +393,21 @@ struct HeldRead {
     /// Where its status byte goes.
     status: GuestAddress,
     bytes: usize,
-    /// Where its vectors and ranges end in the run's lists.
-    iov_end: usize,
-    ranges_end: usize,
+    /// Where its data ends in the gathered list.
+    end: Mark,
 }
 
 impl ReadRun {
-    /// The most vectors one run gathers (the kernel's limit for one `preadv`).
-    const MAX_VECTORS: usize = 1024;
-
-    /// Whether a read at image offset `offset` can join the run.
-    fn continues(&self, offset: u64) -> bool {
-        self.held.is_empty() || (offset == self.end && self.iov.len() < Self::MAX_VECTORS)
+    /// Whether a read at image offset `offset` can join the run gathered in `data`.
+    fn continues(&self, offset: u64, data: &Gather<'_>) -> bool {
+        self.held.is_empty() || (offset == self.end && data.vectors() < MAX_VECTORS)
     }
 
     /// Hold `request`'s read of `bytes` bytes at `offset` (the caller checked both).
     fn hold(
         &mut self,
         request: &LoadedChain<'_>,
+        data: &mut Gather<'_>,
         head: u16,
         offset: u64,
         bytes: usize,
@@ -440,7 +416,7 @@ impl ReadRun {
             .writable_address(bytes)
             .ok_or(ProtocolError::NoStatusByte)?;
         request
-            .append_writable(0, bytes, &mut self.iov, &mut self.ranges)
+            .gather_writable(0, bytes, data)
             .map_err(|source| ProtocolError::BufferCopy {
                 what: "read data",
                 source,
@@ -453,23 +429,17 @@ impl ReadRun {
             head,
             status,
             bytes,
-            iov_end: self.iov.len(),
-            ranges_end: self.ranges.len(),
+            end: data.mark(),
         });
         Ok(())
     }
 
     /// Do every held read, write each chain's status and move it to the done list.
-    fn flush(&mut self, mem: &GuestMemory, disk: &Disk) {
+    fn flush(&mut self, data: &mut Gather<'_>, mem: &GuestMemory, disk: &Disk) {
         if self.held.is_empty() {
             return;
         }
-        self.work.clear();
-        self.work.extend_from_slice(&self.iov);
-        // SAFETY: the vectors were resolved by `hold` from chains in `mem`, which the
-        // caller borrows for this call (see the `Send` argument above); guest RAM stays
-        // mapped while `mem` lives and nothing here holds a reference into it.
-        let merged = unsafe { read_vectors(&disk.file, &mut self.work, self.start) };
+        let merged = data.read_from(&disk.file, self.start);
         self.reads += 1;
         if let Err(e) = &merged {
             log::warn!(
@@ -478,25 +448,17 @@ impl ReadRun {
                 self.start
             );
         }
-        let (mut iov_at, mut ranges_at, mut offset) = (0, 0, self.start);
+        let (mut from, mut offset) = (Mark::default(), self.start);
         for held in self.held.drain(..) {
             let result = match merged {
                 Ok(()) => Ok(()),
                 Err(_) => {
-                    self.work.clear();
-                    self.work.extend_from_slice(&self.iov[iov_at..held.iov_end]);
                     self.reads += 1;
-                    // SAFETY: as above, for this chain's vectors alone.
-                    unsafe { read_vectors(&disk.file, &mut self.work, offset) }
+                    data.read_part_from(from, held.end, &disk.file, offset)
                 }
             };
             let (status, used) = match result {
-                Ok(()) => {
-                    for &(addr, len) in &self.ranges[ranges_at..held.ranges_end] {
-                        mark_dirty(mem, addr, len);
-                    }
-                    (VIRTIO_BLK_S_OK, held.bytes as u32 + 1)
-                }
+                Ok(()) => (VIRTIO_BLK_S_OK, held.bytes as u32 + 1),
                 Err(e) => {
                     log::warn!(
                         "virtio-blk: read of {} bytes at byte {offset} failed: {e}",
@@ -510,21 +472,39 @@ impl ReadRun {
                 log::warn!("virtio-blk: status byte at {:#x}: {e}", held.status.0);
             }
             self.done.push((held.head, used));
-            iov_at = held.iov_end;
-            ranges_at = held.ranges_end;
+            from = held.end;
             offset += held.bytes as u64;
         }
-        self.iov.clear();
-        self.ranges.clear();
+        data.clear();
     }
 }
 
-/// The device thread's handler: requests in order, adjacent reads merged.
+/// The device thread's handler for one serving call: requests in order, adjacent
+/// reads merged.
 struct BlockQueue<'a> {
     mem: &'a GuestMemory,
     disk: &'a Disk,
     buffers: &'a mut ChainBuffers,
     run: &'a mut ReadRun,
+    data: Gather<'a>,
+}
+
+impl<'a> BlockQueue<'a> {
+    fn new(
+        mem: &'a GuestMemory,
+        disk: &'a Disk,
+        buffers: &'a mut ChainBuffers,
+        run: &'a mut ReadRun,
+        data: &'a mut IoVecs,
+    ) -> Self {
+        BlockQueue {
+            mem,
+            disk,
+            buffers,
+            run,
+            data: data.gather(mem),
+        }
+    }
 }
 
 impl ChainHandler for BlockQueue<'_> {
@@ -532,14 +512,20 @@ impl ChainHandler for BlockQueue<'_> {
         &mut self,
         chain: DescriptorChain<&GuestMemory>,
     ) -> Result<Option<u32>, ProtocolError> {
-        execute_or_hold(chain, self.mem, self.disk, self.buffers, Some(self.run))
+        execute_or_hold(
+            chain,
+            self.mem,
+            self.disk,
+            self.buffers,
+            Some((self.run, &mut self.data)),
+        )
     }
 
     fn finish(
         &mut self,
         complete: &mut dyn FnMut(u16, u32) -> Result<(), ProtocolError>,
     ) -> Result<(), ProtocolError> {
-        self.run.flush(self.mem, self.disk);
+        self.run.flush(&mut self.data, self.mem, self.disk);
         for (head, used) in self.run.done.drain(..) {
             complete(head, used)?;
         }

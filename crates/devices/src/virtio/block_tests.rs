@@ -594,13 +594,8 @@ fn submit<'r>(
 /// and how many reads of the image the merged runs took.
 fn serve_merging(rig: &Rig, queue: &mut Queue) -> (usize, u64) {
     let mut buffers = ChainBuffers::default();
-    let mut run = ReadRun::default();
-    let handler = BlockQueue {
-        mem: &rig.mem,
-        disk: &rig.disk,
-        buffers: &mut buffers,
-        run: &mut run,
-    };
+    let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
+    let handler = BlockQueue::new(&rig.mem, &rig.disk, &mut buffers, &mut run, &mut data);
     let served = serve_with(queue, &rig.mem, &rig.interrupt, handler).unwrap();
     (served, run.reads)
 }

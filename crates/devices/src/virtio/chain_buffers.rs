@@ -6,8 +6,8 @@
 //! request as one vector of host buffers, handed to `preadv`/`pwritev` in one system
 //! call, with no bounce buffer. [`ChainBuffers`] keeps that vector between requests
 //! (no allocation once warm); [`ChainBuffers::load`] fills it from one chain and
-//! returns a [`LoadedChain`] view that borrows guest memory, so the host addresses in
-//! it are used only while the memory they point into is alive.
+//! returns a [`LoadedChain`] view that borrows guest memory. The system calls go
+//! through [`vmcraft_memory::vectored`].
 //!
 //! The split follows virtio 1.2 §2.7.4.2 as virtio-queue's `Reader` and `Writer` do:
 //! the device-readable bytes are the descriptors before the first device-writable one,
@@ -45,26 +45,18 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
-    MemoryRegionAddress,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion};
+use vmcraft_memory::vectored::{Gather, IoVecs, NotInMemory};
 use vmcraft_memory::GuestMemory;
 
 use super::queue::ProtocolError;
 
-/// One contiguous piece of a chain's buffers: where it is in the guest, where that is
-/// in this process, and its length. Within one memory region.
+/// One contiguous piece of a chain's buffers, within one memory region.
 #[derive(Debug, Clone, Copy)]
 struct Segment {
     guest: GuestAddress,
-    /// The host address of `guest`, kept as an integer: it is only meaningful while the
-    /// memory it was resolved from is borrowed by a [`LoadedChain`].
-    host: usize,
     len: usize,
 }
 
@@ -74,14 +66,8 @@ struct Segment {
 pub struct ChainBuffers {
     readable: Vec<Segment>,
     writable: Vec<Segment>,
-    iov: Vec<libc::iovec>,
+    io: IoVecs,
 }
-
-// SAFETY: the raw pointers in `iov` are scratch space: `load` clears it, and it is
-// filled and used only within one call of `LoadedChain::{read_file, write_file}`, which
-// borrows the guest memory they point into. Between calls they are never dereferenced,
-// so moving the storage to another thread moves no live reference.
-unsafe impl Send for ChainBuffers {}
 
 /// One chain's buffers, resolved by [`ChainBuffers::load`]; borrows the guest memory.
 #[derive(Debug)]
@@ -103,7 +89,6 @@ impl ChainBuffers {
     ) -> Result<LoadedChain<'a>, ProtocolError> {
         self.readable.clear();
         self.writable.clear();
-        self.iov.clear();
         let (mut readable_len, mut writable_len) = (0usize, 0usize);
         let mut seen_writable = false;
         for desc in chain {
@@ -132,7 +117,7 @@ impl ChainBuffers {
     }
 }
 
-/// Append the host segments of `len` bytes at `addr` to `list`.
+/// Append the pieces of `len` bytes at `addr`, one per memory region, to `list`.
 fn resolve(
     mem: &GuestMemory,
     addr: GuestAddress,
@@ -142,17 +127,13 @@ fn resolve(
     let mut guest = addr;
     let mut left = len;
     while left > 0 {
-        let outside = || ProtocolError::BufferNotInMemory { addr: addr.0, len };
-        let (region, at) = mem.to_region_addr(guest).ok_or_else(outside)?;
+        let (region, at) = mem
+            .to_region_addr(guest)
+            .ok_or(ProtocolError::BufferNotInMemory { addr: addr.0, len })?;
         let here = (region.len() - at.0).min(left as u64) as usize;
-        let host = region.get_host_address(at).map_err(|_| outside())?;
-        list.push(Segment {
-            guest,
-            host: host as usize,
-            len: here,
-        });
+        list.push(Segment { guest, len: here });
         left -= here;
-        guest = GuestAddress(guest.0 + here as u64);
+        guest = offset_by(guest, here);
     }
     Ok(())
 }
@@ -172,26 +153,44 @@ impl LoadedChain<'_> {
     /// into `buf`.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
         let mut done = 0;
-        for_range(&self.buffers.readable, offset, buf.len(), |seg, at, n| {
-            let got = self
-                .mem
-                .read_slice(&mut buf[done..done + n], offset_by(seg.guest, at))
-                .map(|()| n);
+        for_range(&self.buffers.readable, offset, buf.len(), |at, n| {
+            self.mem.read_slice(&mut buf[done..done + n], at)?;
             done += n;
-            got
+            Ok(())
         })
     }
 
     /// Copy `bytes` into the device-writable area at `offset`.
     pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), GuestMemoryError> {
         let mut done = 0;
-        for_range(&self.buffers.writable, offset, bytes.len(), |seg, at, n| {
-            let put = self
-                .mem
-                .write_slice(&bytes[done..done + n], offset_by(seg.guest, at))
-                .map(|()| n);
+        for_range(&self.buffers.writable, offset, bytes.len(), |at, n| {
+            self.mem.write_slice(&bytes[done..done + n], at)?;
             done += n;
-            put
+            Ok(())
+        })
+    }
+
+    /// The guest address of the writable byte at `offset`.
+    pub fn writable_address(&self, offset: usize) -> Option<GuestAddress> {
+        let mut found = None;
+        for_range(&self.buffers.writable, offset, 1, |at, _| {
+            found = Some(at);
+            Ok::<_, io::Error>(())
+        })
+        .ok()?;
+        found
+    }
+
+    /// Append `len` writable bytes from `offset` (within the writable area) to
+    /// `gather`, for a read into them.
+    pub fn gather_writable(
+        &self,
+        offset: usize,
+        len: usize,
+        gather: &mut Gather<'_>,
+    ) -> io::Result<()> {
+        for_range(&self.buffers.writable, offset, len, |at, n| {
+            gather.push(at, n).map_err(not_in_memory)
         })
     }
 
@@ -205,12 +204,12 @@ impl LoadedChain<'_> {
         offset: usize,
         len: usize,
     ) -> io::Result<()> {
-        self.vectors(true, offset, len)?;
-        // SAFETY: every vector points into guest memory resolved by `load` from
-        // `self.mem`, which this view borrows for the whole call.
-        unsafe { read_vectors(file, &mut self.buffers.iov, file_offset) }?;
-        self.mark_written(offset, len);
-        Ok(())
+        let ChainBuffers { writable, io, .. } = &mut *self.buffers;
+        let mut gather = io.gather(self.mem);
+        for_range(writable, offset, len, |at, n| {
+            gather.push(at, n).map_err(not_in_memory)
+        })?;
+        gather.read_from(file, file_offset)
     }
 
     /// Write `len` device-readable bytes from `offset` (within the readable area) to the
@@ -222,107 +221,30 @@ impl LoadedChain<'_> {
         offset: usize,
         len: usize,
     ) -> io::Result<()> {
-        self.vectors(false, offset, len)?;
-        transfer(&mut self.buffers.iov, file_offset, |v, at| {
-            // SAFETY: as in `read_file`: every vector points into mapped guest memory
-            // that `self.mem` keeps alive for the call; the kernel only reads it.
-            unsafe { libc::pwritev(file.as_raw_fd(), v.as_ptr(), v.len() as i32, at) }
-        })
-    }
-
-    /// Build the I/O vectors for `len` bytes at `offset` of one area.
-    fn vectors(&mut self, writable: bool, offset: usize, len: usize) -> io::Result<()> {
-        let ChainBuffers {
-            readable,
-            writable: wr,
-            iov,
-        } = &mut *self.buffers;
-        let list = if writable { wr } else { readable };
-        iov.clear();
-        for_range(list, offset, len, |seg, at, n| {
-            iov.push(libc::iovec {
-                iov_base: (seg.host + at) as *mut libc::c_void,
-                iov_len: n,
-            });
-            Ok::<_, io::Error>(n)
-        })
-    }
-
-    /// Mark `len` writable bytes from `offset` dirty in the guest memory's bitmap.
-    fn mark_written(&self, offset: usize, len: usize) {
-        let _ = for_range(&self.buffers.writable, offset, len, |seg, at, n| {
-            mark_dirty(self.mem, offset_by(seg.guest, at), n);
-            Ok::<_, io::Error>(n)
-        });
-    }
-
-    /// The guest address of the writable byte at `offset`.
-    pub fn writable_address(&self, offset: usize) -> Option<GuestAddress> {
-        let mut found = None;
-        for_range(&self.buffers.writable, offset, 1, |seg, at, n| {
-            found = Some(offset_by(seg.guest, at));
-            Ok::<_, io::Error>(n)
-        })
-        .ok()?;
-        found
-    }
-
-    /// Append the host vectors of `len` writable bytes from `offset` to `iov`, and the
-    /// guest ranges they cover to `ranges`. The vectors point into the memory this view
-    /// borrows: the caller must use them only while that memory is alive.
-    pub(crate) fn append_writable(
-        &self,
-        offset: usize,
-        len: usize,
-        iov: &mut Vec<libc::iovec>,
-        ranges: &mut Vec<(GuestAddress, usize)>,
-    ) -> io::Result<()> {
-        for_range(&self.buffers.writable, offset, len, |seg, at, n| {
-            iov.push(libc::iovec {
-                iov_base: (seg.host + at) as *mut libc::c_void,
-                iov_len: n,
-            });
-            ranges.push((offset_by(seg.guest, at), n));
-            Ok::<_, io::Error>(n)
-        })
+        let ChainBuffers { readable, io, .. } = &mut *self.buffers;
+        let mut gather = io.gather(self.mem);
+        for_range(readable, offset, len, |at, n| {
+            gather.push(at, n).map_err(not_in_memory)
+        })?;
+        gather.write_to(file, file_offset)
     }
 }
 
-/// Mark `len` bytes at `addr` (within one region) dirty in `mem`'s bitmap.
-pub(crate) fn mark_dirty(mem: &GuestMemory, addr: GuestAddress, len: usize) {
-    if let Some((region, MemoryRegionAddress(r))) = mem.to_region_addr(addr) {
-        region.bitmap().mark_dirty(r as usize, len);
-    }
-}
-
-/// Fill `iov` from `file` at `at`, to completion (`preadv`; see [`transfer`]).
-///
-/// # Safety
-///
-/// Every vector must point to memory that is valid for writes of its length for the
-/// whole call and that nothing in this process holds a reference to (guest memory
-/// that is mapped for as long as the call lasts).
-pub(crate) unsafe fn read_vectors(file: &File, iov: &mut [libc::iovec], at: u64) -> io::Result<()> {
-    transfer(iov, at, |v, at| {
-        // SAFETY: the caller guarantees each vector is writable memory no reference
-        // covers; `transfer` only narrows vectors within their bounds. The guest may
-        // touch the same bytes concurrently: the kernel copies into them as into any
-        // shared mapping.
-        unsafe { libc::preadv(file.as_raw_fd(), v.as_ptr(), v.len() as i32, at) }
-    })
+fn not_in_memory(e: NotInMemory) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
 }
 
 fn offset_by(addr: GuestAddress, by: usize) -> GuestAddress {
     GuestAddress(addr.0 + by as u64)
 }
 
-/// Call `f(segment, offset in segment, bytes)` for the pieces of `list` that cover
-/// `len` bytes from `offset`; an area shorter than that is an error.
+/// Call `f(guest address, bytes)` for the pieces of `list` that cover `len` bytes from
+/// `offset`; an area shorter than that is an error.
 fn for_range<E: PastEnd>(
     list: &[Segment],
     mut offset: usize,
     mut len: usize,
-    mut f: impl FnMut(&Segment, usize, usize) -> Result<usize, E>,
+    mut f: impl FnMut(GuestAddress, usize) -> Result<(), E>,
 ) -> Result<(), E> {
     for seg in list {
         if len == 0 {
@@ -333,7 +255,7 @@ fn for_range<E: PastEnd>(
             continue;
         }
         let n = (seg.len - offset).min(len);
-        f(seg, offset, n)?;
+        f(offset_by(seg.guest, offset), n)?;
         len -= n;
         offset = 0;
     }
@@ -363,59 +285,13 @@ impl PastEnd for GuestMemoryError {
     }
 }
 
-/// Run a vectored transfer to completion: `op(vectors, file offset)` is `preadv` or
-/// `pwritev`; short transfers continue where they stopped, `EINTR` retries, and a
-/// transfer of nothing (end of file) is an error.
-fn transfer(
-    iov: &mut [libc::iovec],
-    mut at: u64,
-    mut op: impl FnMut(&[libc::iovec], libc::off_t) -> isize,
-) -> io::Result<()> {
-    let mut start = 0;
-    while start < iov.len() {
-        let off =
-            libc::off_t::try_from(at).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let end = iov.len().min(start + IOV_MAX);
-        let n = op(&iov[start..end], off);
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-        }
-        at += n as u64;
-        let mut n = n as usize;
-        while n > 0 {
-            let v = &mut iov[start];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                start += 1;
-            } else {
-                v.iov_base = (v.iov_base as usize + n) as *mut libc::c_void;
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
-        while start < iov.len() && iov[start].iov_len == 0 {
-            start += 1;
-        }
-    }
-    Ok(())
-}
-
-/// The most vectors one `preadv`/`pwritev` takes (Linux's `UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::virtio::test_util::desc;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
+    use vm_memory::bitmap::Bitmap as _;
     use vmcraft_memory::{layout::MemoryLayout, GuestRam};
 
     fn memory() -> GuestMemory {
@@ -526,29 +402,5 @@ mod tests {
             }
             other => panic!("expected BufferNotInMemory, got {other:?}"),
         });
-    }
-
-    #[test]
-    fn a_short_transfer_continues_where_it_stopped() {
-        let mut a = [0u8; 10];
-        let mut b = [0u8; 10];
-        let mut iov = [
-            libc::iovec {
-                iov_base: a.as_mut_ptr().cast(),
-                iov_len: 10,
-            },
-            libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: 10,
-            },
-        ];
-        let mut calls = Vec::new();
-        transfer(&mut iov, 100, |v, at| {
-            calls.push((v.len(), v[0].iov_len, at));
-            let left: usize = v.iter().map(|v| v.iov_len).sum();
-            left.min(7) as isize
-        })
-        .unwrap();
-        assert_eq!(calls, [(2, 10, 100), (2, 3, 107), (1, 6, 114)]);
     }
 }
