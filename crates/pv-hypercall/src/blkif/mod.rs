@@ -14,16 +14,16 @@
 //! more than a ring) is an `Err`: the backend stops serving that ring.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::GuestAddress;
 use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::report::ErrorChain;
+use vmcraft_memory::vectored::{Gather, IoVecs};
 use vmcraft_memory::GuestMemory;
 
-use crate::grant::{CopyDirection, GrantError, GrantTable};
+use crate::grant::{GrantError, GrantTable, Mapping};
 use crate::ring::{BackRing, GuestRingMemory, RingError};
 
 pub use vmcraft_pv_wire::blkif::*;
@@ -104,10 +104,15 @@ pub const PROCESS_BUDGET: usize = 1024;
 #[derive(Debug)]
 pub struct BlkifBackend {
     ring: BackRing<GuestRingMemory, Request, Response>,
+    memory: GuestMemory,
     grants: Arc<GrantTable>,
     file: File,
     sectors: u64,
     read_only: bool,
+    /// The guest ranges of one request's segments, for one `preadv`/`pwritev`.
+    io: IoVecs,
+    /// The grants mapped for the request in flight.
+    mapped: Vec<Mapping>,
 }
 
 impl BlkifBackend {
@@ -120,15 +125,18 @@ impl BlkifBackend {
         file: File,
         read_only: bool,
     ) -> Result<Self, BlkifError> {
-        let mem = GuestRingMemory::new(memory, ring, 4096).map_err(BlkifError::Ring)?;
+        let mem = GuestRingMemory::new(memory.clone(), ring, 4096).map_err(BlkifError::Ring)?;
         let ring = BackRing::attach(mem).map_err(BlkifError::Ring)?;
         let sectors = file.metadata().map(|m| m.len() / SECTOR).unwrap_or(0);
         Ok(BlkifBackend {
             ring,
+            memory,
             grants,
             file,
             sectors,
             read_only,
+            io: IoVecs::default(),
+            mapped: Vec::with_capacity(MAX_SEGMENTS),
         })
     }
 
@@ -233,7 +241,7 @@ impl BlkifBackend {
         Ok(answered)
     }
 
-    fn execute(&self, req: &Request) -> i16 {
+    fn execute(&mut self, req: &Request) -> i16 {
         match req.operation {
             OP_READ | OP_WRITE | OP_WRITE_BARRIER => {
                 let write = req.operation != OP_READ;
@@ -285,8 +293,10 @@ impl BlkifBackend {
             .map_err(|source| RequestError::Io { offset: 0, source })
     }
 
-    /// Move the segments' sectors between the granted pages and the disk.
-    fn transfer(&self, req: &Request, write: bool) -> Result<(), RequestError> {
+    /// Move the segments' sectors between the granted pages and the disk: the grants
+    /// are mapped (marked in use), the data moves in one `preadv`/`pwritev` straight
+    /// between the image and the granted pages, and the grants are released.
+    fn transfer(&mut self, req: &Request, write: bool) -> Result<(), RequestError> {
         let n = usize::from(req.nr_segments);
         if n == 0 || n > MAX_SEGMENTS {
             return Err(RequestError::SegmentCount(req.nr_segments));
@@ -311,38 +321,52 @@ impl BlkifBackend {
             Some(end) if end <= self.sectors => {}
             _ => return Err(past_end),
         }
-        let mut sector = req.sector_number;
-        let mut buf = [0u8; 4096];
-        for s in segs {
-            let count = u64::from(s.last_sect - s.first_sect) + 1;
-            let len = (count * SECTOR) as usize;
-            let page_off = u64::from(s.first_sect) * SECTOR;
-            let disk_off = sector * SECTOR;
-            let grant = |source| RequestError::Grant {
-                gref: s.gref,
-                source,
-            };
-            let io = |source| RequestError::Io {
-                offset: disk_off,
-                source,
-            };
-            if write {
-                self.grants
-                    .copy(s.gref, page_off, &mut buf[..len], CopyDirection::FromGuest)
-                    .map_err(grant)?;
-                self.file.write_all_at(&buf[..len], disk_off).map_err(io)?;
+        let mut data = self.io.gather(&self.memory);
+        let mapped = &mut self.mapped;
+        let result = gather_segments(&self.grants, segs, write, mapped, &mut data).and_then(|()| {
+            let offset = req.sector_number * SECTOR;
+            let moved = if write {
+                data.write_to(&self.file, offset)
             } else {
-                self.file
-                    .read_exact_at(&mut buf[..len], disk_off)
-                    .map_err(io)?;
-                self.grants
-                    .copy(s.gref, page_off, &mut buf[..len], CopyDirection::ToGuest)
-                    .map_err(grant)?;
-            }
-            sector += count;
+                data.read_from(&self.file, offset)
+            };
+            moved.map_err(|source| RequestError::Io { offset, source })
+        });
+        for mapping in mapped.drain(..) {
+            // Mapped just above and released once: cannot fail.
+            let _ = self.grants.unmap(mapping);
         }
-        Ok(())
+        result
     }
+}
+
+/// Map each segment's grant (writable for a read into it) into `mapped`, and gather
+/// its sectors into `data`.
+fn gather_segments(
+    grants: &GrantTable,
+    segs: &[Segment],
+    write: bool,
+    mapped: &mut Vec<Mapping>,
+    data: &mut Gather<'_>,
+) -> Result<(), RequestError> {
+    for s in segs {
+        let grant = |source| RequestError::Grant {
+            gref: s.gref,
+            source,
+        };
+        let mapping = grants.map(s.gref, !write).map_err(grant)?;
+        mapped.push(mapping);
+        let first = u64::from(s.first_sect) * SECTOR;
+        let len = (u64::from(s.last_sect - s.first_sect) + 1) * SECTOR;
+        data.push(GuestAddress(mapping.page.0 + first), len as usize)
+            .map_err(|_| {
+                grant(GrantError::BadFrame {
+                    gref: s.gref,
+                    frame: (mapping.page.0 / crate::grant::PAGE) as u32,
+                })
+            })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use super::*;
 use crate::grant::{ENTRY_SIZE, GTF_PERMIT_ACCESS, GTF_READONLY};
 use crate::ring::{Entry, FrontRing};
+use std::os::unix::fs::FileExt;
 use vm_memory::Bytes;
 use vmcraft_memory::{layout::MemoryLayout, GuestRam};
 
@@ -130,6 +131,35 @@ fn writes_and_reads_through_granted_pages() {
             .status,
         STATUS_OKAY
     );
+}
+
+/// A request whose later segment is refused releases the grants it had mapped for
+/// the earlier ones, and moves no data.
+#[test]
+fn a_refused_segment_releases_the_grants_already_mapped() {
+    use crate::grant::{GTF_READING, GTF_WRITING};
+    let mut r = rig(false);
+    let m = r.ram.memory().clone();
+    r.back.file.write_all_at(&[0x5a; 4096], 0).unwrap();
+    r.grant(1, 0x10, GTF_PERMIT_ACCESS);
+    let rsp = r.request(rw(OP_READ, 7, 0, &[seg(1, 0, 3), seg(9, 4, 7)]));
+    assert_eq!(rsp.status, STATUS_ERROR);
+    let flags: u16 = m.read_obj(GuestAddress(GRANTS + ENTRY_SIZE)).unwrap();
+    assert_eq!(flags & (GTF_READING | GTF_WRITING), 0, "grant 1 released");
+    assert_eq!(
+        m.read_obj::<u8>(GuestAddress(0x10_000)).unwrap(),
+        0,
+        "no data moved"
+    );
+    // The same grant serves the next request.
+    let rsp = r.request(rw(OP_READ, 8, 0, &[seg(1, 0, 3)]));
+    assert_eq!(rsp.status, STATUS_OKAY);
+    assert_eq!(
+        m.read_obj::<u8>(GuestAddress(0x10_000 + 2047)).unwrap(),
+        0x5a
+    );
+    let flags: u16 = m.read_obj(GuestAddress(GRANTS + ENTRY_SIZE)).unwrap();
+    assert_eq!(flags & (GTF_READING | GTF_WRITING), 0, "released after use");
 }
 
 #[test]
