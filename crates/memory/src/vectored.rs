@@ -123,6 +123,12 @@ impl Gather<'_> {
         self.vecs.iov.len()
     }
 
+    /// Drop what was gathered after `mark`.
+    pub fn truncate(&mut self, mark: Mark) {
+        self.vecs.iov.truncate(mark.0);
+        self.vecs.ranges.truncate(mark.0);
+    }
+
     /// Drop everything gathered.
     pub fn clear(&mut self) {
         self.vecs.iov.clear();

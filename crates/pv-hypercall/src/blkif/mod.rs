@@ -20,7 +20,7 @@ use thiserror::Error;
 use vm_memory::GuestAddress;
 use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::report::ErrorChain;
-use vmcraft_memory::vectored::{Gather, IoVecs};
+use vmcraft_memory::vectored::{Gather, IoVecs, Mark, MAX_VECTORS};
 use vmcraft_memory::GuestMemory;
 
 use crate::grant::{GrantError, GrantTable, Mapping};
@@ -104,15 +104,46 @@ pub const PROCESS_BUDGET: usize = 1024;
 #[derive(Debug)]
 pub struct BlkifBackend {
     ring: BackRing<GuestRingMemory, Request, Response>,
+    disk: Disk,
+    /// The guest ranges of the requests in flight, for one `preadv`/`pwritev`.
+    io: IoVecs,
+    run: ReadRun,
+}
+
+/// What requests are served against: the granted guest memory and the image.
+#[derive(Debug)]
+struct Disk {
     memory: GuestMemory,
     grants: Arc<GrantTable>,
     file: File,
     sectors: u64,
     read_only: bool,
-    /// The guest ranges of one request's segments, for one `preadv`/`pwritev`.
-    io: IoVecs,
-    /// The grants mapped for the request in flight.
+}
+
+/// Reads of adjacent sectors from consecutive requests, done as one `preadv` with
+/// their grants mapped until it returns; each request still gets its own response
+/// (if the merged read fails, each is read again alone).
+#[derive(Debug, Default)]
+struct ReadRun {
+    /// The grants mapped for the requests held (and for the one being executed).
     mapped: Vec<Mapping>,
+    held: Vec<HeldRead>,
+    /// Image offsets of the run's first byte and of one past its last.
+    start: u64,
+    end: u64,
+    /// How many reads of the image the runs took (for tests).
+    reads: u64,
+}
+
+/// One request held in a [`ReadRun`].
+#[derive(Debug, Clone, Copy)]
+struct HeldRead {
+    id: u64,
+    bytes: u64,
+    /// Its status, once read.
+    status: i16,
+    /// Where its ranges end in the gathered list.
+    end: Mark,
 }
 
 impl BlkifBackend {
@@ -130,19 +161,21 @@ impl BlkifBackend {
         let sectors = file.metadata().map(|m| m.len() / SECTOR).unwrap_or(0);
         Ok(BlkifBackend {
             ring,
-            memory,
-            grants,
-            file,
-            sectors,
-            read_only,
+            disk: Disk {
+                memory,
+                grants,
+                file,
+                sectors,
+                read_only,
+            },
             io: IoVecs::default(),
-            mapped: Vec::with_capacity(MAX_SEGMENTS),
+            run: ReadRun::default(),
         })
     }
 
     /// Capacity in sectors.
     pub fn sectors(&self) -> u64 {
-        self.sectors
+        self.disk.sectors
     }
 
     /// Answer every waiting request; then ask to be notified of the next one (and
@@ -221,58 +254,60 @@ impl BlkifBackend {
     }
 
     /// Answer up to `limit` waiting requests (responses pushed, not published);
-    /// returns how many.
+    /// returns how many. Reads of adjacent sectors are held and done together.
     fn answer_waiting(&mut self, limit: usize) -> Result<usize, BlkifError> {
+        let BlkifBackend {
+            ring,
+            disk,
+            io,
+            run,
+        } = self;
+        let mut data = io.gather(&disk.memory);
         let mut answered = 0;
+        let mut result = Ok(());
         while answered < limit {
-            let Some(req) = self.ring.pop_request().map_err(BlkifError::Ring)? else {
-                break;
+            let req = match ring.pop_request() {
+                Ok(Some(req)) => req,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(BlkifError::Ring(e));
+                    break;
+                }
             };
-            let status = self.execute(&req);
-            self.ring
-                .push_response(&Response {
-                    id: req.id,
-                    operation: req.operation,
-                    status,
-                })
-                .map_err(BlkifError::Ring)?;
             answered += 1;
-        }
-        Ok(answered)
-    }
-
-    fn execute(&mut self, req: &Request) -> i16 {
-        match req.operation {
-            OP_READ | OP_WRITE | OP_WRITE_BARRIER => {
-                let write = req.operation != OP_READ;
-                let result = if write && self.read_only {
-                    Err(RequestError::ReadOnly)
-                } else {
-                    self.transfer(req, write).and_then(|()| {
-                        if req.operation == OP_WRITE_BARRIER {
-                            self.sync()
-                        } else {
-                            Ok(())
+            if req.operation == OP_READ {
+                if let Ok(offset) = disk.check(&req) {
+                    if !run.continues(offset, &data) {
+                        if let Err(e) = run.flush(ring, disk, &mut data) {
+                            result = Err(e);
+                            break;
                         }
-                    })
-                };
-                match result {
-                    Ok(()) => STATUS_OKAY,
-                    Err(e) => {
-                        Self::report(req, &e);
-                        STATUS_ERROR
+                    }
+                    match run.hold(&req, offset, disk, &mut data) {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            Self::report(&req, &e);
+                            if let Err(e) = respond(ring, &req, STATUS_ERROR) {
+                                result = Err(e);
+                                break;
+                            }
+                            continue;
+                        }
                     }
                 }
             }
-            OP_FLUSH_DISKCACHE => match self.sync() {
-                Ok(()) => STATUS_OKAY,
-                Err(e) => {
-                    Self::report(req, &e);
-                    STATUS_ERROR
-                }
-            },
-            _ => STATUS_EOPNOTSUPP,
+            // Anything else waits for the held reads: nothing overtakes them.
+            let status = run
+                .flush(ring, disk, &mut data)
+                .map(|()| disk.execute(&req, &mut run.mapped, &mut data));
+            if let Err(e) = status.and_then(|status| respond(ring, &req, status)) {
+                result = Err(e);
+                break;
+            }
         }
+        // Held reads are answered even when the ring broke: the front end is owed them.
+        let flushed = run.flush(ring, disk, &mut data);
+        result.and(flushed).map(|()| answered)
     }
 
     /// Log a failed request: host-side failures as warnings, the guest's own
@@ -286,6 +321,56 @@ impl BlkifBackend {
             _ => log::debug!("pv-block: request {} refused: {chain}", req.id),
         }
     }
+}
+
+/// Push the response to `req`.
+fn respond(
+    ring: &mut BackRing<GuestRingMemory, Request, Response>,
+    req: &Request,
+    status: i16,
+) -> Result<(), BlkifError> {
+    ring.push_response(&Response {
+        id: req.id,
+        operation: req.operation,
+        status,
+    })
+    .map_err(BlkifError::Ring)
+}
+
+impl Disk {
+    fn execute(&self, req: &Request, mapped: &mut Vec<Mapping>, data: &mut Gather<'_>) -> i16 {
+        match req.operation {
+            OP_READ | OP_WRITE | OP_WRITE_BARRIER => {
+                let write = req.operation != OP_READ;
+                let result = if write && self.read_only {
+                    Err(RequestError::ReadOnly)
+                } else {
+                    self.transfer(req, write, mapped, data).and_then(|()| {
+                        if req.operation == OP_WRITE_BARRIER {
+                            self.sync()
+                        } else {
+                            Ok(())
+                        }
+                    })
+                };
+                match result {
+                    Ok(()) => STATUS_OKAY,
+                    Err(e) => {
+                        BlkifBackend::report(req, &e);
+                        STATUS_ERROR
+                    }
+                }
+            }
+            OP_FLUSH_DISKCACHE => match self.sync() {
+                Ok(()) => STATUS_OKAY,
+                Err(e) => {
+                    BlkifBackend::report(req, &e);
+                    STATUS_ERROR
+                }
+            },
+            _ => STATUS_EOPNOTSUPP,
+        }
+    }
 
     fn sync(&self) -> Result<(), RequestError> {
         self.file
@@ -293,17 +378,14 @@ impl BlkifBackend {
             .map_err(|source| RequestError::Io { offset: 0, source })
     }
 
-    /// Move the segments' sectors between the granted pages and the disk: the grants
-    /// are mapped (marked in use), the data moves in one `preadv`/`pwritev` straight
-    /// between the image and the granted pages, and the grants are released.
-    fn transfer(&mut self, req: &Request, write: bool) -> Result<(), RequestError> {
+    /// Check a read or write's segments and range; returns its image offset.
+    fn check(&self, req: &Request) -> Result<u64, RequestError> {
         let n = usize::from(req.nr_segments);
         if n == 0 || n > MAX_SEGMENTS {
             return Err(RequestError::SegmentCount(req.nr_segments));
         }
-        let segs = &req.seg[..n];
         let mut total = 0u64;
-        for s in segs {
+        for s in &req.seg[..n] {
             if s.first_sect > s.last_sect || s.last_sect > 7 {
                 return Err(RequestError::BadSegment {
                     first: s.first_sect,
@@ -312,19 +394,29 @@ impl BlkifBackend {
             }
             total += u64::from(s.last_sect - s.first_sect) + 1;
         }
-        let past_end = RequestError::PastEnd {
-            start: req.sector_number,
-            count: total,
-            sectors: self.sectors,
-        };
         match req.sector_number.checked_add(total) {
-            Some(end) if end <= self.sectors => {}
-            _ => return Err(past_end),
+            Some(end) if end <= self.sectors => Ok(req.sector_number * SECTOR),
+            _ => Err(RequestError::PastEnd {
+                start: req.sector_number,
+                count: total,
+                sectors: self.sectors,
+            }),
         }
-        let mut data = self.io.gather(&self.memory);
-        let mapped = &mut self.mapped;
-        let result = gather_segments(&self.grants, segs, write, mapped, &mut data).and_then(|()| {
-            let offset = req.sector_number * SECTOR;
+    }
+
+    /// Move the segments' sectors between the granted pages and the disk: the grants
+    /// are mapped (marked in use), the data moves in one `preadv`/`pwritev` straight
+    /// between the image and the granted pages, and the grants are released.
+    fn transfer(
+        &self,
+        req: &Request,
+        write: bool,
+        mapped: &mut Vec<Mapping>,
+        data: &mut Gather<'_>,
+    ) -> Result<(), RequestError> {
+        let offset = self.check(req)?;
+        let segs = &req.seg[..usize::from(req.nr_segments)];
+        let result = gather_segments(&self.grants, segs, write, mapped, data).and_then(|()| {
             let moved = if write {
                 data.write_to(&self.file, offset)
             } else {
@@ -332,11 +424,108 @@ impl BlkifBackend {
             };
             moved.map_err(|source| RequestError::Io { offset, source })
         });
-        for mapping in mapped.drain(..) {
-            // Mapped just above and released once: cannot fail.
+        self.release(mapped, 0);
+        data.clear();
+        result
+    }
+
+    /// Release the grants in `mapped` from index `from` on.
+    fn release(&self, mapped: &mut Vec<Mapping>, from: usize) {
+        for mapping in mapped.drain(from..) {
+            // Mapped by this backend and released once: cannot fail.
             let _ = self.grants.unmap(mapping);
         }
-        result
+    }
+}
+
+impl ReadRun {
+    /// Whether a read at image offset `offset` can join the run gathered in `data`.
+    fn continues(&self, offset: u64, data: &Gather<'_>) -> bool {
+        self.held.is_empty() || (offset == self.end && data.vectors() < MAX_VECTORS)
+    }
+
+    /// Map `req`'s grants and gather its segments (the caller checked it reads at
+    /// `offset`); on a refused grant nothing of it stays mapped or gathered.
+    fn hold(
+        &mut self,
+        req: &Request,
+        offset: u64,
+        disk: &Disk,
+        data: &mut Gather<'_>,
+    ) -> Result<(), RequestError> {
+        let (first_mapped, first_range) = (self.mapped.len(), data.mark());
+        let segs = &req.seg[..usize::from(req.nr_segments)];
+        if let Err(e) = gather_segments(&disk.grants, segs, false, &mut self.mapped, data) {
+            disk.release(&mut self.mapped, first_mapped);
+            data.truncate(first_range);
+            return Err(e);
+        }
+        let bytes = segs
+            .iter()
+            .map(|s| (u64::from(s.last_sect - s.first_sect) + 1) * SECTOR)
+            .sum::<u64>();
+        if self.held.is_empty() {
+            self.start = offset;
+        }
+        self.end = offset + bytes;
+        self.held.push(HeldRead {
+            id: req.id,
+            bytes,
+            status: STATUS_ERROR,
+            end: data.mark(),
+        });
+        Ok(())
+    }
+
+    /// Do the held reads, release their grants and push their responses.
+    fn flush(
+        &mut self,
+        ring: &mut BackRing<GuestRingMemory, Request, Response>,
+        disk: &Disk,
+        data: &mut Gather<'_>,
+    ) -> Result<(), BlkifError> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let merged = data.read_from(&disk.file, self.start);
+        self.reads += 1;
+        let (mut from, mut offset) = (Mark::default(), self.start);
+        for held in &mut self.held {
+            let result = match &merged {
+                Ok(()) => Ok(()),
+                Err(_) => {
+                    self.reads += 1;
+                    data.read_part_from(from, held.end, &disk.file, offset)
+                }
+            };
+            held.status = match result {
+                Ok(()) => STATUS_OKAY,
+                Err(source) => {
+                    log::warn!(
+                        "pv-block: request {} failed on the host: disk I/O at byte {offset}: {source}",
+                        held.id
+                    );
+                    STATUS_ERROR
+                }
+            };
+            from = held.end;
+            offset += held.bytes;
+        }
+        disk.release(&mut self.mapped, 0);
+        data.clear();
+        let mut pushed = Ok(());
+        for held in self.held.drain(..) {
+            if pushed.is_ok() {
+                pushed = ring
+                    .push_response(&Response {
+                        id: held.id,
+                        operation: OP_READ,
+                        status: held.status,
+                    })
+                    .map_err(BlkifError::Ring);
+            }
+        }
+        pushed
     }
 }
 

@@ -111,7 +111,11 @@ fn writes_and_reads_through_granted_pages() {
     );
     // On disk at sector 16: a, then b.
     let mut disk = vec![0u8; 5120];
-    r.back.file.read_exact_at(&mut disk, 16 * SECTOR).unwrap();
+    r.back
+        .disk
+        .file
+        .read_exact_at(&mut disk, 16 * SECTOR)
+        .unwrap();
     assert_eq!(&disk[..4096], &a[..]);
     assert_eq!(&disk[4096..], &b[..]);
     // Read it back into page 0x12 (granted writable).
@@ -140,7 +144,7 @@ fn a_refused_segment_releases_the_grants_already_mapped() {
     use crate::grant::{GTF_READING, GTF_WRITING};
     let mut r = rig(false);
     let m = r.ram.memory().clone();
-    r.back.file.write_all_at(&[0x5a; 4096], 0).unwrap();
+    r.back.disk.file.write_all_at(&[0x5a; 4096], 0).unwrap();
     r.grant(1, 0x10, GTF_PERMIT_ACCESS);
     let rsp = r.request(rw(OP_READ, 7, 0, &[seg(1, 0, 3), seg(9, 4, 7)]));
     assert_eq!(rsp.status, STATUS_ERROR);
@@ -299,4 +303,105 @@ fn a_polling_backend_stops_at_a_broken_ring() {
         r.back.process_polling(&mut poll, || {}),
         Err(BlkifError::Ring(RingError::ProducerOverflow { .. }))
     ));
+}
+
+impl Rig {
+    /// Queue every request, serve them in one call, and return the responses sorted
+    /// by id.
+    fn batch(&mut self, reqs: &[Request]) -> Vec<(u64, u8, i16)> {
+        for req in reqs {
+            self.front.push_request(req).unwrap();
+        }
+        self.front.publish_requests();
+        let done = self.back.process().unwrap();
+        assert_eq!(done.requests, reqs.len());
+        let mut out = Vec::new();
+        while let Some(rsp) = self.front.pop_response().unwrap() {
+            out.push((rsp.id, rsp.operation, rsp.status));
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Reads of adjacent sectors are one read of the image; a write between them is not
+/// overtaken, nor does it overtake; a read whose grant is refused is answered ERROR
+/// alone, the others complete.
+#[test]
+fn adjacent_reads_are_merged_and_nothing_overtakes() {
+    let mut r = rig(false);
+    let m = r.ram.memory().clone();
+    let old: Vec<u8> = (0..16 * 512).map(|i| (i % 241) as u8).collect();
+    r.back.disk.file.write_all_at(&old, 0).unwrap();
+    for (gref, frame) in [(1, 0x10), (2, 0x11), (3, 0x12), (4, 0x13)] {
+        r.grant(gref, frame, GTF_PERMIT_ACCESS);
+    }
+    m.write_slice(&[0xee; 512], GuestAddress(0x14_000)).unwrap();
+    r.grant(5, 0x14, GTF_PERMIT_ACCESS | GTF_READONLY);
+    let answers = r.batch(&[
+        rw(OP_READ, 1, 0, &[seg(1, 0, 7)]),
+        rw(OP_READ, 2, 8, &[seg(2, 0, 3), seg(3, 4, 7)]),
+        rw(OP_READ, 3, 16, &[seg(9, 0, 7)]), // never granted
+        rw(OP_WRITE, 4, 8, &[seg(5, 0, 0)]),
+        rw(OP_READ, 5, 8, &[seg(4, 0, 1)]),
+    ]);
+    assert_eq!(
+        answers,
+        [
+            (1, OP_READ, STATUS_OKAY),
+            (2, OP_READ, STATUS_OKAY),
+            (3, OP_READ, STATUS_ERROR),
+            (4, OP_WRITE, STATUS_OKAY),
+            (5, OP_READ, STATUS_OKAY),
+        ]
+    );
+    assert_eq!(r.back.run.reads, 2, "requests 1 and 2 in one read, 5 alone");
+    let page = |frame: u64, from: usize, len: usize| {
+        let mut b = vec![0u8; len];
+        m.read_slice(&mut b, GuestAddress(frame * 4096 + from as u64))
+            .unwrap();
+        b
+    };
+    assert_eq!(page(0x10, 0, 4096), old[..4096]);
+    assert_eq!(
+        page(0x11, 0, 2048),
+        old[4096..6144],
+        "read before the write"
+    );
+    assert_eq!(page(0x12, 2048, 2048), old[6144..8192]);
+    let mut after = vec![0xee; 512];
+    after.extend_from_slice(&old[4608..5120]);
+    assert_eq!(page(0x13, 0, 1024), after, "read after the write");
+    // Every grant is released.
+    for gref in 1..=5u64 {
+        let flags: u16 = m
+            .read_obj(GuestAddress(GRANTS + gref * ENTRY_SIZE))
+            .unwrap();
+        assert_eq!(
+            flags & (crate::grant::GTF_READING | crate::grant::GTF_WRITING),
+            0
+        );
+    }
+}
+
+/// When a merged read fails (the image shrank under the backend), each request is
+/// read again alone and answered for itself.
+#[test]
+fn a_failed_merged_read_answers_each_request_for_itself() {
+    let mut r = rig(false);
+    let m = r.ram.memory().clone();
+    r.back.disk.file.write_all_at(&[0x33; 4096], 0).unwrap();
+    r.grant(1, 0x10, GTF_PERMIT_ACCESS);
+    r.grant(2, 0x11, GTF_PERMIT_ACCESS);
+    r.back.disk.file.set_len(4096).unwrap();
+    let answers = r.batch(&[
+        rw(OP_READ, 1, 0, &[seg(1, 0, 7)]),
+        rw(OP_READ, 2, 8, &[seg(2, 0, 7)]),
+    ]);
+    assert_eq!(
+        answers,
+        [(1, OP_READ, STATUS_OKAY), (2, OP_READ, STATUS_ERROR)]
+    );
+    assert_eq!(r.back.run.reads, 3, "the merged read, then each alone");
+    assert_eq!(m.read_obj::<u8>(GuestAddress(0x10_fff)).unwrap(), 0x33);
 }
