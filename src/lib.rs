@@ -12,6 +12,7 @@ pub use vmcraft_devices as devices;
 pub use vmcraft_memory as memory;
 #[cfg(feature = "pv")]
 pub use vmcraft_pv_hypercall as pv;
+pub use vmcraft_sandbox as sandbox;
 #[cfg(feature = "scheduler")]
 pub use vmcraft_scheduler as scheduler;
 #[cfg(feature = "vcpu")]

@@ -10,9 +10,9 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::report::ErrorChain;
+use vmcraft_sandbox::{Thread, ThreadKind};
 
 use thiserror::Error;
 use vm_memory::GuestAddress;
@@ -48,6 +48,9 @@ pub enum PvError {
     /// A host resource (eventfd, epoll, thread).
     #[error("cannot start a PV backend thread")]
     Host(#[source] std::io::Error),
+    /// A backend thread could not be started (or filtered).
+    #[error("cannot start a PV backend thread")]
+    Thread(#[source] vmcraft_sandbox::SandboxError),
     /// The doorbell port could not be put on the bus.
     #[error("cannot put the PV doorbell on the port bus")]
     Doorbell(#[source] vmcraft_devices::bus::BusError),
@@ -59,7 +62,7 @@ pub enum PvError {
 /// Running PV backends; dropping them stops and joins their threads.
 pub struct PvBackends {
     stop: EventFd,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<Thread<()>>,
     /// Each backend's event-channel port and the eventfd a send signals.
     doorbells: Vec<(u32, EventFd)>,
     doorbell_port: u16,
@@ -181,57 +184,50 @@ impl PvBackends {
         let ch_c = channels.clone();
         let epoll_c = epoll_for(&console_end.notified, &stop).map_err(PvError::Host)?;
         threads.push(
-            std::thread::Builder::new()
-                .name("pv-console".into())
-                .spawn(move || {
-                    while wait(&epoll_c, &console_end.notified) {
-                        match console.drain_output(&mut *console_out) {
-                            Ok(n) if n > 0 => {
-                                let _ = ch_c.notify_guest(console_end.port);
-                            }
-                            Ok(_) => {}
-                            // A hostile page: stop serving this console.
-                            Err(e) => {
-                                log::warn!(
-                                    "pv-console: stops serving the guest: {}",
-                                    ErrorChain(&e)
-                                );
-                                return;
-                            }
+            vmcraft_sandbox::spawn(ThreadKind::PvBackend, "pv-console", move || {
+                while wait(&epoll_c, &console_end.notified) {
+                    match console.drain_output(&mut *console_out) {
+                        Ok(n) if n > 0 => {
+                            let _ = ch_c.notify_guest(console_end.port);
+                        }
+                        Ok(_) => {}
+                        // A hostile page: stop serving this console.
+                        Err(e) => {
+                            log::warn!("pv-console: stops serving the guest: {}", ErrorChain(&e));
+                            return;
                         }
                     }
-                })
-                .map_err(PvError::Host)?,
+                }
+            })
+            .map_err(PvError::Thread)?,
         );
 
         let ch_b = channels.clone();
         let epoll_b = epoll_for(&blk_end.notified, &stop).map_err(PvError::Host)?;
         threads.push(
-            std::thread::Builder::new()
-                .name("pv-block".into())
-                .spawn(move || {
-                    let mut poll = AdaptivePoll::new(AdaptivePoll::DEFAULT_MAX);
-                    while wait(&epoll_b, &blk_end.notified) {
-                        let notify = || {
-                            let _ = ch_b.notify_guest(blk_end.port);
-                        };
-                        match blk.process_polling(&mut poll, notify) {
-                            Ok(done) => {
-                                if done.more {
-                                    // Come back after checking for a stop. A failed
-                                    // write means the counter is full: it wakes anyway.
-                                    let _ = blk_end.notified.write(1);
-                                }
-                            }
-                            // A broken ring: stop serving this device.
-                            Err(e) => {
-                                log::warn!("pv-block: stops serving the guest: {}", ErrorChain(&e));
-                                return;
+            vmcraft_sandbox::spawn(ThreadKind::PvBackend, "pv-block", move || {
+                let mut poll = AdaptivePoll::new(AdaptivePoll::DEFAULT_MAX);
+                while wait(&epoll_b, &blk_end.notified) {
+                    let notify = || {
+                        let _ = ch_b.notify_guest(blk_end.port);
+                    };
+                    match blk.process_polling(&mut poll, notify) {
+                        Ok(done) => {
+                            if done.more {
+                                // Come back after checking for a stop. A failed
+                                // write means the counter is full: it wakes anyway.
+                                let _ = blk_end.notified.write(1);
                             }
                         }
+                        // A broken ring: stop serving this device.
+                        Err(e) => {
+                            log::warn!("pv-block: stops serving the guest: {}", ErrorChain(&e));
+                            return;
+                        }
                     }
-                })
-                .map_err(PvError::Host)?,
+                }
+            })
+            .map_err(PvError::Thread)?,
         );
         Ok(PvBackends {
             stop,

@@ -279,7 +279,7 @@ fn boot_tables_are_written_only_when_an_entry_needs_them() {
     );
 
     // A long-mode entry gets them; an image loaded over them is refused, naming both.
-    let mut b = vmcraft::builder::MachineBuilder::new(16 << 20, Box::new(std::io::sink())).unwrap();
+    let mut b = machine_builder(16 << 20, Box::new(std::io::sink()));
     b.load(Guest::HELLO.image()).unwrap();
     let tables = boot_table_ranges()[1];
     let overlay = [0x90u8; 16];
@@ -299,7 +299,7 @@ fn boot_tables_are_written_only_when_an_entry_needs_them() {
     );
 
     // Two images on one range are refused when the second is loaded.
-    let mut b = vmcraft::builder::MachineBuilder::new(16 << 20, Box::new(std::io::sink())).unwrap();
+    let mut b = machine_builder(16 << 20, Box::new(std::io::sink()));
     b.load(Guest::HELLO.image()).unwrap();
     let e = b.load(Guest::COUNTER.image()).unwrap_err();
     let msg = format!("{}", std::error::Error::source(&e).unwrap());

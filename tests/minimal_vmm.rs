@@ -163,16 +163,16 @@ fn the_virtio_blk_guest_tests_a_disk_image() {
     assert!(image[64 * 512..65 * 512].iter().any(|&b| b != 0));
 }
 
-#[test]
-fn a_flushed_write_survives_sigkill_of_the_vmm() {
+/// Start the example VMM on the `virtio-blk-flush` guest with `image` as its disk and
+/// `extra` flags; returns once the guest said "flushed" (its VMM then keeps running,
+/// its vCPU and the disk's I/O thread alive, until killed).
+fn flushed_vmm(image: &common::ScratchImage, extra: &[&str]) -> std::process::Child {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    common::require_kvm();
-    let image = common::ScratchImage::new("kill-disk", 1 << 20);
-    let path = image.path();
     let mut child = Command::new(minimal_vmm())
         .args(["--guest", "virtio-blk-flush", "--mem", "16M", "--disk"])
-        .arg(path)
+        .arg(image.path())
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -180,7 +180,7 @@ fn a_flushed_write_survives_sigkill_of_the_vmm() {
     let mut seen = Vec::new();
     loop {
         match lines.next() {
-            Some(Ok(line)) if line == "flushed" => break,
+            Some(Ok(line)) if line == "flushed" => return child,
             Some(Ok(line)) => seen.push(line),
             other => {
                 let _ = child.kill();
@@ -188,6 +188,69 @@ fn a_flushed_write_survives_sigkill_of_the_vmm() {
             }
         }
     }
+}
+
+/// (name, seccomp mode, number of filters) of every thread of process `pid`, as the
+/// kernel reports them in /proc.
+fn thread_seccomp(pid: u32) -> Vec<(String, u32, u32)> {
+    let field = |status: &str, name: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let dir = task.unwrap().path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
+            (
+                comm.trim().to_owned(),
+                field(&status, "Seccomp:"),
+                field(&status, "Seccomp_filters:"),
+            )
+        })
+        .collect()
+}
+
+/// The example VMM runs every thread under a seccomp filter by default: the kernel
+/// reports filter mode (2) for its main thread, its vCPU and the disk's I/O thread,
+/// which also carries the filters of the vCPU thread that started it. `--seccomp off`
+/// runs with none.
+#[test]
+fn the_example_vmm_filters_every_thread_unless_told_not_to() {
+    common::require_kvm();
+    for (flags, mode) in [(&[][..], 2), (&["--seccomp", "off"][..], 0)] {
+        let image = common::ScratchImage::new("seccomp-disk", 1 << 20);
+        let mut child = flushed_vmm(&image, flags);
+        let threads = thread_seccomp(child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let of = |name: &str| {
+            threads
+                .iter()
+                .find(|t| t.0 == name)
+                .unwrap_or_else(|| panic!("no thread {name} in {threads:?}"))
+                .clone()
+        };
+        for name in ["minimal-vmm", "vcpu0", "vblk0-io"] {
+            assert_eq!(of(name).1, mode, "{name} with {flags:?}: {threads:?}");
+        }
+        if mode == 2 {
+            assert!(
+                of("vblk0-io").2 > of("vcpu0").2,
+                "the device thread stacks its own filters on its vCPU parent's: {threads:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_flushed_write_survives_sigkill_of_the_vmm() {
+    common::require_kvm();
+    let image = common::ScratchImage::new("kill-disk", 1 << 20);
+    let mut child = flushed_vmm(&image, &[]);
     // The flush completed: kill the VMM at once, no chance to tidy up.
     child.kill().unwrap();
     child.wait().unwrap();

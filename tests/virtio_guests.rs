@@ -10,7 +10,6 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
@@ -35,7 +34,7 @@ struct VirtioVm {
 fn start_virtio_vm(guest: Guest, param: u64, devices: Vec<Box<dyn VirtioDevice>>) -> VirtioVm {
     require_kvm();
     let serial = SharedBuffer::new();
-    let mut builder = MachineBuilder::new(16 << 20, Box::new(serial.clone())).unwrap();
+    let mut builder = machine_builder(16 << 20, Box::new(serial.clone()));
     for device in devices {
         builder.add_virtio(device).unwrap();
     }

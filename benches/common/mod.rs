@@ -1,7 +1,18 @@
 //! Shared by the benchmarks.
 
 /// Exit with a clear message when /dev/kvm cannot be opened read-write.
+/// Also puts every thread vmcraft starts from here on under its seccomp filter, as the
+/// example VMM runs them (`VMCRAFT_SECCOMP=log` logs forbidden calls instead of killing
+/// the process).
 pub fn require_kvm(bench: &str) {
+    let on_violation = match std::env::var("VMCRAFT_SECCOMP").as_deref() {
+        Ok("log") => vmcraft::sandbox::Violation::Log,
+        _ => vmcraft::sandbox::Violation::KillProcess,
+    };
+    if let Err(e) = vmcraft::sandbox::enable(vmcraft::sandbox::Policy { on_violation }) {
+        eprintln!("the {bench} benchmark runs under vmcraft's seccomp filters, which failed: {e}");
+        std::process::exit(1);
+    }
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

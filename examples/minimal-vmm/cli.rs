@@ -7,7 +7,7 @@ use std::time::Duration;
 use vmcraft::devices::virtio::block::Disk;
 use vmcraft_guest_kit::Guest;
 
-pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS]
+pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off]
 
   --diagnose       probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and
                    what a port-I/O exit costs, print it and exit
@@ -38,7 +38,11 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
   --cmdline TEXT   kernel command line (default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1)
   --mem SIZE       guest RAM, in MiB or with a K/M/G suffix (default 128M; at least 4M)
   --vcpus N        number of vCPUs, 1 to 254 (default 1)
-  --timeout SECS   stop the VM after SECS seconds";
+  --timeout SECS   stop the VM after SECS seconds
+  --seccomp MODE   what a VMM thread's system call outside its seccomp allowlist meets:
+                   kill (the default: the process dies of SIGSYS), trap (SIGSYS to the
+                   thread), log (allowed, and logged by the kernel as an audit record),
+                   off (no filters, for debugging)";
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
 pub const MIN_MEM: u64 = 4 << 20;
@@ -69,6 +73,8 @@ pub struct Options {
     pub mem: u64,
     pub vcpus: u32,
     pub timeout: Option<Duration>,
+    /// `None`: no filters.
+    pub seccomp: Option<vmcraft::sandbox::Violation>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -100,6 +106,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         mem: 128 << 20,
         vcpus: 1,
         timeout: None,
+        seccomp: Some(vmcraft::sandbox::Violation::KillProcess),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -110,6 +117,16 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         };
         match flag.as_str() {
             "--diagnose" => o.diagnose = true,
+            "--seccomp" => {
+                use vmcraft::sandbox::Violation;
+                o.seccomp = match value()?.as_str() {
+                    "kill" => Some(Violation::KillProcess),
+                    "trap" => Some(Violation::Trap),
+                    "log" => Some(Violation::Log),
+                    "off" => None,
+                    other => return Err(format!("--seccomp {other:?}: kill, trap, log or off")),
+                }
+            }
             "--guest" => {
                 o.guest = Some(match value()?.as_str() {
                     "hello" => Guest::HELLO,

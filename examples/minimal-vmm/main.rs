@@ -43,6 +43,11 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         return diagnose::diagnose();
     }
     let started = Instant::now();
+    // Opened now: once the filters are on, no thread opens a file.
+    let status = std::fs::File::open("/proc/self/status")?;
+    if let Some(on_violation) = o.seccomp {
+        vmcraft::sandbox::enable(vmcraft::sandbox::Policy { on_violation })?;
+    }
     let disks = open_disks(&o)?;
     let tap = o
         .net_tap
@@ -163,6 +168,8 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     };
 
     let machine = b.start(&vcpus)?;
+    // Everything is set up: this thread only waits and reports from here on.
+    vmcraft::sandbox::enter(vmcraft::sandbox::ThreadKind::Main)?;
     let (running, buses) = (machine.running, machine.buses);
     let first_exit = started.elapsed();
     let stats: Vec<_>;
@@ -184,6 +191,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         stats: &stats,
         guest_resident,
         buses: &buses,
+        status: &status,
     })?;
     Ok(match outcome.reason {
         StopReason::Device {

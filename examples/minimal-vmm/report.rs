@@ -16,6 +16,8 @@ pub struct Report<'a> {
     pub stats: &'a [ExitStatsSnapshot],
     pub guest_resident: u64,
     pub buses: &'a IoBuses,
+    /// `/proc/self/status`, opened before the filters went on.
+    pub status: &'a std::fs::File,
 }
 
 /// Print `r` to stdout.
@@ -45,7 +47,7 @@ pub fn print(r: &Report<'_>) -> Result<(), Box<dyn Error>> {
         );
         print!("{s}");
     }
-    let memory = ProcessMemory::current()?;
+    let memory = ProcessMemory::read_from(r.status)?;
     println!(
         "minimal-vmm: host memory: peak RSS {} KiB, guest RAM resident {} KiB, VMM overhead {} KiB",
         memory.peak_rss >> 10,

@@ -13,6 +13,26 @@ use vmcraft::devices::vm_device::{MutDeviceMmio, MutDevicePio};
 use vmcraft::vcpu::{RunningVm, VcpuConfig};
 use vmcraft_guest_kit::{abi, Guest};
 
+/// Run every thread vmcraft starts from here on under its seccomp filter, with the
+/// policy the example VMM uses (a forbidden call kills the test process with SIGSYS).
+/// `VMCRAFT_SECCOMP=log` allows and logs such calls instead (the kernel log shows them
+/// as audit records of type 1326), for finding what an allowlist misses.
+pub fn sandboxed() {
+    let on_violation = match std::env::var("VMCRAFT_SECCOMP").as_deref() {
+        Ok("log") => vmcraft::sandbox::Violation::Log,
+        _ => vmcraft::sandbox::Violation::KillProcess,
+    };
+    vmcraft::sandbox::enable(vmcraft::sandbox::Policy { on_violation })
+        .expect("the seccomp filters install");
+}
+
+/// A machine builder with `bytes` of RAM and its serial output to `out`, its threads
+/// under the seccomp filters ([`sandboxed`]).
+pub fn machine_builder(bytes: u64, out: Box<dyn std::io::Write + Send>) -> MachineBuilder {
+    sandboxed();
+    MachineBuilder::new(bytes, out).unwrap()
+}
+
 /// Fail with a clear message when /dev/kvm is missing or inaccessible.
 pub fn require_kvm() {
     if let Err(e) = std::fs::OpenOptions::new()
@@ -67,7 +87,7 @@ impl TestVm {
     pub fn new(guest: Guest) -> TestVm {
         require_kvm();
         let serial = SharedBuffer::new();
-        let mut builder = MachineBuilder::new(16 << 20, Box::new(serial.clone())).unwrap();
+        let mut builder = machine_builder(16 << 20, Box::new(serial.clone()));
         let test_device = Arc::new(Mutex::new(TestDevice::default()));
         let buses = builder.buses_mut();
         buses
@@ -129,7 +149,7 @@ impl Machine {
         require_kvm();
         let serial = SharedBuffer::new();
         Machine {
-            builder: MachineBuilder::new(mem_mib << 20, Box::new(serial.clone())).unwrap(),
+            builder: machine_builder(mem_mib << 20, Box::new(serial.clone())),
             hypercalls: vmcraft::pv::hypercall::HypercallTable::new(),
             cpuid: vmcraft::vcpu::cpu::HypervisorInfo {
                 hypercall_port: abi::HYPERCALL_PORT,

@@ -20,8 +20,31 @@ pub struct ProcessMemory {
 impl ProcessMemory {
     /// Read `/proc/self/status`.
     pub fn current() -> io::Result<ProcessMemory> {
-        let status = std::fs::read_to_string("/proc/self/status")?;
-        parse_status(&status).ok_or_else(|| {
+        Self::parse(&std::fs::read_to_string("/proc/self/status")?)
+    }
+
+    /// Read it again from `status`, `/proc/self/status` opened earlier: a process whose
+    /// threads may no longer open files (see `vmcraft-sandbox`) opens it before, and
+    /// reads it whenever it needs to (each read from offset 0 is a fresh snapshot).
+    pub fn read_from(status: &std::fs::File) -> io::Result<ProcessMemory> {
+        use std::os::unix::fs::FileExt;
+        let mut text = vec![0u8; 8192];
+        let mut len = 0;
+        loop {
+            let n = status.read_at(&mut text[len..], len as u64)?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+            if len == text.len() {
+                text.resize(len * 2, 0);
+            }
+        }
+        Self::parse(&String::from_utf8_lossy(&text[..len]))
+    }
+
+    fn parse(status: &str) -> io::Result<ProcessMemory> {
+        parse_status(status).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 "/proc/self/status has no VmRSS or VmHWM line",
@@ -77,6 +100,20 @@ mod tests {
         assert_eq!(m.rss, 2300 * 1024);
         assert_eq!(parse_status("VmRSS: 1 kB\n"), None);
         assert_eq!(parse_status("VmRSS: x kB\nVmHWM: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn an_open_status_file_reads_again_and_again() {
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let first = ProcessMemory::read_from(&file).unwrap();
+        let grown = vec![1u8; 64 << 20];
+        let second = ProcessMemory::read_from(&file).unwrap();
+        assert!(first.rss > 0);
+        assert!(
+            second.peak_rss >= first.peak_rss + (60 << 20),
+            "a fresh snapshot: {first:?} then {second:?}"
+        );
+        drop(std::hint::black_box(grown));
     }
 
     #[test]

@@ -13,8 +13,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vmcraft_sandbox::{Thread, ThreadKind};
 
 use thiserror::Error;
 use vmcraft_vcpu::vcpu::{Kicker, Step, Vcpu};
@@ -63,9 +63,9 @@ pub enum RuntimeError {
     Spawn {
         /// Worker index.
         index: u32,
-        /// The OS error.
+        /// Why it could not be started (or filtered).
         #[source]
-        source: std::io::Error,
+        source: vmcraft_sandbox::SandboxError,
     },
     /// A vCPU failed (KVM_RUN error, fatal exit).
     #[error("vCPU {vcpu:?} failed")]
@@ -242,7 +242,7 @@ impl Shared {
 /// A running M:N runtime. Dropping it stops it.
 pub struct Runtime {
     shared: Arc<Shared>,
-    threads: Vec<(u32, JoinHandle<()>)>,
+    threads: Vec<(u32, Thread<()>)>,
     /// Domain and affinity of each vCPU, to hand back.
     meta: Vec<(DomainId, Affinity)>,
 }
@@ -323,7 +323,7 @@ impl Runtime {
             } else {
                 ("sched-ticker".into(), Box::new(move || s.ticker()))
             };
-            match std::thread::Builder::new().name(name).spawn(body) {
+            match vmcraft_sandbox::spawn(ThreadKind::Vcpu, &name, body) {
                 Ok(h) => runtime.threads.push((p, h)),
                 Err(source) => {
                     shared.stop_all();

@@ -8,8 +8,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vmcraft_sandbox::{Thread, ThreadKind};
 
 use thiserror::Error;
 
@@ -90,9 +90,9 @@ pub enum VmError {
     Spawn {
         /// vCPU index.
         index: u32,
-        /// The OS error.
+        /// Why it could not be started (or filtered).
         #[source]
-        source: std::io::Error,
+        source: vmcraft_sandbox::SandboxError,
     },
     /// KVM_RUN failed.
     #[error("KVM_RUN failed on vCPU {index}")]
@@ -218,7 +218,7 @@ impl Shared {
 pub struct RunningVm {
     vm: Arc<Vm>,
     shared: Arc<Shared>,
-    threads: Vec<(u32, JoinHandle<()>)>,
+    threads: Vec<(u32, Thread<()>)>,
     _handler: Arc<dyn ExitHandler>,
 }
 
@@ -338,9 +338,8 @@ impl RunningVm {
                 vcpu,
                 shared: shared.clone(),
             };
-            let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{i}"))
-                .spawn(move || thread.run());
+            let spawned =
+                vmcraft_sandbox::spawn(ThreadKind::Vcpu, &format!("vcpu{i}"), move || thread.run());
             match spawned {
                 Ok(h) => running.threads.push((index, h)),
                 Err(source) => {

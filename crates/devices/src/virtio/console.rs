@@ -8,13 +8,14 @@
 //! nothing is written.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vmcraft_memory::GuestMemory;
+use vmcraft_sandbox::ThreadKind;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::queue::{check_chain, serve_available, ProtocolError};
@@ -102,13 +103,12 @@ fn pollable(
         Err(e) => return Err(e),
     }
     let (ours, mut relay) = std::os::unix::net::UnixStream::pair()?;
-    std::thread::Builder::new()
-        .name(format!("{name}-input"))
-        .spawn(move || {
-            // Ends at the input's end of file (at once for /dev/null) or when the
-            // device side is gone; dropping `relay` is the end of file it sees.
-            let _ = std::io::copy(&mut input, &mut relay);
-        })?;
+    vmcraft_sandbox::spawn(ThreadKind::DeviceIo, &format!("{name}-input"), move || {
+        // Ends at the input's end of file (at once for /dev/null) or when the device
+        // side is gone; dropping `relay` is the end of file it sees.
+        let _ = std::io::copy(&mut input, &mut relay);
+    })
+    .map_err(io::Error::other)?;
     Ok(Box::new(ours))
 }
 

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::thread::JoinHandle;
+use vmcraft_sandbox::{Thread, ThreadKind};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -73,7 +73,7 @@ pub enum Token {
 #[derive(Debug)]
 pub struct Worker {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<Thread<()>>,
 }
 
 impl Worker {
@@ -112,7 +112,7 @@ impl Worker {
         )?;
         let stop_clone = stop.try_clone()?;
         let label = name.clone();
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let thread = vmcraft_sandbox::spawn(ThreadKind::DeviceIo, &name, move || {
             let _stop = stop_clone;
             let mut events = vec![EpollEvent::default(); stop_token as usize + 1];
             // Serve what was queued before activation.
@@ -148,7 +148,8 @@ impl Worker {
                     }
                 }
             }
-        })?;
+        })
+        .map_err(io::Error::other)?;
         Ok(Worker {
             stop,
             thread: Some(thread),

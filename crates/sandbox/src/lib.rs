@@ -1,0 +1,350 @@
+//! Defence in depth for vmcraft VMMs: what a VMM thread may ask of the host kernel.
+//!
+//! A guest is an attacker from its first instruction, and the threads that serve it
+//! parse what it wrote. If one of them is ever subverted, a seccomp-bpf filter bounds
+//! what it can do next: each kind of thread ([`ThreadKind`]) gets an allowlist of the
+//! system calls that kind makes ([`filter::rules`]), and anything else meets the
+//! policy's [`Violation`] action (by default the process is killed, as Firecracker
+//! does).
+//!
+//! vmcraft's crates start every thread they own through [`spawn`], which installs the
+//! thread's filter before its body runs once a process has called [`enable`], and
+//! reports a filter that could not be installed as an error to whoever started the
+//! thread. A process that never calls [`enable`] runs unfiltered.
+//!
+//! ```no_run
+//! use vmcraft_sandbox::{Policy, ThreadKind, Violation};
+//!
+//! // Before the first VM starts: every vmcraft thread filters itself from now on.
+//! vmcraft_sandbox::enable(Policy { on_violation: Violation::KillProcess })?;
+//! // The thread that runs the event loop can filter itself too.
+//! vmcraft_sandbox::enter(ThreadKind::Main)?;
+//! # Ok::<(), vmcraft_sandbox::SandboxError>(())
+//! ```
+
+pub mod filter;
+
+use std::io;
+use std::sync::{mpsc, OnceLock};
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+
+pub use filter::{ThreadKind, Violation};
+
+/// How the filters are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// What a system call outside a thread's allowlist meets.
+    pub on_violation: Violation,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            on_violation: Violation::KillProcess,
+        }
+    }
+}
+
+/// Errors from building or installing filters, or from starting a thread.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SandboxError {
+    /// seccompiler refused the rules (a bug in the allowlist).
+    #[error("cannot build the seccomp filter: {filter}")]
+    Build {
+        /// Which filter.
+        filter: &'static str,
+        /// What seccompiler said.
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    /// seccompiler could not compile the filter to BPF.
+    #[error("cannot compile the seccomp filter: {filter}")]
+    Compile {
+        /// Which filter.
+        filter: &'static str,
+        /// What seccompiler said.
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    /// The kernel refused the filter (no seccomp, or too many filters).
+    #[error("cannot install the seccomp filter for {kind:?} threads")]
+    Install {
+        /// The thread kind.
+        kind: ThreadKind,
+        /// What the kernel said.
+        #[source]
+        source: seccompiler::Error,
+    },
+    /// [`enable`] was called a second time with another policy.
+    #[error("filters are already enabled with {current:?}, not {requested:?}")]
+    AlreadyEnabled {
+        /// The policy in force.
+        current: Policy,
+        /// The one asked for.
+        requested: Policy,
+    },
+    /// The thread could not be created.
+    #[error("cannot start thread {name:?}")]
+    Spawn {
+        /// The thread's name.
+        name: String,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The thread ended before it said whether its filter was installed.
+    #[error("thread {name:?} ended before installing its filter")]
+    Vanished {
+        /// The thread's name.
+        name: String,
+    },
+}
+
+/// The compiled filters, one per thread kind, once [`enable`] was called.
+static ENABLED: OnceLock<(Policy, filter::Compiled)> = OnceLock::new();
+
+/// From now on, every thread vmcraft starts through [`spawn`] installs its kind's
+/// filter under `policy`. Compiles every filter first, so a broken allowlist is an
+/// error here, not in a thread. Calling it again with the same policy does nothing;
+/// filters cannot be relaxed once enabled.
+pub fn enable(policy: Policy) -> Result<(), SandboxError> {
+    if let Some((current, _)) = ENABLED.get() {
+        return match *current == policy {
+            true => Ok(()),
+            false => Err(SandboxError::AlreadyEnabled {
+                current: *current,
+                requested: policy,
+            }),
+        };
+    }
+    let compiled = filter::Compiled::new(policy.on_violation)?;
+    // A racing `enable` may have won; then its policy is checked like above.
+    let (current, _) = ENABLED.get_or_init(|| (policy, compiled));
+    if *current != policy {
+        return Err(SandboxError::AlreadyEnabled {
+            current: *current,
+            requested: policy,
+        });
+    }
+    Ok(())
+}
+
+/// The policy in force, if [`enable`] was called.
+pub fn enabled() -> Option<Policy> {
+    ENABLED.get().map(|(policy, _)| *policy)
+}
+
+/// Install `kind`'s filter on the calling thread, if filters are enabled. A filter is
+/// for the rest of the thread's life.
+pub fn enter(kind: ThreadKind) -> Result<(), SandboxError> {
+    match ENABLED.get() {
+        Some((_, compiled)) => compiled.install(kind),
+        None => Ok(()),
+    }
+}
+
+/// Start a thread named `name` that runs `body` under `kind`'s filter (when filters
+/// are enabled). Returns once the filter is in place, or with the error that kept it
+/// out (then `body` never runs).
+pub fn spawn<T, F>(kind: ThreadKind, name: &str, body: F) -> Result<Thread<T>, SandboxError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let builder = std::thread::Builder::new().name(name.to_owned());
+    let spawn_error = |source| SandboxError::Spawn {
+        name: name.to_owned(),
+        source,
+    };
+    if ENABLED.get().is_none() {
+        let handle = builder.spawn(move || Some(body())).map_err(spawn_error)?;
+        return Ok(Thread { handle });
+    }
+    let (told, installed) = mpsc::sync_channel(1);
+    let handle = builder
+        .spawn(move || {
+            let entered = enter(kind);
+            let ok = entered.is_ok();
+            // The spawner waits for this; if it has gone, nobody needs the answer.
+            let _ = told.send(entered);
+            // Without its filter the thread must not serve a guest: it returns at
+            // once, and the spawner returns the error.
+            ok.then(body)
+        })
+        .map_err(spawn_error)?;
+    match installed.recv() {
+        Ok(Ok(())) => Ok(Thread { handle }),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => Err(SandboxError::Vanished {
+            name: name.to_owned(),
+        }),
+    }
+}
+
+/// A thread started by [`spawn`]: its body runs under its filter.
+#[derive(Debug)]
+pub struct Thread<T> {
+    /// `None` only if the filter failed, which `spawn` reported instead of returning
+    /// this.
+    handle: JoinHandle<Option<T>>,
+}
+
+impl<T> Thread<T> {
+    /// Wait for the thread to end; `Err` carries its panic.
+    pub fn join(self) -> std::thread::Result<T> {
+        self.handle.join().and_then(|value| {
+            value.ok_or_else(|| Box::new("the thread's filter was not installed") as _)
+        })
+    }
+
+    /// The thread itself (to unpark it, or read its name).
+    pub fn thread(&self) -> &std::thread::Thread {
+        self.handle.thread()
+    }
+
+    /// Whether the thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// Every test in this binary enables the same policy (it is process-wide).
+    const REFUSE: Policy = Policy {
+        on_violation: Violation::Errno(libc::EPERM as u32),
+    };
+
+    /// The errno of a call that returned `rc`: call it right after that call.
+    fn errno_of(rc: libc::c_long) -> Option<i32> {
+        (rc < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap())
+    }
+
+    #[test]
+    fn every_filter_compiles_under_every_action() {
+        for kind in ThreadKind::ALL {
+            for action in [
+                Violation::KillProcess,
+                Violation::Trap,
+                Violation::Errno(1),
+                Violation::Log,
+            ] {
+                let program = filter::program(kind, action).unwrap();
+                assert!(program.len() > 10, "{kind:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_device_thread_cannot_open_files_or_sockets_but_does_its_io() {
+        enable(REFUSE).unwrap();
+        let (r, w) = std::io::pipe().unwrap();
+        let thread = spawn(ThreadKind::DeviceIo, "sandbox-test", move || {
+            // SAFETY: socket takes no pointers.
+            let socket =
+                errno_of(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }.into());
+            // SAFETY: open reads a valid NUL-terminated path.
+            let open =
+                errno_of(unsafe { libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) }.into());
+            let wrote = std::io::Write::write(&mut &w, b"x").map(|n| n as i64);
+            (socket, open, wrote.unwrap_or(-1))
+        })
+        .unwrap();
+        let (socket, open, wrote) = thread.join().unwrap();
+        assert_eq!(socket, Some(libc::EPERM), "socket refused");
+        assert_eq!(open, Some(libc::EACCES), "open refused, always with EACCES");
+        assert_eq!(wrote, 1, "writing to a descriptor it was given works");
+        let mut byte = [0u8];
+        std::io::Read::read_exact(&mut &r, &mut byte).unwrap();
+        // This (unfiltered) test thread still opens files.
+        assert!(std::fs::File::open("/proc/self/status").is_ok());
+    }
+
+    #[test]
+    fn a_vcpu_thread_may_issue_kvm_ioctls_only() {
+        enable(REFUSE).unwrap();
+        let Ok(kvm) = std::fs::File::open("/dev/kvm") else {
+            eprintln!("no /dev/kvm: the KVM half is not checked");
+            return;
+        };
+        let tty = std::fs::File::open("/dev/null").unwrap();
+        let thread = spawn(ThreadKind::Vcpu, "sandbox-vcpu", move || {
+            // SAFETY: KVM_GET_API_VERSION (0xae00) takes no argument.
+            let version = unsafe { libc::ioctl(kvm.as_raw_fd(), 0xae00, 0) };
+            let mut size: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int through the pointer, which is valid.
+            let fionread = unsafe { libc::ioctl(tty.as_raw_fd(), libc::FIONREAD, &mut size) };
+            (version, errno_of(fionread.into()))
+        })
+        .unwrap();
+        let (version, fionread) = thread.join().unwrap();
+        assert_eq!(version, 12, "KVM's API version");
+        assert_eq!(fionread, Some(libc::EPERM), "a terminal ioctl is refused");
+    }
+
+    #[test]
+    fn enabling_again_with_another_policy_is_an_error() {
+        enable(REFUSE).unwrap();
+        enable(REFUSE).unwrap();
+        let other = Policy {
+            on_violation: Violation::KillProcess,
+        };
+        assert!(matches!(
+            enable(other),
+            Err(SandboxError::AlreadyEnabled { .. })
+        ));
+        assert_eq!(enabled(), Some(REFUSE));
+    }
+
+    /// Under the default policy a forbidden call kills the whole process (checked in a
+    /// child: this test binary run again, which must die of SIGSYS), while opening a
+    /// file is only refused.
+    #[test]
+    fn under_the_default_policy_a_forbidden_call_kills_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        const CHILD: &str = "VMCRAFT_SANDBOX_KILL_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            return;
+        }
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::killed_child",
+                "--nocapture",
+                "--include-ignored",
+            ])
+            .env(CHILD, "1")
+            .status()
+            .unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
+    }
+
+    /// The child of the test above: does nothing unless run as that child.
+    #[test]
+    fn killed_child() {
+        if std::env::var_os("VMCRAFT_SANDBOX_KILL_CHILD").is_none() {
+            return;
+        }
+        enable(Policy::default()).unwrap();
+        let thread = spawn(ThreadKind::PvBackend, "doomed", || {
+            // SAFETY: open reads a valid NUL-terminated path.
+            let open = unsafe { libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) };
+            assert_eq!(errno_of(open.into()), Some(libc::EACCES));
+            // SAFETY: socket takes no pointers.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }
+        })
+        .unwrap();
+        let _ = thread.join();
+        // Only reached if the call was allowed: exit normally, which the parent
+        // reports as a failure.
+    }
+}
