@@ -276,7 +276,7 @@ impl Compiled {
     }
 }
 
-/// The filter that answers [`REFUSED`] calls with `EACCES` and allows the rest (the
+/// The filter that answers `open` and `openat` with `EACCES` and allows the rest (the
 /// allowlist decides those).
 pub fn refusals() -> Result<BpfProgram, SandboxError> {
     let name = "the refusals";
