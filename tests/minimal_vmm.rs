@@ -246,6 +246,58 @@ fn the_example_vmm_filters_every_thread_unless_told_not_to() {
     }
 }
 
+/// `--jail DIR`: the VM runs (its disk opened before the jail, its flush reaching the
+/// image), in a process whose root is DIR, PID 1 of its own PID namespace, with no
+/// capabilities; the process that started it waits for it.
+#[test]
+fn the_example_vmm_runs_its_vm_in_a_jail() {
+    common::require_kvm();
+    let image = common::ScratchImage::new("jail-disk", 1 << 20);
+    let root = std::env::temp_dir().join(format!("vmcraft-jail-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let mut outer = flushed_vmm(&image, &["--jail", root.to_str().unwrap()]);
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", outer.id())).unwrap();
+    let jailed: u32 = children.trim().parse().unwrap();
+    // What the jailed process sees as its file system (through its root's magic link).
+    let sees = |path: &str| std::path::Path::new(&format!("/proc/{jailed}/root{path}")).exists();
+    let seen = ["/dev/kvm", "/proc/1/status", "/etc/passwd", "/tmp", "/work"].map(sees);
+    let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
+    let threads = thread_seccomp(jailed);
+    outer.kill().unwrap();
+    outer.wait().unwrap();
+    assert_eq!(
+        seen,
+        [true, true, false, false, false],
+        "the jailed VMM sees /dev/kvm and its own /proc (itself as PID 1), and none of the host's files"
+    );
+    assert!(
+        root.join("dev/kvm").exists(),
+        "the jail was built in {root:?}"
+    );
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
+    assert!(
+        field("NSpid:").ends_with("\t1") || field("NSpid:").ends_with(" 1"),
+        "{status}"
+    );
+    assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+    assert!(
+        threads.iter().any(|t| t.0 == "vblk0-io" && t.1 == 2),
+        "the VM's threads run, filtered, in the jail: {threads:?}"
+    );
+    // The flush reached the image through the descriptor opened before the jail.
+    let image = image.contents();
+    assert_ne!(image[256 * 512..257 * 512], [0u8; 512][..]);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[test]
 fn a_flushed_write_survives_sigkill_of_the_vmm() {
     common::require_kvm();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use vmcraft::devices::virtio::block::Disk;
 use vmcraft_guest_kit::Guest;
 
-pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off]
+pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR]
 
   --diagnose       probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and
                    what a port-I/O exit costs, print it and exit
@@ -42,7 +42,12 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
   --seccomp MODE   what a VMM thread's system call outside its seccomp allowlist meets:
                    kill (the default: the process dies of SIGSYS), trap (SIGSYS to the
                    thread), log (allowed, and logged by the kernel as an audit record),
-                   off (no filters, for debugging)";
+                   off (no filters, for debugging)
+  --jail DIR       run the VM in a jail rooted at DIR (an empty directory): new mount,
+                   PID and network namespaces, only /dev/kvm and the files named above
+                   (opened before entering), no capabilities, limits on descriptors and
+                   address space, and cgroup v2 CPU and memory limits where the host has
+                   cgroup v2 (needs root, or unprivileged user namespaces)";
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
 pub const MIN_MEM: u64 = 4 << 20;
@@ -75,6 +80,7 @@ pub struct Options {
     pub timeout: Option<Duration>,
     /// `None`: no filters.
     pub seccomp: Option<vmcraft::sandbox::Violation>,
+    pub jail: Option<String>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -107,6 +113,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         vcpus: 1,
         timeout: None,
         seccomp: Some(vmcraft::sandbox::Violation::KillProcess),
+        jail: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -117,6 +124,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         };
         match flag.as_str() {
             "--diagnose" => o.diagnose = true,
+            "--jail" => o.jail = Some(value()?),
             "--seccomp" => {
                 use vmcraft::sandbox::Violation;
                 o.seccomp = match value()?.as_str() {

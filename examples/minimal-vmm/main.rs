@@ -10,6 +10,7 @@
 //! ```
 
 use std::error::Error;
+use std::os::unix::process::ExitStatusExt;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -26,6 +27,7 @@ use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::machine::HYPERCALL_PORT;
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
+use vmcraft::sandbox::jail::{CgroupLimits, Entered, Jail};
 use vmcraft::vcpu::{StopReason, VcpuConfig};
 use vmcraft_guest_kit::Guest;
 
@@ -43,11 +45,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         return diagnose::diagnose();
     }
     let started = Instant::now();
-    // Opened now: once the filters are on, no thread opens a file.
-    let status = std::fs::File::open("/proc/self/status")?;
-    if let Some(on_violation) = o.seccomp {
-        vmcraft::sandbox::enable(vmcraft::sandbox::Policy { on_violation })?;
-    }
+    // Every file comes from outside the jail, so everything is opened before it.
     let disks = open_disks(&o)?;
     let tap = o
         .net_tap
@@ -55,6 +53,24 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         .map(Tap::open)
         .transpose()
         .map_err(|e| format!("{e}{}", source_chain(&e)))?;
+    let mut kernel = o.kernel.as_deref().map(|p| open("kernel", p)).transpose()?;
+    let mut initrd = o.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
+    if let Some(root) = &o.jail {
+        if let Entered::Outside(status) = jail(root, &o)?.enter()? {
+            // The jailed VMM has run and reported; end as it did.
+            return Ok(match (status.code(), status.signal()) {
+                (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
+                (None, Some(signal)) => ExitCode::from((128 + signal).min(255) as u8),
+                _ => ExitCode::FAILURE,
+            });
+        }
+    }
+    // This process's own /proc (the jail's, if jailed), opened before the filters go
+    // on: no thread opens a file after that.
+    let status = std::fs::File::open("/proc/self/status")?;
+    if let Some(on_violation) = o.seccomp {
+        vmcraft::sandbox::enable(vmcraft::sandbox::Policy { on_violation })?;
+    }
     let console = match &o.console {
         None => None,
         Some(ConsoleOption::Stdio) => Some(Console::new(
@@ -136,10 +152,9 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             std::iter::once(bsp).chain(aps).collect()
         }
         Some(path) => {
-            let mut kernel = open("kernel", path)?;
-            let mut initrd = o.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
+            let kernel = kernel.as_mut().ok_or("the kernel was opened")?;
             let loaded = b
-                .load_linux(&mut kernel, initrd.as_mut(), &o.cmdline, o.vcpus)
+                .load_linux(kernel, initrd.as_mut(), &o.cmdline, o.vcpus)
                 .map_err(|e| format!("cannot load kernel {path}: {e}{}", source_chain(&e)))?;
             eprintln!(
                 "minimal-vmm: loaded {path} as {:?}, entry {:?}",
@@ -202,6 +217,32 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         // TripleFault, Crash, Halted, and whatever later versions add.
         _ => ExitCode::FAILURE,
     })
+}
+
+/// The jail `--jail ROOT` asks for: /dev/kvm inside, every file already open, no
+/// capabilities, 1024 descriptors, guest RAM plus 4 GiB of address space, and when the
+/// host has cgroup v2, a cgroup of its own with guest RAM plus 256 MiB of memory and
+/// one CPU per vCPU.
+fn jail(root: &str, o: &Options) -> Result<Jail, Box<dyn Error>> {
+    let mut jail = Jail::new(root)
+        .bind("/dev/kvm", "/dev/kvm", true)
+        .open_files(1024)
+        .address_space(o.mem + (4 << 30))
+        // A TAP opened above stays in the host's network; nothing else needs one.
+        .new_network(true);
+    let hierarchy = std::path::Path::new("/sys/fs/cgroup");
+    if hierarchy.join("cgroup.controllers").exists() {
+        jail = jail.cgroup(CgroupLimits {
+            path: hierarchy
+                .join("vmcraft")
+                .join(format!("minimal-vmm-{}", std::process::id())),
+            cpu_max: Some((100_000 * u64::from(o.vcpus), 100_000)),
+            memory_max: Some(o.mem + (256 << 20)),
+        });
+    } else {
+        eprintln!("minimal-vmm: no cgroup v2 on this host: the jail sets no CPU or memory limit");
+    }
+    Ok(jail)
 }
 
 fn source_chain(e: &dyn Error) -> String {

@@ -23,6 +23,7 @@
 //! ```
 
 pub mod filter;
+pub mod jail;
 
 use std::io;
 use std::sync::{mpsc, OnceLock};
