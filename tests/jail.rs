@@ -16,9 +16,17 @@ const OPEN_FILES: u64 = 128;
 
 fn main() -> ExitCode {
     let root = std::env::temp_dir().join(format!("vmcraft-jail-test-{}", std::process::id()));
-    let jail = Jail::new(&root)
+    let mut jail = Jail::new(&root)
         .bind("/dev/kvm", "/dev/kvm", true)
         .open_files(OPEN_FILES);
+    // Under cargo-llvm-cov the jailed process writes its coverage profile where the
+    // instrumentation says: that directory (and only it) is bound in too.
+    if let Some(dir) = std::env::var_os("LLVM_PROFILE_FILE")
+        .map(std::path::PathBuf::from)
+        .and_then(|file| file.parent().map(|d| d.to_path_buf()))
+    {
+        jail = jail.bind(&dir, &dir, true);
+    }
     match jail.enter() {
         Err(e) => {
             eprintln!("jail: cannot enter: {e}");

@@ -57,3 +57,38 @@ impl StopLatch {
             .take()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_request_wins_until_it_is_taken() {
+        let latch = StopLatch::default();
+        assert_eq!(latch.peek(), None);
+        latch.request(DeviceStop::PowerOff);
+        latch.request(DeviceStop::DeviceFailed(2));
+        assert_eq!(latch.peek(), Some(DeviceStop::PowerOff), "peek keeps it");
+        assert_eq!(latch.take(), Some(DeviceStop::PowerOff));
+        assert_eq!(latch.take(), None, "taken");
+        latch.request(DeviceStop::DeviceFailed(2));
+        assert_eq!(
+            latch.peek(),
+            Some(DeviceStop::DeviceFailed(2)),
+            "a new request after a take"
+        );
+    }
+
+    #[test]
+    fn a_latch_poisoned_by_a_panicking_holder_still_works() {
+        let latch = std::sync::Arc::new(StopLatch::default());
+        let l = latch.clone();
+        let _ = std::thread::spawn(move || {
+            let _held = l.request.lock().unwrap();
+            panic!("a device thread dies holding the latch");
+        })
+        .join();
+        latch.request(DeviceStop::Reset);
+        assert_eq!(latch.take(), Some(DeviceStop::Reset));
+    }
+}

@@ -41,3 +41,37 @@ impl fmt::Debug for ErrorChain<'_> {
         fmt::Display::fmt(self, f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl Error for Layer {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn every_source_follows_its_error_in_order() {
+        let e = Layer(
+            "outer",
+            Some(Box::new(Layer(
+                "middle",
+                Some(Box::new(Layer("root", None))),
+            ))),
+        );
+        assert_eq!(ErrorChain(&e).to_string(), "outer: middle: root");
+        assert_eq!(format!("{:?}", ErrorChain(&e)), "outer: middle: root");
+        assert_eq!(ErrorChain(&Layer("alone", None)).to_string(), "alone");
+    }
+}
