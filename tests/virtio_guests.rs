@@ -18,36 +18,10 @@ use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::devices::virtio::VirtioDevice;
-use vmcraft::vcpu::{ExitKind, RunningVm, StopReason, VcpuConfig};
+use vmcraft::vcpu::{ExitKind, StopReason};
 use vmcraft_guest_kit::Guest;
 
 const DISK_SECTORS: u64 = 2048; // 1 MiB
-
-/// A VM running `guest` (parameter `param`) with COM1 output in the returned buffer
-/// and `devices` behind virtio-mmio windows 0, 1, ... (the builder's order).
-struct VirtioVm {
-    running: RunningVm,
-    serial: SharedBuffer,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
-}
-
-fn start_virtio_vm(guest: Guest, param: u64, devices: Vec<Box<dyn VirtioDevice>>) -> VirtioVm {
-    require_kvm();
-    let serial = SharedBuffer::new();
-    let mut builder = machine_builder(16 << 20, Box::new(serial.clone()));
-    for device in devices {
-        builder.add_virtio(device).unwrap();
-    }
-    builder.load(guest.image()).unwrap();
-    let machine = builder
-        .start(&[VcpuConfig::at(guest.entry(0, param))])
-        .unwrap();
-    VirtioVm {
-        running: machine.running,
-        serial,
-        transports: machine.virtio.into_iter().map(|s| s.transport).collect(),
-    }
-}
 
 fn pattern_word(seed: u32, i: u32) -> u32 {
     seed.wrapping_mul(2_654_435_761) ^ i

@@ -206,3 +206,33 @@ impl ScratchImage {
         std::fs::read(self.path()).unwrap()
     }
 }
+
+/// A VM running `guest` (parameter `param`) with COM1 output in the returned buffer
+/// and `devices` behind virtio-mmio windows 0, 1, ... (the builder's order).
+pub struct VirtioVm {
+    pub running: RunningVm,
+    pub serial: SharedBuffer,
+    pub transports: Vec<Arc<Mutex<vmcraft::devices::virtio::mmio::MmioTransport>>>,
+}
+
+pub fn start_virtio_vm(
+    guest: Guest,
+    param: u64,
+    devices: Vec<Box<dyn vmcraft::devices::virtio::VirtioDevice>>,
+) -> VirtioVm {
+    require_kvm();
+    let serial = SharedBuffer::new();
+    let mut builder = machine_builder(16 << 20, Box::new(serial.clone()));
+    for device in devices {
+        builder.add_virtio(device).unwrap();
+    }
+    builder.load(guest.image()).unwrap();
+    let machine = builder
+        .start(&[VcpuConfig::at(guest.entry(0, param))])
+        .unwrap();
+    VirtioVm {
+        running: machine.running,
+        serial,
+        transports: machine.virtio.into_iter().map(|s| s.transport).collect(),
+    }
+}

@@ -191,6 +191,13 @@ impl Guest {
     /// queues ask), bits 8..15 batch (1 to 32), bits 16..47 the number of requests. Prints
     /// `kicks <hex>` to COM1; per-batch latencies go to `GUEST_HEAP + 0x80000`.
     pub const VIRTIO_BLK_BENCH: Guest = guest!("virtio_blk_bench", GuestMode::User64);
+    /// A hostile virtio-blk driver: one kind of abuse (parameter bits 0..7: 1 chains
+    /// naming nearly 4 GiB, 2 looping chains, 3 an available index a ring ahead, 4 a
+    /// notification storm, 5 oversized requests in guest memory) repeated `rounds`
+    /// times (bits 8..31), then a checked round trip. Exits 0 when the device answered
+    /// each as it must (NEEDS_RESET for 1 to 3, error statuses for 5); prints
+    /// `flood <kind> done <rounds>`.
+    pub const VIRTIO_FLOOD: Guest = guest!("virtio_flood", GuestMode::User64);
     /// Real mode, the smallest useful guest (for start-up measurements): its first exit
     /// writes a newline to COM1, its second exits with code 0. Position independent and
     /// at most 16 bytes, so it also fits at the reset vector of a firmware image.
