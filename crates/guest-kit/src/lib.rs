@@ -198,6 +198,13 @@ impl Guest {
     /// each as it must (NEEDS_RESET for 1 to 3, error statuses for 5); prints
     /// `flood <kind> done <rounds>`.
     pub const VIRTIO_FLOOD: Guest = guest!("virtio_flood", GuestMode::User64);
+    /// A hostile guest for soak tests: random port writes and reads, random
+    /// hypercalls, random writes to the first four virtio-mmio windows' registers, and
+    /// random bytes over its heap (where virtqueues live) and the PV pages. Parameter:
+    /// bits 0..15 the seed, bits 16..47 the number of actions; exits 0 after them,
+    /// unless an action ends the VM first (a reset, a power-off, a device overwriting
+    /// its code).
+    pub const SOAK: Guest = guest!("soak", GuestMode::User64);
     /// Real mode, the smallest useful guest (for start-up measurements): its first exit
     /// writes a newline to COM1, its second exits with code 0. Position independent and
     /// at most 16 bytes, so it also fits at the reset vector of a firmware image.
