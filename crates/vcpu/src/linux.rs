@@ -349,4 +349,206 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(err, LinuxError::NotAKernel { .. }), "{err:?}");
     }
+
+    /// A file holding `bytes`, its name already gone.
+    fn file_with(bytes: &[u8]) -> File {
+        use std::io::Write;
+        let mut f = vmm_sys_util::tempfile::TempFile::new_with_prefix("/tmp/vmcraft-kernel")
+            .unwrap()
+            .into_file();
+        f.write_all(bytes).unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f
+    }
+
+    fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
+        buf[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// A minimal ELF64 executable for x86-64: 16 bytes of code loaded at 1 MiB, entry
+    /// there; with `pvh`, a Xen PHYS32_ENTRY note (type 18) naming 1 MiB + 0x10.
+    fn elf(pvh: bool) -> Vec<u8> {
+        let mut f = vec![0u8; 0x1100];
+        let phnum: u16 = if pvh { 2 } else { 1 };
+        put(&mut f, 0, &[0x7f, b'E', b'L', b'F', 2, 1, 1]);
+        put(&mut f, 16, &2u16.to_le_bytes()); // ET_EXEC
+        put(&mut f, 18, &62u16.to_le_bytes()); // EM_X86_64
+        put(&mut f, 20, &1u32.to_le_bytes());
+        put(&mut f, 24, &HIMEM_START.to_le_bytes()); // e_entry
+        put(&mut f, 32, &64u64.to_le_bytes()); // e_phoff
+        put(&mut f, 52, &64u16.to_le_bytes()); // e_ehsize
+        put(&mut f, 54, &56u16.to_le_bytes()); // e_phentsize
+        put(&mut f, 56, &phnum.to_le_bytes());
+        put(&mut f, 58, &64u16.to_le_bytes()); // e_shentsize
+                                               // PT_LOAD: 16 bytes at file offset 0x1000 to 1 MiB.
+        let load = 64;
+        put(&mut f, load, &1u32.to_le_bytes());
+        put(&mut f, load + 4, &5u32.to_le_bytes());
+        put(&mut f, load + 8, &0x1000u64.to_le_bytes());
+        put(&mut f, load + 16, &HIMEM_START.to_le_bytes());
+        put(&mut f, load + 24, &HIMEM_START.to_le_bytes());
+        put(&mut f, load + 32, &16u64.to_le_bytes());
+        put(&mut f, load + 40, &16u64.to_le_bytes());
+        put(&mut f, load + 48, &0x1000u64.to_le_bytes());
+        put(&mut f, 0x1000, &[0xf4; 16]);
+        if pvh {
+            // PT_NOTE at 0x800: namesz 4, descsz 4, type 18, "Xen\0", the entry.
+            let note = 64 + 56;
+            put(&mut f, note, &4u32.to_le_bytes());
+            put(&mut f, note + 8, &0x800u64.to_le_bytes());
+            put(&mut f, note + 32, &20u64.to_le_bytes());
+            put(&mut f, note + 40, &20u64.to_le_bytes());
+            put(&mut f, note + 48, &4u64.to_le_bytes());
+            put(&mut f, 0x800, &4u32.to_le_bytes());
+            put(&mut f, 0x804, &4u32.to_le_bytes());
+            put(&mut f, 0x808, &18u32.to_le_bytes());
+            put(&mut f, 0x80c, b"Xen\0");
+            put(&mut f, 0x810, &((HIMEM_START + 0x10) as u32).to_le_bytes());
+        }
+        f
+    }
+
+    /// A minimal bzImage: one setup sector after the boot sector, the "HdrS" header
+    /// (protocol 2.12, loaded high, initrd_addr_max 16 MiB - 1), then 4 KiB of
+    /// protected-mode code.
+    fn bzimage() -> Vec<u8> {
+        let mut f = vec![0u8; 2 * 512 + 4096];
+        f[0x1f1] = 1; // setup_sects
+        put(&mut f, 0x1fe, &BOOT_FLAG_MAGIC.to_le_bytes());
+        put(&mut f, 0x202, &HDRS_MAGIC.to_le_bytes());
+        put(&mut f, 0x206, &0x020cu16.to_le_bytes());
+        f[0x211] = 1; // loadflags: LOADED_HIGH
+        put(&mut f, 0x214, &(HIMEM_START as u32).to_le_bytes()); // code32_start
+        put(&mut f, 0x22c, &0x00ff_ffffu32.to_le_bytes()); // initrd_addr_max
+        put(&mut f, 2 * 512, &[0x90; 4096]);
+        f
+    }
+
+    fn memory() -> (vmcraft_memory::GuestRam, MemoryLayout) {
+        let layout = MemoryLayout::x86_64(32 << 20).unwrap();
+        (vmcraft_memory::GuestRam::new(&layout).unwrap(), layout)
+    }
+
+    #[test]
+    fn an_elf_vmlinux_gets_boot_params_and_the_64_bit_entry() {
+        let (ram, layout) = memory();
+        let mem = ram.memory();
+        let mut initrd = file_with(&[0x11; 5000]);
+        let loaded = load_linux(
+            mem,
+            &layout,
+            &mut file_with(&elf(false)),
+            Some(&mut initrd),
+            "console=ttyS0",
+        )
+        .unwrap();
+        assert_eq!(loaded.format, KernelFormat::Elf);
+        assert_eq!(
+            loaded.entry,
+            Entry::Linux64 {
+                rip: HIMEM_START,
+                zero_page: ZERO_PAGE_ADDR
+            }
+        );
+        let (addr, size) = loaded.initrd.unwrap();
+        assert_eq!(size, 5000);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(addr + 4999)).unwrap(), 0x11);
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        let hdr = params.hdr;
+        assert_eq!(
+            (
+                hdr.boot_flag,
+                hdr.header,
+                hdr.cmd_line_ptr,
+                hdr.cmdline_size
+            ),
+            (BOOT_FLAG_MAGIC, HDRS_MAGIC, CMDLINE_ADDR as u32, 14)
+        );
+        assert_eq!((hdr.ramdisk_image, hdr.ramdisk_size), (addr as u32, 5000));
+        assert_eq!(params.e820_entries as usize, e820_map(&layout).len());
+        let mut cmdline = [0u8; 14];
+        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_ADDR))
+            .unwrap();
+        assert_eq!(&cmdline, b"console=ttyS0\0");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(HIMEM_START)).unwrap(), 0xf4);
+    }
+
+    #[test]
+    fn an_elf_with_a_pvh_note_boots_through_start_info() {
+        let (ram, layout) = memory();
+        let mem = ram.memory();
+        let mut initrd = file_with(&[0x22; 100]);
+        let loaded = load_linux(
+            mem,
+            &layout,
+            &mut file_with(&elf(true)),
+            Some(&mut initrd),
+            "",
+        )
+        .unwrap();
+        assert_eq!(loaded.format, KernelFormat::ElfPvh);
+        assert_eq!(
+            loaded.entry,
+            Entry::Pvh {
+                eip: HIMEM_START + 0x10,
+                start_info: PVH_START_INFO_ADDR
+            }
+        );
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_START_INFO_ADDR)).unwrap();
+        assert_eq!(info.magic, PVH_MAGIC);
+        assert_eq!(info.memmap_entries as usize, e820_map(&layout).len());
+        assert_eq!((info.nr_modules, info.modlist_paddr), (1, PVH_MODLIST_ADDR));
+        let module: hvm_modlist_entry = mem.read_obj(GuestAddress(PVH_MODLIST_ADDR)).unwrap();
+        assert_eq!((module.paddr, module.size), (loaded.initrd.unwrap().0, 100));
+    }
+
+    #[test]
+    fn a_bzimage_enters_at_its_64_bit_entry_and_keeps_its_initrd_limit() {
+        let (ram, layout) = memory();
+        let mem = ram.memory();
+        let mut initrd = file_with(&[0x33; 8192]);
+        let loaded = load_linux(
+            mem,
+            &layout,
+            &mut file_with(&bzimage()),
+            Some(&mut initrd),
+            "quiet",
+        )
+        .unwrap();
+        assert_eq!(loaded.format, KernelFormat::BzImage);
+        assert_eq!(
+            loaded.entry,
+            Entry::Linux64 {
+                rip: HIMEM_START + BZIMAGE_64BIT_ENTRY_OFFSET,
+                zero_page: ZERO_PAGE_ADDR
+            }
+        );
+        // The initrd ends below the kernel's initrd_addr_max (16 MiB), page aligned.
+        let (addr, size) = loaded.initrd.unwrap();
+        assert_eq!(addr + size.next_multiple_of(4096), 16 << 20);
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        let version = params.hdr.version;
+        assert_eq!(version, 0x020c, "the kernel's own header is kept");
+        assert_eq!(params.hdr.type_of_loader, LOADER_UNDEFINED);
+    }
+
+    #[test]
+    fn a_command_line_too_long_and_an_initrd_too_large_are_errors() {
+        let (ram, layout) = memory();
+        let mem = ram.memory();
+        let long = "x".repeat(CMDLINE_MAX + 1);
+        let err = load_linux(mem, &layout, &mut file_with(&elf(false)), None, &long).unwrap_err();
+        assert!(matches!(err, LinuxError::Cmdline(_)), "{err:?}");
+        let mut huge = file_with(&[]);
+        huge.set_len(64 << 20).unwrap();
+        let err = load_linux(
+            mem,
+            &layout,
+            &mut file_with(&elf(false)),
+            Some(&mut huge),
+            "",
+        )
+        .unwrap_err();
+        assert!(matches!(err, LinuxError::InitrdTooLarge { .. }), "{err:?}");
+    }
 }
