@@ -337,6 +337,160 @@ impl<H: ExitHandler> ExitHandler for HypercallExitHandler<H> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use kvm_bindings::{kvm_regs, kvm_sregs};
+    use std::sync::Mutex as StdMutex;
+
+    /// Registers in memory; `broken` makes reading or writing them fail.
+    #[derive(Default)]
+    struct FakeVcpu {
+        regs: kvm_regs,
+        fail_get: bool,
+        fail_set: bool,
+    }
+
+    impl VcpuRegisters for FakeVcpu {
+        fn vcpu_index(&self) -> u32 {
+            3
+        }
+        fn regs(&self) -> Result<kvm_regs, kvm_ioctls::Error> {
+            if self.fail_get {
+                return Err(kvm_ioctls::Error::new(libc::EIO));
+            }
+            Ok(self.regs)
+        }
+        fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error> {
+            if self.fail_set {
+                return Err(kvm_ioctls::Error::new(libc::EIO));
+            }
+            self.regs = *regs;
+            Ok(())
+        }
+        fn sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {
+            Ok(kvm_sregs::default())
+        }
+    }
+
+    /// Records which exits reached it.
+    #[derive(Default, Debug)]
+    struct Recorder(StdMutex<Vec<&'static str>>);
+
+    impl Recorder {
+        fn saw(&self, what: &'static str) -> ExitAction {
+            self.0.lock().unwrap().push(what);
+            ExitAction::Continue
+        }
+    }
+
+    impl ExitHandler for Recorder {
+        fn pio_read(&self, _: u16, _: &mut [u8], _: &mut dyn VcpuRegisters) -> ExitAction {
+            self.saw("pio_read")
+        }
+        fn pio_write(&self, _: u16, _: &[u8], _: &mut dyn VcpuRegisters) -> ExitAction {
+            self.saw("pio_write")
+        }
+        fn mmio_read(&self, _: u64, _: &mut [u8], _: &mut dyn VcpuRegisters) -> ExitAction {
+            self.saw("mmio_read")
+        }
+        fn mmio_write(&self, _: u64, _: &[u8], _: &mut dyn VcpuRegisters) -> ExitAction {
+            self.saw("mmio_write")
+        }
+        fn halted(&self, _: &mut dyn VcpuRegisters) -> ExitAction {
+            self.saw("halted")
+        }
+        fn kicked(&self, _: &mut dyn VcpuRegisters) -> ExitAction {
+            self.saw("kicked")
+        }
+    }
+
+    fn handler() -> HypercallExitHandler<Recorder> {
+        let mut table = HypercallTable::new();
+        // Hypercall 5 adds its first two arguments; it sees the calling vCPU.
+        table
+            .register(
+                5,
+                "add",
+                Arc::new(
+                    |ctx: &vmcraft_pv_hypercall::hypercall::HypercallContext<'_>, a: &[u64; 5]| {
+                        assert_eq!(ctx.vcpu, 3);
+                        Ok(a[0] + a[1])
+                    },
+                ),
+            )
+            .unwrap();
+        let memory = vmcraft_memory::GuestRam::new(
+            &vmcraft_memory::layout::MemoryLayout::x86_64(1 << 20).unwrap(),
+        )
+        .unwrap()
+        .memory()
+        .clone();
+        HypercallExitHandler::new(HYPERCALL_PORT, Arc::new(table), memory, Recorder::default())
+    }
+
+    #[test]
+    fn a_write_to_the_hypercall_port_dispatches_with_the_registers() {
+        let h = handler();
+        let mut vcpu = FakeVcpu::default();
+        vcpu.regs.rax = 5;
+        vcpu.regs.rdi = 40;
+        vcpu.regs.rsi = 2;
+        assert!(matches!(
+            h.pio_write(HYPERCALL_PORT, &[0], &mut vcpu),
+            ExitAction::Continue
+        ));
+        assert_eq!(vcpu.regs.rax, 42, "the result is in rax");
+        vcpu.regs.rax = 99;
+        h.pio_write(HYPERCALL_PORT, &[0], &mut vcpu);
+        assert_eq!(vcpu.regs.rax as i64, -38, "an unknown number: -ENOSYS");
+        assert_eq!((h.table().count(5), h.table().unknown_calls()), (1, 1));
+        assert!(
+            h.inner().0.lock().unwrap().is_empty(),
+            "no hypercall reached the inner handler"
+        );
+    }
+
+    #[test]
+    fn every_other_exit_goes_to_the_inner_handler() {
+        let h = handler();
+        let mut vcpu = FakeVcpu::default();
+        let mut byte = [0u8];
+        h.pio_read(HYPERCALL_PORT, &mut byte, &mut vcpu);
+        h.pio_write(HYPERCALL_PORT + 1, &[0], &mut vcpu);
+        h.mmio_read(0xd000_0000, &mut byte, &mut vcpu);
+        h.mmio_write(0xd000_0000, &[0], &mut vcpu);
+        h.halted(&mut vcpu);
+        h.kicked(&mut vcpu);
+        assert_eq!(
+            *h.inner().0.lock().unwrap(),
+            [
+                "pio_read",
+                "pio_write",
+                "mmio_read",
+                "mmio_write",
+                "halted",
+                "kicked"
+            ]
+        );
+        assert!(format!("{h:?}").contains("HypercallExitHandler"));
+    }
+
+    #[test]
+    fn registers_that_cannot_be_read_or_written_stop_the_vm() {
+        let h = handler();
+        for (fail_get, fail_set) in [(true, false), (false, true)] {
+            let mut vcpu = FakeVcpu {
+                fail_get,
+                fail_set,
+                ..Default::default()
+            };
+            vcpu.regs.rax = 5;
+            assert!(matches!(
+                h.pio_write(HYPERCALL_PORT, &[0], &mut vcpu),
+                ExitAction::Stop(StopReason::Crash)
+            ));
+        }
+    }
+
     /// The test guests are built against the same ports.
     #[test]
     fn the_guests_abi_matches_the_machine_ports() {

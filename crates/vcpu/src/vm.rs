@@ -37,6 +37,11 @@ pub enum VmCreateError {
     Memory(#[source] MemoryError),
 }
 
+/// The error for a KVM ioctl that refused to do `what`.
+fn refused(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmCreateError {
+    move |source| VmCreateError::Kvm { what, source }
+}
+
 /// A KVM virtual machine with its guest RAM.
 #[derive(Debug)]
 pub struct Vm {
@@ -63,30 +68,20 @@ impl Vm {
                 return Err(VmCreateError::MissingCapability(name));
             }
         }
-        let fd = kvm.create_vm().map_err(|source| VmCreateError::Kvm {
-            what: "create a VM",
-            source,
-        })?;
+        let fd = kvm.create_vm().map_err(refused("create a VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(|source| VmCreateError::Kvm {
-                what: "set the TSS address",
-                source,
-            })?;
+            .map_err(refused("set the TSS address"))?;
         // Memory slots go in before the IRQ chip: once it exists, every slot change
         // waits for an SRCU grace period (about 5 ms here, most of VM creation).
         ram.register(&fd).map_err(VmCreateError::Memory)?;
-        fd.create_irq_chip().map_err(|source| VmCreateError::Kvm {
-            what: "create the in-kernel IRQ chip",
-            source,
-        })?;
+        fd.create_irq_chip()
+            .map_err(refused("create the in-kernel IRQ chip"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(|source| VmCreateError::Kvm {
-            what: "create the in-kernel PIT",
-            source,
-        })?;
+        fd.create_pit2(pit)
+            .map_err(refused("create the in-kernel PIT"))?;
         Ok(Vm { kvm, fd, ram })
     }
 
