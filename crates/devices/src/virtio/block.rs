@@ -169,7 +169,8 @@ impl Disk {
     /// Byte offset of `sectors` sectors at `sector`, if they lie within the disk.
     fn range(&self, sector: u64, sectors: u64) -> Option<u64> {
         let end = sector.checked_add(sectors)?;
-        (end <= self.sectors).then_some(sector * SECTOR_SIZE)
+        // `then`, not `then_some`: the offset of a sector past the end may overflow.
+        (end <= self.sectors).then(|| sector * SECTOR_SIZE)
     }
 }
 
