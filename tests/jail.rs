@@ -16,6 +16,9 @@ const OPEN_FILES: u64 = 128;
 
 fn main() -> ExitCode {
     let root = std::env::temp_dir().join(format!("vmcraft-jail-test-{}", std::process::id()));
+    // A host file made for the test: the jail must hide it.
+    let probe = std::env::temp_dir().join(format!("vmcraft-jail-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"host").unwrap();
     let mut jail = Jail::new(&root)
         .bind("/dev/kvm", "/dev/kvm", true)
         .open_files(OPEN_FILES);
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         }
         Ok(Entered::Outside(status)) => {
             let _ = std::fs::remove_dir_all(&root);
+            let _ = std::fs::remove_file(&probe);
             if status.success() {
                 println!("jail: a guest ran in the jail, which hid the host's files");
                 ExitCode::SUCCESS
@@ -42,7 +46,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Ok(Entered::Jailed) => match inside() {
+        Ok(Entered::Jailed) => match inside(&probe) {
             Ok(()) => ExitCode::SUCCESS,
             Err(why) => {
                 eprintln!("jail: {why}");
@@ -53,12 +57,14 @@ fn main() -> ExitCode {
 }
 
 /// The checks made inside the jail.
-fn inside() -> Result<(), String> {
+fn inside(probe: &std::path::Path) -> Result<(), String> {
     // The host's files are not there, whatever the path.
-    let this_crate = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
-    for host_file in ["/etc/passwd", "/proc/1/root/etc/passwd", this_crate, "/tmp"] {
-        if std::path::Path::new(host_file).exists() {
-            return Err(format!("{host_file} is visible in the jail"));
+    let this_crate = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+    let etc = std::path::Path::new("/etc/passwd");
+    let via_proc = std::path::Path::new("/proc/1/root/etc/passwd");
+    for host_file in [etc, via_proc, this_crate, probe] {
+        if host_file.exists() {
+            return Err(format!("{host_file:?} is visible in the jail"));
         }
     }
     if std::process::id() != 1 {
