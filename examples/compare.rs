@@ -316,7 +316,16 @@ fn vmcraft_overhead(n: usize) -> Result<Vec<u64>, Box<dyn Error>> {
     let children: Vec<_> = (0..n)
         .map(|_| {
             std::process::Command::new(&vmm)
-                .args(["--guest", "spin", "--timeout", "2", "--mem", "64M"])
+                // Without the jail, as QEMU runs here without a sandbox.
+                .args([
+                    "--guest",
+                    "spin",
+                    "--timeout",
+                    "2",
+                    "--mem",
+                    "64M",
+                    "--no-jail",
+                ])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::null())
                 .spawn()

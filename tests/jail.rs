@@ -36,8 +36,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Ok(Entered::Outside(status)) => {
+            // The process that waited stayed outside: the host's files are its own.
+            let outside = probe.exists();
             let _ = std::fs::remove_dir_all(&root);
             let _ = std::fs::remove_file(&probe);
+            if !outside {
+                eprintln!("jail: the waiting process was moved into the jail too");
+                return ExitCode::FAILURE;
+            }
             if status.success() {
                 println!("jail: a guest ran in the jail, which hid the host's files");
                 ExitCode::SUCCESS

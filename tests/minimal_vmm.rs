@@ -190,6 +190,15 @@ fn flushed_vmm(image: &common::ScratchImage, extra: &[&str]) -> std::process::Ch
     }
 }
 
+/// The process that runs the VM: the example's jailed child when it jails itself (the
+/// default), else the example itself.
+fn vm_process(example: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{example}/task/{example}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next()?.parse().ok())
+        .unwrap_or(example)
+}
+
 /// (name, seccomp mode, number of filters) of every thread of process `pid`, as the
 /// kernel reports them in /proc.
 fn thread_seccomp(pid: u32) -> Vec<(String, u32, u32)> {
@@ -224,7 +233,7 @@ fn the_example_vmm_filters_every_thread_unless_told_not_to() {
     for (flags, mode) in [(&[][..], 2), (&["--seccomp", "off"][..], 0)] {
         let image = common::ScratchImage::new("seccomp-disk", 1 << 20);
         let mut child = flushed_vmm(&image, flags);
-        let threads = thread_seccomp(child.id());
+        let threads = thread_seccomp(vm_process(child.id()));
         child.kill().unwrap();
         child.wait().unwrap();
         let of = |name: &str| {
@@ -260,9 +269,8 @@ fn the_example_vmm_runs_its_vm_in_a_jail() {
     let root = std::env::temp_dir().join(format!("vmcraft-jail-{}", std::process::id()));
     std::fs::create_dir_all(&root).unwrap();
     let mut outer = flushed_vmm(&image, &["--jail", root.to_str().unwrap()]);
-    let children =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", outer.id())).unwrap();
-    let jailed: u32 = children.trim().parse().unwrap();
+    let jailed = vm_process(outer.id());
+    assert_ne!(jailed, outer.id(), "the example forked its jailed VMM");
     // What the jailed process sees as its file system (through its root's magic link).
     let sees = |path: &str| std::path::Path::new(&format!("/proc/{jailed}/root{path}")).exists();
     let seen = ["/dev/kvm", "/proc/1/status", "/etc/passwd", "/tmp", "/work"].map(sees);

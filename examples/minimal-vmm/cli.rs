@@ -7,7 +7,7 @@ use std::time::Duration;
 use vmcraft::devices::virtio::block::Disk;
 use vmcraft_guest_kit::Guest;
 
-pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR]
+pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR | --no-jail]
 
   --diagnose       probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and
                    what a port-I/O exit costs, print it and exit
@@ -43,11 +43,15 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
                    kill (the default: the process dies of SIGSYS), trap (SIGSYS to the
                    thread), log (allowed, and logged by the kernel as an audit record),
                    off (no filters, for debugging)
-  --jail DIR       run the VM in a jail rooted at DIR (an empty directory): new mount,
-                   PID and network namespaces, only /dev/kvm and the files named above
-                   (opened before entering), no capabilities, limits on descriptors and
-                   address space, and cgroup v2 CPU and memory limits where the host has
-                   cgroup v2 (needs root, or unprivileged user namespaces)";
+  --jail DIR       the VM runs in a jail (by default in a fresh directory under the
+                   temporary directory, removed afterwards; DIR names another, empty,
+                   one): new mount, PID and network namespaces, only /dev/kvm and the
+                   files named above (opened before entering), no capabilities, limits
+                   on descriptors and address space, and cgroup v2 CPU and memory
+                   limits where the host has cgroup v2 (needs root, or unprivileged
+                   user namespaces)
+  --no-jail        run without the jail (for debugging, or where no namespaces can be
+                   had)";
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
 pub const MIN_MEM: u64 = 4 << 20;
@@ -80,7 +84,8 @@ pub struct Options {
     pub timeout: Option<Duration>,
     /// `None`: no filters.
     pub seccomp: Option<vmcraft::sandbox::Violation>,
-    pub jail: Option<String>,
+    /// `None`: no jail; `Some(None)`: a fresh directory; `Some(Some(dir))`: `dir`.
+    pub jail: Option<Option<String>>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -113,7 +118,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         vcpus: 1,
         timeout: None,
         seccomp: Some(vmcraft::sandbox::Violation::KillProcess),
-        jail: None,
+        jail: Some(None),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -124,7 +129,8 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         };
         match flag.as_str() {
             "--diagnose" => o.diagnose = true,
-            "--jail" => o.jail = Some(value()?),
+            "--jail" => o.jail = Some(Some(value()?)),
+            "--no-jail" => o.jail = None,
             "--seccomp" => {
                 use vmcraft::sandbox::Violation;
                 o.seccomp = match value()?.as_str() {

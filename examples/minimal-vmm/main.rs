@@ -53,10 +53,42 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         .map(Tap::open)
         .transpose()
         .map_err(|e| format!("{e}{}", source_chain(&e)))?;
+    // The console's socket is a host path too: listen and take the client now.
+    // `None`: no console; `Some(None)`: stdio; `Some(Some(stream))`: the socket's client.
+    let console_stream = match &o.console {
+        None => None,
+        Some(ConsoleOption::Stdio) => Some(None),
+        Some(ConsoleOption::Socket(path)) => {
+            let listener = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| format!("cannot listen on console socket {path}: {e}"))?;
+            eprintln!("minimal-vmm: waiting for a console client on {path}");
+            let (stream, _) = listener
+                .accept()
+                .map_err(|e| format!("console socket {path}: {e}"))?;
+            Some(Some(stream))
+        }
+    };
     let mut kernel = o.kernel.as_deref().map(|p| open("kernel", p)).transpose()?;
     let mut initrd = o.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
-    if let Some(root) = &o.jail {
-        if let Entered::Outside(status) = jail(root, &o)?.enter()? {
+    if let Some(dir) = &o.jail {
+        // A fresh directory unless one was named; this process removes it afterwards.
+        let fresh = dir.is_none();
+        let root = match dir {
+            Some(dir) => std::path::PathBuf::from(dir),
+            None => std::env::temp_dir().join(format!("minimal-vmm-jail-{}", std::process::id())),
+        };
+        let entered = jail(&root, &o)?.enter().map_err(|e| {
+            format!(
+                "{e}{} (run as root or with user namespaces, or pass --no-jail)",
+                source_chain(&e)
+            )
+        })?;
+        if let Entered::Outside(status) = entered {
+            if fresh {
+                if let Err(e) = std::fs::remove_dir_all(&root) {
+                    eprintln!("minimal-vmm: cannot remove the jail {root:?}: {e}");
+                }
+            }
             // The jailed VMM has run and reported; end as it did.
             return Ok(match (status.code(), status.signal()) {
                 (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
@@ -71,20 +103,14 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     if let Some(on_violation) = o.seccomp {
         vmcraft::sandbox::enable(vmcraft::sandbox::Policy { on_violation })?;
     }
-    let console = match &o.console {
+    let console = match console_stream {
         None => None,
-        Some(ConsoleOption::Stdio) => Some(Console::new(
+        Some(None) => Some(Console::new(
             Box::new(std::io::stdout()),
             Some(Box::new(std::io::stdin())),
             "vcon",
         )),
-        Some(ConsoleOption::Socket(path)) => {
-            let listener = std::os::unix::net::UnixListener::bind(path)
-                .map_err(|e| format!("cannot listen on console socket {path}: {e}"))?;
-            eprintln!("minimal-vmm: waiting for a console client on {path}");
-            let (stream, _) = listener
-                .accept()
-                .map_err(|e| format!("console socket {path}: {e}"))?;
+        Some(Some(stream)) => {
             let output = stream.try_clone()?;
             Some(Console::new(
                 Box::new(output),
@@ -223,11 +249,11 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     })
 }
 
-/// The jail `--jail ROOT` asks for: /dev/kvm inside, every file already open, no
+/// The jail the VM runs in (unless `--no-jail`): /dev/kvm inside, every file already open, no
 /// capabilities, 1024 descriptors, guest RAM plus 4 GiB of address space, and when the
 /// host has cgroup v2, a cgroup of its own with guest RAM plus 256 MiB of memory and
 /// one CPU per vCPU.
-fn jail(root: &str, o: &Options) -> Result<Jail, Box<dyn Error>> {
+fn jail(root: &std::path::Path, o: &Options) -> Result<Jail, Box<dyn Error>> {
     let mut jail = Jail::new(root)
         .bind("/dev/kvm", "/dev/kvm", true)
         .open_files(1024)

@@ -171,10 +171,11 @@ impl Jail {
             // SAFETY: getegid has no preconditions.
             unsafe { libc::getegid() },
         );
-        let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID;
-        if self.new_network {
-            flags |= libc::CLONE_NEWNET;
-        }
+        // The PID namespace (and the user namespace that allows it when not root) is
+        // the caller's to make: it applies to the children it forks. The mount and
+        // network namespaces are made by the child alone, after the fork: made here,
+        // the child's pivot_root would move this process into the jail too.
+        let mut flags = libc::CLONE_NEWPID;
         if !root_user {
             flags |= libc::CLONE_NEWUSER;
         }
@@ -202,8 +203,16 @@ impl Jail {
         }
     }
 
-    /// The jailed child's set-up: mounts, the new root, limits, capabilities.
+    /// The jailed child's set-up: its own mount and network namespaces, mounts, the
+    /// new root, limits, capabilities.
     fn inside(&self) -> Result<(), JailError> {
+        let mut flags = libc::CLONE_NEWNS;
+        if self.new_network {
+            flags |= libc::CLONE_NEWNET;
+        }
+        // SAFETY: unshare only changes this (single-threaded) process's namespaces.
+        check(unsafe { libc::unshare(flags) })
+            .map_err(step("unshare the mount and network namespaces of", ""))?;
         // Die with the process that waits for us.
         // SAFETY: PR_SET_PDEATHSIG takes a signal number.
         check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) })
@@ -259,17 +268,31 @@ impl Jail {
     }
 }
 
-/// Make `root` the root directory and forget the old one.
+/// Make `root` the root directory and forget the old one. When the old root is the
+/// initramfs (rootfs), which `pivot_root` refuses with `EINVAL`, the jail's root is
+/// moved over it and entered with `chroot`, as `switch_root` does; with every
+/// capability dropped afterwards, the process cannot leave it.
 fn pivot_into(root: &Path) -> Result<(), JailError> {
     std::env::set_current_dir(root).map_err(step("enter", root))?;
     let dot = c".";
     // SAFETY: pivot_root reads two valid NUL-terminated paths. With both "." the old
     // root ends up stacked on the new one, which the unmount below detaches.
-    check(unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as i32)
-        .map_err(step("pivot_root into", root))?;
-    // SAFETY: umount2 reads a valid NUL-terminated path.
-    check(unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) })
-        .map_err(step("detach the old root from", root))?;
+    let pivoted =
+        check(unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as i32);
+    match pivoted {
+        Ok(()) => {
+            // SAFETY: umount2 reads a valid NUL-terminated path.
+            check(unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) })
+                .map_err(step("detach the old root from", root))?;
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            mount(Some(Path::new(".")), Path::new("/"), None, libc::MS_MOVE)
+                .map_err(step("move over the initramfs", root))?;
+            // SAFETY: chroot reads a valid NUL-terminated path.
+            check(unsafe { libc::chroot(dot.as_ptr()) }).map_err(step("chroot into", root))?;
+        }
+        Err(e) => return Err(step("pivot_root into", root)(e)),
+    }
     std::env::set_current_dir("/").map_err(step("enter", "/"))
 }
 
