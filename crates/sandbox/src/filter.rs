@@ -279,37 +279,40 @@ impl Compiled {
 /// The filter that answers `open` and `openat` with `EACCES` and allows the rest (the
 /// allowlist decides those).
 pub fn refusals() -> Result<BpfProgram, SandboxError> {
-    let name = "the refusals";
     let rules = REFUSED.iter().map(|&call| (call, Vec::new())).collect();
-    let filter = SeccompFilter::new(
+    compile(
+        "the refusals",
         rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EACCES as u32),
-        TargetArch::x86_64,
     )
-    .map_err(|source| SandboxError::Build {
-        filter: name,
-        source,
-    })?;
-    filter.try_into().map_err(|source| SandboxError::Compile {
-        filter: name,
-        source,
-    })
 }
 
 /// `kind`'s filter under `on_violation`, compiled for this machine.
 pub fn program(kind: ThreadKind, on_violation: Violation) -> Result<BpfProgram, SandboxError> {
-    let name = kind.filter_name();
-    let filter = SeccompFilter::new(
+    compile(
+        kind.filter_name(),
         rules(kind),
         on_violation.action(),
         SeccompAction::Allow,
-        TargetArch::x86_64,
     )
-    .map_err(|source| SandboxError::Build {
-        filter: name,
-        source,
-    })?;
+}
+
+/// Build filter `name` from `rules` (matching calls meet `matched`, others `otherwise`)
+/// and compile it for x86-64.
+fn compile(
+    name: &'static str,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    otherwise: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, SandboxError> {
+    let filter =
+        SeccompFilter::new(rules, otherwise, matched, TargetArch::x86_64).map_err(|source| {
+            SandboxError::Build {
+                filter: name,
+                source,
+            }
+        })?;
     filter.try_into().map_err(|source| SandboxError::Compile {
         filter: name,
         source,

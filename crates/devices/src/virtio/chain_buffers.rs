@@ -204,12 +204,9 @@ impl LoadedChain<'_> {
         offset: usize,
         len: usize,
     ) -> io::Result<()> {
-        let ChainBuffers { writable, io, .. } = &mut *self.buffers;
-        let mut gather = io.gather(self.mem);
-        for_range(writable, offset, len, |at, n| {
-            gather.push(at, n).map_err(not_in_memory)
-        })?;
-        gather.read_from(file, file_offset)
+        self.transfer(true, offset, len, |gather| {
+            gather.read_from(file, file_offset)
+        })
     }
 
     /// Write `len` device-readable bytes from `offset` (within the readable area) to the
@@ -221,12 +218,31 @@ impl LoadedChain<'_> {
         offset: usize,
         len: usize,
     ) -> io::Result<()> {
-        let ChainBuffers { readable, io, .. } = &mut *self.buffers;
-        let mut gather = io.gather(self.mem);
-        for_range(readable, offset, len, |at, n| {
+        self.transfer(false, offset, len, |gather| {
+            gather.write_to(file, file_offset)
+        })
+    }
+
+    /// Gather `len` bytes from `offset` of the writable (or readable) area and run `io`
+    /// on them.
+    fn transfer(
+        &mut self,
+        writable: bool,
+        offset: usize,
+        len: usize,
+        io: impl FnOnce(&mut Gather<'_>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let ChainBuffers {
+            readable,
+            writable: wr,
+            io: vecs,
+        } = &mut *self.buffers;
+        let area = if writable { wr } else { readable };
+        let mut gather = vecs.gather(self.mem);
+        for_range(area, offset, len, |at, n| {
             gather.push(at, n).map_err(not_in_memory)
         })?;
-        gather.write_to(file, file_offset)
+        io(&mut gather)
     }
 }
 
