@@ -17,8 +17,12 @@ use vmcraft_scheduler::runtime::Runtime;
 const WEIGHTS: [u32; 4] = [256, 256, 512, 1024];
 /// The ideal share of one pCPU for each (2 pCPUs, weights 1:1:2:4).
 const IDEAL: [f64; 4] = [0.25, 0.25, 0.5, 1.0];
-/// Allowed error of each vCPU's part of the run time the runtime handed out.
-const RUN_TIME_TOLERANCE: f64 = 0.05;
+/// Allowed error of each vCPU's part of the run time the runtime handed out. Run time
+/// is wall time on a worker thread, so a host that deschedules a worker mid-slice
+/// charges that vCPU more (credit burned from measured time repays it, within a few
+/// slices); 5 % held on an idle host but not beside two busy fuzzers (0.263 for 0.25),
+/// and round robin, which ignores weights, is 100 % off for the weight-1 vCPUs.
+const RUN_TIME_TOLERANCE: f64 = 0.10;
 /// Bounds of the guest-progress ratio of the weight-2 vCPU to each weight-1 vCPU. How
 /// much a vCPU progresses per unit of run time depends on whether its worker thread
 /// had a core meanwhile, which other load on the host decides (and on this nested
