@@ -273,7 +273,18 @@ fn the_example_vmm_runs_its_vm_in_a_jail() {
     assert_ne!(jailed, outer.id(), "the example forked its jailed VMM");
     // What the jailed process sees as its file system (through its root's magic link).
     let sees = |path: &str| std::path::Path::new(&format!("/proc/{jailed}/root{path}")).exists();
-    let seen = ["/dev/kvm", "/proc/1/status", "/etc/passwd", "/tmp", "/work"].map(sees);
+    // The host files: one everybody has, this test's own source, and the disk image
+    // (open in the jailed VMM, but not visible by its path there).
+    let this_test = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/minimal_vmm.rs");
+    let disk_path = image.path().to_str().unwrap().to_owned();
+    let seen = [
+        "/dev/kvm",
+        "/proc/1/status",
+        "/etc/passwd",
+        this_test,
+        &disk_path,
+    ]
+    .map(sees);
     let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
     let threads = thread_seccomp(jailed);
     outer.kill().unwrap();

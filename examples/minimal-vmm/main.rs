@@ -260,6 +260,16 @@ fn jail(root: &std::path::Path, o: &Options) -> Result<Jail, Box<dyn Error>> {
         .address_space(o.mem + (4 << 30))
         // A TAP opened above stays in the host's network; nothing else needs one.
         .new_network(true);
+    // Built for coverage (cargo-llvm-cov sets `cfg(coverage)`), the jailed VMM writes
+    // its profile where the instrumentation says: that directory is bound in too.
+    if cfg!(coverage) {
+        if let Some(dir) = std::env::var_os("LLVM_PROFILE_FILE")
+            .map(std::path::PathBuf::from)
+            .and_then(|file| file.parent().map(|d| d.to_path_buf()))
+        {
+            jail = jail.bind(&dir, &dir, true);
+        }
+    }
     let hierarchy = std::path::Path::new("/sys/fs/cgroup");
     if hierarchy.join("cgroup.controllers").exists() {
         jail = jail.cgroup(CgroupLimits {
