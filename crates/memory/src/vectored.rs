@@ -151,14 +151,13 @@ impl Gather<'_> {
         offset: u64,
     ) -> io::Result<()> {
         self.load_work(from, to)?;
+        // Every vector was resolved by `push` from `self.mem`, which this `Gather`
+        // borrows: mapped guest RAM for the whole call (regions stay mapped while the
+        // memory object lives); `transfer` only narrows vectors within their bounds.
+        // No Rust reference covers guest RAM; the guest may touch the same bytes
+        // concurrently, and the kernel copies into them as into any shared mapping.
         transfer(&mut self.vecs.work, offset, |v, at| {
-            // SAFETY: every vector was resolved by `push` from `self.mem`, which this
-            // `Gather` borrows, so its `iov_len` bytes are mapped guest RAM for the
-            // whole call (regions stay mapped while the memory object lives), and
-            // `transfer` only narrows vectors within their bounds. Nothing in this
-            // process holds a Rust reference to guest RAM; the guest may touch the
-            // same bytes concurrently, and the kernel copies into them as into any
-            // shared mapping.
+            // SAFETY: the vectors are writable guest RAM no reference covers (above).
             unsafe { libc::preadv(file.as_raw_fd(), v.as_ptr(), v.len() as i32, at) }
         })?;
         for i in from.0..to.0 {
