@@ -1,7 +1,8 @@
 //! What a hostile guest's floods cost the VMM: for each kind of abuse of its virtio-blk
 //! device (the `virtio_flood` guest: chains naming nearly 4 GiB, looping chains, an
-//! available index a ring ahead, a notification storm, oversized requests), the
-//! rounds per second and, per round: the CPU time of every thread but the vCPU's (the
+//! available index a ring ahead, a notification storm, oversized requests) and of its
+//! paravirtual channel (the `pv_flood` guest: a blkif producer a ring ahead, a
+//! hypercall storm, a doorbell storm), the rounds per second and, per round: the CPU time of every thread but the vCPU's (the
 //! device threads, which a reset replaces, and the rest of the process: `getrusage`
 //! minus the vCPU thread's schedstat), the vCPU thread's time handling exits in the VMM,
 //! and the exits; and the process's resident memory at the start and at most during
@@ -17,20 +18,38 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::memory::host_usage::ProcessMemory;
+use vmcraft::pv::hypercall::HypercallTable;
+use vmcraft::pv_machine::PvBackends;
 use vmcraft::vcpu::VcpuConfig;
-use vmcraft_guest_kit::Guest;
+use vmcraft_guest_kit::{abi, Guest};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// (kind, rounds, what it is)
-const FLOODS: [(u64, u64, &str); 5] = [
-    (1, 2_000, "chains naming nearly 4 GiB (reset each)"),
-    (2, 2_000, "looping chains (reset each)"),
-    (3, 2_000, "avail index a ring ahead (reset each)"),
-    (4, 200_000, "notification storm"),
-    (5, 50_000, "oversized requests"),
+/// (guest, kind, rounds, what it is)
+const FLOODS: [(Guest, u64, u64, &str); 8] = [
+    (
+        Guest::VIRTIO_FLOOD,
+        1,
+        2_000,
+        "chains naming nearly 4 GiB (reset each)",
+    ),
+    (Guest::VIRTIO_FLOOD, 2, 2_000, "looping chains (reset each)"),
+    (
+        Guest::VIRTIO_FLOOD,
+        3,
+        2_000,
+        "avail index a ring ahead (reset each)",
+    ),
+    (Guest::VIRTIO_FLOOD, 4, 200_000, "notification storm"),
+    (Guest::VIRTIO_FLOOD, 5, 50_000, "oversized requests"),
+    (Guest::PV_FLOOD, 1, 1, "PV: blkif producer a ring ahead"),
+    (Guest::PV_FLOOD, 2, 500_000, "PV: hypercall storm"),
+    (Guest::PV_FLOOD, 3, 500_000, "PV: doorbell storm"),
 ];
 
 fn process_cpu() -> Duration {
@@ -46,7 +65,7 @@ fn process_cpu() -> Duration {
 fn main() {
     common::require_kvm("floods");
     let image = common::Image::new("floods", 4 << 20);
-    println!("floods from a hostile CPL-3 guest on its virtio-blk device");
+    println!("floods from a hostile CPL-3 guest on its virtio-blk device or its PV channel");
     println!(
         "{:<44} {:>8} {:>10} {:>14} {:>14} {:>12} {:>8} {:>8}",
         "",
@@ -59,16 +78,35 @@ fn main() {
         "peak MiB"
     );
     let only = common::row_filter();
-    for (kind, rounds, what) in FLOODS {
+    for (guest, kind, rounds, what) in FLOODS {
         if !only(what) {
             continue;
         }
         let serial = SharedBuffer::new();
         let mut b = MachineBuilder::new(16 << 20, Box::new(serial.clone())).expect("machine");
-        let disk = Disk::new(image.file.try_clone().expect("dup"), false, "flood").expect("disk");
-        b.add_virtio(Box::new(Block::new(disk, "vblk0")))
-            .expect("attach");
-        let guest = Guest::VIRTIO_FLOOD;
+        let image = image.file.try_clone().expect("dup");
+        let mut table = HypercallTable::new();
+        let backends = if guest == Guest::VIRTIO_FLOOD {
+            let disk = Disk::new(image, false, "flood").expect("disk");
+            b.add_virtio(Box::new(Block::new(disk, "vblk0")))
+                .expect("attach");
+            None
+        } else {
+            let backends = PvBackends::start(
+                b.memory().clone(),
+                &vmcraft_guest_kit::PV_LAYOUT,
+                &mut table,
+                Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")),
+                Box::new(std::io::sink()),
+                image,
+                false,
+            )
+            .expect("PV backends");
+            let (buses, vm) = b.buses_and_vm();
+            backends.attach_doorbell(buses, vm.fd()).expect("doorbell");
+            b.hypercalls(abi::HYPERCALL_PORT, table);
+            Some(backends)
+        };
         b.load(guest.image()).expect("load");
         let rss = ProcessMemory::current().expect("status").rss;
         let (cpu, start) = (process_cpu(), Instant::now());
@@ -90,6 +128,7 @@ fn main() {
         let outcome = running
             .wait_timeout(Duration::from_secs(1))
             .expect("the flood guest stops");
+        drop(backends);
         assert_eq!(
             outcome.reason,
             vmcraft_guest_kit::exited(0),

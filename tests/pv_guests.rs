@@ -163,20 +163,14 @@ fn a_broken_block_ring_leaves_the_console_working() {
 
 #[test]
 fn a_rust_guest_uses_the_same_no_std_ring_code_as_the_backend() {
-    use vmcraft::pv_machine::PvBackends;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let image = ScratchImage::new("rust-front", 1 << 20);
     let mut m = Machine::new(16);
-    let backends = PvBackends::start(
-        m.memory().clone(),
-        &vmcraft_guest_kit::PV_LAYOUT,
-        &mut m.hypercalls,
-        Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-        Box::new(std::io::sink()),
+    let backends = m.pv_backends(
         image.file(),
-        false,
-    )
-    .unwrap();
+        Box::new(std::io::sink()),
+        Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+    );
     let serial = m.serial.clone();
     let (running, _) = m.start(Guest::PV_RING_FRONT, 0);
     let outcome = running.wait_timeout(TIMEOUT).unwrap();

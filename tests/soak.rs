@@ -13,14 +13,13 @@
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
 use vmcraft::devices::virtio::rng::Rng;
-use vmcraft::pv_machine::PvBackends;
 use vmcraft::vcpu::StopReason;
 use vmcraft_guest_kit::Guest;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -33,26 +32,6 @@ const SOAK_VM_MAX: Duration = Duration::from_secs(5);
 const PV_UPCALL_IRQ: u32 = 11;
 
 static PANICS: AtomicU64 = AtomicU64::new(0);
-
-/// Keeps every warning and error the library logs.
-struct Recorder(Mutex<Vec<String>>);
-
-impl log::Log for Recorder {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::Level::Warn
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata()) {
-            let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            if lines.len() < 100_000 {
-                lines.push(format!("{}: {}", record.level(), record.args()));
-            }
-        }
-    }
-    fn flush(&self) {}
-}
-
-static RECORDER: Recorder = Recorder(Mutex::new(Vec::new()));
 
 fn soak_seconds() -> u64 {
     std::env::var("VMCRAFT_SOAK_SECONDS")
@@ -73,18 +52,7 @@ fn soak_vm(seed: u64) -> StopReason {
         .register_irqfd(&upcall, PV_UPCALL_IRQ)
         .unwrap();
     let pv_disk = ScratchImage::new("soak-pv", 1 << 20);
-    let backends = PvBackends::start(
-        m.memory().clone(),
-        &vmcraft_guest_kit::PV_LAYOUT,
-        &mut m.hypercalls,
-        upcall,
-        Box::new(std::io::sink()),
-        pv_disk.file(),
-        false,
-    )
-    .unwrap();
-    let (buses, vm) = m.builder.buses_and_vm();
-    backends.attach_doorbell(buses, vm.fd()).unwrap();
+    let backends = m.pv_backends(pv_disk.file(), Box::new(std::io::sink()), upcall);
     let blk_disk = ScratchImage::new("soak-blk", 1 << 20);
     let disk = Disk::new(blk_disk.file(), false, "soak").unwrap();
     m.builder
@@ -129,8 +97,7 @@ fn good_vm(round: u64) {
 #[test]
 fn a_hostile_guest_breaks_nothing_but_its_own_devices() {
     require_kvm();
-    let _ = log::set_logger(&RECORDER);
-    log::set_max_level(log::LevelFilter::Warn);
+    record_warnings();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         PANICS.fetch_add(1, Ordering::SeqCst);
@@ -154,7 +121,7 @@ fn a_hostile_guest_breaks_nothing_but_its_own_devices() {
     }
     let good_rounds = good.join().expect("every well-behaved VM passed");
 
-    let logged = RECORDER.0.lock().unwrap().clone();
+    let logged = logged_warnings();
     endings.sort();
     endings.dedup();
     eprintln!(

@@ -163,6 +163,31 @@ impl Machine {
         self.builder.memory()
     }
 
+    /// Start the PV backends on this machine's memory and hypercall table (layout
+    /// [`vmcraft_guest_kit::PV_LAYOUT`]): console output into `console`, block device
+    /// on `disk`, upcalls through `upcall`, and the doorbell port on the machine's
+    /// buses. Keep the result alive while the guest runs.
+    pub fn pv_backends(
+        &mut self,
+        disk: std::fs::File,
+        console: Box<dyn std::io::Write + Send>,
+        upcall: Arc<dyn vmcraft::pv::evtchn::Upcall>,
+    ) -> vmcraft::pv_machine::PvBackends {
+        let backends = vmcraft::pv_machine::PvBackends::start(
+            self.builder.memory().clone(),
+            &vmcraft_guest_kit::PV_LAYOUT,
+            &mut self.hypercalls,
+            upcall,
+            console,
+            disk,
+            false,
+        )
+        .unwrap();
+        let (buses, vm) = self.builder.buses_and_vm();
+        backends.attach_doorbell(buses, vm.fd()).unwrap();
+        backends
+    }
+
     /// Load `guest` and start it on one vCPU with `param`, hypercalls served on the
     /// port `cpuid` names (and advertised there). The table comes back so its
     /// counters can be read.
@@ -235,4 +260,37 @@ pub fn start_virtio_vm(
         serial,
         transports: machine.virtio.into_iter().map(|s| s.transport).collect(),
     }
+}
+
+/// Keeps every warning and error the library logs (the first 100,000).
+struct WarningRecorder(Mutex<Vec<String>>);
+
+impl log::Log for WarningRecorder {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if lines.len() < 100_000 {
+                lines.push(format!("{}: {}", record.level(), record.args()));
+            }
+        }
+    }
+    fn flush(&self) {}
+}
+
+static WARNINGS: WarningRecorder = WarningRecorder(Mutex::new(Vec::new()));
+
+/// From now on, keep the warnings and errors logged anywhere in this test process
+/// (the logger is process-wide: a test binary that reads them should hold one test,
+/// or read only lines its own test causes).
+pub fn record_warnings() {
+    let _ = log::set_logger(&WARNINGS);
+    log::set_max_level(log::LevelFilter::Warn);
+}
+
+/// The warnings and errors logged since [`record_warnings`], as `LEVEL: message`.
+pub fn logged_warnings() -> Vec<String> {
+    WARNINGS.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }

@@ -10,24 +10,6 @@
 
 static struct blk_front f;
 
-static short blk_io(u8 op, u64 sector, u32 gref, u8 first, u8 last, u64 id)
-{
-    struct blkif_request *r = blk_slot(&f, f.req_prod_pvt);
-    memset(r, 0, sizeof *r);
-    r->operation = op;
-    r->id = id;
-    r->sector_number = sector;
-    if (op != BLKIF_OP_FLUSH_DISKCACHE) {
-        r->nr_segments = 1;
-        r->seg[0].gref = gref;
-        r->seg[0].first_sect = first;
-        r->seg[0].last_sect = last;
-    }
-    f.req_prod_pvt++;
-    blk_push(&f);
-    return blk_wait(&f);
-}
-
 u32 guest_main(u64 vcpu, u64 param)
 {
     (void)vcpu;
@@ -40,16 +22,16 @@ u32 guest_main(u64 vcpu, u64 param)
     memset((void *)PAGE_B, 0, 4096);
     grant_access(0, PAGE_A, 1); /* the backend reads it: read-only */
     grant_access(1, PAGE_B, 0); /* the backend writes it */
-    if (blk_io(BLKIF_OP_WRITE, 8, 0, 0, 7, 1) != 0)
+    if (blk_io(&f, BLKIF_OP_WRITE, 8, 0, 0, 7, 1) != 0)
         return 30;
-    if (blk_io(BLKIF_OP_READ, 8, 1, 0, 7, 2) != 0)
+    if (blk_io(&f, BLKIF_OP_READ, 8, 1, 0, 7, 2) != 0)
         return 31;
     if (memcmp((void *)PAGE_A, (void *)PAGE_B, 4096))
         return 32;
-    if (blk_io(BLKIF_OP_FLUSH_DISKCACHE, 0, 0, 0, 0, 3) != 0)
+    if (blk_io(&f, BLKIF_OP_FLUSH_DISKCACHE, 0, 0, 0, 0, 3) != 0)
         return 33;
     /* A request the backend must refuse: a segment past its page. */
-    if (blk_io(BLKIF_OP_READ, 0, 1, 0, 8, 4) != -1)
+    if (blk_io(&f, BLKIF_OP_READ, 0, 1, 0, 8, 4) != -1)
         return 34;
     pv_console_write("pv block ok: wrote, read back and flushed a page through grants\n");
     return 0;

@@ -198,6 +198,14 @@ impl Guest {
     /// each as it must (NEEDS_RESET for 1 to 3, error statuses for 5); prints
     /// `flood <kind> done <rounds>`.
     pub const VIRTIO_FLOOD: Guest = guest!("virtio_flood", GuestMode::User64);
+    /// A hostile PV guest: one kind of flood (parameter bits 0..7: 1 the blkif
+    /// request producer a ring ahead, 2 a hypercall storm of unknown calls, empty
+    /// sends, port allocations, bad pointers and status queries, 3 a doorbell storm)
+    /// repeated `rounds` times (bits 8..31). Exits 0 when every answer was the ABI's
+    /// and (after 2 and 3) a page still round-trips through the block ring; prints
+    /// `flood <kind> done <rounds>` (and `ports <allocated>` after 2) on COM1 and
+    /// `pv console still served` on the PV console.
+    pub const PV_FLOOD: Guest = guest!("pv_flood", GuestMode::User64);
     /// A hostile guest for soak tests: random port writes and reads, random
     /// hypercalls, random writes to the first four virtio-mmio windows' registers, and
     /// random bytes over its heap (where virtqueues live) and the PV pages. Parameter:

@@ -168,4 +168,25 @@ static inline short blk_wait(struct blk_front *f)
     return status;
 }
 
+/* One request with one segment (none for a flush) of `op` at `sector` through grant
+   `gref`, sectors `first..=last` of its page; waits for it and returns its status. */
+static inline short blk_io(struct blk_front *f, u8 op, u64 sector, u32 gref, u8 first, u8 last,
+                           u64 id)
+{
+    struct blkif_request *r = blk_slot(f, f->req_prod_pvt);
+    memset(r, 0, sizeof *r);
+    r->operation = op;
+    r->id = id;
+    r->sector_number = sector;
+    if (op != BLKIF_OP_FLUSH_DISKCACHE) {
+        r->nr_segments = 1;
+        r->seg[0].gref = gref;
+        r->seg[0].first_sect = first;
+        r->seg[0].last_sect = last;
+    }
+    f->req_prod_pvt++;
+    blk_push(f);
+    return blk_wait(f);
+}
+
 #endif
