@@ -1,0 +1,447 @@
+//! The vmcraft snapshot file: a VM's state as named, versioned, checksummed sections,
+//! each a serde value encoded with `postcard`.
+//!
+//! Every component of a VM (a vCPU, the in-kernel irqchip, a device, the PV channel)
+//! saves itself as one section under a name of its own (`vcpu0`, `serial`,
+//! `virtio-mmio0`, ...) with the version of its state struct. Restoring asks for a
+//! section by name and by the version it understands; whatever is wrong with the
+//! file is an error that names the section, never a panic:
+//!
+//! - not a snapshot, or a snapshot of another format version;
+//! - truncated anywhere, or with bytes after its last section;
+//! - a section whose checksum (CRC-32 of its body) does not match, so one flipped bit
+//!   in the file is caught before any of it is decoded;
+//! - a section missing, of another version, or whose body does not decode as the
+//!   state struct (or decodes with bytes left over).
+//!
+//! Guest memory is not in this file: it goes in a sparse file of its own (see
+//! `vmcraft_memory::snapshot`), so that a restore can map it copy-on-write.
+//!
+//! ```
+//! use vmcraft_snapshot::{Snapshot, SnapshotBuilder};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+//! struct Counter { value: u64 }
+//!
+//! let mut b = SnapshotBuilder::new();
+//! b.add("counter", 1, &Counter { value: 7 }).unwrap();
+//! let bytes = b.to_bytes();
+//!
+//! let snapshot = Snapshot::parse(bytes).unwrap();
+//! assert_eq!(snapshot.get::<Counter>("counter", 1).unwrap(), Counter { value: 7 });
+//! // A reader that only knows version 2 of the struct is told what it found.
+//! assert_eq!(
+//!     snapshot.get::<Counter>("counter", 2).unwrap_err().to_string(),
+//!     "snapshot section \"counter\" is version 1; this build reads version 2"
+//! );
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::ops::Range;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+
+/// The first eight bytes of every snapshot file.
+pub const MAGIC: [u8; 8] = *b"VMCRSNAP";
+/// The version of the container format this crate reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The most sections a snapshot may hold.
+pub const MAX_SECTIONS: u32 = 4096;
+/// The longest section name, in bytes.
+pub const MAX_NAME: usize = 64;
+/// The largest snapshot file [`Snapshot::read_file`] accepts (device and vCPU state;
+/// guest memory lives in its own file).
+pub const MAX_FILE: u64 = 256 << 20;
+
+/// Bytes of the header: magic, format version, section count, total length, CRC.
+const HEADER: usize = 8 + 4 + 4 + 8 + 4;
+
+/// What can be wrong with writing or reading a snapshot.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The file could not be read or written.
+    #[error("cannot {what} snapshot file {path}")]
+    Io {
+        /// "read", "write", ...
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not start with [`MAGIC`].
+    #[error("not a vmcraft snapshot (it does not start with \"VMCRSNAP\")")]
+    NotASnapshot,
+    /// A snapshot of another container format version.
+    #[error("snapshot format version {found}; this build reads version {supported}")]
+    FormatVersion {
+        /// The file's version.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// The header's checksum does not match.
+    #[error("the snapshot header is corrupted (checksum mismatch)")]
+    HeaderChecksum,
+    /// More sections than [`MAX_SECTIONS`].
+    #[error("the snapshot claims {0} sections (at most {max})", max = MAX_SECTIONS)]
+    TooManySections(u32),
+    /// The file is shorter (or longer) than its header says.
+    #[error("the snapshot is {actual} bytes long but its header says {expected}")]
+    Length {
+        /// What the header says.
+        expected: u64,
+        /// What the file holds.
+        actual: u64,
+    },
+    /// The file ends inside `what`.
+    #[error("the snapshot ends inside {what} (offset {offset}, {needed} more bytes needed)")]
+    Truncated {
+        /// Which part: "the header of section 3", "section \"vcpu0\"".
+        what: String,
+        /// Where that part starts.
+        offset: u64,
+        /// How many bytes it needed beyond the end.
+        needed: u64,
+    },
+    /// Bytes after the last section.
+    #[error("{0} bytes follow the last section")]
+    TrailingBytes(u64),
+    /// A section name that is empty, too long, or not printable ASCII.
+    #[error("section {index} has an invalid name")]
+    BadName {
+        /// The section's position in the file.
+        index: u32,
+    },
+    /// Two sections with one name.
+    #[error("section \"{0}\" appears twice")]
+    Duplicate(String),
+    /// A section's body does not match its checksum.
+    #[error("snapshot section \"{section}\" is corrupted (checksum mismatch)")]
+    Checksum {
+        /// The section.
+        section: String,
+    },
+    /// A section the restore needs is not there.
+    #[error("the snapshot has no section \"{section}\"")]
+    Missing {
+        /// The section.
+        section: String,
+    },
+    /// A section of a version this build does not read.
+    #[error("snapshot section \"{section}\" is version {found}; this build reads version {supported}")]
+    ComponentVersion {
+        /// The section.
+        section: String,
+        /// The file's version of it.
+        found: u32,
+        /// The version the reader asked for.
+        supported: u32,
+    },
+    /// A section's body does not decode as the state it should hold.
+    #[error("snapshot section \"{section}\" does not decode")]
+    Decode {
+        /// The section.
+        section: String,
+        /// The decoder's error.
+        #[source]
+        source: postcard::Error,
+    },
+    /// A section's body decoded with bytes left over.
+    #[error("snapshot section \"{section}\" has {extra} bytes after its state")]
+    Leftover {
+        /// The section.
+        section: String,
+        /// How many.
+        extra: usize,
+    },
+    /// A value could not be encoded.
+    #[error("cannot encode snapshot section \"{section}\"")]
+    Encode {
+        /// The section.
+        section: String,
+        /// The encoder's error.
+        #[source]
+        source: postcard::Error,
+    },
+    /// A name the builder refuses (see [`SnapshotError::BadName`]) or adds twice.
+    #[error("cannot add section \"{0}\": its name is invalid or already taken")]
+    Name(String),
+}
+
+fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME && name.iter().all(|b| b.is_ascii_graphic())
+}
+
+fn crc(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
+
+/// Collects sections, then writes them as one snapshot.
+#[derive(Debug, Default)]
+pub struct SnapshotBuilder {
+    sections: BTreeMap<String, (u32, Vec<u8>)>,
+}
+
+impl SnapshotBuilder {
+    /// An empty snapshot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add `value` as section `name` (printable ASCII, at most [`MAX_NAME`] bytes,
+    /// unique) at `version`.
+    pub fn add<T: Serialize>(
+        &mut self,
+        name: &str,
+        version: u32,
+        value: &T,
+    ) -> Result<&mut Self, SnapshotError> {
+        if !valid_name(name.as_bytes())
+            || self.sections.contains_key(name)
+            || self.sections.len() >= MAX_SECTIONS as usize
+        {
+            return Err(SnapshotError::Name(name.to_owned()));
+        }
+        let body = postcard::to_allocvec(value).map_err(|source| SnapshotError::Encode {
+            section: name.to_owned(),
+            source,
+        })?;
+        self.sections.insert(name.to_owned(), (version, body));
+        Ok(self)
+    }
+
+    /// The snapshot's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let body: usize = self
+            .sections
+            .iter()
+            .map(|(name, (_, b))| 1 + name.len() + 4 + 8 + 4 + b.len())
+            .sum();
+        let total = HEADER + body;
+        let mut out = Vec::with_capacity(total);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(self.sections.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(total as u64).to_le_bytes());
+        let header_crc = crc(&out);
+        out.extend_from_slice(&header_crc.to_le_bytes());
+        for (name, (version, body)) in &self.sections {
+            out.push(name.len() as u8);
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&version.to_le_bytes());
+            out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+            out.extend_from_slice(&crc(body).to_le_bytes());
+            out.extend_from_slice(body);
+        }
+        out
+    }
+
+    /// Write the snapshot to `path`: into a temporary file beside it, synced, then
+    /// renamed over `path`, so a crash leaves either the old file or the whole new one.
+    pub fn write_file(&self, path: &Path) -> Result<(), SnapshotError> {
+        let io = |what, source| SnapshotError::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = std::path::PathBuf::from(tmp);
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
+        f.write_all(&self.to_bytes()).map_err(|e| io("write", e))?;
+        f.sync_all().map_err(|e| io("sync", e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io("rename into place", e))
+    }
+}
+
+/// One section of a parsed snapshot.
+#[derive(Debug, Clone)]
+struct Section {
+    version: u32,
+    body: Range<usize>,
+}
+
+/// A parsed, verified snapshot: every checksum matched; sections decode on demand.
+#[derive(Debug)]
+pub struct Snapshot {
+    bytes: Vec<u8>,
+    sections: BTreeMap<String, Section>,
+}
+
+/// Reads little-endian fields from a byte slice, naming what it reads when it runs out.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: u64, what: impl FnOnce() -> String) -> Result<&'a [u8], SnapshotError> {
+        let left = (self.bytes.len() - self.at) as u64;
+        if n > left {
+            return Err(SnapshotError::Truncated {
+                what: what(),
+                offset: self.at as u64,
+                needed: n - left,
+            });
+        }
+        let start = self.at;
+        self.at += n as usize;
+        Ok(&self.bytes[start..self.at])
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+impl Snapshot {
+    /// Parse and verify a snapshot held in memory.
+    pub fn parse(bytes: Vec<u8>) -> Result<Self, SnapshotError> {
+        let mut c = Cursor {
+            bytes: &bytes,
+            at: 0,
+        };
+        let header = c.take(HEADER as u64, || "the snapshot header".into())?;
+        if header[..8] != MAGIC {
+            return Err(SnapshotError::NotASnapshot);
+        }
+        if crc(&header[..HEADER - 4]) != le_u32(&header[HEADER - 4..]) {
+            return Err(SnapshotError::HeaderChecksum);
+        }
+        let version = le_u32(&header[8..]);
+        if version != FORMAT_VERSION {
+            return Err(SnapshotError::FormatVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let count = le_u32(&header[12..]);
+        if count > MAX_SECTIONS {
+            return Err(SnapshotError::TooManySections(count));
+        }
+        let total = le_u64(&header[16..]);
+        if total != bytes.len() as u64 {
+            return Err(SnapshotError::Length {
+                expected: total,
+                actual: bytes.len() as u64,
+            });
+        }
+        let mut sections = BTreeMap::new();
+        for index in 0..count {
+            let what = || format!("the header of section {index}");
+            let len = c.take(1, what)?[0];
+            let name = c.take(u64::from(len), what)?;
+            if !valid_name(name) {
+                return Err(SnapshotError::BadName { index });
+            }
+            // Printable ASCII is UTF-8.
+            let name = String::from_utf8_lossy(name).into_owned();
+            let fixed = c.take(16, what)?;
+            let (version, body_len, body_crc) =
+                (le_u32(fixed), le_u64(&fixed[4..]), le_u32(&fixed[12..]));
+            let start = c.at;
+            let body = c.take(body_len, || format!("section \"{name}\""))?;
+            if crc(body) != body_crc {
+                return Err(SnapshotError::Checksum { section: name });
+            }
+            let section = Section {
+                version,
+                body: start..c.at,
+            };
+            if sections.insert(name.clone(), section).is_some() {
+                return Err(SnapshotError::Duplicate(name));
+            }
+        }
+        let extra = (bytes.len() - c.at) as u64;
+        if extra != 0 {
+            return Err(SnapshotError::TrailingBytes(extra));
+        }
+        Ok(Snapshot { bytes, sections })
+    }
+
+    /// Read, parse and verify the snapshot at `path` (at most [`MAX_FILE`] bytes).
+    pub fn read_file(path: &Path) -> Result<Self, SnapshotError> {
+        use std::io::Read;
+        let io = |what, source| SnapshotError::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        };
+        let f = std::fs::File::open(path).map_err(|e| io("open", e))?;
+        let mut bytes = Vec::new();
+        f.take(MAX_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io("read", e))?;
+        if bytes.len() as u64 > MAX_FILE {
+            return Err(io(
+                "read",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("larger than {MAX_FILE} bytes"),
+                ),
+            ));
+        }
+        Self::parse(bytes)
+    }
+
+    /// The names of the sections, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.sections.keys().map(String::as_str)
+    }
+
+    /// Whether section `name` is there.
+    pub fn contains(&self, name: &str) -> bool {
+        self.sections.contains_key(name)
+    }
+
+    /// Section `name`'s version and undecoded body.
+    pub fn raw(&self, name: &str) -> Result<(u32, &[u8]), SnapshotError> {
+        let s = self
+            .sections
+            .get(name)
+            .ok_or_else(|| SnapshotError::Missing {
+                section: name.to_owned(),
+            })?;
+        Ok((s.version, &self.bytes[s.body.clone()]))
+    }
+
+    /// Decode section `name`, which must be at `version`.
+    pub fn get<T: DeserializeOwned>(&self, name: &str, version: u32) -> Result<T, SnapshotError> {
+        let (found, body) = self.raw(name)?;
+        if found != version {
+            return Err(SnapshotError::ComponentVersion {
+                section: name.to_owned(),
+                found,
+                supported: version,
+            });
+        }
+        let (value, rest) =
+            postcard::take_from_bytes(body).map_err(|source| SnapshotError::Decode {
+                section: name.to_owned(),
+                source,
+            })?;
+        if !rest.is_empty() {
+            return Err(SnapshotError::Leftover {
+                section: name.to_owned(),
+                extra: rest.len(),
+            });
+        }
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests;
