@@ -9,6 +9,7 @@
 //! * [`host_usage`]: the host memory the VMM process and its guest RAM use.
 //! * [`poll`]: how long a device thread spins on a ring in guest memory before it
 //!   sleeps (adaptive polling, shared by the virtio and PV back ends).
+//! * [`snapshot`]: guest memory saved to a sparse file and mapped back copy-on-write.
 //! * [`vectored`]: file I/O straight between a file and guest memory (`preadv` and
 //!   `pwritev` over gathered guest ranges), the guest pages it fills marked dirty.
 //!
@@ -28,6 +29,7 @@ pub mod mmio;
 pub mod poll;
 mod ram;
 pub mod report;
+pub mod snapshot;
 pub mod vectored;
 
 pub use ram::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};

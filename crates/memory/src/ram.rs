@@ -56,6 +56,28 @@ pub enum MemoryError {
     /// Dirty pages were requested but logging was never turned on.
     #[error("dirty logging is off: call GuestRam::set_dirty_logging(vm, true) first")]
     DirtyLoggingOff,
+    /// The memory file of a snapshot could not be read.
+    #[error("cannot read the guest memory file")]
+    MemoryFile(#[source] std::io::Error),
+    /// The memory file is not as long as the RAM it should hold.
+    #[error("the guest memory file holds {file} bytes, but the RAM is {ram} bytes")]
+    MemoryFileSize {
+        /// The file's length.
+        file: u64,
+        /// The layout's RAM.
+        ram: u64,
+    },
+    /// The host refused to map a range of the memory file.
+    #[error("cannot map {size:#x} bytes of the guest memory file at {start:#x}")]
+    MapFile {
+        /// Guest-physical start of the range.
+        start: u64,
+        /// Size of the range.
+        size: u64,
+        /// What vm-memory reported.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
     /// The memory has not been registered with a VM.
     #[error("guest RAM is not registered with a VM: call GuestRam::register first")]
     NotRegistered,
@@ -134,6 +156,60 @@ impl GuestRam {
                 })?;
             regions.push(region);
         }
+        Self::from_regions(regions)
+    }
+
+    /// Map every range of `layout` privately (copy-on-write) from `file`, the ranges
+    /// back to back in guest-physical order: what
+    /// [`save_memory`](crate::snapshot::save_memory) wrote. Nothing is read now; each
+    /// page comes from the file when first touched, and the guest's writes stay in
+    /// this process. The file must be exactly as long as the layout's RAM.
+    pub fn from_memory_file(
+        layout: &MemoryLayout,
+        file: &std::fs::File,
+    ) -> Result<Self, MemoryError> {
+        use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+        use vm_memory::mmap::MmapRegionBuilder;
+        use vm_memory::FileOffset;
+        let len = file.metadata().map_err(MemoryError::MemoryFile)?.len();
+        if len != layout.total() {
+            return Err(MemoryError::MemoryFileSize {
+                file: len,
+                ram: layout.total(),
+            });
+        }
+        let mut regions = Vec::with_capacity(layout.ranges().len());
+        let mut offset = 0;
+        for r in layout.ranges() {
+            let file = file.try_clone().map_err(MemoryError::MemoryFile)?;
+            let map = MmapRegionBuilder::new_with_bitmap(
+                r.size as usize,
+                AtomicBitmap::with_len(r.size as usize),
+            )
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::new(file, offset))
+            .build()
+            .map_err(|source| MemoryError::MapFile {
+                start: r.start,
+                size: r.size,
+                source,
+            })?;
+            let region =
+                GuestRegionMmap::new(map, GuestAddress(r.start)).ok_or(MemoryError::Map {
+                    start: r.start,
+                    size: r.size,
+                    source: vm_memory::mmap::FromRangesError::InvalidGuestRegion,
+                })?;
+            regions.push(region);
+            offset += r.size;
+        }
+        Self::from_regions(regions)
+    }
+
+    fn from_regions(
+        regions: Vec<GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>>,
+    ) -> Result<Self, MemoryError> {
         let memory = GuestMemory::from_regions(regions).map_err(MemoryError::Collect)?;
         let slots = memory
             .iter()
