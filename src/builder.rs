@@ -144,8 +144,18 @@ impl MachineBuilder {
     pub fn new(memory_bytes: u64, serial_out: Box<dyn Write + Send>) -> Result<Self, BuildError> {
         let layout =
             MemoryLayout::x86_64(memory_bytes).map_err(|e| BuildError::Layout(memory_bytes, e))?;
-        let vm =
-            Vm::new(GuestRam::new(&layout).map_err(BuildError::Memory)?).map_err(BuildError::Vm)?;
+        let ram = GuestRam::new(&layout).map_err(BuildError::Memory)?;
+        Self::with_ram(layout, ram, serial_out)
+    }
+
+    /// [`MachineBuilder::new`] on guest RAM of the caller's making (restored from a
+    /// snapshot, say), laid out as `layout`.
+    pub fn with_ram(
+        layout: MemoryLayout,
+        ram: GuestRam,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Self, BuildError> {
+        let vm = Vm::new(ram).map_err(BuildError::Vm)?;
         let stop = Arc::new(StopLatch::default());
         let mut buses = IoBuses::new();
         let legacy = LegacyDevices::install(&mut buses, vm.fd(), serial_out, stop.clone())
@@ -197,6 +207,24 @@ impl MachineBuilder {
     /// goes on the bus, such as `PvBackends::attach_doorbell`).
     pub fn buses_and_vm(&mut self) -> (&mut IoBuses, &Vm) {
         (&mut self.buses, &self.vm)
+    }
+
+    /// The virtio device type behind each window so far, in order.
+    pub fn virtio_types(&self) -> Vec<u32> {
+        self.virtio
+            .iter()
+            .map(|s| {
+                s.transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .device_type()
+            })
+            .collect()
+    }
+
+    /// Whether a hypercall table was given ([`MachineBuilder::hypercalls`]).
+    pub fn serves_hypercalls(&self) -> bool {
+        self.hypercalls.is_some()
     }
 
     /// Keep interrupt line `irq` away from [`MachineBuilder::add_virtio`] (a device

@@ -26,3 +26,5 @@ pub mod builder;
 pub mod machine;
 #[cfg(feature = "machine")]
 pub mod pv_machine;
+#[cfg(feature = "machine")]
+pub mod snapshot;

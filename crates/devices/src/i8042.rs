@@ -15,6 +15,7 @@ use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::DevicePio;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::state::StateError;
 use crate::stop::{DeviceStop, StopLatch};
 
 /// First port of the i8042 (data port); the command/status port is at +4.
@@ -57,7 +58,7 @@ const KBD_BAT_OK: u8 = 0xaa;
 const KBD_ECHO: u8 = 0xee;
 
 /// What the controller expects the next data-port byte to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum DataTarget {
     /// A command to the keyboard.
     Keyboard,
@@ -83,8 +84,9 @@ pub struct Effects {
 }
 
 /// The controller's registers and the keyboard's replies. Every input is a byte;
-/// every reply goes through a bounded output buffer.
-#[derive(Debug, Clone)]
+/// every reply goes through a bounded output buffer. It is also the i8042's state in a
+/// snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Controller {
     command_byte: u8,
     output_port: u8,
@@ -254,6 +256,10 @@ pub struct I8042 {
     irq: Option<EventFd>,
 }
 
+impl vmcraft_snapshot::Versioned for Controller {
+    const VERSION: u32 = 1;
+}
+
 impl I8042 {
     /// An i8042 that reports resets to `latch` and raises the keyboard interrupt on
     /// `irq` (register it with KVM as the irqfd of [`I8042_KBD_IRQ`]), if given.
@@ -276,6 +282,26 @@ impl I8042 {
                 }
             }
         }
+    }
+
+    /// The controller's state, for a snapshot.
+    pub fn save_state(&self) -> Controller {
+        self.controller().clone()
+    }
+
+    /// Put back a state from [`I8042::save_state`].
+    pub fn restore_state(&self, state: &Controller) -> Result<(), StateError> {
+        if state.output.len() > OUTPUT_CAPACITY {
+            return Err(StateError::new(
+                "i8042",
+                format!(
+                    "{} bytes in a {OUTPUT_CAPACITY}-byte output buffer",
+                    state.output.len()
+                ),
+            ));
+        }
+        *self.controller() = state.clone();
+        Ok(())
     }
 
     fn controller(&self) -> std::sync::MutexGuard<'_, Controller> {

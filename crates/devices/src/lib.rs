@@ -12,6 +12,7 @@
 //!   (power-off and reset from an unmodified guest).
 //! * [`debug_exit`]: a port whose write stops the VM with an exit code (for tests).
 //! * [`stop`]: how devices ask the VMM to stop the VM.
+//! * [`state`]: how devices save and restore their state for snapshots.
 //!
 //! Devices never see a vCPU: they implement `vm-device`'s `DevicePio`/`DeviceMmio`, and
 //! the embedding program (or the `vmcraft` crate's glue) routes exits to the buses.
@@ -24,6 +25,7 @@ pub mod i8042;
 pub mod irq;
 pub mod rtc;
 pub mod serial;
+pub mod state;
 pub mod stop;
 pub mod virtio;
 

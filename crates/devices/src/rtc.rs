@@ -106,7 +106,55 @@ impl Default for Rtc {
     }
 }
 
+/// The state of an [`Rtc`] in a snapshot: the index register and the CMOS bytes. The
+/// time registers follow the clock, as a battery-backed RTC's would.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RtcSaved {
+    /// The selected register.
+    pub index: u8,
+    /// The 128 bytes of CMOS.
+    pub cmos: Vec<u8>,
+}
+
+impl vmcraft_snapshot::Versioned for RtcSaved {
+    const VERSION: u32 = 1;
+}
+
 impl Rtc {
+    /// The CMOS state, for a snapshot.
+    pub fn save_state(&self) -> RtcSaved {
+        let s = self.lock();
+        RtcSaved {
+            index: s.index,
+            cmos: s.cmos.to_vec(),
+        }
+    }
+
+    /// Put back a state from [`Rtc::save_state`].
+    pub fn restore_state(&self, saved: &RtcSaved) -> Result<(), crate::state::StateError> {
+        let cmos: [u8; 128] = saved.cmos.as_slice().try_into().map_err(|_| {
+            crate::state::StateError::new(
+                "CMOS RTC",
+                format!("{} bytes of CMOS instead of 128", saved.cmos.len()),
+            )
+        })?;
+        if saved.index >= 128 {
+            return Err(crate::state::StateError::new(
+                "CMOS RTC",
+                format!("index register {} past the 128 CMOS bytes", saved.index),
+            ));
+        }
+        *self.lock() = RtcState {
+            index: saved.index,
+            cmos,
+        };
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RtcState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// An RTC following the host's clock.
     pub fn new() -> Self {
         Self::with_clock(|| {
@@ -161,7 +209,7 @@ impl DevicePio for Rtc {
     fn pio_read(&self, _: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         data.fill(0xff);
         let [byte] = data else { return };
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.lock();
         *byte = match offset {
             0 => state.index,
             _ => self.read_register(&state, state.index),
@@ -170,7 +218,7 @@ impl DevicePio for Rtc {
 
     fn pio_write(&self, _: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         let [value] = data else { return };
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
         match offset {
             // Bit 7 of the index port is the NMI mask, not part of the index.
             0 => state.index = value & 0x7f,

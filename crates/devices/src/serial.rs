@@ -6,6 +6,7 @@
 //!   subscriber. Bytes that do not fit the UART's FIFO are kept and delivered when the
 //!   guest drains it: input is never dropped.
 
+use crate::state::StateError;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -51,6 +52,22 @@ impl SerialEvents for RxSpace {
 
 type Uart = Serial<EventFdTrigger, RxSpace, Box<dyn Write + Send>>;
 
+/// Bytes in the UART's receive FIFO (vm-superio's, which it does not export).
+const UART_FIFO: usize = 64;
+
+/// The state of a [`SerialDevice`] in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    /// DLL, DLH, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 9],
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
+impl vmcraft_snapshot::Versioned for SerialState {
+    const VERSION: u32 = 1;
+}
+
 /// A 16550 UART.
 pub struct SerialDevice {
     uart: Mutex<Uart>,
@@ -94,6 +111,67 @@ impl SerialDevice {
             return 0;
         }
         uart.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> SerialState {
+        let s = self.lock().state();
+        SerialState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Put back the registers and FIFO of [`SerialDevice::save_state`]; the output
+    /// and the interrupt stay this device's.
+    pub fn restore_state(&self, state: &SerialState) -> Result<(), StateError> {
+        if state.in_buffer.len() > UART_FIFO {
+            return Err(StateError::new(
+                "16550 UART",
+                format!(
+                    "{} bytes in a {}-byte receive FIFO",
+                    state.in_buffer.len(),
+                    UART_FIFO
+                ),
+            ));
+        }
+        let [dll, dlh, ier, iir, lcr, lsr, mcr, msr, scr] = state.registers;
+        let regs = vm_superio::serial::SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlh,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let broken = |e: &dyn std::fmt::Debug| StateError::new("16550 UART", format!("{e:?}"));
+        let trigger = EventFdTrigger(self.irq.try_clone().map_err(|e| broken(&e))?);
+        let rx = RxSpace(self.rx_space.try_clone().map_err(|e| broken(&e))?);
+        let mut uart = self.lock();
+        // Take the output writer over into the restored UART.
+        let placeholder = Serial::with_events(
+            EventFdTrigger(self.irq.try_clone().map_err(|e| broken(&e))?),
+            RxSpace(self.rx_space.try_clone().map_err(|e| broken(&e))?),
+            Box::new(io::sink()) as Box<dyn Write + Send>,
+        );
+        let out = std::mem::replace(&mut *uart, placeholder).into_writer();
+        // The FIFO size was checked above, the only thing from_state refuses.
+        *uart = Serial::from_state(&regs, trigger, rx, out).map_err(|e| broken(&e))?;
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Uart> {

@@ -75,6 +75,27 @@ pub enum GuestMode {
     Real,
 }
 
+/// What word `i` (8 bytes) of the [`Guest::MEMCHECK`] span holds in round `r`
+/// (splitmix64, as the guest computes it).
+pub fn memcheck_word(r: u64, i: u64) -> u64 {
+    let mut x = (r << 40) ^ i ^ 0x9e37_79b9_7f4a_7c15;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The COM1 output of a [`Guest::MEMCHECK`] run of `rounds` rounds over `mib` MiB that
+/// nothing disturbed.
+pub fn memcheck_output(mib: u64, rounds: u64) -> String {
+    let words = mib << 17;
+    let mut out = String::new();
+    for r in 0..rounds {
+        let sum = (0..words).fold(0u64, |s, i| s.wrapping_add(memcheck_word(r, i)));
+        out += &format!("round {r:#018x} sum {sum:#018x}\n");
+    }
+    out + "memcheck done\n"
+}
+
 /// A test guest program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Guest {
@@ -124,6 +145,9 @@ impl Guest {
     pub const COUNTER: Guest = guest!("counter", GuestMode::User64);
     /// Exits with the code passed as its parameter.
     pub const EXIT_CODE: Guest = guest!("exit_code", GuestMode::User64);
+    /// Reads 4 bytes from the port passed as its parameter and exits with them as its
+    /// code.
+    pub const IN_EXIT: Guest = guest!("in_exit", GuestMode::User64);
     /// Resets the machine through the i8042.
     pub const I8042_RESET: Guest = guest!("i8042_reset", GuestMode::User64);
     /// Triple-faults.
@@ -206,6 +230,13 @@ impl Guest {
     /// `flood <kind> done <rounds>` (and `ports <allocated>` after 2) on COM1 and
     /// `pv console still served` on the PV console.
     pub const PV_FLOOD: Guest = guest!("pv_flood", GuestMode::User64);
+    /// Rewrites and checks guest memory, for snapshot and migration tests: `rounds`
+    /// rounds (parameter bits 16..47) over `mib` MiB from 16 MiB (bits 0..15; the VM
+    /// needs 16 + `mib` MiB). Round r writes word i of the span as
+    /// [`memcheck_word`]`(r, i)`, reads it all back and checks it, then prints
+    /// `round <r> sum <sum of the words>` on COM1; `memcheck done` at the end and exit
+    /// code 0, or `mismatch at <address>` and exit code 1.
+    pub const MEMCHECK: Guest = guest!("memcheck", GuestMode::User64);
     /// A hostile guest for soak tests: random port writes and reads, random
     /// hypercalls, random writes to the first four virtio-mmio windows' registers, and
     /// random bytes over its heap (where virtqueues live) and the PV pages. Parameter:
@@ -285,6 +316,7 @@ mod tests {
             Guest::PIO_MMIO,
             Guest::COUNTER,
             Guest::EXIT_CODE,
+            Guest::IN_EXIT,
             Guest::REAL_MODE_HELLO,
         ] {
             assert!(

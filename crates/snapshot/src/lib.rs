@@ -135,7 +135,9 @@ pub enum SnapshotError {
         section: String,
     },
     /// A section of a version this build does not read.
-    #[error("snapshot section \"{section}\" is version {found}; this build reads version {supported}")]
+    #[error(
+        "snapshot section \"{section}\" is version {found}; this build reads version {supported}"
+    )]
     ComponentVersion {
         /// The section.
         section: String,
@@ -173,6 +175,14 @@ pub enum SnapshotError {
     /// A name the builder refuses (see [`SnapshotError::BadName`]) or adds twice.
     #[error("cannot add section \"{0}\": its name is invalid or already taken")]
     Name(String),
+}
+
+/// A state struct that knows the version of its own layout: bump `VERSION` whenever
+/// a field changes, so an old snapshot is refused by name and version instead of
+/// decoding into the wrong fields.
+pub trait Versioned: Serialize + DeserializeOwned {
+    /// The layout's version.
+    const VERSION: u32;
 }
 
 fn valid_name(name: &[u8]) -> bool {
@@ -217,6 +227,11 @@ impl SnapshotBuilder {
         Ok(self)
     }
 
+    /// Add `value` as section `name` at its type's [`Versioned::VERSION`].
+    pub fn put<T: Versioned>(&mut self, name: &str, value: &T) -> Result<&mut Self, SnapshotError> {
+        self.add(name, T::VERSION, value)
+    }
+
     /// The snapshot's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let body: usize = self
@@ -245,7 +260,8 @@ impl SnapshotBuilder {
 
     /// Write the snapshot to `path`: into a temporary file beside it, synced, then
     /// renamed over `path`, so a crash leaves either the old file or the whole new one.
-    pub fn write_file(&self, path: &Path) -> Result<(), SnapshotError> {
+    /// Returns the bytes written.
+    pub fn write_file(&self, path: &Path) -> Result<u64, SnapshotError> {
         let io = |what, source| SnapshotError::Io {
             what,
             path: path.display().to_string(),
@@ -254,10 +270,12 @@ impl SnapshotBuilder {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".partial");
         let tmp = std::path::PathBuf::from(tmp);
+        let bytes = self.to_bytes();
         let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
-        f.write_all(&self.to_bytes()).map_err(|e| io("write", e))?;
+        f.write_all(&bytes).map_err(|e| io("write", e))?;
         f.sync_all().map_err(|e| io("sync", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io("rename into place", e))
+        std::fs::rename(&tmp, path).map_err(|e| io("rename into place", e))?;
+        Ok(bytes.len() as u64)
     }
 }
 
@@ -416,6 +434,11 @@ impl Snapshot {
                 section: name.to_owned(),
             })?;
         Ok((s.version, &self.bytes[s.body.clone()]))
+    }
+
+    /// Decode section `name`, which must be at its type's [`Versioned::VERSION`].
+    pub fn load<T: Versioned>(&self, name: &str) -> Result<T, SnapshotError> {
+        self.get(name, T::VERSION)
     }
 
     /// Decode section `name`, which must be at `version`.

@@ -36,7 +36,11 @@ fn sections_round_trip_by_name_and_version() {
     ));
     assert!(matches!(
         s.get::<Device>("serial", 4),
-        Err(SnapshotError::ComponentVersion { found: 3, supported: 4, .. })
+        Err(SnapshotError::ComponentVersion {
+            found: 3,
+            supported: 4,
+            ..
+        })
     ));
 }
 

@@ -51,6 +51,7 @@ pub mod mode;
 pub mod probe;
 mod run_page;
 pub mod runner;
+pub mod state;
 pub mod stats;
 pub mod vcpu;
 mod vm;

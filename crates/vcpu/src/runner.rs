@@ -16,8 +16,9 @@ use thiserror::Error;
 use crate::cpu::{CpuError, HypervisorInfo};
 use crate::exit::{ExitError, ExitHandler, StopReason};
 use crate::mode::{Entry, ModeError};
+use crate::state::{saveable_msrs, VcpuState};
 use crate::stats::{ExitStats, ExitStatsSnapshot};
-use crate::vcpu::{create_vcpus, Kicker, Step, Vcpu};
+use crate::vcpu::{create_vcpus, restore_vcpus, Kicker, Step, Vcpu};
 use crate::vm::Vm;
 
 pub use crate::vcpu::kick_signal;
@@ -126,6 +127,27 @@ pub enum VmError {
     /// A vCPU thread panicked.
     #[error("the thread of vCPU {0} panicked")]
     Panicked(u32),
+    /// A vCPU's state could not be saved.
+    #[error("cannot save the state of vCPU {index}")]
+    Save {
+        /// vCPU index.
+        index: u32,
+        /// What failed.
+        #[source]
+        source: crate::state::StateError,
+    },
+    /// A vCPU's saved state could not be put back.
+    #[error("cannot restore the state of vCPU {index}")]
+    Restore {
+        /// vCPU index.
+        index: u32,
+        /// What failed.
+        #[source]
+        source: crate::state::StateError,
+    },
+    /// The VM has stopped (or is stopping), so it cannot be paused for a snapshot.
+    #[error("the VM has stopped ({0:?})")]
+    Stopped(StopReason),
 }
 
 /// How a VM ended.
@@ -152,6 +174,10 @@ struct Control {
     pause: bool,
     paused: usize,
     live: usize,
+    /// While a snapshot is being taken: the MSRs to save, and each vCPU's state once
+    /// it has saved it.
+    snapshot: Option<Arc<Vec<u32>>>,
+    saved: Vec<Option<Result<VcpuState, VmError>>>,
 }
 
 #[derive(Debug)]
@@ -189,9 +215,14 @@ impl Shared {
         self.kick_all();
     }
 
-    /// Called by a vCPU thread when `attention` is set: parks while paused. Returns
-    /// false when the VM is stopping.
-    fn checkpoint(&self) -> bool {
+    /// Called by vCPU `index`'s thread when `attention` is set: parks while paused,
+    /// after saving its state with `save` if a snapshot asks for it. Returns false when
+    /// the VM is stopping.
+    fn checkpoint(
+        &self,
+        index: usize,
+        save: &mut dyn FnMut(&[u32]) -> Result<VcpuState, VmError>,
+    ) -> bool {
         let mut c = self.lock();
         loop {
             if c.stop.is_some() {
@@ -200,9 +231,18 @@ impl Shared {
             if !c.pause {
                 return true;
             }
+            if let Some(msrs) = c.snapshot.clone() {
+                if c.saved[index].is_none() {
+                    drop(c);
+                    let state = save(&msrs);
+                    c = self.lock();
+                    c.saved[index] = Some(state);
+                }
+            }
             c.paused += 1;
             self.changed.notify_all();
-            while c.pause && c.stop.is_none() {
+            while c.pause && c.stop.is_none() && !(c.snapshot.is_some() && c.saved[index].is_none())
+            {
                 c = self.changed.wait(c).unwrap_or_else(|p| p.into_inner());
             }
             c.paused -= 1;
@@ -271,8 +311,17 @@ impl VcpuThread {
     /// Runs until a stop; returns the stop reason this vCPU caused, if any.
     fn run_loop(&mut self) -> Result<Option<StopReason>, VmError> {
         loop {
-            if self.shared.attention.load(Ordering::SeqCst) && !self.shared.checkpoint() {
-                return Ok(None);
+            if self.shared.attention.load(Ordering::SeqCst) {
+                let index = self.vcpu.index();
+                let vcpu = &mut self.vcpu;
+                let mut save = |msrs: &[u32]| {
+                    vcpu.complete_pending_io()?;
+                    vcpu.save_state(msrs)
+                        .map_err(|source| VmError::Save { index, source })
+                };
+                if !self.shared.checkpoint(index as usize, &mut save) {
+                    return Ok(None);
+                }
             }
             let shared = self.shared.clone();
             let me = &shared.vcpus[self.vcpu.index() as usize];
@@ -306,6 +355,27 @@ impl RunningVm {
         info: HypervisorInfo,
     ) -> Result<Self, VmError> {
         let cores = create_vcpus(&vm, vcpus, handler.clone(), info)?;
+        Self::start_cores(vm, cores, handler)
+    }
+
+    /// Start a VM from a snapshot: one thread per saved vCPU state, put back into a
+    /// new vCPU of `vm` (whose memory and in-kernel devices the caller has restored:
+    /// [`VmState::restore`](crate::state::VmState::restore)), with every exit going to
+    /// `handler`. The guest goes on from the instruction it was paused at.
+    pub fn start_restored(
+        vm: Vm,
+        states: &[VcpuState],
+        handler: Arc<dyn ExitHandler>,
+    ) -> Result<Self, VmError> {
+        let cores = restore_vcpus(&vm, states, handler.clone())?;
+        Self::start_cores(vm, cores, handler)
+    }
+
+    fn start_cores(
+        vm: Vm,
+        cores: Vec<Vcpu>,
+        handler: Arc<dyn ExitHandler>,
+    ) -> Result<Self, VmError> {
         let count = cores.len() as u32;
         let shared = Arc::new(Shared {
             control: Mutex::new(Control {
@@ -314,6 +384,8 @@ impl RunningVm {
                 pause: false,
                 paused: 0,
                 live: cores.len(),
+                snapshot: None,
+                saved: Vec::new(),
             }),
             changed: Condvar::new(),
             attention: AtomicBool::new(false),
@@ -420,6 +492,50 @@ impl RunningVm {
             .attention
             .store(c.stop.is_some(), Ordering::SeqCst);
         self.shared.changed.notify_all();
+    }
+
+    /// Pause every vCPU for a snapshot and return their states, in vCPU order.
+    ///
+    /// The contract: when this returns, no vCPU is inside `KVM_RUN`; each has
+    /// completed the port or MMIO read of its last exit (re-entering `KVM_RUN` with
+    /// `immediate_exit` set, so no guest instruction ran), so its registers hold the
+    /// value read; and each exit handled so far has had its effect on the devices.
+    /// Device and VM state saved from now until [`RunningVm::resume`] is consistent
+    /// with these vCPU states. Resume to go on, or drop the VM to end it.
+    pub fn pause_for_snapshot(&self) -> Result<Vec<VcpuState>, VmError> {
+        let msrs = Arc::new(
+            saveable_msrs(self.vm.kvm()).map_err(|source| VmError::Save { index: 0, source })?,
+        );
+        {
+            let mut c = self.shared.lock();
+            if let Some(stop) = c.stop {
+                return Err(VmError::Stopped(stop.reason));
+            }
+            c.snapshot = Some(msrs);
+            c.saved = (0..self.shared.vcpus.len()).map(|_| None).collect();
+            c.pause = true;
+            self.shared.attention.store(true, Ordering::SeqCst);
+            // vCPUs parked by an earlier pause wake, save and park again.
+            self.shared.changed.notify_all();
+        }
+        self.shared.kick_all();
+        let mut c = self.shared.lock();
+        while c.stop.is_none() && !(c.paused == c.live && c.saved.iter().all(Option::is_some)) {
+            c = self
+                .shared
+                .changed
+                .wait(c)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        c.snapshot = None;
+        let saved = std::mem::take(&mut c.saved);
+        if let Some(stop) = c.stop {
+            return Err(VmError::Stopped(stop.reason));
+        }
+        saved
+            .into_iter()
+            .map(|s| s.unwrap_or(Err(VmError::Stopped(StopReason::Requested))))
+            .collect()
     }
 
     /// Ask the VM to stop (the outcome is [`StopReason::Requested`] unless it had

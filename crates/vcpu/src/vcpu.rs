@@ -24,6 +24,7 @@ use crate::exit::{dispatch, Exit, ExitAction, ExitError, ExitHandler, StopReason
 use crate::mode::{self, ModeError};
 use crate::run_page;
 use crate::runner::{VcpuConfig, VmError};
+use crate::state::{StateError, VcpuState};
 use crate::stats::{ExitKind, ExitStats};
 use crate::vm::Vm;
 
@@ -253,6 +254,44 @@ pub fn create_vcpus(
     Ok(vcpus)
 }
 
+/// Create one vCPU per state of `states` in `vm` and put each state back
+/// ([`VcpuState::restore`]), with every exit going to `handler`; installs the kick
+/// signal handler. The VM's memory and in-kernel devices are restored separately.
+pub fn restore_vcpus(
+    vm: &Vm,
+    states: &[VcpuState],
+    handler: Arc<dyn ExitHandler>,
+) -> Result<Vec<Vcpu>, VmError> {
+    if states.is_empty() {
+        return Err(VmError::NoVcpus);
+    }
+    install_kick_handler()?;
+    let run_size = vm
+        .kvm()
+        .get_vcpu_mmap_size()
+        .map_err(|source| VmError::CreateVcpu { index: 0, source })?;
+    let mut vcpus = Vec::with_capacity(states.len());
+    for (i, state) in states.iter().enumerate() {
+        let index = i as u32;
+        let fd = vm
+            .fd()
+            .create_vcpu(i as u64)
+            .map_err(|source| VmError::CreateVcpu { index, source })?;
+        state
+            .restore(&fd, index)
+            .map_err(|source| VmError::Restore { index, source })?;
+        vcpus.push(Vcpu {
+            index,
+            fd,
+            run_size,
+            handler: handler.clone(),
+            stats: Arc::new(ExitStats::default()),
+            pio_buf: Box::new([0; 4096]),
+        });
+    }
+    Ok(vcpus)
+}
+
 impl Vcpu {
     /// Its index in the VM.
     pub fn index(&self) -> u32 {
@@ -269,6 +308,33 @@ impl Vcpu {
         self.fd
             .get_mp_state()
             .is_ok_and(|s| s.mp_state == kvm_bindings::KVM_MP_STATE_HALTED)
+    }
+
+    /// Complete the port or MMIO read of the last exit without running the guest:
+    /// KVM copies the data into the registers only on the next `KVM_RUN`, which
+    /// (with `immediate_exit` set) then returns at once. Afterwards the registers are
+    /// consistent and safe to save (KVM's API documentation asks for this before a
+    /// migration).
+    pub fn complete_pending_io(&mut self) -> Result<(), VmError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            // With immediate_exit set KVM does not enter the guest, so nothing else
+            // can come back; an exit here would be a KVM bug worth reporting.
+            Ok(()) => Ok(()),
+            Err(source) => Err(VmError::Run {
+                index: self.index,
+                source,
+            }),
+        }
+    }
+
+    /// This vCPU's state, with the MSRs of `msrs` it answers. Call
+    /// [`Vcpu::complete_pending_io`] first if it has run.
+    pub fn save_state(&self, msrs: &[u32]) -> Result<VcpuState, StateError> {
+        VcpuState::save(&self.fd, self.index, msrs)
     }
 
     /// Enter the guest on the calling thread and handle the exit it comes back with.

@@ -164,6 +164,12 @@ impl MmioTransport {
         self.host_failure = Some(latch);
     }
 
+    /// The virtio device type of the device behind this transport (2 block, 4 entropy,
+    /// ...).
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
     /// The interrupt (its eventfd is the device's irqfd).
     pub fn interrupt(&self) -> &Arc<Interrupt> {
         &self.interrupt

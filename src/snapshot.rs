@@ -1,0 +1,306 @@
+//! Snapshots of a running machine, and machines restored from them.
+//!
+//! A snapshot is a directory of two files:
+//! - `state`: a [`vmcraft_snapshot`] file, one section per component: `machine` (RAM
+//!   size, vCPU count, the devices it was built with), `vm` (the in-kernel PICs,
+//!   IOAPIC, PIT and clock), `vcpu0`, `vcpu1`, ... (registers, XSAVE, LAPIC, MSRs,
+//!   events, CPUID), `serial`, `i8042`, `rtc`;
+//! - `memory`: guest RAM, sparse (zero pages are holes), which a restore maps
+//!   copy-on-write, so restoring reads nothing up front and takes the same time
+//!   whatever the RAM size.
+//!
+//! Taking one: [`Machine::snapshot`] pauses the vCPUs with
+//! [`RunningVm::pause_for_snapshot`](vmcraft_vcpu::RunningVm::pause_for_snapshot)
+//! (each completes its pending port or MMIO read first), saves everything and leaves
+//! the machine paused: resume it with `machine.running.resume()`, or end it.
+//!
+//! Restoring: build the machine again as it was built (same devices, added in the
+//! same order, the same hypercall table) on [`MachineBuilder::from_snapshot`] instead
+//! of [`MachineBuilder::new`], then [`MachineBuilder::start_restored`] instead of
+//! loading images and [`MachineBuilder::start`]: the guest goes on from the
+//! instruction it was paused at. A snapshot of another format or component version,
+//! a truncated or corrupted file, or a machine built differently from the one saved
+//! gives an error that names the part, never a panic.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmcraft_memory::layout::MemoryLayout;
+use vmcraft_memory::snapshot::{save_memory, SaveError, SavedMemory};
+use vmcraft_memory::{GuestRam, MemoryError};
+use vmcraft_snapshot::{Snapshot, SnapshotBuilder, SnapshotError, Versioned};
+use vmcraft_vcpu::state::{StateError, VcpuState, VmState};
+use vmcraft_vcpu::{RunningVm, VmError};
+
+use crate::builder::{BuildError, Machine, MachineBuilder};
+
+/// The state file's name inside a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// The memory file's name inside a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+
+/// Errors from taking or restoring a snapshot.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MachineSnapshotError {
+    /// The vCPUs could not be paused and saved.
+    #[error("cannot pause the vCPUs and save their state")]
+    Pause(#[source] VmError),
+    /// KVM's VM-wide state could not be saved or restored.
+    #[error("the VM's in-kernel devices")]
+    Vm(#[source] StateError),
+    /// A device's state could not be restored.
+    #[error("device state")]
+    Device(#[source] vmcraft_devices::state::StateError),
+    /// The state file could not be written, read or decoded.
+    #[error("the snapshot's state file")]
+    File(#[source] SnapshotError),
+    /// Guest memory could not be saved.
+    #[error("cannot save guest memory")]
+    SaveMemory(#[source] SaveError),
+    /// The memory file could not be created or opened.
+    #[error("cannot open the memory file {path}")]
+    MemoryFile {
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The snapshot directory could not be created.
+    #[error("cannot create the snapshot directory {path}")]
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The saved RAM size is not one the layout accepts.
+    #[error("the snapshot's RAM of {0} bytes")]
+    Layout(u64, #[source] vmcraft_memory::layout::LayoutError),
+    /// Guest memory could not be mapped from the memory file.
+    #[error("cannot map guest memory from the snapshot")]
+    MapMemory(#[source] MemoryError),
+    /// The machine could not be built around the restored memory.
+    #[error("cannot build the restored machine")]
+    Build(#[source] BuildError),
+    /// The machine being restored was not built like the one saved.
+    #[error("the machine differs from the one saved: {0}")]
+    Mismatch(String),
+    /// The restored vCPUs could not be started.
+    #[error("cannot start the restored vCPUs")]
+    Start(#[source] VmError),
+}
+
+/// What a snapshot says about the machine as a whole: what a restore must rebuild.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineInfo {
+    /// Bytes of guest RAM.
+    pub ram_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// The virtio device type of each virtio-mmio window, in order.
+    pub virtio_types: Vec<u32>,
+    /// Whether the machine served hypercalls.
+    pub hypercalls: bool,
+}
+
+impl Versioned for MachineInfo {
+    const VERSION: u32 = 1;
+}
+
+/// What [`Machine::snapshot`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// Guest memory: pages, and pages written (not zero).
+    pub memory: SavedMemory,
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// How long the vCPUs took to pause and save their state.
+    pub pause: Duration,
+    /// The whole snapshot, pause included.
+    pub total: Duration,
+}
+
+fn vcpu_section(index: u32) -> String {
+    format!("vcpu{index}")
+}
+
+impl Machine {
+    fn info(&self) -> MachineInfo {
+        let vm = self.running.vm();
+        MachineInfo {
+            ram_bytes: vm.memory().iter().map(|r| r.len()).sum(),
+            vcpus: self.running.vcpu_count(),
+            virtio_types: self
+                .virtio
+                .iter()
+                .map(|s| {
+                    s.transport
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .device_type()
+                })
+                .collect(),
+            hypercalls: self.hypercalls.is_some(),
+        }
+    }
+
+    /// Pause the machine and save it into directory `dir` (created if missing; its
+    /// `state` and `memory` files replaced). The machine stays paused: resume it with
+    /// `self.running.resume()` to go on, or drop it.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport, MachineSnapshotError> {
+        let start = Instant::now();
+        std::fs::create_dir_all(dir).map_err(|source| MachineSnapshotError::Directory {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let vcpus = self
+            .running
+            .pause_for_snapshot()
+            .map_err(MachineSnapshotError::Pause)?;
+        let pause = start.elapsed();
+        let mut b = SnapshotBuilder::new();
+        let file = MachineSnapshotError::File;
+        b.put("machine", &self.info()).map_err(file)?;
+        let vm = VmState::save(self.running.vm().fd()).map_err(MachineSnapshotError::Vm)?;
+        b.put("vm", &vm).map_err(file)?;
+        for (i, state) in vcpus.iter().enumerate() {
+            b.put(&vcpu_section(i as u32), state).map_err(file)?;
+        }
+        b.put("serial", &self.legacy.serial.save_state())
+            .map_err(file)?;
+        b.put("i8042", &self.legacy.i8042.save_state())
+            .map_err(file)?;
+        b.put("rtc", &self.legacy.rtc.save_state()).map_err(file)?;
+        let path = dir.join(MEMORY_FILE);
+        let memory_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|source| MachineSnapshotError::MemoryFile { path, source })?;
+        let memory = save_memory(self.running.vm().memory(), &memory_file)
+            .map_err(MachineSnapshotError::SaveMemory)?;
+        let state_bytes = b.write_file(&dir.join(STATE_FILE)).map_err(file)?;
+        Ok(SnapshotReport {
+            memory,
+            state_bytes,
+            pause,
+            total: start.elapsed(),
+        })
+    }
+}
+
+/// A snapshot being restored: its state file, read and verified.
+#[derive(Debug)]
+pub struct SavedMachine {
+    snapshot: Snapshot,
+    info: MachineInfo,
+}
+
+impl SavedMachine {
+    /// What the snapshot says about the machine (build the same one to restore it).
+    pub fn info(&self) -> &MachineInfo {
+        &self.info
+    }
+
+    /// The whole state file, for sections an embedding program saved itself.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
+impl MachineBuilder {
+    /// Begin restoring the snapshot in `dir`: read and verify its state file, map its
+    /// memory file copy-on-write as guest RAM, and set up the legacy devices with
+    /// serial output to `serial_out`. Add the same devices as the saved machine had,
+    /// in the same order, then call [`MachineBuilder::start_restored`].
+    pub fn from_snapshot(
+        dir: &Path,
+        serial_out: Box<dyn std::io::Write + Send>,
+    ) -> Result<(Self, SavedMachine), MachineSnapshotError> {
+        let snapshot =
+            Snapshot::read_file(&dir.join(STATE_FILE)).map_err(MachineSnapshotError::File)?;
+        let info: MachineInfo = snapshot
+            .load("machine")
+            .map_err(MachineSnapshotError::File)?;
+        let layout = MemoryLayout::x86_64(info.ram_bytes)
+            .map_err(|e| MachineSnapshotError::Layout(info.ram_bytes, e))?;
+        let path = dir.join(MEMORY_FILE);
+        let file = File::open(&path)
+            .map_err(|source| MachineSnapshotError::MemoryFile { path, source })?;
+        let ram =
+            GuestRam::from_memory_file(&layout, &file).map_err(MachineSnapshotError::MapMemory)?;
+        let builder = MachineBuilder::with_ram(layout, ram, serial_out)
+            .map_err(MachineSnapshotError::Build)?;
+        Ok((builder, SavedMachine { snapshot, info }))
+    }
+
+    /// Finish restoring `saved`: check this machine was built like the one saved,
+    /// put back the devices', the VM's and the vCPUs' state, and start the vCPUs from
+    /// where they were paused.
+    pub fn start_restored(self, saved: &SavedMachine) -> Result<Machine, MachineSnapshotError> {
+        let s = &saved.snapshot;
+        let file = MachineSnapshotError::File;
+        let device = MachineSnapshotError::Device;
+        let types = self.virtio_types();
+        if types != saved.info.virtio_types {
+            return Err(MachineSnapshotError::Mismatch(format!(
+                "virtio device types {:?} saved, {:?} built",
+                saved.info.virtio_types, types
+            )));
+        }
+        if self.serves_hypercalls() != saved.info.hypercalls {
+            return Err(MachineSnapshotError::Mismatch(format!(
+                "hypercalls {} when saved, {} now",
+                if saved.info.hypercalls {
+                    "served"
+                } else {
+                    "not served"
+                },
+                if self.serves_hypercalls() {
+                    "served"
+                } else {
+                    "not served"
+                },
+            )));
+        }
+        let vcpus = (0..saved.info.vcpus)
+            .map(|i| s.load::<VcpuState>(&vcpu_section(i)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(file)?;
+        let legacy = self.legacy();
+        legacy
+            .serial
+            .restore_state(&s.load("serial").map_err(file)?)
+            .map_err(device)?;
+        legacy
+            .i8042
+            .restore_state(&s.load("i8042").map_err(file)?)
+            .map_err(device)?;
+        legacy
+            .rtc
+            .restore_state(&s.load("rtc").map_err(file)?)
+            .map_err(device)?;
+        let vm: VmState = s.load("vm").map_err(file)?;
+        vm.restore(self.vm().fd())
+            .map_err(MachineSnapshotError::Vm)?;
+        let parts = self.into_parts();
+        let running = RunningVm::start_restored(parts.vm, &vcpus, parts.handler)
+            .map_err(MachineSnapshotError::Start)?;
+        Ok(Machine {
+            running,
+            virtio: parts.virtio,
+            buses: parts.buses,
+            hypercalls: parts.hypercalls,
+            legacy: parts.legacy,
+        })
+    }
+}

@@ -1,0 +1,245 @@
+//! Snapshots of running machines on real KVM: a CPL-3 guest that keeps rewriting and
+//! checking 64 MiB is snapshotted mid-run, then both the original (resumed) and two
+//! machines restored from the snapshot run to the end. Each must verify all its memory
+//! and print the rest of its output: the output before the snapshot followed by the
+//! output after it is exactly an undisturbed run's, so nothing was lost or repeated.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use vmcraft::builder::{Machine, MachineBuilder};
+use vmcraft::devices::serial::SharedBuffer;
+use vmcraft::snapshot::{MachineSnapshotError, STATE_FILE};
+use vmcraft::vcpu::VcpuConfig;
+use vmcraft_guest_kit::{memcheck_output, Guest};
+
+const MIB: u64 = 64;
+const ROUNDS: u64 = 12;
+const RAM: u64 = (16 + MIB + 16) << 20;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("vmcraft-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        Dir(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_memcheck(serial: &SharedBuffer) -> Machine {
+    let mut b = machine_builder(RAM, Box::new(serial.clone()));
+    let guest = Guest::MEMCHECK;
+    b.load(guest.image()).unwrap();
+    b.start(&[VcpuConfig::at(guest.entry(0, MIB | ROUNDS << 16))])
+        .unwrap()
+}
+
+fn restore(dir: &Dir, serial: &SharedBuffer) -> Result<Machine, MachineSnapshotError> {
+    sandboxed();
+    let (b, saved) = MachineBuilder::from_snapshot(&dir.0, Box::new(serial.clone()))?;
+    assert_eq!(saved.info().ram_bytes, RAM);
+    b.start_restored(&saved)
+}
+
+fn finish(m: Machine, serial: &SharedBuffer, what: &str) {
+    let outcome = m.running.wait_timeout(Duration::from_secs(120)).unwrap();
+    assert_eq!(
+        outcome.reason,
+        vmcraft_guest_kit::exited(0),
+        "{what}: {}",
+        String::from_utf8_lossy(&serial.contents())
+    );
+}
+
+#[test]
+fn a_snapshot_mid_run_resumes_and_restores_with_nothing_lost_or_repeated() {
+    let expected = memcheck_output(MIB, ROUNDS);
+    let serial = SharedBuffer::new();
+    let m = start_memcheck(&serial);
+    // Let a few rounds pass: memory is full of the guest's writes.
+    assert!(
+        eventually(60, || serial.contents().len() > 3 * 40),
+        "{}",
+        String::from_utf8_lossy(&serial.contents())
+    );
+    let dir = Dir::new("snapshot-memcheck");
+    let report = m.snapshot(&dir.0).unwrap();
+    let before = serial.contents();
+    assert!(
+        before.len() < expected.len(),
+        "the guest finished before the snapshot"
+    );
+    // Most of the 96 MiB was never touched: the memory file skips it.
+    assert!(report.memory.written >= MIB * 256, "{report:?}");
+    assert!(report.memory.written < report.memory.pages, "{report:?}");
+    eprintln!("{report:?}");
+
+    // The original goes on from where it paused.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(serial.contents(), before, "a paused guest printed");
+    m.running.resume();
+    finish(m, &serial, "the original, resumed");
+    assert_eq!(String::from_utf8_lossy(&serial.contents()), expected);
+
+    // Two machines restored from the one snapshot, one after the other: each goes on
+    // from the snapshot, not from what the other wrote to its copy of memory.
+    for run in 0..2 {
+        let after = SharedBuffer::new();
+        let m = restore(&dir, &after).unwrap();
+        finish(m, &after, &format!("restore {run}"));
+        let mut whole = before.clone();
+        whole.extend(after.contents());
+        assert_eq!(
+            String::from_utf8_lossy(&whole),
+            expected,
+            "restore {run}: output before the snapshot, then after the restore"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_snapshot_or_a_different_machine_is_refused_by_name() {
+    let serial = SharedBuffer::new();
+    let m = start_memcheck(&serial);
+    assert!(eventually(60, || !serial.contents().is_empty()));
+    let dir = Dir::new("snapshot-damaged");
+    m.snapshot(&dir.0).unwrap();
+    drop(m);
+    let state = dir.0.join(STATE_FILE);
+    let good = std::fs::read(&state).unwrap();
+    let message = |e: MachineSnapshotError| {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text += &format!(": {s}");
+            source = s.source();
+        }
+        text
+    };
+
+    // Truncated.
+    std::fs::write(&state, &good[..good.len() / 2]).unwrap();
+    let err = message(restore(&dir, &SharedBuffer::new()).unwrap_err());
+    assert!(
+        err.contains("is ") && err.contains("bytes long but its header says"),
+        "{err}"
+    );
+
+    // One flipped bit in the last section.
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    std::fs::write(&state, &flipped).unwrap();
+    let err = message(restore(&dir, &SharedBuffer::new()).unwrap_err());
+    assert!(err.contains("corrupted (checksum mismatch)"), "{err}");
+
+    // A machine built with a device the saved one did not have.
+    std::fs::write(&state, &good).unwrap();
+    sandboxed();
+    let (mut b, saved) = MachineBuilder::from_snapshot(&dir.0, Box::new(std::io::sink())).unwrap();
+    b.add_virtio(Box::new(vmcraft::devices::virtio::rng::Rng::new("extra")))
+        .unwrap();
+    let err = message(b.start_restored(&saved).unwrap_err());
+    assert!(
+        err.contains("virtio device types [] saved, [4] built"),
+        "{err}"
+    );
+
+    // The memory file gone.
+    std::fs::remove_file(dir.0.join(vmcraft::snapshot::MEMORY_FILE)).unwrap();
+    let err = message(restore(&dir, &SharedBuffer::new()).unwrap_err());
+    assert!(err.starts_with("cannot open the memory file"), "{err}");
+}
+
+/// A port whose first read waits for the test's word, answers 0x5a and later reads
+/// answer 0xee.
+struct GatedPort {
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    reads: std::sync::atomic::AtomicU32,
+}
+
+impl vmcraft::devices::vm_device::DevicePio for GatedPort {
+    fn pio_read(
+        &self,
+        _: vmcraft::devices::vm_device::bus::PioAddress,
+        _: vmcraft::devices::vm_device::bus::PioAddressOffset,
+        data: &mut [u8],
+    ) {
+        use std::sync::atomic::Ordering;
+        if self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
+            let _ = self.gate.lock().unwrap().recv();
+            data.fill(0x5a);
+        } else {
+            data.fill(0xee);
+        }
+    }
+    fn pio_write(
+        &self,
+        _: vmcraft::devices::vm_device::bus::PioAddress,
+        _: vmcraft::devices::vm_device::bus::PioAddressOffset,
+        _: &[u8],
+    ) {
+    }
+}
+
+const GATED_PORT: u16 = 0x520;
+
+/// Put a [`GatedPort`] on `b`'s bus; `reads` it has answered already.
+fn gated(b: &mut MachineBuilder, reads: u32) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let port = std::sync::Arc::new(GatedPort {
+        gate: std::sync::Mutex::new(rx),
+        reads: reads.into(),
+    });
+    b.buses_mut().register_pio(GATED_PORT, 4, port).unwrap();
+    tx
+}
+
+/// The snapshot is taken while the vCPU's port read is being answered: the value
+/// reaches the guest's register only when the vCPU enters KVM again, which the pause
+/// does (with immediate_exit) before saving. Without that, the restored guest would
+/// still be at its `in` instruction, read again, and get 0xee.
+#[test]
+fn a_port_read_in_flight_at_the_snapshot_completes_before_the_state_is_saved() {
+    let mut b = machine_builder(16 << 20, Box::new(std::io::sink()));
+    let open = gated(&mut b, 0);
+    let guest = Guest::IN_EXIT;
+    b.load(guest.image()).unwrap();
+    let m = b
+        .start(&[VcpuConfig::at(guest.entry(0, u64::from(GATED_PORT)))])
+        .unwrap();
+    let dir = Dir::new("snapshot-in-flight");
+    std::thread::scope(|s| {
+        let snap = s.spawn(|| m.snapshot(&dir.0).unwrap());
+        // The pause is waiting for the vCPU, which is inside the port's read.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !snap.is_finished(),
+            "the snapshot did not wait for the read"
+        );
+        open.send(()).unwrap();
+        snap.join().unwrap();
+    });
+    m.running.resume();
+    let outcome = m.running.wait_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0x5a5a_5a5a));
+
+    sandboxed();
+    let (mut b, saved) = MachineBuilder::from_snapshot(&dir.0, Box::new(std::io::sink())).unwrap();
+    // The restored machine's port has answered its first read already (before the
+    // snapshot): a read now would answer 0xee.
+    gated(&mut b, 1);
+    let m = b.start_restored(&saved).unwrap();
+    let outcome = m.running.wait_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0x5a5a_5a5a));
+}
