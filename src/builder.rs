@@ -222,6 +222,11 @@ impl MachineBuilder {
             .collect()
     }
 
+    /// The virtio devices added so far.
+    pub fn virtio_slots(&self) -> &[VirtioSlot] {
+        &self.virtio
+    }
+
     /// Whether a hypercall table was given ([`MachineBuilder::hypercalls`]).
     pub fn serves_hypercalls(&self) -> bool {
         self.hypercalls.is_some()

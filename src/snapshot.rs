@@ -4,15 +4,18 @@
 //! - `state`: a [`vmcraft_snapshot`] file, one section per component: `machine` (RAM
 //!   size, vCPU count, the devices it was built with), `vm` (the in-kernel PICs,
 //!   IOAPIC, PIT and clock), `vcpu0`, `vcpu1`, ... (registers, XSAVE, LAPIC, MSRs,
-//!   events, CPUID), `serial`, `i8042`, `rtc`;
+//!   events, CPUID), `serial`, `i8042`, `rtc`, and `virtio0`, `virtio1`, ... (each
+//!   virtio-mmio transport's registers; its queues resume from the used index in guest
+//!   memory, every chain a device took having been completed before the save);
 //! - `memory`: guest RAM, sparse (zero pages are holes), which a restore maps
 //!   copy-on-write, so restoring reads nothing up front and takes the same time
 //!   whatever the RAM size.
 //!
 //! Taking one: [`Machine::snapshot`] pauses the vCPUs with
 //! [`RunningVm::pause_for_snapshot`](vmcraft_vcpu::RunningVm::pause_for_snapshot)
-//! (each completes its pending port or MMIO read first), saves everything and leaves
-//! the machine paused: resume it with `machine.running.resume()`, or end it.
+//! (each completes its pending port or MMIO read first), stops the virtio devices'
+//! I/O threads once each has completed what it took from its queues, saves everything
+//! and leaves the machine paused: [`Machine::resume`] it, or end it.
 //!
 //! Restoring: build the machine again as it was built (same devices, added in the
 //! same order, the same hypercall table) on [`MachineBuilder::from_snapshot`] instead
@@ -131,7 +134,22 @@ fn vcpu_section(index: u32) -> String {
     format!("vcpu{index}")
 }
 
+fn virtio_section(index: usize) -> String {
+    format!("virtio{index}")
+}
+
 impl Machine {
+    /// Go on after [`Machine::snapshot`]: the devices serve again, then the vCPUs run.
+    pub fn resume(&self) {
+        for s in &self.virtio {
+            s.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume_after_snapshot();
+        }
+        self.running.resume();
+    }
+
     fn info(&self) -> MachineInfo {
         let vm = self.running.vm();
         MachineInfo {
@@ -152,8 +170,8 @@ impl Machine {
     }
 
     /// Pause the machine and save it into directory `dir` (created if missing; its
-    /// `state` and `memory` files replaced). The machine stays paused: resume it with
-    /// `self.running.resume()` to go on, or drop it.
+    /// `state` and `memory` files replaced). The machine stays paused:
+    /// [`Machine::resume`] it to go on, or drop it.
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport, MachineSnapshotError> {
         let start = Instant::now();
         std::fs::create_dir_all(dir).map_err(|source| MachineSnapshotError::Directory {
@@ -164,6 +182,18 @@ impl Machine {
             .running
             .pause_for_snapshot()
             .map_err(MachineSnapshotError::Pause)?;
+        // The devices stop after the vCPUs: nothing new reaches their queues while
+        // they finish what they took.
+        let transports: Vec<_> = self
+            .virtio
+            .iter()
+            .map(|s| {
+                s.transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pause_for_snapshot()
+            })
+            .collect();
         let pause = start.elapsed();
         let mut b = SnapshotBuilder::new();
         let file = MachineSnapshotError::File;
@@ -178,6 +208,9 @@ impl Machine {
         b.put("i8042", &self.legacy.i8042.save_state())
             .map_err(file)?;
         b.put("rtc", &self.legacy.rtc.save_state()).map_err(file)?;
+        for (i, t) in transports.iter().enumerate() {
+            b.put(&virtio_section(i), t).map_err(file)?;
+        }
         let path = dir.join(MEMORY_FILE);
         let memory_file = std::fs::OpenOptions::new()
             .read(true)
@@ -292,6 +325,16 @@ impl MachineBuilder {
         let vm: VmState = s.load("vm").map_err(file)?;
         vm.restore(self.vm().fd())
             .map_err(MachineSnapshotError::Vm)?;
+        // The devices start serving after the interrupt controllers are back, so an
+        // interrupt they raise is not lost under the restored state.
+        for (i, slot) in self.virtio_slots().iter().enumerate() {
+            let state = s.load(&virtio_section(i)).map_err(file)?;
+            slot.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(&state)
+                .map_err(device)?;
+        }
         let parts = self.into_parts();
         let running = RunningVm::start_restored(parts.vm, &vcpus, parts.handler)
             .map_err(MachineSnapshotError::Start)?;

@@ -52,12 +52,13 @@ fn restore(dir: &Dir, serial: &SharedBuffer) -> Result<Machine, MachineSnapshotE
 }
 
 fn finish(m: Machine, serial: &SharedBuffer, what: &str) {
-    let outcome = m.running.wait_timeout(Duration::from_secs(120)).unwrap();
+    let outcome = m.running.wait_timeout(Duration::from_secs(60)).unwrap();
     assert_eq!(
         outcome.reason,
         vmcraft_guest_kit::exited(0),
-        "{what}: {}",
-        String::from_utf8_lossy(&serial.contents())
+        "{what}: {}\nwarnings: {:?}",
+        String::from_utf8_lossy(&serial.contents()),
+        logged_warnings()
     );
 }
 
@@ -87,7 +88,7 @@ fn a_snapshot_mid_run_resumes_and_restores_with_nothing_lost_or_repeated() {
     // The original goes on from where it paused.
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(serial.contents(), before, "a paused guest printed");
-    m.running.resume();
+    m.resume();
     finish(m, &serial, "the original, resumed");
     assert_eq!(String::from_utf8_lossy(&serial.contents()), expected);
 
@@ -230,7 +231,7 @@ fn a_port_read_in_flight_at_the_snapshot_completes_before_the_state_is_saved() {
         open.send(()).unwrap();
         snap.join().unwrap();
     });
-    m.running.resume();
+    m.resume();
     let outcome = m.running.wait_timeout(Duration::from_secs(20)).unwrap();
     assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0x5a5a_5a5a));
 
@@ -242,4 +243,77 @@ fn a_port_read_in_flight_at_the_snapshot_completes_before_the_state_is_saved() {
     let m = b.start_restored(&saved).unwrap();
     let outcome = m.running.wait_timeout(Duration::from_secs(20)).unwrap();
     assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0x5a5a_5a5a));
+}
+
+/// A machine whose virtio-blk device (on `image`) the blkcheck guest drives.
+fn blk_machine(b: &mut MachineBuilder, image: &std::path::Path) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let disk = vmcraft::devices::virtio::block::Disk::new(file, false, "snap").unwrap();
+    b.add_virtio(Box::new(vmcraft::devices::virtio::block::Block::new(
+        disk, "vblk0",
+    )))
+    .unwrap();
+}
+
+/// Snapshots taken while the guest keeps batches of virtio-blk requests in flight:
+/// some catch requests the device has not taken yet, some the device is serving, some
+/// completed that the guest has not seen. The original goes on after each, and every
+/// snapshot restored later (on a copy of the disk taken with it) runs to the end with
+/// every page checked and its output continuing exactly where the snapshot cut it.
+#[test]
+fn virtio_blk_requests_in_flight_survive_snapshots() {
+    record_warnings();
+    const BLK_ROUNDS: u64 = 400;
+    let expected = vmcraft_guest_kit::blkcheck_output(BLK_ROUNDS);
+    let dir = Dir::new("snapshot-blk");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let image = dir.0.join("disk");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let serial = SharedBuffer::new();
+    let mut b = machine_builder(32 << 20, Box::new(serial.clone()));
+    blk_machine(&mut b, &image);
+    let guest = Guest::BLKCHECK;
+    b.load(guest.image()).unwrap();
+    let m = b
+        .start(&[VcpuConfig::at(guest.entry(0, 1 | BLK_ROUNDS << 16))])
+        .unwrap();
+    let mut taken = Vec::new();
+    while m.running.stop_reason().is_none() && taken.len() < 6 {
+        std::thread::sleep(Duration::from_millis(15));
+        let snap = dir.0.join(format!("snap{}", taken.len()));
+        m.snapshot(&snap).unwrap();
+        std::fs::copy(&image, snap.join("disk")).unwrap();
+        taken.push((snap, serial.contents()));
+        m.resume();
+    }
+    finish(m, &serial, "the original, snapshotted and resumed");
+    assert_eq!(String::from_utf8_lossy(&serial.contents()), expected);
+    assert!(
+        taken.len() >= 3,
+        "only {} snapshots before the end",
+        taken.len()
+    );
+    for (snap, before) in taken {
+        sandboxed();
+        let after = SharedBuffer::new();
+        let (mut b, saved) = MachineBuilder::from_snapshot(&snap, Box::new(after.clone())).unwrap();
+        blk_machine(&mut b, &snap.join("disk"));
+        let m = b.start_restored(&saved).unwrap();
+        finish(m, &after, &format!("restored from {}", snap.display()));
+        let mut whole = before;
+        whole.extend(after.contents());
+        assert_eq!(
+            String::from_utf8_lossy(&whole),
+            expected,
+            "{}",
+            snap.display()
+        );
+    }
 }

@@ -96,6 +96,14 @@ pub fn memcheck_output(mib: u64, rounds: u64) -> String {
     out + "memcheck done\n"
 }
 
+/// The COM1 output of an undisturbed [`Guest::BLKCHECK`] run of `rounds` rounds.
+pub fn blkcheck_output(rounds: u64) -> String {
+    (0..rounds)
+        .map(|r| format!("round {r:#018x} ok\n"))
+        .collect::<String>()
+        + "blkcheck done\n"
+}
+
 /// A test guest program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Guest {
@@ -237,6 +245,13 @@ impl Guest {
     /// `round <r> sum <sum of the words>` on COM1; `memcheck done` at the end and exit
     /// code 0, or `mismatch at <address>` and exit code 1.
     pub const MEMCHECK: Guest = guest!("memcheck", GuestMode::User64);
+    /// Keeps virtio-blk requests in flight, for snapshot and migration tests:
+    /// `rounds` rounds (parameter bits 16..47; bit 0 negotiates EVENT_IDX), each a
+    /// batch of 16 page writes behind one notification, then a batch reading them
+    /// back, checked byte for byte; prints `round <r> ok` on COM1 after each and
+    /// `blkcheck done` at the end, exit code 0 (2 for a failed request, 3 for data
+    /// that did not read back).
+    pub const BLKCHECK: Guest = guest!("blkcheck", GuestMode::User64);
     /// A hostile guest for soak tests: random port writes and reads, random
     /// hypercalls, random writes to the first four virtio-mmio windows' registers, and
     /// random bytes over its heap (where virtqueues live) and the PV pages. Parameter:

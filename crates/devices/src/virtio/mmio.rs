@@ -15,6 +15,7 @@
 //! * queue registers cannot change once the queue is ready or the device is live;
 //! * the status only ever gains bits until a write of 0 resets the device.
 
+use crate::state::StateError;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::{
@@ -100,6 +101,44 @@ impl QueueSetup {
     }
 }
 
+/// One queue of a [`TransportState`]: its registers as the driver wrote them, and the
+/// configuration it was made ready with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueRegisters {
+    /// QueueNum and the three ring addresses as last written.
+    pub setup_size: u32,
+    /// Descriptor table, available ring, used ring, as last written.
+    pub setup_rings: [u64; 3],
+    /// Whether QueueReady is set.
+    pub ready: bool,
+}
+
+/// The transport's registers in a snapshot. The device's queues resume from the used
+/// index in guest memory (see [`VirtioDevice::quiesce`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The device type, checked against the device restored behind it.
+    pub device_type: u32,
+    /// The device status register (without NEEDS_RESET).
+    pub status: u32,
+    /// Whether the device had set NEEDS_RESET.
+    pub needs_reset: bool,
+    /// The interrupt status register.
+    pub interrupt_status: u32,
+    /// QueueSel, DeviceFeaturesSel, DriverFeaturesSel.
+    pub selectors: [u32; 3],
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// Each queue's registers.
+    pub queues: Vec<QueueRegisters>,
+}
+
+impl vmcraft_snapshot::Versioned for TransportState {
+    const VERSION: u32 = 1;
+}
+
 /// The virtio-mmio register file of one device.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -168,6 +207,138 @@ impl MmioTransport {
     /// ...).
     pub fn device_type(&self) -> u32 {
         self.device.device_type()
+    }
+
+    /// Stop the device's I/O thread for a snapshot ([`VirtioDevice::quiesce`]) and
+    /// return the registers. Call [`MmioTransport::resume_after_snapshot`] to go on.
+    pub fn pause_for_snapshot(&mut self) -> TransportState {
+        if self.serving() {
+            self.device.quiesce();
+        }
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            needs_reset: self.interrupt.needs_reset(),
+            interrupt_status: self.interrupt.status(),
+            selectors: [
+                self.queue_sel,
+                self.device_features_sel,
+                self.driver_features_sel,
+            ],
+            driver_features: self.driver_features,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .zip(&self.setup)
+                .map(|(q, s)| QueueRegisters {
+                    setup_size: s.size,
+                    setup_rings: s.rings,
+                    ready: q.ready(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Serve again after [`MmioTransport::pause_for_snapshot`]: each queue resumes
+    /// from the used index in guest memory.
+    pub fn resume_after_snapshot(&mut self) {
+        if self.serving() {
+            self.activate(true);
+        }
+    }
+
+    /// Put back the registers of `state` (from a snapshot, whose memory this
+    /// transport's guest memory holds) and, if the device was serving, start serving
+    /// from the used index in guest memory. Every queue is checked as when the driver
+    /// makes it ready: a state this transport would not have accepted from the driver
+    /// is refused.
+    pub fn restore_state(&mut self, state: &TransportState) -> Result<(), StateError> {
+        let bad = |reason: String| StateError::new("virtio-mmio transport", reason);
+        if state.device_type != self.device.device_type() {
+            return Err(bad(format!(
+                "a snapshot of device type {} for a device of type {}",
+                state.device_type,
+                self.device.device_type()
+            )));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(bad(format!(
+                "{} queues saved for a device with {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        const DRIVER_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK
+            | VIRTIO_CONFIG_S_FAILED;
+        if state.status & !DRIVER_BITS != 0 {
+            return Err(bad(format!(
+                "status {:#x} has bits a driver cannot set",
+                state.status
+            )));
+        }
+        let offered = self.device.features();
+        if state.driver_features & !offered != 0 {
+            return Err(bad(format!(
+                "features {:#x} accepted that the device does not offer",
+                state.driver_features & !offered
+            )));
+        }
+        if state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && state.driver_features & F_VERSION_1 == 0
+        {
+            return Err(bad("FEATURES_OK without VERSION_1".into()));
+        }
+        self.reset();
+        self.status = state.status;
+        [
+            self.queue_sel,
+            self.device_features_sel,
+            self.driver_features_sel,
+        ] = state.selectors;
+        self.driver_features = state.driver_features;
+        self.config_generation = state.config_generation;
+        for (i, saved) in state.queues.iter().enumerate() {
+            self.setup[i] = QueueSetup {
+                size: saved.setup_size,
+                rings: saved.setup_rings,
+            };
+            if saved.ready {
+                let sel = std::mem::replace(&mut self.queue_sel, i as u32);
+                self.make_queue_ready();
+                self.queue_sel = sel;
+                if let Some(error) = self.last_error.take() {
+                    self.reset();
+                    return Err(bad(format!("queue {i}: {error}")));
+                }
+            }
+        }
+        self.interrupt.acknowledge(u32::MAX);
+        if state.interrupt_status != 0 {
+            // The line's level is the irqchip's, restored with the VM: set the bits
+            // without signalling it again.
+            self.interrupt.set_status(state.interrupt_status);
+        }
+        if state.needs_reset {
+            self.interrupt.set_needs_reset();
+        }
+        self.resume_after_snapshot();
+        match self.last_error.take() {
+            Some(error) => {
+                self.reset();
+                Err(bad(format!("the device did not start again: {error}")))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the device's I/O thread is (or should be) serving: DRIVER_OK, no
+    /// NEEDS_RESET, no FAILED.
+    fn serving(&self) -> bool {
+        self.live() && self.status & VIRTIO_CONFIG_S_FAILED == 0 && !self.interrupt.needs_reset()
     }
 
     /// The interrupt (its eventfd is the device's irqfd).
@@ -426,17 +597,29 @@ impl MmioTransport {
         }
         self.status = status;
         if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 && new & VIRTIO_CONFIG_S_FAILED == 0 {
-            self.activate();
+            self.activate(false);
         }
     }
 
-    fn activate(&mut self) {
+    /// Start the device on its queues: from the start (`resume` false), or from the
+    /// used index in guest memory (after a snapshot).
+    fn activate(&mut self, resume: bool) {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (queue, q) in self.queues.iter().enumerate() {
             let state = q.state();
             match Queue::try_from(state) {
                 Ok(mut copy) => {
                     copy.set_event_idx(self.driver_features & F_EVENT_IDX != 0);
+                    // After a snapshot the device goes on where it stopped: it
+                    // completed every chain it took, so the next one to take is the
+                    // next to complete, the used index in guest memory.
+                    if resume {
+                        let used = copy
+                            .used_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                            .map_or(0, |u| u.0);
+                        copy.set_next_avail(used);
+                        copy.set_next_used(used);
+                    }
                     queues.push(copy);
                 }
                 Err(source) => {

@@ -70,6 +70,15 @@ pub trait VirtioDevice: Send {
     /// Stop serving (the driver wrote 0 to the status register); afterwards the device
     /// can be activated again.
     fn reset(&mut self);
+    /// Stop serving for a snapshot: the I/O thread finishes what it is doing and ends,
+    /// with every chain it took from a queue completed (so each queue's next available
+    /// index equals its used index in guest memory, from which the transport resumes
+    /// it). The transport activates the device again afterwards, or in the restored
+    /// VM. The default stops as [`VirtioDevice::reset`] does, which vmcraft's devices
+    /// satisfy; a device that holds chains across wakeups must complete them here.
+    fn quiesce(&mut self) {
+        self.reset();
+    }
 }
 
 /// Everything a device needs to serve its queues.
@@ -187,6 +196,17 @@ impl Interrupt {
     pub fn device_error(&self) {
         self.needs_reset.store(true, Ordering::SeqCst);
         self.raise(INT_CONFIG);
+    }
+
+    /// Set the status register to `bits` without signalling the line (a restore: the
+    /// line's state is the interrupt controller's).
+    pub(crate) fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
+    /// Set NEEDS_RESET without an interrupt (a restore).
+    pub(crate) fn set_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
     }
 
     /// The driver acknowledged `bits`.
