@@ -170,14 +170,53 @@ impl Machine {
     }
 
     /// Pause the machine and save it into directory `dir` (created if missing; its
-    /// `state` and `memory` files replaced). The machine stays paused:
-    /// [`Machine::resume`] it to go on, or drop it.
+    /// `state` file replaced whole, through a temporary file and a rename). The machine
+    /// stays paused: [`Machine::resume`] it to go on, or drop it.
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport, MachineSnapshotError> {
         let start = Instant::now();
         std::fs::create_dir_all(dir).map_err(|source| MachineSnapshotError::Directory {
             path: dir.to_owned(),
             source,
         })?;
+        let path = dir.join(MEMORY_FILE);
+        let memory = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|source| MachineSnapshotError::MemoryFile { path, source })?;
+        let (state, mut report) = self.save(&memory)?;
+        report.state_bytes = state
+            .write_file(&dir.join(STATE_FILE))
+            .map_err(MachineSnapshotError::File)?;
+        report.total = start.elapsed();
+        Ok(report)
+    }
+
+    /// [`Machine::snapshot`] into files already open for writing (a VMM whose
+    /// threads may no longer open files opens them beforehand). Both are overwritten.
+    pub fn snapshot_into(
+        &self,
+        state: &mut File,
+        memory: &File,
+    ) -> Result<SnapshotReport, MachineSnapshotError> {
+        let start = Instant::now();
+        let (sections, mut report) = self.save(memory)?;
+        report.state_bytes = sections
+            .write_into(state)
+            .map_err(MachineSnapshotError::File)?;
+        report.total = start.elapsed();
+        Ok(report)
+    }
+
+    /// Pause, stop the devices, and save everything: the sections, and memory into
+    /// `memory`.
+    fn save(
+        &self,
+        memory: &File,
+    ) -> Result<(SnapshotBuilder, SnapshotReport), MachineSnapshotError> {
+        let start = Instant::now();
         let vcpus = self
             .running
             .pause_for_snapshot()
@@ -211,23 +250,17 @@ impl Machine {
         for (i, t) in transports.iter().enumerate() {
             b.put(&virtio_section(i), t).map_err(file)?;
         }
-        let path = dir.join(MEMORY_FILE);
-        let memory_file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|source| MachineSnapshotError::MemoryFile { path, source })?;
-        let memory = save_memory(self.running.vm().memory(), &memory_file)
+        let memory = save_memory(self.running.vm().memory(), memory)
             .map_err(MachineSnapshotError::SaveMemory)?;
-        let state_bytes = b.write_file(&dir.join(STATE_FILE)).map_err(file)?;
-        Ok(SnapshotReport {
-            memory,
-            state_bytes,
-            pause,
-            total: start.elapsed(),
-        })
+        Ok((
+            b,
+            SnapshotReport {
+                memory,
+                state_bytes: 0,
+                pause,
+                total: start.elapsed(),
+            },
+        ))
     }
 }
 
@@ -259,18 +292,36 @@ impl MachineBuilder {
         dir: &Path,
         serial_out: Box<dyn std::io::Write + Send>,
     ) -> Result<(Self, SavedMachine), MachineSnapshotError> {
+        let path = dir.join(STATE_FILE);
+        let state = File::open(&path).map_err(|source| {
+            MachineSnapshotError::File(SnapshotError::Io {
+                what: "open",
+                path: path.display().to_string(),
+                source,
+            })
+        })?;
+        let path = dir.join(MEMORY_FILE);
+        let memory = File::open(&path)
+            .map_err(|source| MachineSnapshotError::MemoryFile { path, source })?;
+        Self::from_snapshot_files(state, &memory, serial_out)
+    }
+
+    /// [`MachineBuilder::from_snapshot`] from files already open: the state file
+    /// (read whole) and the memory file (mapped; it may be closed afterwards).
+    pub fn from_snapshot_files(
+        state: File,
+        memory: &File,
+        serial_out: Box<dyn std::io::Write + Send>,
+    ) -> Result<(Self, SavedMachine), MachineSnapshotError> {
         let snapshot =
-            Snapshot::read_file(&dir.join(STATE_FILE)).map_err(MachineSnapshotError::File)?;
+            Snapshot::read_from(state, STATE_FILE).map_err(MachineSnapshotError::File)?;
         let info: MachineInfo = snapshot
             .load("machine")
             .map_err(MachineSnapshotError::File)?;
         let layout = MemoryLayout::x86_64(info.ram_bytes)
             .map_err(|e| MachineSnapshotError::Layout(info.ram_bytes, e))?;
-        let path = dir.join(MEMORY_FILE);
-        let file = File::open(&path)
-            .map_err(|source| MachineSnapshotError::MemoryFile { path, source })?;
         let ram =
-            GuestRam::from_memory_file(&layout, &file).map_err(MachineSnapshotError::MapMemory)?;
+            GuestRam::from_memory_file(&layout, memory).map_err(MachineSnapshotError::MapMemory)?;
         let builder = MachineBuilder::with_ram(layout, ram, serial_out)
             .map_err(MachineSnapshotError::Build)?;
         Ok((builder, SavedMachine { snapshot, info }))

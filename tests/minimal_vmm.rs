@@ -483,3 +483,70 @@ fn a_device_written_outside_the_crates_serves_a_guest() {
         "{stdout}"
     );
 }
+
+/// The example VMM, jailed and filtered as by default, writes a snapshot on SIGUSR1
+/// (and goes on) and on SIGUSR2 (and stops); a new process restores the last one and
+/// the guest goes on: its output before the snapshot and the new process's output
+/// together are an undisturbed run's.
+#[test]
+fn a_snapshot_taken_on_a_signal_restores_in_a_new_process() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = std::env::temp_dir().join(format!("vmcraft-example-snapshot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut child = Command::new(minimal_vmm())
+        .args(["--guest", "memcheck", "--snapshot"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut before = String::new();
+    // Three rounds, then a snapshot that goes on; two more, then one that stops.
+    for (rounds, signal) in [(3, libc::SIGUSR1), (2, libc::SIGUSR2)] {
+        for _ in 0..rounds {
+            let line = lines.next().unwrap().unwrap();
+            before += &line;
+            before.push('\n');
+        }
+        // SAFETY: kill only sends a signal to the child this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    }
+    // The rest of the output up to the second snapshot, then the report.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if !line.starts_with("round ") {
+            break;
+        }
+        before += &line;
+        before.push('\n');
+    }
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert_eq!(
+        stderr.matches("minimal-vmm: snapshot written to").count(),
+        2,
+        "{stderr}"
+    );
+    let restored = run(&["--restore", dir.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&restored.stdout);
+    assert!(
+        restored.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    let after: String = stdout
+        .lines()
+        .take_while(|l| l.starts_with("round ") || l.starts_with("memcheck"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        before + &after,
+        vmcraft_guest_kit::memcheck_output(64, 100),
+        "the output of the saved run, then of the restored one"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

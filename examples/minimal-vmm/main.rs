@@ -28,12 +28,14 @@ use vmcraft::machine::HYPERCALL_PORT;
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
 use vmcraft::sandbox::jail::{CgroupLimits, Entered, Jail};
+use vmcraft::snapshot::{MEMORY_FILE, STATE_FILE};
 use vmcraft::vcpu::{StopReason, VcpuConfig};
 use vmcraft_guest_kit::Guest;
 
 mod cli;
 mod diagnose;
 mod report;
+mod snapshot_signals;
 
 use cli::{disk_read_only, open, open_disks, parse, ConsoleOption, Options, USAGE};
 
@@ -69,6 +71,24 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         }
     };
     let mut kernel = o.kernel.as_deref().map(|p| open("kernel", p)).transpose()?;
+    // Snapshot files are host paths too: open (or create) them now.
+    let mut snapshot_files = o.snapshot.as_deref().map(snapshot_files).transpose()?;
+    let restore_files = o
+        .restore
+        .as_deref()
+        .map(|dir| -> Result<_, Box<dyn Error>> {
+            let dir = std::path::Path::new(dir);
+            let state = open(
+                "snapshot state",
+                &dir.join(STATE_FILE).display().to_string(),
+            )?;
+            let memory = open(
+                "snapshot memory",
+                &dir.join(MEMORY_FILE).display().to_string(),
+            )?;
+            Ok((state, memory))
+        })
+        .transpose()?;
     let mut initrd = o.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
     if let Some(dir) = &o.jail {
         // A fresh directory unless one was named; this process removes it afterwards.
@@ -97,6 +117,10 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             });
         }
     }
+    // Snapshot requests are recorded from now on (a signal before would end the VMM).
+    if o.snapshot.is_some() {
+        snapshot_signals::install()?;
+    }
     // This process's own /proc (the jail's, if jailed), opened before the filters go
     // on: no thread opens a file after that.
     let status = std::fs::File::open("/proc/self/status")?;
@@ -119,7 +143,17 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             ))
         }
     };
-    let mut b = MachineBuilder::new(o.mem, Box::new(std::io::stdout()))?;
+    let (mut b, saved) = match restore_files {
+        Some((state, memory)) => {
+            let (b, saved) =
+                MachineBuilder::from_snapshot_files(state, &memory, Box::new(std::io::stdout()))?;
+            (b, Some(saved))
+        }
+        None => (
+            MachineBuilder::new(o.mem, Box::new(std::io::stdout()))?,
+            None,
+        ),
+    };
     b.reserve_irq(PV_UPCALL_IRQ)?;
 
     // Hypercalls (and, with --pv, event channels and the PV backends, which take the
@@ -169,6 +203,8 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
 
     let aps = (1..o.vcpus).map(|_| VcpuConfig::waiting_for_sipi());
     let vcpus: Vec<VcpuConfig> = match &o.kernel {
+        // The vCPUs come from the snapshot.
+        None if saved.is_some() => Vec::new(),
         None => {
             let guest = o.guest.unwrap_or(Guest::HELLO);
             b.load(guest.image())?;
@@ -208,26 +244,62 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         }
     };
 
-    let machine = b.start(&vcpus)?;
+    let machine = match &saved {
+        Some(saved) => {
+            let m = b.start_restored(saved)?;
+            eprintln!(
+                "minimal-vmm: restored {} ({} vCPUs, {} MiB) in {:.2} ms",
+                o.restore.as_deref().unwrap_or_default(),
+                saved.info().vcpus,
+                saved.info().ram_bytes >> 20,
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            m
+        }
+        None => b.start(&vcpus)?,
+    };
     // Everything is set up: this thread only waits and reports from here on. Built
     // for coverage (cargo-llvm-cov sets `cfg(coverage)`), it stays unfiltered: the
     // profile is written from this thread at exit, which opens and creates files.
     if !cfg!(coverage) {
         vmcraft::sandbox::enter(vmcraft::sandbox::ThreadKind::Main)?;
     }
-    let (running, buses) = (machine.running, machine.buses);
     let first_exit = started.elapsed();
-    let stats: Vec<_>;
-    let guest_resident;
-    let outcome = {
-        running.wait_stopped(o.timeout);
-        stats = (0..running.vcpu_count())
-            .map(|i| running.stats(i))
-            .collect::<Result<_, _>>()?;
-        guest_resident = running.vm().ram().resident_bytes()?;
-        running.request_stop();
-        running.wait()?
-    };
+    let deadline = o.timeout.map(|t| Instant::now() + t);
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let step = left.map_or(snapshot_signals::POLL, |l| l.min(snapshot_signals::POLL));
+        if machine.running.wait_stopped(Some(step)).is_some() || left.is_some_and(|l| l.is_zero()) {
+            break;
+        }
+        let Some(request) = snapshot_signals::take() else {
+            continue;
+        };
+        let (state, memory) = snapshot_files
+            .as_mut()
+            .ok_or("a snapshot without --snapshot")?;
+        let report = machine.snapshot_into(state, memory)?;
+        eprintln!(
+            "minimal-vmm: snapshot written to {}: {} of {} pages of memory, {} bytes of state; paused {:.2} ms, {:.2} ms in all",
+            o.snapshot.as_deref().unwrap_or_default(),
+            report.memory.written,
+            report.memory.pages,
+            report.state_bytes,
+            report.pause.as_secs_f64() * 1e3,
+            report.total.as_secs_f64() * 1e3
+        );
+        match request {
+            snapshot_signals::Request::Continue => machine.resume(),
+            snapshot_signals::Request::Stop => break,
+        }
+    }
+    let (running, buses) = (machine.running, machine.buses);
+    let stats: Vec<_> = (0..running.vcpu_count())
+        .map(|i| running.stats(i))
+        .collect::<Result<_, _>>()?;
+    let guest_resident = running.vm().ram().resident_bytes()?;
+    running.request_stop();
+    let outcome = running.wait()?;
 
     report::print(&report::Report {
         outcome,
@@ -259,7 +331,9 @@ fn jail(root: &std::path::Path, o: &Options) -> Result<Jail, Box<dyn Error>> {
         .open_files(1024)
         .address_space(o.mem + (4 << 30))
         // A TAP opened above stays in the host's network; nothing else needs one.
-        .new_network(true);
+        .new_network(true)
+        // Snapshot requests, sent to the process outside.
+        .forward_signals(&[libc::SIGUSR1, libc::SIGUSR2]);
     // Built for coverage (cargo-llvm-cov sets `cfg(coverage)`), the jailed VMM writes
     // its profile where the instrumentation says: that directory is bound in too.
     if cfg!(coverage) {
@@ -283,6 +357,24 @@ fn jail(root: &std::path::Path, o: &Options) -> Result<Jail, Box<dyn Error>> {
         eprintln!("minimal-vmm: no cgroup v2 on this host: the jail sets no CPU or memory limit");
     }
     Ok(jail)
+}
+
+/// The `state` and `memory` files of snapshot directory `dir`, created if missing.
+fn snapshot_files(dir: &str) -> Result<(std::fs::File, std::fs::File), Box<dyn Error>> {
+    let dir = std::path::Path::new(dir);
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create snapshot directory {}: {e}", dir.display()))?;
+    let file = |name: &str| {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| format!("cannot open snapshot file {}: {e}", path.display()))
+    };
+    Ok((file(STATE_FILE)?, file(MEMORY_FILE)?))
 }
 
 fn source_chain(e: &dyn Error) -> String {

@@ -180,13 +180,15 @@ const THREADS: &[libc::c_long] = &[
 ];
 
 /// What the main thread makes beyond the threads it starts: waiting for children it
-/// started, signals to its own threads, and measuring its memory.
+/// started, signals to its own threads, measuring its memory, and writing snapshots.
 const MAIN: &[libc::c_long] = &[
     libc::SYS_wait4,
     libc::SYS_kill,
     // How much of guest RAM is resident (the example's memory report).
     libc::SYS_mincore,
     libc::SYS_getrusage,
+    // Snapshots, written into files opened beforehand (truncated first).
+    libc::SYS_ftruncate,
 ];
 
 /// KVM's ioctl type byte (`KVMIO`): every KVM request number carries it in bits 8..16.

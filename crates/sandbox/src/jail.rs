@@ -94,6 +94,18 @@ pub struct Jail {
     open_files: Option<u64>,
     address_space: Option<u64>,
     cgroup: Option<CgroupLimits>,
+    forward: Vec<libc::c_int>,
+}
+
+/// The jailed child, for the signal forwarder (0 when there is none).
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward_signal(signal: libc::c_int) {
+    let child = CHILD.load(std::sync::atomic::Ordering::SeqCst);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe and only sends a signal.
+        unsafe { libc::kill(child, signal) };
+    }
 }
 
 impl Jail {
@@ -108,7 +120,16 @@ impl Jail {
             open_files: None,
             address_space: None,
             cgroup: None,
+            forward: Vec::new(),
         }
+    }
+
+    /// Pass `signals`, sent to the process that waits outside, on to the jailed one
+    /// (whose PID, in a namespace of its own, the sender does not know): a VMM's
+    /// control signals. The jailed process should handle them from its start.
+    pub fn forward_signals(mut self, signals: &[libc::c_int]) -> Jail {
+        self.forward = signals.to_vec();
+        self
     }
 
     /// Make the host's `host` (a file, device node or directory) visible at `inside`
@@ -199,7 +220,21 @@ impl Jail {
                 })?;
                 Ok(Entered::Jailed)
             }
-            child => wait_for(child).map(Entered::Outside),
+            child => {
+                CHILD.store(child, std::sync::atomic::Ordering::SeqCst);
+                for &signal in &self.forward {
+                    // SAFETY: the handler only reads an atomic and calls kill, both
+                    // async-signal-safe; the struct is zeroed, then given the handler
+                    // and an empty mask.
+                    unsafe {
+                        let mut action: libc::sigaction = std::mem::zeroed();
+                        action.sa_sigaction = forward_signal as extern "C" fn(libc::c_int) as usize;
+                        libc::sigemptyset(&mut action.sa_mask);
+                        libc::sigaction(signal, &action, std::ptr::null_mut());
+                    }
+                }
+                wait_for(child).map(Entered::Outside)
+            }
         }
     }
 

@@ -1,0 +1,53 @@
+//! SIGUSR1 and SIGUSR2 ask the minimal VMM for a snapshot (then to go on, or to stop):
+//! the handler only records the request; the main thread, which waits on the VM in
+//! steps of [`POLL`], takes it.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+/// How often the main thread looks for a request.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// What a signal asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// SIGUSR1: snapshot, then go on.
+    Continue,
+    /// SIGUSR2: snapshot, then stop.
+    Stop,
+}
+
+static PENDING: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn record(signal: libc::c_int) {
+    PENDING.store(signal, Ordering::SeqCst);
+}
+
+/// Install the handlers for SIGUSR1 and SIGUSR2.
+pub fn install() -> std::io::Result<()> {
+    for signal in [libc::SIGUSR1, libc::SIGUSR2] {
+        // SAFETY: `record` only stores into an atomic, which is async-signal-safe; the
+        // sigaction struct is zero-initialised and then filled with a valid handler
+        // and an empty mask.
+        let result = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = record as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if result != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The request a signal made since the last call, if any.
+pub fn take() -> Option<Request> {
+    match PENDING.swap(0, Ordering::SeqCst) {
+        libc::SIGUSR1 => Some(Request::Continue),
+        libc::SIGUSR2 => Some(Request::Stop),
+        _ => None,
+    }
+}
