@@ -25,6 +25,8 @@ pub mod builder;
 #[cfg(feature = "machine")]
 pub mod machine;
 #[cfg(feature = "machine")]
+pub mod migration;
+#[cfg(feature = "machine")]
 pub mod pv_machine;
 #[cfg(feature = "machine")]
 pub mod snapshot;

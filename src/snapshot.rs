@@ -217,6 +217,27 @@ impl Machine {
         memory: &File,
     ) -> Result<(SnapshotBuilder, SnapshotReport), MachineSnapshotError> {
         let start = Instant::now();
+        let (b, pause) = self.pause_and_save_state()?;
+        let memory = save_memory(self.running.vm().memory(), memory)
+            .map_err(MachineSnapshotError::SaveMemory)?;
+        Ok((
+            b,
+            SnapshotReport {
+                memory,
+                state_bytes: 0,
+                pause,
+                total: start.elapsed(),
+            },
+        ))
+    }
+
+    /// Pause the vCPUs, stop the devices, and save every section but memory. Returns
+    /// the sections and how long the pause took. The machine stays paused, also on an
+    /// error: [`Machine::resume`] it.
+    pub(crate) fn pause_and_save_state(
+        &self,
+    ) -> Result<(SnapshotBuilder, Duration), MachineSnapshotError> {
+        let start = Instant::now();
         let vcpus = self
             .running
             .pause_for_snapshot()
@@ -250,17 +271,12 @@ impl Machine {
         for (i, t) in transports.iter().enumerate() {
             b.put(&virtio_section(i), t).map_err(file)?;
         }
-        let memory = save_memory(self.running.vm().memory(), memory)
-            .map_err(MachineSnapshotError::SaveMemory)?;
-        Ok((
-            b,
-            SnapshotReport {
-                memory,
-                state_bytes: 0,
-                pause,
-                total: start.elapsed(),
-            },
-        ))
+        Ok((b, pause))
+    }
+
+    /// What a restore must rebuild: RAM, vCPUs, devices.
+    pub(crate) fn machine_info(&self) -> MachineInfo {
+        self.info()
     }
 }
 
@@ -272,6 +288,14 @@ pub struct SavedMachine {
 }
 
 impl SavedMachine {
+    /// A saved machine from a verified state file.
+    pub(crate) fn from_snapshot(snapshot: Snapshot) -> Result<Self, MachineSnapshotError> {
+        let info = snapshot
+            .load("machine")
+            .map_err(MachineSnapshotError::File)?;
+        Ok(SavedMachine { snapshot, info })
+    }
+
     /// What the snapshot says about the machine (build the same one to restore it).
     pub fn info(&self) -> &MachineInfo {
         &self.info

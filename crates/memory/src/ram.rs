@@ -99,7 +99,9 @@ pub struct GuestRam {
     memory: GuestMemory,
     slots: Vec<Slot>,
     registered: bool,
-    dirty_logging: bool,
+    /// Whether KVM logs the guest's writes (switched while vCPUs run, by the thread
+    /// migrating the VM).
+    dirty_logging: std::sync::atomic::AtomicBool,
 }
 
 /// Pages dirtied since the previous call to [`GuestRam::take_dirty_pages`].
@@ -225,7 +227,7 @@ impl GuestRam {
             memory,
             slots,
             registered: false,
-            dirty_logging: false,
+            dirty_logging: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -258,7 +260,7 @@ impl GuestRam {
 
     /// Register every region with `vm` as a KVM memory slot.
     pub fn register(&mut self, vm: &VmFd) -> Result<(), MemoryError> {
-        self.set_slots(vm, self.dirty_logging)?;
+        self.set_slots(vm, self.logging())?;
         self.registered = true;
         Ok(())
     }
@@ -266,12 +268,13 @@ impl GuestRam {
     /// Turn KVM dirty logging on or off for every slot. Turning it on also clears
     /// the VMM-side bitmap, so the next [`GuestRam::take_dirty_pages`] reports only
     /// writes made from now on.
-    pub fn set_dirty_logging(&mut self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {
+    pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), MemoryError> {
         if !self.registered {
             return Err(MemoryError::NotRegistered);
         }
         self.set_slots(vm, on)?;
-        self.dirty_logging = on;
+        self.dirty_logging
+            .store(on, std::sync::atomic::Ordering::SeqCst);
         if on {
             for region in self.memory.iter() {
                 region.deref().bitmap().reset();
@@ -284,7 +287,7 @@ impl GuestRam {
     /// the guest (KVM's log) or by the VMM through this memory (vm-memory's bitmap).
     /// Both logs are cleared.
     pub fn take_dirty_pages(&self, vm: &VmFd) -> Result<DirtyPages, MemoryError> {
-        if !self.dirty_logging {
+        if !self.logging() {
             return Err(MemoryError::DirtyLoggingOff);
         }
         let mut regions = Vec::with_capacity(self.slots.len());
@@ -302,6 +305,10 @@ impl GuestRam {
             regions.push((slot.guest_addr, bits));
         }
         Ok(DirtyPages { regions })
+    }
+
+    fn logging(&self) -> bool {
+        self.dirty_logging.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn set_slots(&self, vm: &VmFd, log_dirty: bool) -> Result<(), MemoryError> {

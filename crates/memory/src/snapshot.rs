@@ -74,7 +74,8 @@ pub struct SavedMemory {
 /// in unoptimised builds).
 static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
 
-fn is_zero(page: &[u8]) -> bool {
+/// Whether `page` (at most a page) holds only zeros.
+pub fn is_zero_page(page: &[u8]) -> bool {
     page == &ZERO_PAGE[..page.len()]
 }
 
@@ -101,7 +102,7 @@ pub fn save_memory(memory: &GuestMemory, file: &File) -> Result<SavedMemory, Sav
             let mut run: Option<usize> = None;
             let page = PAGE_SIZE as usize;
             for at in (0..=n).step_by(page) {
-                let zero = at == n || is_zero(&buf[at..at + page]);
+                let zero = at == n || is_zero_page(&buf[at..at + page]);
                 match (run, zero) {
                     (None, false) => run = Some(at),
                     (Some(from), true) => {
