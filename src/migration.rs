@@ -119,6 +119,10 @@ pub struct MigrationOptions {
     /// Stop and copy after this many rounds of pre-copy whatever is left (a guest that
     /// dirties faster than the link carries never converges).
     pub max_rounds: u32,
+    /// Send at most this many bytes per second while the guest runs (`None`: as fast
+    /// as the connection goes), to leave the link to the guests; the stop-and-copy
+    /// is never throttled.
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Default for MigrationOptions {
@@ -126,6 +130,7 @@ impl Default for MigrationOptions {
         MigrationOptions {
             stop_copy_pages: 256,
             max_rounds: 30,
+            max_bandwidth: None,
         }
     }
 }
@@ -205,6 +210,8 @@ struct Frames<S: Read + Write> {
     reader: S,
     writer: BufWriter<S>,
     sent: u64,
+    /// Bytes per second, and since when.
+    throttle: Option<(u64, Instant, u64)>,
 }
 
 impl Frames<TcpStream> {
@@ -223,6 +230,7 @@ impl Frames<TcpStream> {
             reader: stream,
             writer: BufWriter::with_capacity(1 << 20, writer),
             sent: 0,
+            throttle: None,
         })
     }
 }
@@ -240,7 +248,21 @@ impl<S: Read + Write> Frames<S> {
             self.writer.write_all(p).map_err(connection("sending"))?;
         }
         self.sent += 5 + len as u64;
+        if let Some((rate, since, base)) = self.throttle {
+            // Sleep until the bytes sent since `since` fit the rate.
+            let due = Duration::from_secs_f64((self.sent - base) as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(since.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         Ok(())
+    }
+
+    /// Send at most `rate` bytes per second from now on (`None`: no limit).
+    fn throttle(&mut self, rate: Option<u64>) {
+        self.throttle = rate
+            .filter(|r| *r > 0)
+            .map(|r| (r, Instant::now(), self.sent));
     }
 
     fn flush(&mut self) -> Result<(), MigrationError> {
@@ -428,6 +450,7 @@ impl Machine {
         let vm = self.running.vm();
         let (ram, fd, memory) = (vm.ram(), vm.fd(), vm.memory());
         let mut rounds = Vec::new();
+        frames.throttle(options.max_bandwidth);
         let mut sender = PageSender::new(memory);
         let t = Instant::now();
         sender.all_nonzero(frames)?;
@@ -465,6 +488,7 @@ impl Machine {
     ) -> Result<MigrationReport, MigrationError> {
         let vm = self.running.vm();
         let (ram, fd, memory) = (vm.ram(), vm.fd(), vm.memory());
+        frames.throttle(None);
         let paused = Instant::now();
         let (state, _) = self.pause_and_save_state().map_err(MigrationError::State)?;
         // Whatever the guest and the devices wrote until they stopped.
@@ -645,6 +669,7 @@ mod tests {
         let o = MigrationOptions {
             stop_copy_pages: 100,
             max_rounds: 5,
+            max_bandwidth: None,
         };
         assert!(o.keep_copying(0, 101));
         assert!(!o.keep_copying(0, 100));

@@ -550,3 +550,152 @@ fn a_snapshot_taken_on_a_signal_restores_in_a_new_process() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A destination example VMM waiting for a migration on an ephemeral port with
+/// `secret`; returns it and the address it listens on.
+fn migration_destination(
+    secret: &std::path::Path,
+) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(minimal_vmm())
+        .args(["--migrate-from", "127.0.0.1:0", "--migrate-secret-file"])
+        .arg(secret)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("minimal-vmm: waiting for a migration on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    // Keep draining its stderr, so it never blocks on a full pipe.
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+        rest
+    });
+    (child, addr, rest)
+}
+
+/// The memcheck guest's output lines (rounds and the final line) in `text`.
+fn memcheck_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| l.starts_with("round ") || l.starts_with("memcheck"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn secret_file(name: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("vmcraft-{name}-{}", std::process::id()));
+    std::fs::write(&p, b"the migration secret of this test").unwrap();
+    p
+}
+
+/// A source example VMM running memcheck with `extra` flags, migrating to `addr` on
+/// SIGUSR1 once it has printed `rounds` rounds (read from its stdout, which goes on
+/// into the returned string once it ends).
+fn migrating_source(
+    addr: &str,
+    secret: &std::path::Path,
+    extra: &[&str],
+    rounds: usize,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(minimal_vmm())
+        .args([
+            "--guest",
+            "memcheck",
+            "--migrate-to",
+            addr,
+            "--migrate-secret-file",
+        ])
+        .arg(secret)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = String::new();
+    for _ in 0..rounds {
+        out += &lines.next().unwrap().unwrap();
+        out.push('\n');
+    }
+    // SAFETY: kill only sends a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) }, 0);
+    let rest = std::thread::spawn(move || {
+        for line in lines {
+            out += &line.unwrap();
+            out.push('\n');
+        }
+        out
+    });
+    (child, rest)
+}
+
+/// Two example VMMs, each jailed and filtered: the source migrates its running guest
+/// on SIGUSR1 and exits; the guest goes on at the destination.
+#[test]
+fn a_running_guest_migrates_between_two_processes() {
+    let secret = secret_file("migration-secret");
+    let (mut dst, addr, _) = migration_destination(&secret);
+    let (mut src, src_out) = migrating_source(&addr, &secret, &[], 3);
+    assert!(src.wait().unwrap().success());
+    let dst_status = dst.wait().unwrap();
+    let mut dst_out = String::new();
+    std::io::Read::read_to_string(&mut dst.stdout.take().unwrap(), &mut dst_out).unwrap();
+    assert!(dst_status.success(), "{dst_status:?}: {dst_out}");
+    let whole = memcheck_lines(&src_out.join().unwrap()) + &memcheck_lines(&dst_out);
+    assert_eq!(whole, vmcraft_guest_kit::memcheck_output(64, 100));
+    std::fs::remove_file(&secret).unwrap();
+}
+
+/// Killed mid-migration (the copy slowed to 16 MiB/s so that it is still going), the
+/// destination leaves the source running: the guest ends there, every round printed
+/// once.
+#[test]
+fn a_destination_killed_mid_migration_leaves_the_source_running() {
+    let secret = secret_file("migration-secret-kill-dst");
+    let (mut dst, addr, _) = migration_destination(&secret);
+    let (mut src, src_out) = migrating_source(&addr, &secret, &["--migrate-bandwidth", "16M"], 2);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    dst.kill().unwrap();
+    dst.wait().unwrap();
+    assert!(src.wait().unwrap().success());
+    assert_eq!(
+        memcheck_lines(&src_out.join().unwrap()),
+        vmcraft_guest_kit::memcheck_output(64, 100)
+    );
+    std::fs::remove_file(&secret).unwrap();
+}
+
+/// Killed mid-migration, the source leaves the destination with nothing to run: it
+/// says the connection failed and exits with an error, having started no guest.
+#[test]
+fn a_source_killed_mid_migration_leaves_nothing_at_the_destination() {
+    let secret = secret_file("migration-secret-kill-src");
+    let (mut dst, addr, dst_err) = migration_destination(&secret);
+    let (mut src, _) = migrating_source(&addr, &secret, &["--migrate-bandwidth", "16M"], 2);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    src.kill().unwrap();
+    src.wait().unwrap();
+    let status = dst.wait().unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut dst.stdout.take().unwrap(), &mut out).unwrap();
+    let err = dst_err.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("the migration connection failed while receiving"),
+        "{err}"
+    );
+    assert!(
+        memcheck_lines(&out).is_empty(),
+        "the destination ran a guest: {out}"
+    );
+    std::fs::remove_file(&secret).unwrap();
+}

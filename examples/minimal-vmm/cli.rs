@@ -7,7 +7,7 @@ use std::time::Duration;
 use vmcraft::devices::virtio::block::Disk;
 use vmcraft_guest_kit::Guest;
 
-pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR | --no-jail] [--snapshot DIR] [--restore DIR]
+pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR | --no-jail] [--snapshot DIR] [--restore DIR] [--migrate-to ADDR | --migrate-from ADDR] [--migrate-secret-file PATH] [--migrate-bandwidth SIZE]
 
   --diagnose       probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and
                    what a port-I/O exit costs, print it and exit
@@ -59,7 +59,21 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
                    then stop
   --restore DIR    start from the snapshot in DIR instead of a guest or kernel: give the
                    same device options as the VM that was saved (its RAM size comes from
-                   the snapshot); the guest goes on where it was paused";
+                   the snapshot); the guest goes on where it was paused
+  --migrate-to ADDR
+                   connect to the VMM receiving at ADDR (host:port) at start; on
+                   SIGUSR1 migrate the running VM there (pre-copy while it runs, then a
+                   short stop) and exit 0; if the migration fails, go on running
+  --migrate-from ADDR
+                   instead of a guest or kernel, wait on ADDR (host:port) for one
+                   migration and run what arrives: give the same device options (disks
+                   on shared storage) as the source
+  --migrate-secret-file PATH
+                   the secret both ends of a migration prove they hold (needed with
+                   --migrate-to and --migrate-from)
+  --migrate-bandwidth SIZE
+                   send at most SIZE bytes per second while the guest runs (K/M/G
+                   suffixes)";
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
 pub const MIN_MEM: u64 = 4 << 20;
@@ -98,6 +112,14 @@ pub struct Options {
     pub snapshot: Option<String>,
     /// The snapshot to start from.
     pub restore: Option<String>,
+    /// Where SIGUSR1 migrates the VM.
+    pub migrate_to: Option<String>,
+    /// Where to receive a migration.
+    pub migrate_from: Option<String>,
+    /// The file holding the migration secret.
+    pub migrate_secret: Option<String>,
+    /// Bytes per second while the guest runs.
+    pub migrate_bandwidth: Option<u64>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -133,6 +155,10 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         jail: Some(None),
         snapshot: None,
         restore: None,
+        migrate_to: None,
+        migrate_from: None,
+        migrate_secret: None,
+        migrate_bandwidth: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -145,6 +171,22 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             "--diagnose" => o.diagnose = true,
             "--snapshot" => o.snapshot = Some(value()?),
             "--restore" => o.restore = Some(value()?),
+            "--migrate-to" => o.migrate_to = Some(value()?),
+            "--migrate-from" => o.migrate_from = Some(value()?),
+            "--migrate-secret-file" => o.migrate_secret = Some(value()?),
+            "--migrate-bandwidth" => {
+                let v = value()?;
+                // A size per second: the same suffixes as --mem, but plain numbers are bytes.
+                let bytes = match v.chars().last() {
+                    Some(c) if c.is_ascii_digit() => v.parse().ok(),
+                    _ => parse_size(&v).ok(),
+                };
+                o.migrate_bandwidth = Some(
+                    bytes
+                        .filter(|b| *b > 0)
+                        .ok_or(format!("invalid bandwidth {v:?}"))?,
+                );
+            }
             "--jail" => o.jail = Some(Some(value()?)),
             "--no-jail" => o.jail = None,
             "--seccomp" => {
@@ -247,8 +289,33 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
     if o.restore.is_some() && (o.guest.is_some() || o.kernel.is_some()) {
         return Err("--restore starts from its snapshot: no --guest, --kernel or --pv".into());
     }
-    if o.pv && (o.snapshot.is_some() || o.restore.is_some()) {
-        return Err("the PV backends cannot be saved in a snapshot yet: no --pv with --snapshot or --restore".into());
+    if o.pv
+        && (o.snapshot.is_some()
+            || o.restore.is_some()
+            || o.migrate_to.is_some()
+            || o.migrate_from.is_some())
+    {
+        return Err("the PV backends cannot be saved yet: no --pv with --snapshot, --restore or --migrate-*".into());
+    }
+    if o.migrate_to.is_some() && o.snapshot.is_some() {
+        return Err("--migrate-to and --snapshot both answer SIGUSR1: give one".into());
+    }
+    if o.migrate_from.is_some()
+        && (o.guest.is_some()
+            || o.kernel.is_some()
+            || o.restore.is_some()
+            || o.migrate_to.is_some())
+    {
+        return Err(
+            "--migrate-from runs what arrives: no --guest, --kernel, --restore or --migrate-to"
+                .into(),
+        );
+    }
+    if (o.migrate_to.is_some() || o.migrate_from.is_some()) != o.migrate_secret.is_some() {
+        return Err(
+            "--migrate-to and --migrate-from need --migrate-secret-file (and it needs one of them)"
+                .into(),
+        );
     }
     if o.initrd.is_some() && o.kernel.is_none() {
         return Err("--initrd needs --kernel".into());

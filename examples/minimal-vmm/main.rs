@@ -25,6 +25,7 @@ use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::machine::HYPERCALL_PORT;
+use vmcraft::migration::MigrationOptions;
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
 use vmcraft::sandbox::jail::{CgroupLimits, Entered, Jail};
@@ -71,6 +72,39 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         }
     };
     let mut kernel = o.kernel.as_deref().map(|p| open("kernel", p)).transpose()?;
+    // Migration: the secret, and the connection (made now, in the host's network:
+    // the jail has none, and the filters allow no new sockets).
+    let secret = o
+        .migrate_secret
+        .as_deref()
+        .map(|path| {
+            std::fs::read(path).map_err(|e| format!("cannot read migration secret {path}: {e}"))
+        })
+        .transpose()?;
+    let mut migrate_to = o
+        .migrate_to
+        .as_deref()
+        .map(|addr| {
+            std::net::TcpStream::connect(addr)
+                .map_err(|e| format!("cannot connect to the migration destination {addr}: {e}"))
+        })
+        .transpose()?;
+    let incoming_stream = o
+        .migrate_from
+        .as_deref()
+        .map(|addr| -> Result<std::net::TcpStream, Box<dyn Error>> {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("cannot listen for a migration on {addr}: {e}"))?;
+            // The address bound (a port 0 becomes the one the system chose).
+            let bound = listener.local_addr()?;
+            eprintln!("minimal-vmm: waiting for a migration on {bound}");
+            let (stream, peer) = listener
+                .accept()
+                .map_err(|e| format!("migration listener {addr}: {e}"))?;
+            eprintln!("minimal-vmm: migration from {peer}");
+            Ok(stream)
+        })
+        .transpose()?;
     // Snapshot files are host paths too: open (or create) them now.
     let mut snapshot_files = o.snapshot.as_deref().map(snapshot_files).transpose()?;
     let restore_files = o
@@ -118,7 +152,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         }
     }
     // Snapshot requests are recorded from now on (a signal before would end the VMM).
-    if o.snapshot.is_some() {
+    if o.snapshot.is_some() || o.migrate_to.is_some() {
         snapshot_signals::install()?;
     }
     // This process's own /proc (the jail's, if jailed), opened before the filters go
@@ -143,15 +177,21 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             ))
         }
     };
-    let (mut b, saved) = match restore_files {
-        Some((state, memory)) => {
+    let (mut b, origin) = match (restore_files, incoming_stream) {
+        (Some((state, memory)), _) => {
             let (b, saved) =
                 MachineBuilder::from_snapshot_files(state, &memory, Box::new(std::io::stdout()))?;
-            (b, Some(saved))
+            (b, Origin::Restore(saved))
         }
-        None => (
+        (None, Some(stream)) => {
+            let secret = secret.as_deref().ok_or("--migrate-from needs a secret")?;
+            let (b, incoming) =
+                MachineBuilder::accept_migration(stream, secret, Box::new(std::io::stdout()))?;
+            (b, Origin::Migration(incoming))
+        }
+        (None, None) => (
             MachineBuilder::new(o.mem, Box::new(std::io::stdout()))?,
-            None,
+            Origin::Fresh,
         ),
     };
     b.reserve_irq(PV_UPCALL_IRQ)?;
@@ -203,8 +243,8 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
 
     let aps = (1..o.vcpus).map(|_| VcpuConfig::waiting_for_sipi());
     let vcpus: Vec<VcpuConfig> = match &o.kernel {
-        // The vCPUs come from the snapshot.
-        None if saved.is_some() => Vec::new(),
+        // The vCPUs come from the snapshot or the migration.
+        None if !matches!(origin, Origin::Fresh) => Vec::new(),
         None => {
             let guest = o.guest.unwrap_or(Guest::HELLO);
             b.load(guest.image())?;
@@ -244,9 +284,9 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         }
     };
 
-    let machine = match &saved {
-        Some(saved) => {
-            let m = b.start_restored(saved)?;
+    let machine = match origin {
+        Origin::Restore(saved) => {
+            let m = b.start_restored(&saved)?;
             eprintln!(
                 "minimal-vmm: restored {} ({} vCPUs, {} MiB) in {:.2} ms",
                 o.restore.as_deref().unwrap_or_default(),
@@ -256,7 +296,12 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             );
             m
         }
-        None => b.start(&vcpus)?,
+        Origin::Migration(incoming) => {
+            let m = incoming.start(b)?;
+            eprintln!("minimal-vmm: the migrated VM runs here");
+            m
+        }
+        Origin::Fresh => b.start(&vcpus)?,
     };
     // Everything is set up: this thread only waits and reports from here on. Built
     // for coverage (cargo-llvm-cov sets `cfg(coverage)`), it stays unfiltered: the
@@ -275,6 +320,36 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         let Some(request) = snapshot_signals::take() else {
             continue;
         };
+        if o.migrate_to.is_some() {
+            let Some(stream) = migrate_to.take() else {
+                eprintln!("minimal-vmm: the migration connection is spent: the VM runs on here");
+                continue;
+            };
+            let options = MigrationOptions {
+                max_bandwidth: o.migrate_bandwidth,
+                ..MigrationOptions::default()
+            };
+            let secret = secret.as_deref().ok_or("--migrate-to needs a secret")?;
+            match machine.migrate(stream, secret, options) {
+                Ok(r) => {
+                    eprintln!(
+                        "minimal-vmm: migrated to {}: {} rounds, {} pages ({} MiB sent), downtime {:.2} ms, {:.2} ms in all",
+                        o.migrate_to.as_deref().unwrap_or_default(),
+                        r.rounds.len(),
+                        r.pages_sent(),
+                        r.bytes_sent >> 20,
+                        r.downtime.as_secs_f64() * 1e3,
+                        r.total.as_secs_f64() * 1e3
+                    );
+                    break;
+                }
+                Err(e) => eprintln!(
+                    "minimal-vmm: the migration failed, the VM runs on here: {e}{}",
+                    source_chain(&e)
+                ),
+            }
+            continue;
+        }
         let (state, memory) = snapshot_files
             .as_mut()
             .ok_or("a snapshot without --snapshot")?;
@@ -357,6 +432,16 @@ fn jail(root: &std::path::Path, o: &Options) -> Result<Jail, Box<dyn Error>> {
         eprintln!("minimal-vmm: no cgroup v2 on this host: the jail sets no CPU or memory limit");
     }
     Ok(jail)
+}
+
+/// Where the VM comes from.
+enum Origin {
+    /// Built here from a guest or a kernel.
+    Fresh,
+    /// A snapshot.
+    Restore(vmcraft::snapshot::SavedMachine),
+    /// A migration, whose state has arrived.
+    Migration(vmcraft::migration::IncomingMigration),
 }
 
 /// The `state` and `memory` files of snapshot directory `dir`, created if missing.

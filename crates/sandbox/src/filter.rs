@@ -180,7 +180,8 @@ const THREADS: &[libc::c_long] = &[
 ];
 
 /// What the main thread makes beyond the threads it starts: waiting for children it
-/// started, signals to its own threads, measuring its memory, and writing snapshots.
+/// started, signals to its own threads, measuring its memory, writing snapshots and
+/// migrating.
 const MAIN: &[libc::c_long] = &[
     libc::SYS_wait4,
     libc::SYS_kill,
@@ -189,6 +190,8 @@ const MAIN: &[libc::c_long] = &[
     libc::SYS_getrusage,
     // Snapshots, written into files opened beforehand (truncated first).
     libc::SYS_ftruncate,
+    // A migration's connection, made beforehand: its timeouts and Nagle's algorithm.
+    libc::SYS_setsockopt,
 ];
 
 /// KVM's ioctl type byte (`KVMIO`): every KVM request number carries it in bits 8..16.
