@@ -252,6 +252,11 @@ impl Guest {
     /// `blkcheck done` at the end, exit code 0 (2 for a failed request, 3 for data
     /// that did not read back).
     pub const BLKCHECK: Guest = guest!("blkcheck", GuestMode::User64);
+    /// Dirties guest memory at a steady rate, for migration benchmarks: parameter
+    /// bits 0..23 pages per second, bits 24..39 the span in MiB from 16 MiB, bits
+    /// 40..63 the TSC frequency in MHz. Writes every page of the span first and prints
+    /// `filled` on COM1, then one page per 1/rate of a second, forever.
+    pub const DIRTIER: Guest = guest!("dirtier", GuestMode::User64);
     /// A hostile guest for soak tests: random port writes and reads, random
     /// hypercalls, random writes to the first four virtio-mmio windows' registers, and
     /// random bytes over its heap (where virtqueues live) and the PV pages. Parameter:
