@@ -42,6 +42,7 @@ use crate::machine::{
     attach_virtio_mmio, BusExitHandler, HypercallExitHandler, LegacyDeviceError, LegacyDevices,
     VirtioAttachError,
 };
+use crate::snapshot::SnapshotPart;
 
 /// Where the first virtio-mmio window goes; the next ones follow, one 4 KiB window
 /// each (vmcraft's test guests expect device `n` at `VIRTIO_MMIO_BASE + n * 0x1000`).
@@ -125,6 +126,7 @@ pub struct MachineBuilder {
     virtio: Vec<VirtioSlot>,
     hypercalls: Option<HypercallTable>,
     info: HypervisorInfo,
+    parts: Vec<(String, Arc<dyn SnapshotPart>)>,
 }
 
 impl std::fmt::Debug for MachineBuilder {
@@ -170,6 +172,7 @@ impl MachineBuilder {
             virtio: Vec::new(),
             hypercalls: None,
             info: HypervisorInfo::default(),
+            parts: Vec::new(),
         })
     }
 
@@ -220,6 +223,23 @@ impl MachineBuilder {
                     .device_type()
             })
             .collect()
+    }
+
+    /// Save and restore `part` with this machine in snapshots and migrations, as
+    /// section `part-<name>` (the same name in the machine restored).
+    pub fn add_snapshot_part(&mut self, name: &str, part: Arc<dyn SnapshotPart>) {
+        self.parts.push((name.to_owned(), part));
+    }
+
+    /// The names of the parts added with [`MachineBuilder::add_snapshot_part`].
+    pub fn snapshot_parts(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().map(|(n, _)| n.as_str())
+    }
+
+    pub(crate) fn snapshot_part_list(
+        &self,
+    ) -> impl Iterator<Item = (&str, &Arc<dyn SnapshotPart>)> {
+        self.parts.iter().map(|(n, p)| (n.as_str(), p))
     }
 
     /// The virtio devices added so far.
@@ -425,6 +445,7 @@ impl MachineBuilder {
             buses,
             hypercalls: table,
             legacy: self.legacy,
+            snapshot_parts: self.parts,
         }
     }
 
@@ -444,6 +465,7 @@ impl MachineBuilder {
             buses: parts.buses,
             hypercalls: parts.hypercalls,
             legacy: parts.legacy,
+            parts: parts.snapshot_parts,
         })
     }
 }
@@ -464,6 +486,8 @@ pub struct MachineParts {
     pub hypercalls: Option<Arc<HypercallTable>>,
     /// The legacy devices.
     pub legacy: LegacyDevices,
+    /// The parts saved with the machine in snapshots.
+    pub snapshot_parts: Vec<(String, Arc<dyn SnapshotPart>)>,
 }
 
 impl std::fmt::Debug for MachineParts {
@@ -476,7 +500,6 @@ impl std::fmt::Debug for MachineParts {
 }
 
 /// A running machine.
-#[derive(Debug)]
 pub struct Machine {
     /// The vCPUs.
     pub running: RunningVm,
@@ -488,4 +511,19 @@ pub struct Machine {
     pub hypercalls: Option<Arc<HypercallTable>>,
     /// The legacy devices.
     pub legacy: LegacyDevices,
+    /// The parts saved with the machine in snapshots, by name.
+    pub parts: Vec<(String, Arc<dyn SnapshotPart>)>,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("running", &self.running)
+            .field("virtio", &self.virtio.len())
+            .field(
+                "parts",
+                &self.parts.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }

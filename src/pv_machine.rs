@@ -59,9 +59,50 @@ pub enum PvError {
     Layout(&'static str, &'static str),
 }
 
+/// Parks the backend threads for a snapshot: [`PvBackends::pause`] signals `wake` (every
+/// thread polls it; nobody reads it until the resume) and waits until every live
+/// thread has parked.
+struct Gate {
+    wake: EventFd,
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    parked: usize,
+    live: usize,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A backend thread parks until the resume.
+    fn park(&self) {
+        let mut g = self.lock();
+        g.parked += 1;
+        self.changed.notify_all();
+        while g.paused {
+            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.parked -= 1;
+    }
+
+    /// A backend thread ends.
+    fn leave(&self) {
+        let mut g = self.lock();
+        g.live -= 1;
+        self.changed.notify_all();
+    }
+}
+
 /// Running PV backends; dropping them stops and joins their threads.
 pub struct PvBackends {
     stop: EventFd,
+    gate: Arc<Gate>,
     threads: Vec<Thread<()>>,
     /// Each backend's event-channel port and the eventfd a send signals.
     doorbells: Vec<(u32, EventFd)>,
@@ -79,15 +120,19 @@ impl std::fmt::Debug for PvBackends {
     }
 }
 
-/// Wait until `fd` (token 0) or the stop eventfd (token 1) is readable; returns false
-/// on stop.
-fn wait(epoll: &Epoll, fd: &EventFd) -> bool {
-    let mut events = [EpollEvent::default(); 2];
+/// Wait until `fd` (token 0) is readable, parking at `gate` whenever it is paused
+/// (token 2); returns false on stop (token 1).
+fn wait(epoll: &Epoll, fd: &EventFd, gate: &Gate) -> bool {
+    let mut events = [EpollEvent::default(); 3];
     loop {
         match epoll.wait(-1, &mut events) {
             Ok(n) => {
                 if events[..n].iter().any(|e| e.data() == 1) {
                     return false;
+                }
+                if events[..n].iter().any(|e| e.data() == 2) {
+                    gate.park();
+                    continue;
                 }
                 // Reading resets the counter; an error means it was already zero.
                 let _ = fd.read();
@@ -102,18 +147,15 @@ fn wait(epoll: &Epoll, fd: &EventFd) -> bool {
     }
 }
 
-fn epoll_for(fd: &EventFd, stop: &EventFd) -> std::io::Result<Epoll> {
+fn epoll_for(fd: &EventFd, stop: &EventFd, pause: &EventFd) -> std::io::Result<Epoll> {
     let epoll = Epoll::new()?;
-    epoll.ctl(
-        ControlOperation::Add,
-        fd.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, 0),
-    )?;
-    epoll.ctl(
-        ControlOperation::Add,
-        stop.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, 1),
-    )?;
+    for (fd, token) in [(fd, 0), (stop, 1), (pause, 2)] {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+    }
     Ok(epoll)
 }
 
@@ -169,6 +211,11 @@ impl PvBackends {
         )
         .map_err(PvError::Block)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(PvError::Host)?;
+        let gate = Arc::new(Gate {
+            wake: EventFd::new(EFD_NONBLOCK).map_err(PvError::Host)?,
+            state: std::sync::Mutex::new(GateState::default()),
+            changed: std::sync::Condvar::new(),
+        });
         let mut threads = Vec::new();
         let doorbells = vec![
             (
@@ -182,10 +229,13 @@ impl PvBackends {
         ];
 
         let ch_c = channels.clone();
-        let epoll_c = epoll_for(&console_end.notified, &stop).map_err(PvError::Host)?;
+        let epoll_c = epoll_for(&console_end.notified, &stop, &gate.wake).map_err(PvError::Host)?;
+        let gate_c = gate.clone();
+        gate.lock().live += 1;
         threads.push(
             vmcraft_sandbox::spawn(ThreadKind::PvBackend, "pv-console", move || {
-                while wait(&epoll_c, &console_end.notified) {
+                let _leave = Leave(&gate_c);
+                while wait(&epoll_c, &console_end.notified, &gate_c) {
                     match console.drain_output(&mut *console_out) {
                         Ok(n) if n > 0 => {
                             let _ = ch_c.notify_guest(console_end.port);
@@ -203,11 +253,14 @@ impl PvBackends {
         );
 
         let ch_b = channels.clone();
-        let epoll_b = epoll_for(&blk_end.notified, &stop).map_err(PvError::Host)?;
+        let epoll_b = epoll_for(&blk_end.notified, &stop, &gate.wake).map_err(PvError::Host)?;
+        let gate_b = gate.clone();
+        gate.lock().live += 1;
         threads.push(
             vmcraft_sandbox::spawn(ThreadKind::PvBackend, "pv-block", move || {
+                let _leave = Leave(&gate_b);
                 let mut poll = AdaptivePoll::new(AdaptivePoll::DEFAULT_MAX);
-                while wait(&epoll_b, &blk_end.notified) {
+                while wait(&epoll_b, &blk_end.notified, &gate_b) {
                     let notify = || {
                         let _ = ch_b.notify_guest(blk_end.port);
                     };
@@ -231,6 +284,7 @@ impl PvBackends {
         );
         Ok(PvBackends {
             stop,
+            gate,
             threads,
             doorbells,
             doorbell_port: layout.doorbell_port,
@@ -289,6 +343,63 @@ impl PvBackends {
     }
 }
 
+/// Leaves the gate when a backend thread ends, however it ends.
+struct Leave<'a>(&'a Gate);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// The PV channel's state in a snapshot: the event-channel table (the rings, the
+/// grant table and the shared-info page are guest memory).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PvState {
+    /// The event-channel ports.
+    pub channels: vmcraft_pv_hypercall::evtchn::ChannelsState,
+}
+
+impl vmcraft_snapshot::Versioned for PvState {
+    const VERSION: u32 = 1;
+}
+
+impl PvBackends {
+    /// Park the backend threads once each has answered what it took from its ring
+    /// (so a ring resumes from its published responses), and return the state.
+    pub fn pause(&self) -> PvState {
+        {
+            let mut g = self.gate.lock();
+            g.paused = true;
+            // Saturation means a wake-up is pending anyway.
+            let _ = self.gate.wake.write(1);
+            while g.parked < g.live {
+                g = self.gate.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        PvState {
+            channels: self.channels.save_state(),
+        }
+    }
+
+    /// Let the backend threads serve again after [`PvBackends::pause`].
+    pub fn resume(&self) {
+        let mut g = self.gate.lock();
+        // Reading resets the counter; an error means it was already zero.
+        let _ = self.gate.wake.read();
+        g.paused = false;
+        self.gate.changed.notify_all();
+    }
+
+    /// Put back a saved state into backends started (by the same set-up) on the
+    /// restored memory: the rings go on from their published responses.
+    pub fn restore(&self, state: &PvState) -> Result<(), PvError> {
+        self.channels
+            .restore_state(&state.channels)
+            .map_err(PvError::Evtchn)
+    }
+}
+
 /// The doorbell port as a device on the port bus.
 #[derive(Debug)]
 pub struct Doorbell(Vec<(u32, EventFd)>);
@@ -323,6 +434,8 @@ impl Drop for PvBackends {
     fn drop(&mut self) {
         // Saturation means a stop is pending already.
         let _ = self.stop.write(1);
+        // Threads parked for a snapshot go back to their loops, and see the stop.
+        self.resume();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

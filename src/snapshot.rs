@@ -40,6 +40,7 @@ use vmcraft_vcpu::state::{StateError, VcpuState, VmState};
 use vmcraft_vcpu::{RunningVm, VmError};
 
 use crate::builder::{BuildError, Machine, MachineBuilder};
+use crate::pv_machine::PvBackends;
 
 /// The state file's name inside a snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -59,6 +60,9 @@ pub enum MachineSnapshotError {
     /// A device's state could not be restored.
     #[error("device state")]
     Device(#[source] vmcraft_devices::state::StateError),
+    /// The PV channel's state could not be restored.
+    #[error("the PV channel's state")]
+    Pv(#[source] crate::pv_machine::PvError),
     /// The state file could not be written, read or decoded.
     #[error("the snapshot's state file")]
     File(#[source] SnapshotError),
@@ -100,6 +104,52 @@ pub enum MachineSnapshotError {
     Start(#[source] VmError),
 }
 
+/// A part of a machine that the embedding program built beside the builder's devices
+/// (the PV backends, a device of its own), saved and restored with it: register it
+/// with [`MachineBuilder::add_snapshot_part`] under a name of its own, in the source
+/// machine and in the one restored.
+pub trait SnapshotPart: Send + Sync {
+    /// Stop serving (the vCPUs are paused) once everything taken from the guest is
+    /// answered, and return the state to save.
+    fn pause(&self) -> Result<Vec<u8>, MachineSnapshotError>;
+    /// Serve again after [`SnapshotPart::pause`].
+    fn resume(&self);
+    /// Put back `state` (from [`SnapshotPart::pause`] on the saved machine); the
+    /// restored guest memory is in place, the vCPUs not yet running.
+    fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError>;
+}
+
+/// The PV channel as a part of a snapshot (section `pv`): its threads parked, its
+/// event-channel table saved.
+impl SnapshotPart for crate::pv_machine::PvBackends {
+    fn pause(&self) -> Result<Vec<u8>, MachineSnapshotError> {
+        let mut b = SnapshotBuilder::new();
+        b.put("pv", &PvBackends::pause(self))
+            .map_err(MachineSnapshotError::File)?;
+        Ok(b.to_bytes())
+    }
+    fn resume(&self) {
+        PvBackends::resume(self)
+    }
+    fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError> {
+        let s = Snapshot::parse(state.to_vec()).map_err(MachineSnapshotError::File)?;
+        let saved = s.load("pv").map_err(MachineSnapshotError::File)?;
+        PvBackends::restore(self, &saved).map_err(MachineSnapshotError::Pv)
+    }
+}
+
+/// A part's state, as a section of the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PartState(Vec<u8>);
+
+impl Versioned for PartState {
+    const VERSION: u32 = 1;
+}
+
+fn part_section(name: &str) -> String {
+    format!("part-{name}")
+}
+
 /// What a snapshot says about the machine as a whole: what a restore must rebuild.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineInfo {
@@ -111,6 +161,9 @@ pub struct MachineInfo {
     pub virtio_types: Vec<u32>,
     /// Whether the machine served hypercalls.
     pub hypercalls: bool,
+    /// The names of the parts registered with
+    /// [`MachineBuilder::add_snapshot_part`], in order.
+    pub parts: Vec<String>,
 }
 
 impl Versioned for MachineInfo {
@@ -141,6 +194,9 @@ fn virtio_section(index: usize) -> String {
 impl Machine {
     /// Go on after [`Machine::snapshot`]: the devices serve again, then the vCPUs run.
     pub fn resume(&self) {
+        for (_, part) in &self.parts {
+            part.resume();
+        }
         for s in &self.virtio {
             s.transport
                 .lock()
@@ -166,6 +222,7 @@ impl Machine {
                 })
                 .collect(),
             hypercalls: self.hypercalls.is_some(),
+            parts: self.parts.iter().map(|(n, _)| n.clone()).collect(),
         }
     }
 
@@ -271,6 +328,10 @@ impl Machine {
         for (i, t) in transports.iter().enumerate() {
             b.put(&virtio_section(i), t).map_err(file)?;
         }
+        for (name, part) in &self.parts {
+            b.put(&part_section(name), &PartState(part.pause()?))
+                .map_err(file)?;
+        }
         Ok((b, pause))
     }
 
@@ -365,6 +426,13 @@ impl MachineBuilder {
                 saved.info.virtio_types, types
             )));
         }
+        let parts: Vec<String> = self.snapshot_parts().map(str::to_owned).collect();
+        if parts != saved.info.parts {
+            return Err(MachineSnapshotError::Mismatch(format!(
+                "parts {:?} saved, {:?} registered",
+                saved.info.parts, parts
+            )));
+        }
         if self.serves_hypercalls() != saved.info.hypercalls {
             return Err(MachineSnapshotError::Mismatch(format!(
                 "hypercalls {} when saved, {} now",
@@ -410,6 +478,10 @@ impl MachineBuilder {
                 .restore_state(&state)
                 .map_err(device)?;
         }
+        for (name, part) in self.snapshot_part_list() {
+            let state: PartState = s.load(&part_section(name)).map_err(file)?;
+            part.restore(&state.0)?;
+        }
         let parts = self.into_parts();
         let running = RunningVm::start_restored(parts.vm, &vcpus, parts.handler)
             .map_err(MachineSnapshotError::Start)?;
@@ -419,6 +491,7 @@ impl MachineBuilder {
             buses: parts.buses,
             hypercalls: parts.hypercalls,
             legacy: parts.legacy,
+            parts: parts.snapshot_parts,
         })
     }
 }

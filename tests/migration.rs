@@ -239,3 +239,53 @@ fn virtio_blk_requests_in_flight_migrate() {
     whole.extend(dst_serial.contents());
     assert_eq!(String::from_utf8_lossy(&whole), expected);
 }
+
+/// A guest with PV blkif batches in flight (grants, event channels, the doorbell)
+/// migrates: the destination starts its own PV backends on the arriving memory, and
+/// the event-channel table comes with the state.
+#[test]
+fn pv_rings_and_event_channels_in_flight_migrate() {
+    const PV_ROUNDS: u64 = 1500;
+    let expected = vmcraft_guest_kit::pvcheck_output(PV_ROUNDS);
+    let image = ScratchImage::new("migrate-pv", 1 << 20);
+    let src_serial = SharedBuffer::new();
+    let mut b = machine_builder(32 << 20, Box::new(src_serial.clone()));
+    let _pv = add_pv(&mut b, image.file(), Box::new(std::io::sink()));
+    let guest = Guest::PVCHECK;
+    b.load(guest.image()).unwrap();
+    let src = b
+        .start(&[VcpuConfig::at(guest.entry(0, PV_ROUNDS << 16))])
+        .unwrap();
+    assert!(eventually(60, || src_serial.contents().len() > 20 * 28));
+    let (l, addr) = listener();
+    let dst_serial = SharedBuffer::new();
+    let dst_out = dst_serial.clone();
+    let disk = image.file();
+    let dst = std::thread::spawn(move || {
+        let (stream, _) = l.accept().unwrap();
+        sandboxed();
+        let (mut b, incoming) =
+            MachineBuilder::accept_migration(stream, SECRET, Box::new(dst_out))?;
+        let pv = add_pv(&mut b, disk, Box::new(std::io::sink()));
+        incoming.start(b).map(|m| (m, pv, dst_serial))
+    });
+    let report = src
+        .migrate(
+            TcpStream::connect(addr).unwrap(),
+            SECRET,
+            MigrationOptions::default(),
+        )
+        .unwrap();
+    eprintln!("{report:?}");
+    let before = src_serial.contents();
+    assert!(
+        before.len() < expected.len(),
+        "the guest ended before the migration"
+    );
+    src.running.wait_timeout(Duration::from_secs(10)).unwrap();
+    let (dst, _pv, dst_serial) = dst.join().unwrap().unwrap();
+    finish(dst, &dst_serial, "the destination");
+    let mut whole = before;
+    whole.extend(dst_serial.contents());
+    assert_eq!(String::from_utf8_lossy(&whole), expected);
+}

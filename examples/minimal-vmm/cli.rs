@@ -29,7 +29,8 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
                    a virtio-console on a Unix socket: listens at PATH and waits for one
                    client before starting the VM
   --rng            a virtio-rng device fed from the host's getrandom
-  --pv             run the PV demo guest: it prints through the PV console ring and
+  --pv             the PV backends (with --restore or --migrate-from: for a saved PV
+                   guest); alone, run the PV demo guest: it prints through the PV console ring and
                    tests the first --disk as a PV block device (blkif over grants),
                    through hypercalls and event channels only
   --net-tap NAME   a virtio-net device on TAP interface NAME (created if missing; needs
@@ -276,7 +277,10 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         if o.disks.is_empty() {
             return Err("--pv needs a --disk PATH for its PV block device, a raw image the guest may overwrite (truncate -s 16M disk.img, then --pv --disk disk.img)".into());
         }
-        o.guest = Some(Guest::PV_DEMO);
+        // Restored or migrated, the PV guest comes with the state.
+        if o.restore.is_none() && o.migrate_from.is_none() {
+            o.guest = Some(Guest::PV_DEMO);
+        }
     }
     if o.guest == Some(Guest::VIRTIO_BLK) && o.disks.is_empty() {
         return Err("--guest virtio-blk needs a --disk to test".into());
@@ -287,15 +291,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         );
     }
     if o.restore.is_some() && (o.guest.is_some() || o.kernel.is_some()) {
-        return Err("--restore starts from its snapshot: no --guest, --kernel or --pv".into());
-    }
-    if o.pv
-        && (o.snapshot.is_some()
-            || o.restore.is_some()
-            || o.migrate_to.is_some()
-            || o.migrate_from.is_some())
-    {
-        return Err("the PV backends cannot be saved yet: no --pv with --snapshot, --restore or --migrate-*".into());
+        return Err("--restore starts from its snapshot: no --guest or --kernel".into());
     }
     if o.migrate_to.is_some() && o.snapshot.is_some() {
         return Err("--migrate-to and --snapshot both answer SIGUSR1: give one".into());

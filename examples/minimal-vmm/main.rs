@@ -217,6 +217,9 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         )?;
         let (buses, vm) = b.buses_and_vm();
         pv.attach_doorbell(buses, vm.fd())?;
+        // Saved and restored with the machine (snapshots, migrations).
+        let pv = Arc::new(pv);
+        b.add_snapshot_part("pv", pv.clone());
         Some(pv)
     } else {
         None

@@ -294,3 +294,30 @@ pub fn record_warnings() {
 pub fn logged_warnings() -> Vec<String> {
     WARNINGS.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
+
+/// Put the PV backends (layout [`vmcraft_guest_kit::PV_LAYOUT`], block device on
+/// `disk`, console output to `console`) on `b`, with their hypercall table and
+/// doorbell, saved with the machine in snapshots and migrations as part `pv`.
+pub fn add_pv(
+    b: &mut MachineBuilder,
+    disk: std::fs::File,
+    console: Box<dyn std::io::Write + Send>,
+) -> Arc<vmcraft::pv_machine::PvBackends> {
+    let mut table = vmcraft::pv::hypercall::HypercallTable::new();
+    let pv = vmcraft::pv_machine::PvBackends::start(
+        b.memory().clone(),
+        &vmcraft_guest_kit::PV_LAYOUT,
+        &mut table,
+        Arc::new(vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap()),
+        console,
+        disk,
+        false,
+    )
+    .unwrap();
+    let (buses, vm) = b.buses_and_vm();
+    pv.attach_doorbell(buses, vm.fd()).unwrap();
+    b.hypercalls(abi::HYPERCALL_PORT, table);
+    let pv = Arc::new(pv);
+    b.add_snapshot_part("pv", pv.clone());
+    pv
+}

@@ -98,10 +98,18 @@ pub fn memcheck_output(mib: u64, rounds: u64) -> String {
 
 /// The COM1 output of an undisturbed [`Guest::BLKCHECK`] run of `rounds` rounds.
 pub fn blkcheck_output(rounds: u64) -> String {
+    rounds_ok(rounds) + "blkcheck done\n"
+}
+
+/// The COM1 output of an undisturbed [`Guest::PVCHECK`] run of `rounds` rounds.
+pub fn pvcheck_output(rounds: u64) -> String {
+    rounds_ok(rounds) + "pvcheck done\n"
+}
+
+fn rounds_ok(rounds: u64) -> String {
     (0..rounds)
         .map(|r| format!("round {r:#018x} ok\n"))
-        .collect::<String>()
-        + "blkcheck done\n"
+        .collect()
 }
 
 /// A test guest program.
@@ -257,6 +265,13 @@ impl Guest {
     /// 40..63 the TSC frequency in MHz. Writes every page of the span first and prints
     /// `filled` on COM1, then one page per 1/rate of a second, forever.
     pub const DIRTIER: Guest = guest!("dirtier", GuestMode::User64);
+    /// Keeps PV block requests in flight, for snapshot and migration tests: `rounds`
+    /// rounds (parameter bits 16..47), each a batch of 8 granted page writes behind
+    /// one event-channel notification, then a batch reading them back through other
+    /// grants, checked byte for byte; prints `round <r> ok` on COM1 after each and
+    /// `pvcheck done` at the end (the same lines as [`blkcheck_output`] but the last),
+    /// exit code 0 (2 for a failed request, 3 for data that did not come back).
+    pub const PVCHECK: Guest = guest!("pvcheck", GuestMode::User64);
     /// A hostile guest for soak tests: random port writes and reads, random
     /// hypercalls, random writes to the first four virtio-mmio windows' registers, and
     /// random bytes over its heap (where virtqueues live) and the PV pages. Parameter:

@@ -53,6 +53,15 @@ pub enum EvtchnError {
     /// The shared-info page is not in guest memory.
     #[error("the shared-info page at {0:#x} is outside guest memory")]
     BadSharedInfo(u64),
+    /// A saved table that does not fit this one (its ports, or the backends bound
+    /// here).
+    #[error("saved event-channel port {port}: {reason}")]
+    BadState {
+        /// The port.
+        port: u32,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// The backend's eventfd could not be made (the value is the OS error number).
     #[error("cannot create a backend eventfd: {}", std::io::Error::from_raw_os_error(*.0))]
     EventFd(i32),
@@ -67,7 +76,9 @@ impl EvtchnError {
     /// The errno a hypercall returns for it.
     pub fn errno(&self) -> i64 {
         match self {
-            EvtchnError::BadPort(_) | EvtchnError::BadVcpu(_) => crate::hypercall::errno::EINVAL,
+            EvtchnError::BadPort(_) | EvtchnError::BadVcpu(_) | EvtchnError::BadState { .. } => {
+                crate::hypercall::errno::EINVAL
+            }
             EvtchnError::NoFreePort => 28, // ENOSPC
             EvtchnError::BadSharedInfo(_) => crate::hypercall::errno::EFAULT,
             EvtchnError::EventFd(_) => 12, // ENOMEM
@@ -116,11 +127,22 @@ pub struct BackendPort {
     pub notified: EventFd,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Slot {
     Free,
     Unbound { remote_dom: u16 },
     Bound { backend: u32, vcpu: u32 },
+}
+
+/// The event-channel table in a snapshot: every port that is not free. The pending
+/// and mask bits live in the shared-info page, in guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChannelsState {
+    ports: Vec<(u32, Slot)>,
+}
+
+impl vmcraft_snapshot::Versioned for ChannelsState {
+    const VERSION: u32 = 1;
 }
 
 struct Inner {
@@ -191,10 +213,75 @@ impl EventChannels {
         Some(f(word))
     }
 
+    /// [`EventChannels::with_word`] for an `f` that changes the word: its page is
+    /// marked dirty in guest memory's bitmap (an atomic through a reference marks
+    /// nothing by itself), so a migration copies it again.
+    fn update_word<R>(&self, addr: GuestAddress, f: impl FnOnce(&AtomicU64) -> R) -> Option<R> {
+        use vm_memory::bitmap::Bitmap;
+        let slice = self.memory.get_slice(addr, 8).ok()?;
+        let word = slice.get_atomic_ref::<AtomicU64>(0).ok()?;
+        let result = f(word);
+        slice.bitmap().mark_dirty(0, 8);
+        Some(result)
+    }
+
     fn raise(&self, port: u32, vcpu: u32) {
         if protocol::raise(self, port, vcpu) {
             self.upcall.raise(vcpu);
         }
+    }
+
+    /// The table, for a snapshot.
+    pub fn save_state(&self) -> ChannelsState {
+        ChannelsState {
+            ports: self
+                .lock()
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| **s != Slot::Free)
+                .map(|(p, s)| (p as u32, *s))
+                .collect(),
+        }
+    }
+
+    /// Put back a saved table. The backends bound here (by the same set-up as when it
+    /// was saved) must be bound to the same ports, and nothing else may be bound: a
+    /// saved port bound to a backend that does not exist here, a port out of range or
+    /// listed twice is refused, and the table is left as it was.
+    pub fn restore_state(&self, state: &ChannelsState) -> Result<(), EvtchnError> {
+        let mut inner = self.lock();
+        let mut slots = vec![Slot::Free; MAX_PORTS as usize];
+        for &(port, slot) in &state.ports {
+            let bad = |reason| EvtchnError::BadState { port, reason };
+            let entry = slots
+                .get_mut(port as usize)
+                .ok_or(bad("past the last port"))?;
+            if *entry != Slot::Free {
+                return Err(bad("listed twice"));
+            }
+            match slot {
+                Slot::Free => return Err(bad("listed as free")),
+                Slot::Bound { vcpu, .. } if vcpu >= MAX_VCPUS => {
+                    return Err(bad("bound to a vCPU past the last"))
+                }
+                Slot::Bound { .. } if inner.slots[port as usize] != slot => {
+                    return Err(bad("bound to a backend this machine does not bind there"))
+                }
+                _ => {}
+            }
+            *entry = slot;
+        }
+        for (port, (now, saved)) in inner.slots.iter().zip(&slots).enumerate() {
+            if matches!(now, Slot::Bound { .. }) && now != saved {
+                return Err(EvtchnError::BadState {
+                    port: port as u32,
+                    reason: "a backend's port the snapshot does not have",
+                });
+            }
+        }
+        inner.slots = slots;
+        Ok(())
     }
 
     /// `alloc_unbound`: a new port that `remote_dom` may bind to.
@@ -290,7 +377,7 @@ impl EventChannels {
             Some(Slot::Unbound { .. }) if port != 0 => 0,
             _ => return Err(EvtchnError::BadPort(port)),
         };
-        self.with_word(self.word_addr(MASK_OFFSET, port), |w| {
+        self.update_word(self.word_addr(MASK_OFFSET, port), |w| {
             w.fetch_and(!(1u64 << (port % 64)), SeqCst)
         });
         let pending = self.with_word(self.word_addr(PENDING_OFFSET, port), |w| {
@@ -412,7 +499,7 @@ impl EventChannels {
 impl protocol::Words for EventChannels {
     fn pending_fetch_or(&self, word: u32, mask: u64) -> u64 {
         // A word outside memory reads as already set: nothing is delivered.
-        self.with_word(self.word_addr(PENDING_OFFSET, 64 * word), |w| {
+        self.update_word(self.word_addr(PENDING_OFFSET, 64 * word), |w| {
             w.fetch_or(mask, SeqCst)
         })
         .unwrap_or(mask)
@@ -422,7 +509,7 @@ impl protocol::Words for EventChannels {
             .unwrap_or(u64::MAX)
     }
     fn selector_fetch_or(&self, vcpu: u32, mask: u64) -> u64 {
-        self.with_word(self.vcpu_addr(vcpu, PENDING_SEL), |w| {
+        self.update_word(self.vcpu_addr(vcpu, PENDING_SEL), |w| {
             w.fetch_or(mask, SeqCst)
         })
         .unwrap_or(mask)

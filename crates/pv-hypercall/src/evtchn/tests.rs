@@ -235,3 +235,75 @@ fn the_guest_drives_channels_through_event_channel_op() {
     assert_eq!(call(op::CLOSE, arg), 0);
     assert_eq!(call(op::SEND, arg), -errno::EINVAL);
 }
+
+/// Clear every page's dirty bit; then `pages()` lists the pages written since.
+fn dirty_pages_after(ram: &GuestRam, f: impl FnOnce()) -> Vec<u64> {
+    use std::ops::Deref;
+    use vm_memory::{bitmap::Bitmap, GuestMemoryBackend, GuestMemoryRegion};
+    let region = ram.memory().iter().next().unwrap();
+    region.deref().bitmap().reset();
+    f();
+    (0..256)
+        .filter(|p| region.bitmap().dirty_at(p * 4096))
+        .map(|p| p as u64 * 4096)
+        .collect()
+}
+
+#[test]
+fn a_send_marks_the_shared_info_page_dirty_for_migration() {
+    let (ram, ch, _) = setup();
+    let port = ch.alloc_unbound(0).unwrap();
+    let _end = ch.bind_backend(port, 1, 0).unwrap();
+    // From a backend: pending, selector and upcall-pending bits, all in shared info.
+    assert_eq!(
+        dirty_pages_after(&ram, || ch.notify_guest(port).unwrap()),
+        [SHARED_INFO]
+    );
+    // The guest masks the port; the unmask the VMM does writes the mask word.
+    ram.memory()
+        .write_obj(1u64 << port, GuestAddress(SHARED_INFO + MASK_OFFSET))
+        .unwrap();
+    assert_eq!(
+        dirty_pages_after(&ram, || ch.unmask(port).unwrap()),
+        [SHARED_INFO]
+    );
+}
+
+#[test]
+fn the_table_saves_and_restores_and_refuses_what_does_not_fit() {
+    let (_ram, ch, _) = setup();
+    let backend_port = ch.alloc_unbound(0).unwrap();
+    let _end = ch.bind_backend(backend_port, 1, 0).unwrap();
+    let guest_port = ch.alloc_unbound(7).unwrap();
+    let saved = ch.save_state();
+    // The same set-up elsewhere: the backend bound to the same port.
+    let (_ram2, other, _) = setup();
+    let p = other.alloc_unbound(0).unwrap();
+    let _end2 = other.bind_backend(p, 1, 0).unwrap();
+    other.restore_state(&saved).unwrap();
+    assert_eq!(
+        other.status(guest_port),
+        Ok(PortStatus::Unbound { remote_dom: 7 })
+    );
+    assert_eq!(other.save_state(), saved);
+    // A machine without that backend refuses it, and keeps its table.
+    let (_ram3, bare, _) = setup();
+    let before = bare.save_state();
+    assert!(matches!(
+        bare.restore_state(&saved),
+        Err(EvtchnError::BadState { port, .. }) if port == backend_port
+    ));
+    assert_eq!(bare.save_state(), before);
+    // Nor may a snapshot drop a backend's port.
+    let mut dropped = saved.clone();
+    dropped.ports.retain(|(p, _)| *p != backend_port);
+    assert!(other.restore_state(&dropped).is_err());
+    // Ports out of range, twice, or free.
+    for bad in [
+        vec![(MAX_PORTS, Slot::Unbound { remote_dom: 0 })],
+        vec![(5, Slot::Unbound { remote_dom: 0 }); 2],
+        vec![(5, Slot::Free)],
+    ] {
+        assert!(bare.restore_state(&ChannelsState { ports: bad }).is_err());
+    }
+}

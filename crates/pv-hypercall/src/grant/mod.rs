@@ -172,7 +172,12 @@ impl GrantTable {
         let flags = slice
             .get_atomic_ref::<AtomicU16>(0)
             .map_err(|_| GrantError::BadRef(gref))?;
-        Ok(f(flags))
+        let result = f(flags);
+        // The in-use bits the host sets and clears are guest memory it wrote: mark the
+        // page dirty (an atomic through a reference marks nothing by itself), so a
+        // migration copies it again. Loads mark it too, which costs only a resend.
+        vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, 2);
+        Ok(result)
     }
 
     /// Map grant `gref` for reading, or for writing as well.

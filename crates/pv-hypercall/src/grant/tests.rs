@@ -119,3 +119,19 @@ fn the_table_must_be_in_memory() {
         ));
     }
 }
+
+#[test]
+fn the_in_use_bits_mark_the_table_page_dirty_for_migration() {
+    use std::ops::Deref;
+    use vm_memory::{bitmap::Bitmap, GuestMemoryBackend, GuestMemoryRegion};
+    let (ram, t) = setup();
+    grant(&ram, 3, BACKEND, FRAME, GTF_PERMIT_ACCESS);
+    let region = ram.memory().iter().next().unwrap();
+    region.deref().bitmap().reset();
+    let m = t.map(3, true).unwrap();
+    assert!(region.bitmap().dirty_at(TABLE as usize));
+    region.deref().bitmap().reset();
+    t.unmap(m).unwrap();
+    assert!(region.bitmap().dirty_at(TABLE as usize), "the release too");
+    assert!(!region.bitmap().dirty_at(TABLE as usize + 4096));
+}
