@@ -211,13 +211,21 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                         o.guest_param = 64 | 100 << 16;
                         Guest::MEMCHECK
                     }
+                    "blkcheck" => {
+                        o.guest_param = 1 | 2000 << 16;
+                        Guest::BLKCHECK
+                    }
+                    "pvcheck" => {
+                        o.guest_param = 2000 << 16;
+                        Guest::PVCHECK
+                    }
                     "virtio-blk-flush" => {
                         o.guest_param = 2;
                         Guest::VIRTIO_BLK
                     }
                     other => {
                         return Err(format!(
-                    "unknown guest {other:?} (hello, exit, spin, memcheck, virtio-blk, virtio-blk-flush or virtio-console)"
+                    "unknown guest {other:?} (hello, exit, spin, memcheck, blkcheck, pvcheck, virtio-blk, virtio-blk-flush or virtio-console)"
                 ))
                     }
                 })
@@ -271,16 +279,25 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         return Err("--guest and --kernel exclude each other".into());
     }
     if o.pv {
-        if o.guest.is_some() || o.kernel.is_some() {
-            return Err("--pv runs its own guest: no --guest or --kernel with it".into());
+        if o.kernel.is_some() || o.guest.is_some_and(|g| g != Guest::PVCHECK) {
+            return Err(
+                "--pv runs its own guest (or --guest pvcheck): no other --guest, no --kernel"
+                    .into(),
+            );
         }
         if o.disks.is_empty() {
             return Err("--pv needs a --disk PATH for its PV block device, a raw image the guest may overwrite (truncate -s 16M disk.img, then --pv --disk disk.img)".into());
         }
         // Restored or migrated, the PV guest comes with the state.
-        if o.restore.is_none() && o.migrate_from.is_none() {
+        if o.restore.is_none() && o.migrate_from.is_none() && o.guest.is_none() {
             o.guest = Some(Guest::PV_DEMO);
         }
+    }
+    if o.guest == Some(Guest::PVCHECK) && !o.pv {
+        return Err("--guest pvcheck needs --pv (and a --disk)".into());
+    }
+    if o.guest == Some(Guest::BLKCHECK) && o.disks.is_empty() {
+        return Err("--guest blkcheck needs a --disk it may overwrite".into());
     }
     if o.guest == Some(Guest::VIRTIO_BLK) && o.disks.is_empty() {
         return Err("--guest virtio-blk needs a --disk to test".into());
