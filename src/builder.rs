@@ -115,6 +115,19 @@ pub struct VirtioSlot {
     pub transport: Arc<Mutex<MmioTransport>>,
 }
 
+impl VirtioSlot {
+    /// The transport, locked (a poisoned lock is taken over: the transport's state is
+    /// consistent between register accesses).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, MmioTransport> {
+        self.transport.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The virtio device type behind each of `slots`.
+pub(crate) fn virtio_types(slots: &[VirtioSlot]) -> Vec<u32> {
+    slots.iter().map(|s| s.lock().device_type()).collect()
+}
+
 /// A VM being assembled. See the [module documentation](self).
 pub struct MachineBuilder {
     layout: MemoryLayout,
@@ -214,15 +227,7 @@ impl MachineBuilder {
 
     /// The virtio device type behind each window so far, in order.
     pub fn virtio_types(&self) -> Vec<u32> {
-        self.virtio
-            .iter()
-            .map(|s| {
-                s.transport
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .device_type()
-            })
-            .collect()
+        virtio_types(&self.virtio)
     }
 
     /// Save and restore `part` with this machine in snapshots and migrations, as
@@ -456,17 +461,9 @@ impl MachineBuilder {
         if vcpus.iter().any(VcpuConfig::needs_boot_tables) {
             self.reserve_boot_tables()?;
         }
-        let parts = self.into_parts();
-        let running = RunningVm::start_with_info(parts.vm, vcpus, parts.handler, parts.info)
-            .map_err(BuildError::Start)?;
-        Ok(Machine {
-            running,
-            virtio: parts.virtio,
-            buses: parts.buses,
-            hypercalls: parts.hypercalls,
-            legacy: parts.legacy,
-            parts: parts.snapshot_parts,
-        })
+        self.into_parts()
+            .start_with(|vm, handler, info| RunningVm::start_with_info(vm, vcpus, handler, info))
+            .map_err(BuildError::Start)
     }
 }
 
@@ -488,6 +485,24 @@ pub struct MachineParts {
     pub legacy: LegacyDevices,
     /// The parts saved with the machine in snapshots.
     pub snapshot_parts: Vec<(String, Arc<dyn SnapshotPart>)>,
+}
+
+impl MachineParts {
+    /// Start the vCPUs with `start` (given the VM, the exit handler and the CPUID
+    /// information) and put the machine together.
+    pub fn start_with<E>(
+        self,
+        start: impl FnOnce(Vm, Arc<dyn ExitHandler>, HypervisorInfo) -> Result<RunningVm, E>,
+    ) -> Result<Machine, E> {
+        Ok(Machine {
+            running: start(self.vm, self.handler, self.info)?,
+            virtio: self.virtio,
+            buses: self.buses,
+            hypercalls: self.hypercalls,
+            legacy: self.legacy,
+            parts: self.snapshot_parts,
+        })
+    }
 }
 
 impl std::fmt::Debug for MachineParts {

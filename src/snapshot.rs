@@ -198,10 +198,7 @@ impl Machine {
             part.resume();
         }
         for s in &self.virtio {
-            s.transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .resume_after_snapshot();
+            s.lock().resume_after_snapshot();
         }
         self.running.resume();
     }
@@ -211,16 +208,7 @@ impl Machine {
         MachineInfo {
             ram_bytes: vm.memory().iter().map(|r| r.len()).sum(),
             vcpus: self.running.vcpu_count(),
-            virtio_types: self
-                .virtio
-                .iter()
-                .map(|s| {
-                    s.transport
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .device_type()
-                })
-                .collect(),
+            virtio_types: crate::builder::virtio_types(&self.virtio),
             hypercalls: self.hypercalls.is_some(),
             parts: self.parts.iter().map(|(n, _)| n.clone()).collect(),
         }
@@ -304,12 +292,7 @@ impl Machine {
         let transports: Vec<_> = self
             .virtio
             .iter()
-            .map(|s| {
-                s.transport
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pause_for_snapshot()
-            })
+            .map(|s| s.lock().pause_for_snapshot())
             .collect();
         let pause = start.elapsed();
         let mut b = SnapshotBuilder::new();
@@ -472,26 +455,14 @@ impl MachineBuilder {
         // interrupt they raise is not lost under the restored state.
         for (i, slot) in self.virtio_slots().iter().enumerate() {
             let state = s.load(&virtio_section(i)).map_err(file)?;
-            slot.transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .restore_state(&state)
-                .map_err(device)?;
+            slot.lock().restore_state(&state).map_err(device)?;
         }
         for (name, part) in self.snapshot_part_list() {
             let state: PartState = s.load(&part_section(name)).map_err(file)?;
             part.restore(&state.0)?;
         }
-        let parts = self.into_parts();
-        let running = RunningVm::start_restored(parts.vm, &vcpus, parts.handler)
-            .map_err(MachineSnapshotError::Start)?;
-        Ok(Machine {
-            running,
-            virtio: parts.virtio,
-            buses: parts.buses,
-            hypercalls: parts.hypercalls,
-            legacy: parts.legacy,
-            parts: parts.snapshot_parts,
-        })
+        self.into_parts()
+            .start_with(|vm, handler, _| RunningVm::start_restored(vm, &vcpus, handler))
+            .map_err(MachineSnapshotError::Start)
     }
 }

@@ -15,30 +15,14 @@ use common::*;
 use vmcraft::builder::{Machine, MachineBuilder};
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::migration::{MigrationError, MigrationOptions};
-use vmcraft::vcpu::VcpuConfig;
-use vmcraft_guest_kit::{memcheck_output, Guest};
+use vmcraft_guest_kit::memcheck_output;
 
 const MIB: u64 = 64;
 const ROUNDS: u64 = 40;
-const RAM: u64 = (16 + MIB + 16) << 20;
 const SECRET: &[u8] = b"a secret both VMMs were given";
 
 fn start_memcheck(serial: &SharedBuffer) -> Machine {
-    let mut b = machine_builder(RAM, Box::new(serial.clone()));
-    let guest = Guest::MEMCHECK;
-    b.load(guest.image()).unwrap();
-    b.start(&[VcpuConfig::at(guest.entry(0, MIB | ROUNDS << 16))])
-        .unwrap()
-}
-
-fn finish(m: Machine, serial: &SharedBuffer, what: &str) {
-    let outcome = m.running.wait_timeout(Duration::from_secs(120)).unwrap();
-    assert_eq!(
-        outcome.reason,
-        vmcraft_guest_kit::exited(0),
-        "{what}: {}",
-        String::from_utf8_lossy(&serial.contents())
-    );
+    common::start_memcheck(serial, MIB, ROUNDS)
 }
 
 /// Receive one migration on `listener` with `secret`, add devices with `devices`,
@@ -184,41 +168,22 @@ fn a_connection_cut_mid_copy_leaves_the_source_running_and_nothing_at_the_destin
     assert_eq!(String::from_utf8_lossy(&src_serial.contents()), expected);
 }
 
-fn blk(b: &mut MachineBuilder, image: &std::path::Path) {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
-        .unwrap();
-    let disk = vmcraft::devices::virtio::block::Disk::new(file, false, "mig").unwrap();
-    b.add_virtio(Box::new(vmcraft::devices::virtio::block::Block::new(
-        disk, "vblk0",
-    )))
-    .unwrap();
-}
-
-/// The disk is shared (both VMMs open the same image, as with network storage); the
-/// requests in flight when the source stops complete there or at the destination,
-/// never twice and never lost.
-#[test]
-fn virtio_blk_requests_in_flight_migrate() {
-    const BLK_ROUNDS: u64 = 1500;
-    let expected = vmcraft_guest_kit::blkcheck_output(BLK_ROUNDS);
-    let image = ScratchImage::new("migrate-blk", 1 << 20);
-    let path = image.path().to_owned();
+/// `kind` with block requests in flight migrates; the disk is shared (both VMMs
+/// open the same image, as with network storage). The requests in flight when the
+/// source stops complete there or at the destination, never twice and never lost.
+fn disk_requests_in_flight_migrate(kind: DiskGuest) {
+    const DISK_ROUNDS: u64 = 1500;
+    let expected = kind.expected(DISK_ROUNDS);
+    let image = ScratchImage::new(&format!("migrate-{kind:?}"), 1 << 20);
     let src_serial = SharedBuffer::new();
-    let mut b = machine_builder(32 << 20, Box::new(src_serial.clone()));
-    blk(&mut b, &path);
-    let guest = Guest::BLKCHECK;
-    b.load(guest.image()).unwrap();
-    let src = b
-        .start(&[VcpuConfig::at(guest.entry(0, 1 | BLK_ROUNDS << 16))])
-        .unwrap();
+    let src = kind.start(&src_serial, image.path(), DISK_ROUNDS);
     assert!(eventually(60, || src_serial.contents().len() > 20 * 28));
     let (l, addr) = listener();
     let dst_serial = SharedBuffer::new();
-    let dst_path = path.clone();
-    let dst = destination(l, SECRET, dst_serial.clone(), move |b| blk(b, &dst_path));
+    let path = image.path().to_owned();
+    let dst = destination(l, SECRET, dst_serial.clone(), move |b| {
+        kind.attach(b, &path)
+    });
     let report = src
         .migrate(
             TcpStream::connect(addr).unwrap(),
@@ -226,7 +191,7 @@ fn virtio_blk_requests_in_flight_migrate() {
             MigrationOptions::default(),
         )
         .unwrap();
-    eprintln!("{report:?}");
+    eprintln!("{kind:?}: {report:?}");
     let before = src_serial.contents();
     assert!(
         before.len() < expected.len(),
@@ -240,52 +205,15 @@ fn virtio_blk_requests_in_flight_migrate() {
     assert_eq!(String::from_utf8_lossy(&whole), expected);
 }
 
-/// A guest with PV blkif batches in flight (grants, event channels, the doorbell)
-/// migrates: the destination starts its own PV backends on the arriving memory, and
-/// the event-channel table comes with the state.
+#[test]
+fn virtio_blk_requests_in_flight_migrate() {
+    disk_requests_in_flight_migrate(DiskGuest::VirtioBlk);
+}
+
+/// The same through the PV channel (grants, event channels, the doorbell): the
+/// destination starts its own PV backends on the arriving memory, and the
+/// event-channel table comes with the state.
 #[test]
 fn pv_rings_and_event_channels_in_flight_migrate() {
-    const PV_ROUNDS: u64 = 1500;
-    let expected = vmcraft_guest_kit::pvcheck_output(PV_ROUNDS);
-    let image = ScratchImage::new("migrate-pv", 1 << 20);
-    let src_serial = SharedBuffer::new();
-    let mut b = machine_builder(32 << 20, Box::new(src_serial.clone()));
-    let _pv = add_pv(&mut b, image.file(), Box::new(std::io::sink()));
-    let guest = Guest::PVCHECK;
-    b.load(guest.image()).unwrap();
-    let src = b
-        .start(&[VcpuConfig::at(guest.entry(0, PV_ROUNDS << 16))])
-        .unwrap();
-    assert!(eventually(60, || src_serial.contents().len() > 20 * 28));
-    let (l, addr) = listener();
-    let dst_serial = SharedBuffer::new();
-    let dst_out = dst_serial.clone();
-    let disk = image.file();
-    let dst = std::thread::spawn(move || {
-        let (stream, _) = l.accept().unwrap();
-        sandboxed();
-        let (mut b, incoming) =
-            MachineBuilder::accept_migration(stream, SECRET, Box::new(dst_out))?;
-        let pv = add_pv(&mut b, disk, Box::new(std::io::sink()));
-        incoming.start(b).map(|m| (m, pv, dst_serial))
-    });
-    let report = src
-        .migrate(
-            TcpStream::connect(addr).unwrap(),
-            SECRET,
-            MigrationOptions::default(),
-        )
-        .unwrap();
-    eprintln!("{report:?}");
-    let before = src_serial.contents();
-    assert!(
-        before.len() < expected.len(),
-        "the guest ended before the migration"
-    );
-    src.running.wait_timeout(Duration::from_secs(10)).unwrap();
-    let (dst, _pv, dst_serial) = dst.join().unwrap().unwrap();
-    finish(dst, &dst_serial, "the destination");
-    let mut whole = before;
-    whole.extend(dst_serial.contents());
-    assert_eq!(String::from_utf8_lossy(&whole), expected);
+    disk_requests_in_flight_migrate(DiskGuest::Pv);
 }

@@ -37,11 +37,7 @@ impl Drop for Dir {
 }
 
 fn start_memcheck(serial: &SharedBuffer) -> Machine {
-    let mut b = machine_builder(RAM, Box::new(serial.clone()));
-    let guest = Guest::MEMCHECK;
-    b.load(guest.image()).unwrap();
-    b.start(&[VcpuConfig::at(guest.entry(0, MIB | ROUNDS << 16))])
-        .unwrap()
+    common::start_memcheck(serial, MIB, ROUNDS)
 }
 
 fn restore(dir: &Dir, serial: &SharedBuffer) -> Result<Machine, MachineSnapshotError> {
@@ -49,17 +45,6 @@ fn restore(dir: &Dir, serial: &SharedBuffer) -> Result<Machine, MachineSnapshotE
     let (b, saved) = MachineBuilder::from_snapshot(&dir.0, Box::new(serial.clone()))?;
     assert_eq!(saved.info().ram_bytes, RAM);
     b.start_restored(&saved)
-}
-
-fn finish(m: Machine, serial: &SharedBuffer, what: &str) {
-    let outcome = m.running.wait_timeout(Duration::from_secs(60)).unwrap();
-    assert_eq!(
-        outcome.reason,
-        vmcraft_guest_kit::exited(0),
-        "{what}: {}\nwarnings: {:?}",
-        String::from_utf8_lossy(&serial.contents()),
-        logged_warnings()
-    );
 }
 
 #[test]
@@ -245,144 +230,67 @@ fn a_port_read_in_flight_at_the_snapshot_completes_before_the_state_is_saved() {
     assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0x5a5a_5a5a));
 }
 
-/// A machine whose virtio-blk device (on `image`) the blkcheck guest drives.
-fn blk_machine(b: &mut MachineBuilder, image: &std::path::Path) {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
+/// Snapshots taken while `kind` keeps batches of block requests in flight: some catch
+/// requests the device has not taken yet, some the device is serving, some completed
+/// that the guest has not seen. The original goes on after each, and every snapshot
+/// restored later (on a copy of the disk taken with it) runs to the end with every
+/// page checked and its output continuing exactly where the snapshot cut it.
+fn disk_requests_in_flight_survive_snapshots(kind: DiskGuest) {
+    const DISK_ROUNDS: u64 = 400;
+    record_warnings();
+    let expected = kind.expected(DISK_ROUNDS);
+    let dir = Dir::new(&format!("snapshot-{kind:?}"));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let image = dir.0.join("disk");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
         .unwrap();
-    let disk = vmcraft::devices::virtio::block::Disk::new(file, false, "snap").unwrap();
-    b.add_virtio(Box::new(vmcraft::devices::virtio::block::Block::new(
-        disk, "vblk0",
-    )))
-    .unwrap();
+    let serial = SharedBuffer::new();
+    let m = kind.start(&serial, &image, DISK_ROUNDS);
+    let mut taken = Vec::new();
+    while m.running.stop_reason().is_none() && taken.len() < 6 {
+        std::thread::sleep(Duration::from_millis(15));
+        let snap = dir.0.join(format!("snap{}", taken.len()));
+        m.snapshot(&snap).unwrap();
+        std::fs::copy(&image, snap.join("disk")).unwrap();
+        taken.push((snap, serial.contents()));
+        m.resume();
+    }
+    finish(m, &serial, "the original, snapshotted and resumed");
+    assert_eq!(String::from_utf8_lossy(&serial.contents()), expected);
+    assert!(
+        taken.len() >= 3,
+        "only {} snapshots before the end",
+        taken.len()
+    );
+    for (snap, before) in taken {
+        sandboxed();
+        let after = SharedBuffer::new();
+        let (mut b, saved) = MachineBuilder::from_snapshot(&snap, Box::new(after.clone())).unwrap();
+        kind.attach(&mut b, &snap.join("disk"));
+        let m = b.start_restored(&saved).unwrap();
+        finish(m, &after, &format!("restored from {}", snap.display()));
+        let mut whole = before;
+        whole.extend(after.contents());
+        assert_eq!(
+            String::from_utf8_lossy(&whole),
+            expected,
+            "{}",
+            snap.display()
+        );
+    }
 }
 
-/// Snapshots taken while the guest keeps batches of virtio-blk requests in flight:
-/// some catch requests the device has not taken yet, some the device is serving, some
-/// completed that the guest has not seen. The original goes on after each, and every
-/// snapshot restored later (on a copy of the disk taken with it) runs to the end with
-/// every page checked and its output continuing exactly where the snapshot cut it.
 #[test]
 fn virtio_blk_requests_in_flight_survive_snapshots() {
-    record_warnings();
-    const BLK_ROUNDS: u64 = 400;
-    let expected = vmcraft_guest_kit::blkcheck_output(BLK_ROUNDS);
-    let dir = Dir::new("snapshot-blk");
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let image = dir.0.join("disk");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let serial = SharedBuffer::new();
-    let mut b = machine_builder(32 << 20, Box::new(serial.clone()));
-    blk_machine(&mut b, &image);
-    let guest = Guest::BLKCHECK;
-    b.load(guest.image()).unwrap();
-    let m = b
-        .start(&[VcpuConfig::at(guest.entry(0, 1 | BLK_ROUNDS << 16))])
-        .unwrap();
-    let mut taken = Vec::new();
-    while m.running.stop_reason().is_none() && taken.len() < 6 {
-        std::thread::sleep(Duration::from_millis(15));
-        let snap = dir.0.join(format!("snap{}", taken.len()));
-        m.snapshot(&snap).unwrap();
-        std::fs::copy(&image, snap.join("disk")).unwrap();
-        taken.push((snap, serial.contents()));
-        m.resume();
-    }
-    finish(m, &serial, "the original, snapshotted and resumed");
-    assert_eq!(String::from_utf8_lossy(&serial.contents()), expected);
-    assert!(
-        taken.len() >= 3,
-        "only {} snapshots before the end",
-        taken.len()
-    );
-    for (snap, before) in taken {
-        sandboxed();
-        let after = SharedBuffer::new();
-        let (mut b, saved) = MachineBuilder::from_snapshot(&snap, Box::new(after.clone())).unwrap();
-        blk_machine(&mut b, &snap.join("disk"));
-        let m = b.start_restored(&saved).unwrap();
-        finish(m, &after, &format!("restored from {}", snap.display()));
-        let mut whole = before;
-        whole.extend(after.contents());
-        assert_eq!(
-            String::from_utf8_lossy(&whole),
-            expected,
-            "{}",
-            snap.display()
-        );
-    }
+    disk_requests_in_flight_survive_snapshots(DiskGuest::VirtioBlk);
 }
 
-fn open_rw(path: &std::path::Path) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap()
-}
-
-/// The same for the paravirtual channel: a guest keeping blkif batches in flight
-/// through grants and event channels, snapshotted several times; each snapshot
-/// restored later (PV backends started on the restored memory, the event-channel
-/// table put back) runs to the end.
+/// The same through the paravirtual channel (grants, event channels, the doorbell):
+/// the restored machine starts PV backends on the restored memory, and the
+/// event-channel table comes back with the state.
 #[test]
 fn pv_rings_and_event_channels_in_flight_survive_snapshots() {
-    const PV_ROUNDS: u64 = 400;
-    let expected = vmcraft_guest_kit::pvcheck_output(PV_ROUNDS);
-    let dir = Dir::new("snapshot-pv");
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let image = dir.0.join("disk");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let serial = SharedBuffer::new();
-    let mut b = machine_builder(32 << 20, Box::new(serial.clone()));
-    let _pv = add_pv(&mut b, open_rw(&image), Box::new(std::io::sink()));
-    let guest = Guest::PVCHECK;
-    b.load(guest.image()).unwrap();
-    let m = b
-        .start(&[VcpuConfig::at(guest.entry(0, PV_ROUNDS << 16))])
-        .unwrap();
-    let mut taken = Vec::new();
-    while m.running.stop_reason().is_none() && taken.len() < 6 {
-        std::thread::sleep(Duration::from_millis(15));
-        let snap = dir.0.join(format!("snap{}", taken.len()));
-        m.snapshot(&snap).unwrap();
-        std::fs::copy(&image, snap.join("disk")).unwrap();
-        taken.push((snap, serial.contents()));
-        m.resume();
-    }
-    finish(m, &serial, "the original, snapshotted and resumed");
-    assert_eq!(String::from_utf8_lossy(&serial.contents()), expected);
-    assert!(
-        taken.len() >= 3,
-        "only {} snapshots before the end",
-        taken.len()
-    );
-    for (snap, before) in taken {
-        sandboxed();
-        let after = SharedBuffer::new();
-        let (mut b, saved) = MachineBuilder::from_snapshot(&snap, Box::new(after.clone())).unwrap();
-        let _pv = add_pv(
-            &mut b,
-            open_rw(&snap.join("disk")),
-            Box::new(std::io::sink()),
-        );
-        let m = b.start_restored(&saved).unwrap();
-        finish(m, &after, &format!("restored from {}", snap.display()));
-        let mut whole = before;
-        whole.extend(after.contents());
-        assert_eq!(
-            String::from_utf8_lossy(&whole),
-            expected,
-            "{}",
-            snap.display()
-        );
-    }
+    disk_requests_in_flight_survive_snapshots(DiskGuest::Pv);
 }

@@ -321,3 +321,91 @@ pub fn add_pv(
     b.add_snapshot_part("pv", pv.clone());
     pv
 }
+
+/// Start the memcheck guest over `mib` MiB for `rounds` rounds, COM1 into `serial`,
+/// in a VM with 32 MiB to spare.
+pub fn start_memcheck(serial: &SharedBuffer, mib: u64, rounds: u64) -> vmcraft::builder::Machine {
+    let mut b = machine_builder((mib + 32) << 20, Box::new(serial.clone()));
+    let guest = Guest::MEMCHECK;
+    b.load(guest.image()).unwrap();
+    b.start(&[VcpuConfig::at(guest.entry(0, mib | rounds << 16))])
+        .unwrap()
+}
+
+/// Wait (at most two minutes) for `m`'s guest to exit with code 0; the failure says
+/// what COM1 (`serial`) and the library's warnings said.
+pub fn finish(m: vmcraft::builder::Machine, serial: &SharedBuffer, what: &str) {
+    let outcome = m.running.wait_timeout(Duration::from_secs(120)).unwrap();
+    assert_eq!(
+        outcome.reason,
+        vmcraft_guest_kit::exited(0),
+        "{what}: {}\nwarnings: {:?}",
+        String::from_utf8_lossy(&serial.contents()),
+        logged_warnings()
+    );
+}
+
+/// The file at `path`, open for reading and writing.
+pub fn open_rw(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap()
+}
+
+/// A guest that keeps block requests in flight on a disk, for snapshot and migration
+/// tests: blkcheck on virtio-blk, or pvcheck on the PV channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskGuest {
+    /// Batches of virtio-blk requests.
+    VirtioBlk,
+    /// Batches of blkif requests through grants and event channels.
+    Pv,
+}
+
+impl DiskGuest {
+    /// The output of an undisturbed run of `rounds` rounds.
+    pub fn expected(self, rounds: u64) -> String {
+        match self {
+            DiskGuest::VirtioBlk => vmcraft_guest_kit::blkcheck_output(rounds),
+            DiskGuest::Pv => vmcraft_guest_kit::pvcheck_output(rounds),
+        }
+    }
+
+    /// Put its disk device, on the image at `path`, on `b` (the PV backends as the
+    /// snapshot part `pv`).
+    pub fn attach(self, b: &mut MachineBuilder, path: &std::path::Path) {
+        match self {
+            DiskGuest::VirtioBlk => {
+                let disk = vmcraft::devices::virtio::block::Disk::new(open_rw(path), false, "test")
+                    .unwrap();
+                b.add_virtio(Box::new(vmcraft::devices::virtio::block::Block::new(
+                    disk, "vblk0",
+                )))
+                .unwrap();
+            }
+            DiskGuest::Pv => {
+                add_pv(b, open_rw(path), Box::new(std::io::sink()));
+            }
+        }
+    }
+
+    /// Start it for `rounds` rounds on the image at `path` in a 32 MiB VM, COM1 into
+    /// `serial`.
+    pub fn start(
+        self,
+        serial: &SharedBuffer,
+        path: &std::path::Path,
+        rounds: u64,
+    ) -> vmcraft::builder::Machine {
+        let mut b = machine_builder(32 << 20, Box::new(serial.clone()));
+        self.attach(&mut b, path);
+        let (guest, param) = match self {
+            DiskGuest::VirtioBlk => (Guest::BLKCHECK, 1 | rounds << 16),
+            DiskGuest::Pv => (Guest::PVCHECK, rounds << 16),
+        };
+        b.load(guest.image()).unwrap();
+        b.start(&[VcpuConfig::at(guest.entry(0, param))]).unwrap()
+    }
+}

@@ -209,30 +209,16 @@ pub fn create_vcpus(
     handler: Arc<dyn ExitHandler>,
     info: HypervisorInfo,
 ) -> Result<Vec<Vcpu>, VmError> {
-    if configs.is_empty() {
-        return Err(VmError::NoVcpus);
-    }
-    install_kick_handler()?;
     if configs.iter().any(VcpuConfig::needs_boot_tables) {
         mode::write_boot_tables(vm.memory())
             .map_err(|source| VmError::Mode { index: 0, source })?;
     }
     let count = configs.len() as u32;
-    let run_size = vm
-        .kvm()
-        .get_vcpu_mmap_size()
-        .map_err(|source| VmError::CreateVcpu { index: 0, source })?;
-    let mut vcpus = Vec::with_capacity(configs.len());
-    for (i, config) in configs.iter().enumerate() {
-        let index = i as u32;
-        let fd = vm
-            .fd()
-            .create_vcpu(i as u64)
-            .map_err(|source| VmError::CreateVcpu { index, source })?;
-        cpu::configure(vm.kvm(), &fd, index, count, info)
+    new_vcpus(vm, configs, handler, |index, fd, config| {
+        cpu::configure(vm.kvm(), fd, index, count, info)
             .map_err(|source| VmError::Cpu { index, source })?;
         if let Some(entry) = config.entry {
-            mode::enter(&fd, entry).map_err(|source| VmError::Mode { index, source })?;
+            mode::enter(fd, entry).map_err(|source| VmError::Mode { index, source })?;
             // KVM keeps application processors waiting for SIPI; this one starts now.
             let runnable = kvm_bindings::kvm_mp_state {
                 mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
@@ -242,16 +228,8 @@ pub fn create_vcpus(
                 source: ModeError::Kvm("make the vCPU runnable", source),
             })?;
         }
-        vcpus.push(Vcpu {
-            index,
-            fd,
-            run_size,
-            handler: handler.clone(),
-            stats: Arc::new(ExitStats::default()),
-            pio_buf: Box::new([0; 4096]),
-        });
-    }
-    Ok(vcpus)
+        Ok(())
+    })
 }
 
 /// Create one vCPU per state of `states` in `vm` and put each state back
@@ -262,7 +240,22 @@ pub fn restore_vcpus(
     states: &[VcpuState],
     handler: Arc<dyn ExitHandler>,
 ) -> Result<Vec<Vcpu>, VmError> {
-    if states.is_empty() {
+    new_vcpus(vm, states, handler, |index, fd, state| {
+        state
+            .restore(fd, index)
+            .map_err(|source| VmError::Restore { index, source })
+    })
+}
+
+/// One vCPU per item of `items` in `vm`, each set up by `setup` (its index, its fd,
+/// its item), with every exit going to `handler`; installs the kick signal handler.
+fn new_vcpus<T>(
+    vm: &Vm,
+    items: &[T],
+    handler: Arc<dyn ExitHandler>,
+    mut setup: impl FnMut(u32, &VcpuFd, &T) -> Result<(), VmError>,
+) -> Result<Vec<Vcpu>, VmError> {
+    if items.is_empty() {
         return Err(VmError::NoVcpus);
     }
     install_kick_handler()?;
@@ -270,16 +263,14 @@ pub fn restore_vcpus(
         .kvm()
         .get_vcpu_mmap_size()
         .map_err(|source| VmError::CreateVcpu { index: 0, source })?;
-    let mut vcpus = Vec::with_capacity(states.len());
-    for (i, state) in states.iter().enumerate() {
+    let mut vcpus = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
         let index = i as u32;
         let fd = vm
             .fd()
             .create_vcpu(i as u64)
             .map_err(|source| VmError::CreateVcpu { index, source })?;
-        state
-            .restore(&fd, index)
-            .map_err(|source| VmError::Restore { index, source })?;
+        setup(index, &fd, item)?;
         vcpus.push(Vcpu {
             index,
             fd,
