@@ -61,6 +61,29 @@ fn watch(vms: &[&RunningVm], peak: &mut u64) {
     }
 }
 
+/// The hostile VM ended as its guest says a flood of `kind` ends (exit code 0,
+/// `flood <kind> done <rounds>` on COM1); returns what COM1 said.
+fn flood_ended(
+    running: RunningVm,
+    serial: &SharedBuffer,
+    kind: u64,
+    rounds: u64,
+    what: &str,
+) -> String {
+    let out = running.wait_timeout(Duration::from_secs(1)).unwrap();
+    let console = String::from_utf8_lossy(&serial.contents()).into_owned();
+    assert_eq!(
+        out.reason,
+        vmcraft_guest_kit::exited(0),
+        "flood {kind} ({what}): {console}"
+    );
+    assert!(
+        console.contains(&format!("flood {kind:#018x} done {rounds:#018x}")),
+        "flood {kind} ({what}): {console}"
+    );
+    console
+}
+
 fn virtio_flood(kind: u64, rounds: u64, what: &str, peak: &mut u64) {
     let (_hostile_image, hostile_disk) = disk(&format!("flood-{kind}"));
     let (_good_image, good_disk) = disk(&format!("flood-good-{kind}"));
@@ -75,21 +98,8 @@ fn virtio_flood(kind: u64, rounds: u64, what: &str, peak: &mut u64) {
         vec![Box::new(Block::new(good_disk, "vblk1"))],
     );
     watch(&[&hostile.running, &good.running], peak);
-    let flood_out = hostile
-        .running
-        .wait_timeout(Duration::from_secs(1))
-        .unwrap();
+    flood_ended(hostile.running, &hostile.serial, kind, rounds, what);
     let good_out = good.running.wait_timeout(Duration::from_secs(1)).unwrap();
-    let console = String::from_utf8_lossy(&hostile.serial.contents()).into_owned();
-    assert_eq!(
-        flood_out.reason,
-        vmcraft_guest_kit::exited(0),
-        "flood {kind} ({what}): {console}"
-    );
-    assert!(
-        console.contains(&format!("flood {kind:#018x} done {rounds:#018x}")),
-        "flood {kind} ({what}): {console}"
-    );
     assert_eq!(
         good_out.reason,
         vmcraft_guest_kit::exited(0),
@@ -134,21 +144,8 @@ fn pv_flood(kind: u64, rounds: u64, what: &str, peak: &mut u64) {
     let hostile = start_pv_vm(Guest::PV_FLOOD, kind | rounds << 8, "pv-flood");
     let good = start_pv_vm(Guest::PV_DEMO, 0, "pv-flood-good");
     watch(&[&hostile.running, &good.running], peak);
-    let flood_out = hostile
-        .running
-        .wait_timeout(Duration::from_secs(1))
-        .unwrap();
+    let serial = flood_ended(hostile.running, &hostile.serial, kind, rounds, what);
     let good_out = good.running.wait_timeout(Duration::from_secs(1)).unwrap();
-    let serial = String::from_utf8_lossy(&hostile.serial.contents()).into_owned();
-    assert_eq!(
-        flood_out.reason,
-        vmcraft_guest_kit::exited(0),
-        "PV flood {kind} ({what}): {serial}"
-    );
-    assert!(
-        serial.contains(&format!("flood {kind:#018x} done {rounds:#018x}")),
-        "PV flood {kind} ({what}): {serial}"
-    );
     // The console backend is a thread of its own: its output comes a moment later.
     assert!(
         eventually(10, || hostile.console.contents()

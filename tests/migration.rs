@@ -42,6 +42,29 @@ fn destination(
     })
 }
 
+/// Migrate `src` to a destination in another thread whose devices `devices` adds;
+/// returns the report, the destination's machine (to be joined) and its COM1.
+fn migrate_to_a_thread(
+    src: &Machine,
+    devices: impl FnOnce(&mut MachineBuilder) + Send + 'static,
+) -> (
+    vmcraft::migration::MigrationReport,
+    std::thread::JoinHandle<Result<Machine, MigrationError>>,
+    SharedBuffer,
+) {
+    let (l, addr) = listener();
+    let dst_serial = SharedBuffer::new();
+    let dst = destination(l, SECRET, dst_serial.clone(), devices);
+    let report = src
+        .migrate(
+            TcpStream::connect(addr).unwrap(),
+            SECRET,
+            MigrationOptions::default(),
+        )
+        .unwrap();
+    (report, dst, dst_serial)
+}
+
 fn listener() -> (TcpListener, std::net::SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let a = l.local_addr().unwrap();
@@ -54,16 +77,7 @@ fn a_guest_rewriting_its_memory_migrates_with_nothing_lost_or_repeated() {
     let src_serial = SharedBuffer::new();
     let src = start_memcheck(&src_serial);
     assert!(eventually(60, || src_serial.contents().len() > 2 * 40));
-    let (l, addr) = listener();
-    let dst_serial = SharedBuffer::new();
-    let dst = destination(l, SECRET, dst_serial.clone(), |_| {});
-    let report = src
-        .migrate(
-            TcpStream::connect(addr).unwrap(),
-            SECRET,
-            MigrationOptions::default(),
-        )
-        .unwrap();
+    let (report, dst, dst_serial) = migrate_to_a_thread(&src, |_| {});
     eprintln!("{report:?}");
     let before = src_serial.contents();
     let outcome = src.running.wait_timeout(Duration::from_secs(10)).unwrap();
@@ -178,19 +192,8 @@ fn disk_requests_in_flight_migrate(kind: DiskGuest) {
     let src_serial = SharedBuffer::new();
     let src = kind.start(&src_serial, image.path(), DISK_ROUNDS);
     assert!(eventually(60, || src_serial.contents().len() > 20 * 28));
-    let (l, addr) = listener();
-    let dst_serial = SharedBuffer::new();
     let path = image.path().to_owned();
-    let dst = destination(l, SECRET, dst_serial.clone(), move |b| {
-        kind.attach(b, &path)
-    });
-    let report = src
-        .migrate(
-            TcpStream::connect(addr).unwrap(),
-            SECRET,
-            MigrationOptions::default(),
-        )
-        .unwrap();
+    let (report, dst, dst_serial) = migrate_to_a_thread(&src, move |b| kind.attach(b, &path));
     eprintln!("{kind:?}: {report:?}");
     let before = src_serial.contents();
     assert!(
