@@ -294,3 +294,41 @@ fn virtio_blk_requests_in_flight_survive_snapshots() {
 fn pv_rings_and_event_channels_in_flight_survive_snapshots() {
     disk_requests_in_flight_survive_snapshots(DiskGuest::Pv);
 }
+
+/// Every vCPU is saved and put back: two vCPUs each counting in their own word are
+/// snapshotted; in the restored machine both words start where the snapshot has them
+/// and both go on counting.
+#[test]
+fn every_vcpu_of_a_two_vcpu_machine_is_restored() {
+    use vm_memory::Bytes;
+    let mut b = machine_builder(16 << 20, Box::new(std::io::sink()));
+    let guest = Guest::COUNTER;
+    b.load(guest.image()).unwrap();
+    let vcpus: Vec<_> = (0..2).map(|i| VcpuConfig::at(guest.entry(i, 0))).collect();
+    let m = b.start(&vcpus).unwrap();
+    let count = |m: &Machine, i: u32| -> u64 {
+        m.running
+            .vm()
+            .memory()
+            .read_obj(Guest::counter_addr(i))
+            .unwrap()
+    };
+    assert!(eventually(20, || count(&m, 0) > 0 && count(&m, 1) > 0));
+    let dir = Dir::new("snapshot-two-vcpus");
+    m.snapshot(&dir.0).unwrap();
+    let saved = [count(&m, 0), count(&m, 1)];
+    drop(m);
+    sandboxed();
+    let (b, snapshot) = MachineBuilder::from_snapshot(&dir.0, Box::new(std::io::sink())).unwrap();
+    assert_eq!(snapshot.info().vcpus, 2);
+    // Before the vCPUs run, memory is the snapshot's.
+    let at_restore = [0, 1].map(|i| b.memory().read_obj::<u64>(Guest::counter_addr(i)).unwrap());
+    assert_eq!(at_restore, saved);
+    let m = b.start_restored(&snapshot).unwrap();
+    for i in 0..2 {
+        assert!(
+            eventually(20, || count(&m, i) > saved[i as usize] + 1000),
+            "vCPU {i} does not count on after the restore"
+        );
+    }
+}
