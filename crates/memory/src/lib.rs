@@ -6,6 +6,7 @@
 //!   backend, registered with KVM as memory slots, with dirty-page tracking that merges
 //!   the guest's writes (KVM's log) with the VMM's own writes (vm-memory's bitmap).
 //! * [`mmio`]: an allocator for guest-physical MMIO windows.
+//! * [`discard`]: guest pages given back to the host (a balloon's, reported free ones).
 //! * [`host_usage`]: the host memory the VMM process and its guest RAM use.
 //! * [`poll`]: how long a device thread spins on a ring in guest memory before it
 //!   sleeps (adaptive polling, shared by the virtio and PV back ends).
@@ -23,6 +24,7 @@
 //! assert_eq!(ram.memory().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
 //! ```
 
+pub mod discard;
 pub mod host_usage;
 pub mod layout;
 pub mod mmio;

@@ -10,6 +10,8 @@
 //!   raises a configuration interrupt, and stops serving that device only.
 //! * [`block::Block`]: virtio-blk on a raw image file, served on its own I/O thread.
 //! * [`rng::Rng`]: virtio-rng from the host's getrandom.
+//! * [`balloon::Balloon`]: virtio-balloon: inflate, deflate, statistics and free page
+//!   reporting, the pages given back freed on the host.
 //! * [`console::Console`]: virtio-console, one port, to any writer and from any fd.
 //! * [`net::Net`]: virtio-net on a [`tap::Tap`] or any other frame backend.
 //! * [`queue`]: the serving loop and chain checks the devices share.
@@ -18,6 +20,7 @@
 //! register them with KVM as ioeventfds on the QueueNotify register so a notification
 //! never leaves the kernel; without that, the transport signals them itself.
 
+pub mod balloon;
 pub mod block;
 pub mod chain_buffers;
 pub mod console;
