@@ -1,5 +1,7 @@
-//! Hypercall dispatch with arbitrary numbers, arguments and guest memory: the result
-//! is a non-negative value or one of -EFAULT, -EINVAL, -ENOSYS, never a panic.
+//! Hypercall dispatch with arbitrary numbers, arguments and guest memory, Xen's
+//! `memory_op` (the PV balloon) among the calls: the result is a non-negative value or
+//! one of -EFAULT, -EINVAL, -ENOSYS, never a panic, and the guest never gives up more
+//! pages than it has.
 #![no_main]
 
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use vmcraft_memory::{layout::MemoryLayout, GuestRam};
 use vmcraft_pv_hypercall::hypercall::{
     errno, HypercallArgs, HypercallContext, HypercallFault, HypercallTable,
 };
+use vmcraft_pv_hypercall::reservation::{Reservation, HYPERVISOR_MEMORY_OP};
 
 fn table() -> HypercallTable {
     let mut t = HypercallTable::new();
@@ -43,7 +46,9 @@ fn table() -> HypercallTable {
 
 fuzz_target!(|data: &[u8]| {
     let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
-    let table = table();
+    let mut table = table();
+    let reservation = Arc::new(Reservation::new(ram.memory().clone()));
+    reservation.register_hypercalls(&mut table).unwrap();
     let ctx = HypercallContext {
         vcpu: 0,
         memory: ram.memory(),
@@ -54,9 +59,16 @@ fuzz_target!(|data: &[u8]| {
         }
         let word = |i: usize| u64::from_le_bytes(call[8 * i..8 * i + 8].try_into().unwrap());
         // Small numbers and addresses are likelier to reach the handlers.
+        let nr = [0, 1, 2, 3, HYPERVISOR_MEMORY_OP][(word(0) % 5) as usize];
+        // memory_op's first argument is a small command number.
+        let a1 = if nr == HYPERVISOR_MEMORY_OP {
+            word(1) % 8
+        } else {
+            word(1) % (2 << 20)
+        };
         let args = HypercallArgs::from_registers(
-            word(0) % 4,
-            word(1) % (2 << 20),
+            nr,
+            a1,
             word(2) % (2 << 20),
             word(3) % 8192,
             word(4),
@@ -70,5 +82,6 @@ fuzz_target!(|data: &[u8]| {
             r >= 0 || [-errno::EFAULT, -errno::EINVAL, -errno::ENOSYS].contains(&r),
             "{args:?} -> {r}"
         );
+        assert!(reservation.released_pages() <= (1 << 20) / 4096);
     }
 });

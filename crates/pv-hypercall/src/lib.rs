@@ -16,10 +16,13 @@
 //! * [`layout`]: where a PV machine's shared pages are, and its doorbell port.
 //! * [`evtchn`]: event channels, Xen's 2-level ABI, with upcalls through an
 //!   irqfd and backends woken through eventfds.
+//! * [`reservation`]: a guest's memory reservation (`XENMEM_decrease_reservation` and
+//!   kin): the paravirtual balloon.
 pub mod blkif;
 pub mod console;
 pub mod evtchn;
 pub mod grant;
 pub mod hypercall;
 pub mod layout;
+pub mod reservation;
 pub mod ring;
