@@ -272,6 +272,11 @@ impl Guest {
     /// `pvcheck done` at the end (the same lines as [`blkcheck_output`] but the last),
     /// exit code 0 (2 for a failed request, 3 for data that did not come back).
     pub const PVCHECK: Guest = guest!("pvcheck", GuestMode::User64);
+    /// A virtio-balloon driver: writes a 16 MiB pool at 16 MiB, prints `ready`, then
+    /// follows the device's target forever (inflating from the top of the pool,
+    /// deflating and checking the pages it gets back), printing `inflated <n>` and
+    /// `deflated ok <n>` when it reaches one; exit code 1 if a page did not read back.
+    pub const BALLOON: Guest = guest!("balloon", GuestMode::User64);
     /// A hostile guest for soak tests: random port writes and reads, random
     /// hypercalls, random writes to the first four virtio-mmio windows' registers, and
     /// random bytes over its heap (where virtqueues live) and the PV pages. Parameter:
