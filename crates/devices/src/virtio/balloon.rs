@@ -275,7 +275,11 @@ impl Pages {
             if total > MAX_REPORT_BYTES {
                 return Err(ProtocolError::LengthOverflow);
             }
-            let start = d.addr().0.next_multiple_of(PAGE_SIZE);
+            // A buffer at the very top of the address space has no whole page (and is
+            // not RAM): nothing to free.
+            let Some(start) = d.addr().0.checked_next_multiple_of(PAGE_SIZE) else {
+                continue;
+            };
             let end = (d.addr().0.saturating_add(u64::from(d.len()))) / PAGE_SIZE * PAGE_SIZE;
             if end <= start {
                 continue;

@@ -179,6 +179,15 @@ fn reported_free_pages_are_freed_rounded_inward_and_counted() {
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x40_1000)).unwrap(), 0);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x40_2000)).unwrap(), 0);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x40_3000)).unwrap(), 0x77);
+    // A buffer at the top of the address space (found by the fuzzer: rounding its
+    // start up to a page overflowed) frees nothing.
+    let mock = MockSplitQueue::new(mem, 16);
+    mock.add_desc_chains(&[d(u64::MAX - 100, 0x2000, 0, 0)], 0)
+        .unwrap();
+    s.queues.reporting = Some(mock.create_queue().unwrap());
+    s.serve(Token::Queue(3)).unwrap();
+    assert_eq!(used_lens(mem, &mock), [0]);
+    assert_eq!(ctl.reported_pages(), 2);
     // A write-only descriptor (the wrong direction) is skipped.
     let mock = MockSplitQueue::new(mem, 16);
     mock.add_desc_chains(&[d(0x40_3000, 0x1000, VRING_DESC_F_WRITE, 0)], 0)
