@@ -157,7 +157,12 @@ fuzz_target!(|ops: Vec<Op>| {
                 w(&mut t, 0x44, 1);
                 w(&mut t, 0x70, 15);
                 (desc_at, avail_at, avail_idx) = (u64::from(*desc), u64::from(*avail), 0);
+                // A driver starts its rings at zero: the available index, and the used
+                // index the device counts from (else a ring left from an earlier
+                // bring-up at the same address keeps its old used index, which the
+                // device, starting again at 0, does not move past).
                 let _ = mem.write_obj(0u16, GuestAddress(avail_at + 2));
+                let _ = mem.write_obj(0u16, GuestAddress(u64::from(*used) + 2));
             }
             Op::Descriptor {
                 index,
