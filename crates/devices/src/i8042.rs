@@ -333,6 +333,22 @@ impl DevicePio for I8042 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn state_round_trips_and_an_overlong_output_buffer_is_refused() {
+        let a = I8042::new(Arc::new(StopLatch::default()), None);
+        a.pio_write(PioAddress(I8042_BASE), 4, &[0xaa]); // self-test: a reply queued
+        let saved = a.save_state();
+        let b = I8042::new(Arc::new(StopLatch::default()), None);
+        b.restore_state(&saved).unwrap();
+        assert_eq!(b.save_state(), saved);
+        let mut bad = saved;
+        bad.output = std::iter::repeat_n(0u8, OUTPUT_CAPACITY + 1).collect();
+        assert_eq!(
+            b.restore_state(&bad).unwrap_err().to_string(),
+            "cannot restore the i8042: 17 bytes in a 16-byte output buffer"
+        );
+    }
+
     /// Linux's `i8042_command`: write the command, the parameter bytes, then poll
     /// for the reply bytes.
     fn command(c: &mut Controller, cmd: u8, params: &[u8], replies: usize) -> Vec<u8> {

@@ -237,6 +237,31 @@ impl DevicePio for Rtc {
 mod tests {
     use super::*;
 
+    #[test]
+    fn state_round_trips_and_a_wrong_cmos_or_index_is_refused() {
+        let a = Rtc::with_clock(|| 0);
+        a.pio_write(PioAddress(RTC_BASE), 0, &[0x30]);
+        a.pio_write(PioAddress(RTC_BASE), 1, &[0x42]);
+        let saved = a.save_state();
+        let b = Rtc::with_clock(|| 0);
+        b.restore_state(&saved).unwrap();
+        assert_eq!(b.save_state(), saved);
+        assert_eq!(read(&b, 0x30), 0x42);
+        let short = RtcSaved {
+            cmos: vec![0; 64],
+            ..saved.clone()
+        };
+        assert_eq!(
+            b.restore_state(&short).unwrap_err().to_string(),
+            "cannot restore the CMOS RTC: 64 bytes of CMOS instead of 128"
+        );
+        let past = RtcSaved {
+            index: 200,
+            ..saved
+        };
+        assert!(b.restore_state(&past).is_err());
+    }
+
     fn read(rtc: &Rtc, index: u8) -> u8 {
         rtc.pio_write(PioAddress(RTC_BASE), 0, &[index | 0x80]);
         let mut b = [0u8];

@@ -328,6 +328,29 @@ mod tests {
     const IER: u16 = 1;
     const LSR: u16 = 5;
 
+    #[test]
+    fn state_round_trips_and_an_overfull_fifo_is_refused() {
+        let out = SharedBuffer::new();
+        let a = SerialDevice::new(Box::new(out.clone())).unwrap();
+        a.pio_write(PioAddress(0), IER.into(), &[0x05]);
+        a.enqueue_input(b"abc");
+        let saved = a.save_state();
+        assert_eq!(saved.in_buffer, b"abc");
+        let b = SerialDevice::new(Box::new(SharedBuffer::new())).unwrap();
+        b.restore_state(&saved).unwrap();
+        assert_eq!(b.save_state(), saved);
+        let mut data = [0u8];
+        b.pio_read(PioAddress(0), DATA.into(), &mut data);
+        assert_eq!(data, *b"a", "the restored FIFO is read in order");
+        let mut too_much = saved.clone();
+        too_much.in_buffer = vec![0; UART_FIFO + 1];
+        let err = b.restore_state(&too_much).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot restore the 16550 UART: 65 bytes in a 64-byte receive FIFO"
+        );
+    }
+
     fn read(s: &SerialDevice, off: u16) -> u8 {
         let mut b = [0u8];
         s.pio_read(PioAddress(COM1_BASE), off, &mut b);
