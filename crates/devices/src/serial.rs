@@ -332,7 +332,7 @@ mod tests {
     fn state_round_trips_and_an_overfull_fifo_is_refused() {
         let out = SharedBuffer::new();
         let a = SerialDevice::new(Box::new(out.clone())).unwrap();
-        a.pio_write(PioAddress(0), IER.into(), &[0x05]);
+        a.pio_write(PioAddress(0), IER, &[0x05]);
         a.enqueue_input(b"abc");
         let saved = a.save_state();
         assert_eq!(saved.in_buffer, b"abc");
@@ -340,7 +340,7 @@ mod tests {
         b.restore_state(&saved).unwrap();
         assert_eq!(b.save_state(), saved);
         let mut data = [0u8];
-        b.pio_read(PioAddress(0), DATA.into(), &mut data);
+        b.pio_read(PioAddress(0), DATA, &mut data);
         assert_eq!(data, *b"a", "the restored FIFO is read in order");
         let mut too_much = saved.clone();
         too_much.in_buffer = vec![0; UART_FIFO + 1];
