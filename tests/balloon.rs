@@ -27,15 +27,15 @@ fn inflated_pages_leave_the_host_and_deflated_ones_come_back_to_the_guest() {
 
     // 12 MiB of the guest's 16 MiB pool.
     control.set_target(3072);
+    // The guest writes `actual`, then says so.
     assert!(
-        eventually(30, || control.actual() == 3072
-            && control.inflated_pages() == 3072),
+        eventually(30, || said("inflated 0x0000000000000c00")),
         "actual {} inflated {}: {}",
         control.actual(),
         control.inflated_pages(),
         String::from_utf8_lossy(&serial.contents())
     );
-    assert!(said("inflated 0x0000000000000c00"));
+    assert_eq!((control.actual(), control.inflated_pages()), (3072, 3072));
     let after = ram.resident_bytes().unwrap();
     assert!(
         after + (11 << 20) <= before,
