@@ -51,10 +51,10 @@ pub fn discard(memory: &GuestMemory, addr: GuestAddress, len: u64) -> Result<(),
     let host = region
         .get_host_address(MemoryRegionAddress(offset))
         .map_err(|_| not_ram())?;
-    // SAFETY: `[host, host + len)` lies inside the region's mapping (checked above
-    // against its length), which `memory` keeps alive for the call. MADV_DONTNEED only
-    // drops the pages' contents: the mapping stays valid, and the guest (or anyone
-    // reading guest memory) faults in fresh pages.
+    // MADV_DONTNEED only drops the pages' contents: the mapping stays valid, and the
+    // guest (or anyone reading guest memory) faults in fresh pages.
+    // SAFETY: `[host, host + len)` lies inside the region's live mapping (checked
+    // above against its length; `memory` keeps it alive for the call).
     let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
     if rc != 0 {
         return Err(DiscardError::Madvise {
