@@ -358,14 +358,15 @@ struct Queues {
 
 /// Which queue a notification index names, for `features`.
 fn queue_role(index: usize, features: u64) -> Option<&'static str> {
-    let mut roles = vec!["inflate", "deflate"];
-    if features & F_STATS_VQ != 0 {
-        roles.push("stats");
+    let stats = features & F_STATS_VQ != 0;
+    let reporting = features & F_PAGE_REPORTING != 0;
+    match (index, stats, reporting) {
+        (0, ..) => Some("inflate"),
+        (1, ..) => Some("deflate"),
+        (2, true, _) => Some("stats"),
+        (2, false, true) | (3, true, true) => Some("reporting"),
+        _ => None,
     }
-    if features & F_PAGE_REPORTING != 0 {
-        roles.push("reporting");
-    }
-    roles.get(index).copied()
 }
 
 /// The balloon's queues served as its I/O thread serves them (public for fuzzing and
