@@ -6,6 +6,8 @@
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("vmcraft runs x86-64 guests on KVM and builds only for x86_64 Linux hosts");
 
+#[cfg(feature = "machine")]
+pub use vmcraft_balancer as balancer;
 #[cfg(feature = "devices")]
 pub use vmcraft_devices as devices;
 #[cfg(feature = "memory")]
@@ -20,6 +22,8 @@ pub use vmcraft_vcpu as vcpu;
 
 #[cfg(feature = "machine")]
 pub mod acpi;
+#[cfg(feature = "machine")]
+pub mod balancing;
 #[cfg(feature = "machine")]
 pub mod builder;
 #[cfg(feature = "machine")]

@@ -59,3 +59,106 @@ fn inflated_pages_leave_the_host_and_deflated_ones_come_back_to_the_guest() {
     m.running.request_stop();
     m.running.wait().unwrap();
 }
+
+/// The balancer at work on a guest whose working set falls and rises: after the fall,
+/// the balancer inflates the balloon over the pages the guest freed and the host gets
+/// them back (guest RAM's resident size falls); after the rise, the guest has every
+/// page it needs (taken back from the balloon) and every page it kept still holds what
+/// it wrote.
+#[test]
+fn the_balancer_takes_back_what_a_guest_freed_and_gives_it_again_when_needed() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use vmcraft::balancer::policy::{BalancerConfig, VmLimits};
+    use vmcraft::balancing::{
+        BalancedVm, Balancing, BalancingConfig, HostPressure, VirtioBalloonVm,
+    };
+    use vmcraft_guest_kit::Phased;
+
+    const RAM: u64 = 64 << 20;
+    let serial = SharedBuffer::new();
+    let mut b = machine_builder(RAM, Box::new(serial.clone()));
+    let (balloon, control) = Balloon::new("vballoon").unwrap();
+    b.add_virtio(Box::new(balloon)).unwrap();
+    let guest = Guest::PHASED;
+    b.load(guest.image()).unwrap();
+    let pool = Phased::pool_pages(RAM);
+    let m = b.start(&[VcpuConfig::at(guest.entry(0, pool))]).unwrap();
+    let said = |what: &str| String::from_utf8_lossy(&serial.contents()).contains(what);
+    assert!(eventually(30, || said("ready")), "{:?}", serial.contents());
+    let memory = m.running.vm().memory().clone();
+    let status = || Phased::status(&memory).unwrap();
+
+    // A working set of 40 MiB, all of it written.
+    Phased::want(&memory, 10_240).unwrap();
+    assert!(eventually(30, || status().working_set == 10_240));
+    let ram = m.running.vm().ram();
+    let full = ram.resident_bytes().unwrap();
+
+    let vm = Arc::new(VirtioBalloonVm::new(control.clone(), RAM));
+    let balancing = Balancing::start(
+        BalancingConfig {
+            policy: BalancerConfig::default(),
+            period: Duration::from_millis(20),
+            budget_pages: RAM / 4096,
+            pressure: HostPressure::Fixed(0.0),
+        },
+        vec![(
+            vm.clone() as Arc<dyn BalancedVm>,
+            VmLimits {
+                floor: 4_096,
+                ceiling: RAM / 4096,
+            },
+        )],
+    )
+    .unwrap();
+    // Down to 4 MiB: the estimate decays towards 4,096 + 1,024 pages used, and the
+    // balloon takes what the guest no longer needs.
+    Phased::want(&memory, 1_024).unwrap();
+    assert!(
+        eventually(60, || status().ballooned > 8_192
+            && u64::from(status().ballooned) == u64::from(control.actual())),
+        "{:?} target {} last step {:?}",
+        status(),
+        control.target(),
+        balancing.last_step()
+    );
+    assert!(
+        eventually(60, || ram.resident_bytes().unwrap() + (30 << 20) <= full),
+        "resident {} KiB with 40 MiB in use, {} KiB with 4 MiB ({:?})",
+        full >> 10,
+        ram.resident_bytes().unwrap() >> 10,
+        status()
+    );
+    assert!(vm.report().unwrap().used < 6_000, "{:?}", vm.report());
+
+    // Back up to 40 MiB: the guest takes its pages back from the balloon at once, and
+    // the balancer follows the rise.
+    Phased::want(&memory, 10_240).unwrap();
+    assert!(eventually(30, || status().working_set == 10_240));
+    assert!(status().deflated_on_oom > 0, "{:?}", status());
+    assert!(
+        eventually(30, || u64::from(control.target())
+            <= RAM / 4096 - (4_096 + 10_240)),
+        "target {} with 14,336 pages used",
+        control.target()
+    );
+    // Down again and up again: every page kept is still checked by the guest.
+    Phased::want(&memory, 2_048).unwrap();
+    assert!(eventually(30, || status().ballooned > 8_192));
+    Phased::want(&memory, 8_192).unwrap();
+    assert!(eventually(30, || status().working_set == 8_192));
+    drop(balancing);
+    assert!(
+        !said("bad page"),
+        "{}",
+        String::from_utf8_lossy(&serial.contents())
+    );
+    assert!(m.running.stop_reason().is_none(), "{:?}", serial.contents());
+    assert_eq!(
+        (control.redundant_pages(), control.pages_outside_ram()),
+        (0, 0)
+    );
+    m.running.request_stop();
+    m.running.wait().unwrap();
+}

@@ -111,6 +111,13 @@ impl Balancer {
     /// One step: update each VM's estimate from `reports` (one per VM, in order; a
     /// missing report leaves its VM as it was) and return the targets.
     pub fn step(&mut self, host: &HostReport, reports: &[VmReport]) -> Vec<u64> {
+        let reports: Vec<Option<VmReport>> = reports.iter().copied().map(Some).collect();
+        self.step_some(host, &reports)
+    }
+
+    /// [`Balancer::step`] where any VM may have no report this time (`None`, or past
+    /// the end of `reports`): its estimate stays as it was.
+    pub fn step_some(&mut self, host: &HostReport, reports: &[Option<VmReport>]) -> Vec<u64> {
         let pressure = if host.pressure.is_finite() {
             host.pressure.clamp(0.0, 1.0)
         } else {
@@ -120,7 +127,12 @@ impl Balancer {
         // Under pressure the estimate falls faster and the headroom shrinks.
         let decay = decay + (1.0 - decay) * pressure * 0.5;
         let headroom = self.config.headroom.max(0.0) * (1.0 - pressure);
-        for (vm, report) in self.vms.iter_mut().zip(reports) {
+        for (vm, report) in self
+            .vms
+            .iter_mut()
+            .zip(reports)
+            .filter_map(|(vm, r)| Some((vm, r.as_ref()?)))
+        {
             let used = report.used.min(vm.limits.ceiling) as f64;
             vm.estimate = Some(match vm.estimate {
                 Some(e) if used < e => e - decay * (e - used),
@@ -141,7 +153,7 @@ impl Balancer {
             .vms
             .iter_mut()
             .zip(proposed)
-            .zip(reports.iter().map(Some).chain(std::iter::repeat(None)))
+            .zip(reports.iter().copied().chain(std::iter::repeat(None)))
         {
             // A VM using more than its target gets any increase at once; other
             // changes wait until they are worth a balloon operation.

@@ -85,6 +85,17 @@ impl Pressure {
         Self::parse(&text)
     }
 
+    /// Read it again from `file`, `/proc/pressure/memory` opened once (a thread
+    /// that may not open files by path, as a sandboxed one, keeps it open).
+    pub fn read_from(file: &std::fs::File) -> Result<Self, PsiError> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 512];
+        let n = file
+            .read_at(&mut buf, 0)
+            .map_err(|e| PsiError::Read(format!("/proc/pressure/memory: {e}")))?;
+        Self::parse(&String::from_utf8_lossy(&buf[..n]))
+    }
+
     /// The pressure as the balancer takes it, 0 to 1: 0 below [`CALM`], 1 at
     /// [`PRESSED`] and above, linear between.
     pub fn level(&self) -> f64 {
@@ -125,7 +136,14 @@ mod tests {
     fn this_host_reports_a_pressure_if_it_has_the_file() {
         // Hosts without PSI (CONFIG_PSI off) give an error naming the file.
         match Pressure::read() {
-            Ok(p) => assert!((0.0..=1.0).contains(&p.level())),
+            Ok(p) => {
+                assert!((0.0..=1.0).contains(&p.level()));
+                // Read again through the file kept open: still the kernel's format.
+                let f = std::fs::File::open("/proc/pressure/memory").unwrap();
+                for _ in 0..2 {
+                    assert!((0.0..=1.0).contains(&Pressure::read_from(&f).unwrap().level()));
+                }
+            }
             Err(e) => assert!(e.to_string().contains("/proc/pressure/memory"), "{e}"),
         }
     }

@@ -112,6 +112,48 @@ fn rounds_ok(rounds: u64) -> String {
         .collect()
 }
 
+/// The host's side of a [`Guest::PHASED`] guest: its mailbox in guest memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Phased;
+
+/// What a [`Guest::PHASED`] guest reports, in pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhasedStatus {
+    /// The working set in place.
+    pub working_set: u32,
+    /// Pages held in the balloon.
+    pub ballooned: u32,
+    /// Pages taken back from the balloon because the working set needed them.
+    pub deflated_on_oom: u32,
+}
+
+impl Phased {
+    /// The mailbox: the wanted working set (u32), then the [`PhasedStatus`] fields.
+    pub const MAILBOX: u64 = abi::GUEST_HEAP + 0x3_0000;
+    /// Where the pool starts; the pages below count as the guest's kernel.
+    pub const POOL: u64 = 16 << 20;
+
+    /// The pool of a guest in `ram` bytes of RAM (its parameter).
+    pub fn pool_pages(ram: u64) -> u64 {
+        ram.saturating_sub(Self::POOL) / 4096
+    }
+
+    /// Ask for a working set of `pages` pages.
+    pub fn want<M: Bytes<GuestAddress>>(memory: &M, pages: u32) -> Result<(), M::E> {
+        memory.write_obj(pages, GuestAddress(Self::MAILBOX))
+    }
+
+    /// What the guest reports.
+    pub fn status<M: Bytes<GuestAddress>>(memory: &M) -> Result<PhasedStatus, M::E> {
+        let word = |i: u64| memory.read_obj::<u32>(GuestAddress(Self::MAILBOX + 4 * i));
+        Ok(PhasedStatus {
+            working_set: word(1)?,
+            ballooned: word(2)?,
+            deflated_on_oom: word(3)?,
+        })
+    }
+}
+
 /// A test guest program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Guest {
@@ -277,6 +319,13 @@ impl Guest {
     /// deflating and checking the pages it gets back), printing `inflated <n>` and
     /// `deflated ok <n>` when it reaches one; exit code 1 if a page did not read back.
     pub const BALLOON: Guest = guest!("balloon", GuestMode::User64);
+    /// A working set that rises and falls as the host says, with a virtio-balloon
+    /// driver of its own (inflate, deflate, statistics, deflate on OOM), for the
+    /// memory balancer: see [`Phased`]. Parameter: the pool's pages from 16 MiB (the
+    /// VM needs 16 MiB + 4 KiB × pool); prints `ready` on COM1 once its driver runs,
+    /// and `bad page <index>` then exits 1 if a page of its working set lost its
+    /// contents.
+    pub const PHASED: Guest = guest!("phased", GuestMode::User64);
     /// A hostile guest for soak tests: random port writes and reads, random
     /// hypercalls, random writes to the first four virtio-mmio windows' registers, and
     /// random bytes over its heap (where virtqueues live) and the PV pages. Parameter:
