@@ -453,13 +453,13 @@ impl MachineBuilder {
             .map_err(MachineSnapshotError::Vm)?;
         // The devices start serving after the interrupt controllers are back, so an
         // interrupt they raise is not lost under the restored state.
-        for (i, slot) in self.virtio_slots().iter().enumerate() {
-            let state = s.load(&virtio_section(i)).map_err(file)?;
-            slot.lock().restore_state(&state).map_err(device)?;
-        }
         for (name, part) in self.snapshot_part_list() {
             let state: PartState = s.load(&part_section(name)).map_err(file)?;
             part.restore(&state.0)?;
+        }
+        for (i, slot) in self.virtio_slots().iter().enumerate() {
+            let state = s.load(&virtio_section(i)).map_err(file)?;
+            slot.lock().restore_state(&state).map_err(device)?;
         }
         self.into_parts()
             .start_with(|vm, handler, _| RunningVm::start_restored(vm, &vcpus, handler))

@@ -332,3 +332,59 @@ fn every_vcpu_of_a_two_vcpu_machine_is_restored() {
         );
     }
 }
+
+/// A balloon's inflated pages are saved with the machine (its transport's section
+/// carries the device's state): the restored device knows them as its own, the guest deflates them
+/// with nothing redundant, and every page it then writes and checks is good.
+#[test]
+fn a_balloon_keeps_its_pages_across_a_snapshot() {
+    use vmcraft::devices::virtio::balloon::Balloon;
+    use vmcraft_guest_kit::Phased;
+    const RAM: u64 = 64 << 20;
+    let serial = SharedBuffer::new();
+    let guest = Guest::PHASED;
+    let build = |b: &mut MachineBuilder| {
+        let (balloon, control) = Balloon::new("vballoon").unwrap();
+        b.add_virtio(Box::new(balloon)).unwrap();
+        control
+    };
+    let mut b = machine_builder(RAM, Box::new(serial.clone()));
+    let control = build(&mut b);
+    b.load(guest.image()).unwrap();
+    let m = b
+        .start(&[VcpuConfig::at(guest.entry(0, Phased::pool_pages(RAM)))])
+        .unwrap();
+    let status = |m: &Machine| Phased::status(m.running.vm().memory()).unwrap();
+    Phased::want(m.running.vm().memory(), 2_048).unwrap();
+    control.set_target(4_096);
+    assert!(
+        eventually(30, || status(&m).ballooned == 4_096),
+        "{:?}",
+        status(&m)
+    );
+    let dir = Dir::new("snapshot-balloon");
+    m.snapshot(&dir.0).unwrap();
+    drop(m);
+
+    sandboxed();
+    let after = SharedBuffer::new();
+    let (mut b, saved) = MachineBuilder::from_snapshot(&dir.0, Box::new(after.clone())).unwrap();
+    let control = build(&mut b);
+    let m = b.start_restored(&saved).unwrap();
+    assert_eq!((control.inflated_pages(), control.target()), (4_096, 4_096));
+    control.set_target(0);
+    Phased::want(m.running.vm().memory(), Phased::pool_pages(RAM) as u32).unwrap();
+    assert!(
+        eventually(30, || {
+            let s = status(&m);
+            s.ballooned == 0 && u64::from(s.working_set) == Phased::pool_pages(RAM)
+        }),
+        "{:?}",
+        status(&m)
+    );
+    assert_eq!(
+        (control.inflated_pages(), control.redundant_pages()),
+        (0, 0)
+    );
+    assert!(m.running.stop_reason().is_none(), "{:?}", after.contents());
+}

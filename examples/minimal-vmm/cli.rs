@@ -7,7 +7,7 @@ use std::time::Duration;
 use vmcraft::devices::virtio::block::Disk;
 use vmcraft_guest_kit::Guest;
 
-pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR | --no-jail] [--snapshot DIR] [--restore DIR] [--migrate-to ADDR | --migrate-from ADDR] [--migrate-secret-file PATH] [--migrate-bandwidth SIZE]
+pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--balloon] [--ksm] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR | --no-jail] [--snapshot DIR] [--restore DIR] [--migrate-to ADDR | --migrate-from ADDR] [--migrate-secret-file PATH] [--migrate-bandwidth SIZE]
 
   --diagnose       probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and
                    what a port-I/O exit costs, print it and exit
@@ -21,7 +21,8 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
                    virtio-console (a driver that greets on the --console or
                    --console-socket, waits for \"ping\" and answers \"got: ping\");
                    memcheck (rewrites and checks 64 MiB in 100 rounds, printing each
-                   round's sum: for snapshots)
+                   round's sum: for snapshots); balloon (a virtio-balloon driver of its
+                   own over all RAM above 16 MiB, using none of it: with --balloon)
   --disk PATH[,ro] a raw disk image as a virtio-blk device (virtio-mmio; for Linux the
                    virtio_mmio.device= parameters are added to the command line)
   --console        a virtio-console on stdout/stdin (stdin then feeds it, not COM1)
@@ -29,6 +30,12 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
                    a virtio-console on a Unix socket: listens at PATH and waits for one
                    client before starting the VM
   --rng            a virtio-rng device fed from the host's getrandom
+  --balloon        a virtio-balloon device, and the memory balancer on it: every second
+                   it asks the guest for its statistics and lets it keep what it uses
+                   plus headroom (at least an eighth of its RAM, and 16 MiB), taking
+                   the rest back into the balloon; the report at the end says what
+  --ksm            offer guest RAM to the host's same-page merging (KSM; merges only
+                   while /sys/kernel/mm/ksm/run is 1)
   --pv             the PV backends (with --restore or --migrate-from: for a saved PV
                    guest); alone, run the PV demo guest: it prints through the PV console ring and
                    tests the first --disk as a PV block device (blkif over grants),
@@ -97,6 +104,10 @@ pub struct Options {
     pub disks: Vec<(String, bool)>,
     pub console: Option<ConsoleOption>,
     pub rng: bool,
+    /// A virtio-balloon with the balancer.
+    pub balloon: bool,
+    /// Guest RAM mergeable (KSM).
+    pub ksm: bool,
     pub pv: bool,
     pub net_tap: Option<String>,
     pub kernel: Option<String>,
@@ -144,6 +155,8 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         disks: Vec::new(),
         console: None,
         rng: false,
+        balloon: false,
+        ksm: false,
         pv: false,
         net_tap: None,
         kernel: None,
@@ -219,13 +232,15 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                         o.guest_param = 2000 << 16;
                         Guest::PVCHECK
                     }
+                    // Its parameter, the pool, comes from --mem once all is parsed.
+                    "balloon" => Guest::PHASED,
                     "virtio-blk-flush" => {
                         o.guest_param = 2;
                         Guest::VIRTIO_BLK
                     }
                     other => {
                         return Err(format!(
-                    "unknown guest {other:?} (hello, exit, spin, memcheck, blkcheck, pvcheck, virtio-blk, virtio-blk-flush or virtio-console)"
+                    "unknown guest {other:?} (hello, exit, spin, memcheck, blkcheck, pvcheck, balloon, virtio-blk, virtio-blk-flush or virtio-console)"
                 ))
                     }
                 })
@@ -245,6 +260,8 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             "--console" => o.console = Some(ConsoleOption::Stdio),
             "--console-socket" => o.console = Some(ConsoleOption::Socket(value()?)),
             "--rng" => o.rng = true,
+            "--balloon" => o.balloon = true,
+            "--ksm" => o.ksm = true,
             "--pv" => o.pv = true,
             "--net-tap" => o.net_tap = Some(value()?),
             "--kernel" => o.kernel = Some(value()?),
@@ -295,6 +312,13 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
     }
     if o.guest == Some(Guest::PVCHECK) && !o.pv {
         return Err("--guest pvcheck needs --pv (and a --disk)".into());
+    }
+    if o.guest == Some(Guest::PHASED) {
+        if !o.balloon || !o.disks.is_empty() || o.console.is_some() || o.rng || o.net_tap.is_some()
+        {
+            return Err("--guest balloon needs --balloon, and no other virtio device (its driver takes the first one)".into());
+        }
+        o.guest_param = vmcraft_guest_kit::Phased::pool_pages(o.mem);
     }
     if o.guest == Some(Guest::BLKCHECK) && o.disks.is_empty() {
         return Err("--guest blkcheck needs a --disk it may overwrite".into());

@@ -13,12 +13,13 @@ use std::error::Error;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::debug_exit;
 use vmcraft::devices::serial::SerialInput;
+use vmcraft::devices::virtio::balloon::Balloon;
 use vmcraft::devices::virtio::block::Block;
 use vmcraft::devices::virtio::console::Console;
 use vmcraft::devices::virtio::net::Net;
@@ -238,6 +239,16 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     if o.rng {
         b.add_virtio(Box::new(Rng::new("vrng")))?;
     }
+    let balloon = if o.balloon {
+        let (balloon, control) = Balloon::new("vballoon")?;
+        b.add_virtio(Box::new(balloon))?;
+        Some(control)
+    } else {
+        None
+    };
+    if o.ksm {
+        b.vm().ram().set_mergeable(true)?;
+    }
     if let Some(tap) = tap {
         // A locally administered address.
         let mac = [0x02, 0x76, 0x6d, 0x63, 0, 1];
@@ -305,6 +316,22 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             m
         }
         Origin::Fresh => b.start(&vcpus)?,
+    };
+    // The balancer on the balloon (opening the host's pressure file before the
+    // filters go on).
+    let balancing = match &balloon {
+        Some(control) => {
+            use vm_memory::GuestMemoryBackend;
+            let ram = machine
+                .running
+                .vm()
+                .memory()
+                .iter()
+                .map(vm_memory::GuestMemoryRegion::len)
+                .sum();
+            Some(start_balancer(control.clone(), ram)?)
+        }
+        None => None,
     };
     // Everything is set up: this thread only waits and reports from here on. Built
     // for coverage (cargo-llvm-cov sets `cfg(coverage)`), it stays unfiltered: the
@@ -376,6 +403,18 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         .map(|i| running.stats(i))
         .collect::<Result<_, _>>()?;
     let guest_resident = running.vm().ram().resident_bytes()?;
+    let balloon_report = balloon.as_ref().map(|control| {
+        format!(
+            "minimal-vmm: balloon: target {} MiB, the guest holds {} MiB in it ({} MiB freed on the host; {} MiB of free pages reported), {} balancer steps, the last: {:?}",
+            control.target() >> 8,
+            control.actual() >> 8,
+            control.inflated_pages() >> 8,
+            control.reported_pages() >> 8,
+            balancing.as_ref().map_or(0, |b| b.steps()),
+            balancing.as_ref().and_then(|b| b.last_step()),
+        )
+    });
+    drop(balancing);
     running.request_stop();
     let outcome = running.wait()?;
 
@@ -388,6 +427,9 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         buses: &buses,
         status: &status,
     })?;
+    if let Some(line) = balloon_report {
+        println!("{line}");
+    }
     Ok(match outcome.reason {
         StopReason::Device {
             device: debug_exit::NAME,
@@ -515,4 +557,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The memory balancer on this VM's balloon: a step a second, the whole RAM as the
+/// host's budget (one VM), at least an eighth of it (and 16 MiB) kept.
+fn start_balancer(
+    control: Arc<vmcraft::devices::virtio::balloon::BalloonControl>,
+    ram: u64,
+) -> Result<vmcraft::balancing::Balancing, Box<dyn Error>> {
+    use vmcraft::balancer::policy::{BalancerConfig, VmLimits};
+    use vmcraft::balancing::{
+        BalancedVm, Balancing, BalancingConfig, HostPressure, VirtioBalloonVm,
+    };
+    let pages = ram / 4096;
+    let vm = Arc::new(VirtioBalloonVm::new(control, ram)) as Arc<dyn BalancedVm>;
+    Ok(Balancing::start(
+        BalancingConfig {
+            policy: BalancerConfig::default(),
+            period: Duration::from_secs(1),
+            budget_pages: pages,
+            pressure: HostPressure::Psi,
+        },
+        vec![(
+            vm,
+            VmLimits {
+                floor: (pages / 8).max(4096).min(pages),
+                ceiling: pages,
+            },
+        )],
+    )?)
 }

@@ -1,6 +1,6 @@
 //! The snapshot reader under any bytes: parsing never panics, and whatever sections
 //! verify are decoded as every state a restore reads (vCPU, VM, 16550, i8042, RTC,
-//! virtio-mmio transport) and, for the devices, restored into live devices, which
+//! virtio-mmio transport, balloon) and, for the devices, restored into live devices, which
 //! must either accept the state or refuse it with an error.
 #![no_main]
 
@@ -9,6 +9,7 @@ use vmcraft_devices::i8042::{Controller, I8042};
 use vmcraft_devices::rtc::{Rtc, RtcSaved};
 use vmcraft_devices::serial::{SerialDevice, SerialState};
 use vmcraft_devices::stop::StopLatch;
+use vmcraft_devices::virtio::balloon::{Balloon, BalloonState};
 use vmcraft_devices::virtio::mmio::{MmioTransport, TransportState};
 use vmcraft_devices::virtio::rng::Rng;
 use vmcraft_memory::layout::MemoryLayout;
@@ -38,6 +39,16 @@ fuzz_target!(|data: &[u8]| {
             let rtc = Rtc::with_clock(|| 0);
             if rtc.restore_state(&s).is_ok() {
                 assert_eq!(rtc.save_state(), s);
+            }
+        }
+        if let Ok(s) = snapshot.load::<BalloonState>(name) {
+            let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+            let (_, control) = Balloon::new("fuzz").unwrap();
+            if control.restore_state(&s, ram.memory()).is_ok() {
+                let ones: u64 = s.inflated.iter().map(|w| u64::from(w.count_ones())).sum();
+                assert_eq!(control.inflated_pages(), ones);
+            } else {
+                assert_eq!(control.inflated_pages(), 0);
             }
         }
         if let Ok(s) = snapshot.load::<TransportState>(name) {

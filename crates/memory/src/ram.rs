@@ -81,6 +81,19 @@ pub enum MemoryError {
     /// The memory has not been registered with a VM.
     #[error("guest RAM is not registered with a VM: call GuestRam::register first")]
     NotRegistered,
+    /// The host refused to mark a range of RAM (un)mergeable.
+    #[error("the host refused to mark {size:#x} bytes of guest RAM at {start:#x} {}", if *.mergeable { "mergeable (is the kernel built with CONFIG_KSM?)" } else { "unmergeable" })]
+    Mergeable {
+        /// Guest-physical start of the range.
+        start: u64,
+        /// Size of the range.
+        size: u64,
+        /// What was asked.
+        mergeable: bool,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One KVM memory slot backing one RAM region.
@@ -253,6 +266,36 @@ impl GuestRam {
         Ok(total)
     }
 
+    /// Offer this RAM's pages to the host's same-page merging (KSM,
+    /// `madvise(MADV_MERGEABLE)`), or withdraw them (`false`: merged pages are copied
+    /// back). The kernel's `ksmd` merges identical pages only while
+    /// `/sys/kernel/mm/ksm/run` is 1, which is the host administrator's choice.
+    /// Merging trades memory for CPU (ksmd scans) and for a side channel between
+    /// guests (a write to a merged page takes longer), so it is off unless asked.
+    pub fn set_mergeable(&self, mergeable: bool) -> Result<(), MemoryError> {
+        let advice = if mergeable {
+            libc::MADV_MERGEABLE
+        } else {
+            libc::MADV_UNMERGEABLE
+        };
+        for region in self.memory.iter() {
+            let ptr = region.deref().as_ptr();
+            let len = region.len() as usize;
+            // SAFETY: `[ptr, ptr + len)` is the region's whole live mapping (`self`
+            // keeps it alive for the call); KSM advice changes no contents.
+            let rc = unsafe { libc::madvise(ptr.cast(), len, advice) };
+            if rc != 0 {
+                return Err(MemoryError::Mergeable {
+                    start: region.start_addr().0,
+                    size: region.len(),
+                    mergeable,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Number of KVM memory slots this RAM uses (slots `0..n`).
     pub fn slot_count(&self) -> u32 {
         self.slots.len() as u32
@@ -380,6 +423,29 @@ mod tests {
         // Transparent huge pages may back more than was touched, never less.
         let resident = ram.resident_bytes().unwrap();
         assert!((5 * PAGE_SIZE..=8 << 20).contains(&resident), "{resident}");
+    }
+
+    #[test]
+    fn ram_is_offered_to_page_merging_where_the_host_has_it() {
+        let ram = GuestRam::new(&MemoryLayout::x86_64(8 << 20).unwrap()).unwrap();
+        ram.memory().write_obj(7u64, GuestAddress(0x1000)).unwrap();
+        let has_ksm = std::path::Path::new("/sys/kernel/mm/ksm").exists();
+        for on in [true, false] {
+            match ram.set_mergeable(on) {
+                Ok(()) => assert!(has_ksm, "KSM advice taken by a kernel without KSM"),
+                Err(e) => {
+                    assert!(!has_ksm, "{e}");
+                    assert!(
+                        matches!(e, MemoryError::Mergeable { mergeable, .. } if mergeable == on)
+                    );
+                }
+            }
+        }
+        // The advice changes no contents.
+        assert_eq!(
+            ram.memory().read_obj::<u64>(GuestAddress(0x1000)).unwrap(),
+            7
+        );
     }
 
     #[test]

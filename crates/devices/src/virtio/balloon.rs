@@ -115,6 +115,8 @@ pub struct BalloonControl {
     stats: Mutex<Option<BalloonStats>>,
     interrupt: Mutex<Option<Arc<Interrupt>>>,
     stats_wanted: EventFd,
+    /// One bit per guest page: inflated.
+    bits: Mutex<Vec<u64>>,
 }
 
 impl BalloonControl {
@@ -174,14 +176,89 @@ impl BalloonControl {
     }
 }
 
+/// A balloon's state in a snapshot: the target, what the driver says it holds, which
+/// pages are inflated (freed on the host: zero in the snapshot's memory) and the
+/// counters. The rest (queues) is the transport's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BalloonState {
+    /// Pages asked for.
+    pub target: u32,
+    /// Pages the driver says the balloon holds.
+    pub actual: u32,
+    /// One bit per guest page frame: inflated.
+    pub inflated: Vec<u64>,
+    /// Free pages reported in all.
+    pub reported: u64,
+    /// Page numbers sent that were not RAM.
+    pub outside_ram: u64,
+    /// Redundant inflates and deflates.
+    pub redundant: u64,
+}
+
+impl vmcraft_snapshot::Versioned for BalloonState {
+    const VERSION: u32 = 1;
+}
+
+impl BalloonControl {
+    /// The state to save (with the device quiesced, so no chain changes it).
+    pub fn save_state(&self) -> BalloonState {
+        let c = &self.counters;
+        let mut inflated = self.bits.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        while inflated.last() == Some(&0) {
+            inflated.pop();
+        }
+        BalloonState {
+            target: self.target(),
+            actual: self.actual(),
+            inflated,
+            reported: c.reported.load(Ordering::SeqCst),
+            outside_ram: c.outside_ram.load(Ordering::SeqCst),
+            redundant: c.redundant.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Put back `state` into the balloon of a VM whose RAM is `memory`, before its
+    /// driver runs: every inflated page must be RAM.
+    pub fn restore_state(
+        &self,
+        state: &BalloonState,
+        memory: &GuestMemory,
+    ) -> Result<(), crate::state::StateError> {
+        let mut inflated = 0u64;
+        for (w, &word) in state.inflated.iter().enumerate() {
+            if word == 0 {
+                continue;
+            }
+            let first = w as u64 * 64;
+            for bit in (0..64).filter(|b| word & (1 << b) != 0) {
+                let pfn = first + bit;
+                if !memory.check_range(GuestAddress(pfn * PAGE_SIZE), PAGE_SIZE as usize) {
+                    return Err(crate::state::StateError::new(
+                        "virtio-balloon",
+                        format!("inflated page {pfn:#x} is not guest RAM"),
+                    ));
+                }
+            }
+            inflated += u64::from(word.count_ones());
+        }
+        *self.bits.lock().unwrap_or_else(|p| p.into_inner()) = state.inflated.clone();
+        let c = &self.counters;
+        c.inflated.store(inflated, Ordering::SeqCst);
+        c.reported.store(state.reported, Ordering::SeqCst);
+        c.outside_ram.store(state.outside_ram, Ordering::SeqCst);
+        c.redundant.store(state.redundant, Ordering::SeqCst);
+        self.target.store(state.target, Ordering::SeqCst);
+        self.actual.store(state.actual, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 /// The virtio-balloon device.
 #[derive(Debug)]
 pub struct Balloon {
     control: Arc<BalloonControl>,
     worker: Option<Worker>,
     name: String,
-    /// One bit per guest page: inflated.
-    inflated: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Balloon {
@@ -194,13 +271,13 @@ impl Balloon {
             stats: Mutex::new(None),
             interrupt: Mutex::new(None),
             stats_wanted: EventFd::new(EFD_NONBLOCK)?,
+            bits: Mutex::new(Vec::new()),
         });
         Ok((
             Balloon {
                 control: control.clone(),
                 worker: None,
                 name: name.to_string(),
-                inflated: Arc::new(Mutex::new(Vec::new())),
             },
             control,
         ))
@@ -220,8 +297,6 @@ enum Direction {
 struct Pages {
     mem: GuestMemory,
     control: Arc<BalloonControl>,
-    /// One bit per guest page: inflated.
-    inflated: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Pages {
@@ -233,7 +308,7 @@ impl Pages {
     ) -> Result<u32, ProtocolError> {
         check_chain(&chain)?;
         let pfns = read_pfns(&chain, &self.mem)?;
-        let mut bits = self.inflated.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bits = self.control.bits.lock().unwrap_or_else(|p| p.into_inner());
         let c = &self.control.counters;
         for pfn in pfns {
             let addr = u64::from(pfn) * PAGE_SIZE;
@@ -415,7 +490,6 @@ impl BalloonServer {
             pages: Pages {
                 mem,
                 control: balloon.control.clone(),
-                inflated: balloon.inflated.clone(),
             },
             interrupt,
             queues: Queues {
@@ -561,7 +635,8 @@ impl VirtioDevice for Balloon {
     fn reset(&mut self) {
         self.worker = None;
         // A reset balloon holds nothing: the guest has all its pages again.
-        self.inflated
+        self.control
+            .bits
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
@@ -571,6 +646,30 @@ impl VirtioDevice for Balloon {
     fn quiesce(&mut self) {
         // Stop serving but keep what is inflated (a snapshot goes on from it).
         self.worker = None;
+    }
+    fn save_state(&self) -> Vec<u8> {
+        let mut b = vmcraft_snapshot::SnapshotBuilder::new();
+        match b.put("balloon", &self.control.save_state()) {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                // Encoding plain integers does not fail; if it did, the restored
+                // balloon would start empty (its pages counted again as inflated).
+                log::error!("virtio-balloon: cannot encode its state: {e}");
+                Vec::new()
+            }
+        }
+    }
+    fn restore_state(
+        &mut self,
+        state: &[u8],
+        mem: &GuestMemory,
+    ) -> Result<(), crate::state::StateError> {
+        let bad = |e: vmcraft_snapshot::SnapshotError| {
+            crate::state::StateError::new("virtio-balloon", e.to_string())
+        };
+        let s = vmcraft_snapshot::Snapshot::parse(state.to_vec()).map_err(bad)?;
+        let saved = s.load("balloon").map_err(bad)?;
+        self.control.restore_state(&saved, mem)
     }
 }
 

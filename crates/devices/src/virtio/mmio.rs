@@ -133,10 +133,13 @@ pub struct TransportState {
     pub config_generation: u32,
     /// Each queue's registers.
     pub queues: Vec<QueueRegisters>,
+    /// The device's own state ([`VirtioDevice::save_state`]; empty for a device
+    /// that has none).
+    pub device: Vec<u8>,
 }
 
 impl vmcraft_snapshot::Versioned for TransportState {
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 }
 
 /// The virtio-mmio register file of one device.
@@ -216,6 +219,7 @@ impl MmioTransport {
             self.device.quiesce();
         }
         TransportState {
+            device: self.device.save_state(),
             device_type: self.device.device_type(),
             status: self.status,
             needs_reset: self.interrupt.needs_reset(),
@@ -324,6 +328,10 @@ impl MmioTransport {
         }
         if state.needs_reset {
             self.interrupt.set_needs_reset();
+        }
+        if let Err(e) = self.device.restore_state(&state.device, &self.mem) {
+            self.reset();
+            return Err(e);
         }
         self.resume_after_snapshot();
         match self.last_error.take() {

@@ -82,6 +82,33 @@ pub trait VirtioDevice: Send {
     fn quiesce(&mut self) {
         self.reset();
     }
+    /// The device's own state for a snapshot, beyond its queues and registers (a
+    /// balloon's inflated pages), taken after [`VirtioDevice::quiesce`]. The default:
+    /// none (empty).
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Put back what [`VirtioDevice::save_state`] returned on the saved machine, whose
+    /// memory `mem` is in place; called before the device serves again. The default
+    /// takes only the empty state.
+    fn restore_state(
+        &mut self,
+        state: &[u8],
+        mem: &GuestMemory,
+    ) -> Result<(), crate::state::StateError> {
+        let _ = mem;
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::state::StateError::new(
+                "virtio device",
+                format!(
+                    "{} bytes of state for a device that keeps none",
+                    state.len()
+                ),
+            ))
+        }
+    }
 }
 
 /// Everything a device needs to serve its queues.

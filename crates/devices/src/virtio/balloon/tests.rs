@@ -240,3 +240,37 @@ fn the_config_space_carries_the_target_and_the_drivers_actual() {
     b.write_config(4, &[1, 2]);
     assert_eq!((ctl.target(), ctl.actual()), (1234, 77));
 }
+
+/// A snapshot keeps which pages are inflated: the restored balloon deflates them as
+/// its own (nothing redundant), and refuses a state naming a page that is not RAM.
+#[test]
+fn the_inflated_pages_survive_a_snapshot_and_a_bad_state_is_refused() {
+    let ram = ram();
+    let mem = ram.memory();
+    let (b, ctl) = balloon();
+    let mut s = serving(mem, 0, &b);
+    let mock = MockSplitQueue::new(mem, 16);
+    s.queues.inflate = pfn_queue(mem, &mock, &[0x300, 0x301, 0x3ff]);
+    s.serve(Token::Queue(0)).unwrap();
+    ctl.set_target(7);
+    let saved = ctl.save_state();
+    assert_eq!((saved.target, saved.inflated.len()), (7, 0x400 / 64));
+
+    let (b2, ctl2) = balloon();
+    ctl2.restore_state(&saved, mem).unwrap();
+    assert_eq!((ctl2.inflated_pages(), ctl2.target()), (3, 7));
+    let mut s2 = serving(mem, 0, &b2);
+    let mock = MockSplitQueue::new(mem, 16);
+    s2.queues.deflate = pfn_queue(mem, &mock, &[0x300, 0x301, 0x3ff]);
+    s2.serve(Token::Queue(1)).unwrap();
+    assert_eq!((ctl2.inflated_pages(), ctl2.redundant_pages()), (0, 0));
+
+    // A page past the 8 MiB of RAM.
+    let mut bad = saved.clone();
+    bad.inflated.resize(0x1000 / 64, 0);
+    bad.inflated[0xfff / 64] |= 1 << (0xfff % 64);
+    let (_, ctl3) = balloon();
+    let err = ctl3.restore_state(&bad, mem).unwrap_err();
+    assert!(err.to_string().contains("0xfff"), "{err}");
+    assert_eq!(ctl3.inflated_pages(), 0);
+}
