@@ -74,20 +74,30 @@ impl VirtioBalloonVm {
     }
 }
 
-/// A guest's use from its balloon statistics, in pages: its RAM minus the balloon and
-/// minus what it reports available (or, without that, free). Linux leaves the
-/// balloon's pages out of its total, and its own reserved memory counts as used here.
-/// `None` without a figure of what is available.
-pub fn used_from_stats(stats: &BalloonStats, ram_pages: u64, ballooned: u64) -> Option<u64> {
+/// A guest's use from its balloon statistics, in pages: its total memory less what it
+/// reports available (or, without that, free), as Linux's `MemTotal - MemAvailable`.
+/// With `VIRTIO_BALLOON_F_DEFLATE_ON_OOM` Linux keeps the balloon's pages in its total
+/// (they are pages it allocated), so `balloon_in_total` takes `ballooned` out again;
+/// without it Linux takes them out of the total itself. Memory the guest never counts
+/// (what its kernel reserved at boot) is left to the floor and the headroom. Without
+/// a total, the RAM less the balloon stands for it. `None` without a figure of what is
+/// available.
+pub fn used_from_stats(
+    stats: &BalloonStats,
+    ram_pages: u64,
+    ballooned: u64,
+    balloon_in_total: bool,
+) -> Option<u64> {
     let available = stats
         .get(tag::AVAILABLE_MEMORY)
         .or_else(|| stats.get(tag::FREE_MEMORY))?
         / PAGE_SIZE;
-    Some(
-        ram_pages
-            .saturating_sub(ballooned)
-            .saturating_sub(available),
-    )
+    let total = match stats.get(tag::TOTAL_MEMORY) {
+        Some(bytes) if balloon_in_total => (bytes / PAGE_SIZE).saturating_sub(ballooned),
+        Some(bytes) => bytes / PAGE_SIZE,
+        None => ram_pages.saturating_sub(ballooned),
+    };
+    Some(total.min(ram_pages).saturating_sub(available))
 }
 
 /// The balloon target (pages the guest gives up) for a VM of `ram_pages` that may
@@ -103,7 +113,12 @@ impl BalancedVm for VirtioBalloonVm {
 
     fn report(&self) -> Option<VmReport> {
         let stats = self.control.stats()?;
-        let used = used_from_stats(&stats, self.ram_pages, u64::from(self.control.actual()))?;
+        let used = used_from_stats(
+            &stats,
+            self.ram_pages,
+            u64::from(self.control.actual()),
+            self.control.deflate_on_oom(),
+        )?;
         Some(VmReport { used })
     }
 

@@ -15,7 +15,8 @@
    - deflates on OOM: a working set that needs pages the balloon holds takes them back
      at once (VIRTIO_BALLOON_F_DEFLATE_ON_OOM) and counts them;
    - answers each statistics request with total, free and available memory as Linux
-     reports them (the balloon's pages are not in the total).
+     reports them with deflate on OOM (the balloon's pages count in the total, as
+     allocated pages).
    It reports at PHASED_MAILBOX + 4 the working set it has in place (u32), + 8 the
    pages it held in the balloon (u32), + 12 the pages deflated on OOM so far (u32).
    Prints "ready" on COM1 once the driver runs; a page that lost its contents prints
@@ -74,7 +75,8 @@ static void put_stat(volatile u8 *at, u16 tag, u64 value)
 static void post_stats(void)
 {
     volatile u8 *s = (volatile u8 *)STATS;
-    u64 total = 4096ul * (KERNEL_PAGES + pool - held);
+    /* As Linux with DEFLATE_ON_OOM: the balloon's pages stay in the total. */
+    u64 total = 4096ul * (KERNEL_PAGES + pool);
     u64 free_bytes = 4096ul * (pool - held - ws);
     put_stat(s, 4, free_bytes);  /* free */
     put_stat(s + 10, 5, total);  /* total */
