@@ -57,11 +57,14 @@ pub trait BalancedVm: Send + Sync {
     fn keep(&self, pages: u64);
 }
 
-/// A VM behind a virtio-balloon device.
+/// A VM behind a virtio-balloon device. Its report is its latest statistics, once:
+/// figures already reported are not a new report (a slow driver leaves its VM as it
+/// was rather than having old figures read against a balloon that has moved since).
 #[derive(Debug)]
 pub struct VirtioBalloonVm {
     control: Arc<BalloonControl>,
     ram_pages: u64,
+    reported: std::sync::atomic::AtomicU64,
 }
 
 impl VirtioBalloonVm {
@@ -70,6 +73,7 @@ impl VirtioBalloonVm {
         VirtioBalloonVm {
             control,
             ram_pages: ram / PAGE_SIZE,
+            reported: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -113,10 +117,17 @@ impl BalancedVm for VirtioBalloonVm {
 
     fn report(&self) -> Option<VmReport> {
         let stats = self.control.stats()?;
+        let seen = self
+            .reported
+            .swap(stats.sequence, std::sync::atomic::Ordering::SeqCst);
+        if seen == stats.sequence {
+            return None;
+        }
+        // The balloon as it was when the guest counted, not as it is now.
         let used = used_from_stats(
             &stats,
             self.ram_pages,
-            u64::from(self.control.actual()),
+            u64::from(stats.ballooned),
             self.control.deflate_on_oom(),
         )?;
         Some(VmReport { used })

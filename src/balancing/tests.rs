@@ -33,6 +33,7 @@ impl BalancedVm for Fake {
 fn stats(entries: &[(u16, u64)]) -> BalloonStats {
     BalloonStats {
         entries: entries.to_vec(),
+        ..BalloonStats::default()
     }
 }
 

@@ -83,6 +83,12 @@ pub struct BalloonStats {
     /// `(tag, value)` in the order sent (a tag sent twice: the last value wins in
     /// [`BalloonStats::get`]).
     pub entries: Vec<(u16, u64)>,
+    /// The balloon's `actual` (pages) when they arrived: the figures describe the
+    /// guest with that balloon, whatever it holds by the time they are read.
+    pub ballooned: u32,
+    /// How many statistics buffers had arrived, this one included (1 for the first):
+    /// a reader tells fresh figures from ones it has seen.
+    pub sequence: u64,
 }
 
 impl BalloonStats {
@@ -402,6 +408,8 @@ pub fn parse_stats(bytes: &[u8]) -> Result<BalloonStats, ProtocolError> {
                 (u16::from_le_bytes([e[0], e[1]]), u64::from_le_bytes(v))
             })
             .collect(),
+        ballooned: 0,
+        sequence: 0,
     })
 }
 
@@ -564,13 +572,13 @@ impl BalloonServer {
                 })?;
                 bytes.extend(part);
             }
-            let stats = parse_stats(&bytes)?;
-            *self
-                .pages
-                .control
-                .stats
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(stats);
+            let mut stats = parse_stats(&bytes)?;
+            let control = &self.pages.control;
+            stats.ballooned = control.actual();
+            let mut latest = control.stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.sequence = latest.as_ref().map_or(0, |s| s.sequence) + 1;
+            *latest = Some(stats);
+            drop(latest);
             if let Some(old) = self.held_stats.replace(head) {
                 q.add_used(mem, old, 0).map_err(ProtocolError::Ring)?;
                 self.interrupt.signal_used_queue();

@@ -121,9 +121,14 @@ fn statistics_are_kept_and_the_buffer_held_until_fresh_ones_are_wanted() {
     mock.add_desc_chains(&[d(BUF, buf.len() as u32, 0, 0)], 0)
         .unwrap();
     s.queues.stats = Some(mock.create_queue().unwrap());
+    // The driver says its balloon holds 12 pages.
+    let mut b = b;
+    b.write_config(4, &12u32.to_le_bytes());
     // The stats queue is the third when STATS_VQ is negotiated.
     s.serve(Token::Queue(2)).unwrap();
     let stats = ctl.stats().unwrap();
+    // The first buffer, counted with the balloon as it was.
+    assert_eq!((stats.sequence, stats.ballooned), (1, 12));
     assert_eq!(stats.get(tag::FREE_MEMORY), Some(1 << 30));
     assert_eq!(stats.get(tag::TOTAL_MEMORY), Some(2 << 30));
     assert_eq!(stats.get(tag::SWAP_IN), None);
