@@ -78,30 +78,26 @@ impl VirtioBalloonVm {
     }
 }
 
-/// A guest's use from its balloon statistics, in pages: its total memory less what it
-/// reports available (or, without that, free), as Linux's `MemTotal - MemAvailable`.
-/// With `VIRTIO_BALLOON_F_DEFLATE_ON_OOM` Linux keeps the balloon's pages in its total
-/// (they are pages it allocated), so `balloon_in_total` takes `ballooned` out again;
-/// without it Linux takes them out of the total itself. Memory the guest never counts
-/// (what its kernel reserved at boot) is left to the floor and the headroom. Without
-/// a total, the RAM less the balloon stands for it. `None` without a figure of what is
-/// available.
-pub fn used_from_stats(
-    stats: &BalloonStats,
-    ram_pages: u64,
-    ballooned: u64,
-    balloon_in_total: bool,
-) -> Option<u64> {
+/// A guest's use from its balloon statistics, in pages: its RAM less the balloon and
+/// less what it reports available (or, without that, free). That holds whether the
+/// guest counts the balloon's pages in its total (Linux does with
+/// `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`: they are pages it allocated, so not available)
+/// or takes them out of it (without), and it counts what the guest's kernel reserved
+/// at boot and left out of its total (50 MiB of 256 for Debian's kernel) as used, which
+/// it is. `ballooned` must be the balloon as it was when the guest counted: figures
+/// read against a balloon that has grown since would understate the use by the
+/// difference, and a balancer acting on them would inflate without end. `None`
+/// without a figure of what is available.
+pub fn used_from_stats(stats: &BalloonStats, ram_pages: u64, ballooned: u64) -> Option<u64> {
     let available = stats
         .get(tag::AVAILABLE_MEMORY)
         .or_else(|| stats.get(tag::FREE_MEMORY))?
         / PAGE_SIZE;
-    let total = match stats.get(tag::TOTAL_MEMORY) {
-        Some(bytes) if balloon_in_total => (bytes / PAGE_SIZE).saturating_sub(ballooned),
-        Some(bytes) => bytes / PAGE_SIZE,
-        None => ram_pages.saturating_sub(ballooned),
-    };
-    Some(total.min(ram_pages).saturating_sub(available))
+    Some(
+        ram_pages
+            .saturating_sub(ballooned)
+            .saturating_sub(available),
+    )
 }
 
 /// The balloon target (pages the guest gives up) for a VM of `ram_pages` that may
@@ -124,12 +120,7 @@ impl BalancedVm for VirtioBalloonVm {
             return None;
         }
         // The balloon as it was when the guest counted, not as it is now.
-        let used = used_from_stats(
-            &stats,
-            self.ram_pages,
-            u64::from(stats.ballooned),
-            self.control.deflate_on_oom(),
-        )?;
+        let used = used_from_stats(&stats, self.ram_pages, u64::from(stats.ballooned))?;
         Some(VmReport { used })
     }
 

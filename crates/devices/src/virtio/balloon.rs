@@ -123,8 +123,6 @@ pub struct BalloonControl {
     stats_wanted: EventFd,
     /// One bit per guest page: inflated.
     bits: Mutex<Vec<u64>>,
-    /// The features the running driver accepted.
-    driver_features: AtomicU64,
 }
 
 impl BalloonControl {
@@ -175,13 +173,6 @@ impl BalloonControl {
     /// The latest statistics, if the driver has sent any.
     pub fn stats(&self) -> Option<BalloonStats> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Whether the running driver accepted `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`. Linux's
-    /// driver then leaves the balloon's pages in the total memory it reports (as
-    /// allocated pages), and without it takes them out.
-    pub fn deflate_on_oom(&self) -> bool {
-        self.driver_features.load(Ordering::SeqCst) & F_DEFLATE_ON_OOM != 0
     }
 
     /// Ask the driver for fresh statistics (the device returns the buffer it holds).
@@ -287,7 +278,6 @@ impl Balloon {
             interrupt: Mutex::new(None),
             stats_wanted: EventFd::new(EFD_NONBLOCK)?,
             bits: Mutex::new(Vec::new()),
-            driver_features: AtomicU64::new(0),
         });
         Ok((
             Balloon {
@@ -635,9 +625,6 @@ impl VirtioDevice for Balloon {
             active.driver_features,
             queues,
         )?;
-        self.control
-            .driver_features
-            .store(active.driver_features, Ordering::SeqCst);
         *self
             .control
             .interrupt
