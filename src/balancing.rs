@@ -264,7 +264,12 @@ impl Balancing {
                     },
                     &reports,
                 );
-                for ((vm, _), keep) in vms.iter().zip(&step) {
+                for (i, (((vm, _), keep), report)) in
+                    vms.iter().zip(&step).zip(&reports).enumerate()
+                {
+                    if let Some(r) = report {
+                        log::debug!("balancer: VM {i} uses {} pages, may keep {keep}", r.used);
+                    }
                     vm.keep(*keep);
                     vm.request_report();
                 }

@@ -518,12 +518,13 @@ fn source_chain(e: &dyn Error) -> String {
 }
 
 /// Warnings from the library (a device that needs a reset, input that cannot be
-/// used) go to stderr.
+/// used) go to stderr; with `VMCRAFT_LOG=info` (or `debug`) more of what it does (the
+/// balancer's steps).
 struct StderrLog;
 
 impl log::Log for StderrLog {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::Level::Warn
+        metadata.level() <= log::max_level()
     }
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
@@ -536,7 +537,11 @@ impl log::Log for StderrLog {
 fn main() -> ExitCode {
     static LOG: StderrLog = StderrLog;
     if log::set_logger(&LOG).is_ok() {
-        log::set_max_level(log::LevelFilter::Warn);
+        log::set_max_level(match std::env::var("VMCRAFT_LOG").as_deref() {
+            Ok("info") => log::LevelFilter::Info,
+            Ok("debug") => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Warn,
+        });
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let options = match parse(&args) {
