@@ -403,6 +403,27 @@ pub fn parse_stats(bytes: &[u8]) -> Result<BalloonStats, ProtocolError> {
     })
 }
 
+/// The statistics in a chain's driver-readable buffers (at most [`MAX_STATS`] + 1
+/// entries read: one more is a protocol error).
+fn read_stats(
+    chain: &DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+) -> Result<BalloonStats, ProtocolError> {
+    check_chain(chain)?;
+    let mut bytes = Vec::new();
+    for d in chain.clone().filter(|d| !d.is_write_only()) {
+        let len = (d.len() as usize).min((MAX_STATS + 1) * 10 - bytes.len());
+        let mut part = vec![0u8; len];
+        mem.read_slice(&mut part, d.addr())
+            .map_err(|_| ProtocolError::BufferNotInMemory {
+                addr: d.addr().0,
+                len: d.len() as usize,
+            })?;
+        bytes.extend(part);
+    }
+    parse_stats(&bytes)
+}
+
 /// The page frame numbers in a chain's driver-readable buffers (little-endian u32s;
 /// at most [`MAX_PFNS_PER_CHAIN`]).
 fn read_pfns(
@@ -541,40 +562,41 @@ impl BalloonServer {
     }
 
     /// Take every statistics buffer the driver posted: keep the values of the last,
-    /// hold it, return any earlier one.
+    /// hold it, return any earlier one. With EVENT_IDX the device asks to hear of the
+    /// next buffer (the avail event), as for any queue: without that, a driver such as
+    /// Linux's would post its next statistics without a notification.
     fn take_stats(&mut self) -> Result<(), ProtocolError> {
         let Some(q) = self.queues.stats.as_mut() else {
             return Ok(());
         };
         let mem = &self.pages.mem;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
-            check_chain(&chain)?;
-            let head = chain.head_index();
-            let mut bytes = Vec::new();
-            for d in chain.clone().filter(|d| !d.is_write_only()) {
-                let len = (d.len() as usize).min((MAX_STATS + 1) * 10 - bytes.len());
-                let mut part = vec![0u8; len];
-                mem.read_slice(&mut part, d.addr()).map_err(|_| {
-                    ProtocolError::BufferNotInMemory {
-                        addr: d.addr().0,
-                        len: d.len() as usize,
-                    }
-                })?;
-                bytes.extend(part);
+        loop {
+            if q.event_idx_enabled() {
+                q.disable_notification(mem).map_err(ProtocolError::Ring)?;
             }
-            let mut stats = parse_stats(&bytes)?;
-            let control = &self.pages.control;
-            stats.ballooned = control.actual();
-            let mut latest = control.stats.lock().unwrap_or_else(|p| p.into_inner());
-            stats.sequence = latest.as_ref().map_or(0, |s| s.sequence) + 1;
-            *latest = Some(stats);
-            drop(latest);
-            if let Some(old) = self.held_stats.replace(head) {
-                q.add_used(mem, old, 0).map_err(ProtocolError::Ring)?;
-                self.interrupt.signal_used_queue();
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let stats = read_stats(&chain, mem)?;
+                let control = &self.pages.control;
+                let mut latest = control.stats.lock().unwrap_or_else(|p| p.into_inner());
+                let sequence = latest.as_ref().map_or(0, |s| s.sequence) + 1;
+                *latest = Some(BalloonStats {
+                    ballooned: control.actual(),
+                    sequence,
+                    ..stats
+                });
+                drop(latest);
+                if let Some(old) = self.held_stats.replace(head) {
+                    q.add_used(mem, old, 0).map_err(ProtocolError::Ring)?;
+                    if q.needs_notification(mem).map_err(ProtocolError::Ring)? {
+                        self.interrupt.signal_used_queue();
+                    }
+                }
+            }
+            if !q.event_idx_enabled() || !q.enable_notification(mem).map_err(ProtocolError::Ring)? {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     fn return_stats(&mut self) -> Result<(), ProtocolError> {

@@ -279,3 +279,31 @@ fn the_inflated_pages_survive_a_snapshot_and_a_bad_state_is_refused() {
     assert!(err.to_string().contains("0xfff"), "{err}");
     assert_eq!(ctl3.inflated_pages(), 0);
 }
+
+/// With EVENT_IDX the device asks to hear of the driver's next statistics buffer (the
+/// used ring's avail event moves past the one it took): Linux's driver posts each
+/// later buffer only if asked so.
+#[test]
+fn with_event_idx_the_next_statistics_buffer_is_asked_for() {
+    let ram = ram();
+    let mem = ram.memory();
+    let (b, ctl) = balloon();
+    let mut s = serving(mem, F_STATS_VQ | F_EVENT_IDX, &b);
+    let mut buf = Vec::new();
+    buf.extend(tag::FREE_MEMORY.to_le_bytes());
+    buf.extend(7u64.to_le_bytes());
+    mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
+    let mock = MockSplitQueue::new(mem, 16);
+    mock.add_desc_chains(&[d(BUF, buf.len() as u32, 0, 0)], 0)
+        .unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    q.set_event_idx(true);
+    s.queues.stats = Some(q);
+    s.serve(Token::Queue(2)).unwrap();
+    assert_eq!(ctl.stats().unwrap().get(tag::FREE_MEMORY), Some(7));
+    // avail_event: after the used ring's 16 elements.
+    let avail_event: u16 = mem
+        .read_obj(GuestAddress(mock.used_addr().0 + 4 + 8 * 16))
+        .unwrap();
+    assert_eq!(avail_event, 1);
+}
