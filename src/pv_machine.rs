@@ -482,15 +482,7 @@ mod tests {
     }
 
     fn tempfile_disk() -> std::fs::File {
-        let path = std::env::temp_dir().join(format!("vmcraft-pv-restore-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        let _ = std::fs::remove_file(&path);
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
         f.set_len(1 << 20).unwrap();
         f
     }

@@ -8,27 +8,14 @@
    checked out, "inflated <pages>" after each inflate; a page that does not read back
    prints "bad page" and exits 1. */
 #include "guest.h"
-#include "virtio.h"
+#include "balloon.h"
 
 #define POOL ((u64)0x1000000)
 #define POOL_PAGES 4096u
-#define PFNS ((u64)GUEST_HEAP + 0x4000)
 #define PER_CHAIN 256u
 
 static struct virtq inflate_q, deflate_q;
 
-/* Send `n` page numbers from `first` down in one chain on `q`; wait for it. */
-static void send(struct virtq *q, u32 first, u32 n)
-{
-    volatile u32 *pfns = (volatile u32 *)PFNS;
-    for (u32 i = 0; i < n; i++)
-        pfns[i] = (u32)(POOL >> 12) + first - i;
-    u16 old = q->avail_idx;
-    q->desc[0] = (struct vq_desc){PFNS, 4 * n, 0, 0};
-    virtq_push(q, 0);
-    virtq_kick(q, old);
-    virtq_wait(q, 0);
-}
 
 u32 guest_main(u64 vcpu, u64 param)
 {
@@ -53,7 +40,7 @@ u32 guest_main(u64 vcpu, u64 param)
         if (held < target) {
             u32 n = target - held < PER_CHAIN ? target - held : PER_CHAIN;
             /* The pool's pages from the top down: page POOL_PAGES - 1 - held first. */
-            send(&inflate_q, POOL_PAGES - 1 - held, n);
+            balloon_send(&inflate_q, POOL, POOL_PAGES - 1 - held, n);
             held += n;
             vio_w(VIRTIO_MMIO_BASE, VIRTIO_CONFIG + 4, held);
             if (held == target) {
@@ -64,7 +51,7 @@ u32 guest_main(u64 vcpu, u64 param)
         } else if (held > target) {
             u32 n = held - target < PER_CHAIN ? held - target : PER_CHAIN;
             u32 first = POOL_PAGES - held + n - 1;
-            send(&deflate_q, first, n);
+            balloon_send(&deflate_q, POOL, first, n);
             held -= n;
             vio_w(VIRTIO_MMIO_BASE, VIRTIO_CONFIG + 4, held);
             /* The pages are ours again: use them. */

@@ -22,12 +22,11 @@
    Prints "ready" on COM1 once the driver runs; a page that lost its contents prints
    "bad page <index>" and exits 1. */
 #include "guest.h"
-#include "virtio.h"
+#include "balloon.h"
 
 #define POOL ((u64)0x1000000)
 #define KERNEL_PAGES (POOL >> 12)
 #define MAILBOX ((volatile u32 *)((u64)GUEST_HEAP + 0x30000))
-#define PFNS ((u64)GUEST_HEAP + 0x4000)
 #define STATS ((u64)GUEST_HEAP + 0x5000)
 #define PER_CHAIN 256u
 #define F_STATS_VQ (1ul << 1)
@@ -38,25 +37,13 @@ static u32 pool, ws, held, generation;
 
 static u64 page_addr(u32 p) { return POOL + 4096ul * p; }
 
-/* Send the `n` page numbers from `first` down in one chain on `q`; wait for it. */
-static void send(struct virtq *q, u32 first, u32 n)
-{
-    volatile u32 *pfns = (volatile u32 *)PFNS;
-    for (u32 i = 0; i < n; i++)
-        pfns[i] = (u32)(POOL >> 12) + first - i;
-    u16 old = q->avail_idx;
-    q->desc[0] = (struct vq_desc){PFNS, 4 * n, 0, 0};
-    virtq_push(q, 0);
-    virtq_kick(q, old);
-    virtq_wait(q, 0);
-}
 
 /* Give the balloon's lowest `n` pages back (the pool's pages pool - held up). */
 static void deflate(u32 n)
 {
     while (n) {
         u32 k = n < PER_CHAIN ? n : PER_CHAIN;
-        send(&deflate_q, pool - held + k - 1, k);
+        balloon_send(&deflate_q, POOL, pool - held + k - 1, k);
         held -= k;
         n -= k;
         vio_w(VIRTIO_MMIO_BASE, VIRTIO_CONFIG + 4, held);
@@ -152,7 +139,7 @@ u32 guest_main(u64 vcpu, u64 param)
             if (n > free_pages)
                 n = free_pages;
             /* The free pages from the top down: page pool - 1 - held first. */
-            send(&inflate_q, pool - 1 - held, n);
+            balloon_send(&inflate_q, POOL, pool - 1 - held, n);
             held += n;
             vio_w(VIRTIO_MMIO_BASE, VIRTIO_CONFIG + 4, held);
         } else if (held > target) {
