@@ -18,6 +18,8 @@
 //!   irqfd and backends woken through eventfds.
 //! * [`reservation`]: a guest's memory reservation (`XENMEM_decrease_reservation` and
 //!   kin): the paravirtual balloon.
+//! * [`xenstore`]: the xenstore protocol and store (Xen's `io/xs_wire.h`): the tree
+//!   where split drivers meet, with permissions, watches, transactions and quotas.
 pub mod blkif;
 pub mod console;
 pub mod evtchn;
@@ -26,3 +28,4 @@ pub mod hypercall;
 pub mod layout;
 pub mod reservation;
 pub mod ring;
+pub mod xenstore;

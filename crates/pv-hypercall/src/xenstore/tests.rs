@@ -1,0 +1,421 @@
+use super::store::{Access, Perm, Quota, Store, XsError};
+use super::wire::{Framer, Header, Message, MsgType, WireError, HEADER_LEN, PAYLOAD_MAX};
+use super::Xenstore;
+use std::collections::BTreeMap;
+
+const GUEST: u16 = 1;
+
+/// A store where domain 0 gave guest 1 its own directory, as a toolstack does.
+fn guest_store() -> Xenstore {
+    let mut xs = Xenstore::default();
+    xs.store.mkdir(0, 0, b"/local/domain/1").unwrap();
+    xs.store
+        .set_perms(0, 0, b"/local/domain/1", &[perm(GUEST, Access::None)])
+        .unwrap();
+    xs
+}
+
+fn perm(dom: u16, access: Access) -> Perm {
+    Perm { dom, access }
+}
+
+fn req(xs: &mut Xenstore, ty: MsgType, tx: u32, payload: &[u8]) -> Vec<Message> {
+    xs.handle(GUEST, &Message::new(ty, 42, tx, payload.to_vec()))
+}
+
+fn reply(xs: &mut Xenstore, ty: MsgType, tx: u32, payload: &[u8]) -> (u32, Vec<u8>) {
+    let out = req(xs, ty, tx, payload);
+    assert_eq!(out[0].header.req_id, 42);
+    (out[0].header.ty, out[0].payload.clone())
+}
+
+#[test]
+fn headers_round_trip_and_the_framer_cuts_at_any_split() {
+    let h = Header {
+        ty: 11,
+        req_id: 0xdead_beef,
+        tx_id: 3,
+        len: 5,
+    };
+    assert_eq!(Header::decode(&h.encode()), h);
+    let msgs = [
+        Message::new(MsgType::Write, 1, 0, b"a\0b".to_vec()),
+        Message::new(MsgType::Read, 2, 0, Vec::new()),
+        Message::new(MsgType::Directory, 3, 9, vec![7; PAYLOAD_MAX]),
+    ];
+    let stream: Vec<u8> = msgs.iter().flat_map(Message::to_bytes).collect();
+    for cut in [1, 3, 16, 17, 100, 4096] {
+        let mut f = Framer::default();
+        let mut got = Vec::new();
+        for chunk in stream.chunks(cut) {
+            got.extend(f.push(chunk).unwrap());
+        }
+        assert_eq!(got, msgs, "chunks of {cut}");
+        assert_eq!(f.pending(), 0);
+    }
+    // A header announcing more than PAYLOAD_MAX breaks the stream.
+    let bad = Header {
+        ty: 2,
+        req_id: 0,
+        tx_id: 0,
+        len: PAYLOAD_MAX as u32 + 1,
+    };
+    let mut f = Framer::default();
+    assert_eq!(
+        f.push(&bad.encode()),
+        Err(WireError::PayloadTooLong(PAYLOAD_MAX as u32 + 1))
+    );
+    assert!(f.pending() < HEADER_LEN);
+}
+
+#[test]
+fn a_guest_reads_and_writes_its_own_tree_and_nothing_else() {
+    let mut xs = guest_store();
+    let ok = (MsgType::Write as u32, b"OK\0".to_vec());
+    assert_eq!(
+        reply(&mut xs, MsgType::Write, 0, b"device/vbd/768/state\x004"),
+        ok
+    );
+    // The value may hold NULs: everything after the path's NUL.
+    assert_eq!(reply(&mut xs, MsgType::Write, 0, b"data\0a\0b"), ok);
+    assert_eq!(
+        reply(&mut xs, MsgType::Read, 0, b"data\0").1,
+        b"a\0b".to_vec()
+    );
+    assert_eq!(
+        reply(
+            &mut xs,
+            MsgType::Read,
+            0,
+            b"/local/domain/1/device/vbd/768/state\0"
+        )
+        .1,
+        b"4"
+    );
+    // Missing ancestors were made.
+    assert_eq!(
+        reply(&mut xs, MsgType::Directory, 0, b"device/vbd\0").1,
+        b"768\0"
+    );
+    // Outside its directory: the root allows it nothing.
+    let err = |e: &str| (MsgType::Error as u32, format!("{e}\0").into_bytes());
+    assert_eq!(reply(&mut xs, MsgType::Read, 0, b"/local\0"), err("EACCES"));
+    assert_eq!(reply(&mut xs, MsgType::Write, 0, b"/x\0y"), err("EACCES"));
+    assert_eq!(
+        reply(&mut xs, MsgType::Read, 0, b"nothing\0"),
+        err("ENOENT")
+    );
+    // Bad paths and payloads.
+    for bad in [&b"a//b\0"[..], b"a/\0", b"a b\0", b"\0", b"a\0b\0"] {
+        assert_eq!(
+            reply(&mut xs, MsgType::Read, 0, bad),
+            err("EINVAL"),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(reply(&mut xs, MsgType::Write, 0, b"novalue"), err("EINVAL"));
+    assert_eq!(reply(&mut xs, MsgType::Introduce, 0, b""), err("ENOSYS"));
+    let mut unknown = Message::new(MsgType::Read, 42, 0, b"x\0".to_vec());
+    unknown.header.ty = 99;
+    assert_eq!(xs.handle(GUEST, &unknown)[0].payload, b"EINVAL\0");
+    // Domain paths, and removal.
+    assert_eq!(
+        reply(&mut xs, MsgType::GetDomainPath, 0, b"1\0").1,
+        b"/local/domain/1\0"
+    );
+    assert_eq!(
+        reply(&mut xs, MsgType::Rm, 0, b"device\0"),
+        (MsgType::Rm as u32, b"OK\0".to_vec())
+    );
+    assert_eq!(
+        reply(&mut xs, MsgType::Read, 0, b"device/vbd\0"),
+        err("ENOENT")
+    );
+}
+
+#[test]
+fn permissions_are_applied_as_xenstored_applies_them() {
+    let mut s = Store::default();
+    // Domain 0 makes a backend directory guest 1 may read but not write, with one
+    // node guest 1 may write.
+    s.write(0, 0, b"/backend/vbd/1/768/state", b"2").unwrap();
+    s.set_perms(
+        0,
+        0,
+        b"/backend/vbd/1/768/state",
+        &[perm(0, Access::None), perm(1, Access::Read)],
+    )
+    .unwrap();
+    s.write(0, 0, b"/backend/vbd/1/768/free", b"").unwrap();
+    s.set_perms(0, 0, b"/backend/vbd/1/768/free", &[perm(0, Access::Write)])
+        .unwrap();
+    assert_eq!(s.read(1, 0, b"/backend/vbd/1/768/state"), Ok(b"2".to_vec()));
+    assert_eq!(
+        s.write(1, 0, b"/backend/vbd/1/768/state", b"6"),
+        Err(XsError::Acces)
+    );
+    assert_eq!(
+        s.read(2, 0, b"/backend/vbd/1/768/state"),
+        Err(XsError::Acces)
+    );
+    // Write-only for everyone: writable, not readable.
+    assert_eq!(s.write(1, 0, b"/backend/vbd/1/768/free", b"x"), Ok(()));
+    assert_eq!(
+        s.read(1, 0, b"/backend/vbd/1/768/free"),
+        Err(XsError::Acces)
+    );
+    // Only the owner changes permissions, and a guest cannot give a node away.
+    assert_eq!(
+        s.set_perms(1, 0, b"/backend/vbd/1/768/state", &[perm(1, Access::Both)]),
+        Err(XsError::Acces)
+    );
+    s.mkdir(0, 0, b"/local/domain/1").unwrap();
+    s.set_perms(0, 0, b"/local/domain/1", &[perm(1, Access::None)])
+        .unwrap();
+    s.write(1, 0, b"mine", b"v").unwrap();
+    assert_eq!(s.get_perms(1, 0, b"mine"), Ok(vec![perm(1, Access::None)]));
+    assert_eq!(
+        s.set_perms(1, 0, b"mine", &[perm(2, Access::None)]),
+        Err(XsError::Acces)
+    );
+    assert_eq!(
+        s.set_perms(
+            1,
+            0,
+            b"mine",
+            &[perm(1, Access::Read), perm(2, Access::Write)]
+        ),
+        Ok(())
+    );
+    assert_eq!(s.write(2, 0, b"/local/domain/1/mine", b"w"), Ok(()));
+}
+
+#[test]
+fn watches_fire_at_once_then_on_changes_at_or_below_and_on_removal_above() {
+    let mut xs = guest_store();
+    let s = &mut xs.store;
+    s.watch(0, b"/local/domain/1/device", b"tok").unwrap();
+    s.watch(1, b"device/vbd", b"rel").unwrap();
+    assert_eq!(s.watch(1, b"device/vbd", b"rel"), Err(XsError::Exist));
+    let ev = |p: &[u8], t: &[u8]| super::store::WatchEvent {
+        path: p.to_vec(),
+        token: t.to_vec(),
+    };
+    assert_eq!(s.take_events(0), [ev(b"/local/domain/1/device", b"tok")]);
+    assert_eq!(s.take_events(1), [ev(b"device/vbd", b"rel")]);
+    s.write(1, 0, b"device/vbd/768/ring-ref", b"8").unwrap();
+    // The write made device, vbd, 768 and ring-ref: each fires what watches it.
+    let zero = s.take_events(0);
+    assert!(zero.contains(&ev(b"/local/domain/1/device/vbd/768/ring-ref", b"tok")));
+    assert!(zero.contains(&ev(b"/local/domain/1/device", b"tok")));
+    let one = s.take_events(1);
+    // Relative watches report relative paths.
+    assert!(
+        one.contains(&ev(b"device/vbd/768/ring-ref", b"rel")),
+        "{one:?}"
+    );
+    assert!(
+        !one.contains(&ev(b"device", b"rel")),
+        "above the watch: {one:?}"
+    );
+    // Removing an ancestor fires the watches below it.
+    s.rm(0, 0, b"/local/domain/1/device").unwrap();
+    assert!(s.take_events(1).contains(&ev(b"device", b"rel")));
+    s.unwatch(1, b"device/vbd", b"rel").unwrap();
+    s.write(1, 0, b"device/vbd/1", b"").unwrap();
+    assert!(s.take_events(1).is_empty());
+    assert_eq!(s.unwatch(1, b"device/vbd", b"rel"), Err(XsError::Noent));
+    // Over the wire: the reply first, then the events.
+    let out = req(&mut xs, MsgType::Watch, 0, b"x\0t\0");
+    assert_eq!(out[0].payload, b"OK\0");
+    assert_eq!(out[1].header.ty, MsgType::WatchEvent as u32);
+    assert_eq!(out[1].payload, b"x\0t\0");
+}
+
+#[test]
+fn transactions_commit_what_they_did_unless_something_they_touched_changed() {
+    let mut s = guest_store().store;
+    s.write(1, 0, b"a", b"1").unwrap();
+    let t = s.transaction_start(1).unwrap();
+    assert_eq!(s.read(1, t, b"a"), Ok(b"1".to_vec()));
+    s.write(1, t, b"b", b"2").unwrap();
+    // Not visible outside before the commit.
+    assert_eq!(s.read(1, 0, b"b"), Err(XsError::Noent));
+    // Another transaction's id is not this domain's to use.
+    assert_eq!(s.read(2, t, b"a"), Err(XsError::Inval));
+    s.transaction_end(1, t, true).unwrap();
+    assert_eq!(s.read(1, 0, b"b"), Ok(b"2".to_vec()));
+    // A conflict: what it read changed meanwhile.
+    let t = s.transaction_start(1).unwrap();
+    s.read(1, t, b"a").unwrap();
+    s.write(1, t, b"c", b"3").unwrap();
+    s.write(0, 0, b"/local/domain/1/a", b"changed").unwrap();
+    assert_eq!(s.transaction_end(1, t, true), Err(XsError::Again));
+    assert_eq!(s.read(1, 0, b"c"), Err(XsError::Noent));
+    // Ended is ended; an abort changes nothing.
+    assert_eq!(s.transaction_end(1, t, true), Err(XsError::Inval));
+    let t = s.transaction_start(1).unwrap();
+    s.rm(1, t, b"a").unwrap();
+    s.transaction_end(1, t, false).unwrap();
+    assert_eq!(s.read(1, 0, b"a"), Ok(b"changed".to_vec()));
+    // Over the wire: the id comes back as a string.
+    let mut xs = Xenstore { store: s };
+    let (ty, id) = reply(&mut xs, MsgType::TransactionStart, 0, b"\0");
+    assert_eq!(ty, MsgType::TransactionStart as u32);
+    let id: u32 = std::str::from_utf8(&id[..id.len() - 1])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(reply(&mut xs, MsgType::Write, id, b"d\0x").1, b"OK\0");
+    assert_eq!(
+        reply(&mut xs, MsgType::TransactionEnd, id, b"T\0").1,
+        b"OK\0"
+    );
+    assert_eq!(xs.store.read(1, 0, b"d"), Ok(b"x".to_vec()));
+}
+
+#[test]
+fn quotas_bound_what_a_guest_holds() {
+    let mut xs = Xenstore {
+        store: Store::new(Quota {
+            nodes: 6,
+            watches: 2,
+            transactions: 1,
+            pending_events: 3,
+        }),
+    };
+    xs.store.mkdir(0, 0, b"/local/domain/1").unwrap();
+    xs.store
+        .set_perms(0, 0, b"/local/domain/1", &[perm(GUEST, Access::None)])
+        .unwrap();
+    let s = &mut xs.store;
+    // Its directory and four nodes: five of six.
+    for i in 0..4 {
+        s.write(1, 0, format!("n{i}").as_bytes(), b"").unwrap();
+    }
+    assert_eq!(s.write(1, 0, b"a/b", b""), Err(XsError::Nospc));
+    assert_eq!(s.write(1, 0, b"n4", b""), Ok(()));
+    assert_eq!(s.write(1, 0, b"n5", b""), Err(XsError::Nospc));
+    s.watch(1, b"n0", b"a").unwrap();
+    s.watch(1, b"n1", b"a").unwrap();
+    assert_eq!(s.watch(1, b"n2", b"a"), Err(XsError::Nospc));
+    s.transaction_start(1).unwrap();
+    assert_eq!(s.transaction_start(1), Err(XsError::Nospc));
+    // Events past the bound drop the oldest.
+    for _ in 0..5 {
+        s.write(1, 0, b"n0", b"x").unwrap();
+    }
+    assert_eq!(s.take_events(1).len(), 3);
+    assert!(s.dropped_events() >= 2);
+}
+
+/// xorshift64*, deterministic.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Random writes, mkdirs and removals by domain 0 over a small name space agree with
+/// a plain map (a node exists iff written or made below a kept ancestor, a removal
+/// takes the subtree), and every node's parent exists.
+#[test]
+fn the_tree_agrees_with_a_model_over_random_operations() {
+    let mut rng = Rng(0x5eed_1234_5678_9abc);
+    for _case in 0..200 {
+        let mut s = Store::default();
+        let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        model.insert("/".into(), Vec::new());
+        for _ in 0..60 {
+            let depth = 1 + rng.below(3);
+            let path: String = (0..depth)
+                .map(|_| format!("/{}", ["a", "b", "c"][rng.below(3) as usize]))
+                .collect();
+            match rng.below(4) {
+                0 | 1 => {
+                    let v = vec![b'v'; rng.below(4) as usize];
+                    s.write(0, 0, path.as_bytes(), &v).unwrap();
+                    let mut p = path.as_str();
+                    while let Some(i) = p.rfind('/') {
+                        let up = if i == 0 { "/" } else { &p[..i] };
+                        model.entry(up.to_string()).or_default();
+                        p = up;
+                        if p == "/" {
+                            break;
+                        }
+                    }
+                    model.insert(path.clone(), v);
+                }
+                2 => {
+                    s.mkdir(0, 0, path.as_bytes()).unwrap();
+                    let mut p = path.clone();
+                    loop {
+                        model.entry(p.clone()).or_default();
+                        match p.rfind('/') {
+                            Some(0) | None => break,
+                            Some(i) => p.truncate(i),
+                        }
+                    }
+                }
+                _ => {
+                    let expected = if model.contains_key(&path) {
+                        Ok(())
+                    } else {
+                        Err(XsError::Noent)
+                    };
+                    assert_eq!(s.rm(0, 0, path.as_bytes()), expected);
+                    model.retain(|k, _| !(k == &path || k.starts_with(&format!("{path}/"))));
+                }
+            }
+            let dump: BTreeMap<String, Vec<u8>> = s.dump().into_iter().collect();
+            assert_eq!(dump, model);
+        }
+    }
+}
+
+/// Two domains run transactions over the same keys with random interleavings: every
+/// commit that succeeds leaves the store as if its transaction ran alone at its end
+/// (each committed counter increment is counted once), and the failed ones change
+/// nothing.
+#[test]
+fn concurrent_transactions_never_lose_an_increment() {
+    let mut rng = Rng(0xabcd_ef01_2345_6789);
+    for _case in 0..100 {
+        let mut s = Store::default();
+        s.write(0, 0, b"/counter", b"0").unwrap();
+        let mut committed = 0u64;
+        let mut open: Vec<(u16, u32, u64)> = Vec::new();
+        for _ in 0..50 {
+            if open.len() < 3 && rng.below(2) == 0 {
+                let dom = 0;
+                let t = s.transaction_start(dom).unwrap();
+                let v: u64 = String::from_utf8(s.read(dom, t, b"/counter").unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                s.write(dom, t, b"/counter", (v + 1).to_string().as_bytes())
+                    .unwrap();
+                open.push((dom, t, v));
+            } else if !open.is_empty() {
+                let (dom, t, _) = open.remove(rng.below(open.len() as u64) as usize);
+                match s.transaction_end(dom, t, true) {
+                    Ok(()) => committed += 1,
+                    Err(e) => assert_eq!(e, XsError::Again),
+                }
+            }
+        }
+        let v: u64 = String::from_utf8(s.read(0, 0, b"/counter").unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(v, committed);
+    }
+}
