@@ -27,7 +27,9 @@ fuzz_target!(|data: &[u8]| {
         .unwrap();
     let mut framer = Framer::default();
     // Any chunking: the first byte says how long the chunks are.
-    let (chunk, stream) = data.split_first().map_or((1, data), |(c, r)| (usize::from(*c).max(1), r));
+    let (chunk, stream) = data
+        .split_first()
+        .map_or((1, data), |(c, r)| (usize::from(*c).max(1), r));
     for piece in stream.chunks(chunk) {
         let Ok(msgs) = framer.push(piece) else {
             break;
