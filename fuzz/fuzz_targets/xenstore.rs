@@ -2,10 +2,14 @@
 //! framer cuts it into messages (or stops at a payload over the limit), every message
 //! is answered as domain 1's (never a panic), each reply fits the wire's limit, every
 //! node still has its parent, and the guest never owns more nodes than its quota nor
-//! reads outside its permissions.
+//! reads outside its permissions. Then the same bytes as the whole shared page
+//! (rings and indices) served by the store ring: never a panic, never more written
+//! than a ring holds.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vmcraft_pv_hypercall::ring::{HostRingMemory, RingMemory};
+use vmcraft_pv_hypercall::xenstore::ring::{StoreRing, INTERFACE_LEN, RING_SIZE};
 use vmcraft_pv_hypercall::xenstore::store::{Access, Perm};
 use vmcraft_pv_hypercall::xenstore::wire::{Framer, HEADER_LEN, PAYLOAD_MAX};
 use vmcraft_pv_hypercall::xenstore::Xenstore;
@@ -56,4 +60,23 @@ fuzz_target!(|data: &[u8]| {
     }
     assert!(dump.len() <= 1000 + 4, "{} nodes", dump.len());
     assert_eq!(xs.store.read(0, 0, b"/secret").unwrap(), b"dom0 only");
+
+    if data.is_empty() {
+        return;
+    }
+    let page = HostRingMemory::new(4096).unwrap();
+    let bytes: Vec<u8> = data.iter().copied().cycle().take(INTERFACE_LEN).collect();
+    page.write(0, &bytes);
+    let mut ring = StoreRing::new(page.clone(), 1).unwrap();
+    for _ in 0..4 {
+        let before = page.load_u32(2060);
+        if ring.serve(&mut xs).is_err() {
+            assert!(ring.broken().is_some());
+            assert_ne!(page.load_u32(2072), 0);
+            break;
+        }
+        assert!(page.load_u32(2060).wrapping_sub(before) <= RING_SIZE);
+        // The guest consumes every reply.
+        page.store_u32(2056, page.load_u32(2060));
+    }
 });

@@ -9,6 +9,8 @@
 //!   transactions (a private copy, committed unless a path it touched changed since:
 //!   then `EAGAIN`), and quotas per domain on nodes, watches, transactions and waiting
 //!   events.
+//! * [`ring`]: the page a guest shares with the store (`xenstore_domain_interface`):
+//!   requests read, replies and watch events written, hostile indices refused.
 //! * [`Xenstore::handle`]: one request from a domain, answered as xenstored answers
 //!   it (`OK`, a value, a list, or `XS_ERROR` with the errno's name), followed by the
 //!   watch events waiting for that domain.
@@ -32,6 +34,7 @@
 //! assert_eq!(xs.handle(1, &r)[0].payload, b"guest");
 //! ```
 
+pub mod ring;
 pub mod store;
 pub mod wire;
 

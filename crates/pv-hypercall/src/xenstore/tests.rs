@@ -419,3 +419,137 @@ fn concurrent_transactions_never_lose_an_increment() {
         assert_eq!(v, committed);
     }
 }
+
+mod ring {
+    use super::super::ring::{StoreRing, StoreRingError, ERROR_PROTO, ERROR_RINGIDX, RING_SIZE};
+    use super::super::wire::{Framer, Header, Message, MsgType, PAYLOAD_MAX};
+    use super::guest_store;
+    use crate::ring::{HostRingMemory, RingMemory};
+
+    /// The guest's side: writes requests, reads replies.
+    struct Guest {
+        page: HostRingMemory,
+        framer: Framer,
+    }
+
+    impl Guest {
+        fn send(&self, bytes: &[u8]) {
+            let prod = self.page.load_u32(2052);
+            for (i, b) in bytes.iter().enumerate() {
+                let at = (prod.wrapping_add(i as u32) % RING_SIZE) as usize;
+                self.page.write(at, &[*b]);
+            }
+            self.page
+                .store_u32(2052, prod.wrapping_add(bytes.len() as u32));
+        }
+        fn receive(&mut self) -> Vec<Message> {
+            let cons = self.page.load_u32(2056);
+            let prod = self.page.load_u32(2060);
+            let mut bytes = Vec::new();
+            for i in 0..prod.wrapping_sub(cons) {
+                let mut b = [0u8];
+                self.page
+                    .read(1024 + (cons.wrapping_add(i) % RING_SIZE) as usize, &mut b);
+                bytes.push(b[0]);
+            }
+            self.page.store_u32(2056, prod);
+            self.framer.push(&bytes).unwrap()
+        }
+    }
+
+    fn pair() -> (Guest, StoreRing<HostRingMemory>) {
+        let page = HostRingMemory::new(4096).unwrap();
+        let ring = StoreRing::new(page.clone(), 1).unwrap();
+        (
+            Guest {
+                page,
+                framer: Framer::default(),
+            },
+            ring,
+        )
+    }
+
+    #[test]
+    fn requests_and_replies_cross_the_ring_and_wrap_around_it() {
+        let mut xs = guest_store();
+        let (mut g, mut r) = pair();
+        // Server features: errors reported.
+        assert_eq!(g.page.load_u32(2064), 2);
+        let mut replies = Vec::new();
+        for i in 0..200u32 {
+            let w = Message::new(
+                MsgType::Write,
+                i,
+                0,
+                format!("k{}\0{}", i % 7, i).into_bytes(),
+            );
+            g.send(&w.to_bytes());
+            r.serve(&mut xs).unwrap();
+            replies.extend(g.receive());
+        }
+        assert_eq!(replies.len(), 200);
+        assert!(replies
+            .iter()
+            .enumerate()
+            .all(|(i, m)| m.header.req_id == i as u32 && m.payload == b"OK\0"));
+        assert_eq!(xs.store.read(1, 0, b"k3"), Ok(b"199".to_vec()));
+        // Far more than a ring of requests went through.
+        assert!(g.page.load_u32(2048) > 4 * RING_SIZE);
+    }
+
+    #[test]
+    fn a_guest_that_does_not_read_replies_gets_no_more_served_until_it_does() {
+        let mut xs = guest_store();
+        xs.store
+            .write(1, 0, b"big", &vec![b'x'; PAYLOAD_MAX])
+            .unwrap();
+        let (mut g, mut r) = pair();
+        let read = Message::new(MsgType::Read, 1, 0, b"big\0".to_vec()).to_bytes();
+        g.send(&read);
+        g.send(&read);
+        let served = r.serve(&mut xs).unwrap();
+        assert_eq!(served.requests, 2);
+        assert_eq!(served.reply_bytes, RING_SIZE as usize);
+        // The guest's third request waits: two replies are still queued.
+        g.send(&read);
+        assert_eq!(r.serve(&mut xs).unwrap().requests, 0);
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            got.extend(g.receive());
+            r.serve(&mut xs).unwrap();
+        }
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|m| m.payload.len() == PAYLOAD_MAX));
+    }
+
+    #[test]
+    fn hostile_indices_and_overlong_payloads_end_the_service_with_the_error_word() {
+        let mut xs = guest_store();
+        let (g, mut r) = pair();
+        g.page.store_u32(2052, RING_SIZE + 1);
+        assert!(matches!(
+            r.serve(&mut xs),
+            Err(StoreRingError::RequestIndex { .. })
+        ));
+        assert_eq!(g.page.load_u32(2072), ERROR_RINGIDX);
+        assert!(r.serve(&mut xs).is_err(), "served after the error");
+
+        let (g, mut r) = pair();
+        g.page.store_u32(2056, 5); // the reply consumer past our producer
+        assert!(matches!(
+            r.serve(&mut xs),
+            Err(StoreRingError::ReplyIndex { .. })
+        ));
+
+        let (g, mut r) = pair();
+        let h = Header {
+            ty: 2,
+            req_id: 0,
+            tx_id: 0,
+            len: PAYLOAD_MAX as u32 + 1,
+        };
+        g.send(&h.encode());
+        assert!(matches!(r.serve(&mut xs), Err(StoreRingError::Protocol(_))));
+        assert_eq!(g.page.load_u32(2072), ERROR_PROTO);
+    }
+}
