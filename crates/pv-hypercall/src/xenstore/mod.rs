@@ -11,6 +11,9 @@
 //!   events.
 //! * [`ring`]: the page a guest shares with the store (`xenstore_domain_interface`):
 //!   requests read, replies and watch events written, hostile indices refused.
+//! * [`xenbus`]: the back end's half of a xenbus device (a vbd, a console): the
+//!   directories a toolstack makes, and the handshake from InitWait to Connected and
+//!   back.
 //! * [`Xenstore::handle`]: one request from a domain, answered as xenstored answers
 //!   it (`OK`, a value, a list, or `XS_ERROR` with the errno's name), followed by the
 //!   watch events waiting for that domain.
@@ -37,6 +40,7 @@
 pub mod ring;
 pub mod store;
 pub mod wire;
+pub mod xenbus;
 
 use store::{decode_perms, encode_perms, DomId, Store, XsError};
 use wire::{strings, Message, MsgType, PAYLOAD_MAX};

@@ -553,3 +553,134 @@ mod ring {
         assert_eq!(g.page.load_u32(2072), ERROR_PROTO);
     }
 }
+
+mod xenbus {
+    use super::super::store::{Store, XsError};
+    use super::super::xenbus::{
+        parse_u32, Action, DeviceInfo, FrontendDetails, FrontendError, XenbusDevice, XenbusState,
+    };
+
+    /// What Linux's xen-blkfront writes, as guest 1, then Initialised.
+    fn blkfront_connects(s: &mut Store, dev: &XenbusDevice, ring_ref: &[u8], protocol: &[u8]) {
+        let fe = dev.frontend.clone();
+        let w = |s: &mut Store, k: &str, v: &[u8]| s.write(1, 0, format!("{fe}/{k}").as_bytes(), v);
+        w(s, "ring-ref", ring_ref).unwrap();
+        w(s, "event-channel", b"7").unwrap();
+        w(s, "protocol", protocol).unwrap();
+        w(s, "state", b"3").unwrap();
+    }
+
+    #[test]
+    fn a_vbd_goes_from_initwait_to_connected_and_back_as_blkfront_drives_it() {
+        let mut s = Store::default();
+        let mut dev = XenbusDevice::create(&mut s, 1, 768, &DeviceInfo::vbd(2048, false)).unwrap();
+        assert_eq!(dev.frontend, "/local/domain/1/device/vbd/768");
+        assert_eq!(dev.backend, "/local/domain/0/backend/vbd/1/768");
+        // What the guest finds, with its own permissions.
+        assert_eq!(
+            s.read(1, 0, b"device/vbd/768/backend"),
+            Ok(dev.backend.clone().into_bytes())
+        );
+        assert_eq!(s.read(1, 0, b"device/vbd/768/state"), Ok(b"1".to_vec()));
+        let be = |k: &str| format!("/local/domain/0/backend/vbd/1/768/{k}").into_bytes();
+        assert_eq!(s.read(1, 0, &be("state")), Ok(b"2".to_vec()));
+        assert_eq!(s.read(1, 0, &be("sectors")), Ok(b"2048".to_vec()));
+        assert_eq!(s.read(1, 0, &be("feature-flush-cache")), Ok(b"1".to_vec()));
+        // ... but may not write the back end's, nor another guest read either.
+        assert_eq!(s.write(1, 0, &be("state"), b"4"), Err(XsError::Acces));
+        assert_eq!(s.read(2, 0, &be("state")), Err(XsError::Acces));
+        assert_eq!(
+            s.read(2, 0, b"/local/domain/1/device/vbd/768/state"),
+            Err(XsError::Acces)
+        );
+        // Nothing to do until the front end is ready.
+        assert_eq!(dev.frontend_changed(&mut s), Ok(None));
+        blkfront_connects(&mut s, &dev, b"8", b"x86_64-abi");
+        assert_eq!(
+            dev.frontend_changed(&mut s),
+            Ok(Some(Action::Connect(FrontendDetails {
+                ring_ref: 8,
+                event_channel: 7
+            })))
+        );
+        dev.connected(&mut s).unwrap();
+        assert_eq!(s.read(1, 0, &be("state")), Ok(b"4".to_vec()));
+        assert_eq!(dev.state(), XenbusState::Connected);
+        // The front end closes: Closing, Closed, disconnect; then it may come back.
+        s.write(1, 0, b"device/vbd/768/state", b"5").unwrap();
+        assert_eq!(dev.frontend_changed(&mut s), Ok(Some(Action::Disconnect)));
+        assert_eq!(s.read(1, 0, &be("state")), Ok(b"6".to_vec()));
+        s.write(1, 0, b"device/vbd/768/state", b"6").unwrap();
+        assert_eq!(dev.frontend_changed(&mut s), Ok(None));
+        assert_eq!(dev.state(), XenbusState::InitWait);
+        blkfront_connects(&mut s, &dev, b"9", b"x86_64-abi");
+        assert!(matches!(
+            dev.frontend_changed(&mut s),
+            Ok(Some(Action::Connect(FrontendDetails { ring_ref: 9, .. })))
+        ));
+    }
+
+    #[test]
+    fn bad_front_end_details_close_the_back_end() {
+        for (ring_ref, protocol, want) in [
+            (
+                &b"8x"[..],
+                &b"x86_64-abi"[..],
+                FrontendError::BadNumber { key: "ring-ref" },
+            ),
+            (
+                b"-1",
+                b"x86_64-abi",
+                FrontendError::BadNumber { key: "ring-ref" },
+            ),
+            (
+                b"99999999999",
+                b"x86_64-abi",
+                FrontendError::BadNumber { key: "ring-ref" },
+            ),
+            (
+                b"8",
+                b"x86_32-abi",
+                FrontendError::Protocol("x86_32-abi".into()),
+            ),
+        ] {
+            let mut s = Store::default();
+            let mut dev = XenbusDevice::create(&mut s, 1, 768, &DeviceInfo::vbd(8, true)).unwrap();
+            blkfront_connects(&mut s, &dev, ring_ref, protocol);
+            assert_eq!(dev.frontend_changed(&mut s), Err(want));
+            assert_eq!(dev.state(), XenbusState::Closing);
+        }
+        // A multi-page ring is not offered.
+        let mut s = Store::default();
+        let mut dev = XenbusDevice::create(&mut s, 1, 768, &DeviceInfo::vbd(8, true)).unwrap();
+        s.write(1, 0, b"device/vbd/768/ring-page-order", b"2")
+            .unwrap();
+        blkfront_connects(&mut s, &dev, b"8", b"x86_64-abi");
+        assert_eq!(
+            dev.frontend_changed(&mut s),
+            Err(FrontendError::RingOrder(2))
+        );
+        // The VMM's own failure leaves the reason.
+        let mut s = Store::default();
+        let mut dev = XenbusDevice::create(&mut s, 1, 1, &DeviceInfo::console()).unwrap();
+        dev.failed(&mut s, "no such grant").unwrap();
+        // The guest may read why (the node inherits the back end's permissions).
+        assert_eq!(
+            s.read(1, 0, b"/local/domain/0/backend/console/1/1/error"),
+            Ok(b"no such grant".to_vec())
+        );
+        assert_eq!(dev.state(), XenbusState::Closed);
+    }
+
+    #[test]
+    fn numbers_are_parsed_strictly() {
+        assert_eq!(parse_u32(b"0"), Some(0));
+        assert_eq!(parse_u32(b"4294967295"), Some(u32::MAX));
+        assert_eq!(parse_u32(b"12\0"), Some(12));
+        for bad in [&b""[..], b"4294967296", b"+1", b" 1", b"1 ", b"0x10", b"\0"] {
+            assert_eq!(parse_u32(bad), None, "{bad:?}");
+        }
+        assert_eq!(XenbusState::parse(b"4"), Some(XenbusState::Connected));
+        assert_eq!(XenbusState::parse(b"9"), None);
+    }
+}
