@@ -18,6 +18,8 @@
 //!   irqfd and backends woken through eventfds.
 //! * [`reservation`]: a guest's memory reservation (`XENMEM_decrease_reservation` and
 //!   kin): the paravirtual balloon.
+//! * [`xen_cpuid`]: the CPUID leaves by which an HVM guest finds Xen, placed beside
+//!   KVM's.
 //! * [`xenstore`]: the xenstore protocol and store (Xen's `io/xs_wire.h`): the tree
 //!   where split drivers meet, with permissions, watches, transactions and quotas.
 pub mod blkif;
@@ -28,4 +30,5 @@ pub mod hypercall;
 pub mod layout;
 pub mod reservation;
 pub mod ring;
+pub mod xen_cpuid;
 pub mod xenstore;
