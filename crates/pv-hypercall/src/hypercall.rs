@@ -33,6 +33,8 @@ use vmcraft_memory::GuestMemory;
 
 /// The errno values hypercalls return (negated in `rax`).
 pub mod errno {
+    /// Not permitted.
+    pub const EPERM: i64 = 1;
     /// Bad address: a pointer argument outside guest memory.
     pub const EFAULT: i64 = 14;
     /// Invalid argument.
@@ -79,6 +81,9 @@ pub enum HypercallFault {
         /// Its value.
         value: u64,
     },
+    /// An operation the guest may not do.
+    #[error("not permitted: {0}")]
+    NotPermitted(&'static str),
 }
 
 impl HypercallFault {
@@ -87,6 +92,7 @@ impl HypercallFault {
         match self {
             HypercallFault::BadAddress { .. } => errno::EFAULT,
             HypercallFault::Invalid { .. } => errno::EINVAL,
+            HypercallFault::NotPermitted(_) => errno::EPERM,
         }
     }
 }

@@ -18,6 +18,8 @@
 //!   irqfd and backends woken through eventfds.
 //! * [`reservation`]: a guest's memory reservation (`XENMEM_decrease_reservation` and
 //!   kin): the paravirtual balloon.
+//! * [`hvm`]: `HYPERVISOR_hvm_op` as an HVM guest's Xen drivers use it: where the
+//!   xenstore and console rings are, how upcalls are delivered.
 //! * [`xen_cpuid`]: the CPUID leaves by which an HVM guest finds Xen, placed beside
 //!   KVM's.
 //! * [`xenstore`]: the xenstore protocol and store (Xen's `io/xs_wire.h`): the tree
@@ -26,6 +28,7 @@ pub mod blkif;
 pub mod console;
 pub mod evtchn;
 pub mod grant;
+pub mod hvm;
 pub mod hypercall;
 pub mod layout;
 pub mod reservation;
