@@ -1,7 +1,8 @@
 //! Hypercall dispatch with arbitrary numbers, arguments and guest memory, Xen's
-//! `memory_op` (the PV balloon) among the calls: the result is a non-negative value or
-//! one of -EFAULT, -EINVAL, -ENOSYS, never a panic, and the guest never gives up more
-//! pages than it has.
+//! `memory_op` (the PV balloon) and `hvm_op` (HVM params, upcall vectors) among the
+//! calls: the result is a non-negative value or one of -EPERM, -EFAULT, -EINVAL,
+//! -ENOSYS, never a panic; the guest never gives up more pages than it has, never
+//! changes a parameter but its callback, and never gets a vector below 0x10.
 #![no_main]
 
 use std::sync::Arc;
@@ -9,10 +10,25 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use vmcraft_memory::vm_memory::{Bytes, GuestAddress};
 use vmcraft_memory::{layout::MemoryLayout, GuestRam};
+use vmcraft_pv_hypercall::hvm::{param, Callback, HvmParams, UpcallRoute, HYPERVISOR_HVM_OP};
 use vmcraft_pv_hypercall::hypercall::{
     errno, HypercallArgs, HypercallContext, HypercallFault, HypercallTable,
 };
 use vmcraft_pv_hypercall::reservation::{Reservation, HYPERVISOR_MEMORY_OP};
+
+/// Checks what the guest asks of its upcalls.
+struct Route;
+
+impl UpcallRoute for Route {
+    fn callback(&self, c: Callback) {
+        if let Callback::Vector(v) = c {
+            assert!(v >= 0x10);
+        }
+    }
+    fn vcpu_vector(&self, vcpu: u32, vector: u8) {
+        assert!(vcpu < 2 && vector >= 0x10);
+    }
+}
 
 fn table() -> HypercallTable {
     let mut t = HypercallTable::new();
@@ -49,6 +65,8 @@ fuzz_target!(|data: &[u8]| {
     let mut table = table();
     let reservation = Arc::new(Reservation::new(ram.memory().clone()));
     reservation.register_hypercalls(&mut table).unwrap();
+    let hvm = Arc::new(HvmParams::new(2, (0x100, 1), (0x101, 2), Arc::new(Route)));
+    hvm.register_hypercalls(&mut table).unwrap();
     let ctx = HypercallContext {
         vcpu: 0,
         memory: ram.memory(),
@@ -59,10 +77,12 @@ fuzz_target!(|data: &[u8]| {
         }
         let word = |i: usize| u64::from_le_bytes(call[8 * i..8 * i + 8].try_into().unwrap());
         // Small numbers and addresses are likelier to reach the handlers.
-        let nr = [0, 1, 2, 3, HYPERVISOR_MEMORY_OP][(word(0) % 5) as usize];
-        // memory_op's first argument is a small command number.
+        let nr = [0, 1, 2, 3, HYPERVISOR_MEMORY_OP, HYPERVISOR_HVM_OP][(word(0) % 6) as usize];
+        // memory_op's and hvm_op's first argument is a small command number.
         let a1 = if nr == HYPERVISOR_MEMORY_OP {
             word(1) % 8
+        } else if nr == HYPERVISOR_HVM_OP {
+            word(1) % 25
         } else {
             word(1) % (2 << 20)
         };
@@ -79,9 +99,20 @@ fuzz_target!(|data: &[u8]| {
             .write_obj(word(5), GuestAddress(word(4) % (1 << 20)));
         let r = table.dispatch(&ctx, args);
         assert!(
-            r >= 0 || [-errno::EFAULT, -errno::EINVAL, -errno::ENOSYS].contains(&r),
+            r >= 0
+                || [
+                    -errno::EPERM,
+                    -errno::EFAULT,
+                    -errno::EINVAL,
+                    -errno::ENOSYS
+                ]
+                .contains(&r),
             "{args:?} -> {r}"
         );
         assert!(reservation.released_pages() <= (1 << 20) / 4096);
+        assert_eq!(
+            (hvm.get(param::STORE_PFN), hvm.get(param::CONSOLE_EVTCHN)),
+            (Some(0x100), Some(2))
+        );
     }
 });
