@@ -28,7 +28,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmcraft_memory::{discard::discard, GuestMemory, PAGE_SIZE};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -574,7 +574,12 @@ impl BalloonServer {
             if q.event_idx_enabled() {
                 q.disable_notification(mem).map_err(ProtocolError::Ring)?;
             }
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let mut took = false;
+            // `iter`, not `pop_descriptor_chain`: a broken available index is an error
+            // here, not an empty queue (which, with the notification check below
+            // saying "more", would loop for ever).
+            while let Some(chain) = q.iter(mem).map_err(ProtocolError::Ring)?.next() {
+                took = true;
                 let head = chain.head_index();
                 let stats = read_stats(&chain, mem)?;
                 let control = &self.pages.control;
@@ -593,7 +598,10 @@ impl BalloonServer {
                     }
                 }
             }
-            if !q.event_idx_enabled() || !q.enable_notification(mem).map_err(ProtocolError::Ring)? {
+            if !q.event_idx_enabled()
+                || !q.enable_notification(mem).map_err(ProtocolError::Ring)?
+                || !took
+            {
                 return Ok(());
             }
         }

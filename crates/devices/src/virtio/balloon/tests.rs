@@ -307,3 +307,31 @@ fn with_event_idx_the_next_statistics_buffer_is_asked_for() {
         .unwrap();
     assert_eq!(avail_event, 1);
 }
+
+/// A statistics queue whose available index runs more than a queue ahead is a
+/// protocol error, not a device thread spinning for ever (the fuzzer's finding: the
+/// empty pop and the "more available" check agreed to loop).
+#[test]
+fn a_statistics_queue_with_a_runaway_available_index_is_an_error() {
+    let ram = ram();
+    let mem = ram.memory();
+    let (b, _ctl) = balloon();
+    for event_idx in [false, true] {
+        let mut s = serving(
+            mem,
+            F_STATS_VQ | if event_idx { F_EVENT_IDX } else { 0 },
+            &b,
+        );
+        let mock = MockSplitQueue::new(mem, 16);
+        let mut q: Queue = mock.create_queue().unwrap();
+        q.set_event_idx(event_idx);
+        // avail->idx = 1000 with 16 entries.
+        mem.write_obj(1000u16, GuestAddress(mock.avail_addr().0 + 2))
+            .unwrap();
+        s.queues.stats = Some(q);
+        assert!(matches!(
+            s.serve(Token::Queue(2)),
+            Err(ProtocolError::Ring(_))
+        ));
+    }
+}
