@@ -1,6 +1,6 @@
 //! Hypercall dispatch with arbitrary numbers, arguments and guest memory, Xen's
-//! `memory_op` (the PV balloon) and `hvm_op` (HVM params, upcall vectors) among the
-//! calls: the result is a non-negative value or one of -EPERM, -EFAULT, -EINVAL,
+//! `memory_op` (the PV balloon), `hvm_op` (HVM params, upcall vectors) and
+//! `sched_op` (yield, shutdown) among the calls: the result is a non-negative value or one of -EPERM, -EFAULT, -EINVAL,
 //! -ENOSYS, never a panic; the guest never gives up more pages than it has, never
 //! changes a parameter but its callback, and never gets a vector below 0x10.
 #![no_main]
@@ -15,6 +15,16 @@ use vmcraft_pv_hypercall::hypercall::{
     errno, HypercallArgs, HypercallContext, HypercallFault, HypercallTable,
 };
 use vmcraft_pv_hypercall::reservation::{Reservation, HYPERVISOR_MEMORY_OP};
+use vmcraft_pv_hypercall::sched::{SchedOps, ShutdownReason, ShutdownSink, HYPERVISOR_SCHED_OP};
+
+/// Shutdowns come with a reason Xen defines (decoding refused the rest).
+struct Sink;
+
+impl ShutdownSink for Sink {
+    fn shutdown(&self, vcpu: u32, _reason: ShutdownReason) {
+        assert_eq!(vcpu, 0);
+    }
+}
 
 /// Checks what the guest asks of its upcalls.
 struct Route;
@@ -67,6 +77,9 @@ fuzz_target!(|data: &[u8]| {
     reservation.register_hypercalls(&mut table).unwrap();
     let hvm = Arc::new(HvmParams::new(2, (0x100, 1), (0x101, 2), Arc::new(Route)));
     hvm.register_hypercalls(&mut table).unwrap();
+    Arc::new(SchedOps::new(Arc::new(Sink)))
+        .register_hypercalls(&mut table)
+        .unwrap();
     let ctx = HypercallContext {
         vcpu: 0,
         memory: ram.memory(),
@@ -77,12 +90,22 @@ fuzz_target!(|data: &[u8]| {
         }
         let word = |i: usize| u64::from_le_bytes(call[8 * i..8 * i + 8].try_into().unwrap());
         // Small numbers and addresses are likelier to reach the handlers.
-        let nr = [0, 1, 2, 3, HYPERVISOR_MEMORY_OP, HYPERVISOR_HVM_OP][(word(0) % 6) as usize];
+        let nr = [
+            0,
+            1,
+            2,
+            3,
+            HYPERVISOR_MEMORY_OP,
+            HYPERVISOR_HVM_OP,
+            HYPERVISOR_SCHED_OP,
+        ][(word(0) % 7) as usize];
         // memory_op's and hvm_op's first argument is a small command number.
         let a1 = if nr == HYPERVISOR_MEMORY_OP {
             word(1) % 8
         } else if nr == HYPERVISOR_HVM_OP {
             word(1) % 25
+        } else if nr == HYPERVISOR_SCHED_OP {
+            word(1) % 8
         } else {
             word(1) % (2 << 20)
         };

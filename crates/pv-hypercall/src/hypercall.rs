@@ -84,6 +84,9 @@ pub enum HypercallFault {
     /// An operation the guest may not do.
     #[error("not permitted: {0}")]
     NotPermitted(&'static str),
+    /// A sub-command this VMM does not serve.
+    #[error("sub-command {0} is not served")]
+    Unsupported(u64),
 }
 
 impl HypercallFault {
@@ -93,6 +96,7 @@ impl HypercallFault {
             HypercallFault::BadAddress { .. } => errno::EFAULT,
             HypercallFault::Invalid { .. } => errno::EINVAL,
             HypercallFault::NotPermitted(_) => errno::EPERM,
+            HypercallFault::Unsupported(_) => errno::ENOSYS,
         }
     }
 }

@@ -20,6 +20,7 @@
 //!   kin): the paravirtual balloon.
 //! * [`hvm`]: `HYPERVISOR_hvm_op` as an HVM guest's Xen drivers use it: where the
 //!   xenstore and console rings are, how upcalls are delivered.
+//! * [`sched`]: `HYPERVISOR_sched_op`: yield, and shutdown with its reason.
 //! * [`xen_cpuid`]: the CPUID leaves by which an HVM guest finds Xen, placed beside
 //!   KVM's.
 //! * [`xenstore`]: the xenstore protocol and store (Xen's `io/xs_wire.h`): the tree
@@ -33,5 +34,6 @@ pub mod hypercall;
 pub mod layout;
 pub mod reservation;
 pub mod ring;
+pub mod sched;
 pub mod xen_cpuid;
 pub mod xenstore;
