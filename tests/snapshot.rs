@@ -147,10 +147,11 @@ fn a_damaged_snapshot_or_a_different_machine_is_refused_by_name() {
     assert!(err.starts_with("cannot open the memory file"), "{err}");
 }
 
-/// A port whose first read waits for the test's word, answers 0x5a and later reads
-/// answer 0xee.
+/// A port whose first read says it has begun, waits for the test's word, answers
+/// 0x5a; later reads answer 0xee.
 struct GatedPort {
     gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    begun: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
     reads: std::sync::atomic::AtomicU32,
 }
 
@@ -163,6 +164,7 @@ impl vmcraft::devices::vm_device::DevicePio for GatedPort {
     ) {
         use std::sync::atomic::Ordering;
         if self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
+            let _ = self.begun.lock().unwrap().send(());
             let _ = self.gate.lock().unwrap().recv();
             data.fill(0x5a);
         } else {
@@ -180,15 +182,21 @@ impl vmcraft::devices::vm_device::DevicePio for GatedPort {
 
 const GATED_PORT: u16 = 0x520;
 
-/// Put a [`GatedPort`] on `b`'s bus; `reads` it has answered already.
-fn gated(b: &mut MachineBuilder, reads: u32) -> std::sync::mpsc::Sender<()> {
+/// Put a [`GatedPort`] on `b`'s bus; `reads` it has answered already. Returns the
+/// word that opens its first read, and the word that the read has begun.
+fn gated(
+    b: &mut MachineBuilder,
+    reads: u32,
+) -> (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>) {
     let (tx, rx) = std::sync::mpsc::channel();
+    let (begun_tx, begun) = std::sync::mpsc::channel();
     let port = std::sync::Arc::new(GatedPort {
         gate: std::sync::Mutex::new(rx),
+        begun: std::sync::Mutex::new(begun_tx),
         reads: reads.into(),
     });
     b.buses_mut().register_pio(GATED_PORT, 4, port).unwrap();
-    tx
+    (tx, begun)
 }
 
 /// The snapshot is taken while the vCPU's port read is being answered: the value
@@ -198,13 +206,18 @@ fn gated(b: &mut MachineBuilder, reads: u32) -> std::sync::mpsc::Sender<()> {
 #[test]
 fn a_port_read_in_flight_at_the_snapshot_completes_before_the_state_is_saved() {
     let mut b = machine_builder(16 << 20, Box::new(std::io::sink()));
-    let open = gated(&mut b, 0);
+    let (open, begun) = gated(&mut b, 0);
     let guest = Guest::IN_EXIT;
     b.load(guest.image()).unwrap();
     let m = b
         .start(&[VcpuConfig::at(guest.entry(0, u64::from(GATED_PORT)))])
         .unwrap();
     let dir = Dir::new("snapshot-in-flight");
+    // The vCPU is inside the port's read (however long a loaded host took to get
+    // there).
+    begun
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the guest never reached the port");
     std::thread::scope(|s| {
         let snap = s.spawn(|| m.snapshot(&dir.0).unwrap());
         // The pause is waiting for the vCPU, which is inside the port's read.
