@@ -134,12 +134,7 @@ impl HvmParams {
         self: &Arc<Self>,
         table: &mut HypercallTable,
     ) -> Result<(), TableError> {
-        let me = self.clone();
-        table.register(
-            HYPERVISOR_HVM_OP,
-            "hvm_op",
-            Arc::new(move |ctx: &HypercallContext<'_>, a: &[u64; 5]| me.hypercall(ctx, a[0], a[1])),
-        )
+        table.register_op(self.clone())
     }
 
     /// One `hvm_op` call: `command` with its argument structure at `arg`.
@@ -195,6 +190,19 @@ impl HvmParams {
                 value: other,
             }),
         }
+    }
+}
+
+impl crate::hypercall::OpHypercall for HvmParams {
+    const NR: u64 = HYPERVISOR_HVM_OP;
+    const NAME: &'static str = "hvm_op";
+    fn op(
+        &self,
+        ctx: &crate::hypercall::HypercallContext<'_>,
+        command: u64,
+        arg: u64,
+    ) -> Result<u64, crate::hypercall::HypercallFault> {
+        self.hypercall(ctx, command, arg)
     }
 }
 

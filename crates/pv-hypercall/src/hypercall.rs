@@ -146,6 +146,19 @@ where
     }
 }
 
+/// A Xen `*_op` hypercall: a sub-command in its first argument and the guest address of
+/// that command's argument structure in its second (`memory_op`, `hvm_op`,
+/// `sched_op`, `event_channel_op`, ...). [`HypercallTable::register_op`] serves one.
+pub trait OpHypercall: Send + Sync + 'static {
+    /// The hypercall's number.
+    const NR: u64;
+    /// Its name, for errors and statistics.
+    const NAME: &'static str;
+    /// One call: `command` and the guest address `arg` of its argument.
+    fn op(&self, ctx: &HypercallContext<'_>, command: u64, arg: u64)
+        -> Result<u64, HypercallFault>;
+}
+
 /// Errors from building a table.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -187,6 +200,15 @@ impl HypercallTable {
     /// An empty table.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Serve `handler`'s `*_op` hypercall ([`OpHypercall`]).
+    pub fn register_op<T: OpHypercall>(&mut self, handler: Arc<T>) -> Result<(), TableError> {
+        self.register(
+            T::NR,
+            T::NAME,
+            Arc::new(move |ctx: &HypercallContext<'_>, a: &[u64; 5]| handler.op(ctx, a[0], a[1])),
+        )
     }
 
     /// Add hypercall `nr`.

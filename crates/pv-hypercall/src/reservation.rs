@@ -85,12 +85,7 @@ impl Reservation {
         self: &Arc<Self>,
         table: &mut HypercallTable,
     ) -> Result<(), TableError> {
-        let me = self.clone();
-        table.register(
-            HYPERVISOR_MEMORY_OP,
-            "memory_op",
-            Arc::new(move |ctx: &HypercallContext<'_>, a: &[u64; 5]| me.hypercall(ctx, a[0], a[1])),
-        )
+        table.register_op(self.clone())
     }
 
     fn hypercall(
@@ -185,6 +180,19 @@ impl Reservation {
             self.released.fetch_sub(1, Ordering::SeqCst);
         }
         true
+    }
+}
+
+impl crate::hypercall::OpHypercall for Reservation {
+    const NR: u64 = HYPERVISOR_MEMORY_OP;
+    const NAME: &'static str = "memory_op";
+    fn op(
+        &self,
+        ctx: &crate::hypercall::HypercallContext<'_>,
+        command: u64,
+        arg: u64,
+    ) -> Result<u64, crate::hypercall::HypercallFault> {
+        self.hypercall(ctx, command, arg)
     }
 }
 

@@ -96,12 +96,7 @@ impl SchedOps {
         self: &Arc<Self>,
         table: &mut HypercallTable,
     ) -> Result<(), TableError> {
-        let me = self.clone();
-        table.register(
-            HYPERVISOR_SCHED_OP,
-            "sched_op",
-            Arc::new(move |ctx: &HypercallContext<'_>, a: &[u64; 5]| me.hypercall(ctx, a[0], a[1])),
-        )
+        table.register_op(self.clone())
     }
 
     /// One `sched_op` call.
@@ -134,6 +129,19 @@ impl SchedOps {
             }
             other => Err(HypercallFault::Unsupported(other)),
         }
+    }
+}
+
+impl crate::hypercall::OpHypercall for SchedOps {
+    const NR: u64 = HYPERVISOR_SCHED_OP;
+    const NAME: &'static str = "sched_op";
+    fn op(
+        &self,
+        ctx: &crate::hypercall::HypercallContext<'_>,
+        command: u64,
+        arg: u64,
+    ) -> Result<u64, crate::hypercall::HypercallFault> {
+        self.hypercall(ctx, command, arg)
     }
 }
 

@@ -435,16 +435,7 @@ impl EventChannels {
         self: &Arc<Self>,
         table: &mut crate::hypercall::HypercallTable,
     ) -> Result<(), crate::hypercall::TableError> {
-        let me = self.clone();
-        table.register(
-            HYPERVISOR_EVENT_CHANNEL_OP,
-            "event_channel_op",
-            Arc::new(
-                move |ctx: &crate::hypercall::HypercallContext<'_>, a: &[u64; 5]| {
-                    me.hypercall(ctx, a[0], a[1])
-                },
-            ),
-        )
+        table.register_op(self.clone())
     }
 
     fn hypercall(
@@ -533,3 +524,16 @@ mod tests;
 
 #[cfg(all(test, loom))]
 mod loom_tests;
+
+impl crate::hypercall::OpHypercall for EventChannels {
+    const NR: u64 = HYPERVISOR_EVENT_CHANNEL_OP;
+    const NAME: &'static str = "event_channel_op";
+    fn op(
+        &self,
+        ctx: &crate::hypercall::HypercallContext<'_>,
+        command: u64,
+        arg: u64,
+    ) -> Result<u64, crate::hypercall::HypercallFault> {
+        self.hypercall(ctx, command, arg)
+    }
+}
