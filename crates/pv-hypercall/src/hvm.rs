@@ -308,4 +308,21 @@ mod tests {
         assert_eq!(Callback::decode(0), Some(Callback::None));
         assert_eq!(Callback::decode(9), Some(Callback::Gsi(9)));
     }
+
+    #[test]
+    fn the_table_dispatches_hvm_op_here() {
+        use crate::hypercall::{HypercallArgs, HypercallTable};
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let hvm = Arc::new(HvmParams::new(1, (7, 1), (8, 2), Arc::new(Seen::default())));
+        let mut table = HypercallTable::new();
+        hvm.register_hypercalls(&mut table).unwrap();
+        let ctx = HypercallContext {
+            vcpu: 0,
+            memory: &mem,
+        };
+        param_struct(&mem, DOMID_SELF, param::STORE_PFN, 0);
+        let args = HypercallArgs::from_registers(HYPERVISOR_HVM_OP, op::GET_PARAM, 0x1000, 0, 0, 0);
+        assert_eq!(table.dispatch(&ctx, args), 0);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x1008)).unwrap(), 7);
+    }
 }

@@ -189,4 +189,27 @@ mod tests {
         assert_eq!(errno(s.hypercall(&ctx, op::POLL, 0)), 38);
         assert_eq!(sink.0.lock().unwrap().len(), 2);
     }
+
+    #[test]
+    fn the_table_dispatches_sched_op_here() {
+        use crate::hypercall::{HypercallArgs, HypercallTable, TableError};
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let sink = Arc::new(Sink::default());
+        let s = Arc::new(SchedOps::new(sink.clone()));
+        let mut table = HypercallTable::new();
+        s.register_hypercalls(&mut table).unwrap();
+        assert!(matches!(
+            s.register_hypercalls(&mut table),
+            Err(TableError::Taken { nr: 29, .. })
+        ));
+        let ctx = HypercallContext {
+            vcpu: 0,
+            memory: &mem,
+        };
+        mem.write_obj(1u32, GuestAddress(0x100)).unwrap();
+        let call = |cmd, arg| HypercallArgs::from_registers(HYPERVISOR_SCHED_OP, cmd, arg, 0, 0, 0);
+        assert_eq!(table.dispatch(&ctx, call(op::SHUTDOWN, 0x100)), 0);
+        assert_eq!(table.dispatch(&ctx, call(op::BLOCK, 0)), -38);
+        assert_eq!(*sink.0.lock().unwrap(), [(0, ShutdownReason::Reboot)]);
+    }
 }
