@@ -76,9 +76,9 @@ fuzz_target!(|data: &[u8]| {
     let reservation = Arc::new(Reservation::new(ram.memory().clone()));
     reservation.register_hypercalls(&mut table).unwrap();
     let hvm = Arc::new(HvmParams::new(2, (0x100, 1), (0x101, 2), Arc::new(Route)));
-    hvm.register_hypercalls(&mut table).unwrap();
-    Arc::new(SchedOps::new(Arc::new(Sink)))
-        .register_hypercalls(&mut table)
+    table.register_op(hvm.clone()).unwrap();
+    table
+        .register_op(Arc::new(SchedOps::new(Arc::new(Sink))))
         .unwrap();
     let ctx = HypercallContext {
         vcpu: 0,

@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::hypercall::{HypercallContext, HypercallFault, HypercallTable, TableError};
+use crate::hypercall::{HypercallContext, HypercallFault, OpHypercall};
 
 /// `HYPERVISOR_hvm_op`.
 pub const HYPERVISOR_HVM_OP: u64 = 34;
@@ -128,17 +128,14 @@ impl HvmParams {
             .get(index as usize)
             .copied()
     }
+}
 
-    /// Serve `HYPERVISOR_hvm_op` in `table`.
-    pub fn register_hypercalls(
-        self: &Arc<Self>,
-        table: &mut HypercallTable,
-    ) -> Result<(), TableError> {
-        table.register_op(self.clone())
-    }
+impl OpHypercall for HvmParams {
+    const NR: u64 = HYPERVISOR_HVM_OP;
+    const NAME: &'static str = "hvm_op";
 
     /// One `hvm_op` call: `command` with its argument structure at `arg`.
-    pub fn hypercall(
+    fn op(
         &self,
         ctx: &HypercallContext<'_>,
         command: u64,
@@ -193,19 +190,6 @@ impl HvmParams {
     }
 }
 
-impl crate::hypercall::OpHypercall for HvmParams {
-    const NR: u64 = HYPERVISOR_HVM_OP;
-    const NAME: &'static str = "hvm_op";
-    fn op(
-        &self,
-        ctx: &crate::hypercall::HypercallContext<'_>,
-        command: u64,
-        arg: u64,
-    ) -> Result<u64, crate::hypercall::HypercallFault> {
-        self.hypercall(ctx, command, arg)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,20 +236,17 @@ mod tests {
             (param::CONSOLE_EVTCHN, 4),
         ] {
             param_struct(&mem, DOMID_SELF, index, 0);
-            assert_eq!(hvm.hypercall(&ctx, op::GET_PARAM, 0x1000), Ok(0));
+            assert_eq!(hvm.op(&ctx, op::GET_PARAM, 0x1000), Ok(0));
             assert_eq!(value(&mem), want);
         }
         // Linux's choice: vector 0xf3 on every vCPU (type 2).
         param_struct(&mem, DOMID_SELF, param::CALLBACK_IRQ, 2 << 56 | 0xf3);
-        assert_eq!(hvm.hypercall(&ctx, op::SET_PARAM, 0x1000), Ok(0));
+        assert_eq!(hvm.op(&ctx, op::SET_PARAM, 0x1000), Ok(0));
         assert_eq!(hvm.get(param::CALLBACK_IRQ), Some(2 << 56 | 0xf3));
         // A per-vCPU vector.
         mem.write_slice(&[1, 0, 0, 0, 0xf3], GuestAddress(0x2000))
             .unwrap();
-        assert_eq!(
-            hvm.hypercall(&ctx, op::SET_EVTCHN_UPCALL_VECTOR, 0x2000),
-            Ok(0)
-        );
+        assert_eq!(hvm.op(&ctx, op::SET_EVTCHN_UPCALL_VECTOR, 0x2000), Ok(0));
         assert_eq!(
             *seen.0.lock().unwrap(),
             ["Vector(243)", "vcpu 1 vector 0xf3"]
@@ -282,29 +263,25 @@ mod tests {
         };
         let errno = |r: Result<u64, HypercallFault>| r.unwrap_err().errno();
         param_struct(&mem, DOMID_SELF, param::STORE_PFN, 0x1234);
-        assert_eq!(errno(hvm.hypercall(&ctx, op::SET_PARAM, 0x1000)), 1);
+        assert_eq!(errno(hvm.op(&ctx, op::SET_PARAM, 0x1000)), 1);
         assert_eq!(hvm.get(param::STORE_PFN), Some(1));
         param_struct(&mem, 5, param::STORE_PFN, 0);
-        assert_eq!(errno(hvm.hypercall(&ctx, op::GET_PARAM, 0x1000)), 22);
+        assert_eq!(errno(hvm.op(&ctx, op::GET_PARAM, 0x1000)), 22);
         param_struct(&mem, DOMID_SELF, param::COUNT, 0);
-        assert_eq!(errno(hvm.hypercall(&ctx, op::GET_PARAM, 0x1000)), 22);
+        assert_eq!(errno(hvm.op(&ctx, op::GET_PARAM, 0x1000)), 22);
         // Vectors below 0x10, unknown types, vCPUs past the last.
         for bad in [2 << 56 | 0x0f, 7 << 56 | 1, 2 << 56 | 0x1ff] {
             param_struct(&mem, DOMID_SELF, param::CALLBACK_IRQ, bad);
-            assert_eq!(
-                errno(hvm.hypercall(&ctx, op::SET_PARAM, 0x1000)),
-                22,
-                "{bad:#x}"
-            );
+            assert_eq!(errno(hvm.op(&ctx, op::SET_PARAM, 0x1000)), 22, "{bad:#x}");
         }
         mem.write_slice(&[1, 0, 0, 0, 0xf3], GuestAddress(0x2000))
             .unwrap();
         assert_eq!(
-            errno(hvm.hypercall(&ctx, op::SET_EVTCHN_UPCALL_VECTOR, 0x2000)),
+            errno(hvm.op(&ctx, op::SET_EVTCHN_UPCALL_VECTOR, 0x2000)),
             22
         );
-        assert_eq!(errno(hvm.hypercall(&ctx, op::GET_PARAM, 1 << 40)), 14);
-        assert_eq!(errno(hvm.hypercall(&ctx, 99, 0x1000)), 22);
+        assert_eq!(errno(hvm.op(&ctx, op::GET_PARAM, 1 << 40)), 14);
+        assert_eq!(errno(hvm.op(&ctx, 99, 0x1000)), 22);
         assert_eq!(Callback::decode(0), Some(Callback::None));
         assert_eq!(Callback::decode(9), Some(Callback::Gsi(9)));
     }
@@ -315,7 +292,7 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let hvm = Arc::new(HvmParams::new(1, (7, 1), (8, 2), Arc::new(Seen::default())));
         let mut table = HypercallTable::new();
-        hvm.register_hypercalls(&mut table).unwrap();
+        table.register_op(hvm.clone()).unwrap();
         let ctx = HypercallContext {
             vcpu: 0,
             memory: &mem,

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::hypercall::{HypercallContext, HypercallFault, HypercallTable, TableError};
+use crate::hypercall::{HypercallContext, HypercallFault, OpHypercall};
 
 /// `HYPERVISOR_sched_op`.
 pub const HYPERVISOR_SCHED_OP: u64 = 29;
@@ -90,17 +90,14 @@ impl SchedOps {
             latched: AtomicU32::new(u32::MAX),
         }
     }
+}
 
-    /// Serve `HYPERVISOR_sched_op` in `table`.
-    pub fn register_hypercalls(
-        self: &Arc<Self>,
-        table: &mut HypercallTable,
-    ) -> Result<(), TableError> {
-        table.register_op(self.clone())
-    }
+impl OpHypercall for SchedOps {
+    const NR: u64 = HYPERVISOR_SCHED_OP;
+    const NAME: &'static str = "sched_op";
 
     /// One `sched_op` call.
-    pub fn hypercall(
+    fn op(
         &self,
         ctx: &HypercallContext<'_>,
         command: u64,
@@ -132,19 +129,6 @@ impl SchedOps {
     }
 }
 
-impl crate::hypercall::OpHypercall for SchedOps {
-    const NR: u64 = HYPERVISOR_SCHED_OP;
-    const NAME: &'static str = "sched_op";
-    fn op(
-        &self,
-        ctx: &crate::hypercall::HypercallContext<'_>,
-        command: u64,
-        arg: u64,
-    ) -> Result<u64, crate::hypercall::HypercallFault> {
-        self.hypercall(ctx, command, arg)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,12 +154,12 @@ mod tests {
             vcpu: 1,
             memory: &mem,
         };
-        assert_eq!(s.hypercall(&ctx, op::YIELD, 0), Ok(0));
+        assert_eq!(s.op(&ctx, op::YIELD, 0), Ok(0));
         mem.write_obj(0u32, GuestAddress(0x100)).unwrap();
-        assert_eq!(s.hypercall(&ctx, op::SHUTDOWN, 0x100), Ok(0));
+        assert_eq!(s.op(&ctx, op::SHUTDOWN, 0x100), Ok(0));
         mem.write_obj(3u32, GuestAddress(0x104)).unwrap();
-        assert_eq!(s.hypercall(&ctx, op::SHUTDOWN_CODE, 0x104), Ok(0));
-        assert_eq!(s.hypercall(&ctx, op::SHUTDOWN, 0x100), Ok(0));
+        assert_eq!(s.op(&ctx, op::SHUTDOWN_CODE, 0x104), Ok(0));
+        assert_eq!(s.op(&ctx, op::SHUTDOWN, 0x100), Ok(0));
         assert_eq!(
             *sink.0.lock().unwrap(),
             [(1, ShutdownReason::PowerOff), (1, ShutdownReason::Crash)]
@@ -183,10 +167,10 @@ mod tests {
         // An unknown reason, a bad pointer, what is not served yet.
         mem.write_obj(9u32, GuestAddress(0x108)).unwrap();
         let errno = |r: Result<u64, HypercallFault>| r.unwrap_err().errno();
-        assert_eq!(errno(s.hypercall(&ctx, op::SHUTDOWN, 0x108)), 22);
-        assert_eq!(errno(s.hypercall(&ctx, op::SHUTDOWN, 1 << 40)), 14);
-        assert_eq!(errno(s.hypercall(&ctx, op::BLOCK, 0)), 38);
-        assert_eq!(errno(s.hypercall(&ctx, op::POLL, 0)), 38);
+        assert_eq!(errno(s.op(&ctx, op::SHUTDOWN, 0x108)), 22);
+        assert_eq!(errno(s.op(&ctx, op::SHUTDOWN, 1 << 40)), 14);
+        assert_eq!(errno(s.op(&ctx, op::BLOCK, 0)), 38);
+        assert_eq!(errno(s.op(&ctx, op::POLL, 0)), 38);
         assert_eq!(sink.0.lock().unwrap().len(), 2);
     }
 
@@ -197,9 +181,9 @@ mod tests {
         let sink = Arc::new(Sink::default());
         let s = Arc::new(SchedOps::new(sink.clone()));
         let mut table = HypercallTable::new();
-        s.register_hypercalls(&mut table).unwrap();
+        table.register_op(s.clone()).unwrap();
         assert!(matches!(
-            s.register_hypercalls(&mut table),
+            table.register_op(s.clone()),
             Err(TableError::Taken { nr: 29, .. })
         ));
         let ctx = HypercallContext {
