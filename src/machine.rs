@@ -292,10 +292,7 @@ impl<H: ExitHandler> HypercallExitHandler<H> {
         let call = HypercallArgs::from_registers(
             regs.rax, regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8,
         );
-        let ctx = HypercallContext {
-            vcpu: vcpu.vcpu_index(),
-            memory: &self.memory,
-        };
+        let ctx = HypercallContext::physical(vcpu.vcpu_index(), &self.memory);
         regs.rax = self.table.dispatch(&ctx, call) as u64;
         match vcpu.set_regs(&regs) {
             Ok(()) => ExitAction::Continue,

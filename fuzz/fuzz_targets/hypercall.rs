@@ -80,10 +80,7 @@ fuzz_target!(|data: &[u8]| {
     table
         .register_op(Arc::new(SchedOps::new(Arc::new(Sink))))
         .unwrap();
-    let ctx = HypercallContext {
-        vcpu: 0,
-        memory: ram.memory(),
-    };
+    let ctx = HypercallContext::physical(0, ram.memory());
     for call in data.chunks(48) {
         if call.len() < 48 {
             break;

@@ -224,10 +224,7 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let seen = Arc::new(Seen::default());
         let hvm = HvmParams::new(2, (0xfeff0, 3), (0xfeff1, 4), seen.clone());
-        let ctx = HypercallContext {
-            vcpu: 0,
-            memory: &mem,
-        };
+        let ctx = HypercallContext::physical(0, &mem);
         let value = |mem: &GuestMemory| mem.read_obj::<u64>(GuestAddress(0x1008)).unwrap();
         for (index, want) in [
             (param::STORE_PFN, 0xfeff0),
@@ -257,10 +254,7 @@ mod tests {
     fn what_is_not_the_guests_is_refused() {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let hvm = HvmParams::new(1, (1, 1), (2, 2), Arc::new(Seen::default()));
-        let ctx = HypercallContext {
-            vcpu: 0,
-            memory: &mem,
-        };
+        let ctx = HypercallContext::physical(0, &mem);
         let errno = |r: Result<u64, HypercallFault>| r.unwrap_err().errno();
         param_struct(&mem, DOMID_SELF, param::STORE_PFN, 0x1234);
         assert_eq!(errno(hvm.op(&ctx, op::SET_PARAM, 0x1000)), 1);
@@ -293,10 +287,7 @@ mod tests {
         let hvm = Arc::new(HvmParams::new(1, (7, 1), (8, 2), Arc::new(Seen::default())));
         let mut table = HypercallTable::new();
         table.register_op(hvm.clone()).unwrap();
-        let ctx = HypercallContext {
-            vcpu: 0,
-            memory: &mem,
-        };
+        let ctx = HypercallContext::physical(0, &mem);
         param_struct(&mem, DOMID_SELF, param::STORE_PFN, 0);
         let args = HypercallArgs::from_registers(HYPERVISOR_HVM_OP, op::GET_PARAM, 0x1000, 0, 0, 0);
         assert_eq!(table.dispatch(&ctx, args), 0);

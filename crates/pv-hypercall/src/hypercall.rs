@@ -9,6 +9,11 @@
 //! arrived. A guest reads the leaves from kernel mode: CPUID at CPL 3 is not
 //! intercepted on every host (see `vmcraft_vcpu`'s table of what traps where).
 //!
+//! Pointer arguments are guest-physical addresses for vmcraft's own guests
+//! ([`HypercallContext::physical`]); a paging guest such as Linux passes linear
+//! addresses, which [`HypercallContext::linear`] translates page by page through the
+//! calling vCPU's page tables, as Xen does for HVM guests.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use vmcraft_pv_hypercall::hypercall::{errno, HypercallArgs, HypercallContext, HypercallTable};
@@ -17,7 +22,7 @@
 //! let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
 //! let mut table = HypercallTable::new();
 //! table.register(42, "add", Arc::new(|_: &HypercallContext<'_>, a: &[u64; 5]| Ok(a[0] + a[1]))).unwrap();
-//! let ctx = HypercallContext { vcpu: 0, memory: ram.memory() };
+//! let ctx = HypercallContext::physical(0, ram.memory());
 //! assert_eq!(table.dispatch(&ctx, HypercallArgs { nr: 42, args: [2, 3, 0, 0, 0] }), 5);
 //! assert_eq!(table.dispatch(&ctx, HypercallArgs { nr: 7, args: [0; 5] }), -errno::ENOSYS);
 //! assert_eq!(table.count(42), 1);
@@ -28,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmcraft_memory::GuestMemory;
 
 /// The errno values hypercalls return (negated in `rax`).
@@ -101,6 +106,25 @@ impl HypercallFault {
     }
 }
 
+/// How a hypercall's pointer arguments name guest memory.
+#[derive(Clone, Copy)]
+pub enum Addresses<'a> {
+    /// Guest-physical addresses.
+    Physical,
+    /// Linear addresses of the calling vCPU, translated by the function (to a
+    /// guest-physical address, `None` if nothing maps it).
+    Linear(&'a dyn Fn(u64) -> Option<u64>),
+}
+
+impl std::fmt::Debug for Addresses<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Addresses::Physical => "Physical",
+            Addresses::Linear(_) => "Linear",
+        })
+    }
+}
+
 /// What a hypercall handler gets besides its arguments.
 #[derive(Debug, Clone, Copy)]
 pub struct HypercallContext<'a> {
@@ -108,26 +132,90 @@ pub struct HypercallContext<'a> {
     pub vcpu: u32,
     /// Guest memory, for pointer arguments.
     pub memory: &'a GuestMemory,
+    /// What pointer arguments are.
+    pub addresses: Addresses<'a>,
 }
 
-impl HypercallContext<'_> {
+const PAGE: u64 = 4096;
+
+impl<'a> HypercallContext<'a> {
+    /// A call from `vcpu` whose pointer arguments are guest-physical addresses.
+    pub fn physical(vcpu: u32, memory: &'a GuestMemory) -> Self {
+        HypercallContext {
+            vcpu,
+            memory,
+            addresses: Addresses::Physical,
+        }
+    }
+
+    /// A call from `vcpu` whose pointer arguments are linear addresses, which
+    /// `translate` turns into guest-physical ones.
+    pub fn linear(
+        vcpu: u32,
+        memory: &'a GuestMemory,
+        translate: &'a dyn Fn(u64) -> Option<u64>,
+    ) -> Self {
+        HypercallContext {
+            vcpu,
+            memory,
+            addresses: Addresses::Linear(translate),
+        }
+    }
+
+    /// The guest-physical pieces of `[addr, addr + len)`: one per page touched for
+    /// linear addresses.
+    fn pieces(&self, addr: u64, len: usize) -> Result<Vec<(GuestAddress, usize)>, HypercallFault> {
+        let fault = HypercallFault::BadAddress { addr, len };
+        let end = addr.checked_add(len as u64).ok_or(fault)?;
+        match self.addresses {
+            Addresses::Physical => Ok(vec![(GuestAddress(addr), len)]),
+            Addresses::Linear(translate) => {
+                let mut pieces = Vec::new();
+                let mut at = addr;
+                while at < end {
+                    let page_end = (at | (PAGE - 1)).saturating_add(1).min(end);
+                    let gpa = translate(at).ok_or(fault)?;
+                    pieces.push((GuestAddress(gpa), (page_end - at) as usize));
+                    at = page_end;
+                }
+                Ok(pieces)
+            }
+        }
+    }
+
+    /// The guest-physical address of the argument at `addr`, which must not cross a
+    /// page (a structure the handler accesses in place, atomically).
+    pub fn resolve(&self, addr: u64, len: usize) -> Result<GuestAddress, HypercallFault> {
+        match self.pieces(addr, len)?.as_slice() {
+            [(gpa, _)] if self.memory.check_range(*gpa, len) => Ok(*gpa),
+            _ => Err(HypercallFault::BadAddress { addr, len }),
+        }
+    }
+
     /// Copy `len` bytes from guest address `addr` (a pointer argument).
     pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>, HypercallFault> {
         let mut buf = vec![0u8; len];
-        self.memory
-            .read_slice(&mut buf, GuestAddress(addr))
-            .map_err(|_| HypercallFault::BadAddress { addr, len })?;
+        let mut done = 0;
+        for (gpa, n) in self.pieces(addr, len)? {
+            self.memory
+                .read_slice(&mut buf[done..done + n], gpa)
+                .map_err(|_| HypercallFault::BadAddress { addr, len })?;
+            done += n;
+        }
         Ok(buf)
     }
 
     /// Copy `data` to guest address `addr`.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), HypercallFault> {
-        self.memory
-            .write_slice(data, GuestAddress(addr))
-            .map_err(|_| HypercallFault::BadAddress {
-                addr,
-                len: data.len(),
-            })
+        let len = data.len();
+        let mut done = 0;
+        for (gpa, n) in self.pieces(addr, len)? {
+            self.memory
+                .write_slice(&data[done..done + n], gpa)
+                .map_err(|_| HypercallFault::BadAddress { addr, len })?;
+            done += n;
+        }
+        Ok(())
     }
 }
 
@@ -270,12 +358,49 @@ mod tests {
     }
 
     #[test]
+    fn linear_arguments_are_translated_page_by_page() {
+        let ram = ram();
+        // Linear page 0x10 maps to physical page 0x21 and linear page 0x11 to 0x20:
+        // an argument across the two is split; an unmapped page is a bad address.
+        let translate = |gva: u64| match gva >> 12 {
+            0x10 => Some(0x21000 | (gva & 0xfff)),
+            0x11 => Some(0x20000 | (gva & 0xfff)),
+            _ => None,
+        };
+        let ctx = HypercallContext::linear(0, ram.memory(), &translate);
+        ctx.write(0x10ffc, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        let m = ram.memory();
+        assert_eq!(
+            m.read_obj::<u32>(GuestAddress(0x21ffc)).unwrap(),
+            0x0403_0201
+        );
+        assert_eq!(
+            m.read_obj::<u32>(GuestAddress(0x20000)).unwrap(),
+            0x0807_0605
+        );
+        assert_eq!(ctx.read(0x10ffe, 4).unwrap(), vec![3, 4, 5, 6]);
+        assert_eq!(
+            ctx.read(0x11ffe, 4),
+            Err(HypercallFault::BadAddress {
+                addr: 0x11ffe,
+                len: 4
+            })
+        );
+        assert_eq!(ctx.resolve(0x10010, 8), Ok(GuestAddress(0x21010)));
+        assert!(
+            ctx.resolve(0x10ffc, 8).is_err(),
+            "a page-crossing structure"
+        );
+        assert!(
+            ctx.read(u64::MAX - 1, 4).is_err(),
+            "wraps the address space"
+        );
+    }
+
+    #[test]
     fn errors_map_to_xen_errnos() {
         let ram = ram();
-        let ctx = HypercallContext {
-            vcpu: 1,
-            memory: ram.memory(),
-        };
+        let ctx = HypercallContext::physical(1, ram.memory());
         let mut t = HypercallTable::new();
         // Copies a 4-byte value from one guest address to another; arg 2 must be 0.
         let copy = |ctx: &HypercallContext<'_>, a: &[u64; 5]| {

@@ -224,7 +224,7 @@ mod tests {
         arg[16..20].copy_from_slice(&order.to_le_bytes());
         arg[24..26].copy_from_slice(&domid.to_le_bytes());
         m.write_slice(&arg, GuestAddress(ARG)).unwrap();
-        let ctx = HypercallContext { vcpu: 0, memory: m };
+        let ctx = HypercallContext::physical(0, m);
         table.dispatch(
             &ctx,
             crate::hypercall::HypercallArgs {
@@ -270,10 +270,7 @@ mod tests {
         ram.memory()
             .write_obj(DOMID_SELF, GuestAddress(ARG))
             .unwrap();
-        let ctx = HypercallContext {
-            vcpu: 0,
-            memory: ram.memory(),
-        };
+        let ctx = HypercallContext::physical(0, ram.memory());
         let query = |c| {
             t.dispatch(
                 &ctx,
@@ -342,10 +339,7 @@ mod tests {
         assert_eq!(call(&t, &ram, 6, &[0x200], 0, 0), einval);
         assert_eq!(r.released_pages(), 0);
         // A reservation struct outside RAM.
-        let ctx = HypercallContext {
-            vcpu: 0,
-            memory: ram.memory(),
-        };
+        let ctx = HypercallContext::physical(0, ram.memory());
         let at = crate::hypercall::HypercallArgs {
             nr: HYPERVISOR_MEMORY_OP,
             args: [cmd::DECREASE_RESERVATION, 8 << 20, 0, 0, 0],

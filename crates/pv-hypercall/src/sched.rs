@@ -150,10 +150,7 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let sink = Arc::new(Sink::default());
         let s = SchedOps::new(sink.clone());
-        let ctx = HypercallContext {
-            vcpu: 1,
-            memory: &mem,
-        };
+        let ctx = HypercallContext::physical(1, &mem);
         assert_eq!(s.op(&ctx, op::YIELD, 0), Ok(0));
         mem.write_obj(0u32, GuestAddress(0x100)).unwrap();
         assert_eq!(s.op(&ctx, op::SHUTDOWN, 0x100), Ok(0));
@@ -186,10 +183,7 @@ mod tests {
             table.register_op(s.clone()),
             Err(TableError::Taken { nr: 29, .. })
         ));
-        let ctx = HypercallContext {
-            vcpu: 0,
-            memory: &mem,
-        };
+        let ctx = HypercallContext::physical(0, &mem);
         mem.write_obj(1u32, GuestAddress(0x100)).unwrap();
         let call = |cmd, arg| HypercallArgs::from_registers(HYPERVISOR_SCHED_OP, cmd, arg, 0, 0, 0);
         assert_eq!(table.dispatch(&ctx, call(op::SHUTDOWN, 0x100)), 0);

@@ -110,9 +110,34 @@ pub enum Exit<'a> {
         /// Hardware entry failure reason.
         reason: u64,
     },
+    /// A Xen hypercall KVM passed out ([`crate::xen`]); the handler sets `result`
+    /// (the guest's `rax`: a value, or a negative errno).
+    XenHypercall {
+        /// The call.
+        call: XenHypercall,
+        /// Its result.
+        result: &'a mut i64,
+    },
     /// An exit reason vmcraft does not handle (the raw `KVM_EXIT_*` value).
     Unhandled(u32),
 }
+
+/// A Xen hypercall as KVM reports it (`KVM_EXIT_XEN_HCALL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XenHypercall {
+    /// The hypercall number (`rax`).
+    pub nr: u64,
+    /// The arguments: `rdi, rsi, rdx, r10, r8, r9` in 64-bit mode, `ebx, ecx, edx,
+    /// esi, edi, ebp` in 32-bit mode.
+    pub params: [u64; 6],
+    /// Whether the guest was in 64-bit mode.
+    pub longmode: bool,
+    /// The privilege level it called from.
+    pub cpl: u8,
+}
+
+/// `ENOSYS`, what an unserved Xen hypercall returns.
+pub const XEN_ENOSYS: i64 = 38;
 
 /// Access to the registers of the vCPU that exited, for handlers that need them
 /// (hypercalls read arguments from and write results to registers).
@@ -125,6 +150,13 @@ pub trait VcpuRegisters {
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), kvm_ioctls::Error>;
     /// Segment and control registers.
     fn sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error>;
+    /// The guest-physical address the guest-linear address `gva` maps to in the
+    /// vCPU's current page tables (`KVM_TRANSLATE`), or `None` if nothing maps it.
+    /// Hypercalls from paging guests pass linear addresses. The default, for test
+    /// doubles of guests without paging, is the identity.
+    fn translate(&self, gva: u64) -> Result<Option<u64>, kvm_ioctls::Error> {
+        Ok(Some(gva))
+    }
 }
 
 /// What the embedding program does with each exit. Shared by all vCPU threads, so the
@@ -163,6 +195,18 @@ pub trait ExitHandler: Send + Sync {
     /// The vCPU came out of the guest because it was kicked.
     fn kicked(&self, vcpu: &mut dyn VcpuRegisters) -> ExitAction {
         let _ = vcpu;
+        ExitAction::Continue
+    }
+    /// A Xen hypercall ([`crate::xen`]): set `result` to what the guest's `rax` gets.
+    /// Unserved calls get `-ENOSYS`.
+    fn xen_hypercall(
+        &self,
+        call: &XenHypercall,
+        result: &mut i64,
+        vcpu: &mut dyn VcpuRegisters,
+    ) -> ExitAction {
+        let _ = (call, vcpu);
+        *result = -XEN_ENOSYS;
         ExitAction::Continue
     }
 }
@@ -208,6 +252,7 @@ pub fn dispatch(
         Exit::SystemEvent(_) => ExitAction::Stop(StopReason::PowerOff),
         Exit::InternalError { suberror } => return Err(ExitError::InternalError(suberror)),
         Exit::FailEntry { reason } => return Err(ExitError::FailEntry(reason)),
+        Exit::XenHypercall { call, result } => handler.xen_hypercall(&call, result, vcpu),
         Exit::Unhandled(reason) => return Err(ExitError::Unhandled(reason)),
     })
 }
@@ -352,6 +397,47 @@ mod tests {
             dispatch(Exit::Kicked, &Nothing, &mut regs),
             Ok(ExitAction::Continue)
         );
+    }
+
+    #[test]
+    fn an_unserved_xen_hypercall_gets_enosys_and_a_served_one_its_value() {
+        struct Nothing;
+        impl ExitHandler for Nothing {}
+        struct Version;
+        impl ExitHandler for Version {
+            fn xen_hypercall(
+                &self,
+                call: &XenHypercall,
+                result: &mut i64,
+                _: &mut dyn VcpuRegisters,
+            ) -> ExitAction {
+                *result = if call.nr == 17 { 0x4_0011 } else { -1 };
+                ExitAction::Continue
+            }
+        }
+        let mut regs = FakeRegs(kvm_regs::default());
+        let call = XenHypercall {
+            nr: 17,
+            params: [0; 6],
+            longmode: true,
+            cpl: 0,
+        };
+        let mut result = 0;
+        let exit = Exit::XenHypercall {
+            call,
+            result: &mut result,
+        };
+        assert_eq!(
+            dispatch(exit, &Nothing, &mut regs),
+            Ok(ExitAction::Continue)
+        );
+        assert_eq!(result, -XEN_ENOSYS);
+        let exit = Exit::XenHypercall {
+            call,
+            result: &mut result,
+        };
+        dispatch(exit, &Version, &mut regs).unwrap();
+        assert_eq!(result, 0x4_0011);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! * [`runner`]: one thread per vCPU, pause/resume/kick/stop, exit statistics.
 //! * [`vcpu`]: a vCPU any thread can run one exit at a time, and the kick that makes it
 //!   leave the guest, for M:N runtimes.
+//! * [`xen`]: Xen hypercalls as exits, through KVM's Xen support.
 //! * [`probe`]: what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and what a
 //!   port-I/O exit costs, measured in a throw-away VM.
 //!
@@ -55,8 +56,9 @@ pub mod state;
 pub mod stats;
 pub mod vcpu;
 mod vm;
+pub mod xen;
 
-pub use exit::{Exit, ExitAction, ExitHandler, StopReason, VcpuRegisters};
+pub use exit::{Exit, ExitAction, ExitHandler, StopReason, VcpuRegisters, XenHypercall};
 pub use runner::{RunningVm, VcpuConfig, VmError, VmOutcome};
 pub use stats::{ExitKind, ExitStats, ExitStatsSnapshot};
 pub use vm::{Vm, VmCreateError};

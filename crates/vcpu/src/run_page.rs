@@ -3,7 +3,12 @@
 //! reads and to learn the access size of string I/O) and the MMIO data (to complete
 //! reads). All unsafe access to `kvm_run` lives here.
 
-use kvm_bindings::{kvm_run, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_MMIO};
+use kvm_bindings::{
+    kvm_run, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_EXIT_IO_OUT, KVM_EXIT_MMIO, KVM_EXIT_XEN,
+    KVM_EXIT_XEN_HCALL,
+};
+
+use crate::exit::XenHypercall;
 
 /// The header of a port I/O exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +72,40 @@ pub(crate) fn internal_suberror(run: &kvm_run) -> u32 {
     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the member
     // KVM wrote; it is plain data.
     unsafe { run.__bindgen_anon_1.internal.suberror }
+}
+
+/// The Xen hypercall of the `KVM_EXIT_XEN` exit in `run`, or `None` if `run` holds
+/// another exit (or another kind of Xen exit).
+pub(crate) fn xen_hypercall(run: &kvm_run) -> Option<XenHypercall> {
+    if run.exit_reason != KVM_EXIT_XEN {
+        return None;
+    }
+    // SAFETY: the exit reason is KVM_EXIT_XEN, so `xen` is the member KVM wrote; it is
+    // plain data (integers), valid for any bit pattern.
+    let xen = unsafe { run.__bindgen_anon_1.xen };
+    if xen.type_ != KVM_EXIT_XEN_HCALL {
+        return None;
+    }
+    // SAFETY: the type is KVM_EXIT_XEN_HCALL, so `hcall` is the member KVM wrote;
+    // plain integers.
+    let hcall = unsafe { xen.u.hcall };
+    Some(XenHypercall {
+        nr: hcall.input,
+        params: hcall.params,
+        longmode: hcall.longmode != 0,
+        cpl: hcall.cpl as u8,
+    })
+}
+
+/// Set the result of the Xen hypercall exit in `run` (KVM puts it in the guest's
+/// `rax` on the next KVM_RUN). Does nothing if `run` holds another exit.
+pub(crate) fn set_xen_result(run: &mut kvm_run, result: i64) {
+    if xen_hypercall(run).is_none() {
+        return;
+    }
+    // The exit is a KVM_EXIT_XEN hypercall (checked above), so `xen.u.hcall` is the
+    // member KVM reads the result from (writing a union field needs no unsafe).
+    run.__bindgen_anon_1.xen.u.hcall.result = result as u64;
 }
 
 /// Ask the next (or current) KVM_RUN on the vCPU owning `run` to return at once.

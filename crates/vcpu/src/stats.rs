@@ -23,13 +23,15 @@ pub enum ExitKind {
     Shutdown,
     /// KVM system event.
     SystemEvent,
+    /// A hypercall KVM passed out (Xen's, `KVM_EXIT_XEN`).
+    Hypercall,
     /// Anything else (internal errors, failed entries, unhandled reasons).
     Other,
 }
 
 impl ExitKind {
     /// Every kind, in display order.
-    pub const ALL: [ExitKind; 9] = [
+    pub const ALL: [ExitKind; 10] = [
         ExitKind::PioRead,
         ExitKind::PioWrite,
         ExitKind::MmioRead,
@@ -38,6 +40,7 @@ impl ExitKind {
         ExitKind::Kicked,
         ExitKind::Shutdown,
         ExitKind::SystemEvent,
+        ExitKind::Hypercall,
         ExitKind::Other,
     ];
 
@@ -52,6 +55,7 @@ impl ExitKind {
             ExitKind::Kicked => "kicked",
             ExitKind::Shutdown => "shutdown",
             ExitKind::SystemEvent => "system-event",
+            ExitKind::Hypercall => "hypercall",
             ExitKind::Other => "other",
         }
     }

@@ -20,7 +20,9 @@ use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::cpu::{self, HypervisorInfo};
-use crate::exit::{dispatch, Exit, ExitAction, ExitError, ExitHandler, StopReason, VcpuRegisters};
+use crate::exit::{
+    dispatch, Exit, ExitAction, ExitError, ExitHandler, StopReason, VcpuRegisters, XenHypercall,
+};
 use crate::mode::{self, ModeError};
 use crate::run_page;
 use crate::runner::{VcpuConfig, VmError};
@@ -118,6 +120,10 @@ impl VcpuRegisters for FdRegisters<'_> {
     fn sregs(&self) -> Result<kvm_sregs, kvm_ioctls::Error> {
         self.fd.get_sregs()
     }
+    fn translate(&self, gva: u64) -> Result<Option<u64>, kvm_ioctls::Error> {
+        let t = self.fd.translate_gva(gva)?;
+        Ok((t.valid != 0).then_some(t.physical_address))
+    }
 }
 
 fn describe_registers(fd: &VcpuFd) -> String {
@@ -149,6 +155,7 @@ enum RawExit {
     Kicked,
     InternalError,
     FailEntry(u64),
+    Xen(XenHypercall),
     Unhandled(u32),
 }
 
@@ -367,7 +374,13 @@ impl Vcpu {
             Ok(VcpuExit::Intr) => RawExit::Kicked,
             Ok(VcpuExit::InternalError) => RawExit::InternalError,
             Ok(VcpuExit::FailEntry(reason, _)) => RawExit::FailEntry(reason),
-            Ok(_) => RawExit::Unhandled(self.fd.get_kvm_run().exit_reason),
+            Ok(_) => {
+                let run = self.fd.get_kvm_run();
+                match run_page::xen_hypercall(run) {
+                    Some(call) => RawExit::Xen(call),
+                    None => RawExit::Unhandled(run.exit_reason),
+                }
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => RawExit::Kicked,
             Err(source) => return Err(VmError::Run { index, source }),
         };
@@ -440,6 +453,18 @@ impl Vcpu {
             }
             RawExit::FailEntry(reason) => {
                 (ExitKind::Other, one(Exit::FailEntry { reason }, &mut regs))
+            }
+            RawExit::Xen(call) => {
+                let mut result = -crate::exit::XEN_ENOSYS;
+                let action = one(
+                    Exit::XenHypercall {
+                        call,
+                        result: &mut result,
+                    },
+                    &mut regs,
+                );
+                run_page::set_xen_result(self.fd.get_kvm_run(), result);
+                (ExitKind::Hypercall, action)
             }
             RawExit::Unhandled(r) => (ExitKind::Other, one(Exit::Unhandled(r), &mut regs)),
         };

@@ -188,10 +188,7 @@ fn the_guest_drives_channels_through_event_channel_op() {
     let ch = Arc::new(ch);
     let mut table = HypercallTable::new();
     ch.register_hypercalls(&mut table).unwrap();
-    let ctx = HypercallContext {
-        vcpu: 0,
-        memory: ram.memory(),
-    };
+    let ctx = HypercallContext::physical(0, ram.memory());
     let call = |cmd: u64, arg: u64| {
         table.dispatch(
             &ctx,
