@@ -11,7 +11,15 @@
 //! The guest's side of a channel is a port in this table; the VMM's side (a backend)
 //! is an eventfd the guest's `send` signals, which an event-manager subscriber can
 //! wait on. Operations: `alloc_unbound`, `bind_interdomain` (connect a guest port to
-//! a backend), `send`, `close`, `unmask`, `status`.
+//! a backend), `bind_virq` and `bind_ipi` (ports the VMM or the guest itself raises
+//! on one vCPU), `bind_vcpu`, `send`, `close`, `unmask`, `status`. `init_control`
+//! (the FIFO ABI) is refused with `ENOSYS`, so a guest such as Linux keeps 2-level.
+//!
+//! The shared-info page is where the embedding program says
+//! ([`EventChannels::new`]) or, for a guest that chooses (an HVM guest's
+//! `XENMEM_add_to_physmap`), nowhere until [`EventChannels::place_shared_info`]. A
+//! vCPU's `vcpu_info` is its slot in the shared-info page until the guest registers
+//! another place ([`EventChannels::register_vcpu_info`], `VCPUOP_register_vcpu_info`).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::SeqCst;
@@ -22,6 +30,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 use vmcraft_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// Number of Xen's virtual IRQs (`NR_VIRQS`).
+pub const NR_VIRQS: u32 = 24;
 /// Ports in the 2-level ABI (64 words of 64 bits).
 pub const MAX_PORTS: u32 = 4096;
 /// vCPUs the shared-info page has room for.
@@ -50,6 +60,20 @@ pub enum EvtchnError {
     /// A vCPU outside the shared-info page.
     #[error("vCPU {0} has no vcpu_info")]
     BadVcpu(u32),
+    /// A `vcpu_info` that is not 64 bytes of guest memory in one page.
+    #[error("a vcpu_info at {0:#x} is not 64 aligned bytes of guest memory within one page")]
+    BadVcpuInfo(u64),
+    /// A virtual IRQ past the last.
+    #[error("virtual IRQ {0} does not exist")]
+    BadVirq(u32),
+    /// A virtual IRQ bound already.
+    #[error("virtual IRQ {virq} of vCPU {vcpu} is bound already")]
+    VirqBound {
+        /// The virtual IRQ.
+        virq: u32,
+        /// The vCPU.
+        vcpu: u32,
+    },
     /// The shared-info page is not in guest memory.
     #[error("the shared-info page at {0:#x} is outside guest memory")]
     BadSharedInfo(u64),
@@ -76,9 +100,12 @@ impl EvtchnError {
     /// The errno a hypercall returns for it.
     pub fn errno(&self) -> i64 {
         match self {
-            EvtchnError::BadPort(_) | EvtchnError::BadVcpu(_) | EvtchnError::BadState { .. } => {
-                crate::hypercall::errno::EINVAL
-            }
+            EvtchnError::BadPort(_)
+            | EvtchnError::BadVcpu(_)
+            | EvtchnError::BadVirq(_)
+            | EvtchnError::BadState { .. } => crate::hypercall::errno::EINVAL,
+            EvtchnError::VirqBound { .. } => 17, // EEXIST
+            EvtchnError::BadVcpuInfo(_) => crate::hypercall::errno::EFAULT,
             EvtchnError::NoFreePort => 28, // ENOSPC
             EvtchnError::BadSharedInfo(_) => crate::hypercall::errno::EFAULT,
             EvtchnError::EventFd(_) => 12, // ENOMEM
@@ -100,6 +127,18 @@ pub enum PortStatus {
     Interdomain {
         /// The backend's id.
         backend: u32,
+    },
+    /// Bound to a virtual IRQ of one vCPU.
+    Virq {
+        /// The virtual IRQ.
+        virq: u32,
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// An inter-processor event of the guest, to one vCPU.
+    Ipi {
+        /// The vCPU.
+        vcpu: u32,
     },
 }
 
@@ -132,7 +171,12 @@ enum Slot {
     Free,
     Unbound { remote_dom: u16 },
     Bound { backend: u32, vcpu: u32 },
+    Virq { virq: u32, vcpu: u32 },
+    Ipi { vcpu: u32 },
 }
+
+/// Where nothing is placed yet.
+const UNPLACED: u64 = u64::MAX;
 
 /// The event-channel table in a snapshot: every port that is not free. The pending
 /// and mask bits live in the shared-info page, in guest memory.
@@ -153,7 +197,11 @@ struct Inner {
 /// The event channels of one guest.
 pub struct EventChannels {
     memory: GuestMemory,
-    shared_info: GuestAddress,
+    /// The shared-info page's address, or [`UNPLACED`].
+    shared_info: AtomicU64,
+    /// Each vCPU's registered `vcpu_info`, or [`UNPLACED`] for its slot in the
+    /// shared-info page.
+    vcpu_info: Vec<AtomicU64>,
     upcall: Arc<dyn Upcall>,
     inner: Mutex<Inner>,
 }
@@ -161,7 +209,7 @@ pub struct EventChannels {
 impl std::fmt::Debug for EventChannels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventChannels")
-            .field("shared_info", &self.shared_info)
+            .field("shared_info", &self.shared_info.load(SeqCst))
             .finish_non_exhaustive()
     }
 }
@@ -175,40 +223,119 @@ impl EventChannels {
         shared_info: GuestAddress,
         upcall: Arc<dyn Upcall>,
     ) -> Result<Self, EvtchnError> {
-        if !shared_info.0.is_multiple_of(4096) || !memory.check_range(shared_info, 4096) {
-            return Err(EvtchnError::BadSharedInfo(shared_info.0));
-        }
+        let channels = Self::unplaced(memory, upcall);
+        channels.check_shared_info(shared_info)?;
+        channels.shared_info.store(shared_info.0, SeqCst);
+        Ok(channels)
+    }
+
+    /// Channels whose shared-info page the guest places later
+    /// ([`place_shared_info`](Self::place_shared_info)); until then nothing can be
+    /// delivered.
+    pub fn unplaced(memory: GuestMemory, upcall: Arc<dyn Upcall>) -> Self {
         let mut slots = vec![Slot::Free; MAX_PORTS as usize];
         slots[0] = Slot::Unbound {
             remote_dom: u16::MAX,
         };
-        Ok(EventChannels {
+        EventChannels {
             memory,
-            shared_info,
+            shared_info: AtomicU64::new(UNPLACED),
+            vcpu_info: (0..MAX_VCPUS).map(|_| AtomicU64::new(UNPLACED)).collect(),
             upcall,
             inner: Mutex::new(Inner {
                 slots,
                 backends: Vec::new(),
             }),
-        })
+        }
+    }
+
+    fn check_shared_info(&self, at: GuestAddress) -> Result<(), EvtchnError> {
+        if !at.0.is_multiple_of(4096) || !self.memory.check_range(at, 4096) {
+            return Err(EvtchnError::BadSharedInfo(at.0));
+        }
+        Ok(())
+    }
+
+    /// Put the shared-info page at `at` (page aligned, in guest memory), as a fresh
+    /// page: zeroed, every port unmasked and not pending. The vCPUs' `vcpu_info` slots
+    /// move with it unless registered elsewhere.
+    pub fn place_shared_info(&self, at: GuestAddress) -> Result<(), EvtchnError> {
+        self.check_shared_info(at)?;
+        self.memory
+            .write_slice(&[0u8; 4096], at)
+            .map_err(|_| EvtchnError::BadSharedInfo(at.0))?;
+        self.shared_info.store(at.0, SeqCst);
+        Ok(())
+    }
+
+    /// Where the shared-info page is, if placed.
+    pub fn shared_info(&self) -> Option<GuestAddress> {
+        let at = self.shared_info.load(SeqCst);
+        (at != UNPLACED).then_some(GuestAddress(at))
+    }
+
+    /// `VCPUOP_register_vcpu_info`: `vcpu`'s `vcpu_info` moves to `at` (64 bytes
+    /// inside one page of guest memory). Its contents move with it; then, as Xen
+    /// does, every selector bit and `upcall_pending` are set and an upcall is
+    /// raised, so the guest rescans and loses nothing.
+    pub fn register_vcpu_info(&self, vcpu: u32, at: GuestAddress) -> Result<(), EvtchnError> {
+        let slot = self
+            .vcpu_info
+            .get(vcpu as usize)
+            .ok_or(EvtchnError::BadVcpu(vcpu))?;
+        let bad = EvtchnError::BadVcpuInfo(at.0);
+        if !at.0.is_multiple_of(8)
+            || at.0 % 4096 + VCPU_INFO_SIZE > 4096
+            || !self.memory.check_range(at, VCPU_INFO_SIZE as usize)
+        {
+            return Err(bad);
+        }
+        let mut old = [0u8; VCPU_INFO_SIZE as usize];
+        if let Some(from) = self.vcpu_addr(vcpu, 0) {
+            // An unplaced shared-info page has nothing to move.
+            let _ = self.memory.read_slice(&mut old, from);
+        }
+        self.memory.write_slice(&old, at).map_err(|_| bad)?;
+        slot.store(at.0, SeqCst);
+        self.update_word(GuestAddress(at.0 + PENDING_SEL), |w| {
+            w.store(u64::MAX, SeqCst)
+        });
+        let _ = self
+            .memory
+            .store(1u8, GuestAddress(at.0 + UPCALL_PENDING), SeqCst);
+        self.upcall.raise(vcpu);
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn word_addr(&self, base: u64, port: u32) -> GuestAddress {
-        GuestAddress(self.shared_info.0 + base + 8 * u64::from(port / 64))
+    fn word_addr(&self, base: u64, port: u32) -> Option<GuestAddress> {
+        let page = self.shared_info()?;
+        Some(GuestAddress(page.0 + base + 8 * u64::from(port / 64)))
     }
 
-    fn vcpu_addr(&self, vcpu: u32, field: u64) -> GuestAddress {
-        GuestAddress(self.shared_info.0 + VCPU_INFO_SIZE * u64::from(vcpu) + field)
+    fn vcpu_addr(&self, vcpu: u32, field: u64) -> Option<GuestAddress> {
+        match self.vcpu_info.get(vcpu as usize)?.load(SeqCst) {
+            UNPLACED => {
+                let page = self.shared_info()?;
+                Some(GuestAddress(
+                    page.0 + VCPU_INFO_SIZE * u64::from(vcpu) + field,
+                ))
+            }
+            at => Some(GuestAddress(at + field)),
+        }
     }
 
     /// `f` on the live 64-bit word at `addr` (the guest changes these words
     /// concurrently); `None` if it is not in guest memory.
-    fn with_word<R>(&self, addr: GuestAddress, f: impl FnOnce(&AtomicU64) -> R) -> Option<R> {
-        let slice = self.memory.get_slice(addr, 8).ok()?;
+    fn with_word<R>(
+        &self,
+        addr: Option<GuestAddress>,
+        f: impl FnOnce(&AtomicU64) -> R,
+    ) -> Option<R> {
+        let slice = self.memory.get_slice(addr?, 8).ok()?;
         let word = slice.get_atomic_ref::<AtomicU64>(0).ok()?;
         Some(f(word))
     }
@@ -216,9 +343,13 @@ impl EventChannels {
     /// [`EventChannels::with_word`] for an `f` that changes the word: its page is
     /// marked dirty in guest memory's bitmap (an atomic through a reference marks
     /// nothing by itself), so a migration copies it again.
-    fn update_word<R>(&self, addr: GuestAddress, f: impl FnOnce(&AtomicU64) -> R) -> Option<R> {
+    fn update_word<R>(
+        &self,
+        addr: impl Into<Option<GuestAddress>>,
+        f: impl FnOnce(&AtomicU64) -> R,
+    ) -> Option<R> {
         use vm_memory::bitmap::Bitmap;
-        let slice = self.memory.get_slice(addr, 8).ok()?;
+        let slice = self.memory.get_slice(addr.into()?, 8).ok()?;
         let word = slice.get_atomic_ref::<AtomicU64>(0).ok()?;
         let result = f(word);
         slice.bitmap().mark_dirty(0, 8);
@@ -262,8 +393,13 @@ impl EventChannels {
             }
             match slot {
                 Slot::Free => return Err(bad("listed as free")),
-                Slot::Bound { vcpu, .. } if vcpu >= MAX_VCPUS => {
+                Slot::Bound { vcpu, .. } | Slot::Virq { vcpu, .. } | Slot::Ipi { vcpu }
+                    if vcpu >= MAX_VCPUS =>
+                {
                     return Err(bad("bound to a vCPU past the last"))
+                }
+                Slot::Virq { virq, .. } if virq >= NR_VIRQS => {
+                    return Err(bad("bound to a virtual IRQ past the last"))
                 }
                 Slot::Bound { .. } if inner.slots[port as usize] != slot => {
                     return Err(bad("bound to a backend this machine does not bind there"))
@@ -341,7 +477,83 @@ impl EventChannels {
                 let _ = fd.write(1);
                 Ok(())
             }
+            // As Xen: a send on an unbound port goes nowhere.
+            (Some(Slot::Unbound { .. }), _) if port != 0 => Ok(()),
+            (Some(&Slot::Ipi { vcpu }), _) => {
+                drop(inner);
+                self.raise(port, vcpu);
+                Ok(())
+            }
             _ => Err(EvtchnError::BadPort(port)),
+        }
+    }
+
+    /// A free port, taken for `slot`.
+    fn take_port(&self, inner: &mut Inner, slot: Slot) -> Result<u32, EvtchnError> {
+        let port = inner
+            .slots
+            .iter()
+            .position(|s| *s == Slot::Free)
+            .ok_or(EvtchnError::NoFreePort)?;
+        inner.slots[port] = slot;
+        Ok(port as u32)
+    }
+
+    /// `bind_virq`: a port for virtual IRQ `virq` of `vcpu`. A virtual IRQ is bound
+    /// once per vCPU.
+    pub fn bind_virq(&self, virq: u32, vcpu: u32) -> Result<u32, EvtchnError> {
+        if virq >= NR_VIRQS {
+            return Err(EvtchnError::BadVirq(virq));
+        }
+        if vcpu >= MAX_VCPUS {
+            return Err(EvtchnError::BadVcpu(vcpu));
+        }
+        let mut inner = self.lock();
+        if inner.slots.contains(&Slot::Virq { virq, vcpu }) {
+            return Err(EvtchnError::VirqBound { virq, vcpu });
+        }
+        self.take_port(&mut inner, Slot::Virq { virq, vcpu })
+    }
+
+    /// `bind_ipi`: a port the guest's `send` raises on `vcpu`.
+    pub fn bind_ipi(&self, vcpu: u32) -> Result<u32, EvtchnError> {
+        if vcpu >= MAX_VCPUS {
+            return Err(EvtchnError::BadVcpu(vcpu));
+        }
+        self.take_port(&mut self.lock(), Slot::Ipi { vcpu })
+    }
+
+    /// `bind_vcpu`: notifications of `port` (bound to a backend, or unbound) go to
+    /// `vcpu` from now on. Per-vCPU ports (virtual IRQs, IPIs) stay where they are.
+    pub fn bind_vcpu(&self, port: u32, vcpu: u32) -> Result<(), EvtchnError> {
+        if vcpu >= MAX_VCPUS {
+            return Err(EvtchnError::BadVcpu(vcpu));
+        }
+        let mut inner = self.lock();
+        match inner.slots.get_mut(port as usize) {
+            Some(Slot::Bound { vcpu: v, .. }) => {
+                *v = vcpu;
+                Ok(())
+            }
+            Some(Slot::Unbound { .. }) if port != 0 => Ok(()),
+            _ => Err(EvtchnError::BadPort(port)),
+        }
+    }
+
+    /// Raise virtual IRQ `virq` on `vcpu`, if the guest bound it; returns whether
+    /// it had.
+    pub fn raise_virq(&self, virq: u32, vcpu: u32) -> bool {
+        let port = self
+            .lock()
+            .slots
+            .iter()
+            .position(|s| *s == Slot::Virq { virq, vcpu });
+        match port {
+            Some(port) => {
+                self.raise(port as u32, vcpu);
+                true
+            }
+            None => false,
         }
     }
 
@@ -373,7 +585,7 @@ impl EventChannels {
     /// `unmask`: clear `port`'s mask bit and, if it is pending, raise it again.
     pub fn unmask(&self, port: u32) -> Result<(), EvtchnError> {
         let vcpu = match self.lock().slots.get(port as usize) {
-            Some(Slot::Bound { vcpu, .. }) => *vcpu,
+            Some(Slot::Bound { vcpu, .. } | Slot::Virq { vcpu, .. } | Slot::Ipi { vcpu }) => *vcpu,
             Some(Slot::Unbound { .. }) if port != 0 => 0,
             _ => return Err(EvtchnError::BadPort(port)),
         };
@@ -398,6 +610,8 @@ impl EventChannels {
                 remote_dom: *remote_dom,
             }),
             Some(Slot::Bound { backend, .. }) => Ok(PortStatus::Interdomain { backend: *backend }),
+            Some(&Slot::Virq { virq, vcpu }) => Ok(PortStatus::Virq { virq, vcpu }),
+            Some(&Slot::Ipi { vcpu }) => Ok(PortStatus::Ipi { vcpu }),
         }
     }
 }
@@ -408,6 +622,14 @@ pub const HYPERVISOR_EVENT_CHANNEL_OP: u64 = 32;
 /// Xen's `EVTCHNOP_*` commands this table implements (the command is in `rdi`, a
 /// pointer to its argument struct in `rsi`).
 pub mod op {
+    /// `struct evtchn_bind_virq { virq, vcpu, port (out) }`.
+    pub const BIND_VIRQ: u64 = 1;
+    /// `struct evtchn_bind_ipi { vcpu, port (out) }`.
+    pub const BIND_IPI: u64 = 7;
+    /// `struct evtchn_bind_vcpu { port, vcpu }`.
+    pub const BIND_VCPU: u64 = 8;
+    /// `struct evtchn_init_control`: the FIFO ABI, which this table refuses.
+    pub const INIT_CONTROL: u64 = 11;
     /// `struct evtchn_close { port }`.
     pub const CLOSE: u64 = 3;
     /// `struct evtchn_send { port }`.
@@ -425,6 +647,8 @@ mod stat {
     pub const CLOSED: u32 = 0;
     pub const UNBOUND: u32 = 1;
     pub const INTERDOMAIN: u32 = 2;
+    pub const VIRQ: u32 = 4;
+    pub const IPI: u32 = 5;
 }
 
 impl EventChannels {
@@ -464,25 +688,43 @@ impl EventChannels {
                 ctx.write(arg + 4, &port.to_le_bytes())?;
                 Ok(0)
             }
+            op::BIND_VIRQ => {
+                let (virq, vcpu) = (read_u32(arg)?, read_u32(arg + 4)?);
+                let port = self.bind_virq(virq, vcpu).map_err(invalid)?;
+                ctx.write(arg + 8, &port.to_le_bytes())?;
+                Ok(0)
+            }
+            op::BIND_IPI => {
+                let port = self.bind_ipi(read_u32(arg)?).map_err(invalid)?;
+                ctx.write(arg + 4, &port.to_le_bytes())?;
+                Ok(0)
+            }
+            op::BIND_VCPU => {
+                let (port, vcpu) = (read_u32(arg)?, read_u32(arg + 4)?);
+                self.bind_vcpu(port, vcpu).map(|_| 0).map_err(invalid)
+            }
             op::SEND => self.send(read_u32(arg)?).map(|_| 0).map_err(invalid),
             op::CLOSE => self.close(read_u32(arg)?).map(|_| 0).map_err(invalid),
             op::UNMASK => self.unmask(read_u32(arg)?).map(|_| 0).map_err(invalid),
             op::STATUS => {
                 let port = read_u32(arg + 4)?;
-                let (status, extra) = match self.status(port).map_err(invalid)? {
-                    PortStatus::Closed => (stat::CLOSED, 0u64),
-                    PortStatus::Unbound { remote_dom } => (stat::UNBOUND, u64::from(remote_dom)),
-                    PortStatus::Interdomain { backend } => (stat::INTERDOMAIN, u64::from(backend)),
+                let (status, vcpu, extra) = match self.status(port).map_err(invalid)? {
+                    PortStatus::Closed => (stat::CLOSED, 0, 0u64),
+                    PortStatus::Unbound { remote_dom } => (stat::UNBOUND, 0, u64::from(remote_dom)),
+                    PortStatus::Interdomain { backend } => {
+                        (stat::INTERDOMAIN, 0, u64::from(backend))
+                    }
+                    PortStatus::Virq { virq, vcpu } => (stat::VIRQ, vcpu, u64::from(virq)),
+                    PortStatus::Ipi { vcpu } => (stat::IPI, vcpu, 0),
                 };
                 ctx.write(arg + 8, &status.to_le_bytes())?;
-                ctx.write(arg + 12, &0u32.to_le_bytes())?;
+                ctx.write(arg + 12, &vcpu.to_le_bytes())?;
                 ctx.write(arg + 16, &extra.to_le_bytes())?;
                 Ok(0)
             }
-            other => Err(HypercallFault::Invalid {
-                index: 0,
-                value: other,
-            }),
+            // INIT_CONTROL and every other command: not served, as Xen answers
+            // what it does not know.
+            other => Err(HypercallFault::Unsupported(other)),
         }
     }
 }
@@ -506,14 +748,14 @@ impl protocol::Words for EventChannels {
         .unwrap_or(mask)
     }
     fn set_upcall_pending(&self, vcpu: u32) {
-        let _ = self
-            .memory
-            .store(1u8, self.vcpu_addr(vcpu, UPCALL_PENDING), SeqCst);
+        if let Some(at) = self.vcpu_addr(vcpu, UPCALL_PENDING) {
+            let _ = self.memory.store(1u8, at, SeqCst);
+        }
     }
     fn upcall_masked(&self, vcpu: u32) -> bool {
-        self.memory
-            .load::<u8>(self.vcpu_addr(vcpu, UPCALL_MASK), SeqCst)
-            .map_or(true, |m| m != 0)
+        self.vcpu_addr(vcpu, UPCALL_MASK)
+            .and_then(|at| self.memory.load::<u8>(at, SeqCst).ok())
+            .is_none_or(|m| m != 0)
     }
 }
 

@@ -226,7 +226,9 @@ fn the_guest_drives_channels_through_event_channel_op() {
     ram.memory().write_obj(4000u32, GuestAddress(arg)).unwrap();
     assert_eq!(call(op::SEND, arg), -errno::EINVAL);
     assert_eq!(call(op::SEND, 1 << 40), -errno::EFAULT);
-    assert_eq!(call(77, arg), -errno::EINVAL);
+    assert_eq!(call(77, arg), -errno::ENOSYS);
+    // The FIFO ABI is refused, so a guest keeps 2-level.
+    assert_eq!(call(op::INIT_CONTROL, arg), -errno::ENOSYS);
     // close { port }
     ram.memory().write_obj(port, GuestAddress(arg)).unwrap();
     assert_eq!(call(op::CLOSE, arg), 0);
@@ -303,4 +305,136 @@ fn the_table_saves_and_restores_and_refuses_what_does_not_fit() {
     ] {
         assert!(bare.restore_state(&ChannelsState { ports: bad }).is_err());
     }
+}
+
+#[test]
+fn a_guest_places_its_shared_info_and_vcpu_info_and_loses_no_event() {
+    let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+    let counter = Arc::new(Counter::default());
+    let ch = EventChannels::unplaced(ram.memory().clone(), counter.clone());
+    let port = ch.bind_ipi(1).unwrap();
+    // Nowhere to deliver yet: nothing happens, nothing breaks.
+    ch.send(port).unwrap();
+    assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+    assert_eq!(ch.shared_info(), None);
+    // A page that is not one is refused.
+    for bad in [0x2100, 1 << 40] {
+        assert_eq!(
+            ch.place_shared_info(GuestAddress(bad)),
+            Err(EvtchnError::BadSharedInfo(bad))
+        );
+    }
+    // The page the guest gives is fresh: whatever it held is gone.
+    ram.memory()
+        .write_slice(&[0xffu8; 4096], GuestAddress(0x5000))
+        .unwrap();
+    ch.place_shared_info(GuestAddress(0x5000)).unwrap();
+    assert_eq!(ch.shared_info(), Some(GuestAddress(0x5000)));
+    let read = |at: u64| ram.memory().read_obj::<u64>(GuestAddress(at)).unwrap();
+    assert_eq!(read(0x5000 + MASK_OFFSET), 0);
+    // vCPU 1's slot in the page gets the IPI.
+    ch.send(port).unwrap();
+    assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+    assert_eq!(read(0x5000 + VCPU_INFO_SIZE + 8), 1 << (port / 64));
+    // vcpu_info moves: its contents come along, every selector bit is set, and an
+    // upcall makes the guest look.
+    for bad in [0x6fc8, 0x6003, 1 << 40] {
+        assert_eq!(
+            ch.register_vcpu_info(1, GuestAddress(bad)),
+            Err(EvtchnError::BadVcpuInfo(bad)),
+            "{bad:#x}"
+        );
+    }
+    assert_eq!(
+        ch.register_vcpu_info(MAX_VCPUS, GuestAddress(0x6000)),
+        Err(EvtchnError::BadVcpu(MAX_VCPUS))
+    );
+    ch.register_vcpu_info(1, GuestAddress(0x6040)).unwrap();
+    assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+    assert_eq!(read(0x6048), u64::MAX);
+    assert_eq!(
+        ram.memory().read_obj::<u8>(GuestAddress(0x6040)).unwrap(),
+        1
+    );
+    // The guest takes the events; the next one lands in the new place.
+    ram.memory().write_obj(0u64, GuestAddress(0x6048)).unwrap();
+    ram.memory()
+        .write_obj(0u64, GuestAddress(0x5000 + PENDING_OFFSET))
+        .unwrap();
+    ch.send(port).unwrap();
+    assert_eq!(read(0x6048), 1 << (port / 64));
+    assert_eq!(counter.0.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn virtual_irqs_and_ipis_are_per_vcpu_ports() {
+    let (ram, ch, counter) = setup();
+    let timer = ch.bind_virq(0, 0).unwrap();
+    assert_eq!(
+        ch.bind_virq(0, 0),
+        Err(EvtchnError::VirqBound { virq: 0, vcpu: 0 })
+    );
+    let other = ch.bind_virq(0, 1).unwrap();
+    assert_ne!(timer, other);
+    assert_eq!(
+        ch.bind_virq(NR_VIRQS, 0),
+        Err(EvtchnError::BadVirq(NR_VIRQS))
+    );
+    assert_eq!(
+        ch.bind_virq(1, MAX_VCPUS),
+        Err(EvtchnError::BadVcpu(MAX_VCPUS))
+    );
+    assert_eq!(ch.status(other), Ok(PortStatus::Virq { virq: 0, vcpu: 1 }));
+    // A virtual IRQ is the VMM's to raise, not the guest's to send.
+    assert_eq!(ch.send(timer), Err(EvtchnError::BadPort(timer)));
+    assert!(ch.raise_virq(0, 1));
+    assert!(!ch.raise_virq(5, 1), "not bound");
+    assert_eq!(selector(&ram, 1), 1 << (other / 64));
+    assert_eq!(selector(&ram, 0), 0);
+    assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+    let ipi = ch.bind_ipi(0).unwrap();
+    assert_eq!(ch.status(ipi), Ok(PortStatus::Ipi { vcpu: 0 }));
+    ch.send(ipi).unwrap();
+    assert_eq!(vcpu_byte(&ram, 0, 0), 1);
+    // bind_vcpu moves a backend's port, not a per-vCPU one.
+    let p = ch.alloc_unbound(0).unwrap();
+    ch.send(p).unwrap(); // an unbound port: goes nowhere, as in Xen
+    ch.bind_vcpu(p, 1).unwrap();
+    let b = ch.bind_backend(p, 3, 0).unwrap();
+    ch.bind_vcpu(b.port, 1).unwrap();
+    ch.notify_guest(b.port).unwrap();
+    assert_ne!(selector(&ram, 1) & (1 << (b.port / 64)), 0);
+    assert_eq!(ch.bind_vcpu(ipi, 1), Err(EvtchnError::BadPort(ipi)));
+    assert_eq!(
+        ch.bind_vcpu(p, MAX_VCPUS),
+        Err(EvtchnError::BadVcpu(MAX_VCPUS))
+    );
+}
+
+#[test]
+fn a_snapshot_keeps_virtual_irq_and_ipi_ports() {
+    let (_ram, ch, _) = setup();
+    let virq = ch.bind_virq(2, 1).unwrap();
+    let ipi = ch.bind_ipi(1).unwrap();
+    let state = ch.save_state();
+    let (_ram2, restored, _) = setup();
+    restored.restore_state(&state).unwrap();
+    assert_eq!(
+        restored.status(virq),
+        Ok(PortStatus::Virq { virq: 2, vcpu: 1 })
+    );
+    assert_eq!(restored.status(ipi), Ok(PortStatus::Ipi { vcpu: 1 }));
+    let bad = ChannelsState {
+        ports: vec![(
+            4,
+            Slot::Virq {
+                virq: NR_VIRQS,
+                vcpu: 0,
+            },
+        )],
+    };
+    assert!(matches!(
+        restored.restore_state(&bad),
+        Err(EvtchnError::BadState { port: 4, .. })
+    ));
 }
