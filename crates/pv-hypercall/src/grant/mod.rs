@@ -12,7 +12,16 @@
 //!   wait; that is the guest's side of the protocol, as in Xen);
 //! * unmaps: clears the bits it set;
 //! * copies to or from a granted frame, never across its page.
+//!
+//! The table is in frames of 512 entries. The embedding program may lay them out
+//! itself ([`GrantTable::new`]), or a guest places each frame where it wants it
+//! ([`GrantTable::unplaced`], then [`GrantTable::place_frame`]: an HVM guest's
+//! `XENMEM_add_to_physmap` of `XENMAPSPACE_grant_table`); an entry in a frame not
+//! placed is not a grant. [`op`] serves the guest's `grant_table_op`.
 
+pub mod op;
+
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Mutex;
 
@@ -22,6 +31,10 @@ use vmcraft_memory::GuestMemory;
 
 /// Bytes per grant entry (v1).
 pub const ENTRY_SIZE: u64 = 8;
+/// Entries per frame (v1).
+pub const ENTRIES_PER_FRAME: u32 = (PAGE / ENTRY_SIZE) as u32;
+/// Where a frame is not placed.
+const UNPLACED: u64 = u64::MAX;
 /// Page size of granted frames.
 pub const PAGE: u64 = 4096;
 /// `GTF_permit_access`: the grant type that lets the named domain map the frame.
@@ -81,6 +94,16 @@ pub enum GrantError {
         /// Its size in entries.
         entries: u32,
     },
+    /// A frame index past the table's size, or a frame not one page of guest RAM.
+    #[error("grant-table frame {index} cannot go at {addr:#x} (the table has {frames} frames; a frame is a page of guest memory)")]
+    BadFrameSlot {
+        /// The frame's index.
+        index: u32,
+        /// Where it was to go.
+        addr: u64,
+        /// The table's size in frames.
+        frames: u32,
+    },
     /// The guest kept changing the entry while it was being mapped.
     #[error("grant {0} changed while it was being mapped")]
     Unstable(u32),
@@ -112,7 +135,8 @@ pub enum CopyDirection {
 /// One guest's grant table, seen from a backend acting as `backend_domid`.
 pub struct GrantTable {
     memory: GuestMemory,
-    table: GuestAddress,
+    /// Each frame's guest-physical address, or [`UNPLACED`].
+    frames: Vec<AtomicU64>,
     entries: u32,
     backend_domid: u16,
     /// Per reference, how many mappings the backend holds (reads, writes).
@@ -122,7 +146,7 @@ pub struct GrantTable {
 impl std::fmt::Debug for GrantTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GrantTable")
-            .field("table", &self.table)
+            .field("frames", &self.frames)
             .field("entries", &self.entries)
             .field("backend_domid", &self.backend_domid)
             .finish_non_exhaustive()
@@ -145,13 +169,76 @@ impl GrantTable {
         if entries == 0 || !table.0.is_multiple_of(8) || !memory.check_range(table, len as usize) {
             return Err(bad);
         }
+        let table_frames = entries.div_ceil(ENTRIES_PER_FRAME);
         Ok(GrantTable {
             memory,
-            table,
+            frames: (0..u64::from(table_frames))
+                .map(|i| AtomicU64::new(table.0 + i * PAGE))
+                .collect(),
             entries,
             backend_domid,
             held: Mutex::new(vec![(0, 0); entries as usize]),
         })
+    }
+
+    /// A table of `frames` frames, none placed yet: the guest places them
+    /// ([`place_frame`](Self::place_frame)). The VMM acts as domain
+    /// `backend_domid`.
+    pub fn unplaced(memory: GuestMemory, frames: u32, backend_domid: u16) -> Self {
+        let entries = frames.saturating_mul(ENTRIES_PER_FRAME);
+        GrantTable {
+            memory,
+            frames: (0..frames).map(|_| AtomicU64::new(UNPLACED)).collect(),
+            entries,
+            backend_domid,
+            held: Mutex::new(vec![(0, 0); entries as usize]),
+        }
+    }
+
+    /// Put frame `index` at `at` (a page of guest memory), as a fresh frame: zeroed,
+    /// granting nothing. A frame placed again moves.
+    pub fn place_frame(&self, index: u32, at: GuestAddress) -> Result<(), GrantError> {
+        let bad = GrantError::BadFrameSlot {
+            index,
+            addr: at.0,
+            frames: self.max_frames(),
+        };
+        let slot = self.frames.get(index as usize).ok_or(bad.clone())?;
+        if !at.0.is_multiple_of(PAGE) || !self.memory.check_range(at, PAGE as usize) {
+            return Err(bad);
+        }
+        self.memory
+            .write_slice(&[0u8; PAGE as usize], at)
+            .map_err(|_| bad)?;
+        slot.store(at.0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The table's size in frames.
+    pub fn max_frames(&self) -> u32 {
+        self.frames.len() as u32
+    }
+
+    /// Frames in use: one past the last placed (Xen's `nr_grant_frames`).
+    pub fn frames_in_use(&self) -> u32 {
+        self.frames
+            .iter()
+            .rposition(|f| f.load(Ordering::SeqCst) != UNPLACED)
+            .map_or(0, |i| i as u32 + 1)
+    }
+
+    /// Where entry `gref` is, if its frame is placed.
+    fn entry_addr(&self, gref: u32) -> Result<GuestAddress, GrantError> {
+        if gref >= self.entries {
+            return Err(GrantError::BadRef(gref));
+        }
+        let frame = self.frames[(gref / ENTRIES_PER_FRAME) as usize].load(Ordering::SeqCst);
+        if frame == UNPLACED {
+            return Err(GrantError::BadRef(gref));
+        }
+        Ok(GuestAddress(
+            frame + u64::from(gref % ENTRIES_PER_FRAME) * ENTRY_SIZE,
+        ))
     }
 
     /// Entries in the table (`query_size`).
@@ -161,10 +248,7 @@ impl GrantTable {
 
     /// Run `f` on entry `gref`'s live flags word (the guest changes it concurrently).
     fn with_flags<R>(&self, gref: u32, f: impl FnOnce(&AtomicU16) -> R) -> Result<R, GrantError> {
-        if gref >= self.entries {
-            return Err(GrantError::BadRef(gref));
-        }
-        let addr = GuestAddress(self.table.0 + u64::from(gref) * ENTRY_SIZE);
+        let addr = self.entry_addr(gref)?;
         let slice = self
             .memory
             .get_slice(addr, 2)
@@ -182,7 +266,7 @@ impl GrantTable {
 
     /// Map grant `gref` for reading, or for writing as well.
     pub fn map(&self, gref: u32, writable: bool) -> Result<Mapping, GrantError> {
-        let entry = GuestAddress(self.table.0 + u64::from(gref) * ENTRY_SIZE);
+        let entry = self.entry_addr(gref)?;
         let in_use = if writable {
             GTF_READING | GTF_WRITING
         } else {
