@@ -58,7 +58,54 @@ pub struct HypervisorInfo {
     pub hypercall_port: u16,
     /// ecx, edx: free for the embedding program.
     pub extra: [u32; 2],
+    /// More leaves for the embedding program to present (another hypervisor's
+    /// interface, such as Xen's, after vmcraft's and KVM's), the same for every vCPU.
+    pub more_leaves: MoreLeaves,
 }
+
+/// Up to [`MoreLeaves::CAPACITY`] extra CPUID entries ([`HypervisorInfo::more_leaves`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MoreLeaves {
+    entries: [Option<MoreLeaf>; MoreLeaves::CAPACITY],
+}
+
+/// One extra CPUID entry: `function` (and `index`, if `indexed`) to the four registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MoreLeaf {
+    /// EAX in.
+    pub function: u32,
+    /// ECX in.
+    pub index: u32,
+    /// Whether ECX selects a sub-leaf.
+    pub indexed: bool,
+    /// EAX, EBX, ECX, EDX out.
+    pub registers: [u32; 4],
+}
+
+impl MoreLeaves {
+    /// How many fit.
+    pub const CAPACITY: usize = 8;
+
+    /// Add `leaf`; false if full.
+    pub fn push(&mut self, leaf: MoreLeaf) -> bool {
+        match self.entries.iter_mut().find(|e| e.is_none()) {
+            Some(slot) => {
+                *slot = Some(leaf);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The leaves.
+    pub fn iter(&self) -> impl Iterator<Item = &MoreLeaf> {
+        self.entries.iter().flatten()
+    }
+}
+
+/// The hypervisor leaves every VM's CPUID has before [`HypervisorInfo::more_leaves`]:
+/// vmcraft's at 0x40000000 and KVM's at 0x40000100.
+pub const TAKEN_HYPERVISOR_LEAVES: [u32; 2] = [HYPERVISOR_LEAF, KVM_LEAF_RELOCATED];
 
 impl Default for HypervisorInfo {
     fn default() -> Self {
@@ -67,6 +114,7 @@ impl Default for HypervisorInfo {
             version: 0,
             hypercall_port: 0,
             extra: [0; 2],
+            more_leaves: MoreLeaves::default(),
         }
     }
 }
@@ -140,6 +188,24 @@ pub fn patch_cpuid(
         edx: info.extra[1],
         ..Default::default()
     });
+    for leaf in info.more_leaves.iter() {
+        let [eax, ebx, ecx, edx] = leaf.registers;
+        entries.retain(|e| e.function != leaf.function || (leaf.indexed && e.index != leaf.index));
+        entries.push(kvm_bindings::kvm_cpuid_entry2 {
+            function: leaf.function,
+            index: leaf.index,
+            flags: if leaf.indexed {
+                kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+            } else {
+                0
+            },
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        });
+    }
 }
 
 /// MSR numbers set at boot.
@@ -284,6 +350,30 @@ mod tests {
             (entries[4].function, entries[4].eax, entries[4].ebx),
             (0x4000_0001, 1, 0x5e0)
         );
+    }
+
+    #[test]
+    fn more_leaves_go_after_vmcrafts_and_kvms() {
+        let mut info = HypervisorInfo::default();
+        for i in 0..MoreLeaves::CAPACITY as u32 {
+            assert!(info.more_leaves.push(MoreLeaf {
+                function: 0x4000_0200 + i,
+                registers: [i, 1, 2, 3],
+                ..MoreLeaf::default()
+            }));
+        }
+        assert!(!info.more_leaves.push(MoreLeaf::default()), "full");
+        let mut entries = vec![kvm_cpuid_entry2 {
+            function: 0x4000_0000,
+            ..Default::default()
+        }];
+        patch_cpuid(&mut entries, 0, 1, info);
+        let functions: Vec<u32> = entries.iter().map(|e| e.function).collect();
+        assert_eq!(&functions[..3], &[0x4000_0100, 0x4000_0000, 0x4000_0001]);
+        assert_eq!(functions.len(), 3 + MoreLeaves::CAPACITY);
+        assert_eq!(entries[4].function, 0x4000_0201);
+        assert_eq!(entries[4].eax, 1);
+        assert!(TAKEN_HYPERVISOR_LEAVES.contains(&0x4000_0100));
     }
 
     #[test]
