@@ -33,7 +33,9 @@ use vmcraft_memory::layout::{Image, LayoutError, MemoryLayout};
 use vmcraft_memory::{GuestMemory, GuestRam, MemoryError};
 use vmcraft_pv_hypercall::hypercall::HypercallTable;
 use vmcraft_vcpu::cpu::HypervisorInfo;
-use vmcraft_vcpu::linux::{load_linux, LinuxError, LoadedKernel, BOOT_PARAMS_RANGE, CMDLINE_ADDR};
+use vmcraft_vcpu::linux::{
+    load_linux, E820Entry, LinuxError, LoadedKernel, BOOT_PARAMS_RANGE, CMDLINE_ADDR,
+};
 use vmcraft_vcpu::mode::boot_table_ranges;
 use vmcraft_vcpu::{ExitHandler, RunningVm, VcpuConfig, Vm, VmCreateError, VmError};
 
@@ -138,8 +140,11 @@ pub struct MachineBuilder {
     irqs: IrqAllocator,
     virtio: Vec<VirtioSlot>,
     hypercalls: Option<HypercallTable>,
+    /// Whether the table serves Xen hypercall exits (else the hypercall port).
+    xen_hypercalls: bool,
     info: HypervisorInfo,
     parts: Vec<(String, Arc<dyn SnapshotPart>)>,
+    e820_carved: Vec<E820Entry>,
 }
 
 impl std::fmt::Debug for MachineBuilder {
@@ -184,9 +189,16 @@ impl MachineBuilder {
             irqs: IrqAllocator::pc(),
             virtio: Vec::new(),
             hypercalls: None,
+            xen_hypercalls: false,
             info: HypervisorInfo::default(),
             parts: Vec::new(),
+            e820_carved: Vec::new(),
         })
+    }
+
+    /// The latch through which devices (and hypercalls) ask the VM to stop.
+    pub fn stop_latch(&self) -> Arc<StopLatch> {
+        self.stop.clone()
     }
 
     /// The VM (its memory, its KVM file descriptor).
@@ -304,6 +316,24 @@ impl MachineBuilder {
         self.hypercalls = Some(table);
     }
 
+    /// Serve Xen hypercalls from `table`: the exits KVM's Xen support makes of them
+    /// (see [`vmcraft_vcpu::xen`]; the caller has enabled it), with linear-address
+    /// arguments. No hypercall port.
+    pub fn xen_hypercalls(&mut self, table: HypercallTable) {
+        self.info.hypercall_port = 0;
+        self.hypercalls = Some(table);
+        self.xen_hypercalls = true;
+    }
+
+    /// Give `[entry.addr, entry.addr + entry.size)` of guest RAM the e820 type
+    /// `entry.kind` in the memory map [`load_linux`](Self::load_linux) passes (Linux
+    /// then leaves it alone, or uses it as that type says), reserving it for `name`.
+    pub fn carve_e820(&mut self, name: &'static str, entry: E820Entry) -> Result<(), BuildError> {
+        self.reserve(name, entry.addr, entry.size)?;
+        self.e820_carved.push(entry);
+        Ok(())
+    }
+
     /// What the hypervisor CPUID leaves say besides the hypercall port (the
     /// signature, the version).
     pub fn hypervisor_info(&mut self, info: HypervisorInfo) {
@@ -410,8 +440,15 @@ impl MachineBuilder {
             CMDLINE_ADDR,
             cmdline.len() as u64 + 1,
         )?;
-        let loaded = load_linux(self.vm.memory(), &self.layout, kernel, initrd, &cmdline)
-            .map_err(BuildError::Linux)?;
+        let loaded = load_linux(
+            self.vm.memory(),
+            &self.layout,
+            kernel,
+            initrd,
+            &cmdline,
+            &self.e820_carved,
+        )
+        .map_err(BuildError::Linux)?;
         self.reserve(
             "kernel",
             loaded.kernel_start,
@@ -428,8 +465,18 @@ impl MachineBuilder {
     /// vCPUs itself (an M:N runtime with `vmcraft_vcpu::vcpu::create_vcpus`).
     pub fn into_parts(self) -> MachineParts {
         let buses = Arc::new(self.buses);
-        let bus_handler = BusExitHandler::new(buses.clone(), self.stop);
+        let bus_handler = BusExitHandler::new(buses.clone(), self.stop.clone());
         let (handler, table): (Arc<dyn ExitHandler>, _) = match self.hypercalls {
+            Some(table) if self.xen_hypercalls => {
+                let table = Arc::new(table);
+                let handler = HypercallExitHandler::xen(
+                    table.clone(),
+                    self.vm.memory().clone(),
+                    self.stop.clone(),
+                    bus_handler,
+                );
+                (Arc::new(handler), Some(table))
+            }
             Some(table) => {
                 let table = Arc::new(table);
                 let handler = HypercallExitHandler::new(

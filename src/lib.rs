@@ -34,3 +34,5 @@ pub mod migration;
 pub mod pv_machine;
 #[cfg(feature = "machine")]
 pub mod snapshot;
+#[cfg(feature = "machine")]
+pub mod xen_hvm;

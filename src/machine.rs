@@ -17,7 +17,7 @@ use vmcraft_devices::stop::{DeviceStop, StopLatch};
 use vmcraft_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, WINDOW_SIZE};
 use vmcraft_devices::virtio::VirtioDevice;
 use vmcraft_pv_hypercall::hypercall::{HypercallArgs, HypercallContext, HypercallTable};
-use vmcraft_vcpu::{ExitAction, ExitHandler, StopReason, VcpuRegisters};
+use vmcraft_vcpu::{ExitAction, ExitHandler, StopReason, VcpuRegisters, XenHypercall};
 
 /// The debug-exit port (QEMU's isa-debug-exit port; the test guests use it too).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
@@ -41,17 +41,21 @@ impl BusExitHandler {
     }
 
     fn after_write(&self) -> ExitAction {
-        match self.stop.peek() {
-            None => ExitAction::Continue,
-            Some(DeviceStop::Reset) => ExitAction::Stop(StopReason::Reset),
-            Some(DeviceStop::Device { device, code }) => {
-                ExitAction::Stop(StopReason::Device { device, code })
-            }
-            Some(DeviceStop::PowerOff) => ExitAction::Stop(StopReason::PowerOff),
-            Some(DeviceStop::DeviceFailed(code)) => {
-                ExitAction::Stop(StopReason::DeviceFailed(code))
-            }
+        stop_requested(&self.stop)
+    }
+}
+
+/// What the run loop does once a device may have asked for a stop on `latch`:
+/// stop the VM for the pending request's reason, or go on.
+pub fn stop_requested(latch: &StopLatch) -> ExitAction {
+    match latch.peek() {
+        None => ExitAction::Continue,
+        Some(DeviceStop::Reset) => ExitAction::Stop(StopReason::Reset),
+        Some(DeviceStop::Device { device, code }) => {
+            ExitAction::Stop(StopReason::Device { device, code })
         }
+        Some(DeviceStop::PowerOff) => ExitAction::Stop(StopReason::PowerOff),
+        Some(DeviceStop::DeviceFailed(code)) => ExitAction::Stop(StopReason::DeviceFailed(code)),
     }
 }
 
@@ -243,7 +247,11 @@ pub const HYPERCALL_PORT: u16 = 0x98;
 /// `inner`. If the registers cannot be read or written the VM stops with a crash
 /// rather than run on with a wrong result.
 pub struct HypercallExitHandler<H> {
-    port: u16,
+    /// The hypercall port, if hypercalls come that way.
+    port: Option<u16>,
+    /// Whether Xen hypercall exits (`KVM_EXIT_XEN`) go to the table, and the latch
+    /// their handlers may ask a stop on (`SCHEDOP_shutdown`).
+    xen: Option<Arc<StopLatch>>,
     table: Arc<HypercallTable>,
     memory: vmcraft_memory::GuestMemory,
     inner: H,
@@ -268,7 +276,28 @@ impl<H: ExitHandler> HypercallExitHandler<H> {
         inner: H,
     ) -> Self {
         HypercallExitHandler {
-            port,
+            port: Some(port),
+            xen: None,
+            table,
+            memory,
+            inner,
+        }
+    }
+
+    /// Xen hypercalls (the exits of [`vmcraft_vcpu::xen`], from a guest that found
+    /// Xen's CPUID leaves) go to `table`; their pointer arguments are linear
+    /// addresses of the calling vCPU, translated through its page tables. Calls from
+    /// guest user mode get `-EPERM`, as in Xen. No hypercall port. After each call,
+    /// a stop requested on `stop` stops the VM.
+    pub fn xen(
+        table: Arc<HypercallTable>,
+        memory: vmcraft_memory::GuestMemory,
+        stop: Arc<StopLatch>,
+        inner: H,
+    ) -> Self {
+        HypercallExitHandler {
+            port: None,
+            xen: Some(stop),
             table,
             memory,
             inner,
@@ -313,10 +342,46 @@ impl<H: ExitHandler> ExitHandler for HypercallExitHandler<H> {
         self.inner.pio_read(port, data, vcpu)
     }
     fn pio_write(&self, port: u16, data: &[u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
-        if port == self.port {
+        if Some(port) == self.port {
             return self.hypercall(vcpu);
         }
         self.inner.pio_write(port, data, vcpu)
+    }
+    fn xen_hypercall(
+        &self,
+        call: &XenHypercall,
+        result: &mut i64,
+        vcpu: &mut dyn VcpuRegisters,
+    ) -> ExitAction {
+        let Some(stop) = &self.xen else {
+            return self.inner.xen_hypercall(call, result, vcpu);
+        };
+        if call.cpl != 0 {
+            *result = -vmcraft_pv_hypercall::hypercall::errno::EPERM;
+            return ExitAction::Continue;
+        }
+        let translate = |gva: u64| vcpu.translate(gva).ok().flatten();
+        let ctx = HypercallContext::linear(vcpu.vcpu_index(), &self.memory, &translate);
+        let [a0, a1, a2, a3, a4, _] = call.params;
+        *result = self.table.dispatch(
+            &ctx,
+            HypercallArgs {
+                nr: call.nr,
+                args: [a0, a1, a2, a3, a4],
+            },
+        );
+        if *result < 0 {
+            log::debug!(
+                "vCPU {}: Xen hypercall {} ({:#x}, {:#x}, {:#x}) failed: {}",
+                vcpu.vcpu_index(),
+                call.nr,
+                a0,
+                a1,
+                a2,
+                *result
+            );
+        }
+        stop_requested(stop)
     }
     fn mmio_read(&self, addr: u64, data: &mut [u8], vcpu: &mut dyn VcpuRegisters) -> ExitAction {
         self.inner.mmio_read(addr, data, vcpu)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use vmcraft::devices::virtio::block::Disk;
 use vmcraft_guest_kit::Guest;
 
-pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--balloon] [--ksm] [--net-tap NAME] [--pv] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR | --no-jail] [--snapshot DIR] [--restore DIR] [--migrate-to ADDR | --migrate-from ADDR] [--migrate-secret-file PATH] [--migrate-bandwidth SIZE]
+pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--balloon] [--ksm] [--net-tap NAME] [--pv | --xen] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR | --no-jail] [--snapshot DIR] [--restore DIR] [--migrate-to ADDR | --migrate-from ADDR] [--migrate-secret-file PATH] [--migrate-bandwidth SIZE]
 
   --diagnose       probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and
                    what a port-I/O exit costs, print it and exit
@@ -40,6 +40,11 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
                    guest); alone, run the PV demo guest: it prints through the PV console ring and
                    tests the first --disk as a PV block device (blkif over grants),
                    through hypercalls and event channels only
+  --xen            present Xen to the --kernel (booted through its PVH entry: an ELF
+                   vmlinux): Xen's CPUID leaves and hypercalls (through KVM's Xen
+                   support, which the host kernel needs: CONFIG_KVM_XEN), event
+                   channels with per-vCPU upcalls, grant tables; the guest uses its own
+                   Xen drivers. No snapshots or migration yet
   --net-tap NAME   a virtio-net device on TAP interface NAME (created if missing; needs
                    CAP_NET_ADMIN or an interface owned by this user)
   --kernel PATH    a Linux bzImage or ELF vmlinux; ACPI tables describe the vCPUs, the
@@ -109,6 +114,8 @@ pub struct Options {
     /// Guest RAM mergeable (KSM).
     pub ksm: bool,
     pub pv: bool,
+    /// Present Xen to a Linux kernel.
+    pub xen: bool,
     pub net_tap: Option<String>,
     pub kernel: Option<String>,
     pub initrd: Option<String>,
@@ -158,6 +165,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         balloon: false,
         ksm: false,
         pv: false,
+        xen: false,
         net_tap: None,
         kernel: None,
         initrd: None,
@@ -263,6 +271,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             "--balloon" => o.balloon = true,
             "--ksm" => o.ksm = true,
             "--pv" => o.pv = true,
+            "--xen" => o.xen = true,
             "--net-tap" => o.net_tap = Some(value()?),
             "--kernel" => o.kernel = Some(value()?),
             "--initrd" => o.initrd = Some(value()?),
@@ -308,6 +317,20 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         // Restored or migrated, the PV guest comes with the state.
         if o.restore.is_none() && o.migrate_from.is_none() && o.guest.is_none() {
             o.guest = Some(Guest::PV_DEMO);
+        }
+    }
+    if o.xen {
+        if o.kernel.is_none() || o.pv {
+            return Err("--xen presents Xen to a --kernel (not with --pv)".into());
+        }
+        if o.snapshot.is_some()
+            || o.restore.is_some()
+            || o.migrate_to.is_some()
+            || o.migrate_from.is_some()
+        {
+            return Err(
+                "--xen: snapshots and migration of a Xen guest are not supported yet".into(),
+            );
         }
     }
     if o.guest == Some(Guest::PVCHECK) && !o.pv {

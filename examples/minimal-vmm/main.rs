@@ -32,6 +32,7 @@ use vmcraft::pv_machine::PvBackends;
 use vmcraft::sandbox::jail::{CgroupLimits, Entered, Jail};
 use vmcraft::snapshot::{MEMORY_FILE, STATE_FILE};
 use vmcraft::vcpu::{StopReason, VcpuConfig};
+use vmcraft::xen_hvm::XenHvm;
 use vmcraft_guest_kit::Guest;
 
 mod cli;
@@ -225,7 +226,19 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     } else {
         None
     };
-    b.hypercalls(HYPERCALL_PORT, hypercalls);
+    // With --xen the guest gets Xen's hypercalls instead of vmcraft's port.
+    let xen = if o.xen {
+        let xen = XenHvm::install(&mut b, o.vcpus)
+            .map_err(|e| format!("--xen: {e}{}", source_chain(&e)))?;
+        eprintln!(
+            "minimal-vmm: Xen {}.{} at CPUID {:#x}, domain {}",
+            xen.cpuid.version.0, xen.cpuid.version.1, xen.cpuid.base, xen.cpuid.domid
+        );
+        Some(xen)
+    } else {
+        b.hypercalls(HYPERCALL_PORT, hypercalls);
+        None
+    };
 
     // virtio devices: disks, the console, the rng, the NIC; the builder gives each a
     // window, an interrupt line no legacy device owns, a command-line entry and an
@@ -398,6 +411,24 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             snapshot_signals::Request::Stop => break,
         }
     }
+    let xen_report = xen.as_ref().map(|xen| {
+        let table = machine.hypercalls.as_deref();
+        let count = |nr| table.map_or(0, |t| t.count(nr));
+        format!(
+            "minimal-vmm: xen: shared info at {:#x}, {} grant frames in use, vCPU 0 upcall vector {:#x}; hypercalls: xen_version {}, memory_op {}, hvm_op {}, event_channel_op {}, grant_table_op {}, vcpu_op {}, sched_op {}, unknown {}",
+            xen.channels.shared_info().map_or(0, |a| a.0),
+            xen.grants.frames_in_use(),
+            xen.upcalls.vector(0),
+            count(17),
+            count(12),
+            count(34),
+            count(32),
+            count(20),
+            count(24),
+            count(29),
+            table.map_or(0, |t| t.unknown_calls()),
+        )
+    });
     let (running, buses) = (machine.running, machine.buses);
     let stats: Vec<_> = (0..running.vcpu_count())
         .map(|i| running.stats(i))
@@ -428,6 +459,9 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         status: &status,
     })?;
     if let Some(line) = balloon_report {
+        println!("{line}");
+    }
+    if let Some(line) = xen_report {
         println!("{line}");
     }
     Ok(match outcome.reason {

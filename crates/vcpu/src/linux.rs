@@ -41,6 +41,11 @@ const EBDA_START: u64 = 0x9_fc00;
 /// Highest initrd end when the kernel does not say (the protocol's old default).
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 const E820_RAM: u32 = 1;
+/// e820 type of a range the firmware keeps.
+pub const E820_RESERVED: u32 = 2;
+/// e820 type of a range that is not usable memory (Xen's guests find the frames they
+/// may map foreign pages into there).
+pub const E820_UNUSABLE: u32 = 5;
 const PVH_MAGIC: u32 = 0x336e_c578;
 const BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const HDRS_MAGIC: u32 = 0x5372_6448;
@@ -122,6 +127,52 @@ pub enum LinuxError {
     BootParams(#[source] linux_loader::configurator::Error),
 }
 
+/// One range of the memory map a Linux guest is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    /// Start.
+    pub addr: u64,
+    /// Length.
+    pub size: u64,
+    /// e820 type: RAM (1), [`E820_RESERVED`], [`E820_UNUSABLE`], ...
+    pub kind: u32,
+}
+
+/// The e820 map for `layout` ([`e820_map`]) with each of `carved` cut out of the RAM
+/// range holding it and given its own type. A carved range that is not inside one RAM
+/// range is left out. Sorted by address. Pure: unit tested.
+pub fn e820_entries(layout: &MemoryLayout, carved: &[E820Entry]) -> Vec<E820Entry> {
+    let mut map: Vec<E820Entry> = e820_map(layout)
+        .into_iter()
+        .map(|(addr, size)| E820Entry {
+            addr,
+            size,
+            kind: E820_RAM,
+        })
+        .collect();
+    for c in carved {
+        let Some(end) = c.addr.checked_add(c.size) else {
+            continue;
+        };
+        let Some(i) = map
+            .iter()
+            .position(|e| e.kind == E820_RAM && e.addr <= c.addr && end <= e.addr + e.size)
+        else {
+            continue;
+        };
+        let ram = map.remove(i);
+        let pieces = [
+            (ram.addr, c.addr - ram.addr, E820_RAM),
+            (c.addr, c.size, c.kind),
+            (end, ram.addr + ram.size - end, E820_RAM),
+        ];
+        for (at, (addr, size, kind)) in (i..).zip(pieces.into_iter().filter(|p| p.1 > 0)) {
+            map.insert(at, E820Entry { addr, size, kind });
+        }
+    }
+    map
+}
+
 /// The e820 map for `layout`: conventional memory below the EBDA, then every RAM range
 /// from 1 MiB up. Pure: unit tested.
 pub fn e820_map(layout: &MemoryLayout) -> Vec<(u64, u64)> {
@@ -186,6 +237,7 @@ pub fn load_linux(
     kernel: &mut File,
     initrd: Option<&mut File>,
     cmdline: &str,
+    carved: &[E820Entry],
 ) -> Result<LoadedKernel, LinuxError> {
     let (loaded, format) = load_image(mem, kernel)?;
     let kernel_end = loaded.kernel_end;
@@ -213,15 +265,15 @@ pub fn load_linux(
         }
     };
 
-    let e820 = e820_map(layout);
+    let e820 = e820_entries(layout, carved);
     let entry = match (format, loaded.pvh_boot_cap) {
         (KernelFormat::ElfPvh, PvhBootCapability::PvhEntryPresent(eip)) => {
             let memmap: Vec<hvm_memmap_table_entry> = e820
                 .iter()
-                .map(|&(addr, size)| hvm_memmap_table_entry {
-                    addr,
-                    size,
-                    type_: E820_RAM,
+                .map(|e| hvm_memmap_table_entry {
+                    addr: e.addr,
+                    size: e.size,
+                    type_: e.kind,
                     reserved: 0,
                 })
                 .collect();
@@ -269,11 +321,11 @@ pub fn load_linux(
                 params.hdr.ramdisk_image = addr as u32;
                 params.hdr.ramdisk_size = size as u32;
             }
-            for (slot, &(addr, size)) in params.e820_table.iter_mut().zip(&e820) {
+            for (slot, e) in params.e820_table.iter_mut().zip(&e820) {
                 *slot = boot_e820_entry {
-                    addr,
-                    size,
-                    r#type: E820_RAM,
+                    addr: e.addr,
+                    size: e.size,
+                    r#type: e.kind,
                 };
             }
             params.e820_entries = e820.len() as u8;
@@ -319,6 +371,45 @@ mod tests {
     }
 
     #[test]
+    fn carved_ranges_split_the_ram_they_are_in() {
+        let l = MemoryLayout::x86_64(64 << 20).unwrap();
+        let ram = |addr, size| E820Entry {
+            addr,
+            size,
+            kind: E820_RAM,
+        };
+        let carved = [
+            E820Entry {
+                addr: 0x70000,
+                size: 0x20000,
+                kind: E820_UNUSABLE,
+            },
+            E820Entry {
+                addr: 0x90000,
+                size: 0x2000,
+                kind: E820_RESERVED,
+            },
+            // Not inside one RAM range: left out.
+            E820Entry {
+                addr: 0x9f000,
+                size: 0x2000,
+                kind: E820_RESERVED,
+            },
+        ];
+        assert_eq!(
+            e820_entries(&l, &carved),
+            vec![
+                ram(0, 0x70000),
+                carved[0],
+                carved[1],
+                ram(0x92000, EBDA_START - 0x92000),
+                ram(HIMEM_START, (64 << 20) - HIMEM_START),
+            ]
+        );
+        assert_eq!(e820_entries(&l, &[]).len(), e820_map(&l).len());
+    }
+
+    #[test]
     fn initrd_goes_high_and_page_aligned() {
         assert_eq!(
             initrd_address(0x1800, 0x20_0000, 0x100_0000).unwrap(),
@@ -344,6 +435,7 @@ mod tests {
             &mut f,
             None,
             "",
+            &[],
         )
         .unwrap_err();
         std::fs::remove_file(&path).unwrap();
@@ -440,6 +532,7 @@ mod tests {
             &mut file_with(&elf(false)),
             Some(&mut initrd),
             "console=ttyS0",
+            &[],
         )
         .unwrap();
         assert_eq!(loaded.format, KernelFormat::Elf);
@@ -484,6 +577,7 @@ mod tests {
             &mut file_with(&elf(true)),
             Some(&mut initrd),
             "",
+            &[],
         )
         .unwrap();
         assert_eq!(loaded.format, KernelFormat::ElfPvh);
@@ -513,6 +607,7 @@ mod tests {
             &mut file_with(&bzimage()),
             Some(&mut initrd),
             "quiet",
+            &[],
         )
         .unwrap();
         assert_eq!(loaded.format, KernelFormat::BzImage);
@@ -537,7 +632,8 @@ mod tests {
         let (ram, layout) = memory();
         let mem = ram.memory();
         let long = "x".repeat(CMDLINE_MAX + 1);
-        let err = load_linux(mem, &layout, &mut file_with(&elf(false)), None, &long).unwrap_err();
+        let err =
+            load_linux(mem, &layout, &mut file_with(&elf(false)), None, &long, &[]).unwrap_err();
         assert!(matches!(err, LinuxError::Cmdline(_)), "{err:?}");
         let mut huge = file_with(&[]);
         huge.set_len(64 << 20).unwrap();
@@ -547,6 +643,7 @@ mod tests {
             &mut file_with(&elf(false)),
             Some(&mut huge),
             "",
+            &[],
         )
         .unwrap_err();
         assert!(matches!(err, LinuxError::InitrdTooLarge { .. }), "{err:?}");

@@ -1,0 +1,273 @@
+//! vmcraft as Xen, to an unmodified guest kernel that uses its own Xen support: Linux
+//! booted through its PVH entry finds Xen's CPUID leaves, makes Xen hypercalls
+//! (`VMCALL`/`VMMCALL`, which KVM's Xen support turns into exits: see
+//! [`vmcraft_vcpu::xen`]), places its shared-info page, `vcpu_info`s and grant
+//! frames, and takes event-channel upcalls on the vector it registers per vCPU.
+//!
+//! What serves each hypercall (Xen's argument layouts throughout):
+//!
+//! | hypercall | served by | what |
+//! |---|---|---|
+//! | `xen_version` (17) | [`XenVersion`] | version 4.17, the HVM features vmcraft serves |
+//! | `memory_op` (12) | [`MemoryOp`] | `add_to_physmap` of the shared-info page and grant frames; the reservation |
+//! | `hvm_op` (34) | [`HvmParams`] | `set_param(CALLBACK_IRQ)`, `get_param` (store, console), `set_evtchn_upcall_vector` |
+//! | `event_channel_op` (32) | [`EventChannels`] | 2-level: alloc_unbound, bind_virq, bind_ipi, bind_vcpu, send, close, unmask, status; FIFO refused |
+//! | `grant_table_op` (20) | [`GrantTableOp`] | query_size, set_version (1), get_version |
+//! | `vcpu_op` (24) | [`VcpuOp`] | register_vcpu_info; Xen's timers refused |
+//! | `sched_op` (29) | [`SchedOps`] | shutdown stops the VM with its reason (yield and poll stay in KVM) |
+//!
+//! Anything else is `-ENOSYS`, counted in the table.
+//!
+//! Which structure lives where: vmcraft keeps event channels, the shared-info page,
+//! `vcpu_info`s and grant frames in guest memory, as its own PV guests have them, and
+//! uses none of KVM's Xen acceleration (its shared-info, `vcpu_info`, timer and
+//! event-channel attributes): one implementation for every guest, and nothing that
+//! depends on the host kernel beyond the hypercall exit. Upcalls are MSIs to the
+//! vCPU's local APIC on the vector the guest registered
+//! (`HVMOP_set_evtchn_upcall_vector`, which the CPUID leaves announce), so the guest
+//! acknowledges them at its APIC as Linux does for that vector.
+//!
+//! Memory the guest is shown: the frames a PVH Linux maps grant frames (and other
+//! foreign pages) into come from ranges the memory map calls unusable; vmcraft marks
+//! [`GRANT_REGION`] so, backed by guest RAM. The xenstore and console rings go in
+//! reserved pages ([`STORE_PAGE`], [`CONSOLE_PAGE`]).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use vmcraft_devices::stop::{DeviceStop, StopLatch};
+use vmcraft_pv_hypercall::evtchn::{EventChannels, Upcall, MAX_VCPUS};
+use vmcraft_pv_hypercall::grant::op::{GrantTableOp, HYPERVISOR_GRANT_TABLE_OP};
+use vmcraft_pv_hypercall::grant::{GrantTable, PAGE};
+use vmcraft_pv_hypercall::hvm::{Callback, HvmParams, UpcallRoute};
+use vmcraft_pv_hypercall::hypercall::{HypercallTable, TableError};
+use vmcraft_pv_hypercall::physmap::{MemoryOp, Physmap, VcpuOp, HYPERVISOR_VCPU_OP};
+use vmcraft_pv_hypercall::reservation::Reservation;
+use vmcraft_pv_hypercall::sched::{SchedOps, ShutdownReason, ShutdownSink};
+use vmcraft_pv_hypercall::version::XenVersion;
+use vmcraft_pv_hypercall::xen_cpuid::{XenCpuid, HVM_VCPU_ID_PRESENT, HYPERCALL_PAGE_MSR};
+use vmcraft_vcpu::cpu::{HypervisorInfo, MoreLeaf, TAKEN_HYPERVISOR_LEAVES};
+use vmcraft_vcpu::linux::{E820Entry, E820_RESERVED, E820_UNUSABLE};
+use vmcraft_vcpu::xen::{enable_xen_hypercalls, MsiSender, XenSupportError};
+
+use crate::builder::{BuildError, MachineBuilder};
+
+/// The guest's domain id.
+pub const DOMID: u16 = 1;
+/// Frames of the grant table (512 grants each).
+pub const GRANT_FRAMES: u32 = 32;
+/// Where the frames a PVH guest may map foreign pages into are (e820 unusable,
+/// backed by guest RAM): room for the grant table.
+pub const GRANT_REGION: u64 = 0x7_0000;
+/// The xenstore ring's page (e820 reserved).
+pub const STORE_PAGE: u64 = GRANT_REGION + GRANT_FRAMES as u64 * PAGE;
+/// The PV console ring's page (e820 reserved).
+pub const CONSOLE_PAGE: u64 = STORE_PAGE + PAGE;
+
+/// Why the Xen platform could not be set up.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum XenHvmError {
+    /// The host's KVM cannot pass Xen hypercalls out.
+    #[error("no Xen hypercalls on this host")]
+    Support(#[source] XenSupportError),
+    /// A range of guest memory could not be set aside.
+    #[error("cannot set guest memory aside for Xen's pages")]
+    Memory(#[source] BuildError),
+    /// The MSI sender for upcalls could not be made.
+    #[error("cannot open the VM for upcall MSIs")]
+    Msi(#[source] std::io::Error),
+    /// The hypercall table could not be built.
+    #[error("cannot build the Xen hypercall table")]
+    Table(#[source] TableError),
+    /// No room for Xen's CPUID leaves.
+    #[error("no room for Xen's CPUID leaves")]
+    Cpuid,
+}
+
+/// Event-channel upcalls as MSIs on the vector each vCPU registered. A vCPU that has
+/// none gets none: the guest asked for no interrupt (Linux registers before it binds
+/// a port). The global callback (`HVM_PARAM_CALLBACK_IRQ`) is recorded but not
+/// delivered: a vector through the APIC without the guest's acknowledgment would
+/// block lower interrupts, and the CPUID leaves steer Linux to per-vCPU vectors.
+#[derive(Debug)]
+pub struct UpcallVectors {
+    msi: MsiSender,
+    vectors: Vec<AtomicU8>,
+}
+
+impl UpcallVectors {
+    /// Upcalls through `msi` for `vcpus` vCPUs (local APIC ID = vCPU index).
+    pub fn new(msi: MsiSender, vcpus: u32) -> Self {
+        UpcallVectors {
+            msi,
+            vectors: (0..vcpus.min(MAX_VCPUS))
+                .map(|_| AtomicU8::new(0))
+                .collect(),
+        }
+    }
+
+    /// The vector `vcpu` registered (0: none).
+    pub fn vector(&self, vcpu: u32) -> u8 {
+        self.vectors
+            .get(vcpu as usize)
+            .map_or(0, |v| v.load(Ordering::SeqCst))
+    }
+}
+
+impl Upcall for UpcallVectors {
+    fn raise(&self, vcpu: u32) {
+        let vector = self.vector(vcpu);
+        if vector == 0 {
+            return;
+        }
+        match self.msi.send(vcpu as u8, vector) {
+            Ok(true) => {}
+            Ok(false) => log::warn!("upcall to vCPU {vcpu}: its local APIC took no MSI"),
+            Err(e) => log::error!("upcall to vCPU {vcpu}: KVM_SIGNAL_MSI failed: {e}"),
+        }
+    }
+}
+
+impl UpcallRoute for UpcallVectors {
+    fn callback(&self, callback: Callback) {
+        log::debug!("global event-channel callback {callback:?} (upcalls go per vCPU)");
+    }
+    fn vcpu_vector(&self, vcpu: u32, vector: u8) {
+        if let Some(v) = self.vectors.get(vcpu as usize) {
+            v.store(vector, Ordering::SeqCst);
+            log::debug!("vCPU {vcpu}: event-channel upcall on vector {vector:#x}");
+        }
+    }
+}
+
+/// `SCHEDOP_shutdown` stops the VM: power-off as a power-off, reboot as a reset,
+/// anything else as device "xen shutdown" with Xen's reason code.
+#[derive(Debug)]
+struct StopOnShutdown(Arc<StopLatch>);
+
+impl ShutdownSink for StopOnShutdown {
+    fn shutdown(&self, vcpu: u32, reason: ShutdownReason) {
+        log::info!("vCPU {vcpu}: the guest shut down: {reason:?}");
+        self.0.request(match reason {
+            ShutdownReason::PowerOff => DeviceStop::PowerOff,
+            ShutdownReason::Reboot => DeviceStop::Reset,
+            other => DeviceStop::Device {
+                device: "xen shutdown",
+                code: other as u32,
+            },
+        });
+    }
+}
+
+/// The Xen platform of one VM.
+#[derive(Debug)]
+pub struct XenHvm {
+    /// The event channels.
+    pub channels: Arc<EventChannels>,
+    /// The grant table.
+    pub grants: Arc<GrantTable>,
+    /// The HVM parameters.
+    pub params: Arc<HvmParams>,
+    /// The upcall vectors.
+    pub upcalls: Arc<UpcallVectors>,
+    /// Xen's CPUID leaves.
+    pub cpuid: XenCpuid,
+}
+
+impl XenHvm {
+    /// Make `builder`'s VM a Xen HVM platform for `vcpus` vCPUs: Xen hypercalls on
+    /// (an error on a host whose KVM cannot), Xen's CPUID leaves, the grant region and
+    /// ring pages set aside in the memory map, the hypercall table installed.
+    /// `SCHEDOP_shutdown` stops the VM.
+    pub fn install(builder: &mut MachineBuilder, vcpus: u32) -> Result<Self, XenHvmError> {
+        let stop = builder.stop_latch();
+        enable_xen_hypercalls(builder.vm().fd(), HYPERCALL_PAGE_MSR)
+            .map_err(XenHvmError::Support)?;
+        builder
+            .carve_e820(
+                "Xen grant frames",
+                E820Entry {
+                    addr: GRANT_REGION,
+                    size: u64::from(GRANT_FRAMES) * PAGE,
+                    kind: E820_UNUSABLE,
+                },
+            )
+            .and_then(|()| {
+                builder.carve_e820(
+                    "Xen store and console rings",
+                    E820Entry {
+                        addr: STORE_PAGE,
+                        size: 2 * PAGE,
+                        kind: E820_RESERVED,
+                    },
+                )
+            })
+            .map_err(XenHvmError::Memory)?;
+        let memory = builder.memory().clone();
+        let msi = MsiSender::new(builder.vm().fd()).map_err(XenHvmError::Msi)?;
+        let upcalls = Arc::new(UpcallVectors::new(msi, vcpus));
+        let channels = Arc::new(EventChannels::unplaced(memory.clone(), upcalls.clone()));
+        let grants = Arc::new(GrantTable::unplaced(memory.clone(), GRANT_FRAMES, 0));
+        // No xenstore or console yet: their parameters read 0, which Linux takes as
+        // "none" and boots without.
+        let params = Arc::new(HvmParams::new(vcpus, (0, 0), (0, 0), upcalls.clone()));
+
+        let mut table = HypercallTable::new();
+        let physmap = Physmap::new(channels.clone(), grants.clone());
+        (|| {
+            table.register_op(Arc::new(XenVersion::default()))?;
+            table.register_op(Arc::new(MemoryOp {
+                reservation: Some(Arc::new(Reservation::new(memory.clone()))),
+                physmap: Some(physmap),
+            }))?;
+            table.register_op(params.clone())?;
+            table.register_op(channels.clone())?;
+            table.register(
+                HYPERVISOR_GRANT_TABLE_OP,
+                "grant_table_op",
+                Arc::new(GrantTableOp::new(grants.clone(), DOMID)),
+            )?;
+            table.register(
+                HYPERVISOR_VCPU_OP,
+                "vcpu_op",
+                Arc::new(VcpuOp::new(channels.clone(), vcpus)),
+            )?;
+            table.register_op(Arc::new(SchedOps::new(Arc::new(StopOnShutdown(stop)))))
+        })()
+        .map_err(XenHvmError::Table)?;
+        builder.xen_hypercalls(table);
+
+        let tsc_khz = 0; // leaf 3 is not read by Linux's HVM code
+        let cpuid =
+            XenCpuid::place(&TAKEN_HYPERVISOR_LEAVES, DOMID, tsc_khz).ok_or(XenHvmError::Cpuid)?;
+        let mut info = HypervisorInfo::default();
+        for leaf in cpuid.leaves(0) {
+            let mut registers = [leaf.eax, leaf.ebx, leaf.ecx, leaf.edx];
+            if leaf.function == cpuid.base + 4 {
+                // The same leaves go to every vCPU: no vCPU id in them (Linux then
+                // numbers vCPUs as it numbers CPUs, which is vmcraft's order).
+                registers[0] &= !HVM_VCPU_ID_PRESENT;
+                registers[1] = 0;
+            }
+            let pushed = info.more_leaves.push(MoreLeaf {
+                function: leaf.function,
+                index: leaf.index,
+                indexed: leaf.indexed,
+                registers,
+            });
+            if !pushed {
+                return Err(XenHvmError::Cpuid);
+            }
+        }
+        builder.hypervisor_info(info);
+        Ok(XenHvm {
+            channels,
+            grants,
+            params,
+            upcalls,
+            cpuid,
+        })
+    }
+}
