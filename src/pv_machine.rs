@@ -8,12 +8,12 @@
 //! block device port 2 ([`PvBackends::console_port`], [`PvBackends::blk_port`]).
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::report::ErrorChain;
 use vmcraft_sandbox::{Thread, ThreadKind};
 
+use crate::backend_thread::{epoll_for, wait, Gate, GateState, Leave};
 use thiserror::Error;
 use vm_memory::GuestAddress;
 use vmcraft_memory::GuestMemory;
@@ -23,7 +23,7 @@ use vmcraft_pv_hypercall::evtchn::{EventChannels, EvtchnError, Upcall};
 use vmcraft_pv_hypercall::grant::{GrantError, GrantTable};
 use vmcraft_pv_hypercall::hypercall::{HypercallTable, TableError};
 use vmcraft_pv_hypercall::layout::PvLayout;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors from setting up the PV backends.
@@ -59,46 +59,6 @@ pub enum PvError {
     Layout(&'static str, &'static str),
 }
 
-/// Parks the backend threads for a snapshot: [`PvBackends::pause`] signals `wake` (every
-/// thread polls it; nobody reads it until the resume) and waits until every live
-/// thread has parked.
-struct Gate {
-    wake: EventFd,
-    state: std::sync::Mutex<GateState>,
-    changed: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct GateState {
-    paused: bool,
-    parked: usize,
-    live: usize,
-}
-
-impl Gate {
-    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A backend thread parks until the resume.
-    fn park(&self) {
-        let mut g = self.lock();
-        g.parked += 1;
-        self.changed.notify_all();
-        while g.paused {
-            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-        g.parked -= 1;
-    }
-
-    /// A backend thread ends.
-    fn leave(&self) {
-        let mut g = self.lock();
-        g.live -= 1;
-        self.changed.notify_all();
-    }
-}
-
 /// Running PV backends; dropping them stops and joins their threads.
 pub struct PvBackends {
     stop: EventFd,
@@ -118,45 +78,6 @@ impl std::fmt::Debug for PvBackends {
             .field("threads", &self.threads.len())
             .finish_non_exhaustive()
     }
-}
-
-/// Wait until `fd` (token 0) is readable, parking at `gate` whenever it is paused
-/// (token 2); returns false on stop (token 1).
-fn wait(epoll: &Epoll, fd: &EventFd, gate: &Gate) -> bool {
-    let mut events = [EpollEvent::default(); 3];
-    loop {
-        match epoll.wait(-1, &mut events) {
-            Ok(n) => {
-                if events[..n].iter().any(|e| e.data() == 1) {
-                    return false;
-                }
-                if events[..n].iter().any(|e| e.data() == 2) {
-                    gate.park();
-                    continue;
-                }
-                // Reading resets the counter; an error means it was already zero.
-                let _ = fd.read();
-                return true;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                log::error!("PV backend: epoll_wait failed, the backend stops: {e}");
-                return false;
-            }
-        }
-    }
-}
-
-fn epoll_for(fd: &EventFd, stop: &EventFd, pause: &EventFd) -> std::io::Result<Epoll> {
-    let epoll = Epoll::new()?;
-    for (fd, token) in [(fd, 0), (stop, 1), (pause, 2)] {
-        epoll.ctl(
-            ControlOperation::Add,
-            fd.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, token),
-        )?;
-    }
-    Ok(epoll)
 }
 
 impl PvBackends {
@@ -340,15 +261,6 @@ impl PvBackends {
             .collect::<std::io::Result<_>>()
             .map_err(PvError::Host)?;
         Ok(Arc::new(Doorbell(fds)))
-    }
-}
-
-/// Leaves the gate when a backend thread ends, however it ends.
-struct Leave<'a>(&'a Gate);
-
-impl Drop for Leave<'_> {
-    fn drop(&mut self) {
-        self.0.leave();
     }
 }
 

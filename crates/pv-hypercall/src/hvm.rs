@@ -120,6 +120,23 @@ impl HvmParams {
         }
     }
 
+    /// Set parameter `index` on the VMM's side (where the store or console ring is,
+    /// once its service runs); `false` if there is no such parameter.
+    pub fn set_host(&self, index: u32, value: u64) -> bool {
+        match self
+            .values
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(index as usize)
+        {
+            Some(v) => {
+                *v = value;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A parameter's value.
     pub fn get(&self, index: u32) -> Option<u64> {
         self.values

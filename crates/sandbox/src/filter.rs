@@ -5,7 +5,9 @@
 //! records, type 1326, show what a list misses) and is kept as narrow as that: no VMM
 //! thread opens files, creates sockets or executes programs once a VM runs, so
 //! `open`, `socket`, `execve`, `ptrace` and their kin are in no list. vCPU threads may
-//! `ioctl` only with KVM's request numbers; device and backend threads not at all.
+//! `ioctl` only with KVM's request numbers; device threads not at all, and backend
+//! threads only to raise a guest's interrupt as an MSI (`KVM_SIGNAL_MSI`: an HVM Xen
+//! guest's per-vCPU event-channel upcall).
 //!
 //! Opening a file is refused with `EACCES` rather than met with the policy's action:
 //! glibc's allocator opens `/proc/sys/vm/overcommit_memory` lazily, from whichever
@@ -231,9 +233,23 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         ThreadKind::Vcpu => {
             map.insert(libc::SYS_ioctl, kvm_ioctls_only());
         }
-        ThreadKind::DeviceIo | ThreadKind::PvBackend => {}
+        ThreadKind::PvBackend => {
+            map.insert(libc::SYS_ioctl, signal_msi_only());
+        }
+        ThreadKind::DeviceIo => {}
     }
     map
+}
+
+/// `KVM_SIGNAL_MSI`: `_IOW(KVMIO, 0xa5, struct kvm_msi)` (32 bytes).
+pub const KVM_SIGNAL_MSI: u64 = 0x4020_aea5;
+
+/// ioctl allowed with the request `KVM_SIGNAL_MSI` only.
+fn signal_msi_only() -> Vec<SeccompRule> {
+    let request =
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, KVM_SIGNAL_MSI)
+            .expect("a valid condition");
+    vec![SeccompRule::new(vec![request]).expect("a valid rule")]
 }
 
 /// ioctl allowed when its request number is one of KVM's (type byte `KVMIO`).
@@ -368,6 +384,10 @@ mod tests {
             }
         }
         assert!(!rules(ThreadKind::DeviceIo).contains_key(&libc::SYS_ioctl));
-        assert!(!rules(ThreadKind::PvBackend).contains_key(&libc::SYS_ioctl));
+        assert_eq!(
+            rules(ThreadKind::PvBackend).get(&libc::SYS_ioctl),
+            Some(&signal_msi_only()),
+            "a backend may raise an MSI, nothing else"
+        );
     }
 }
