@@ -370,6 +370,12 @@ impl<H: ExitHandler> ExitHandler for HypercallExitHandler<H> {
                 args: [a0, a1, a2, a3, a4],
             },
         );
+        log::trace!(
+            "vCPU {}: Xen hypercall {} ({a0:#x}, {a1:#x}, {a2:#x}) = {}",
+            vcpu.vcpu_index(),
+            call.nr,
+            *result
+        );
         if *result < 0 {
             log::debug!(
                 "vCPU {}: Xen hypercall {} ({:#x}, {:#x}, {:#x}) failed: {}",

@@ -53,6 +53,9 @@ use vmcraft_vcpu::xen::{enable_xen_hypercalls, MsiSender, XenSupportError};
 
 use crate::builder::{BuildError, MachineBuilder};
 
+mod services;
+pub use services::{XenDisk, XenServiceError, XenServices, XVDA};
+
 /// The guest's domain id.
 pub const DOMID: u16 = 1;
 /// Frames of the grant table (512 grants each).

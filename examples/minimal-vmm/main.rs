@@ -32,7 +32,7 @@ use vmcraft::pv_machine::PvBackends;
 use vmcraft::sandbox::jail::{CgroupLimits, Entered, Jail};
 use vmcraft::snapshot::{MEMORY_FILE, STATE_FILE};
 use vmcraft::vcpu::{StopReason, VcpuConfig};
-use vmcraft::xen_hvm::XenHvm;
+use vmcraft::xen_hvm::{XenDisk, XenHvm, XenServices};
 use vmcraft_guest_kit::Guest;
 
 mod cli;
@@ -226,13 +226,32 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     } else {
         None
     };
-    // With --xen the guest gets Xen's hypercalls instead of vmcraft's port.
+    // With --xen the guest gets Xen's hypercalls instead of vmcraft's port, and the
+    // disks as Xen vbds (xvda, xvdb, ...) served through the xenstore.
+    let mut xen_services = None;
     let xen = if o.xen {
         let xen = XenHvm::install(&mut b, o.vcpus)
             .map_err(|e| format!("--xen: {e}{}", source_chain(&e)))?;
         eprintln!(
             "minimal-vmm: Xen {}.{} at CPUID {:#x}, domain {}",
             xen.cpuid.version.0, xen.cpuid.version.1, xen.cpuid.base, xen.cpuid.domid
+        );
+        let xen_disks = disks
+            .by_ref()
+            .enumerate()
+            .map(|(i, disk)| XenDisk {
+                file: disk.into_file(),
+                read_only: disk_read_only(&o, i),
+            })
+            .collect();
+        xen_services = Some(
+            XenServices::start(
+                &xen,
+                b.memory().clone(),
+                xen_disks,
+                Box::new(std::io::stdout()),
+            )
+            .map_err(|e| format!("--xen: {e}{}", source_chain(&e)))?,
         );
         Some(xen)
     } else {
@@ -430,6 +449,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         )
     });
     let (running, buses) = (machine.running, machine.buses);
+    drop(xen_services);
     let stats: Vec<_> = (0..running.vcpu_count())
         .map(|i| running.stats(i))
         .collect::<Result<_, _>>()?;
@@ -552,8 +572,8 @@ fn source_chain(e: &dyn Error) -> String {
 }
 
 /// Warnings from the library (a device that needs a reset, input that cannot be
-/// used) go to stderr; with `VMCRAFT_LOG=info` (or `debug`) more of what it does (the
-/// balancer's steps).
+/// used) go to stderr; with `VMCRAFT_LOG=info` (or `debug`, or `trace`) more of what
+/// it does (the balancer's steps; with `trace`, every Xen hypercall).
 struct StderrLog;
 
 impl log::Log for StderrLog {
@@ -574,6 +594,7 @@ fn main() -> ExitCode {
         log::set_max_level(match std::env::var("VMCRAFT_LOG").as_deref() {
             Ok("info") => log::LevelFilter::Info,
             Ok("debug") => log::LevelFilter::Debug,
+            Ok("trace") => log::LevelFilter::Trace,
             _ => log::LevelFilter::Warn,
         });
     }

@@ -1,0 +1,566 @@
+//! The VMM's side of a Xen guest's split drivers: a xenstore on the guest's store
+//! ring, the back end of each xenbus device (a vbd per disk, served by
+//! [`BlkifBackend`] once the front end connects), and the PV console (`hvc0`).
+//!
+//! Threads (each a PV backend thread under the sandbox's filter):
+//! * `xenstore`: answers the guest's store requests; as domain 0 it watches each
+//!   device's front-end state and runs the back end's half of the handshake
+//!   ([`XenbusDevice`]): when the front end says Initialised, the ring it granted is
+//!   mapped, its event channel bound, a `xen-vbd<N>` thread started, and the back end
+//!   says Connected. A front end that closes gets its thread stopped and its ring
+//!   unmapped; a front end with bad details gets the back end Closed with the reason
+//!   in its `error` node.
+//! * `xen-vbd<N>`: one per disk, started with the store (backend threads may not
+//!   start threads); it serves the blkif ring the store thread hands it while the
+//!   front end is connected.
+//! * `xen-console`: copies what the guest writes to the console ring out, and what
+//!   comes in to the guest.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use vm_memory::GuestAddress;
+use vmcraft_memory::GuestMemory;
+use vmcraft_pv_hypercall::blkif::BlkifBackend;
+use vmcraft_pv_hypercall::console::ConsoleBackend;
+use vmcraft_pv_hypercall::evtchn::{BackendPort, EventChannels, EvtchnError};
+use vmcraft_pv_hypercall::grant::{GrantTable, Mapping};
+use vmcraft_pv_hypercall::hvm::param;
+use vmcraft_pv_hypercall::ring::GuestRingMemory;
+use vmcraft_pv_hypercall::xenstore::ring::StoreRing;
+use vmcraft_pv_hypercall::xenstore::xenbus::{Action, DeviceInfo, XenbusDevice};
+use vmcraft_pv_hypercall::xenstore::Xenstore;
+use vmcraft_sandbox::{Thread, ThreadKind};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{XenHvm, CONSOLE_PAGE, DOMID, STORE_PAGE};
+use crate::backend_thread::{epoll_for, wait, Gate, Leave};
+use vmcraft_memory::report::ErrorChain;
+
+/// The first virtual-device number of the guest's disks: `xvda` (Xen's major 202,
+/// minor 0). Disk N is `51712 + 16 N`.
+pub const XVDA: u32 = 202 << 8;
+
+/// Backend ids in the event-channel table (the VMM's own numbering).
+const STORE_BACKEND: u32 = 0x100;
+const CONSOLE_BACKEND: u32 = 0x101;
+const VBD_BACKEND: u32 = 0x200;
+
+/// Why the services could not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum XenServiceError {
+    /// An event channel could not be set up.
+    #[error("cannot set up the event channel of the {0}")]
+    Evtchn(&'static str, #[source] EvtchnError),
+    /// The store's or console's page is not guest memory.
+    #[error("the {0} page is not guest memory")]
+    Page(&'static str),
+    /// The store refused the VMM's own entries.
+    #[error("cannot write the guest's xenstore entries")]
+    Store(#[source] vmcraft_pv_hypercall::xenstore::store::XsError),
+    /// A thread or eventfd could not be created.
+    #[error("cannot start the Xen backend threads")]
+    Host(#[source] std::io::Error),
+    /// A thread could not be spawned.
+    #[error("cannot spawn a Xen backend thread")]
+    Thread(#[source] vmcraft_sandbox::SandboxError),
+}
+
+/// One disk for the guest.
+#[derive(Debug)]
+pub struct XenDisk {
+    /// The image.
+    pub file: File,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+}
+
+/// A disk and its xenbus device, on the store thread's side.
+struct Vbd {
+    id: u32,
+    device: XenbusDevice,
+    file: File,
+    read_only: bool,
+    sectors: u64,
+    link: Arc<VbdLink>,
+    /// The front end's ring, mapped while connected.
+    ring: Option<Mapping>,
+}
+
+/// What the store thread hands a vbd's thread: the backend of the connected front
+/// end (or none), and an eventfd saying it changed.
+struct VbdLink {
+    changed: EventFd,
+    live: Mutex<Option<LiveVbd>>,
+}
+
+/// A connected vbd's backend and event channel.
+struct LiveVbd {
+    backend: BlkifBackend,
+    port: BackendPort,
+}
+
+/// What the services share with their threads.
+struct Shared {
+    memory: GuestMemory,
+    channels: Arc<EventChannels>,
+    grants: Arc<GrantTable>,
+    stop: EventFd,
+    gate: Arc<Gate>,
+}
+
+/// The running services; dropping them stops and joins their threads.
+pub struct XenServices {
+    shared: Arc<Shared>,
+    threads: Vec<Thread<()>>,
+    /// The store's state, for the embedding program (and tests) to read.
+    pub xenstore: Arc<Mutex<Xenstore>>,
+}
+
+impl std::fmt::Debug for XenServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XenServices")
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Allocate a guest port for a VMM backend and bind it: the guest finds it in an HVM
+/// parameter or the store.
+fn backend_port(
+    channels: &EventChannels,
+    what: &'static str,
+    backend: u32,
+) -> Result<BackendPort, XenServiceError> {
+    let port = channels
+        .alloc_unbound(0)
+        .map_err(|e| XenServiceError::Evtchn(what, e))?;
+    channels
+        .bind_backend(port, backend, 0)
+        .map_err(|e| XenServiceError::Evtchn(what, e))
+}
+
+impl XenServices {
+    /// Start the store (with a vbd per disk of `disks`) and the console (output to
+    /// `console_out`) for the guest of `xen`, and publish where they are in its HVM
+    /// parameters. Call before the guest boots.
+    pub fn start(
+        xen: &XenHvm,
+        memory: GuestMemory,
+        disks: Vec<XenDisk>,
+        mut console_out: Box<dyn Write + Send>,
+    ) -> Result<Self, XenServiceError> {
+        let shared = Arc::new(Shared {
+            memory: memory.clone(),
+            channels: xen.channels.clone(),
+            grants: xen.grants.clone(),
+            stop: EventFd::new(EFD_NONBLOCK).map_err(XenServiceError::Host)?,
+            gate: Arc::new(Gate {
+                wake: EventFd::new(EFD_NONBLOCK).map_err(XenServiceError::Host)?,
+                state: Mutex::new(Default::default()),
+                changed: std::sync::Condvar::new(),
+            }),
+        });
+        let store_port = backend_port(&xen.channels, "xenstore", STORE_BACKEND)?;
+        let console_port = backend_port(&xen.channels, "console", CONSOLE_BACKEND)?;
+        let ring_mem = GuestRingMemory::new(memory.clone(), GuestAddress(STORE_PAGE), 4096)
+            .map_err(|_| XenServiceError::Page("xenstore"))?;
+        let ring = StoreRing::new(ring_mem, DOMID).ok_or(XenServiceError::Page("xenstore"))?;
+        let console = ConsoleBackend::new(memory, GuestAddress(CONSOLE_PAGE))
+            .map_err(|_| XenServiceError::Page("console"))?;
+
+        let mut xs = Xenstore::default();
+        let vbds = guest_entries(&mut xs, disks)?;
+        let xenstore = Arc::new(Mutex::new(xs));
+        let mut threads = Vec::new();
+        for vbd in &vbds {
+            let (s, link) = (shared.clone(), vbd.link.clone());
+            let name = format!("xen-vbd{}", vbd.id);
+            shared.gate.lock().live += 1;
+            threads.push(
+                vmcraft_sandbox::spawn(ThreadKind::PvBackend, &name.clone(), move || {
+                    serve_vbd(&s, &link, &name)
+                })
+                .map_err(XenServiceError::Thread)?,
+            );
+        }
+
+        xen.params.set_host(param::STORE_PFN, STORE_PAGE / 4096);
+        xen.params
+            .set_host(param::STORE_EVTCHN, u64::from(store_port.port));
+        xen.params.set_host(param::CONSOLE_PFN, CONSOLE_PAGE / 4096);
+        xen.params
+            .set_host(param::CONSOLE_EVTCHN, u64::from(console_port.port));
+
+        let store_thread = StoreThread {
+            shared: shared.clone(),
+            xenstore: xenstore.clone(),
+            ring,
+            port: store_port,
+            vbds,
+        };
+        shared.gate.lock().live += 1;
+        threads.push(
+            vmcraft_sandbox::spawn(ThreadKind::PvBackend, "xenstore", move || {
+                store_thread.run()
+            })
+            .map_err(XenServiceError::Thread)?,
+        );
+
+        let s = shared.clone();
+        let epoll = epoll_for(&console_port.notified, &s.stop, &s.gate.wake)
+            .map_err(XenServiceError::Host)?;
+        shared.gate.lock().live += 1;
+        threads.push(
+            vmcraft_sandbox::spawn(ThreadKind::PvBackend, "xen-console", move || {
+                let _leave = Leave(&s.gate);
+                while wait(&epoll, &console_port.notified, &s.gate) {
+                    match console.drain_output(&mut *console_out) {
+                        Ok(n) if n > 0 => {
+                            let _ = s.channels.notify_guest(console_port.port);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            log::warn!("xen-console: stops serving the guest: {}", ErrorChain(&e));
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(XenServiceError::Thread)?,
+        );
+        Ok(XenServices {
+            shared,
+            threads,
+            xenstore,
+        })
+    }
+}
+
+impl Drop for XenServices {
+    fn drop(&mut self) {
+        // Saturation means a stop is pending already.
+        let _ = self.shared.stop.write(1);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The guest's directory and one xenbus vbd per disk (the entries a toolstack
+/// writes before the guest boots).
+fn guest_entries(xs: &mut Xenstore, disks: Vec<XenDisk>) -> Result<Vec<Vbd>, XenServiceError> {
+    use XenServiceError::Store as S;
+    let home = vmcraft_pv_hypercall::xenstore::store::domain_path(DOMID);
+    let store = &mut xs.store;
+    store.mkdir(0, 0, home.as_bytes()).map_err(S)?;
+    store
+        .write(0, 0, format!("{home}/name").as_bytes(), b"vmcraft-guest")
+        .map_err(S)?;
+    store
+        .write(
+            0,
+            0,
+            format!("{home}/domid").as_bytes(),
+            DOMID.to_string().as_bytes(),
+        )
+        .map_err(S)?;
+    let mut vbds = Vec::new();
+    for (n, disk) in disks.into_iter().enumerate() {
+        let id = XVDA + 16 * n as u32;
+        let sectors = disk.file.metadata().map(|m| m.len() / 512).unwrap_or(0);
+        let device =
+            XenbusDevice::create(store, DOMID, id, &DeviceInfo::vbd(sectors, disk.read_only))
+                .map_err(S)?;
+        let token = format!("vbd{id}");
+        store
+            .watch(
+                0,
+                format!("{}/state", device.frontend).as_bytes(),
+                token.as_bytes(),
+            )
+            .map_err(S)?;
+        let changed = EventFd::new(EFD_NONBLOCK).map_err(XenServiceError::Host)?;
+        vbds.push(Vbd {
+            id,
+            device,
+            file: disk.file,
+            read_only: disk.read_only,
+            sectors,
+            link: Arc::new(VbdLink {
+                changed,
+                live: Mutex::new(None),
+            }),
+            ring: None,
+        });
+    }
+    // Every node of the guest's home is the guest's (the devices' directories keep
+    // their own permissions).
+    store
+        .set_perms(
+            0,
+            0,
+            home.as_bytes(),
+            &[vmcraft_pv_hypercall::xenstore::store::Perm {
+                dom: DOMID,
+                access: vmcraft_pv_hypercall::xenstore::store::Access::None,
+            }],
+        )
+        .map_err(S)?;
+    Ok(vbds)
+}
+
+/// The store's thread.
+struct StoreThread {
+    shared: Arc<Shared>,
+    xenstore: Arc<Mutex<Xenstore>>,
+    ring: StoreRing<GuestRingMemory>,
+    port: BackendPort,
+    vbds: Vec<Vbd>,
+}
+
+impl StoreThread {
+    fn run(mut self) {
+        let s = self.shared.clone();
+        let _leave = Leave(&s.gate);
+        let epoll = match epoll_for(&self.port.notified, &s.stop, &s.gate.wake) {
+            Ok(e) => e,
+            Err(e) => {
+                log::error!("xenstore: cannot wait for the guest: {e}");
+                return;
+            }
+        };
+        while wait(&epoll, &self.port.notified, &s.gate) {
+            if !self.serve() {
+                return;
+            }
+        }
+        for vbd in &mut self.vbds {
+            disconnect(&s, vbd);
+        }
+    }
+
+    /// Answer the guest, then act on the front ends' changes (which may make more
+    /// to say to the guest: its own watches fire on the back ends' states). False if
+    /// the ring is broken.
+    fn serve(&mut self) -> bool {
+        let xs = self.xenstore.clone();
+        let mut xs = xs.lock().unwrap_or_else(|p| p.into_inner());
+        for _round in 0..4 {
+            match self.ring.serve(&mut xs) {
+                Ok(served) => {
+                    if served.notify() {
+                        let _ = self.shared.channels.notify_guest(self.port.port);
+                    }
+                }
+                Err(e) => {
+                    log::warn!(
+                        "xenstore: the guest's ring is broken, the store stops serving it: {e}"
+                    );
+                    return false;
+                }
+            }
+            let events = xs.store.take_events(0);
+            if events.is_empty() {
+                break;
+            }
+            for event in events {
+                let Some(vbd) = self
+                    .vbds
+                    .iter_mut()
+                    .find(|v| event.token == format!("vbd{}", v.id).as_bytes())
+                else {
+                    continue;
+                };
+                frontend_changed(&self.shared, &mut xs, vbd);
+            }
+        }
+        true
+    }
+}
+
+/// A vbd's front end changed state: connect or disconnect its back end.
+fn frontend_changed(shared: &Arc<Shared>, xs: &mut Xenstore, vbd: &mut Vbd) {
+    let action = match vbd.device.frontend_changed(&mut xs.store) {
+        Ok(action) => action,
+        Err(e) => {
+            log::warn!("vbd {}: the front end's details are refused: {e}", vbd.id);
+            return;
+        }
+    };
+    match action {
+        None => {}
+        Some(Action::Disconnect) => {
+            disconnect(shared, vbd);
+            log::info!("vbd {}: disconnected", vbd.id);
+        }
+        Some(Action::Connect(details)) => match connect(shared, vbd, details) {
+            Ok(()) => {
+                if let Err(e) = vbd.device.connected(&mut xs.store) {
+                    log::warn!("vbd {}: cannot say Connected: {e}", vbd.id);
+                }
+                log::info!(
+                    "vbd {}: connected, ring grant {}, event channel {}, {} sectors",
+                    vbd.id,
+                    details.ring_ref,
+                    details.event_channel,
+                    vbd.sectors
+                );
+            }
+            Err(reason) => {
+                log::warn!("vbd {}: cannot connect: {reason}", vbd.id);
+                let _ = vbd.device.failed(&mut xs.store, &reason);
+            }
+        },
+    }
+}
+
+/// Map the front end's ring, bind its channel, hand the backend to the vbd's thread.
+fn connect(
+    shared: &Arc<Shared>,
+    vbd: &mut Vbd,
+    details: vmcraft_pv_hypercall::xenstore::xenbus::FrontendDetails,
+) -> Result<(), String> {
+    disconnect(shared, vbd);
+    let ring = shared
+        .grants
+        .map(details.ring_ref, true)
+        .map_err(|e| format!("ring grant {}: {e}", details.ring_ref))?;
+    let undo = |e: String| {
+        let _ = shared.grants.unmap(ring);
+        e
+    };
+    let file = vbd
+        .file
+        .try_clone()
+        .map_err(|e| undo(format!("cannot reopen the image: {e}")))?;
+    let backend = BlkifBackend::new(
+        shared.memory.clone(),
+        ring.page,
+        shared.grants.clone(),
+        file,
+        vbd.read_only,
+    )
+    .map_err(|e| undo(format!("ring: {e}")))?;
+    let port = shared
+        .channels
+        .bind_backend(details.event_channel, VBD_BACKEND + vbd.id, 0)
+        .map_err(|e| undo(format!("event channel {}: {e}", details.event_channel)))?;
+    *vbd.link.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveVbd { backend, port });
+    vbd.ring = Some(ring);
+    // Saturation means the thread has a change to look at already.
+    let _ = vbd.link.changed.write(1);
+    Ok(())
+}
+
+/// Take the backend from the vbd's thread (once it is done with a batch) and
+/// release the front end's ring.
+fn disconnect(shared: &Shared, vbd: &mut Vbd) {
+    let live = vbd
+        .link
+        .live
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(live) = live {
+        let _ = shared.channels.close(live.port.port);
+        let _ = vbd.link.changed.write(1);
+    }
+    if let Some(ring) = vbd.ring.take() {
+        let _ = shared.grants.unmap(ring);
+    }
+}
+
+/// A vbd's thread: wait for the store thread's changes and the front end's
+/// notifications; serve the ring while connected.
+fn serve_vbd(shared: &Shared, link: &VbdLink, name: &str) {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    const PORT: u64 = 0;
+    const STOP: u64 = 1;
+    const GATE: u64 = 2;
+    const CHANGED: u64 = 3;
+    let _leave = Leave(&shared.gate);
+    let epoll = match (|| -> std::io::Result<Epoll> {
+        let epoll = Epoll::new()?;
+        for (fd, token) in [
+            (&shared.stop, STOP),
+            (&shared.gate.wake, GATE),
+            (&link.changed, CHANGED),
+        ] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        Ok(epoll)
+    })() {
+        Ok(e) => e,
+        Err(e) => {
+            log::error!("{name}: cannot wait for the guest: {e}");
+            return;
+        }
+    };
+    let mut registered = None;
+    let mut events = [EpollEvent::default(); 4];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("{name}: epoll_wait failed, the disk stops: {e}");
+                return;
+            }
+        };
+        let tokens: Vec<u64> = events[..n].iter().map(|e| e.data()).collect();
+        if tokens.contains(&STOP) {
+            return;
+        }
+        if tokens.contains(&GATE) {
+            shared.gate.park();
+            continue;
+        }
+        let mut live = link.live.lock().unwrap_or_else(|p| p.into_inner());
+        if tokens.contains(&CHANGED) {
+            let _ = link.changed.read();
+            // The old port's eventfd may be closed (and its number reused): take
+            // it out whatever it is, then put the current one in.
+            if let Some(fd) = registered.take() {
+                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+            if let Some(l) = live.as_ref() {
+                let fd = l.port.notified.as_raw_fd();
+                if let Err(e) = epoll.ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, PORT),
+                ) {
+                    log::error!("{name}: cannot wait for the front end: {e}");
+                    return;
+                }
+                registered = Some(fd);
+            }
+        }
+        let Some(l) = live.as_mut() else {
+            continue;
+        };
+        // Reading resets the counter; an error means it was already zero. Requests
+        // may be waiting after a connect without a notification: look anyway.
+        let _ = l.port.notified.read();
+        match l.backend.process() {
+            Ok(done) => {
+                if done.notify {
+                    let _ = shared.channels.notify_guest(l.port.port);
+                }
+            }
+            Err(e) => {
+                log::warn!("{name}: stops serving the guest: {}", ErrorChain(&e));
+                *live = None;
+            }
+        }
+    }
+}
