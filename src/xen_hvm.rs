@@ -49,7 +49,7 @@ use vmcraft_pv_hypercall::version::XenVersion;
 use vmcraft_pv_hypercall::xen_cpuid::{XenCpuid, HVM_VCPU_ID_PRESENT, HYPERCALL_PAGE_MSR};
 use vmcraft_vcpu::cpu::{HypervisorInfo, MoreLeaf, TAKEN_HYPERVISOR_LEAVES};
 use vmcraft_vcpu::linux::{E820Entry, E820_RESERVED, E820_UNUSABLE};
-use vmcraft_vcpu::xen::{enable_xen_hypercalls, MsiSender, XenSupportError};
+use vmcraft_vcpu::xen::{enable_xen_hypercalls, vm_tsc_khz, MsiSender, XenSupportError};
 
 use crate::builder::{BuildError, MachineBuilder};
 
@@ -180,6 +180,21 @@ pub struct XenHvm {
 }
 
 impl XenHvm {
+    /// What a Linux guest's command line needs on this platform: the TSC rate
+    /// (`tsc_early_khz`). Linux under Xen learns it from Xen's pvclock only, which
+    /// vmcraft does not offer (it keeps Linux on its own local APIC timer and clock);
+    /// AMD CPUs have no CPUID leaf for it, and calibrating against the PIT fails
+    /// where the guest's kernel mode is emulated (nested), leaving the TSC unusable
+    /// and the boot waiting. Empty if KVM does not say the rate.
+    pub fn linux_cmdline(&self) -> String {
+        match self.cpuid.tsc_khz {
+            0 => String::new(),
+            khz => format!(" tsc_early_khz={khz}"),
+        }
+    }
+}
+
+impl XenHvm {
     /// Make `builder`'s VM a Xen HVM platform for `vcpus` vCPUs: Xen hypercalls on
     /// (an error on a host whose KVM cannot), Xen's CPUID leaves, the grant region and
     /// ring pages set aside in the memory map, the hypercall table installed.
@@ -242,7 +257,7 @@ impl XenHvm {
         .map_err(XenHvmError::Table)?;
         builder.xen_hypercalls(table);
 
-        let tsc_khz = 0; // leaf 3 is not read by Linux's HVM code
+        let tsc_khz = vm_tsc_khz(builder.vm().fd()).unwrap_or(0);
         let cpuid =
             XenCpuid::place(&TAKEN_HYPERVISOR_LEAVES, DOMID, tsc_khz).ok_or(XenHvmError::Cpuid)?;
         let mut info = HypervisorInfo::default();

@@ -301,8 +301,12 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         }
         Some(path) => {
             let kernel = kernel.as_mut().ok_or("the kernel was opened")?;
+            let cmdline = match &xen {
+                Some(xen) => format!("{}{}", o.cmdline, xen.linux_cmdline()),
+                None => o.cmdline.clone(),
+            };
             let loaded = b
-                .load_linux(kernel, initrd.as_mut(), &o.cmdline, o.vcpus)
+                .load_linux(kernel, initrd.as_mut(), &cmdline, o.vcpus)
                 .map_err(|e| format!("cannot load kernel {path}: {e}{}", source_chain(&e)))?;
             eprintln!(
                 "minimal-vmm: loaded {path} as {:?}, entry {:?}",

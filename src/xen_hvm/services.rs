@@ -198,10 +198,12 @@ impl XenServices {
         for vbd in &vbds {
             let (s, link) = (shared.clone(), vbd.link.clone());
             let name = format!("xen-vbd{}", vbd.id);
+            // Made here: backend threads may not create file descriptors.
+            let epoll = vbd_epoll(&shared, &link).map_err(XenServiceError::Host)?;
             shared.gate.lock().live += 1;
             threads.push(
                 vmcraft_sandbox::spawn(ThreadKind::PvBackend, &name.clone(), move || {
-                    serve_vbd(&s, &link, &name)
+                    serve_vbd(&s, &link, &epoll, &name)
                 })
                 .map_err(XenServiceError::Thread)?,
             );
@@ -212,7 +214,10 @@ impl XenServices {
         params.set_host(param::CONSOLE_PFN, CONSOLE_PAGE / 4096);
         params.set_host(param::CONSOLE_EVTCHN, u64::from(console_port.port));
 
+        let epoll = epoll_for(&store_port.notified, &shared.stop, &shared.gate.wake)
+            .map_err(XenServiceError::Host)?;
         let store_thread = StoreThread {
+            epoll,
             shared: shared.clone(),
             xenstore: xenstore.clone(),
             ring,
@@ -332,6 +337,7 @@ fn guest_entries(xs: &mut Xenstore, disks: Vec<XenDisk>) -> Result<Vec<Vbd>, Xen
 
 /// The store's thread.
 struct StoreThread {
+    epoll: vmm_sys_util::epoll::Epoll,
     shared: Arc<Shared>,
     xenstore: Arc<Mutex<Xenstore>>,
     ring: StoreRing<GuestRingMemory>,
@@ -343,14 +349,7 @@ impl StoreThread {
     fn run(mut self) {
         let s = self.shared.clone();
         let _leave = Leave(&s.gate);
-        let epoll = match epoll_for(&self.port.notified, &s.stop, &s.gate.wake) {
-            Ok(e) => e,
-            Err(e) => {
-                log::error!("xenstore: cannot wait for the guest: {e}");
-                return;
-            }
-        };
-        while wait(&epoll, &self.port.notified, &s.gate) {
+        while wait(&self.epoll, &self.port.notified, &s.gate) {
             if !self.serve() {
                 return;
             }
@@ -493,35 +492,36 @@ fn disconnect(shared: &Shared, vbd: &mut Vbd) {
 
 /// A vbd's thread: wait for the store thread's changes and the front end's
 /// notifications; serve the ring while connected.
-fn serve_vbd(shared: &Shared, link: &VbdLink, name: &str) {
+/// A vbd thread's epoll tokens.
+const PORT: u64 = 0;
+const STOP: u64 = 1;
+const GATE: u64 = 2;
+const CHANGED: u64 = 3;
+
+/// A vbd thread's epoll set: the stop, the gate and its link's changes (the front
+/// end's port joins while connected).
+fn vbd_epoll(shared: &Shared, link: &VbdLink) -> std::io::Result<vmm_sys_util::epoll::Epoll> {
     use std::os::fd::AsRawFd;
     use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-    const PORT: u64 = 0;
-    const STOP: u64 = 1;
-    const GATE: u64 = 2;
-    const CHANGED: u64 = 3;
+    let epoll = Epoll::new()?;
+    for (fd, token) in [
+        (&shared.stop, STOP),
+        (&shared.gate.wake, GATE),
+        (&link.changed, CHANGED),
+    ] {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+    }
+    Ok(epoll)
+}
+
+fn serve_vbd(shared: &Shared, link: &VbdLink, epoll: &vmm_sys_util::epoll::Epoll, name: &str) {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
     let _leave = Leave(&shared.gate);
-    let epoll = match (|| -> std::io::Result<Epoll> {
-        let epoll = Epoll::new()?;
-        for (fd, token) in [
-            (&shared.stop, STOP),
-            (&shared.gate.wake, GATE),
-            (&link.changed, CHANGED),
-        ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
-        Ok(epoll)
-    })() {
-        Ok(e) => e,
-        Err(e) => {
-            log::error!("{name}: cannot wait for the guest: {e}");
-            return;
-        }
-    };
     let mut registered = None;
     let mut events = [EpollEvent::default(); 4];
     loop {

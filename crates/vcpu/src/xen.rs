@@ -36,8 +36,19 @@ mod ioctls {
     const KVMIO: u32 = 0xae;
     ioctl_iow_nr!(KVM_XEN_HVM_CONFIG, KVMIO, 0x7a, kvm_xen_hvm_config);
     ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_bindings::kvm_msi);
+    vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 }
-use ioctls::{KVM_SIGNAL_MSI, KVM_XEN_HVM_CONFIG};
+use ioctls::{KVM_GET_TSC_KHZ, KVM_SIGNAL_MSI, KVM_XEN_HVM_CONFIG};
+
+/// The TSC rate `vm`'s vCPUs get by default, kHz (`KVM_GET_TSC_KHZ` on the VM, Linux
+/// 5.16 and later), if the host says. What Xen's CPUID leaf 3 and a guest without
+/// kvmclock need.
+pub fn vm_tsc_khz(vm: &VmFd) -> Option<u32> {
+    // SAFETY: KVM_GET_TSC_KHZ takes no argument and returns the rate (or -1 with
+    // errno); the VM fd is open.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_GET_TSC_KHZ()) };
+    u32::try_from(ret).ok().filter(|khz| *khz > 0)
+}
 
 /// Sends interrupts to a VM's local APICs as MSIs (`KVM_SIGNAL_MSI`), from any
 /// thread: what an HVM guest's per-vCPU upcall vector needs (one vector, one vCPU),
@@ -192,6 +203,17 @@ mod tests {
         let sender = MsiSender::new(&vm).expect("a sender");
         assert!(sender.send(0, 0xf3).expect("KVM_SIGNAL_MSI"));
         assert!(!sender.send(9, 0xf3).expect("KVM_SIGNAL_MSI"), "no APIC 9");
+    }
+
+    #[test]
+    fn the_vm_tsc_rate_is_the_vcpus() {
+        let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+        let vm = kvm.create_vm().expect("create a VM");
+        let vcpu = vm.create_vcpu(0).expect("a vCPU");
+        // Hosts before 5.16 have no VM-wide rate: then there is nothing to compare.
+        if let Some(khz) = vm_tsc_khz(&vm) {
+            assert_eq!(Some(khz), vcpu.get_tsc_khz().ok());
+        }
     }
 
     #[test]
