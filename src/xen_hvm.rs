@@ -126,21 +126,29 @@ impl Upcall for UpcallVectors {
             return;
         }
         match self.msi.send(vcpu as u8, vector) {
-            Ok(true) => {}
+            Ok(true) => log::trace!("upcall to vCPU {vcpu} on vector {vector:#x}"),
             Ok(false) => log::warn!("upcall to vCPU {vcpu}: its local APIC took no MSI"),
             Err(e) => log::error!("upcall to vCPU {vcpu}: KVM_SIGNAL_MSI failed: {e}"),
         }
     }
 }
 
-impl UpcallRoute for UpcallVectors {
+/// What the guest's `hvm_op` sets: the upcall vectors, and, as in Xen, an upcall
+/// at once for a vCPU whose events were flagged before it had a vector.
+struct UpcallRouting {
+    vectors: Arc<UpcallVectors>,
+    channels: Arc<EventChannels>,
+}
+
+impl UpcallRoute for UpcallRouting {
     fn callback(&self, callback: Callback) {
         log::debug!("global event-channel callback {callback:?} (upcalls go per vCPU)");
     }
     fn vcpu_vector(&self, vcpu: u32, vector: u8) {
-        if let Some(v) = self.vectors.get(vcpu as usize) {
+        if let Some(v) = self.vectors.vectors.get(vcpu as usize) {
             v.store(vector, Ordering::SeqCst);
             log::debug!("vCPU {vcpu}: event-channel upcall on vector {vector:#x}");
+            self.channels.kick(vcpu);
         }
     }
 }
@@ -230,7 +238,11 @@ impl XenHvm {
         let grants = Arc::new(GrantTable::unplaced(memory.clone(), GRANT_FRAMES, 0));
         // No xenstore or console yet: their parameters read 0, which Linux takes as
         // "none" and boots without.
-        let params = Arc::new(HvmParams::new(vcpus, (0, 0), (0, 0), upcalls.clone()));
+        let routing = Arc::new(UpcallRouting {
+            vectors: upcalls.clone(),
+            channels: channels.clone(),
+        });
+        let params = Arc::new(HvmParams::new(vcpus, (0, 0), (0, 0), routing));
 
         let mut table = HypercallTable::new();
         let physmap = Physmap::new(channels.clone(), grants.clone());

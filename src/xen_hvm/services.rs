@@ -368,6 +368,11 @@ impl StoreThread {
         for _round in 0..4 {
             match self.ring.serve(&mut xs) {
                 Ok(served) => {
+                    log::debug!(
+                        "xenstore: {} requests answered, {} reply bytes",
+                        served.requests,
+                        served.reply_bytes
+                    );
                     if served.notify() {
                         let _ = self.shared.channels.notify_guest(self.port.port);
                     }

@@ -357,7 +357,9 @@ impl EventChannels {
     }
 
     fn raise(&self, port: u32, vcpu: u32) {
-        if protocol::raise(self, port, vcpu) {
+        let deliver = protocol::raise(self, port, vcpu);
+        log::trace!("event channel {port} to vCPU {vcpu}: upcall {deliver}");
+        if deliver {
             self.upcall.raise(vcpu);
         }
     }
@@ -468,6 +470,10 @@ impl EventChannels {
     /// `send` from the guest: signal the backend bound to `port`.
     pub fn send(&self, port: u32) -> Result<(), EvtchnError> {
         let inner = self.lock();
+        log::trace!(
+            "event channel {port}: send ({:?})",
+            inner.slots.get(port as usize)
+        );
         match (
             inner.slots.get(port as usize),
             inner.backends.get(port as usize),
@@ -538,6 +544,23 @@ impl EventChannels {
             Some(Slot::Unbound { .. }) if port != 0 => Ok(()),
             _ => Err(EvtchnError::BadPort(port)),
         }
+    }
+
+    /// Deliver `vcpu`'s upcall again if its `upcall_pending` is set (and upcalls are
+    /// not masked): what Xen does when a guest registers the vector upcalls come on,
+    /// so that events flagged before (a `vcpu_info` registration flags them all) are
+    /// not left waiting for an upcall that could not be delivered. Returns whether it
+    /// delivered.
+    pub fn kick(&self, vcpu: u32) -> bool {
+        let pending = self
+            .vcpu_addr(vcpu, UPCALL_PENDING)
+            .and_then(|at| self.memory.load::<u8>(at, SeqCst).ok())
+            .is_some_and(|p| p != 0);
+        let deliver = pending && !protocol::Words::upcall_masked(self, vcpu);
+        if deliver {
+            self.upcall.raise(vcpu);
+        }
+        deliver
     }
 
     /// Raise virtual IRQ `virq` on `vcpu`, if the guest bound it; returns whether

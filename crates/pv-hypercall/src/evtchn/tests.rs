@@ -438,3 +438,18 @@ fn a_snapshot_keeps_virtual_irq_and_ipi_ports() {
         Err(EvtchnError::BadState { port: 4, .. })
     ));
 }
+
+#[test]
+fn a_kick_delivers_an_upcall_left_pending() {
+    let (ram, ch, counter) = setup();
+    assert!(!ch.kick(0), "nothing pending");
+    ch.register_vcpu_info(0, GuestAddress(0x6000)).unwrap();
+    assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+    // The upcall could not be taken (no vector yet): a kick delivers it again.
+    assert!(ch.kick(0));
+    assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+    // Masked upcalls stay masked.
+    ram.memory().write_obj(1u8, GuestAddress(0x6001)).unwrap();
+    assert!(!ch.kick(0));
+    assert!(!ch.kick(MAX_VCPUS), "no such vCPU");
+}
