@@ -32,7 +32,7 @@
 //! [`GRANT_REGION`] so, backed by guest RAM. The xenstore and console rings go in
 //! reserved pages ([`STORE_PAGE`], [`CONSOLE_PAGE`]).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -98,6 +98,9 @@ pub enum XenHvmError {
 pub struct UpcallVectors {
     msi: MsiSender,
     vectors: Vec<AtomicU8>,
+    /// Upcalls no local APIC took (a guest raises events before it enables its
+    /// APIC): raised again with the vCPU's next event.
+    owed: Vec<AtomicBool>,
 }
 
 impl UpcallVectors {
@@ -107,6 +110,9 @@ impl UpcallVectors {
             msi,
             vectors: (0..vcpus.min(MAX_VCPUS))
                 .map(|_| AtomicU8::new(0))
+                .collect(),
+            owed: (0..vcpus.min(MAX_VCPUS))
+                .map(|_| AtomicBool::new(false))
                 .collect(),
         }
     }
@@ -125,11 +131,30 @@ impl Upcall for UpcallVectors {
         if vector == 0 {
             return;
         }
-        match self.msi.send(vcpu as u8, vector) {
-            Ok(true) => log::trace!("upcall to vCPU {vcpu} on vector {vector:#x}"),
-            Ok(false) => log::warn!("upcall to vCPU {vcpu}: its local APIC took no MSI"),
-            Err(e) => log::error!("upcall to vCPU {vcpu}: KVM_SIGNAL_MSI failed: {e}"),
+        let taken = match self.msi.send(vcpu as u8, vector) {
+            Ok(true) => {
+                log::trace!("upcall to vCPU {vcpu} on vector {vector:#x}");
+                true
+            }
+            Ok(false) => {
+                log::debug!(
+                    "upcall to vCPU {vcpu}: its local APIC took no MSI (not enabled yet): owed"
+                );
+                false
+            }
+            Err(e) => {
+                log::error!("upcall to vCPU {vcpu}: KVM_SIGNAL_MSI failed: {e}");
+                false
+            }
+        };
+        if let Some(owed) = self.owed.get(vcpu as usize) {
+            owed.store(!taken, Ordering::SeqCst);
         }
+    }
+    fn owed(&self, vcpu: u32) -> bool {
+        self.owed
+            .get(vcpu as usize)
+            .is_some_and(|o| o.load(Ordering::SeqCst))
     }
 }
 

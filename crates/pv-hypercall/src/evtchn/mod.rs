@@ -146,6 +146,14 @@ pub enum PortStatus {
 pub trait Upcall: Send + Sync {
     /// Interrupt vCPU `vcpu`.
     fn raise(&self, vcpu: u32);
+    /// Whether an upcall to `vcpu` could not be delivered and is still owed (an
+    /// interrupt controller not yet enabled took none): the next event for that vCPU
+    /// raises it again even if the guest has it flagged already. A delivery that
+    /// cannot fail owes nothing.
+    fn owed(&self, vcpu: u32) -> bool {
+        let _ = vcpu;
+        false
+    }
 }
 
 impl Upcall for EventFd {
@@ -357,7 +365,7 @@ impl EventChannels {
     }
 
     fn raise(&self, port: u32, vcpu: u32) {
-        let deliver = protocol::raise(self, port, vcpu);
+        let deliver = protocol::raise(self, port, vcpu) || self.upcall.owed(vcpu);
         log::trace!("event channel {port} to vCPU {vcpu}: upcall {deliver}");
         if deliver {
             self.upcall.raise(vcpu);
@@ -618,7 +626,8 @@ impl EventChannels {
         let pending = self.with_word(self.word_addr(PENDING_OFFSET, port), |w| {
             w.load(SeqCst) & (1u64 << (port % 64)) != 0
         });
-        if pending == Some(true) && protocol::deliver(self, port, vcpu) {
+        if pending == Some(true) && (protocol::deliver(self, port, vcpu) || self.upcall.owed(vcpu))
+        {
             self.upcall.raise(vcpu);
         }
         Ok(())

@@ -453,3 +453,50 @@ fn a_kick_delivers_an_upcall_left_pending() {
     assert!(!ch.kick(0));
     assert!(!ch.kick(MAX_VCPUS), "no such vCPU");
 }
+
+/// Takes an upcall only once enabled, as a local APIC takes an MSI.
+#[derive(Default)]
+struct LateApic {
+    enabled: std::sync::atomic::AtomicBool,
+    owed: std::sync::atomic::AtomicBool,
+    taken: AtomicU32,
+}
+
+impl Upcall for LateApic {
+    fn raise(&self, _vcpu: u32) {
+        let enabled = self.enabled.load(Ordering::SeqCst);
+        self.owed.store(!enabled, Ordering::SeqCst);
+        if enabled {
+            self.taken.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    fn owed(&self, _vcpu: u32) -> bool {
+        self.owed.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn an_upcall_the_guest_could_not_take_is_raised_again_with_the_next_event() {
+    let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
+    let apic = Arc::new(LateApic::default());
+    let ch = EventChannels::new(
+        ram.memory().clone(),
+        GuestAddress(SHARED_INFO),
+        apic.clone(),
+    )
+    .unwrap();
+    let (a, b) = (ch.bind_ipi(0).unwrap(), ch.bind_ipi(0).unwrap());
+    ch.send(a).unwrap();
+    assert_eq!(apic.taken.load(Ordering::SeqCst), 0, "not enabled yet");
+    apic.enabled.store(true, Ordering::SeqCst);
+    // Port b's word is flagged already: without the debt, no upcall would come.
+    ch.send(b).unwrap();
+    assert_eq!(apic.taken.load(Ordering::SeqCst), 1);
+    assert!(!apic.owed(0));
+    ch.send(b).unwrap();
+    assert_eq!(
+        apic.taken.load(Ordering::SeqCst),
+        1,
+        "pending already: nothing owed"
+    );
+}
