@@ -760,6 +760,7 @@ mod tests {
         let (_, dir) = front.xs(MsgType::Directory, b"device/vbd\0");
         assert_eq!(dir, b"51712\0");
         let dev = "device/vbd/51712";
+        assert_eq!(front.read(&format!("{dev}/virtual-device")), "51712");
         let backend = front.read(&format!("{dev}/backend"));
         assert_eq!(backend, "/local/domain/0/backend/vbd/1/51712");
         assert_eq!(front.read(&format!("{backend}/sectors")), "2048");

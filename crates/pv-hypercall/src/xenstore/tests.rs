@@ -582,6 +582,15 @@ mod xenbus {
             Ok(dev.backend.clone().into_bytes())
         );
         assert_eq!(s.read(1, 0, b"device/vbd/768/state"), Ok(b"1".to_vec()));
+        // xen-blkfront's first read: its virtual-device number.
+        assert_eq!(
+            s.read(1, 0, b"device/vbd/768/virtual-device"),
+            Ok(b"768".to_vec())
+        );
+        assert_eq!(
+            s.read(1, 0, b"device/vbd/768/device-type"),
+            Ok(b"disk".to_vec())
+        );
         let be = |k: &str| format!("/local/domain/0/backend/vbd/1/768/{k}").into_bytes();
         assert_eq!(s.read(1, 0, &be("state")), Ok(b"2".to_vec()));
         assert_eq!(s.read(1, 0, &be("sectors")), Ok(b"2048".to_vec()));

@@ -179,14 +179,27 @@ impl XenbusDevice {
         w(store, &format!("{frontend}/backend"), &backend)?;
         w(store, &format!("{frontend}/backend-id"), "0")?;
         w(store, &format!("{frontend}/state"), "1")?;
-        // Every node under the front end's directory: the guest's; domain 0 reads
-        // anything anyway.
-        for path in [
+        // A vbd's front end finds its number and kind in its own directory, as a
+        // toolstack writes them (xen-blkfront reads `virtual-device` first).
+        let mut front = vec![
             frontend.clone(),
             format!("{frontend}/backend"),
             format!("{frontend}/backend-id"),
             format!("{frontend}/state"),
-        ] {
+        ];
+        if info.kind == "vbd" {
+            w(
+                store,
+                &format!("{frontend}/virtual-device"),
+                &id.to_string(),
+            )?;
+            w(store, &format!("{frontend}/device-type"), "disk")?;
+            front.push(format!("{frontend}/virtual-device"));
+            front.push(format!("{frontend}/device-type"));
+        }
+        // Every node under the front end's directory: the guest's; domain 0 reads
+        // anything anyway.
+        for path in front {
             store.set_perms(0, 0, path.as_bytes(), &guest_owned)?;
         }
         // The back end's directory: domain 0's, readable by the guest.
