@@ -91,16 +91,18 @@ struct Vbd {
 }
 
 /// What the store thread hands a vbd's thread: the backend of the connected front
-/// end (or none), and an eventfd saying it changed.
+/// end (or none), an eventfd saying it changed, and the eventfd the front end's
+/// event channel signals (bound to each new channel on connect).
 struct VbdLink {
     changed: EventFd,
+    notified: Arc<EventFd>,
     live: Mutex<Option<LiveVbd>>,
 }
 
-/// A connected vbd's backend and event channel.
+/// A connected vbd's backend and the front end's port.
 struct LiveVbd {
     backend: BlkifBackend,
-    port: BackendPort,
+    port: u32,
 }
 
 /// What the services share with their threads.
@@ -314,6 +316,7 @@ fn guest_entries(xs: &mut Xenstore, disks: Vec<XenDisk>) -> Result<Vec<Vbd>, Xen
             sectors,
             link: Arc::new(VbdLink {
                 changed,
+                notified: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(XenServiceError::Host)?),
                 live: Mutex::new(None),
             }),
             ring: None,
@@ -466,10 +469,11 @@ fn connect(
         vbd.read_only,
     )
     .map_err(|e| undo(format!("ring: {e}")))?;
-    let port = shared
+    let port = details.event_channel;
+    shared
         .channels
-        .bind_backend(details.event_channel, VBD_BACKEND + vbd.id, 0)
-        .map_err(|e| undo(format!("event channel {}: {e}", details.event_channel)))?;
+        .bind_backend_to(port, VBD_BACKEND + vbd.id, 0, vbd.link.notified.clone())
+        .map_err(|e| undo(format!("event channel {port}: {e}")))?;
     *vbd.link.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveVbd { backend, port });
     vbd.ring = Some(ring);
     // Saturation means the thread has a change to look at already.
@@ -487,7 +491,7 @@ fn disconnect(shared: &Shared, vbd: &mut Vbd) {
         .unwrap_or_else(|p| p.into_inner())
         .take();
     if let Some(live) = live {
-        let _ = shared.channels.close(live.port.port);
+        let _ = shared.channels.close(live.port);
         let _ = vbd.link.changed.write(1);
     }
     if let Some(ring) = vbd.ring.take() {
@@ -495,16 +499,14 @@ fn disconnect(shared: &Shared, vbd: &mut Vbd) {
     }
 }
 
-/// A vbd's thread: wait for the store thread's changes and the front end's
-/// notifications; serve the ring while connected.
 /// A vbd thread's epoll tokens.
 const PORT: u64 = 0;
 const STOP: u64 = 1;
 const GATE: u64 = 2;
 const CHANGED: u64 = 3;
 
-/// A vbd thread's epoll set: the stop, the gate and its link's changes (the front
-/// end's port joins while connected).
+/// A vbd thread's epoll set: the stop, the gate, its link's changes and the front
+/// end's notifications.
 fn vbd_epoll(shared: &Shared, link: &VbdLink) -> std::io::Result<vmm_sys_util::epoll::Epoll> {
     use std::os::fd::AsRawFd;
     use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -513,6 +515,7 @@ fn vbd_epoll(shared: &Shared, link: &VbdLink) -> std::io::Result<vmm_sys_util::e
         (&shared.stop, STOP),
         (&shared.gate.wake, GATE),
         (&link.changed, CHANGED),
+        (&link.notified, PORT),
     ] {
         epoll.ctl(
             ControlOperation::Add,
@@ -523,11 +526,11 @@ fn vbd_epoll(shared: &Shared, link: &VbdLink) -> std::io::Result<vmm_sys_util::e
     Ok(epoll)
 }
 
+/// A vbd's thread: wait for the store thread's changes and the front end's
+/// notifications; serve the ring while connected.
 fn serve_vbd(shared: &Shared, link: &VbdLink, epoll: &vmm_sys_util::epoll::Epoll, name: &str) {
-    use std::os::fd::AsRawFd;
-    use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+    use vmm_sys_util::epoll::EpollEvent;
     let _leave = Leave(&shared.gate);
-    let mut registered = None;
     let mut events = [EpollEvent::default(); 4];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -546,37 +549,19 @@ fn serve_vbd(shared: &Shared, link: &VbdLink, epoll: &vmm_sys_util::epoll::Epoll
             shared.gate.park();
             continue;
         }
+        // Reading resets a counter; an error means it was zero already.
+        let _ = link.changed.read();
+        let _ = link.notified.read();
         let mut live = link.live.lock().unwrap_or_else(|p| p.into_inner());
-        if tokens.contains(&CHANGED) {
-            let _ = link.changed.read();
-            // The old port's eventfd may be closed (and its number reused): take
-            // it out whatever it is, then put the current one in.
-            if let Some(fd) = registered.take() {
-                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-            }
-            if let Some(l) = live.as_ref() {
-                let fd = l.port.notified.as_raw_fd();
-                if let Err(e) = epoll.ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, PORT),
-                ) {
-                    log::error!("{name}: cannot wait for the front end: {e}");
-                    return;
-                }
-                registered = Some(fd);
-            }
-        }
         let Some(l) = live.as_mut() else {
             continue;
         };
-        // Reading resets the counter; an error means it was already zero. Requests
-        // may be waiting after a connect without a notification: look anyway.
-        let _ = l.port.notified.read();
+        // After a connect, requests may be waiting without a notification: the
+        // ring is looked at on either event.
         match l.backend.process() {
             Ok(done) => {
                 if done.notify {
-                    let _ = shared.channels.notify_guest(l.port.port);
+                    let _ = shared.channels.notify_guest(l.port);
                 }
             }
             Err(e) => {

@@ -153,12 +153,16 @@ impl BlkifBackend {
         memory: GuestMemory,
         ring: GuestAddress,
         grants: Arc<GrantTable>,
-        file: File,
+        mut file: File,
         read_only: bool,
     ) -> Result<Self, BlkifError> {
         let mem = GuestRingMemory::new(memory.clone(), ring, 4096).map_err(BlkifError::Ring)?;
         let ring = BackRing::attach(mem).map_err(BlkifError::Ring)?;
-        let sectors = file.metadata().map(|m| m.len() / SECTOR).unwrap_or(0);
+        // The size by seeking (the data is read and written at offsets): a backend
+        // thread under the sandbox may seek, not stat.
+        let sectors = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+            .map(|len| len / SECTOR)
+            .unwrap_or(0);
         Ok(BlkifBackend {
             ring,
             disk: Disk {

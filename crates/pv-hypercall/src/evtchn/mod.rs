@@ -199,7 +199,7 @@ impl vmcraft_snapshot::Versioned for ChannelsState {
 
 struct Inner {
     slots: Vec<Slot>,
-    backends: Vec<Option<EventFd>>,
+    backends: Vec<Option<Arc<EventFd>>>,
 }
 
 /// The event channels of one guest.
@@ -463,16 +463,42 @@ impl EventChannels {
         let ours = notified
             .try_clone()
             .map_err(|e| EvtchnError::EventFd(os_errno(&e)))?;
-        inner.slots[port as usize] = Slot::Bound { backend, vcpu };
-        if inner.backends.len() <= port as usize {
-            inner.backends.resize_with(port as usize + 1, || None);
-        }
-        inner.backends[port as usize] = Some(ours);
+        Self::bind_locked(&mut inner, port, backend, vcpu, Arc::new(ours));
         Ok(BackendPort {
             backend,
             port,
             notified,
         })
+    }
+
+    /// [`bind_backend`](Self::bind_backend) with the backend's own eventfd, which the
+    /// guest's `send` signals: for a backend that binds again and again (each time a
+    /// front end connects) from a thread that may not create file descriptors.
+    pub fn bind_backend_to(
+        &self,
+        port: u32,
+        backend: u32,
+        vcpu: u32,
+        notified: Arc<EventFd>,
+    ) -> Result<(), EvtchnError> {
+        if vcpu >= MAX_VCPUS {
+            return Err(EvtchnError::BadVcpu(vcpu));
+        }
+        let mut inner = self.lock();
+        match inner.slots.get(port as usize) {
+            Some(Slot::Unbound { .. }) if port != 0 => {}
+            _ => return Err(EvtchnError::BadPort(port)),
+        }
+        Self::bind_locked(&mut inner, port, backend, vcpu, notified);
+        Ok(())
+    }
+
+    fn bind_locked(inner: &mut Inner, port: u32, backend: u32, vcpu: u32, fd: Arc<EventFd>) {
+        inner.slots[port as usize] = Slot::Bound { backend, vcpu };
+        if inner.backends.len() <= port as usize {
+            inner.backends.resize_with(port as usize + 1, || None);
+        }
+        inner.backends[port as usize] = Some(fd);
     }
 
     /// `send` from the guest: signal the backend bound to `port`.
