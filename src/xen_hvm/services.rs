@@ -295,7 +295,11 @@ fn guest_entries(xs: &mut Xenstore, disks: Vec<XenDisk>) -> Result<Vec<Vbd>, Xen
     let mut vbds = Vec::new();
     for (n, disk) in disks.into_iter().enumerate() {
         let id = XVDA + 16 * n as u32;
-        let sectors = disk.file.metadata().map(|m| m.len() / 512).unwrap_or(0);
+        // Seeking finds a block device's size too (its metadata says 0).
+        let mut file = disk.file;
+        let sectors = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+            .map(|len| len / 512)
+            .map_err(XenServiceError::Host)?;
         let device =
             XenbusDevice::create(store, DOMID, id, &DeviceInfo::vbd(sectors, disk.read_only))
                 .map_err(S)?;
@@ -311,7 +315,7 @@ fn guest_entries(xs: &mut Xenstore, disks: Vec<XenDisk>) -> Result<Vec<Vbd>, Xen
         vbds.push(Vbd {
             id,
             device,
-            file: disk.file,
+            file,
             read_only: disk.read_only,
             sectors,
             link: Arc::new(VbdLink {
