@@ -375,7 +375,7 @@ impl StoreThread {
         for _round in 0..4 {
             match self.ring.serve(&mut xs) {
                 Ok(served) => {
-                    log::debug!(
+                    log::trace!(
                         "xenstore: {} requests answered, {} reply bytes",
                         served.requests,
                         served.reply_bytes
