@@ -172,6 +172,7 @@ fn a_front_end_connects_reads_its_disk_and_closes_as_xen_blkfront_does() {
             read_only: false,
         }],
         Box::new(std::io::sink()),
+        None,
     )
     .unwrap();
     assert_eq!(params.get(param::STORE_PFN), Some(STORE_PAGE / 4096));
@@ -271,6 +272,7 @@ fn a_front_end_with_bad_details_gets_the_back_end_closed_with_a_reason() {
             read_only: true,
         }],
         Box::new(std::io::sink()),
+        None,
     )
     .unwrap();
     let mut front = Front {

@@ -44,7 +44,8 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
                    vmlinux): Xen's CPUID leaves and hypercalls (through KVM's Xen
                    support, which the host kernel needs: CONFIG_KVM_XEN), event
                    channels with per-vCPU upcalls, grant tables; the guest uses its own
-                   Xen drivers. No snapshots or migration yet
+                   Xen drivers; the disks become xvda, xvdb, ... (xen-blkfront), and with
+                   --console stdin goes to hvc0 (hvc_xen). No snapshots or migration yet
   --net-tap NAME   a virtio-net device on TAP interface NAME (created if missing; needs
                    CAP_NET_ADMIN or an interface owned by this user)
   --kernel PATH    a Linux bzImage or ELF vmlinux; ACPI tables describe the vCPUs, the
@@ -322,6 +323,9 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
     if o.xen {
         if o.kernel.is_none() || o.pv {
             return Err("--xen presents Xen to a --kernel (not with --pv)".into());
+        }
+        if matches!(o.console, Some(ConsoleOption::Socket(_))) {
+            return Err("--xen: the Xen console takes stdin (--console), not a socket".into());
         }
         if o.snapshot.is_some()
             || o.restore.is_some()

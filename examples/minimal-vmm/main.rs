@@ -164,6 +164,8 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         vmcraft::sandbox::enable(vmcraft::sandbox::Policy { on_violation })?;
     }
     let console = match console_stream {
+        // A Xen guest's console is hvc_xen's ring (stdin goes to it).
+        _ if o.xen => None,
         None => None,
         Some(None) => Some(Console::new(
             Box::new(std::io::stdout()),
@@ -236,6 +238,16 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             "minimal-vmm: Xen {}.{} at CPUID {:#x}, domain {}",
             xen.cpuid.version.0, xen.cpuid.version.1, xen.cpuid.base, xen.cpuid.domid
         );
+        // With --console, stdin goes to hvc0 (the PV console) instead of COM1.
+        let xen_console_input = match o.console {
+            Some(ConsoleOption::Stdio) => {
+                use std::os::fd::AsFd;
+                Some(std::fs::File::from(
+                    std::io::stdin().as_fd().try_clone_to_owned()?,
+                ))
+            }
+            _ => None,
+        };
         let xen_disks = disks
             .by_ref()
             .enumerate()
@@ -250,6 +262,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
                 b.memory().clone(),
                 xen_disks,
                 Box::new(std::io::stdout()),
+                xen_console_input,
             )
             .map_err(|e| format!("--xen: {e}{}", source_chain(&e)))?,
         );

@@ -147,13 +147,14 @@ fn backend_port(
 
 impl XenServices {
     /// Start the store (with a vbd per disk of `disks`) and the console (output to
-    /// `console_out`) for the guest of `xen`, and publish where they are in its HVM
-    /// parameters. Call before the guest boots.
+    /// `console_out`, input from `console_in` if given) for the guest of `xen`, and
+    /// publish where they are in its HVM parameters. Call before the guest boots.
     pub fn start(
         xen: &XenHvm,
         memory: GuestMemory,
         disks: Vec<XenDisk>,
         console_out: Box<dyn Write + Send>,
+        console_in: Option<File>,
     ) -> Result<Self, XenServiceError> {
         Self::start_on(
             xen.channels.clone(),
@@ -162,6 +163,7 @@ impl XenServices {
             memory,
             disks,
             console_out,
+            console_in,
         )
     }
 
@@ -172,7 +174,8 @@ impl XenServices {
         params: &HvmParams,
         memory: GuestMemory,
         disks: Vec<XenDisk>,
-        mut console_out: Box<dyn Write + Send>,
+        console_out: Box<dyn Write + Send>,
+        console_in: Option<File>,
     ) -> Result<Self, XenServiceError> {
         let shared = Arc::new(Shared {
             memory: memory.clone(),
@@ -234,27 +237,32 @@ impl XenServices {
             .map_err(XenServiceError::Thread)?,
         );
 
-        let s = shared.clone();
-        let epoll = epoll_for(&console_port.notified, &s.stop, &s.gate.wake)
+        let epoll = epoll_for(&console_port.notified, &shared.stop, &shared.gate.wake)
             .map_err(XenServiceError::Host)?;
+        if let Some(input) = &console_in {
+            use std::os::fd::AsRawFd;
+            use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    input.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, CONSOLE_INPUT),
+                )
+                .map_err(XenServiceError::Host)?;
+        }
+        let console = ConsoleThread {
+            shared: shared.clone(),
+            console,
+            port: console_port,
+            out: console_out,
+            input: console_in,
+            pending: Vec::new(),
+            epoll,
+        };
         shared.gate.lock().live += 1;
         threads.push(
-            vmcraft_sandbox::spawn(ThreadKind::PvBackend, "xen-console", move || {
-                let _leave = Leave(&s.gate);
-                while wait(&epoll, &console_port.notified, &s.gate) {
-                    match console.drain_output(&mut *console_out) {
-                        Ok(n) if n > 0 => {
-                            let _ = s.channels.notify_guest(console_port.port);
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            log::warn!("xen-console: stops serving the guest: {}", ErrorChain(&e));
-                            return;
-                        }
-                    }
-                }
-            })
-            .map_err(XenServiceError::Thread)?,
+            vmcraft_sandbox::spawn(ThreadKind::PvBackend, "xen-console", move || console.run())
+                .map_err(XenServiceError::Thread)?,
         );
         Ok(XenServices {
             shared,
@@ -340,6 +348,113 @@ fn guest_entries(xs: &mut Xenstore, disks: Vec<XenDisk>) -> Result<Vec<Vbd>, Xen
         )
         .map_err(S)?;
     Ok(vbds)
+}
+
+/// The console thread's epoll token for its input.
+const CONSOLE_INPUT: u64 = 3;
+
+/// The console's thread: the guest's output out, the input in (what the ring has no
+/// room for waits, and the input is not read meanwhile).
+struct ConsoleThread {
+    shared: Arc<Shared>,
+    console: ConsoleBackend,
+    port: BackendPort,
+    out: Box<dyn Write + Send>,
+    input: Option<File>,
+    pending: Vec<u8>,
+    epoll: vmm_sys_util::epoll::Epoll,
+}
+
+impl ConsoleThread {
+    fn run(mut self) {
+        use vmm_sys_util::epoll::EpollEvent;
+        let s = self.shared.clone();
+        let _leave = Leave(&s.gate);
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("xen-console: epoll_wait failed, the console stops: {e}");
+                    return;
+                }
+            };
+            let tokens: Vec<u64> = events[..n].iter().map(|e| e.data()).collect();
+            if tokens.contains(&1) {
+                return;
+            }
+            if tokens.contains(&2) {
+                s.gate.park();
+                continue;
+            }
+            // Reading resets the counter; an error means it was zero already.
+            let _ = self.port.notified.read();
+            let mut notify = match self.console.drain_output(&mut *self.out) {
+                Ok(n) => n > 0,
+                Err(e) => {
+                    log::warn!("xen-console: stops serving the guest: {}", ErrorChain(&e));
+                    return;
+                }
+            };
+            if tokens.contains(&CONSOLE_INPUT) && self.pending.is_empty() {
+                self.read_input();
+            }
+            if !self.pending.is_empty() {
+                match self.console.feed_input(&self.pending) {
+                    Ok(taken) => {
+                        self.pending.drain(..taken);
+                        notify |= taken > 0;
+                    }
+                    Err(e) => {
+                        log::warn!("xen-console: stops serving the guest: {}", ErrorChain(&e));
+                        return;
+                    }
+                }
+                self.arm_input(self.pending.is_empty());
+            }
+            if notify {
+                let _ = s.channels.notify_guest(self.port.port);
+            }
+        }
+    }
+
+    /// Read what the input has (at most a ring's worth); at its end, stop watching it.
+    fn read_input(&mut self) {
+        use std::io::Read;
+        let Some(input) = self.input.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 1024];
+        match input.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                // End of input (or an error): the guest keeps its console output.
+                use std::os::fd::AsRawFd;
+                use vmm_sys_util::epoll::{ControlOperation, EpollEvent};
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    input.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+                self.input = None;
+            }
+            Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+        }
+    }
+
+    /// Watch the input (when nothing waits for the ring) or not.
+    fn arm_input(&self, on: bool) {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+        if let Some(input) = &self.input {
+            let events = if on { EventSet::IN } else { EventSet::empty() };
+            let _ = self.epoll.ctl(
+                ControlOperation::Modify,
+                input.as_raw_fd(),
+                EpollEvent::new(events, CONSOLE_INPUT),
+            );
+        }
+    }
 }
 
 /// The store's thread.
