@@ -233,9 +233,15 @@ impl XenHvm {
     /// ring pages set aside in the memory map, the hypercall table installed.
     /// `SCHEDOP_shutdown` stops the VM.
     pub fn install(builder: &mut MachineBuilder, vcpus: u32) -> Result<Self, XenHvmError> {
-        let stop = builder.stop_latch();
         enable_xen_hypercalls(builder.vm().fd(), HYPERCALL_PAGE_MSR)
             .map_err(XenHvmError::Support)?;
+        Self::assemble(builder, vcpus)
+    }
+
+    /// Everything [`install`](Self::install) does but switching on KVM's Xen
+    /// hypercall exits (tests on hosts without them).
+    fn assemble(builder: &mut MachineBuilder, vcpus: u32) -> Result<Self, XenHvmError> {
+        let stop = builder.stop_latch();
         builder
             .carve_e820(
                 "Xen grant frames",
@@ -324,5 +330,118 @@ impl XenHvm {
             upcalls,
             cpuid,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmcraft_pv_hypercall::hypercall::{HypercallArgs, HypercallContext};
+    use vmcraft_vcpu::xen::xen_flags;
+
+    fn builder() -> MachineBuilder {
+        MachineBuilder::new(64 << 20, Box::new(std::io::sink())).expect("a VM")
+    }
+
+    #[test]
+    fn install_says_when_the_host_cannot_pass_xen_hypercalls() {
+        let mut b = builder();
+        let supported = vmcraft_vcpu::xen::supports_xen_hypercalls(xen_flags(b.vm().fd()));
+        match XenHvm::install(&mut b, 1) {
+            Ok(_) => assert!(supported),
+            Err(XenHvmError::Support(XenSupportError::Unsupported { .. })) => assert!(!supported),
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+
+    #[test]
+    fn the_platform_has_xens_leaves_pages_and_hypercalls() {
+        let mut b = builder();
+        let xen = XenHvm::assemble(&mut b, 2).unwrap();
+        assert_eq!(
+            xen.cpuid.base, 0x4000_0200,
+            "after vmcraft's and KVM's leaves"
+        );
+        let tsc = vm_tsc_khz(b.vm().fd()).unwrap_or(0);
+        assert_eq!(
+            xen.linux_cmdline(),
+            if tsc == 0 {
+                String::new()
+            } else {
+                format!(" tsc_early_khz={tsc}")
+            }
+        );
+        // The grant region and the ring pages are set aside.
+        assert!(b.reserve("overlap", GRANT_REGION, PAGE).is_err());
+        assert!(b.reserve("overlap", STORE_PAGE, PAGE).is_err());
+        assert!(XenHvm::assemble(&mut b, 2).is_err(), "the pages are taken");
+        // The table answers Linux's first call, through the builder's parts.
+        let parts = b.into_parts();
+        let table = parts.hypercalls.expect("a table");
+        let memory = parts.vm.memory();
+        memory.write_obj(0u32, GuestAddress(0x1000)).unwrap();
+        let ctx = HypercallContext::physical(0, memory);
+        let call = |nr, a0, a1| {
+            table.dispatch(
+                &ctx,
+                HypercallArgs {
+                    nr,
+                    args: [a0, a1, 0, 0, 0],
+                },
+            )
+        };
+        assert_eq!(call(17, 0, 0), 0x4_0011);
+        assert_eq!(call(17, 6, 0x1000), 0);
+        assert_ne!(memory.read_obj::<u32>(GuestAddress(0x1004)).unwrap(), 0);
+        assert_eq!(call(99, 0, 0), -38);
+        for nr in [12, 20, 24, 29, 32, 34] {
+            assert!(
+                table.count(nr) == 0 && call(nr, 999, 0x1000) < 0,
+                "{nr} answers"
+            );
+            assert_eq!(table.count(nr), 1, "{nr} is registered");
+        }
+    }
+
+    #[test]
+    fn upcalls_go_per_vcpu_and_one_the_apic_refused_is_owed() {
+        let mut b = builder();
+        let xen = XenHvm::assemble(&mut b, 1).unwrap();
+        // No vector yet: nothing to send, nothing owed.
+        xen.upcalls.raise(0);
+        assert!(!xen.upcalls.owed(0));
+        // A vector, but no vCPU (hence no local APIC) to take it: owed.
+        let routing = UpcallRouting {
+            vectors: xen.upcalls.clone(),
+            channels: xen.channels.clone(),
+        };
+        routing.vcpu_vector(0, 0xf3);
+        routing.vcpu_vector(7, 0xf3); // no such vCPU: ignored
+        routing.callback(Callback::Vector(0xf3));
+        assert_eq!(xen.upcalls.vector(0), 0xf3);
+        assert_eq!(xen.upcalls.vector(7), 0);
+        xen.upcalls.raise(0);
+        assert!(xen.upcalls.owed(0));
+        assert!(!xen.upcalls.owed(7));
+    }
+
+    #[test]
+    fn a_guest_shutdown_stops_the_vm_with_its_reason() {
+        for (reason, stop) in [
+            (ShutdownReason::PowerOff, DeviceStop::PowerOff),
+            (ShutdownReason::Reboot, DeviceStop::Reset),
+            (
+                ShutdownReason::Crash,
+                DeviceStop::Device {
+                    device: "xen shutdown",
+                    code: 3,
+                },
+            ),
+        ] {
+            let latch = Arc::new(StopLatch::default());
+            StopOnShutdown(latch.clone()).shutdown(0, reason);
+            assert_eq!(latch.peek(), Some(stop));
+        }
     }
 }

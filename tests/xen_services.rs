@@ -297,3 +297,87 @@ fn a_front_end_with_bad_details_gets_the_back_end_closed_with_a_reason() {
         "the reason is in the back end's error node"
     );
 }
+
+/// What the console writes, for the test to read.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn the_console_carries_the_guests_output_out_and_the_hosts_input_in() {
+    use std::os::unix::net::UnixStream;
+    common::sandboxed();
+    let ram = GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+    let mem = ram.memory().clone();
+    let channels = Arc::new(EventChannels::unplaced(mem.clone(), Arc::new(NoUpcall)));
+    channels
+        .place_shared_info(GuestAddress(SHARED_INFO))
+        .unwrap();
+    let grants = Arc::new(GrantTable::unplaced(mem.clone(), 1, 0));
+    let params = HvmParams::new(1, (0, 0), (0, 0), Arc::new(NoUpcall));
+    let out = Captured::default();
+    let (mut host, guest_side) = UnixStream::pair().unwrap();
+    let _services = XenServices::start_on(
+        channels.clone(),
+        grants,
+        &params,
+        mem.clone(),
+        Vec::new(),
+        Box::new(out.clone()),
+        Some(std::fs::File::from(std::os::fd::OwnedFd::from(guest_side))),
+    )
+    .unwrap();
+    let port = params.get(param::CONSOLE_EVTCHN).unwrap() as u32;
+    let page = params.get(param::CONSOLE_PFN).unwrap() * 4096;
+    assert_eq!(page, CONSOLE_PAGE);
+    // xencons_interface: in[1024], out[2048], in_cons, in_prod, out_cons, out_prod.
+    let (out_ring, in_cons, in_prod, out_prod) =
+        (page + 1024, page + 3072, page + 3076, page + 3084);
+    mem.write_slice(b"hello from hvc0\n", GuestAddress(out_ring))
+        .unwrap();
+    mem.write_obj(16u32, GuestAddress(out_prod)).unwrap();
+    channels.send(port).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.0.lock().unwrap().as_slice() != b"hello from hvc0\n" {
+        assert!(Instant::now() < deadline, "the output never came out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The host types more than the ring holds: it goes in as the guest reads.
+    let typed: Vec<u8> = (0..1500u32).map(|i| b'a' + (i % 26) as u8).collect();
+    host.write_all(&typed).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < typed.len() {
+        let (cons, prod) = (
+            mem.read_obj::<u32>(GuestAddress(in_cons)).unwrap(),
+            mem.read_obj::<u32>(GuestAddress(in_prod)).unwrap(),
+        );
+        for i in cons..prod {
+            got.push(
+                mem.read_obj::<u8>(GuestAddress(page + u64::from(i % 1024)))
+                    .unwrap(),
+            );
+        }
+        if prod != cons {
+            // The guest has read them and says so.
+            mem.write_obj(prod, GuestAddress(in_cons)).unwrap();
+            channels.send(port).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the input stopped at {} bytes",
+            got.len()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(got, typed);
+}
