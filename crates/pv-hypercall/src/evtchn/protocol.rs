@@ -28,12 +28,19 @@ pub(crate) fn raise(w: &impl Words, port: u32, vcpu: u32) -> bool {
 }
 
 /// Flag `port`'s word in the selector and set `upcall_pending`; returns whether the
-/// upcall must be delivered (the word was not flagged and upcalls are not masked).
+/// upcall must be delivered: unless upcalls are masked, yes, for every port that
+/// became pending, even if its word was flagged already.
+///
+/// Xen skips the upcall when the word was flagged: the guest, it reasons, has one
+/// coming. That holds when the upcall is a line Xen keeps asserting while
+/// `upcall_pending` is set (Xen's HVM callback vector), not when it is one edge through
+/// a local APIC, as here: a guest that resets its APIC while the edge waits in it
+/// (Linux does, as it brings the APIC up) loses it, and with the flags left set no
+/// event would ever raise another. An upcall per newly pending port costs at most a
+/// spurious interrupt, and the next event recovers a lost one.
 pub(crate) fn deliver(w: &impl Words, port: u32, vcpu: u32) -> bool {
     let sel = 1u64 << (port / 64);
-    if w.selector_fetch_or(vcpu, sel) & sel != 0 {
-        return false;
-    }
+    w.selector_fetch_or(vcpu, sel);
     w.set_upcall_pending(vcpu);
     !w.upcall_masked(vcpu)
 }

@@ -500,3 +500,19 @@ fn an_upcall_the_guest_could_not_take_is_raised_again_with_the_next_event() {
         "pending already: nothing owed"
     );
 }
+
+#[test]
+fn an_upcall_the_guest_lost_after_taking_it_is_recovered_by_the_next_event() {
+    let (ram, ch, counter) = setup();
+    let (a, b) = (ch.bind_ipi(0).unwrap(), ch.bind_ipi(0).unwrap());
+    ch.send(a).unwrap();
+    assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+    // The upcall was taken, then lost (the guest reset its local APIC): the flags
+    // stay set. Another port's event still brings an upcall.
+    ch.send(b).unwrap();
+    assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+    assert_eq!(selector(&ram, 0), 1);
+    // The same port again while pending: the guest has not seen it; no more.
+    ch.send(b).unwrap();
+    assert_eq!(counter.0.load(Ordering::SeqCst), 2);
+}
