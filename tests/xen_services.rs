@@ -146,18 +146,26 @@ impl Front {
     }
 }
 
-#[test]
-fn a_front_end_connects_reads_its_disk_and_closes_as_xen_blkfront_does() {
-    common::sandboxed();
+/// A guest's memory with the pieces a Xen platform gives it: event channels with
+/// the shared-info page placed, a one-frame grant table placed, the HVM parameters.
+fn platform() -> (GuestRam, Arc<EventChannels>, Arc<GrantTable>, HvmParams) {
     let ram = GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
     let mem = ram.memory().clone();
     let channels = Arc::new(EventChannels::unplaced(mem.clone(), Arc::new(NoUpcall)));
     channels
         .place_shared_info(GuestAddress(SHARED_INFO))
         .unwrap();
-    let grants = Arc::new(GrantTable::unplaced(mem.clone(), 1, 0));
+    let grants = Arc::new(GrantTable::unplaced(mem, 1, 0));
     grants.place_frame(0, GuestAddress(GRANT_FRAME)).unwrap();
     let params = HvmParams::new(1, (0, 0), (0, 0), Arc::new(NoUpcall));
+    (ram, channels, grants, params)
+}
+
+#[test]
+fn a_front_end_connects_reads_its_disk_and_closes_as_xen_blkfront_does() {
+    common::sandboxed();
+    let (ram, channels, grants, params) = platform();
+    let mem = ram.memory().clone();
     let mut disk = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
     let image: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
     disk.write_all(&image).unwrap();
@@ -253,15 +261,8 @@ fn a_front_end_connects_reads_its_disk_and_closes_as_xen_blkfront_does() {
 #[test]
 fn a_front_end_with_bad_details_gets_the_back_end_closed_with_a_reason() {
     common::sandboxed();
-    let ram = GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+    let (ram, channels, grants, params) = platform();
     let mem = ram.memory().clone();
-    let channels = Arc::new(EventChannels::unplaced(mem.clone(), Arc::new(NoUpcall)));
-    channels
-        .place_shared_info(GuestAddress(SHARED_INFO))
-        .unwrap();
-    let grants = Arc::new(GrantTable::unplaced(mem.clone(), 1, 0));
-    grants.place_frame(0, GuestAddress(GRANT_FRAME)).unwrap();
-    let params = HvmParams::new(1, (0, 0), (0, 0), Arc::new(NoUpcall));
     let _services = XenServices::start_on(
         channels.clone(),
         grants,
@@ -316,14 +317,8 @@ impl Write for Captured {
 fn the_console_carries_the_guests_output_out_and_the_hosts_input_in() {
     use std::os::unix::net::UnixStream;
     common::sandboxed();
-    let ram = GuestRam::new(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+    let (ram, channels, grants, params) = platform();
     let mem = ram.memory().clone();
-    let channels = Arc::new(EventChannels::unplaced(mem.clone(), Arc::new(NoUpcall)));
-    channels
-        .place_shared_info(GuestAddress(SHARED_INFO))
-        .unwrap();
-    let grants = Arc::new(GrantTable::unplaced(mem.clone(), 1, 0));
-    let params = HvmParams::new(1, (0, 0), (0, 0), Arc::new(NoUpcall));
     let out = Captured::default();
     let (mut host, guest_side) = UnixStream::pair().unwrap();
     let _services = XenServices::start_on(
