@@ -518,6 +518,50 @@ mod tests {
     }
 
     #[test]
+    fn xen_hypercalls_dispatch_with_linear_arguments_and_stop_on_a_shutdown() {
+        let plain = handler();
+        let stop = Arc::new(StopLatch::default());
+        let h = HypercallExitHandler::xen(
+            plain.table.clone(),
+            plain.memory.clone(),
+            stop.clone(),
+            Recorder::default(),
+        );
+        let mut vcpu = FakeVcpu::default();
+        let call = |nr| XenHypercall {
+            nr,
+            params: [40, 2, 0, 0, 0, 0],
+            longmode: true,
+            cpl: 0,
+        };
+        let mut result = 0;
+        assert_eq!(
+            h.xen_hypercall(&call(5), &mut result, &mut vcpu),
+            ExitAction::Continue
+        );
+        assert_eq!(result, 42);
+        h.xen_hypercall(&call(99), &mut result, &mut vcpu);
+        assert_eq!(result, -38, "an unknown number: -ENOSYS");
+        // From guest user mode: refused, and nothing is dispatched.
+        let user = XenHypercall { cpl: 3, ..call(5) };
+        h.xen_hypercall(&user, &mut result, &mut vcpu);
+        assert_eq!(result, -1, "-EPERM");
+        assert_eq!(h.table().count(5), 1);
+        // No hypercall port on a Xen machine: a write there is an ordinary exit.
+        h.pio_write(HYPERCALL_PORT, &[0], &mut vcpu);
+        assert_eq!(h.inner().0.lock().unwrap().as_slice(), ["pio_write"]);
+        // A stop asked during a call ends the run.
+        stop.request(DeviceStop::PowerOff);
+        assert_eq!(
+            h.xen_hypercall(&call(5), &mut result, &mut vcpu),
+            ExitAction::Stop(StopReason::PowerOff)
+        );
+        // A handler without Xen passes Xen exits to its inner handler.
+        plain.xen_hypercall(&call(5), &mut result, &mut vcpu);
+        assert_eq!(result, -38, "the default: -ENOSYS");
+    }
+
+    #[test]
     fn every_other_exit_goes_to_the_inner_handler() {
         let h = handler();
         let mut vcpu = FakeVcpu::default();

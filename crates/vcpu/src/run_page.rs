@@ -118,3 +118,49 @@ pub(crate) unsafe fn request_immediate_exit(run: *mut kvm_run) {
     // store is what KVM expects for this flag, which it reads at KVM_RUN entry.
     unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_xen_hypercall_exit_is_read_and_answered_in_place() {
+        let mut run = kvm_run {
+            exit_reason: KVM_EXIT_XEN,
+            ..Default::default()
+        };
+        let mut xen = kvm_bindings::kvm_xen_exit {
+            type_: KVM_EXIT_XEN_HCALL,
+            ..Default::default()
+        };
+        xen.u.hcall = kvm_bindings::kvm_xen_exit__bindgen_ty_1__bindgen_ty_1 {
+            longmode: 1,
+            cpl: 0,
+            input: 32,
+            params: [4, 0xffff_c900_0000_fe98, 0, 0, 0, 0],
+            ..Default::default()
+        };
+        run.__bindgen_anon_1.xen = xen;
+        let call = xen_hypercall(&run).expect("a hypercall");
+        assert_eq!(
+            call,
+            XenHypercall {
+                nr: 32,
+                params: [4, 0xffff_c900_0000_fe98, 0, 0, 0, 0],
+                longmode: true,
+                cpl: 0
+            }
+        );
+        set_xen_result(&mut run, -38);
+        // SAFETY: the exit written above is a Xen hypercall; plain integers.
+        let result = unsafe { run.__bindgen_anon_1.xen.u.hcall.result };
+        assert_eq!(result as i64, -38);
+        // Another exit, or another kind of Xen exit, is none.
+        run.__bindgen_anon_1.xen.type_ = 2;
+        assert_eq!(xen_hypercall(&run), None);
+        run.exit_reason = KVM_EXIT_IO;
+        assert_eq!(xen_hypercall(&run), None);
+        set_xen_result(&mut run, 0); // does nothing to a port exit
+        assert_eq!(internal_suberror(&run), 0);
+    }
+}
