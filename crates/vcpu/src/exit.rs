@@ -233,6 +233,25 @@ pub const SYSTEM_EVENT_RESET: u32 = 2;
 /// `KVM_SYSTEM_EVENT_CRASH`.
 pub const SYSTEM_EVENT_CRASH: u32 = 3;
 
+/// A Xen hypercall exit through `handler`: the result for the guest's `rax` (`-ENOSYS`
+/// unless the handler says otherwise) and what the run loop does.
+pub(crate) fn xen_exit(
+    call: XenHypercall,
+    handler: &dyn ExitHandler,
+    vcpu: &mut dyn VcpuRegisters,
+) -> (i64, Result<ExitAction, ExitError>) {
+    let mut result = -XEN_ENOSYS;
+    let action = dispatch(
+        Exit::XenHypercall {
+            call,
+            result: &mut result,
+        },
+        handler,
+        vcpu,
+    );
+    (result, action)
+}
+
 /// Route one exit to `handler`, or decide it directly.
 pub fn dispatch(
     exit: Exit<'_>,
@@ -438,6 +457,11 @@ mod tests {
         };
         dispatch(exit, &Version, &mut regs).unwrap();
         assert_eq!(result, 0x4_0011);
+        assert_eq!(
+            xen_exit(call, &Version, &mut regs),
+            (0x4_0011, Ok(ExitAction::Continue))
+        );
+        assert_eq!(xen_exit(call, &Nothing, &mut regs).0, -XEN_ENOSYS);
     }
 
     #[test]

@@ -97,6 +97,12 @@ pub(crate) fn xen_hypercall(run: &kvm_run) -> Option<XenHypercall> {
     })
 }
 
+/// The Xen hypercall of the exit in `run`, or the exit reason if it is none (an exit
+/// vmcraft does not handle).
+pub(crate) fn xen_or_reason(run: &kvm_run) -> Result<XenHypercall, u32> {
+    xen_hypercall(run).ok_or(run.exit_reason)
+}
+
 /// Set the result of the Xen hypercall exit in `run` (KVM puts it in the guest's
 /// `rax` on the next KVM_RUN). Does nothing if `run` holds another exit.
 pub(crate) fn set_xen_result(run: &mut kvm_run, result: i64) {
@@ -158,6 +164,7 @@ mod tests {
         // Another exit, or another kind of Xen exit, is none.
         run.__bindgen_anon_1.xen.type_ = 2;
         assert_eq!(xen_hypercall(&run), None);
+        assert_eq!(xen_or_reason(&run), Err(KVM_EXIT_XEN));
         run.exit_reason = KVM_EXIT_IO;
         assert_eq!(xen_hypercall(&run), None);
         set_xen_result(&mut run, 0); // does nothing to a port exit

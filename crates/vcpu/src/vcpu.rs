@@ -21,7 +21,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::cpu::{self, HypervisorInfo};
 use crate::exit::{
-    dispatch, Exit, ExitAction, ExitError, ExitHandler, StopReason, VcpuRegisters, XenHypercall,
+    dispatch, xen_exit, Exit, ExitAction, ExitError, ExitHandler, StopReason, VcpuRegisters,
+    XenHypercall,
 };
 use crate::mode::{self, ModeError};
 use crate::run_page;
@@ -374,13 +375,8 @@ impl Vcpu {
             Ok(VcpuExit::Intr) => RawExit::Kicked,
             Ok(VcpuExit::InternalError) => RawExit::InternalError,
             Ok(VcpuExit::FailEntry(reason, _)) => RawExit::FailEntry(reason),
-            Ok(_) => {
-                let run = self.fd.get_kvm_run();
-                match run_page::xen_hypercall(run) {
-                    Some(call) => RawExit::Xen(call),
-                    None => RawExit::Unhandled(run.exit_reason),
-                }
-            }
+            Ok(_) => run_page::xen_or_reason(self.fd.get_kvm_run())
+                .map_or_else(RawExit::Unhandled, RawExit::Xen),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => RawExit::Kicked,
             Err(source) => return Err(VmError::Run { index, source }),
         };
@@ -455,14 +451,7 @@ impl Vcpu {
                 (ExitKind::Other, one(Exit::FailEntry { reason }, &mut regs))
             }
             RawExit::Xen(call) => {
-                let mut result = -crate::exit::XEN_ENOSYS;
-                let action = one(
-                    Exit::XenHypercall {
-                        call,
-                        result: &mut result,
-                    },
-                    &mut regs,
-                );
+                let (result, action) = xen_exit(call, handler, &mut regs);
                 run_page::set_xen_result(self.fd.get_kvm_run(), result);
                 (ExitKind::Hypercall, action)
             }

@@ -175,6 +175,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_errors_say_what_failed_and_with_which_value() {
+        let unsupported = XenSupportError::Unsupported {
+            flags: 0,
+            needed: NEEDED_FLAGS,
+        };
+        assert!(unsupported.to_string().contains("flags 0x0"));
+        assert!(unsupported.to_string().contains("CONFIG_KVM_XEN"));
+        assert!(XenSupportError::BadMsr(0x10)
+            .to_string()
+            .contains("0x10 is outside"));
+        let refused = XenSupportError::Config {
+            flags: 2,
+            msr: 0x4000_0000,
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        };
+        assert!(refused.to_string().contains("MSR 0x40000000"));
+        assert!(std::error::Error::source(&refused).is_some());
+    }
+
+    #[test]
     fn both_flags_are_needed() {
         assert!(supports_xen_hypercalls(0x1ff));
         assert!(supports_xen_hypercalls(NEEDED_FLAGS));
