@@ -119,22 +119,55 @@ pub trait SnapshotPart: Send + Sync {
     fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError>;
 }
 
+/// A part's state as a state file of one section, `name`.
+fn part_bytes<T: Versioned>(name: &str, value: &T) -> Result<Vec<u8>, MachineSnapshotError> {
+    let mut b = SnapshotBuilder::new();
+    b.put(name, value).map_err(MachineSnapshotError::File)?;
+    Ok(b.to_bytes())
+}
+
+/// The value of section `name` in a part's state from [`part_bytes`].
+fn part_value<T: Versioned>(state: &[u8], name: &str) -> Result<T, MachineSnapshotError> {
+    let s = Snapshot::parse(state.to_vec()).map_err(MachineSnapshotError::File)?;
+    s.load(name).map_err(MachineSnapshotError::File)
+}
+
 /// The PV channel as a part of a snapshot (section `pv`): its threads parked, its
 /// event-channel table saved.
 impl SnapshotPart for crate::pv_machine::PvBackends {
     fn pause(&self) -> Result<Vec<u8>, MachineSnapshotError> {
-        let mut b = SnapshotBuilder::new();
-        b.put("pv", &PvBackends::pause(self))
-            .map_err(MachineSnapshotError::File)?;
-        Ok(b.to_bytes())
+        part_bytes("pv", &PvBackends::pause(self))
     }
     fn resume(&self) {
         PvBackends::resume(self)
     }
     fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError> {
-        let s = Snapshot::parse(state.to_vec()).map_err(MachineSnapshotError::File)?;
-        let saved = s.load("pv").map_err(MachineSnapshotError::File)?;
-        PvBackends::restore(self, &saved).map_err(MachineSnapshotError::Pv)
+        PvBackends::restore(self, &part_value(state, "pv")?).map_err(MachineSnapshotError::Pv)
+    }
+}
+
+/// An emulated ATA disk the embedding program put on the port bus, as a part of a
+/// snapshot (section `ata`): its task file and a PIO transfer in progress. It is
+/// served on the vCPU threads, so with them paused it has nothing left to finish.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use vmcraft::devices::ata::AtaDisk;
+/// # fn f(b: &mut vmcraft::builder::MachineBuilder, image: std::fs::File) -> Result<(), Box<dyn std::error::Error>> {
+/// let ata = Arc::new(AtaDisk::new(image, false)?);
+/// b.buses_mut().register_pio(AtaDisk::COMMAND_BASE, 8, ata.clone())?;
+/// b.buses_mut().register_pio(AtaDisk::CONTROL_BASE, 1, ata.clone())?;
+/// b.add_snapshot_part("ata", ata);
+/// # Ok(()) }
+/// ```
+impl SnapshotPart for vmcraft_devices::ata::AtaDisk {
+    fn pause(&self) -> Result<Vec<u8>, MachineSnapshotError> {
+        part_bytes("ata", &self.save_state())
+    }
+    fn resume(&self) {}
+    fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError> {
+        self.restore_state(&part_value(state, "ata")?)
+            .map_err(MachineSnapshotError::Device)
     }
 }
 

@@ -1,10 +1,12 @@
 //! The snapshot reader under any bytes: parsing never panics, and whatever sections
 //! verify are decoded as every state a restore reads (vCPU, VM, 16550, i8042, RTC,
-//! virtio-mmio transport, balloon) and, for the devices, restored into live devices, which
-//! must either accept the state or refuse it with an error.
+//! virtio-mmio transport, balloon, ATA disk) and, for the devices, restored into live
+//! devices, which must either accept the state or refuse it with an error; an ATA disk
+//! that accepts one then serves its data port.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vmcraft_devices::ata::{AtaDisk, AtaState};
 use vmcraft_devices::i8042::{Controller, I8042};
 use vmcraft_devices::rtc::{Rtc, RtcSaved};
 use vmcraft_devices::serial::{SerialDevice, SerialState};
@@ -12,10 +14,14 @@ use vmcraft_devices::stop::StopLatch;
 use vmcraft_devices::virtio::balloon::{Balloon, BalloonState};
 use vmcraft_devices::virtio::mmio::{MmioTransport, TransportState};
 use vmcraft_devices::virtio::rng::Rng;
+use vmcraft_devices::vm_device::bus::PioAddress;
+use vmcraft_devices::vm_device::DevicePio;
 use vmcraft_memory::layout::MemoryLayout;
 use vmcraft_memory::GuestRam;
 use vmcraft_snapshot::Snapshot;
 use vmcraft_vcpu::state::{VcpuState, VmState};
+
+mod scratch;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(snapshot) = Snapshot::parse(data.to_vec()) else {
@@ -49,6 +55,18 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(control.inflated_pages(), ones);
             } else {
                 assert_eq!(control.inflated_pages(), 0);
+            }
+        }
+        if let Ok(s) = snapshot.load::<AtaState>(name) {
+            let ata = AtaDisk::new(scratch::image(64), false).unwrap();
+            if ata.restore_state(&s).is_ok() {
+                assert_eq!(ata.save_state(), s);
+                let port = PioAddress(AtaDisk::COMMAND_BASE);
+                let mut word = [0u8; 2];
+                for _ in 0..600 {
+                    ata.pio_read(port, 0, &mut word);
+                    ata.pio_write(port, 0, &word);
+                }
             }
         }
         if let Ok(s) = snapshot.load::<TransportState>(name) {

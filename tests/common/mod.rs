@@ -355,21 +355,34 @@ pub fn open_rw(path: &std::path::Path) -> std::fs::File {
 }
 
 /// A guest that keeps block requests in flight on a disk, for snapshot and migration
-/// tests: blkcheck on virtio-blk, or pvcheck on the PV channel.
+/// tests: blkcheck on virtio-blk, pvcheck on the PV channel, or ata_bench's check
+/// rounds on the emulated ATA disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskGuest {
     /// Batches of virtio-blk requests.
     VirtioBlk,
     /// Batches of blkif requests through grants and event channels.
     Pv,
+    /// Sectors through the emulated ATA disk's task file and data port.
+    Ata,
 }
 
 impl DiskGuest {
+    /// `rounds` of a virtio or PV guest, as rounds of this one: an ATA round moves its
+    /// 8 KiB a word per port access, and takes about as long as 20 of theirs.
+    pub fn rounds(self, rounds: u64) -> u64 {
+        match self {
+            DiskGuest::Ata => rounds.div_ceil(20),
+            _ => rounds,
+        }
+    }
+
     /// The output of an undisturbed run of `rounds` rounds.
     pub fn expected(self, rounds: u64) -> String {
         match self {
             DiskGuest::VirtioBlk => vmcraft_guest_kit::blkcheck_output(rounds),
             DiskGuest::Pv => vmcraft_guest_kit::pvcheck_output(rounds),
+            DiskGuest::Ata => vmcraft_guest_kit::atacheck_output(rounds),
         }
     }
 
@@ -388,6 +401,17 @@ impl DiskGuest {
             DiskGuest::Pv => {
                 add_pv(b, open_rw(path), Box::new(std::io::sink()));
             }
+            DiskGuest::Ata => {
+                use vmcraft::devices::ata::AtaDisk;
+                let ata = Arc::new(AtaDisk::new(open_rw(path), false).unwrap());
+                b.buses_mut()
+                    .register_pio(AtaDisk::COMMAND_BASE, 8, ata.clone())
+                    .unwrap();
+                b.buses_mut()
+                    .register_pio(AtaDisk::CONTROL_BASE, 1, ata.clone())
+                    .unwrap();
+                b.add_snapshot_part("ata", ata);
+            }
         }
     }
 
@@ -404,6 +428,7 @@ impl DiskGuest {
         let (guest, param) = match self {
             DiskGuest::VirtioBlk => (Guest::BLKCHECK, 1 | rounds << 16),
             DiskGuest::Pv => (Guest::PVCHECK, rounds << 16),
+            DiskGuest::Ata => (Guest::ATA_BENCH, 8 | rounds << 16),
         };
         b.load(guest.image()).unwrap();
         b.start(&[VcpuConfig::at(guest.entry(0, param))]).unwrap()

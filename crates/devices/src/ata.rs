@@ -19,6 +19,8 @@ use std::sync::Mutex;
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::DevicePio;
 
+use crate::state::StateError;
+
 /// Sector size.
 pub const SECTOR: usize = 512;
 
@@ -48,19 +50,49 @@ pub const CMD_FLUSH_CACHE: u8 = 0xe7;
 /// SET FEATURES (accepted, no effect).
 pub const CMD_SET_FEATURES: u8 = 0xef;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transfer {
+/// The PIO transfer a disk is in the middle of (part of [`AtaState`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Transfer {
+    /// None: the data port reads all ones and ignores writes.
     None,
-    /// Sectors left to hand to the guest (the buffer holds the current one).
+    /// Sectors to hand to the guest: the buffer holds the current one, `left` more
+    /// follow from `next_lba` on.
     Read {
+        /// The sector to load once the buffer is drained.
         next_lba: u64,
+        /// Sectors still to load after the current one.
         left: u32,
     },
-    /// Sectors left to take from the guest.
+    /// Sectors to take from the guest: the buffer fills the sector at `lba`, and
+    /// `left` counts it and those after it.
     Write {
+        /// The sector the buffer is written to once full.
         lba: u64,
+        /// Sectors still to take, the current one included (at least 1).
         left: u32,
     },
+}
+
+/// The state of an [`AtaDisk`] in a snapshot: its task file, and the sector buffer and
+/// position of a PIO transfer in progress. The image itself is the embedding
+/// program's to keep (copied or shared with the restored machine).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AtaState {
+    /// The disk's capacity in sectors (a restore on a disk of another size is refused).
+    pub sectors: u64,
+    /// Features, sector count, LBA low/mid/high, device/head, status, error and device
+    /// control registers.
+    pub registers: [u8; 9],
+    /// The sector buffer (512 bytes).
+    pub buffer: Vec<u8>,
+    /// Bytes of the buffer already moved through the data port.
+    pub position: u16,
+    /// The transfer in progress.
+    pub transfer: Transfer,
+}
+
+impl vmcraft_snapshot::Versioned for AtaState {
+    const VERSION: u32 = 1;
 }
 
 #[derive(Debug)]
@@ -122,6 +154,74 @@ impl AtaDisk {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The registers and any transfer in progress, for a snapshot (with the vCPUs
+    /// paused, nothing changes it).
+    pub fn save_state(&self) -> AtaState {
+        let s = self.lock();
+        AtaState {
+            sectors: self.sectors,
+            registers: [
+                s.features, s.count, s.lba[0], s.lba[1], s.lba[2], s.device, s.status, s.error,
+                s.control,
+            ],
+            buffer: s.buf.to_vec(),
+            position: s.pos as u16,
+            transfer: s.transfer,
+        }
+    }
+
+    /// Put back the state of [`AtaDisk::save_state`], checked first: the same
+    /// capacity, a whole sector buffer, a position inside it, a transfer that stays on
+    /// the disk, and status bits this device sets (DRQ exactly while a transfer is in
+    /// progress). The guest goes on with the transfer where it left it.
+    pub fn restore_state(&self, state: &AtaState) -> Result<(), StateError> {
+        let bad = |reason: String| Err(StateError::new("ATA disk", reason));
+        if state.sectors != self.sectors {
+            return bad(format!(
+                "saved with {} sectors, this disk has {}",
+                state.sectors, self.sectors
+            ));
+        }
+        let Ok(buf) = <[u8; SECTOR]>::try_from(state.buffer.as_slice()) else {
+            return bad(format!("a sector buffer of {} bytes", state.buffer.len()));
+        };
+        if usize::from(state.position) >= SECTOR {
+            return bad(format!("position {} in a sector", state.position));
+        }
+        let [features, count, lba0, lba1, lba2, device, status, error, control] = state.registers;
+        let (end, transferring) = match state.transfer {
+            Transfer::None => (Some(0), false),
+            Transfer::Read { next_lba, left } => (next_lba.checked_add(u64::from(left)), true),
+            Transfer::Write { lba, left } if left > 0 => (lba.checked_add(u64::from(left)), true),
+            Transfer::Write { .. } => return bad("a write with no sector left".into()),
+        };
+        if end.is_none_or(|end| end > self.sectors) {
+            return bad(format!(
+                "{:?} ends past the disk's {} sectors",
+                state.transfer, self.sectors
+            ));
+        }
+        if status & !(DRDY | DSC | DRQ | ERR) != 0 || (status & DRQ != 0) != transferring {
+            return bad(format!(
+                "status {status:#04x} with transfer {:?}",
+                state.transfer
+            ));
+        }
+        *self.lock() = State {
+            features,
+            count,
+            lba: [lba0, lba1, lba2],
+            device,
+            status,
+            error,
+            control,
+            buf,
+            pos: usize::from(state.position),
+            transfer: state.transfer,
+        };
+        Ok(())
     }
 
     /// The 512-byte IDENTIFY DEVICE block.
@@ -442,6 +542,72 @@ mod tests {
         // Software reset abandons the transfer.
         d.pio_write(PioAddress(AtaDisk::CONTROL_BASE), 0, &[0x04]);
         assert_eq!(inb(&d, 7), DRDY | DSC);
+    }
+
+    /// A read and a write, each saved mid-sector and put back on another disk on the
+    /// same image, go on where they were; states a disk cannot be in are refused.
+    #[test]
+    fn a_transfer_saved_mid_sector_goes_on_in_the_restored_disk() {
+        let (d, file) = disk(64, false);
+        let data: Vec<u8> = (0..1024).map(|i| (i * 13 % 251) as u8).collect();
+        task(&d, 4, 2, CMD_WRITE_SECTORS);
+        for w in data[..700].chunks(2) {
+            d.pio_write(CMD, 0, w);
+        }
+        let saved = d.save_state();
+        assert_eq!(saved.transfer, Transfer::Write { lba: 5, left: 1 });
+        let restored = AtaDisk::new(file.try_clone().unwrap(), false).unwrap();
+        restored.restore_state(&saved).unwrap();
+        for w in data[700..].chunks(2) {
+            restored.pio_write(CMD, 0, w);
+        }
+        assert_eq!(inb(&restored, 7), DRDY | DSC);
+        task(&restored, 4, 2, CMD_READ_SECTORS);
+        assert_eq!(read_words(&restored, 300), data[..600]);
+        let saved = restored.save_state();
+        let again = AtaDisk::new(file.try_clone().unwrap(), false).unwrap();
+        again.restore_state(&saved).unwrap();
+        assert_eq!(inb(&again, 7), DRDY | DSC | DRQ);
+        assert_eq!(read_words(&again, 212), data[600..]);
+        assert_eq!(inb(&again, 7), DRDY | DSC);
+        assert_eq!(again.save_state().transfer, Transfer::None);
+
+        let refused = |change: &dyn Fn(&mut AtaState), why: &str| {
+            let mut s = saved.clone();
+            change(&mut s);
+            let e = again.restore_state(&s).unwrap_err();
+            assert!(e.to_string().contains(why), "{e} (expected {why:?})");
+            assert_eq!(e.device, "ATA disk");
+        };
+        refused(&|s| s.sectors = 65, "65 sectors");
+        refused(&|s| s.buffer.pop().map_or((), drop), "511 bytes");
+        refused(&|s| s.position = 512, "position 512");
+        refused(
+            &|s| {
+                s.transfer = Transfer::Read {
+                    next_lba: 60,
+                    left: 5,
+                }
+            },
+            "ends past",
+        );
+        refused(
+            &|s| {
+                s.transfer = Transfer::Write {
+                    lba: u64::MAX,
+                    left: 2,
+                }
+            },
+            "ends past",
+        );
+        refused(
+            &|s| s.transfer = Transfer::Write { lba: 0, left: 0 },
+            "no sector left",
+        );
+        refused(&|s| s.registers[6] = BSY | DRDY, "status 0xc0");
+        refused(&|s| s.registers[6] = DRDY | DSC, "status 0x50");
+        // A refused state leaves the disk as it was.
+        assert_eq!(inb(&again, 7), DRDY | DSC);
     }
 
     #[test]

@@ -101,6 +101,12 @@ pub fn blkcheck_output(rounds: u64) -> String {
     rounds_ok(rounds) + "blkcheck done\n"
 }
 
+/// The COM1 output of an undisturbed [`Guest::ATA_BENCH`] run of `rounds` check
+/// rounds (parameter bit 3).
+pub fn atacheck_output(rounds: u64) -> String {
+    rounds_ok(rounds) + "atacheck done\n"
+}
+
 /// The COM1 output of an undisturbed [`Guest::PVCHECK`] run of `rounds` rounds.
 pub fn pvcheck_output(rounds: u64) -> String {
     rounds_ok(rounds) + "pvcheck done\n"
@@ -261,7 +267,9 @@ impl Guest {
     /// polling, `rep insw`/`rep outsw`): 4 KiB operations, reads or writes, sequential
     /// or random, latencies in TSC ticks at `GUEST_HEAP + 0x80000`. Parameter: bit 0
     /// write, bit 1 random, bit 2 verify (round trip a pattern, check an out-of-range
-    /// error, print `ata ok`), bits 16..47 count.
+    /// error, print `ata ok`), bit 3 check rounds (write, read back and compare 8 KiB
+    /// per round, output as [`atacheck_output`]; exit code 3 for data that did not come
+    /// back), bits 16..47 count (of operations, or of check rounds).
     pub const ATA_BENCH: Guest = guest!("ata_bench", GuestMode::User64);
     /// Console output load through the 16550 (path 0), virtio-console (1) or the PV
     /// console ring (2), in 4 KiB chunks with per-chunk latencies at `LATENCIES`.
