@@ -17,7 +17,9 @@ use vmcraft::devices::debug_exit;
 use vmcraft::devices::virtio::queue::{serve_available, ProtocolError};
 use vmcraft::devices::virtio::virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vmcraft::devices::virtio::worker::{spawn_device, Token, Worker};
-use vmcraft::devices::virtio::{ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_VERSION_1};
+use vmcraft::devices::virtio::{
+    ActivateError, ActiveQueues, EventFd, Interrupt, VirtioDevice, F_VERSION_1,
+};
 use vmcraft::memory::GuestMemory;
 use vmcraft::vcpu::{StopReason, VcpuConfig};
 use vmcraft_guest_kit::Guest;
@@ -31,14 +33,17 @@ struct Pinger {
     worker: Option<Worker>,
 }
 
-/// Print each transmitted buffer; a greeting earns a "ping" in `pending`.
+/// Print each transmitted buffer; a greeting earns a "ping" in `pending`. Serving
+/// stops after a bounded number of buffers and signals `requeue` (the queue's own
+/// notifier), so a driver that never stops sending cannot keep this thread forever.
 fn transmit(
     tx: &mut Queue,
     mem: &GuestMemory,
     irq: &Interrupt,
+    requeue: &EventFd,
     pending: &mut Vec<u8>,
 ) -> Result<(), ProtocolError> {
-    serve_available(tx, mem, irq, |chain| {
+    serve_available(tx, mem, irq, requeue, |chain| {
         let mut text = Vec::new();
         let copy = |source| ProtocolError::BufferCopy {
             what: "greeting",
@@ -100,12 +105,13 @@ impl VirtioDevice for Pinger {
     fn activate(&mut self, mut active: ActiveQueues) -> Result<(), ActivateError> {
         let [mut rx, mut tx] = active.take_ready()?;
         let (mem, irq) = (active.mem.clone(), active.interrupt.clone());
+        let requeue = active.requeue(TX)?;
         let mut pending = Vec::new();
         // The handler runs on the device's own thread for every notification; an
         // error marks this device NEEDS_RESET and leaves the rest of the VM alone.
         let worker = spawn_device("pinger", active, Vec::new(), move |_, token| {
             if token == Token::Queue(TX) {
-                transmit(&mut tx, &mem, &irq, &mut pending)?;
+                transmit(&mut tx, &mem, &irq, &requeue, &mut pending)?;
             }
             receive(&mut rx, &mem, &irq, &mut pending)
         })?;

@@ -26,8 +26,10 @@ fuzz_target!(|data: &[u8]| {
     let mem = ram.memory();
     let disk = Disk::new(scratch::image(64), control[1] & 2 != 0, "fuzz").unwrap();
     let interrupt = Interrupt::new().unwrap();
+    // Where a serving call that stops at its budget would ask to be called again.
+    let requeue = vmcraft_devices::virtio::EventFd::new(0).unwrap();
     let mut buffers = ChainBuffers::default();
-    if let Ok(served) = serve_queue(&mut queue, mem, &disk, &interrupt, &mut buffers) {
+    if let Ok(served) = serve_queue(&mut queue, mem, &disk, &interrupt, &requeue, &mut buffers) {
         // No bound from the avail index read before: a read request may aim its data
         // at the avail ring and move the index itself. The last write to the index is the device's (request data may have been
         // aimed at the ring, but each completion rewrites the index after it).

@@ -22,9 +22,11 @@ fuzz_target!(|data: &[u8]| {
     let (ram, mut queue) = guest_queue(contents, control[0], control[1] & 1 != 0);
     let mem = ram.memory();
     let interrupt = Interrupt::new().unwrap();
+    // Where a serving call that stops at its budget would ask to be called again.
+    let requeue = vmcraft_devices::virtio::EventFd::new(0).unwrap();
     if control[1] & 2 == 0 {
         let mut out = Vec::new();
-        if let Ok(served) = serve_available(&mut queue, mem, &interrupt, |chain| {
+        if let Ok(served) = serve_available(&mut queue, mem, &interrupt, &requeue, |chain| {
             transmit(chain, mem, &mut out)
         }) {
             assert_eq!(usize::from(used_idx(&ram)), served);

@@ -125,6 +125,7 @@ fuzz_target!(|ops: Vec<Op>| {
     let active = Arc::new(Mutex::new(None));
     let mut t = MmioTransport::new(Box::new(Device(active.clone())), mem.clone()).unwrap();
     let mut scratch = vec![0u8; 4096];
+    let requeue = vmcraft_devices::virtio::EventFd::new(0).unwrap();
     // What guest memory held after the last check (it starts zeroed).
     let mut shadow = vec![0u8; MEM];
     let mut serves = 0u32;
@@ -229,7 +230,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 let used_before: u16 = qmem
                     .read_obj(GuestAddress(queue.used_ring() + 2))
                     .unwrap_or(0);
-                let served = serve_queue(queue, qmem, t.interrupt(), &mut scratch);
+                let served = serve_queue(queue, qmem, t.interrupt(), &requeue, &mut scratch);
                 serves += 1;
                 // Every eighth serve compares all of memory, which also checks that
                 // each byte the device changed lies in a page it marked dirty (live

@@ -18,8 +18,10 @@ fuzz_target!(|data: &[u8]| {
     let (ram, mut queue) = guest_queue(&data[2..], data[0], data[1] & 1 != 0);
     let mem = ram.memory();
     let interrupt = Interrupt::new().unwrap();
+    // Where a serving call that stops at its budget would ask to be called again.
+    let requeue = vmcraft_devices::virtio::EventFd::new(0).unwrap();
     let mut scratch = vec![0u8; 4096];
-    if let Ok(served) = serve_queue(&mut queue, mem, &interrupt, &mut scratch) {
+    if let Ok(served) = serve_queue(&mut queue, mem, &interrupt, &requeue, &mut scratch) {
         assert_eq!(usize::from(used_idx(&ram)), served);
         // Only the last used entry is sure to be the device's: a writable buffer may
         // alias the used ring (guest memory is the guest's to lay out), so a later

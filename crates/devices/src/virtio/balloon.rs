@@ -483,6 +483,9 @@ pub struct BalloonServer {
     features: u64,
     /// The statistics buffer held until fresh statistics are wanted.
     held_stats: Option<u16>,
+    /// Signalled when serving a queue stops at its budget with chains left: its event
+    /// loop then serves every queue again ([`BalloonServer::AGAIN`]).
+    again: EventFd,
 }
 
 impl BalloonServer {
@@ -529,36 +532,65 @@ impl BalloonServer {
             },
             features,
             held_stats: None,
+            again: EventFd::new(EFD_NONBLOCK).map_err(|source| ActivateError::Host {
+                what: "create the balloon's requeue eventfd",
+                source,
+            })?,
         })
     }
 
-    /// Serve what `token` names: a queue's notification, or (`Token::Fd(0)`) a
-    /// request for fresh statistics.
+    /// The extra fd whose token is [`BalloonServer::AGAIN`] (after the statistics
+    /// request's, `Token::Fd(0)`).
+    pub fn again_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.again.as_raw_fd()
+    }
+
+    /// The token of [`BalloonServer::again_fd`]: serve every page queue again, after one
+    /// stopped at its budget.
+    pub const AGAIN: Token = Token::Fd(1);
+
+    /// Serve what `token` names: a queue's notification, (`Token::Fd(0)`) a request
+    /// for fresh statistics, or ([`BalloonServer::AGAIN`]) the page queues again.
     pub fn serve(&mut self, token: Token) -> Result<(), ProtocolError> {
-        let (mem, interrupt, pages) = (&self.pages.mem, &*self.interrupt, &self.pages);
         match token {
             Token::Queue(i) => match queue_role(i, self.features) {
-                Some("inflate") => serve_available(&mut self.queues.inflate, mem, interrupt, |c| {
-                    pages.apply(c, Direction::Inflate)
-                })
-                .map(drop),
-                Some("deflate") => serve_available(&mut self.queues.deflate, mem, interrupt, |c| {
-                    pages.apply(c, Direction::Deflate)
-                })
-                .map(drop),
-                Some("reporting") => match self.queues.reporting.as_mut() {
-                    Some(q) => serve_available(q, mem, interrupt, |c| pages.report(c)).map(drop),
-                    None => Ok(()),
-                },
                 Some("stats") => self.take_stats(),
-                _ => Ok(()),
+                Some(role) => self.serve_pages(role),
+                None => Ok(()),
             },
+            Self::AGAIN => {
+                let _ = self.again.read();
+                ["inflate", "deflate", "reporting"]
+                    .into_iter()
+                    .try_for_each(|role| self.serve_pages(role))
+            }
             // Fresh statistics wanted: give the held buffer back.
             Token::Fd(_) => {
                 let _ = self.pages.control.stats_wanted.read();
                 self.return_stats()
             }
         }
+    }
+
+    /// Serve the page queue `role` names (inflate, deflate or reporting).
+    fn serve_pages(&mut self, role: &str) -> Result<(), ProtocolError> {
+        let (mem, interrupt, pages) = (&self.pages.mem, &*self.interrupt, &self.pages);
+        let again = &self.again;
+        match role {
+            "inflate" => serve_available(&mut self.queues.inflate, mem, interrupt, again, |c| {
+                pages.apply(c, Direction::Inflate)
+            }),
+            "deflate" => serve_available(&mut self.queues.deflate, mem, interrupt, again, |c| {
+                pages.apply(c, Direction::Deflate)
+            }),
+            "reporting" => match self.queues.reporting.as_mut() {
+                Some(q) => serve_available(q, mem, interrupt, again, |c| pages.report(c)),
+                None => Ok(0),
+            },
+            _ => Ok(0),
+        }
+        .map(drop)
     }
 
     /// Take every statistics buffer the driver posted: keep the values of the last,
@@ -664,9 +696,8 @@ impl VirtioDevice for Balloon {
             use std::os::fd::AsRawFd;
             self.control.stats_wanted.as_raw_fd()
         };
-        let worker = spawn_device(&self.name, active, vec![stats_fd], move |_, token| {
-            server.serve(token)
-        })?;
+        let fds = vec![stats_fd, server.again_fd()];
+        let worker = spawn_device(&self.name, active, fds, move |_, token| server.serve(token))?;
         self.worker = Some(worker);
         Ok(())
     }

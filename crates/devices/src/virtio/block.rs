@@ -32,6 +32,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress};
 use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::vectored::{Gather, IoVecs, Mark, MAX_VECTORS};
 use vmcraft_memory::GuestMemory;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::chain_buffers::{ChainBuffers, LoadedChain};
 use super::queue::{check_chain, serve_polling, serve_with, ChainHandler, ProtocolError};
@@ -255,15 +256,7 @@ impl VirtioDevice for Block {
         disk.set_write_through(active.driver_features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
         let mut buffers = ChainBuffers::default();
         let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
-        let requeue = active
-            .notifiers
-            .first()
-            .ok_or(ActivateError::QueueNotReady(0))?
-            .try_clone()
-            .map_err(|source| ActivateError::Host {
-                what: "duplicate the queue notifier",
-                source,
-            })?;
+        let requeue = active.requeue(0)?;
         let mut poll = AdaptivePoll::new(self.poll_max);
         let worker = spawn_device(&self.name, active, Vec::new(), move |_, _| {
             let handler = BlockQueue::new(&mem, &disk, &mut buffers, &mut run, &mut data);
@@ -279,19 +272,20 @@ impl VirtioDevice for Block {
     }
 }
 
-/// Serve every available request of `queue` as the device thread does (see
-/// [`serve_with`]), reads of adjacent sectors merged; returns how many were completed.
-/// `buffers` is reused from request to request.
+/// Serve the available requests of `queue` as the device thread does (see
+/// [`serve_with`], whose budget signals `requeue`), reads of adjacent sectors merged;
+/// returns how many were completed. `buffers` is reused from request to request.
 pub fn serve_queue(
     queue: &mut Queue,
     mem: &GuestMemory,
     disk: &Disk,
     interrupt: &Interrupt,
+    requeue: &EventFd,
     buffers: &mut ChainBuffers,
 ) -> Result<usize, ProtocolError> {
     let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
     let handler = BlockQueue::new(mem, disk, buffers, &mut run, &mut data);
-    serve_with(queue, mem, interrupt, handler)
+    serve_with(queue, mem, interrupt, requeue, handler)
 }
 
 /// Execute one request chain against `disk`; returns the bytes written into the

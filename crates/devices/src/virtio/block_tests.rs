@@ -83,7 +83,16 @@ impl Rig {
     /// Serve `queue` once with this rig's memory, disk and interrupt.
     fn serve(&self, queue: &mut Queue) -> Result<usize, ProtocolError> {
         let mut buffers = ChainBuffers::default();
-        serve_queue(queue, &self.mem, &self.disk, &self.interrupt, &mut buffers)
+        let requeue =
+            vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        serve_queue(
+            queue,
+            &self.mem,
+            &self.disk,
+            &self.interrupt,
+            &requeue,
+            &mut buffers,
+        )
     }
 
     fn serve_raw(
@@ -600,7 +609,8 @@ fn serve_merging(rig: &Rig, queue: &mut Queue) -> (usize, u64) {
     let mut buffers = ChainBuffers::default();
     let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
     let handler = BlockQueue::new(&rig.mem, &rig.disk, &mut buffers, &mut run, &mut data);
-    let served = serve_with(queue, &rig.mem, &rig.interrupt, handler).unwrap();
+    let requeue = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let served = serve_with(queue, &rig.mem, &rig.interrupt, &requeue, handler).unwrap();
     (served, run.reads)
 }
 

@@ -17,6 +17,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vmcraft_memory::GuestMemory;
 use vmcraft_sandbox::ThreadKind;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{check_chain, serve_available, ProtocolError};
 use super::worker::{spawn_device, Token, Worker};
@@ -233,6 +234,8 @@ struct Serving {
     input: Option<(Input, RawFd)>,
     pending: Pending,
     input_paused: bool,
+    /// The transmit queue's notifier, signalled when serving stops at its budget.
+    tx_requeue: EventFd,
 }
 
 impl Serving {
@@ -241,9 +244,13 @@ impl Serving {
             Token::Queue(TX_QUEUE) => {
                 let mut out = self.output.lock().unwrap_or_else(|p| p.into_inner());
                 let mem = &self.mem;
-                serve_available(&mut self.tx, mem, &self.interrupt, |chain| {
-                    transmit(chain, mem, &mut **out)
-                })?;
+                serve_available(
+                    &mut self.tx,
+                    mem,
+                    &self.interrupt,
+                    &self.tx_requeue,
+                    |chain| transmit(chain, mem, &mut **out),
+                )?;
             }
             Token::Queue(_) => {}
             Token::Fd(_) => self.read_input(epoll),
@@ -337,6 +344,7 @@ impl VirtioDevice for Console {
             input,
             pending: Pending::default(),
             input_paused: false,
+            tx_requeue: active.requeue(TX_QUEUE)?,
         };
         let worker = spawn_device(&self.name, active, fds, move |epoll, token| {
             serving.on_event(epoll, token)
@@ -404,7 +412,10 @@ mod tests {
         let out = SharedBuffer::new();
         let mut w: Box<dyn Write + Send> = Box::new(out.clone());
         let interrupt = Interrupt::new().unwrap();
-        let served = serve_available(&mut q, &mem, &interrupt, |c| transmit(c, &mem, &mut *w));
+        let requeue = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let served = serve_available(&mut q, &mem, &interrupt, &requeue, |c| {
+            transmit(c, &mem, &mut *w)
+        });
         assert_eq!(served.ok(), Some(2));
         assert_eq!(out.contents(), b"hello world\n");
         assert_eq!(used(&mem, &mock), vec![0, 0]);

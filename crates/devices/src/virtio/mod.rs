@@ -41,10 +41,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
 use vmcraft_memory::GuestMemory;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 pub use virtio_bindings;
 pub use virtio_queue;
+/// The eventfd type of the notifiers and requeue handles in this module's API.
+pub use vmm_sys_util::eventfd::EventFd;
 
 /// Feature bit: the device conforms to virtio 1.x (required by this transport).
 pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -138,6 +140,20 @@ impl ActiveQueues {
         queues
             .try_into()
             .map_err(|_| ActivateError::QueueNotReady(count.min(N)))
+    }
+
+    /// A second handle on queue `queue`'s notifier, for the serving functions to wake
+    /// the device's own event loop when they stop at their budget
+    /// ([`queue::SERVE_BUDGET`]) with chains left.
+    pub fn requeue(&self, queue: usize) -> Result<EventFd, ActivateError> {
+        self.notifiers
+            .get(queue)
+            .ok_or(ActivateError::QueueNotReady(queue))?
+            .try_clone()
+            .map_err(|source| ActivateError::Host {
+                what: "duplicate the queue notifier",
+                source,
+            })
     }
 }
 

@@ -19,6 +19,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vmcraft_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{check_chain, serve_available, ProtocolError};
 use super::worker::{spawn_device, Token, Worker};
@@ -234,6 +235,8 @@ struct Serving {
     rx_path: RxPath,
     backend_paused: bool,
     tx_buf: Vec<u8>,
+    /// The transmit queue's notifier, signalled when serving stops at its budget.
+    tx_requeue: EventFd,
 }
 
 impl Serving {
@@ -242,9 +245,13 @@ impl Serving {
         if token == Token::Queue(TX_QUEUE) {
             let mem = &self.mem;
             let buf = &mut self.tx_buf;
-            serve_available(&mut self.tx, mem, &self.interrupt, |chain| {
-                transmit(chain, mem, &mut **backend, buf)
-            })?;
+            serve_available(
+                &mut self.tx,
+                mem,
+                &self.interrupt,
+                &self.tx_requeue,
+                |chain| transmit(chain, mem, &mut **backend, buf),
+            )?;
         }
         self.rx_path
             .pump(&mut self.rx, &self.mem, &mut **backend, &self.interrupt)?;
@@ -306,6 +313,7 @@ impl VirtioDevice for Net {
             rx_path: RxPath::default(),
             backend_paused: false,
             tx_buf: vec![0u8; HEADER_SIZE + MAX_FRAME],
+            tx_requeue: active.requeue(TX_QUEUE)?,
         };
         let worker = spawn_device(&self.name, active, vec![backend_fd], move |epoll, token| {
             serving.on_event(epoll, token)
@@ -369,7 +377,8 @@ mod tests {
         let mut tx: Queue = mock.create_queue().unwrap();
         let interrupt = Interrupt::new().unwrap();
         let mut buf = vec![0u8; HEADER_SIZE + MAX_FRAME];
-        let served = serve_available(&mut tx, &mem, &interrupt, |c| {
+        let requeue = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let served = serve_available(&mut tx, &mem, &interrupt, &requeue, |c| {
             transmit(c, &mem, &mut *backend, &mut buf)
         });
         assert_eq!(served.ok(), Some(3));

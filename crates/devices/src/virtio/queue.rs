@@ -112,26 +112,45 @@ where
     }
 }
 
-/// Complete every available chain of `queue` with `handle`, which returns the bytes
+/// Complete the available chains of `queue` with `handle`, which returns the bytes
 /// it wrote into the chain (the used length). See [`serve_with`].
+///
+/// ```
+/// # use vmcraft_devices::virtio::queue::{serve_available, ProtocolError};
+/// # use vmm_sys_util::eventfd::EventFd;
+/// # fn f(queue: &mut virtio_queue::Queue, mem: &vmcraft_memory::GuestMemory,
+/// #      interrupt: &vmcraft_devices::virtio::Interrupt, requeue: &EventFd)
+/// #      -> Result<(), ProtocolError> {
+/// // A device that takes every chain and writes nothing into it.
+/// let served = serve_available(queue, mem, interrupt, requeue, |_chain| Ok(0))?;
+/// # let _ = served; Ok(()) }
+/// ```
 pub fn serve_available(
     queue: &mut Queue,
     mem: &GuestMemory,
     interrupt: &Interrupt,
+    requeue: &EventFd,
     handle: impl FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, ProtocolError>,
 ) -> Result<usize, ProtocolError> {
-    serve_with(queue, mem, interrupt, complete_each(handle))
+    serve_with(queue, mem, interrupt, requeue, complete_each(handle))
 }
 
-/// Serve every available chain of `queue` with `handle`. With EVENT_IDX,
+/// Serve the available chains of `queue` with `handle`. With EVENT_IDX,
 /// notifications are suppressed while serving and re-enabled at the end with a final
 /// check for chains that raced in; the interrupt is raised only if the driver asked
 /// for it. Returns how many chains were completed; a protocol error stops serving at
 /// once.
+///
+/// At most [`SERVE_BUDGET`] chains per call, however fast the driver adds more: past
+/// that it signals `requeue` (the queue's own notifier, see
+/// [`ActiveQueues::requeue`](super::ActiveQueues::requeue)), so that the device's
+/// event loop calls it again after it has looked at its other queues and at a stop
+/// request, and returns.
 pub fn serve_with(
     queue: &mut Queue,
     mem: &GuestMemory,
     interrupt: &Interrupt,
+    requeue: &EventFd,
     mut handle: impl ChainHandler,
 ) -> Result<usize, ProtocolError> {
     let mut served = 0;
@@ -141,7 +160,13 @@ pub fn serve_with(
                 .disable_notification(mem)
                 .map_err(ProtocolError::Ring)?;
         }
-        served += complete_available(queue, mem, usize::MAX, &mut handle)?;
+        served += complete_available(queue, mem, SERVE_BUDGET - served, &mut handle)?;
+        if served >= SERVE_BUDGET {
+            // Notifications stay as they are: the requeue is the wake-up. If the write
+            // fails the counter is saturated and the loop wakes anyway.
+            let _ = requeue.write(1);
+            break Ok(served);
+        }
         if !queue.event_idx_enabled()
             || !queue
                 .enable_notification(mem)
@@ -156,8 +181,9 @@ pub fn serve_with(
     result
 }
 
-/// The most chains one call of [`serve_polling`] completes before it yields to its
-/// thread's event loop (which then sees a stop request, and calls it again).
+/// The most chains one call of [`serve_with`], [`serve_available`] or [`serve_polling`]
+/// completes before it yields to its thread's event loop (which then sees a stop
+/// request or another queue, and calls it again).
 pub const SERVE_BUDGET: usize = 1024;
 
 /// Like [`serve_available`], for a device that keeps up with a busy driver: after each
@@ -393,6 +419,27 @@ mod tests {
         );
         assert_eq!(second.unwrap(), usize::from(extra));
         assert!(requeue.read().is_err());
+    }
+
+    /// The same bound without polling, for every device that serves through
+    /// `serve_available`: with and without EVENT_IDX, a call stops at the budget and
+    /// asks its event loop to come back for the rest.
+    #[test]
+    fn serve_available_gives_a_bounded_turn_and_a_requeue() {
+        for event_idx in [false, true] {
+            let mem = crate::virtio::mmio::tests::memory();
+            let extra = 13;
+            let (_mock, mut q) = queue_with_chains(&mem, 2048, SERVE_BUDGET as u16 + extra);
+            q.set_event_idx(event_idx);
+            let interrupt = Interrupt::new().unwrap();
+            let requeue = EventFd::new(EFD_NONBLOCK).unwrap();
+            let first = serve_available(&mut q, &mem, &interrupt, &requeue, |_| Ok(0));
+            assert_eq!(first.unwrap(), SERVE_BUDGET, "event_idx {event_idx}");
+            assert_eq!(requeue.read().unwrap(), 1, "the event loop is asked back");
+            let second = serve_available(&mut q, &mem, &interrupt, &requeue, |_| Ok(0));
+            assert_eq!(second.unwrap(), usize::from(extra));
+            assert!(requeue.read().is_err(), "nothing left: no requeue");
+        }
     }
 
     #[test]

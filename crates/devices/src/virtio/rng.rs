@@ -10,6 +10,7 @@ use std::io::{self, Write};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{DescriptorChain, Queue, Writer};
 use vmcraft_memory::GuestMemory;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{check_chain, serve_available, ProtocolError};
 use super::worker::{spawn_device, Worker};
@@ -80,14 +81,16 @@ pub fn fill_request(
     Ok(writer.bytes_written() as u32)
 }
 
-/// Serve every available request of `queue`.
+/// Serve the available requests of `queue` (at most
+/// [`SERVE_BUDGET`](super::queue::SERVE_BUDGET) a call, then `requeue` is signalled).
 pub fn serve_queue(
     queue: &mut Queue,
     mem: &GuestMemory,
     interrupt: &Interrupt,
+    requeue: &EventFd,
     scratch: &mut [u8],
 ) -> Result<usize, ProtocolError> {
-    serve_available(queue, mem, interrupt, |chain| {
+    serve_available(queue, mem, interrupt, requeue, |chain| {
         fill_request(chain, mem, scratch)
     })
 }
@@ -108,9 +111,10 @@ impl VirtioDevice for Rng {
     fn activate(&mut self, mut active: ActiveQueues) -> Result<(), ActivateError> {
         let [mut queue] = active.take_ready()?;
         let (mem, interrupt) = (active.mem.clone(), active.interrupt.clone());
+        let requeue = active.requeue(0)?;
         let mut scratch = vec![0u8; 4096];
         let worker = spawn_device(&self.name, active, Vec::new(), move |_, _| {
-            serve_queue(&mut queue, &mem, &interrupt, &mut scratch).map(drop)
+            serve_queue(&mut queue, &mem, &interrupt, &requeue, &mut scratch).map(drop)
         })?;
         self.worker = Some(worker);
         Ok(())
@@ -134,7 +138,8 @@ mod tests {
         let mut q: Queue = mock.create_queue().unwrap();
         let interrupt = Interrupt::new().unwrap();
         let mut scratch = vec![0u8; 4096];
-        let r = serve_queue(&mut q, mem, &interrupt, &mut scratch);
+        let requeue = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let r = serve_queue(&mut q, mem, &interrupt, &requeue, &mut scratch);
         (r, crate::virtio::test_util::used_lens(mem, &mock))
     }
 

@@ -335,3 +335,49 @@ fn a_statistics_queue_with_a_runaway_available_index_is_an_error() {
         ));
     }
 }
+
+/// A driver that posts more inflate chains than one turn serves gets the rest on the
+/// server's requeue token: the thread looks at its other work in between.
+#[test]
+fn a_turn_is_bounded_and_the_rest_served_on_the_requeue_token() {
+    use crate::virtio::queue::SERVE_BUDGET;
+    let ram = ram();
+    let mem = ram.memory();
+    let (b, ctl) = balloon();
+    let mut s = serving(mem, 0, &b);
+    let chains = SERVE_BUDGET as u32 + 5;
+    let mock = MockSplitQueue::new(mem, 2048);
+    // One page per chain, each its own: 0x200.. (2 MiB on).
+    let descs: Vec<_> = (0..chains)
+        .map(|i| {
+            let at = BUF + 4 * u64::from(i);
+            mem.write_obj(0x200 + i, GuestAddress(at)).unwrap();
+            d(at, 4, 0, 0)
+        })
+        .collect();
+    mock.add_desc_chains(&descs, 0).unwrap();
+    let mut inflate: Queue = mock.create_queue().unwrap();
+    // The mock lays a 2048-entry used ring over its available ring: put it apart.
+    inflate.set_used_ring_address(Some(0x70_0000), Some(0));
+    s.queues.inflate = inflate;
+    let empty = MockSplitQueue::create(mem, GuestAddress(0x78_0000), 16);
+    s.queues.deflate = empty.create_queue().unwrap();
+    s.serve(Token::Queue(0)).unwrap();
+    assert_eq!(ctl.inflated_pages(), SERVE_BUDGET as u64);
+    assert!(readable(s.again_fd()), "the requeue fd was not signalled");
+    s.serve(BalloonServer::AGAIN).unwrap();
+    assert_eq!(ctl.inflated_pages(), u64::from(chains));
+    assert_eq!(ctl.redundant_pages(), 0);
+    assert!(!readable(s.again_fd()), "read back to zero");
+}
+
+/// Whether `fd` is readable now.
+fn readable(fd: std::os::fd::RawFd) -> bool {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let epoll = Epoll::new().unwrap();
+    epoll
+        .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
+        .unwrap();
+    let mut ev = [EpollEvent::default()];
+    epoll.wait(0, &mut ev).unwrap() == 1
+}
