@@ -21,7 +21,7 @@ use vmcraft_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{check_chain, serve_available, ProtocolError};
+use super::queue::{check_chain, serve_available, ProtocolError, SERVE_BUDGET};
 use super::worker::{spawn_device, Token, Worker};
 use super::{
     read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX,
@@ -176,16 +176,25 @@ impl RxPath {
     }
 
     /// Move frames from `backend` into `rx` until the backend is empty or the driver
-    /// has no buffer; returns how many frames were delivered.
+    /// has no buffer; returns how many frames were delivered. At most
+    /// [`SERVE_BUDGET`] receive chains per call, however fast frames and buffers come:
+    /// past that it signals `requeue` (the receive queue's notifier) so that its event
+    /// loop calls it again, and returns.
     pub fn pump(
         &mut self,
         rx: &mut Queue,
         mem: &GuestMemory,
         backend: &mut dyn FrameIo,
         interrupt: &Interrupt,
+        requeue: &EventFd,
     ) -> Result<usize, ProtocolError> {
-        let mut delivered = 0;
+        let (mut delivered, mut taken) = (0, 0);
         loop {
+            if taken >= SERVE_BUDGET {
+                // If the write fails the counter is saturated and the loop wakes anyway.
+                let _ = requeue.write(1);
+                break;
+            }
             let len = match self.held {
                 Some(len) => len,
                 None => match backend.recv_frame(&mut self.frame) {
@@ -210,6 +219,7 @@ impl RxPath {
                 break;
             };
             let head = chain.head_index();
+            taken += 1;
             let used = receive_into(chain, mem, &self.frame[..len])?;
             rx.add_used(mem, head, used.unwrap_or(0))
                 .map_err(ProtocolError::Ring)?;
@@ -237,6 +247,8 @@ struct Serving {
     tx_buf: Vec<u8>,
     /// The transmit queue's notifier, signalled when serving stops at its budget.
     tx_requeue: EventFd,
+    /// The receive queue's notifier, likewise.
+    rx_requeue: EventFd,
 }
 
 impl Serving {
@@ -253,8 +265,13 @@ impl Serving {
                 |chain| transmit(chain, mem, &mut **backend, buf),
             )?;
         }
-        self.rx_path
-            .pump(&mut self.rx, &self.mem, &mut **backend, &self.interrupt)?;
+        self.rx_path.pump(
+            &mut self.rx,
+            &self.mem,
+            &mut **backend,
+            &self.interrupt,
+            &self.rx_requeue,
+        )?;
         // While a frame waits for a buffer, stop polling the backend.
         let pause = self.rx_path.holding();
         if pause != self.backend_paused {
@@ -314,6 +331,7 @@ impl VirtioDevice for Net {
             backend_paused: false,
             tx_buf: vec![0u8; HEADER_SIZE + MAX_FRAME],
             tx_requeue: active.requeue(TX_QUEUE)?,
+            rx_requeue: active.requeue(RX_QUEUE)?,
         };
         let worker = spawn_device(&self.name, active, vec![backend_fd], move |epoll, token| {
             serving.on_event(epoll, token)
@@ -390,6 +408,37 @@ mod tests {
         assert!(theirs.recv(&mut got).is_err(), "only one frame went out");
     }
 
+    /// A driver that keeps posting receive buffers too small for the frame waiting
+    /// gets a bounded turn: the device thread returns to its loop, asked back.
+    #[test]
+    fn a_turn_of_the_receive_path_is_bounded() {
+        use crate::virtio::queue::SERVE_BUDGET;
+        let mem = crate::virtio::mmio::tests::memory();
+        let (ours, theirs) = UnixDatagram::pair().unwrap();
+        let mut backend: Box<dyn FrameIo> = Box::new(ours);
+        theirs.send(b"a frame no buffer takes").unwrap();
+        let mock = MockSplitQueue::new(&mem, 2048);
+        let small = d(0x2_0000, 8, VRING_DESC_F_WRITE, 0);
+        mock.add_desc_chains(&vec![small; SERVE_BUDGET + 10], 0)
+            .unwrap();
+        let mut rx: Queue = mock.create_queue().unwrap();
+        // The mock lays a 2048-entry used ring over its available ring: put it apart.
+        rx.set_used_ring_address(Some(0x1_0000), Some(0));
+        let interrupt = Interrupt::new().unwrap();
+        let requeue = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let mut path = RxPath::default();
+        let pump = |path: &mut RxPath, rx: &mut Queue, backend: &mut dyn FrameIo| {
+            path.pump(rx, &mem, backend, &interrupt, &requeue).unwrap()
+        };
+        assert_eq!(pump(&mut path, &mut rx, &mut *backend), 0);
+        assert_eq!(rx.next_used(), SERVE_BUDGET as u16, "one turn's chains");
+        assert_eq!(requeue.read().unwrap(), 1, "the event loop is asked back");
+        assert!(path.holding());
+        assert_eq!(pump(&mut path, &mut rx, &mut *backend), 0);
+        assert_eq!(rx.next_used(), SERVE_BUDGET as u16 + 10);
+        assert!(requeue.read().is_err(), "no buffer left: no requeue");
+    }
+
     #[test]
     fn received_frames_wait_for_a_buffer_big_enough() {
         let mem = crate::virtio::mmio::tests::memory();
@@ -400,10 +449,12 @@ mod tests {
         let mock = MockSplitQueue::new(&mem, 16);
         let mut rx: Queue = mock.create_queue().unwrap();
         let interrupt = Interrupt::new().unwrap();
+        let requeue = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let mut path = RxPath::default();
         // No buffers: the first frame is held, not lost.
         assert_eq!(
-            path.pump(&mut rx, &mem, &mut *backend, &interrupt).ok(),
+            path.pump(&mut rx, &mem, &mut *backend, &interrupt, &requeue)
+                .ok(),
             Some(0)
         );
         assert!(path.holding());
@@ -418,7 +469,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            path.pump(&mut rx, &mem, &mut *backend, &interrupt).ok(),
+            path.pump(&mut rx, &mem, &mut *backend, &interrupt, &requeue)
+                .ok(),
             Some(2)
         );
         assert!(!path.holding());
