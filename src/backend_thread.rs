@@ -47,37 +47,68 @@ impl Gate {
     }
 }
 
-/// Wait until `fd` (token 0) is readable, parking at `gate` whenever it is paused
-/// (token 2); returns false on stop (token 1).
-pub(crate) fn wait(epoll: &Epoll, fd: &EventFd, gate: &Gate) -> bool {
-    let mut events = [EpollEvent::default(); 3];
-    loop {
-        match epoll.wait(-1, &mut events) {
-            Ok(n) => {
-                if events[..n].iter().any(|e| e.data() == 1) {
-                    return false;
-                }
-                if events[..n].iter().any(|e| e.data() == 2) {
-                    gate.park();
-                    continue;
-                }
-                // Reading resets the counter; an error means it was already zero.
-                let _ = fd.read();
-                return true;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                log::error!("PV backend: epoll_wait failed, the backend stops: {e}");
-                return false;
-            }
-        }
+/// The epoll token of a backend's own eventfd in the set of [`epoll_for`].
+pub(crate) const PORT: u64 = 0;
+/// The epoll token of the stop eventfd, in every backend thread's set.
+pub(crate) const STOP: u64 = 1;
+/// The epoll token of the gate's wake eventfd, in every backend thread's set.
+pub(crate) const GATE: u64 = 2;
+
+/// The tokens (below 64) of the fds that one wake-up found ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ready(u64);
+
+impl Ready {
+    /// Whether the fd of `token` was ready.
+    pub(crate) fn has(self, token: u64) -> bool {
+        token < 64 && self.0 & 1 << token != 0
     }
 }
 
-/// An epoll set over a backend's eventfd (token 0), its stop (1) and its gate (2).
+/// Wait for the next wake-up of a backend thread's `epoll` (with the stop at [`STOP`]
+/// and the gate's wake at [`GATE`]), parking at `gate` whenever it is paused: the
+/// tokens found ready, or None on stop or a failed wait (logged for `who`).
+pub(crate) fn next_ready(epoll: &Epoll, gate: &Gate, who: &str) -> Option<Ready> {
+    let mut events = [EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::error!("{who}: epoll_wait failed, it stops serving: {e}");
+                return None;
+            }
+        };
+        let ready = Ready(events[..n].iter().fold(0, |bits, e| {
+            bits | 1u64.checked_shl(e.data() as u32).unwrap_or(0)
+        }));
+        if ready.has(STOP) {
+            return None;
+        }
+        if ready.has(GATE) {
+            gate.park();
+            continue;
+        }
+        return Some(ready);
+    }
+}
+
+/// Wait until `fd` (token [`PORT`]) is readable and reset it, parking at `gate`
+/// whenever it is paused; returns false on stop.
+pub(crate) fn wait(epoll: &Epoll, fd: &EventFd, gate: &Gate) -> bool {
+    let ready = next_ready(epoll, gate, "PV backend").is_some();
+    if ready {
+        // Reading resets the counter; an error means it was already zero.
+        let _ = fd.read();
+    }
+    ready
+}
+
+/// An epoll set over a backend's eventfd ([`PORT`]), its stop ([`STOP`]) and its gate
+/// ([`GATE`]).
 pub(crate) fn epoll_for(fd: &EventFd, stop: &EventFd, pause: &EventFd) -> std::io::Result<Epoll> {
     let epoll = Epoll::new()?;
-    for (fd, token) in [(fd, 0), (stop, 1), (pause, 2)] {
+    for (fd, token) in [(fd, PORT), (stop, STOP), (pause, GATE)] {
         epoll.ctl(
             ControlOperation::Add,
             fd.as_raw_fd(),
@@ -93,5 +124,46 @@ pub(crate) struct Leave<'a>(pub(crate) &'a Gate);
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
         self.0.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    fn fd() -> EventFd {
+        EventFd::new(EFD_NONBLOCK).unwrap()
+    }
+
+    #[test]
+    fn a_wake_up_names_its_ready_fds_and_a_stop_ends_the_wait() {
+        let (port, stop, wake, extra) = (fd(), fd(), fd(), fd());
+        let gate = Gate {
+            wake: wake.try_clone().unwrap(),
+            state: std::sync::Mutex::new(GateState::default()),
+            changed: std::sync::Condvar::new(),
+        };
+        let epoll = epoll_for(&port, &stop, &wake).unwrap();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                extra.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 5),
+            )
+            .unwrap();
+        port.write(1).unwrap();
+        extra.write(1).unwrap();
+        let ready = next_ready(&epoll, &gate, "test").unwrap();
+        assert!(ready.has(PORT) && ready.has(5));
+        assert!(!ready.has(3) && !ready.has(64), "only what was ready");
+        // `wait` resets the port; the extra fd stays ready until read.
+        assert!(wait(&epoll, &port, &gate));
+        assert!(port.read().is_err(), "read back to zero");
+        extra.read().unwrap();
+        stop.write(1).unwrap();
+        port.write(1).unwrap();
+        assert_eq!(next_ready(&epoll, &gate, "test"), None, "a stop wins");
+        assert!(!wait(&epoll, &port, &gate));
     }
 }

@@ -36,7 +36,7 @@ use vmcraft_sandbox::{Thread, ThreadKind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{XenHvm, CONSOLE_PAGE, DOMID, STORE_PAGE};
-use crate::backend_thread::{epoll_for, wait, Gate, Leave};
+use crate::backend_thread::{epoll_for, next_ready, wait, Gate, Leave, GATE, PORT, STOP};
 use vmcraft_memory::report::ErrorChain;
 
 /// The first virtual-device number of the guest's disks: `xvda` (Xen's major 202,
@@ -367,27 +367,9 @@ struct ConsoleThread {
 
 impl ConsoleThread {
     fn run(mut self) {
-        use vmm_sys_util::epoll::EpollEvent;
         let s = self.shared.clone();
         let _leave = Leave(&s.gate);
-        let mut events = [EpollEvent::default(); 4];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("xen-console: epoll_wait failed, the console stops: {e}");
-                    return;
-                }
-            };
-            let tokens: Vec<u64> = events[..n].iter().map(|e| e.data()).collect();
-            if tokens.contains(&1) {
-                return;
-            }
-            if tokens.contains(&2) {
-                s.gate.park();
-                continue;
-            }
+        while let Some(ready) = next_ready(&self.epoll, &s.gate, "xen-console") {
             // Reading resets the counter; an error means it was zero already.
             let _ = self.port.notified.read();
             let mut notify = match self.console.drain_output(&mut *self.out) {
@@ -397,7 +379,7 @@ impl ConsoleThread {
                     return;
                 }
             };
-            if tokens.contains(&CONSOLE_INPUT) && self.pending.is_empty() {
+            if ready.has(CONSOLE_INPUT) && self.pending.is_empty() {
                 self.read_input();
             }
             if !self.pending.is_empty() {
@@ -485,8 +467,7 @@ impl StoreThread {
     /// to say to the guest: its own watches fire on the back ends' states). False if
     /// the ring is broken.
     fn serve(&mut self) -> bool {
-        let xs = self.xenstore.clone();
-        let mut xs = xs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut xs = self.xenstore.lock().unwrap_or_else(|p| p.into_inner());
         for _round in 0..4 {
             match self.ring.serve(&mut xs) {
                 Ok(served) => {
@@ -618,10 +599,7 @@ fn disconnect(shared: &Shared, vbd: &mut Vbd) {
     }
 }
 
-/// A vbd thread's epoll tokens.
-const PORT: u64 = 0;
-const STOP: u64 = 1;
-const GATE: u64 = 2;
+/// A vbd thread's epoll token for its link's changes (beside the backend's own).
 const CHANGED: u64 = 3;
 
 /// A vbd thread's epoll set: the stop, the gate, its link's changes and the front
@@ -648,26 +626,8 @@ fn vbd_epoll(shared: &Shared, link: &VbdLink) -> std::io::Result<vmm_sys_util::e
 /// A vbd's thread: wait for the store thread's changes and the front end's
 /// notifications; serve the ring while connected.
 fn serve_vbd(shared: &Shared, link: &VbdLink, epoll: &vmm_sys_util::epoll::Epoll, name: &str) {
-    use vmm_sys_util::epoll::EpollEvent;
     let _leave = Leave(&shared.gate);
-    let mut events = [EpollEvent::default(); 4];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                log::error!("{name}: epoll_wait failed, the disk stops: {e}");
-                return;
-            }
-        };
-        let tokens: Vec<u64> = events[..n].iter().map(|e| e.data()).collect();
-        if tokens.contains(&STOP) {
-            return;
-        }
-        if tokens.contains(&GATE) {
-            shared.gate.park();
-            continue;
-        }
+    while next_ready(epoll, &shared.gate, name).is_some() {
         // Reading resets a counter; an error means it was zero already.
         let _ = link.changed.read();
         let _ = link.notified.read();

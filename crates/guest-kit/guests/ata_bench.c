@@ -4,12 +4,15 @@
    sequential or random over the first 16 MiB; each operation's latency in TSC ticks
    goes to LATENCIES[i]. Parameter: bit 0 write, bit 1 random, bit 2 verify (write a
    pattern, read it back, compare; count ignored), bit 3 check rounds (for snapshot and
-   migration tests: round r writes two operations of words from atacheck_word(r, op, i)
-   at sectors 16 * (r % 4) on, reads them back into other pages and compares, printing
+   migration tests: round r writes two operations of check_word(SALT, r, op, i) at
+   sectors 16 * (r % 4) on, reads them back into other pages and compares, printing
    "round <r> ok\n" on COM1; "atacheck done\n" after the last, "mismatch <r>\n" and
    exit 3 for data that did not come back), bits 16..47 count (of rounds with bit 3).
    Exits 0 on success. */
 #include "guest.h"
+
+/* The pattern check_word makes for this guest. */
+#define SALT 0x6a09e667f3bcc908ul
 
 #define ATA 0x1f0
 #define ATA_STATUS_BSY 0x80
@@ -61,20 +64,13 @@ static int ata_io(int write, u32 lba, u64 buf)
     return wait_ready(0);
 }
 
-static u32 atacheck_word(u64 r, u64 op, u64 i)
-{
-    u64 x = (r << 32) ^ (op << 16) ^ i ^ 0x6a09e667f3bcc908ul;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ul;
-    return (u32)(x ^ (x >> 31));
-}
-
 static u32 check_rounds(u64 rounds)
 {
     u64 out = BUF, in = BUF + 2 * 4096;
     for (u64 r = 0; r < rounds; r++) {
         for (u64 op = 0; op < 2; op++) {
             for (u64 i = 0; i < 1024; i++)
-                ((volatile u32 *)(out + 4096 * op))[i] = atacheck_word(r, op, i);
+                ((volatile u32 *)(out + 4096 * op))[i] = check_word(SALT, r, op, i);
             if (ata_io(1, (u32)(16 * (r % 4) + 8 * op), out + 4096 * op))
                 return 20;
         }
@@ -88,9 +84,7 @@ static u32 check_rounds(u64 rounds)
             puts_com1("\n");
             return 3;
         }
-        puts_com1("round ");
-        put_hex(r);
-        puts_com1(" ok\n");
+        put_round_ok(r);
     }
     puts_com1("atacheck done\n");
     return 0;

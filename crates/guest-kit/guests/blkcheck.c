@@ -1,7 +1,7 @@
 /* Keeps virtio-blk requests in flight, for snapshot and migration tests: `rounds`
    rounds (parameter bits 16..47; bit 0 negotiates EVENT_IDX). Round r writes 16 pages
    in one batch behind one notification (page s at sector 8 * (s + 16 * (r % 4)), each
-   filled from blkcheck_word(r, s, i)), waits for them, then reads them back in one
+   filled from check_word(SALT, r, s, i)), waits for them, then reads them back in one
    batch into other pages and checks every byte. Prints "round <r> ok\n" on COM1 after
    each, "blkcheck done\n" at the end and exits 0; a failed request prints
    "status <round> <slot>" and exits 2, a page that reads back wrong prints
@@ -9,19 +9,15 @@
 #include "guest.h"
 #include "virtio_blk.h"
 
+/* The pattern check_word makes for this guest. */
+#define SALT 0x9e3779b97f4a7c15ul
+
 #define QSIZE 64
 #define SLOTS 16
 #define OUT ((u64)DATA)
 #define IN ((u64)DATA + SLOTS * 4096ul)
 
 static struct virtq q;
-
-static u32 blkcheck_word(u64 r, u64 s, u64 i)
-{
-    u64 x = (r << 32) ^ (s << 16) ^ i ^ 0x9e3779b97f4a7c15ul;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ul;
-    return (u32)(x ^ (x >> 31));
-}
 
 /* One batch: SLOTS requests of `type` at round r's sectors into or out of `base`. */
 static int batch(u32 type, u64 r, u64 base)
@@ -54,7 +50,7 @@ u32 guest_main(u64 vcpu, u64 param)
     for (u64 r = 0; r < rounds; r++) {
         for (u64 s = 0; s < SLOTS; s++)
             for (u64 i = 0; i < 1024; i++)
-                ((volatile u32 *)(OUT + 4096 * s))[i] = blkcheck_word(r, s, i);
+                ((volatile u32 *)(OUT + 4096 * s))[i] = check_word(SALT, r, s, i);
         if ((err = batch(BLK_T_OUT, r, OUT)))
             return err;
         memset((void *)IN, 0, SLOTS * 4096);
@@ -69,9 +65,7 @@ u32 guest_main(u64 vcpu, u64 param)
                 puts_com1("\n");
                 return 3;
             }
-        puts_com1("round ");
-        put_hex(r);
-        puts_com1(" ok\n");
+        put_round_ok(r);
     }
     puts_com1("blkcheck done\n");
     return 0;

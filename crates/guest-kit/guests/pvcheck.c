@@ -1,26 +1,22 @@
 /* Keeps PV block requests in flight, for snapshot and migration tests: `rounds`
    rounds (parameter bits 16..47). Round r writes 8 granted pages in one batch behind
    one event-channel notification (page s at sector 8 * (s + 8 * (r % 4)), filled
-   from pvcheck_word(r, s, i)), waits for the responses, then reads them back into 8
-   other granted pages in one batch and checks every byte. Prints "round <r> ok\n"
+   from check_word(SALT, r, s, i)), waits for the responses, then reads them back
+   into 8 other granted pages in one batch and checks every byte. Prints "round <r> ok\n"
    on COM1 after each, "pvcheck done\n" at the end, and exits 0; a failed request
    prints "status <round> <slot>" and exits 2, data that did not come back prints
    "mismatch <round> <slot>" and exits 3. */
 #include "guest.h"
 #include "xen.h"
 
+/* The pattern check_word makes for this guest. */
+#define SALT 0x243f6a8885a308d3ul
+
 #define SLOTS 8
 #define OUT ((u64)GUEST_HEAP)
 #define IN ((u64)GUEST_HEAP + SLOTS * 4096ul)
 
 static struct blk_front f;
-
-static u32 pvcheck_word(u64 r, u64 s, u64 i)
-{
-    u64 x = (r << 32) ^ (s << 16) ^ i ^ 0x243f6a8885a308d3ul;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ul;
-    return (u32)(x ^ (x >> 31));
-}
 
 static void report(const char *what, u64 r, u64 s)
 {
@@ -68,7 +64,7 @@ u32 guest_main(u64 vcpu, u64 param)
     for (u64 r = 0; r < rounds; r++) {
         for (u64 s = 0; s < SLOTS; s++)
             for (u64 i = 0; i < 1024; i++)
-                ((volatile u32 *)(OUT + 4096 * s))[i] = pvcheck_word(r, s, i);
+                ((volatile u32 *)(OUT + 4096 * s))[i] = check_word(SALT, r, s, i);
         if ((err = batch(BLKIF_OP_WRITE, r, 0)))
             return err;
         memset((void *)IN, 0, SLOTS * 4096);
@@ -79,9 +75,7 @@ u32 guest_main(u64 vcpu, u64 param)
                 report("mismatch ", r, s);
                 return 3;
             }
-        puts_com1("round ");
-        put_hex(r);
-        puts_com1(" ok\n");
+        put_round_ok(r);
     }
     puts_com1("pvcheck done\n");
     return 0;

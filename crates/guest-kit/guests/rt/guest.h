@@ -73,4 +73,10 @@ int memcmp(const void *a, const void *b, unsigned long n);
 void puts_com1(const char *s);
 void put_hex(u64 v);
 
+/* The disk check guests' shared parts (blkcheck, pvcheck, ata_bench's check rounds):
+   word i of page s in round r of a pattern named by `salt` (a 64-bit mix, so every
+   round, page and word differs), and the "round <r> ok\n" line after a round. */
+u32 check_word(u64 salt, u64 r, u64 s, u64 i);
+void put_round_ok(u64 r);
+
 #endif

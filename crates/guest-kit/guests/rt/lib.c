@@ -51,6 +51,20 @@ void put_hex(u64 v)
     puts_com1(buf);
 }
 
+u32 check_word(u64 salt, u64 r, u64 s, u64 i)
+{
+    u64 x = (r << 32) ^ (s << 16) ^ i ^ salt;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ul;
+    return (u32)(x ^ (x >> 31));
+}
+
+void put_round_ok(u64 r)
+{
+    puts_com1("round ");
+    put_hex(r);
+    puts_com1(" ok\n");
+}
+
 /* Rust's core calls bcmp for slice equality. */
 int bcmp(const void *a, const void *b, unsigned long n)
 {
