@@ -4,17 +4,18 @@
 //! [`vmcraft_vcpu::xen`]), places its shared-info page, `vcpu_info`s and grant
 //! frames, and takes event-channel upcalls on the vector it registers per vCPU.
 //!
-//! What serves each hypercall (Xen's argument layouts throughout):
+//! What serves each hypercall (Xen's argument layouts throughout), put together by
+//! [`HvmGuestCalls`]:
 //!
 //! | hypercall | served by | what |
 //! |---|---|---|
-//! | `xen_version` (17) | [`XenVersion`] | version 4.17, the HVM features vmcraft serves |
-//! | `memory_op` (12) | [`MemoryOp`] | `add_to_physmap` of the shared-info page and grant frames; the reservation |
+//! | `xen_version` (17) | [`XenVersion`](vmcraft_pv_hypercall::version::XenVersion) | version 4.17, the HVM features vmcraft serves |
+//! | `memory_op` (12) | [`MemoryOp`](vmcraft_pv_hypercall::physmap::MemoryOp) | `add_to_physmap` of the shared-info page and grant frames; the reservation |
 //! | `hvm_op` (34) | [`HvmParams`] | `set_param(CALLBACK_IRQ)`, `get_param` (store, console), `set_evtchn_upcall_vector` |
 //! | `event_channel_op` (32) | [`EventChannels`] | 2-level: alloc_unbound, bind_virq, bind_ipi, bind_vcpu, send, close, unmask, status; FIFO refused |
-//! | `grant_table_op` (20) | [`GrantTableOp`] | query_size, set_version (1), get_version |
-//! | `vcpu_op` (24) | [`VcpuOp`] | register_vcpu_info; Xen's timers refused |
-//! | `sched_op` (29) | [`SchedOps`] | shutdown stops the VM with its reason (yield and poll stay in KVM) |
+//! | `grant_table_op` (20) | [`GrantTableOp`](vmcraft_pv_hypercall::grant::op::GrantTableOp) | query_size, set_version (1), get_version |
+//! | `vcpu_op` (24) | [`VcpuOp`](vmcraft_pv_hypercall::physmap::VcpuOp) | register_vcpu_info; Xen's timers refused |
+//! | `sched_op` (29) | [`SchedOps`](vmcraft_pv_hypercall::sched::SchedOps) | shutdown stops the VM with its reason (yield and poll stay in KVM) |
 //!
 //! Anything else is `-ENOSYS`, counted in the table.
 //!
@@ -38,14 +39,12 @@ use std::sync::Arc;
 use thiserror::Error;
 use vmcraft_devices::stop::{DeviceStop, StopLatch};
 use vmcraft_pv_hypercall::evtchn::{EventChannels, Upcall, MAX_VCPUS};
-use vmcraft_pv_hypercall::grant::op::{GrantTableOp, HYPERVISOR_GRANT_TABLE_OP};
 use vmcraft_pv_hypercall::grant::{GrantTable, PAGE};
 use vmcraft_pv_hypercall::hvm::{Callback, HvmParams, UpcallRoute};
-use vmcraft_pv_hypercall::hypercall::{HypercallTable, TableError};
-use vmcraft_pv_hypercall::physmap::{MemoryOp, Physmap, VcpuOp, HYPERVISOR_VCPU_OP};
+use vmcraft_pv_hypercall::hvm_guest::HvmGuestCalls;
+use vmcraft_pv_hypercall::hypercall::TableError;
 use vmcraft_pv_hypercall::reservation::Reservation;
-use vmcraft_pv_hypercall::sched::{SchedOps, ShutdownReason, ShutdownSink};
-use vmcraft_pv_hypercall::version::XenVersion;
+use vmcraft_pv_hypercall::sched::{ShutdownReason, ShutdownSink};
 use vmcraft_pv_hypercall::xen_cpuid::{XenCpuid, HVM_VCPU_ID_PRESENT, HYPERCALL_PAGE_MSR};
 use vmcraft_vcpu::cpu::{HypervisorInfo, MoreLeaf, TAKEN_HYPERVISOR_LEAVES};
 use vmcraft_vcpu::linux::{E820Entry, E820_RESERVED, E820_UNUSABLE};
@@ -275,28 +274,16 @@ impl XenHvm {
         });
         let params = Arc::new(HvmParams::new(vcpus, (0, 0), (0, 0), routing));
 
-        let mut table = HypercallTable::new();
-        let physmap = Physmap::new(channels.clone(), grants.clone());
-        (|| {
-            table.register_op(Arc::new(XenVersion::default()))?;
-            table.register_op(Arc::new(MemoryOp {
-                reservation: Some(Arc::new(Reservation::new(memory.clone()))),
-                physmap: Some(physmap),
-            }))?;
-            table.register_op(params.clone())?;
-            table.register_op(channels.clone())?;
-            table.register(
-                HYPERVISOR_GRANT_TABLE_OP,
-                "grant_table_op",
-                Arc::new(GrantTableOp::new(grants.clone(), DOMID)),
-            )?;
-            table.register(
-                HYPERVISOR_VCPU_OP,
-                "vcpu_op",
-                Arc::new(VcpuOp::new(channels.clone(), vcpus)),
-            )?;
-            table.register_op(Arc::new(SchedOps::new(Arc::new(StopOnShutdown(stop)))))
-        })()
+        let table = HvmGuestCalls {
+            channels: channels.clone(),
+            grants: grants.clone(),
+            params: params.clone(),
+            reservation: Some(Arc::new(Reservation::new(memory.clone()))),
+            shutdown: Some(Arc::new(StopOnShutdown(stop))),
+            domid: DOMID,
+            vcpus,
+        }
+        .table()
         .map_err(XenHvmError::Table)?;
         builder.xen_hypercalls(table);
 

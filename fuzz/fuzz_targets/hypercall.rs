@@ -12,10 +12,12 @@ use vmcraft_memory::vm_memory::{Bytes, GuestAddress};
 use vmcraft_memory::{layout::MemoryLayout, GuestRam};
 use vmcraft_pv_hypercall::hvm::{param, Callback, HvmParams, UpcallRoute, HYPERVISOR_HVM_OP};
 use vmcraft_pv_hypercall::hypercall::{
-    errno, HypercallArgs, HypercallContext, HypercallFault, HypercallTable,
+    HypercallArgs, HypercallContext, HypercallFault, HypercallTable,
 };
 use vmcraft_pv_hypercall::reservation::{Reservation, HYPERVISOR_MEMORY_OP};
 use vmcraft_pv_hypercall::sched::{SchedOps, ShutdownReason, ShutdownSink, HYPERVISOR_SCHED_OP};
+
+mod calls;
 
 /// Shutdowns come with a reason Xen defines (decoding refused the rest).
 struct Sink;
@@ -81,11 +83,8 @@ fuzz_target!(|data: &[u8]| {
         .register_op(Arc::new(SchedOps::new(Arc::new(Sink))))
         .unwrap();
     let ctx = HypercallContext::physical(0, ram.memory());
-    for call in data.chunks(48) {
-        if call.len() < 48 {
-            break;
-        }
-        let word = |i: usize| u64::from_le_bytes(call[8 * i..8 * i + 8].try_into().unwrap());
+    for word in calls::calls(data, 6) {
+        let word = |i: usize| word[i];
         // Small numbers and addresses are likelier to reach the handlers.
         let nr = [
             0,
@@ -118,17 +117,7 @@ fuzz_target!(|data: &[u8]| {
             .memory()
             .write_obj(word(5), GuestAddress(word(4) % (1 << 20)));
         let r = table.dispatch(&ctx, args);
-        assert!(
-            r >= 0
-                || [
-                    -errno::EPERM,
-                    -errno::EFAULT,
-                    -errno::EINVAL,
-                    -errno::ENOSYS
-                ]
-                .contains(&r),
-            "{args:?} -> {r}"
-        );
+        calls::assert_xen_result(r, &[], args);
         assert!(reservation.released_pages() <= (1 << 20) / 4096);
         assert_eq!(
             (hvm.get(param::STORE_PFN), hvm.get(param::CONSOLE_EVTCHN)),

@@ -12,13 +12,16 @@ use libfuzzer_sys::fuzz_target;
 use vmcraft_memory::vm_memory::{Bytes, GuestAddress};
 use vmcraft_memory::{layout::MemoryLayout, GuestRam};
 use vmcraft_pv_hypercall::evtchn::{EventChannels, Upcall, HYPERVISOR_EVENT_CHANNEL_OP};
-use vmcraft_pv_hypercall::grant::op::{GrantTableOp, HYPERVISOR_GRANT_TABLE_OP};
+use vmcraft_pv_hypercall::grant::op::HYPERVISOR_GRANT_TABLE_OP;
 use vmcraft_pv_hypercall::grant::GrantTable;
 use vmcraft_pv_hypercall::hvm::{Callback, HvmParams, UpcallRoute, HYPERVISOR_HVM_OP};
-use vmcraft_pv_hypercall::hypercall::{errno, HypercallArgs, HypercallContext, HypercallTable};
-use vmcraft_pv_hypercall::physmap::{MemoryOp, Physmap, VcpuOp, HYPERVISOR_VCPU_OP};
+use vmcraft_pv_hypercall::hvm_guest::HvmGuestCalls;
+use vmcraft_pv_hypercall::hypercall::{HypercallArgs, HypercallContext};
+use vmcraft_pv_hypercall::physmap::HYPERVISOR_VCPU_OP;
 use vmcraft_pv_hypercall::reservation::HYPERVISOR_MEMORY_OP;
-use vmcraft_pv_hypercall::version::{XenVersion, HYPERVISOR_XEN_VERSION};
+use vmcraft_pv_hypercall::version::HYPERVISOR_XEN_VERSION;
+
+mod calls;
 
 const RAM: u64 = 1 << 20;
 
@@ -38,7 +41,7 @@ impl UpcallRoute for Quiet {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((map, calls)) = data.split_first() else {
+    let Some((map, input)) = data.split_first() else {
         return;
     };
     let ram = GuestRam::new(&MemoryLayout::x86_64(RAM).unwrap()).unwrap();
@@ -46,30 +49,17 @@ fuzz_target!(|data: &[u8]| {
     let channels = Arc::new(EventChannels::unplaced(mem.clone(), Arc::new(Quiet)));
     let grants = Arc::new(GrantTable::unplaced(mem.clone(), 4, 0));
     let params = Arc::new(HvmParams::new(2, (0x90, 1), (0x91, 2), Arc::new(Quiet)));
-    let mut table = HypercallTable::new();
-    table.register_op(Arc::new(XenVersion::default())).unwrap();
-    table
-        .register_op(Arc::new(MemoryOp {
-            reservation: None,
-            physmap: Some(Physmap::new(channels.clone(), grants.clone())),
-        }))
-        .unwrap();
-    table.register_op(params).unwrap();
-    table.register_op(channels.clone()).unwrap();
-    table
-        .register(
-            HYPERVISOR_GRANT_TABLE_OP,
-            "grant_table_op",
-            Arc::new(GrantTableOp::new(grants.clone(), 1)),
-        )
-        .unwrap();
-    table
-        .register(
-            HYPERVISOR_VCPU_OP,
-            "vcpu_op",
-            Arc::new(VcpuOp::new(channels.clone(), 2)),
-        )
-        .unwrap();
+    let table = HvmGuestCalls {
+        channels: channels.clone(),
+        grants: grants.clone(),
+        params,
+        reservation: None,
+        shutdown: None,
+        domid: 1,
+        vcpus: 2,
+    }
+    .table()
+    .unwrap();
     // Linear pages map to physical ones by a rotation the input chooses; the top
     // linear pages map nowhere.
     let shift = u64::from(*map);
@@ -78,11 +68,8 @@ fuzz_target!(|data: &[u8]| {
         (page < 0x200).then(|| (((page + shift) % (RAM >> 12)) << 12) | (gva & 0xfff))
     };
     let ctx = HypercallContext::linear(0, mem, &translate);
-    for call in calls.chunks(40) {
-        if call.len() < 40 {
-            break;
-        }
-        let word = |i: usize| u64::from_le_bytes(call[8 * i..8 * i + 8].try_into().unwrap());
+    for word in calls::calls(input, 5) {
+        let word = |i: usize| word[i];
         let nr = [
             HYPERVISOR_XEN_VERSION,
             HYPERVISOR_MEMORY_OP,
@@ -107,19 +94,8 @@ fuzz_target!(|data: &[u8]| {
             let _ = mem.write_obj(word(4).rotate_left(17) % (RAM >> 12), GuestAddress(at + 16));
         }
         let r = table.dispatch(&ctx, HypercallArgs { nr, args });
-        assert!(
-            r >= 0
-                || [
-                    -errno::EPERM,
-                    -errno::EFAULT,
-                    -errno::EINVAL,
-                    -errno::ENOSYS,
-                    -17, // EEXIST: a virtual IRQ bound twice
-                    -28, // ENOSPC: no free port
-                ]
-                .contains(&r),
-            "{nr} {args:?} -> {r}"
-        );
+        // EEXIST: a virtual IRQ bound twice; ENOSPC: no free port.
+        calls::assert_xen_result(r, &[17, 28], (nr, args));
         if let Some(at) = channels.shared_info() {
             assert!(at.0 % 4096 == 0 && at.0 + 4096 <= RAM);
         }

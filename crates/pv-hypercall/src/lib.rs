@@ -20,6 +20,8 @@
 //!   kin): the paravirtual balloon.
 //! * [`hvm`]: `HYPERVISOR_hvm_op` as an HVM guest's Xen drivers use it: where the
 //!   xenstore and console rings are, how upcalls are delivered.
+//! * [`hvm_guest`]: the whole hypercall table of an HVM guest using its own Xen
+//!   drivers, from the parts above.
 //! * [`sched`]: `HYPERVISOR_sched_op`: yield, and shutdown with its reason.
 //! * [`xen_cpuid`]: the CPUID leaves by which an HVM guest finds Xen, placed beside
 //!   KVM's.
@@ -30,6 +32,7 @@ pub mod console;
 pub mod evtchn;
 pub mod grant;
 pub mod hvm;
+pub mod hvm_guest;
 pub mod hypercall;
 pub mod layout;
 pub mod physmap;

@@ -183,6 +183,10 @@ mod tests {
     impl Upcall for NoUpcall {
         fn raise(&self, _: u32) {}
     }
+    impl crate::hvm::UpcallRoute for NoUpcall {
+        fn callback(&self, _: crate::hvm::Callback) {}
+        fn vcpu_vector(&self, _: u32, _: u8) {}
+    }
 
     struct Setup {
         ram: GuestRam,
@@ -191,6 +195,7 @@ mod tests {
         table: HypercallTable,
     }
 
+    /// The whole HVM guest table, as a Linux guest meets these calls.
     fn setup() -> Setup {
         let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
         let channels = Arc::new(EventChannels::unplaced(
@@ -198,20 +203,22 @@ mod tests {
             Arc::new(NoUpcall),
         ));
         let grants = Arc::new(GrantTable::unplaced(ram.memory().clone(), 2, 0));
-        let mut table = HypercallTable::new();
-        table
-            .register_op(Arc::new(MemoryOp {
-                reservation: Some(Arc::new(Reservation::new(ram.memory().clone()))),
-                physmap: Some(Physmap::new(channels.clone(), grants.clone())),
-            }))
-            .unwrap();
-        table
-            .register(
-                HYPERVISOR_VCPU_OP,
-                "vcpu_op",
-                Arc::new(VcpuOp::new(channels.clone(), 2)),
-            )
-            .unwrap();
+        let table = crate::hvm_guest::HvmGuestCalls {
+            channels: channels.clone(),
+            grants: grants.clone(),
+            params: Arc::new(crate::hvm::HvmParams::new(
+                2,
+                (0, 0),
+                (0, 0),
+                Arc::new(NoUpcall),
+            )),
+            reservation: Some(Arc::new(Reservation::new(ram.memory().clone()))),
+            shutdown: None,
+            domid: 0,
+            vcpus: 2,
+        }
+        .table()
+        .unwrap();
         Setup {
             ram,
             channels,
