@@ -3,70 +3,52 @@
 
 use super::*;
 
-/// xorshift64*, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// A random case: limits for 1 to 8 VMs, a host budget, a pressure.
-fn case(rng: &mut Rng) -> (Vec<VmLimits>, HostReport) {
-    let n = 1 + rng.below(8) as usize;
+fn case(rng: &mut fastrand::Rng) -> (Vec<VmLimits>, HostReport) {
+    let n = 1 + rng.u64(..8) as usize;
     let limits: Vec<VmLimits> = (0..n)
         .map(|_| {
-            let ceiling = 1024 + rng.below(262_144);
+            let ceiling = 1024 + rng.u64(..262_144);
             VmLimits {
-                floor: rng.below(ceiling + 1),
+                floor: rng.u64(..ceiling + 1),
                 ceiling,
             }
         })
         .collect();
     let total: u64 = limits.iter().map(|l| l.ceiling).sum();
-    let pressure = match rng.below(4) {
+    let pressure = match rng.u64(..4) {
         0 => 0.0,
         1 => 1.0,
-        _ => rng.unit(),
+        _ => rng.f64(),
     };
     (
         limits,
         HostReport {
-            budget: rng.below(total + total / 2),
+            budget: rng.u64(..total + total / 2),
             pressure,
         },
     )
 }
 
-fn reports(rng: &mut Rng, limits: &[VmLimits]) -> Vec<VmReport> {
+fn reports(rng: &mut fastrand::Rng, limits: &[VmLimits]) -> Vec<VmReport> {
     limits
         .iter()
         .map(|l| VmReport {
             // Sometimes more than the VM has (a lying guest).
-            used: rng.below(l.ceiling + l.ceiling / 4),
+            used: rng.u64(..l.ceiling + l.ceiling / 4),
         })
         .collect()
 }
 
 #[test]
 fn targets_stay_within_each_floor_and_ceiling() {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15);
     for _ in 0..500 {
         let (limits, mut host) = case(&mut rng);
         let mut b = Balancer::new(BalancerConfig::default(), &limits);
         for step in 0..50 {
             if step % 7 == 0 {
-                host.pressure = [f64::NAN, -1.0, 2.0, rng.unit()][rng.below(4) as usize];
+                host.pressure = [f64::NAN, -1.0, 2.0, rng.f64()][rng.u64(..4) as usize];
             }
             let t = b.step(&host, &reports(&mut rng, &limits));
             for (t, l) in t.iter().zip(&limits) {
@@ -78,7 +60,7 @@ fn targets_stay_within_each_floor_and_ceiling() {
 
 #[test]
 fn targets_fit_the_budget_when_the_floors_do() {
-    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut rng = fastrand::Rng::with_seed(0x1234_5678_9abc_def1);
     let config = BalancerConfig::default();
     for _ in 0..500 {
         let (limits, host) = case(&mut rng);
@@ -108,7 +90,7 @@ fn targets_fit_the_budget_when_the_floors_do() {
 /// needs fall faster, until the needs fit).
 #[test]
 fn targets_settle_once_reports_stop_changing() {
-    let mut rng = Rng(0xdead_beef_cafe_f00d);
+    let mut rng = fastrand::Rng::with_seed(0xdead_beef_cafe_f00d);
     for _ in 0..300 {
         let (limits, host) = case(&mut rng);
         let mut b = Balancer::new(BalancerConfig::default(), &limits);

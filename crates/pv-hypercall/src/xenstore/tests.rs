@@ -309,39 +309,24 @@ fn quotas_bound_what_a_guest_holds() {
     assert!(s.dropped_events() >= 2);
 }
 
-/// xorshift64*, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// Random writes, mkdirs and removals by domain 0 over a small name space agree with
 /// a plain map (a node exists iff written or made below a kept ancestor, a removal
 /// takes the subtree), and every node's parent exists.
 #[test]
 fn the_tree_agrees_with_a_model_over_random_operations() {
-    let mut rng = Rng(0x5eed_1234_5678_9abc);
+    let mut rng = fastrand::Rng::with_seed(0x5eed_1234_5678_9abc);
     for _case in 0..200 {
         let mut s = Store::default();
         let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         model.insert("/".into(), Vec::new());
         for _ in 0..60 {
-            let depth = 1 + rng.below(3);
+            let depth = 1 + rng.u64(..3);
             let path: String = (0..depth)
-                .map(|_| format!("/{}", ["a", "b", "c"][rng.below(3) as usize]))
+                .map(|_| format!("/{}", ["a", "b", "c"][rng.u64(..3) as usize]))
                 .collect();
-            match rng.below(4) {
+            match rng.u64(..4) {
                 0 | 1 => {
-                    let v = vec![b'v'; rng.below(4) as usize];
+                    let v = vec![b'v'; rng.u64(..4) as usize];
                     s.write(0, 0, path.as_bytes(), &v).unwrap();
                     let mut p = path.as_str();
                     while let Some(i) = p.rfind('/') {
@@ -387,14 +372,14 @@ fn the_tree_agrees_with_a_model_over_random_operations() {
 /// nothing.
 #[test]
 fn concurrent_transactions_never_lose_an_increment() {
-    let mut rng = Rng(0xabcd_ef01_2345_6789);
+    let mut rng = fastrand::Rng::with_seed(0xabcd_ef01_2345_6789);
     for _case in 0..100 {
         let mut s = Store::default();
         s.write(0, 0, b"/counter", b"0").unwrap();
         let mut committed = 0u64;
         let mut open: Vec<(u16, u32, u64)> = Vec::new();
         for _ in 0..50 {
-            if open.len() < 3 && rng.below(2) == 0 {
+            if open.len() < 3 && rng.u64(..2) == 0 {
                 let dom = 0;
                 let t = s.transaction_start(dom).unwrap();
                 let v: u64 = String::from_utf8(s.read(dom, t, b"/counter").unwrap())
@@ -405,7 +390,7 @@ fn concurrent_transactions_never_lose_an_increment() {
                     .unwrap();
                 open.push((dom, t, v));
             } else if !open.is_empty() {
-                let (dom, t, _) = open.remove(rng.below(open.len() as u64) as usize);
+                let (dom, t, _) = open.remove(rng.u64(..open.len() as u64) as usize);
                 match s.transaction_end(dom, t, true) {
                     Ok(()) => committed += 1,
                     Err(e) => assert_eq!(e, XsError::Again),

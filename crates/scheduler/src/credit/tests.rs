@@ -233,67 +233,52 @@ fn boost_keeps_an_io_bound_vcpu_responsive_among_hogs() {
     assert!((with.vcpus[3].share - with.vcpus[3].ideal).abs() <= 0.02 * with.vcpus[3].ideal);
 }
 
-/// xorshift64*: deterministic pseudo-random numbers for the property tests.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 #[test]
 fn random_operation_sequences_keep_the_invariants() {
     for seed in 1..=300u64 {
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let pcpus = 1 + rng.below(4) as u32;
+        let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let pcpus = 1 + rng.u64(..4) as u32;
         let params = CreditParams {
-            boost: rng.below(2) == 0,
+            boost: rng.u64(..2) == 0,
             ..CreditParams::default()
         };
         let mut s = Credit::new(params, pcpus);
-        let domains = 1 + rng.below(4) as u32;
+        let domains = 1 + rng.u64(..4) as u32;
         for d in 0..domains {
-            let cap = if rng.below(3) == 0 {
-                10 + rng.below(150) as u32
+            let cap = if rng.u64(..3) == 0 {
+                10 + rng.u64(..150) as u32
             } else {
                 0
             };
             // Weights within a factor of 10, so that every vCPU's fair share is large
             // enough to show up in the liveness window below.
-            s.add_domain(DomainId(d), 100 + rng.below(901) as u32, cap)
+            s.add_domain(DomainId(d), 100 + rng.u64(..901) as u32, cap)
                 .unwrap();
         }
-        let vcpus = 1 + rng.below(12) as u32;
+        let vcpus = 1 + rng.u64(..12) as u32;
         for v in 0..vcpus {
-            let affinity = if rng.below(3) == 0 {
-                Affinity::only(&[PcpuId(rng.below(u64::from(pcpus)) as u32)])
+            let affinity = if rng.u64(..3) == 0 {
+                Affinity::only(&[PcpuId(rng.u64(..u64::from(pcpus)) as u32)])
             } else {
                 Affinity::any()
             };
             s.add_vcpu(
                 VcpuId(v),
-                DomainId(rng.below(u64::from(domains)) as u32),
+                DomainId(rng.u64(..u64::from(domains)) as u32),
                 affinity,
             )
             .unwrap();
         }
         let mut now: Nanos = 0;
         for step in 0..400 {
-            now += rng.below(4 * MS);
-            let v = VcpuId(rng.below(u64::from(vcpus)) as u32);
-            let result = match rng.below(4) {
+            now += rng.u64(..4 * MS);
+            let v = VcpuId(rng.u64(..u64::from(vcpus)) as u32);
+            let result = match rng.u64(..4) {
                 0 => s.wake(v, now).map(|_| ()),
                 1 => s.block(v, now).map(|_| ()),
                 2 => s.yield_now(v, now).map(|_| ()),
                 _ => {
-                    let p = PcpuId(rng.below(u64::from(pcpus)) as u32);
+                    let p = PcpuId(rng.u64(..u64::from(pcpus)) as u32);
                     let d = s.schedule(p, now);
                     assert!(d.until > now, "seed {seed} step {step}: {d:?} at {now}");
                     if let Some(r) = d.vcpu {
