@@ -409,3 +409,54 @@ fn a_balloon_keeps_its_pages_across_a_snapshot() {
     );
     assert!(m.running.stop_reason().is_none(), "{:?}", after.contents());
 }
+
+/// virtio-net across a snapshot, its host side reopened in the restored machine (as a
+/// TAP would be): the guest has sent its datagram and waits for the answer with its
+/// receive buffers posted; the snapshot is restored onto a new backend, the answer
+/// goes in there, and the restored guest takes it from the buffers it posted before.
+#[test]
+fn a_nic_waiting_for_a_frame_gets_it_through_the_backend_of_the_restored_machine() {
+    use std::os::unix::net::UnixDatagram;
+    use vmcraft::devices::virtio::net::Net;
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+    let dir = Dir::new("snapshot-net");
+    let (ours, theirs) = UnixDatagram::pair().unwrap();
+    let serial = SharedBuffer::new();
+    let mut b = machine_builder(16 << 20, Box::new(serial.clone()));
+    b.add_virtio(Box::new(Net::new(Box::new(ours), MAC, "vnet0")))
+        .unwrap();
+    b.load(Guest::VIRTIO_NET.image()).unwrap();
+    let m = b
+        .start(&[VcpuConfig::at(Guest::VIRTIO_NET.entry(0, 0))])
+        .unwrap();
+    theirs
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut frame = [0u8; 2048];
+    let n = theirs.recv(&mut frame).expect("the guest's datagram");
+    let hello = &frame[..n];
+    assert!(hello.ends_with(b"hello from a vmcraft guest"));
+    m.snapshot(&dir.0).unwrap();
+    drop(m);
+    drop(theirs);
+
+    // The answer: the guest's frame with its addresses and ports swapped, and "pong".
+    let mut pong = hello[..14 + 20 + 8].to_vec();
+    pong[..6].copy_from_slice(&hello[6..12]);
+    pong[6..12].copy_from_slice(&hello[..6]);
+    pong[14 + 12..14 + 16].copy_from_slice(&hello[14 + 16..14 + 20]);
+    pong[14 + 16..14 + 20].copy_from_slice(&hello[14 + 12..14 + 16]);
+    pong[34..36].copy_from_slice(&hello[36..38]);
+    pong[36..38].copy_from_slice(&hello[34..36]);
+    pong.extend_from_slice(b"pong");
+
+    sandboxed();
+    let (ours, theirs) = UnixDatagram::pair().unwrap();
+    let after = SharedBuffer::new();
+    let (mut b, saved) = MachineBuilder::from_snapshot(&dir.0, Box::new(after.clone())).unwrap();
+    b.add_virtio(Box::new(Net::new(Box::new(ours), MAC, "vnet0")))
+        .unwrap();
+    let m = b.start_restored(&saved).unwrap();
+    theirs.send(&pong).unwrap();
+    finish(m, &after, "the restored NIC");
+}
