@@ -428,13 +428,10 @@ impl MachineBuilder {
         Ok((builder, SavedMachine { snapshot, info }))
     }
 
-    /// Finish restoring `saved`: check this machine was built like the one saved,
-    /// put back the devices', the VM's and the vCPUs' state, and start the vCPUs from
-    /// where they were paused.
-    pub fn start_restored(self, saved: &SavedMachine) -> Result<Machine, MachineSnapshotError> {
-        let s = &saved.snapshot;
-        let file = MachineSnapshotError::File;
-        let device = MachineSnapshotError::Device;
+    /// Check that this machine was built like the one saved in `saved` (the same
+    /// virtio devices in the same order, the same parts, hypercalls served or not),
+    /// without changing anything: what [`MachineBuilder::start_restored`] checks first.
+    pub fn check_restorable(&self, saved: &SavedMachine) -> Result<(), MachineSnapshotError> {
         let types = self.virtio_types();
         if types != saved.info.virtio_types {
             return Err(MachineSnapshotError::Mismatch(format!(
@@ -464,6 +461,38 @@ impl MachineBuilder {
                 },
             )));
         }
+        // Every section a restore reads is there, and the vCPUs' and the VM's decode.
+        let s = &saved.snapshot;
+        let file = MachineSnapshotError::File;
+        for i in 0..saved.info.vcpus {
+            s.load::<VcpuState>(&vcpu_section(i)).map_err(file)?;
+        }
+        s.load::<VmState>("vm").map_err(file)?;
+        let parts = saved.info.parts.iter().map(|n| part_section(n));
+        let virtio = (0..saved.info.virtio_types.len()).map(virtio_section);
+        for name in ["serial", "i8042", "rtc"]
+            .map(String::from)
+            .into_iter()
+            .chain(parts)
+            .chain(virtio)
+        {
+            if !s.contains(&name) {
+                return Err(MachineSnapshotError::Mismatch(format!(
+                    "no section {name:?} in the state"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Finish restoring `saved`: check this machine was built like the one saved,
+    /// put back the devices', the VM's and the vCPUs' state, and start the vCPUs from
+    /// where they were paused.
+    pub fn start_restored(self, saved: &SavedMachine) -> Result<Machine, MachineSnapshotError> {
+        self.check_restorable(saved)?;
+        let s = &saved.snapshot;
+        let file = MachineSnapshotError::File;
+        let device = MachineSnapshotError::Device;
         let vcpus = (0..saved.info.vcpus)
             .map(|i| s.load::<VcpuState>(&vcpu_section(i)))
             .collect::<Result<Vec<_>, _>>()

@@ -14,29 +14,57 @@ use std::time::Duration;
 use common::*;
 use vmcraft::builder::{Machine, MachineBuilder};
 use vmcraft::devices::serial::SharedBuffer;
-use vmcraft::migration::{MigrationError, MigrationOptions};
+use vmcraft::migration::{
+    IncomingOptions, MigrationAuth, MigrationError, MigrationOptions, PEER_TIMEOUT,
+};
 use vmcraft_guest_kit::memcheck_output;
 
 const MIB: u64 = 64;
 const ROUNDS: u64 = 40;
-const SECRET: &[u8] = b"a secret both VMMs were given";
+/// Guest RAM of the memcheck machine (`common::start_memcheck`).
+const RAM: u64 = (MIB + 32) << 20;
+
+fn auth() -> MigrationAuth {
+    MigrationAuth::shared_secret(b"a secret both VMMs were given, 32 bytes or more".to_vec())
+        .unwrap()
+}
 
 fn start_memcheck(serial: &SharedBuffer) -> Machine {
     common::start_memcheck(serial, MIB, ROUNDS)
 }
 
-/// Receive one migration on `listener` with `secret`, add devices with `devices`,
+/// Options for a destination of the memcheck machine, waiting at most `peer` for a
+/// record.
+fn incoming(peer: Duration) -> IncomingOptions {
+    IncomingOptions {
+        peer_timeout: peer,
+        ..IncomingOptions::new(RAM)
+    }
+}
+
+/// Receive one migration on `listener` with `auth`, add devices with `devices`,
 /// start it; the destination's COM1 goes to `serial`.
 fn destination(
     listener: TcpListener,
-    secret: &'static [u8],
+    auth: MigrationAuth,
+    serial: SharedBuffer,
+    devices: impl FnOnce(&mut MachineBuilder) + Send + 'static,
+) -> std::thread::JoinHandle<Result<Machine, MigrationError>> {
+    destination_with(listener, auth, incoming(PEER_TIMEOUT), serial, devices)
+}
+
+fn destination_with(
+    listener: TcpListener,
+    auth: MigrationAuth,
+    options: IncomingOptions,
     serial: SharedBuffer,
     devices: impl FnOnce(&mut MachineBuilder) + Send + 'static,
 ) -> std::thread::JoinHandle<Result<Machine, MigrationError>> {
     std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         sandboxed();
-        let (mut b, incoming) = MachineBuilder::accept_migration(stream, secret, Box::new(serial))?;
+        let (mut b, incoming) =
+            MachineBuilder::accept_migration(stream, &auth, &options, Box::new(serial))?;
         devices(&mut b);
         incoming.start(b)
     })
@@ -54,11 +82,11 @@ fn migrate_to_a_thread(
 ) {
     let (l, addr) = listener();
     let dst_serial = SharedBuffer::new();
-    let dst = destination(l, SECRET, dst_serial.clone(), devices);
+    let dst = destination(l, auth(), dst_serial.clone(), devices);
     let report = src
         .migrate(
             TcpStream::connect(addr).unwrap(),
-            SECRET,
+            &auth(),
             MigrationOptions::default(),
         )
         .unwrap();
@@ -103,11 +131,12 @@ fn a_wrong_secret_is_refused_and_the_source_runs_on() {
     let src_serial = SharedBuffer::new();
     let src = start_memcheck(&src_serial);
     let (l, addr) = listener();
-    let dst = destination(l, b"another secret", SharedBuffer::new(), |_| {});
+    let other = MigrationAuth::shared_secret(b"another secret, also 32 bytes long or more".to_vec());
+    let dst = destination(l, other.unwrap(), SharedBuffer::new(), |_| {});
     let err = src
         .migrate(
             TcpStream::connect(addr).unwrap(),
-            SECRET,
+            &auth(),
             MigrationOptions::default(),
         )
         .unwrap_err();
@@ -115,7 +144,9 @@ fn a_wrong_secret_is_refused_and_the_source_runs_on() {
     assert!(
         matches!(
             err,
-            MigrationError::NotAuthenticated | MigrationError::Connection { .. }
+            MigrationError::NotAuthenticated
+                | MigrationError::Connection { .. }
+                | MigrationError::Closed(_)
         ),
         "{err}"
     );
@@ -165,19 +196,23 @@ fn a_connection_cut_mid_copy_leaves_the_source_running_and_nothing_at_the_destin
     assert!(eventually(60, || !src_serial.contents().is_empty()));
     // Cut 16 MiB into the memory copy.
     let (addr, back) = cutting_proxy(16 << 20);
-    let dst = destination(back, SECRET, SharedBuffer::new(), |_| {});
+    let dst = destination(back, auth(), SharedBuffer::new(), |_| {});
     let err = src
         .migrate(
             TcpStream::connect(addr).unwrap(),
-            SECRET,
+            &auth(),
             MigrationOptions::default(),
         )
         .unwrap_err();
-    assert!(matches!(err, MigrationError::Connection { .. }), "{err}");
-    assert!(matches!(
-        dst.join().unwrap().unwrap_err(),
-        MigrationError::Connection { .. }
-    ));
+    assert!(
+        matches!(
+            err,
+            MigrationError::Connection { .. } | MigrationError::Closed(_)
+        ),
+        "{err}"
+    );
+    let err = dst.join().unwrap().unwrap_err();
+    assert!(matches!(err, MigrationError::Closed(_)), "{err}");
     finish(src, &src_serial, "the source, after a broken migration");
     assert_eq!(String::from_utf8_lossy(&src_serial.contents()), expected);
 }

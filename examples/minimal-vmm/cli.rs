@@ -7,7 +7,7 @@ use std::time::Duration;
 use vmcraft::devices::virtio::block::Disk;
 use vmcraft_guest_kit::Guest;
 
-pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--balloon] [--ksm] [--net-tap NAME] [--pv | --xen] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR | --no-jail] [--snapshot DIR] [--restore DIR] [--migrate-to ADDR | --migrate-from ADDR] [--migrate-secret-file PATH] [--migrate-bandwidth SIZE]
+pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--balloon] [--ksm] [--net-tap NAME] [--pv | --xen] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR | --no-jail] [--snapshot DIR] [--restore DIR] [--migrate-to ADDR | --migrate-from ADDR] [--migrate-secret-file PATH | --migrate-key PATH --migrate-peer PATH] [--migrate-bandwidth SIZE] [--migrate-tries N] [--migrate-keygen PATH] [--snapshot-key PATH]
 
   --diagnose       probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and
                    what a port-I/O exit costs, print it and exit
@@ -69,22 +69,43 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
   --no-jail        run without the jail (for debugging, or where no namespaces can be
                    had)
   --snapshot DIR   on SIGUSR1, pause the VM, write a snapshot into DIR (its `state` and
-                   `memory` files, opened at start) and go on; on SIGUSR2, the same,
+                   `memory` files, opened at start; not the directory restored from,
+                   whose memory file backs the guest) and go on; on SIGUSR2, the same,
                    then stop
+  --snapshot-key PATH
+                   sign snapshots written with the key in PATH (HMAC-SHA256 over the
+                   state file and a digest of the memory), and with --restore refuse a
+                   snapshot that is not signed with it
   --restore DIR    start from the snapshot in DIR instead of a guest or kernel: give the
                    same device options as the VM that was saved (its RAM size comes from
                    the snapshot); the guest goes on where it was paused
   --migrate-to ADDR
-                   connect to the VMM receiving at ADDR (host:port) at start; on
-                   SIGUSR1 migrate the running VM there (pre-copy while it runs, then a
-                   short stop) and exit 0; if the migration fails, go on running
+                   connect to the VMM receiving at ADDR (host:port) at start and
+                   authenticate (the jail has no network), keep the session alive for
+                   as long as the VM runs; on SIGUSR1 migrate the running VM there
+                   (pre-copy while it runs, then a short stop) and exit 0. If it fails
+                   before the hand-over, go on running; if the destination is lost after
+                   it, the outcome is unknown: stay paused and say so (SIGUSR1 then
+                   resumes the VM here, SIGUSR2 ends it)
   --migrate-from ADDR
-                   instead of a guest or kernel, wait on ADDR (host:port) for one
-                   migration and run what arrives: give the same device options (disks
-                   on shared storage) as the source
+                   instead of a guest or kernel, wait on ADDR (host:port) for a
+                   migration and run what arrives: give the same --mem and device
+                   options (disks on shared storage) as the source. A connection that
+                   fails (a stranger, a wrong key) is dropped and the next one taken
+  --migrate-tries N
+                   with --migrate-from, give up after N failed connections (default 8)
   --migrate-secret-file PATH
-                   the secret both ends of a migration prove they hold (needed with
-                   --migrate-to and --migrate-from)
+                   authenticate the migration with the secret in PATH, at least 32
+                   random bytes (head -c 32 /dev/urandom > PATH), the same at both ends
+  --migrate-key PATH
+                   authenticate with this VMM's key pair in PATH instead (made with
+                   --migrate-keygen) ...
+  --migrate-peer PATH
+                   ... and accept only the peers whose public keys are in PATH (one per
+                   line, 64 hexadecimal digits each)
+  --migrate-keygen PATH
+                   write a new key pair to PATH (mode 0600), print its public key and
+                   exit
   --migrate-bandwidth SIZE
                    send at most SIZE bytes per second while the guest runs (K/M/G
                    suffixes)";
@@ -138,6 +159,16 @@ pub struct Options {
     pub migrate_from: Option<String>,
     /// The file holding the migration secret.
     pub migrate_secret: Option<String>,
+    /// The file holding this VMM's migration key pair.
+    pub migrate_key: Option<String>,
+    /// The file holding the accepted peers' public keys.
+    pub migrate_peer: Option<String>,
+    /// Where to write a new key pair.
+    pub migrate_keygen: Option<String>,
+    /// Failed connections a destination takes before it gives up.
+    pub migrate_tries: u32,
+    /// The file holding the key that signs and checks snapshots.
+    pub snapshot_key: Option<String>,
     /// Bytes per second while the guest runs.
     pub migrate_bandwidth: Option<u64>,
 }
@@ -181,6 +212,11 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         migrate_to: None,
         migrate_from: None,
         migrate_secret: None,
+        migrate_key: None,
+        migrate_peer: None,
+        migrate_keygen: None,
+        migrate_tries: 8,
+        snapshot_key: None,
         migrate_bandwidth: None,
     };
     let mut it = args.iter();
@@ -197,6 +233,18 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             "--migrate-to" => o.migrate_to = Some(value()?),
             "--migrate-from" => o.migrate_from = Some(value()?),
             "--migrate-secret-file" => o.migrate_secret = Some(value()?),
+            "--migrate-key" => o.migrate_key = Some(value()?),
+            "--migrate-peer" => o.migrate_peer = Some(value()?),
+            "--migrate-keygen" => o.migrate_keygen = Some(value()?),
+            "--snapshot-key" => o.snapshot_key = Some(value()?),
+            "--migrate-tries" => {
+                let v = value()?;
+                o.migrate_tries = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(format!("invalid --migrate-tries {v:?}"))?;
+            }
             "--migrate-bandwidth" => {
                 let v = value()?;
                 // A size per second: the same suffixes as --mem, but plain numbers are bytes.
@@ -375,11 +423,22 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                 .into(),
         );
     }
-    if (o.migrate_to.is_some() || o.migrate_from.is_some()) != o.migrate_secret.is_some() {
+    let migrating = o.migrate_to.is_some() || o.migrate_from.is_some();
+    let keys = o.migrate_key.is_some() || o.migrate_peer.is_some();
+    if migrating != (o.migrate_secret.is_some() || keys) {
         return Err(
-            "--migrate-to and --migrate-from need --migrate-secret-file (and it needs one of them)"
+            "--migrate-to and --migrate-from need --migrate-secret-file or --migrate-key with --migrate-peer (and they need one of them)"
                 .into(),
         );
+    }
+    if keys && (o.migrate_secret.is_some() || o.migrate_key.is_none() || o.migrate_peer.is_none()) {
+        return Err(
+            "--migrate-key and --migrate-peer go together, instead of --migrate-secret-file"
+                .into(),
+        );
+    }
+    if o.snapshot_key.is_some() && o.snapshot.is_none() && o.restore.is_none() {
+        return Err("--snapshot-key needs --snapshot or --restore".into());
     }
     if o.initrd.is_some() && o.kernel.is_none() {
         return Err("--initrd needs --kernel".into());

@@ -26,7 +26,10 @@ use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::machine::HYPERCALL_PORT;
-use vmcraft::migration::MigrationOptions;
+use vmcraft::migration::{
+    IncomingOptions, MigrationAuth, MigrationError, MigrationOptions, MigrationSession, PublicKey,
+    StaticKey,
+};
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
 use vmcraft::sandbox::jail::{CgroupLimits, Entered, Jail};
@@ -48,6 +51,9 @@ const PV_UPCALL_IRQ: u32 = 11;
 fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     if o.diagnose {
         return diagnose::diagnose();
+    }
+    if let Some(path) = &o.migrate_keygen {
+        return keygen(path);
     }
     let started = Instant::now();
     // Every file comes from outside the jail, so everything is opened before it.
@@ -74,37 +80,37 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         }
     };
     let mut kernel = o.kernel.as_deref().map(|p| open("kernel", p)).transpose()?;
-    // Migration: the secret, and the connection (made now, in the host's network:
-    // the jail has none, and the filters allow no new sockets).
-    let secret = o
-        .migrate_secret
-        .as_deref()
-        .map(|path| {
-            std::fs::read(path).map_err(|e| format!("cannot read migration secret {path}: {e}"))
-        })
-        .transpose()?;
-    let mut migrate_to = o
-        .migrate_to
-        .as_deref()
-        .map(|addr| {
-            std::net::TcpStream::connect(addr)
-                .map_err(|e| format!("cannot connect to the migration destination {addr}: {e}"))
-        })
-        .transpose()?;
-    let incoming_stream = o
+    // Migration: how the peers know each other, and the connection (made and
+    // authenticated now, in the host's network: the jail has none, and the filters
+    // allow no new sockets).
+    let auth = migration_auth(&o)?;
+    let migration_options = MigrationOptions {
+        max_bandwidth: o.migrate_bandwidth,
+        ..MigrationOptions::default()
+    };
+    let mut session = match (&o.migrate_to, &auth) {
+        (Some(addr), Some(auth)) => {
+            let stream = std::net::TcpStream::connect(addr)
+                .map_err(|e| format!("cannot connect to the migration destination {addr}: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            let session = MigrationSession::connect(stream, auth, &migration_options).map_err(
+                |e| format!("migration destination {addr}: {e}{}", source_chain(&e)),
+            )?;
+            eprintln!("minimal-vmm: migration session with {addr} ready");
+            Some(session)
+        }
+        _ => None,
+    };
+    let incoming_listener = o
         .migrate_from
         .as_deref()
-        .map(|addr| -> Result<std::net::TcpStream, Box<dyn Error>> {
+        .map(|addr| -> Result<std::net::TcpListener, Box<dyn Error>> {
             let listener = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen for a migration on {addr}: {e}"))?;
             // The address bound (a port 0 becomes the one the system chose).
             let bound = listener.local_addr()?;
             eprintln!("minimal-vmm: waiting for a migration on {bound}");
-            let (stream, peer) = listener
-                .accept()
-                .map_err(|e| format!("migration listener {addr}: {e}"))?;
-            eprintln!("minimal-vmm: migration from {peer}");
-            Ok(stream)
+            Ok(listener)
         })
         .transpose()?;
     // Snapshot files are host paths too: open (or create) them now.
@@ -181,16 +187,22 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             ))
         }
     };
-    let (mut b, origin) = match (restore_files, incoming_stream) {
+    let (mut b, origin) = match (restore_files, incoming_listener) {
         (Some((state, memory)), _) => {
             let (b, saved) =
                 MachineBuilder::from_snapshot_files(state, &memory, Box::new(std::io::stdout()))?;
             (b, Origin::Restore(saved))
         }
-        (None, Some(stream)) => {
-            let secret = secret.as_deref().ok_or("--migrate-from needs a secret")?;
+        (None, Some(listener)) => {
+            let auth = auth.as_ref().ok_or("--migrate-from needs a secret or keys")?;
+            let options = IncomingOptions {
+                tries: o.migrate_tries,
+                ..IncomingOptions::new(o.mem)
+            };
             let (b, incoming) =
-                MachineBuilder::accept_migration(stream, secret, Box::new(std::io::stdout()))?;
+                MachineBuilder::listen_for_migration(&listener, auth, &options, || {
+                    Box::new(std::io::stdout())
+                })?;
             (b, Origin::Migration(incoming))
         }
         (None, None) => (
@@ -397,19 +409,25 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             break;
         }
         let Some(request) = snapshot_signals::take() else {
+            if let Some(Err(e)) = session.as_mut().map(MigrationSession::keep_alive) {
+                eprintln!(
+                    "minimal-vmm: the migration session is lost, the VM runs on here: {e}{}",
+                    source_chain(&e)
+                );
+                session = None;
+            }
             continue;
         };
         if o.migrate_to.is_some() {
-            let Some(stream) = migrate_to.take() else {
-                eprintln!("minimal-vmm: the migration connection is spent: the VM runs on here");
+            let Some(session) = session.take() else {
+                eprintln!("minimal-vmm: the migration session is spent: the VM runs on here");
                 continue;
             };
             let options = MigrationOptions {
-                max_bandwidth: o.migrate_bandwidth,
-                ..MigrationOptions::default()
+                deadline,
+                ..migration_options
             };
-            let secret = secret.as_deref().ok_or("--migrate-to needs a secret")?;
-            match machine.migrate(stream, secret, options) {
+            match machine.migrate_over(session, options) {
                 Ok(r) => {
                     eprintln!(
                         "minimal-vmm: migrated to {}: {} rounds, {} pages ({} MiB sent), downtime {:.2} ms, {:.2} ms in all",
@@ -421,6 +439,16 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
                         r.total.as_secs_f64() * 1e3
                     );
                     break;
+                }
+                Err(e @ MigrationError::Uncertain(_)) => {
+                    eprintln!(
+                        "minimal-vmm: error: {e}{}\nminimal-vmm: the VM is paused: SIGUSR1 resumes it here, SIGUSR2 ends it",
+                        source_chain(&e)
+                    );
+                    if !wait_for_operator(&machine, deadline) {
+                        break;
+                    }
+                    eprintln!("minimal-vmm: resumed here, as the operator asked");
                 }
                 Err(e) => eprintln!(
                     "minimal-vmm: the migration failed, the VM runs on here: {e}{}",
@@ -548,6 +576,65 @@ fn jail(root: &std::path::Path, o: &Options) -> Result<Jail, Box<dyn Error>> {
         eprintln!("minimal-vmm: no cgroup v2 on this host: the jail sets no CPU or memory limit");
     }
     Ok(jail)
+}
+
+/// After a hand-over whose outcome is unknown, the VM stays paused until the operator
+/// decides: SIGUSR1 resumes it (returns `true`), SIGUSR2 or the deadline ends it.
+fn wait_for_operator(machine: &vmcraft::builder::Machine, deadline: Option<Instant>) -> bool {
+    loop {
+        match snapshot_signals::take() {
+            Some(snapshot_signals::Request::Continue) => {
+                machine.resume();
+                return true;
+            }
+            Some(snapshot_signals::Request::Stop) => return false,
+            None if deadline.is_some_and(|d| Instant::now() >= d) => return false,
+            None => std::thread::sleep(snapshot_signals::POLL),
+        }
+    }
+}
+
+/// How the two ends of a migration know each other, from the files named.
+fn migration_auth(o: &Options) -> Result<Option<MigrationAuth>, Box<dyn Error>> {
+    if let Some(path) = &o.migrate_secret {
+        let secret =
+            std::fs::read(path).map_err(|e| format!("cannot read migration secret {path}: {e}"))?;
+        return Ok(Some(
+            MigrationAuth::shared_secret(secret).map_err(|e| format!("{path}: {e}"))?,
+        ));
+    }
+    let (Some(key), Some(peer)) = (&o.migrate_key, &o.migrate_peer) else {
+        return Ok(None);
+    };
+    let text = |path: &str, what: &str| {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read {what} {path}: {e}"))
+    };
+    let local = StaticKey::from_file_text(&text(key, "migration key")?)
+        .map_err(|e| format!("{key}: {e}"))?;
+    let peers = text(peer, "migration peer keys")?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(PublicKey::from_hex)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{peer}: {e}"))?;
+    Ok(Some(MigrationAuth::Keys { local, peers }))
+}
+
+/// Write a new migration key pair to `path` (which must not exist), readable by its
+/// owner only, and print its public key.
+fn keygen(path: &str) -> Result<ExitCode, Box<dyn Error>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = StaticKey::generate()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create key file {path}: {e}"))?;
+    file.write_all(key.to_file_text().as_bytes())?;
+    println!("{}", key.public());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Where the VM comes from.
