@@ -99,6 +99,22 @@ pub enum MachineSnapshotError {
     /// The machine being restored was not built like the one saved.
     #[error("the machine differs from the one saved: {0}")]
     Mismatch(String),
+    /// A snapshot file that is not a regular file (a FIFO, a device, a directory).
+    #[error("the snapshot's {what} is not a regular file")]
+    NotARegularFile {
+        /// Which file.
+        what: &'static str,
+    },
+    /// A snapshot about to be written over the file that backs the running guest's
+    /// memory (the machine was restored from it).
+    #[error("cannot write the snapshot's {what} over the memory file the running guest was restored from (it backs the guest's memory): write it elsewhere")]
+    OntoBackingFile {
+        /// Which file.
+        what: &'static str,
+    },
+    /// The guest memory does not match the digest in the signed state file.
+    #[error("the snapshot's memory file does not match the signed state file: it was changed or belongs to another snapshot")]
+    MemoryDigest,
     /// The restored vCPUs could not be started.
     #[error("cannot start the restored vCPUs")]
     Start(#[source] VmError),
@@ -216,6 +232,102 @@ pub struct SnapshotReport {
     pub total: Duration,
 }
 
+/// The section of a signed snapshot that holds the digest of its memory.
+const MEMORY_DIGEST: &str = "memory-sha256";
+
+/// SHA-256 over every page of guest memory that is not zero, each preceded by its
+/// guest-physical address: what the memory file holds, whatever its holes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct MemoryDigest([u8; 32]);
+
+impl Versioned for MemoryDigest {
+    const VERSION: u32 = 1;
+}
+
+fn memory_digest(memory: &vmcraft_memory::GuestMemory) -> MemoryDigest {
+    use sha2::Digest;
+    use vm_memory::{Bytes, GuestAddress};
+    let mut hash = sha2::Sha256::new();
+    let page = vmcraft_memory::PAGE_SIZE as usize;
+    let mut chunk = vec![0u8; 256 * page];
+    for region in memory.iter() {
+        let base = region.start_addr().0;
+        let mut at = 0;
+        while at < region.len() {
+            let n = ((region.len() - at) as usize).min(chunk.len());
+            // The range lies inside the region: a read cannot fail.
+            if memory
+                .read_slice(&mut chunk[..n], GuestAddress(base + at))
+                .is_err()
+            {
+                chunk[..n].fill(0xff);
+            }
+            for (i, p) in chunk[..n].chunks_exact(page).enumerate() {
+                if !vmcraft_memory::snapshot::is_zero_page(p) {
+                    hash.update((base + at + (i * page) as u64).to_le_bytes());
+                    hash.update(p);
+                }
+            }
+            at += n as u64;
+        }
+    }
+    MemoryDigest(hash.finalize().into())
+}
+
+/// Write `sections` over the whole of `file`, signed with `key` if one is given, and
+/// sync it. Returns the bytes written.
+fn write_state(
+    sections: &SnapshotBuilder,
+    file: &mut File,
+    key: Option<&[u8]>,
+) -> Result<u64, MachineSnapshotError> {
+    match key {
+        None => sections.write_into(file),
+        Some(key) => sections
+            .to_signed_bytes(key)
+            .and_then(|bytes| vmcraft_snapshot::write_bytes_into(&bytes, file)),
+    }
+    .map_err(MachineSnapshotError::File)
+}
+
+/// A file's (device, inode), refused unless it is a regular file. `fstat` on the
+/// descriptor, which every thread's filter allows.
+fn file_id(file: &File, what: &'static str) -> Result<(u64, u64), MachineSnapshotError> {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a whole `stat` into the buffer it is given, which is
+    // large enough and only read after fstat reports success.
+    let rc = unsafe { libc::fstat(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(MachineSnapshotError::MemoryFile {
+            path: PathBuf::from(what),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: fstat succeeded, so it filled the struct.
+    let st = unsafe { st.assume_init() };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(MachineSnapshotError::NotARegularFile { what });
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Open a snapshot file for reading without blocking on it (a FIFO put in its place
+/// would hang a plain open) and refuse anything that is not a regular file.
+pub fn open_snapshot_file(path: &Path, what: &'static str) -> Result<File, MachineSnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| MachineSnapshotError::MemoryFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    file_id(&file, what)?;
+    Ok(file)
+}
+
 fn vcpu_section(index: u32) -> String {
     format!("vcpu{index}")
 }
@@ -248,44 +360,106 @@ impl Machine {
     }
 
     /// Pause the machine and save it into directory `dir` (created if missing; its
-    /// `state` file replaced whole, through a temporary file and a rename). The machine
-    /// stays paused: [`Machine::resume`] it to go on, or drop it.
+    /// `memory` and `state` files each written into a temporary file, then renamed
+    /// over the old one, so a running guest restored from `dir` keeps its memory). The
+    /// machine stays paused: [`Machine::resume`] it to go on, or drop it.
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport, MachineSnapshotError> {
+        self.snapshot_signed(dir, None)
+    }
+
+    /// [`Machine::snapshot`], signed with `key` when one is given (see
+    /// [`vmcraft_snapshot`]; the signed state file also holds a digest of the memory,
+    /// so neither file can be changed or swapped unnoticed).
+    pub fn snapshot_signed(
+        &self,
+        dir: &Path,
+        key: Option<&[u8]>,
+    ) -> Result<SnapshotReport, MachineSnapshotError> {
         let start = Instant::now();
         std::fs::create_dir_all(dir).map_err(|source| MachineSnapshotError::Directory {
             path: dir.to_owned(),
             source,
         })?;
         let path = dir.join(MEMORY_FILE);
+        let partial = dir.join(format!("{MEMORY_FILE}.partial"));
         let memory = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
+            .open(&partial)
+            .map_err(|source| MachineSnapshotError::MemoryFile {
+                path: partial.clone(),
+                source,
+            })?;
+        let (state, mut report) = self.save(&memory, key)?;
+        memory
+            .sync_all()
+            .and_then(|()| std::fs::rename(&partial, &path))
             .map_err(|source| MachineSnapshotError::MemoryFile { path, source })?;
-        let (state, mut report) = self.save(&memory)?;
-        report.state_bytes = state
-            .write_file(&dir.join(STATE_FILE))
-            .map_err(MachineSnapshotError::File)?;
+        let state_path = dir.join(STATE_FILE);
+        let partial = dir.join(format!("{STATE_FILE}.partial"));
+        let mut file = std::fs::File::create(&partial).map_err(|source| {
+            MachineSnapshotError::File(SnapshotError::Io {
+                what: "create",
+                path: partial.display().to_string(),
+                source,
+            })
+        })?;
+        report.state_bytes = write_state(&state, &mut file, key)?;
+        std::fs::rename(&partial, &state_path).map_err(|source| {
+            MachineSnapshotError::File(SnapshotError::Io {
+                what: "rename into place",
+                path: state_path.display().to_string(),
+                source,
+            })
+        })?;
         report.total = start.elapsed();
         Ok(report)
     }
 
     /// [`Machine::snapshot`] into files already open for writing (a VMM whose
-    /// threads may no longer open files opens them beforehand). Both are overwritten.
+    /// threads may no longer open files opens them beforehand). Both are overwritten;
+    /// either being the file the running guest was restored from is refused.
     pub fn snapshot_into(
         &self,
         state: &mut File,
         memory: &File,
     ) -> Result<SnapshotReport, MachineSnapshotError> {
+        self.snapshot_into_signed(state, memory, None)
+    }
+
+    /// [`Machine::snapshot_into`], signed with `key` when one is given.
+    pub fn snapshot_into_signed(
+        &self,
+        state: &mut File,
+        memory: &File,
+        key: Option<&[u8]>,
+    ) -> Result<SnapshotReport, MachineSnapshotError> {
         let start = Instant::now();
-        let (sections, mut report) = self.save(memory)?;
-        report.state_bytes = sections
-            .write_into(state)
-            .map_err(MachineSnapshotError::File)?;
+        let backing = self.backing_files();
+        for (file, what) in [(&*state, "state file"), (memory, "memory file")] {
+            let id = file_id(file, what)?;
+            if backing.contains(&id) {
+                return Err(MachineSnapshotError::OntoBackingFile { what });
+            }
+        }
+        let (sections, mut report) = self.save(memory, key)?;
+        report.state_bytes = write_state(&sections, state, key)?;
         report.total = start.elapsed();
         Ok(report)
+    }
+
+    /// The files guest memory is mapped from (a restored machine's memory file), as
+    /// (device, inode).
+    fn backing_files(&self) -> Vec<(u64, u64)> {
+        self.running
+            .vm()
+            .memory()
+            .iter()
+            .filter_map(|r| r.file_offset())
+            .filter_map(|f| file_id(f.file(), "memory").ok())
+            .collect()
     }
 
     /// Pause, stop the devices, and save everything: the sections, and memory into
@@ -293,9 +467,14 @@ impl Machine {
     fn save(
         &self,
         memory: &File,
+        key: Option<&[u8]>,
     ) -> Result<(SnapshotBuilder, SnapshotReport), MachineSnapshotError> {
         let start = Instant::now();
-        let (b, pause) = self.pause_and_save_state()?;
+        let (mut b, pause) = self.pause_and_save_state()?;
+        if key.is_some() {
+            b.put(MEMORY_DIGEST, &memory_digest(self.running.vm().memory()))
+                .map_err(MachineSnapshotError::File)?;
+        }
         let memory = save_memory(self.running.vm().memory(), memory)
             .map_err(MachineSnapshotError::SaveMemory)?;
         Ok((
@@ -393,29 +572,47 @@ impl MachineBuilder {
         dir: &Path,
         serial_out: Box<dyn std::io::Write + Send>,
     ) -> Result<(Self, SavedMachine), MachineSnapshotError> {
-        let path = dir.join(STATE_FILE);
-        let state = File::open(&path).map_err(|source| {
-            MachineSnapshotError::File(SnapshotError::Io {
-                what: "open",
-                path: path.display().to_string(),
-                source,
-            })
-        })?;
-        let path = dir.join(MEMORY_FILE);
-        let memory = File::open(&path)
-            .map_err(|source| MachineSnapshotError::MemoryFile { path, source })?;
-        Self::from_snapshot_files(state, &memory, serial_out)
+        Self::from_snapshot_signed(dir, None, serial_out)
+    }
+
+    /// [`MachineBuilder::from_snapshot`], refusing a snapshot not signed with `key`
+    /// when one is given (its state file, and its memory against the signed digest).
+    pub fn from_snapshot_signed(
+        dir: &Path,
+        key: Option<&[u8]>,
+        serial_out: Box<dyn std::io::Write + Send>,
+    ) -> Result<(Self, SavedMachine), MachineSnapshotError> {
+        let state = open_snapshot_file(&dir.join(STATE_FILE), "state file")?;
+        let memory = open_snapshot_file(&dir.join(MEMORY_FILE), "memory file")?;
+        Self::from_snapshot_files_signed(state, &memory, key, serial_out)
     }
 
     /// [`MachineBuilder::from_snapshot`] from files already open: the state file
-    /// (read whole) and the memory file (mapped; it may be closed afterwards).
+    /// (read whole) and the memory file (mapped; it may be closed afterwards). Both
+    /// must be regular files.
     pub fn from_snapshot_files(
         state: File,
         memory: &File,
         serial_out: Box<dyn std::io::Write + Send>,
     ) -> Result<(Self, SavedMachine), MachineSnapshotError> {
+        Self::from_snapshot_files_signed(state, memory, None, serial_out)
+    }
+
+    /// [`MachineBuilder::from_snapshot_files`], refusing a snapshot not signed with
+    /// `key` when one is given.
+    pub fn from_snapshot_files_signed(
+        state: File,
+        memory: &File,
+        key: Option<&[u8]>,
+        serial_out: Box<dyn std::io::Write + Send>,
+    ) -> Result<(Self, SavedMachine), MachineSnapshotError> {
+        file_id(&state, "state file")?;
+        file_id(memory, "memory file")?;
         let snapshot =
             Snapshot::read_from(state, STATE_FILE).map_err(MachineSnapshotError::File)?;
+        if let Some(key) = key {
+            snapshot.verify(key).map_err(MachineSnapshotError::File)?;
+        }
         let info: MachineInfo = snapshot
             .load("machine")
             .map_err(MachineSnapshotError::File)?;
@@ -423,6 +620,14 @@ impl MachineBuilder {
             .map_err(|e| MachineSnapshotError::Layout(info.ram_bytes, e))?;
         let ram =
             GuestRam::from_memory_file(&layout, memory).map_err(MachineSnapshotError::MapMemory)?;
+        if key.is_some() {
+            let signed: MemoryDigest = snapshot
+                .load(MEMORY_DIGEST)
+                .map_err(MachineSnapshotError::File)?;
+            if memory_digest(ram.memory()) != signed {
+                return Err(MachineSnapshotError::MemoryDigest);
+            }
+        }
         let builder = MachineBuilder::with_ram(layout, ram, serial_out)
             .map_err(MachineSnapshotError::Build)?;
         Ok((builder, SavedMachine { snapshot, info }))

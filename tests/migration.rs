@@ -15,7 +15,7 @@ use common::*;
 use vmcraft::builder::{Machine, MachineBuilder};
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::migration::{
-    IncomingOptions, MigrationAuth, MigrationError, MigrationOptions, PEER_TIMEOUT,
+    IncomingOptions, MigrationAuth, MigrationError, MigrationOptions,
 };
 use vmcraft_guest_kit::memcheck_output;
 
@@ -35,11 +35,14 @@ fn start_memcheck(serial: &SharedBuffer) -> Machine {
 
 /// Options for a destination of the memcheck machine, waiting at most `peer` for a
 /// record.
-fn incoming(peer: Duration) -> IncomingOptions {
-    IncomingOptions {
-        peer_timeout: peer,
-        ..IncomingOptions::new(RAM)
-    }
+fn incoming(ram: u64) -> IncomingOptions {
+    IncomingOptions::new(ram)
+}
+
+/// Bytes of `m`'s guest RAM.
+fn ram_of(m: &Machine) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    m.running.vm().memory().iter().map(|r| r.len()).sum()
 }
 
 /// Receive one migration on `listener` with `auth`, add devices with `devices`,
@@ -50,7 +53,7 @@ fn destination(
     serial: SharedBuffer,
     devices: impl FnOnce(&mut MachineBuilder) + Send + 'static,
 ) -> std::thread::JoinHandle<Result<Machine, MigrationError>> {
-    destination_with(listener, auth, incoming(PEER_TIMEOUT), serial, devices)
+    destination_with(listener, auth, incoming(RAM), serial, devices)
 }
 
 fn destination_with(
@@ -82,7 +85,7 @@ fn migrate_to_a_thread(
 ) {
     let (l, addr) = listener();
     let dst_serial = SharedBuffer::new();
-    let dst = destination(l, auth(), dst_serial.clone(), devices);
+    let dst = destination_with(l, auth(), incoming(ram_of(src)), dst_serial.clone(), devices);
     let report = src
         .migrate(
             TcpStream::connect(addr).unwrap(),

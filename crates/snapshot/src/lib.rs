@@ -14,6 +14,13 @@
 //! - a section missing, of another version, or whose body does not decode as the
 //!   state struct (or decodes with bytes left over).
 //!
+//! A checksum catches accidents (a bit flipped on the disk, a truncated copy), not
+//! edits: whoever can write the file can recompute every CRC. Against that, sign it:
+//! [`SnapshotBuilder::to_signed_bytes`] appends a last section,
+//! [`SIGNATURE_SECTION`], holding an HMAC-SHA256 under a key of the caller's over
+//! every byte before it (the header included), and [`Snapshot::verify`] refuses a
+//! file whose signature is missing or does not match that key.
+//!
 //! Guest memory is not in this file: it goes in a sparse file of its own (see
 //! `vmcraft_memory::snapshot`), so that a restore can map it copy-on-write.
 //!
@@ -56,6 +63,11 @@ pub const MAX_NAME: usize = 64;
 /// The largest snapshot file [`Snapshot::read_file`] accepts (device and vCPU state;
 /// guest memory lives in its own file).
 pub const MAX_FILE: u64 = 256 << 20;
+
+/// The name of the section that signs a snapshot (always its last).
+pub const SIGNATURE_SECTION: &str = "hmac-sha256";
+/// The shortest signing key accepted.
+pub const MIN_KEY: usize = 32;
 
 /// Bytes of the header: magic, format version, section count, total length, CRC.
 const HEADER: usize = 8 + 4 + 4 + 8 + 4;
@@ -172,6 +184,19 @@ pub enum SnapshotError {
         #[source]
         source: postcard::Error,
     },
+    /// A signing key too short to resist guessing.
+    #[error("a snapshot key of {0} bytes; at least 32 random bytes are needed")]
+    WeakKey(usize),
+    /// The snapshot carries no signature, and a key was given to check one.
+    #[error("the snapshot is not signed")]
+    Unsigned,
+    /// The signature does not match the key: the snapshot was changed, or signed with
+    /// another key.
+    #[error("the snapshot's signature does not match the key: it was changed, or signed with another key")]
+    BadSignature,
+    /// A signature section that is not the last, or not an HMAC-SHA256.
+    #[error("the snapshot's signature section is malformed or not its last section")]
+    SignaturePlacement,
     /// A name the builder refuses (see [`SnapshotError::BadName`]) or adds twice.
     #[error("cannot add section \"{0}\": its name is invalid or already taken")]
     Name(String),
@@ -191,6 +216,22 @@ fn valid_name(name: &[u8]) -> bool {
 
 fn crc(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes)
+}
+
+/// Bytes of an HMAC-SHA256.
+const MAC: usize = 32;
+
+fn hmac(key: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    // HMAC takes keys of any length.
+    hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!())
+}
+
+fn mac(key: &[u8], bytes: &[u8]) -> [u8; MAC] {
+    use hmac::Mac;
+    let mut m = hmac(key);
+    m.update(bytes);
+    m.finalize().into_bytes().into()
 }
 
 /// Collects sections, then writes them as one snapshot.
@@ -214,6 +255,7 @@ impl SnapshotBuilder {
         value: &T,
     ) -> Result<&mut Self, SnapshotError> {
         if !valid_name(name.as_bytes())
+            || name == SIGNATURE_SECTION
             || self.sections.contains_key(name)
             || self.sections.len() >= MAX_SECTIONS as usize
         {
@@ -234,26 +276,48 @@ impl SnapshotBuilder {
 
     /// The snapshot's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.encode(None)
+    }
+
+    /// The snapshot's bytes, signed with `key` (at least [`MIN_KEY`] bytes).
+    pub fn to_signed_bytes(&self, key: &[u8]) -> Result<Vec<u8>, SnapshotError> {
+        if key.len() < MIN_KEY {
+            return Err(SnapshotError::WeakKey(key.len()));
+        }
+        Ok(self.encode(Some(key)))
+    }
+
+    fn encode(&self, key: Option<&[u8]>) -> Vec<u8> {
+        let section = |name: &str, body: usize| 1 + name.len() + 4 + 8 + 4 + body;
         let body: usize = self
             .sections
             .iter()
-            .map(|(name, (_, b))| 1 + name.len() + 4 + 8 + 4 + b.len())
+            .map(|(name, (_, b))| section(name, b.len()))
             .sum();
-        let total = HEADER + body;
+        let signature = key.map_or(0, |_| section(SIGNATURE_SECTION, MAC));
+        let total = HEADER + body + signature;
+        let count = self.sections.len() + usize::from(key.is_some());
         let mut out = Vec::with_capacity(total);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(self.sections.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(count as u32).to_le_bytes());
         out.extend_from_slice(&(total as u64).to_le_bytes());
         let header_crc = crc(&out);
         out.extend_from_slice(&header_crc.to_le_bytes());
-        for (name, (version, body)) in &self.sections {
+        let put = |out: &mut Vec<u8>, name: &str, version: u32, body: &[u8]| {
             out.push(name.len() as u8);
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(&version.to_le_bytes());
             out.extend_from_slice(&(body.len() as u64).to_le_bytes());
             out.extend_from_slice(&crc(body).to_le_bytes());
             out.extend_from_slice(body);
+        };
+        for (name, (version, body)) in &self.sections {
+            put(&mut out, name, *version, body);
+        }
+        if let Some(key) = key {
+            let mac = mac(key, &out);
+            put(&mut out, SIGNATURE_SECTION, 1, &mac);
         }
         out
     }
@@ -279,23 +343,29 @@ impl SnapshotBuilder {
     }
 }
 
+/// Write `bytes` (a snapshot's, from [`SnapshotBuilder::to_bytes`] or
+/// [`SnapshotBuilder::to_signed_bytes`]) over the whole of `file`, then sync it.
+/// Returns the bytes written.
+pub fn write_bytes_into(bytes: &[u8], file: &mut std::fs::File) -> Result<u64, SnapshotError> {
+    use std::io::{Seek, SeekFrom};
+    let io = |what, source| SnapshotError::Io {
+        what,
+        path: "(an open descriptor)".into(),
+        source,
+    };
+    file.set_len(0).map_err(|e| io("truncate", e))?;
+    file.seek(SeekFrom::Start(0)).map_err(|e| io("seek", e))?;
+    file.write_all(bytes).map_err(|e| io("write", e))?;
+    file.sync_all().map_err(|e| io("sync", e))?;
+    Ok(bytes.len() as u64)
+}
+
 impl SnapshotBuilder {
     /// Write the snapshot over the whole of `file` (already open: a VMM under a
     /// filter that forbids opening files writes into descriptors it opened before),
     /// then sync it. Returns the bytes written.
     pub fn write_into(&self, file: &mut std::fs::File) -> Result<u64, SnapshotError> {
-        use std::io::{Seek, SeekFrom};
-        let io = |what, source| SnapshotError::Io {
-            what,
-            path: "(an open descriptor)".into(),
-            source,
-        };
-        let bytes = self.to_bytes();
-        file.set_len(0).map_err(|e| io("truncate", e))?;
-        file.seek(SeekFrom::Start(0)).map_err(|e| io("seek", e))?;
-        file.write_all(&bytes).map_err(|e| io("write", e))?;
-        file.sync_all().map_err(|e| io("sync", e))?;
-        Ok(bytes.len() as u64)
+        write_bytes_into(&self.to_bytes(), file)
     }
 }
 
@@ -311,6 +381,8 @@ struct Section {
 pub struct Snapshot {
     bytes: Vec<u8>,
     sections: BTreeMap<String, Section>,
+    /// Where the signature section begins, if the snapshot is signed.
+    signed_at: Option<usize>,
 }
 
 /// Reads little-endian fields from a byte slice, naming what it reads when it runs out.
@@ -378,7 +450,13 @@ impl Snapshot {
             });
         }
         let mut sections = BTreeMap::new();
+        let mut signed_at = None;
         for index in 0..count {
+            if signed_at.is_some() {
+                // Sections after the signature are not covered by it.
+                return Err(SnapshotError::SignaturePlacement);
+            }
+            let section_start = c.at;
             let what = || format!("the header of section {index}");
             let len = c.take(1, what)?[0];
             let name = c.take(u64::from(len), what)?;
@@ -399,6 +477,12 @@ impl Snapshot {
                 version,
                 body: start..c.at,
             };
+            if name == SIGNATURE_SECTION {
+                if version != 1 || body.len() != MAC {
+                    return Err(SnapshotError::SignaturePlacement);
+                }
+                signed_at = Some(section_start);
+            }
             if sections.insert(name.clone(), section).is_some() {
                 return Err(SnapshotError::Duplicate(name));
             }
@@ -407,7 +491,32 @@ impl Snapshot {
         if extra != 0 {
             return Err(SnapshotError::TrailingBytes(extra));
         }
-        Ok(Snapshot { bytes, sections })
+        Ok(Snapshot {
+            bytes,
+            sections,
+            signed_at,
+        })
+    }
+
+    /// Whether the snapshot carries a signature (checked only by
+    /// [`Snapshot::verify`]).
+    pub fn is_signed(&self) -> bool {
+        self.signed_at.is_some()
+    }
+
+    /// Check the snapshot's signature against `key`: an unsigned snapshot, or one whose
+    /// bytes (any of them, header included) changed since it was signed, is refused.
+    pub fn verify(&self, key: &[u8]) -> Result<(), SnapshotError> {
+        use hmac::Mac;
+        let at = self.signed_at.ok_or(SnapshotError::Unsigned)?;
+        let section = self
+            .sections
+            .get(SIGNATURE_SECTION)
+            .ok_or(SnapshotError::Unsigned)?;
+        let mut m = hmac(key);
+        m.update(&self.bytes[..at]);
+        m.verify_slice(&self.bytes[section.body.clone()])
+            .map_err(|_| SnapshotError::BadSignature)
     }
 
     /// Read, parse and verify the snapshot at `path` (at most [`MAX_FILE`] bytes).
@@ -421,7 +530,9 @@ impl Snapshot {
     }
 
     /// Read, parse and verify a snapshot from `reader` (at most [`MAX_FILE`] bytes),
-    /// called `name` in errors.
+    /// called `name` in errors. The header is read and checked first, and then only
+    /// as many bytes as it announces: a reader that never ends (a device, a pipe)
+    /// costs no more than that.
     pub fn read_from(reader: impl std::io::Read, name: &str) -> Result<Self, SnapshotError> {
         use std::io::Read;
         let io = |what, source| SnapshotError::Io {
@@ -429,20 +540,47 @@ impl Snapshot {
             path: name.to_owned(),
             source,
         };
-        let mut bytes = Vec::new();
-        reader
-            .take(MAX_FILE + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| io("read", e))?;
-        if bytes.len() as u64 > MAX_FILE {
+        let mut reader = reader;
+        let mut header = [0u8; HEADER];
+        let mut got = 0;
+        while got < HEADER {
+            match reader.read(&mut header[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io("read", e)),
+            }
+        }
+        if got < HEADER {
+            return Err(SnapshotError::Truncated {
+                what: "the snapshot header".into(),
+                offset: 0,
+                needed: (HEADER - got) as u64,
+            });
+        }
+        if header[..8] != MAGIC {
+            return Err(SnapshotError::NotASnapshot);
+        }
+        if crc(&header[..HEADER - 4]) != le_u32(&header[HEADER - 4..]) {
+            return Err(SnapshotError::HeaderChecksum);
+        }
+        let total = le_u64(&header[16..]);
+        if total > MAX_FILE || total < HEADER as u64 {
             return Err(io(
                 "read",
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("larger than {MAX_FILE} bytes"),
+                    format!("its header announces {total} bytes (at most {MAX_FILE})"),
                 ),
             ));
         }
+        let mut bytes = header.to_vec();
+        // One byte past the announced length shows trailing bytes; the buffer grows
+        // only as bytes actually come.
+        reader
+            .take(total - HEADER as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io("read", e))?;
         Self::parse(bytes)
     }
 
