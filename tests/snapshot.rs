@@ -460,3 +460,88 @@ fn a_nic_waiting_for_a_frame_gets_it_through_the_backend_of_the_restored_machine
     theirs.send(&pong).unwrap();
     finish(m, &after, "the restored NIC");
 }
+
+/// A machine restored from a snapshot runs on the snapshot's memory file: writing a
+/// snapshot over that file is refused (it would pull the guest's memory from under
+/// it), and a snapshot into the same directory goes through new files and renames, so
+/// the running guest keeps its memory and still ends correctly. A signed snapshot
+/// restores with its key; with another memory file in its place it is refused.
+#[test]
+fn snapshots_never_overwrite_a_restored_guest_and_signed_ones_refuse_swapped_memory() {
+    use vmcraft::snapshot::open_snapshot_file;
+    let expected = memcheck_output(MIB, ROUNDS);
+    let serial = SharedBuffer::new();
+    let m = start_memcheck(&serial);
+    assert!(eventually(60, || serial.contents().len() > 2 * 40));
+    let dir = Dir::new("snapshot-backing");
+    let key = [0x5a_u8; 32];
+    m.snapshot_signed(&dir.0, Some(&key)).unwrap();
+    let before = serial.contents();
+    drop(m);
+    // Restored with the key.
+    sandboxed();
+    let after = SharedBuffer::new();
+    let (b, saved) = MachineBuilder::from_snapshot_signed(&dir.0, Some(&key), Box::new(after.clone()))
+        .unwrap();
+    let m = b.start_restored(&saved).unwrap();
+    assert!(eventually(60, || after.contents().len() > 2 * 40));
+    // Over its own backing files: refused, and the guest goes on.
+    let mut state = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.0.join("state"))
+        .unwrap();
+    let memory = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.0.join("memory"))
+        .unwrap();
+    let err = m.snapshot_into(&mut state, &memory).unwrap_err();
+    assert!(
+        matches!(err, MachineSnapshotError::OntoBackingFile { .. }),
+        "{err}"
+    );
+    // Into the same directory by name: new files, renamed into place.
+    m.snapshot(&dir.0).unwrap();
+    m.resume();
+    finish(m, &after, "the guest restored, then saved again into its own directory");
+    let mut whole = before;
+    whole.extend(after.contents());
+    assert_eq!(String::from_utf8_lossy(&whole), expected);
+    // The unsigned snapshot just written, checked with a key: refused.
+    let err = MachineBuilder::from_snapshot_signed(&dir.0, Some(&key), Box::new(std::io::sink()))
+        .unwrap_err();
+    assert!(err.to_string().contains("state file"), "{err}");
+    // A FIFO where the state file should be: refused at once, not waited on.
+    let fifo = Dir::new("snapshot-fifo");
+    std::fs::create_dir_all(&fifo.0).unwrap();
+    let path = fifo.0.join("state");
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let err = open_snapshot_file(&path, "state file").unwrap_err();
+    assert!(
+        matches!(err, MachineSnapshotError::NotARegularFile { .. }),
+        "{err}"
+    );
+}
+
+/// A signed snapshot whose memory file was replaced by another snapshot's is refused
+/// before anything runs.
+#[test]
+fn a_signed_snapshot_with_another_memory_file_is_refused() {
+    let serial = SharedBuffer::new();
+    let m = start_memcheck(&serial);
+    assert!(eventually(60, || serial.contents().len() > 2 * 40));
+    let (one, two) = (Dir::new("signed-one"), Dir::new("signed-two"));
+    let key = [0x33_u8; 32];
+    m.snapshot_signed(&one.0, Some(&key)).unwrap();
+    m.resume();
+    assert!(eventually(60, || serial.contents().len() > 4 * 40));
+    m.snapshot_signed(&two.0, Some(&key)).unwrap();
+    drop(m);
+    std::fs::copy(two.0.join("memory"), one.0.join("memory")).unwrap();
+    sandboxed();
+    let err = MachineBuilder::from_snapshot_signed(&one.0, Some(&key), Box::new(std::io::sink()))
+        .unwrap_err();
+    assert!(matches!(err, MachineSnapshotError::MemoryDigest), "{err}");
+}

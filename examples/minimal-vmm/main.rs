@@ -33,7 +33,7 @@ use vmcraft::migration::{
 use vmcraft::pv::hypercall::HypercallTable;
 use vmcraft::pv_machine::PvBackends;
 use vmcraft::sandbox::jail::{CgroupLimits, Entered, Jail};
-use vmcraft::snapshot::{MEMORY_FILE, STATE_FILE};
+use vmcraft::snapshot::{open_snapshot_file, MEMORY_FILE, STATE_FILE};
 use vmcraft::vcpu::{StopReason, VcpuConfig};
 use vmcraft::xen_hvm::{XenDisk, XenHvm, XenServices};
 use vmcraft_guest_kit::Guest;
@@ -115,19 +115,31 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         .transpose()?;
     // Snapshot files are host paths too: open (or create) them now.
     let mut snapshot_files = o.snapshot.as_deref().map(snapshot_files).transpose()?;
+    if let (Some(from), Some(to)) = (&o.restore, &o.snapshot) {
+        if same_file(
+            &std::path::Path::new(from).join(MEMORY_FILE),
+            &std::path::Path::new(to).join(MEMORY_FILE),
+        ) {
+            return Err(format!(
+                "--snapshot {to} would write over the memory file of --restore {from}, which backs the restored guest: give another directory"
+            )
+            .into());
+        }
+    }
+    let snapshot_key = o
+        .snapshot_key
+        .as_deref()
+        .map(|path| {
+            std::fs::read(path).map_err(|e| format!("cannot read snapshot key {path}: {e}"))
+        })
+        .transpose()?;
     let restore_files = o
         .restore
         .as_deref()
         .map(|dir| -> Result<_, Box<dyn Error>> {
             let dir = std::path::Path::new(dir);
-            let state = open(
-                "snapshot state",
-                &dir.join(STATE_FILE).display().to_string(),
-            )?;
-            let memory = open(
-                "snapshot memory",
-                &dir.join(MEMORY_FILE).display().to_string(),
-            )?;
+            let state = open_snapshot_file(&dir.join(STATE_FILE), "state file")?;
+            let memory = open_snapshot_file(&dir.join(MEMORY_FILE), "memory file")?;
             Ok((state, memory))
         })
         .transpose()?;
@@ -146,9 +158,14 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             )
         })?;
         if let Entered::Outside(status) = entered {
+            // The jail removes its directory itself once inside; this is for a child
+            // that failed before that.
             if fresh {
-                if let Err(e) = std::fs::remove_dir_all(&root) {
-                    eprintln!("minimal-vmm: cannot remove the jail {root:?}: {e}");
+                match std::fs::remove_dir_all(&root) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        eprintln!("minimal-vmm: cannot remove the jail {root:?}: {e}")
+                    }
+                    _ => {}
                 }
             }
             // The jailed VMM has run and reported; end as it did.
@@ -189,8 +206,12 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     };
     let (mut b, origin) = match (restore_files, incoming_listener) {
         (Some((state, memory)), _) => {
-            let (b, saved) =
-                MachineBuilder::from_snapshot_files(state, &memory, Box::new(std::io::stdout()))?;
+            let (b, saved) = MachineBuilder::from_snapshot_files_signed(
+                state,
+                &memory,
+                snapshot_key.as_deref(),
+                Box::new(std::io::stdout()),
+            )?;
             (b, Origin::Restore(saved))
         }
         (None, Some(listener)) => {
@@ -460,7 +481,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         let (state, memory) = snapshot_files
             .as_mut()
             .ok_or("a snapshot without --snapshot")?;
-        let report = machine.snapshot_into(state, memory)?;
+        let report = machine.snapshot_into_signed(state, memory, snapshot_key.as_deref())?;
         eprintln!(
             "minimal-vmm: snapshot written to {}: {} of {} pages of memory, {} bytes of state; paused {:.2} ms, {:.2} ms in all",
             o.snapshot.as_deref().unwrap_or_default(),
@@ -645,6 +666,15 @@ enum Origin {
     Restore(vmcraft::snapshot::SavedMachine),
     /// A migration, whose state has arrived.
     Migration(vmcraft::migration::IncomingMigration),
+}
+
+/// Whether `a` and `b` name the same file (both exist, one device and inode).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// The `state` and `memory` files of snapshot directory `dir`, created if missing.

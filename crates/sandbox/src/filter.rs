@@ -190,8 +190,10 @@ const MAIN: &[libc::c_long] = &[
     // How much of guest RAM is resident (the example's memory report).
     libc::SYS_mincore,
     libc::SYS_getrusage,
-    // Snapshots, written into files opened beforehand (truncated first).
+    // Snapshots, written into files opened beforehand (truncated first), after
+    // checking on the descriptor that neither backs the guest's memory.
     libc::SYS_ftruncate,
+    libc::SYS_fstat,
     // A migration's connection, made beforehand: its timeouts and Nagle's algorithm.
     libc::SYS_setsockopt,
 ];

@@ -3,6 +3,12 @@
 //! holds only the files the VM needs, no capabilities, resource limits, and cgroup v2
 //! limits when the host has cgroup v2.
 //!
+//! The jail's root is a small tmpfs mounted (in the jail's own mount namespace) on
+//! the directory given: the mount points made for the bound files and `/proc` live in
+//! it, not on the host's disk, and a directory the jail had to create is removed from
+//! the host as soon as the child has pivoted into it. Nothing is left behind, however
+//! the VMM ends (killed included), beyond that instant.
+//!
 //! [`Jail::enter`] forks: the child is PID 1 of the new PID namespace and continues as
 //! the jailed VMM ([`Entered::Jailed`]); the caller's process waits for it and learns
 //! how it ended ([`Entered::Outside`]). Call it while the process has one thread (before
@@ -255,15 +261,17 @@ impl Jail {
         // Nothing mounted from here on reaches the host's mount namespace.
         mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE)
             .map_err(step("make private", "/"))?;
+        let created = !self.root.exists();
         fs::create_dir_all(&self.root).map_err(step("create", &self.root))?;
-        // pivot_root needs the new root to be a mount point.
+        // The root is a tmpfs of its own (pivot_root needs a mount point): what is made
+        // in it stays off the host's disk.
         mount(
-            Some(&self.root),
+            Some(Path::new("tmpfs")),
             &self.root,
-            None,
-            libc::MS_BIND | libc::MS_REC,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
         )
-        .map_err(step("bind-mount", &self.root))?;
+        .map_err(step("mount a tmpfs at", &self.root))?;
         for bind in &self.binds {
             let target = self
                 .root
@@ -292,7 +300,7 @@ impl Jail {
         let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
         mount(Some(Path::new("proc")), &proc_dir, Some("proc"), nosuid)
             .map_err(step("mount proc at", &proc_dir))?;
-        pivot_into(&self.root)?;
+        pivot_into(&self.root, created)?;
         if let Some(n) = self.open_files {
             set_limit(libc::RLIMIT_NOFILE, n)?;
         }
@@ -307,7 +315,10 @@ impl Jail {
 /// initramfs (rootfs), which `pivot_root` refuses with `EINVAL`, the jail's root is
 /// moved over it and entered with `chroot`, as `switch_root` does; with every
 /// capability dropped afterwards, the process cannot leave it.
-fn pivot_into(root: &Path) -> Result<(), JailError> {
+///
+/// With `remove`, the directory `root` (empty on the host: the jail's files are in its
+/// tmpfs) is removed from the host once the pivot has moved the tmpfs off it.
+fn pivot_into(root: &Path, remove: bool) -> Result<(), JailError> {
     std::env::set_current_dir(root).map_err(step("enter", root))?;
     let dot = c".";
     // SAFETY: pivot_root reads two valid NUL-terminated paths. With both "." the old
@@ -316,6 +327,12 @@ fn pivot_into(root: &Path) -> Result<(), JailError> {
         check(unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as i32);
     match pivoted {
         Ok(()) => {
+            // The old root, stacked on the new one, still shows the host's tree.
+            if remove {
+                if let Err(e) = fs::remove_dir(root) {
+                    eprintln!("vmcraft jail: cannot remove {}: {e}", root.display());
+                }
+            }
             // SAFETY: umount2 reads a valid NUL-terminated path.
             check(unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) })
                 .map_err(step("detach the old root from", root))?;

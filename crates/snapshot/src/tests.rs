@@ -185,3 +185,96 @@ fn files_are_written_whole_and_read_back() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Recompute every CRC in `bytes` (header and sections), as someone editing a
+/// snapshot would.
+fn recompute_checksums(bytes: &mut [u8]) {
+    let header = HEADER - 4;
+    let c = crc(&bytes[..header]);
+    bytes[header..HEADER].copy_from_slice(&c.to_le_bytes());
+    let count = le_u32(&bytes[12..]);
+    let mut at = HEADER;
+    for _ in 0..count {
+        // An edit to a length leaves a file the parser refuses anyway.
+        let Some(&name) = bytes.get(at) else { return };
+        at += 1 + name as usize;
+        if at + 16 > bytes.len() {
+            return;
+        }
+        let len = le_u64(&bytes[at + 4..]) as usize;
+        let body = at + 16;
+        let Some(c) = bytes.get(body..body.saturating_add(len)).map(crc) else {
+            return;
+        };
+        bytes[at + 12..at + 16].copy_from_slice(&c.to_le_bytes());
+        at = body + len;
+    }
+}
+
+#[test]
+fn a_signed_snapshot_edited_with_its_checksums_recomputed_is_refused() {
+    let (b, _, _) = sample();
+    let key = [7u8; 32];
+    let signed = b.to_signed_bytes(&key).unwrap();
+    let s = Snapshot::parse(signed.clone()).unwrap();
+    assert!(s.is_signed());
+    s.verify(&key).unwrap();
+    assert!(matches!(
+        s.verify(&[8u8; 32]),
+        Err(SnapshotError::BadSignature)
+    ));
+    // Every single-byte edit past the header, checksums made right again: the
+    // file parses, and its signature refuses it.
+    let mut refused = 0;
+    for at in HEADER..signed.len() - MAC {
+        let mut edited = signed.clone();
+        edited[at] ^= 0x01;
+        recompute_checksums(&mut edited);
+        if edited == signed {
+            // A checksum's own byte: made right again, nothing changed.
+            refused += 1;
+            continue;
+        }
+        match Snapshot::parse(edited) {
+            Ok(s) => {
+                assert!(s.verify(&key).is_err(), "an edit at {at} passed");
+                refused += 1;
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(refused, signed.len() - MAC - HEADER);
+    // Unsigned: a key finds no signature.
+    let plain = Snapshot::parse(b.to_bytes()).unwrap();
+    assert!(matches!(plain.verify(&key), Err(SnapshotError::Unsigned)));
+    assert!(matches!(
+        b.to_signed_bytes(b"short"),
+        Err(SnapshotError::WeakKey(5))
+    ));
+}
+
+#[test]
+fn an_endless_reader_is_refused_at_its_header_without_reading_on() {
+    // /dev/zero: not a snapshot, refused after 28 bytes.
+    let zero = std::fs::File::open("/dev/zero").unwrap();
+    assert!(matches!(
+        Snapshot::read_from(zero, "zero"),
+        Err(SnapshotError::NotASnapshot)
+    ));
+    // A valid header announcing 200 MiB, then zeros for ever: read no further than
+    // announced (and refused as not matching).
+    let (b, _, _) = sample();
+    let mut bytes = b.to_bytes();
+    bytes[16..24].copy_from_slice(&(200u64 << 20).to_le_bytes());
+    recompute_checksums(&mut bytes);
+    let endless = std::io::Read::chain(&bytes[..HEADER], std::io::repeat(0));
+    assert!(Snapshot::read_from(endless, "endless").is_err());
+    // Announcing more than the largest file is refused at once.
+    bytes[16..24].copy_from_slice(&(MAX_FILE + 1).to_le_bytes());
+    recompute_checksums(&mut bytes);
+    let endless = std::io::Read::chain(&bytes[..HEADER], std::io::repeat(0));
+    assert!(matches!(
+        Snapshot::read_from(endless, "endless"),
+        Err(SnapshotError::Io { .. })
+    ));
+}
