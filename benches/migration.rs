@@ -241,14 +241,13 @@ fn migrations(mhz: u64) {
         let addr = l.local_addr().expect("address");
         let dst = std::thread::spawn(move || {
             let (s, _) = l.accept().expect("accept");
-            let (b, incoming) =
-                MachineBuilder::accept_migration(
-                    s,
-                    &auth(),
-                    &IncomingOptions::new(RAM << 20),
-                    Box::new(std::io::sink()),
-                )
-                    .expect("receive");
+            let (b, incoming) = MachineBuilder::accept_migration(
+                s,
+                &auth(),
+                &IncomingOptions::new(RAM << 20),
+                Box::new(std::io::sink()),
+            )
+            .expect("receive");
             incoming.start(b).expect("start")
         });
         let report = src

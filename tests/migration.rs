@@ -14,9 +14,7 @@ use std::time::Duration;
 use common::*;
 use vmcraft::builder::{Machine, MachineBuilder};
 use vmcraft::devices::serial::SharedBuffer;
-use vmcraft::migration::{
-    IncomingOptions, MigrationAuth, MigrationError, MigrationOptions,
-};
+use vmcraft::migration::{IncomingOptions, MigrationAuth, MigrationError, MigrationOptions};
 use vmcraft_guest_kit::memcheck_output;
 
 const MIB: u64 = 64;
@@ -85,7 +83,13 @@ fn migrate_to_a_thread(
 ) {
     let (l, addr) = listener();
     let dst_serial = SharedBuffer::new();
-    let dst = destination_with(l, auth(), incoming(ram_of(src)), dst_serial.clone(), devices);
+    let dst = destination_with(
+        l,
+        auth(),
+        incoming(ram_of(src)),
+        dst_serial.clone(),
+        devices,
+    );
     let report = src
         .migrate(
             TcpStream::connect(addr).unwrap(),
@@ -134,7 +138,8 @@ fn a_wrong_secret_is_refused_and_the_source_runs_on() {
     let src_serial = SharedBuffer::new();
     let src = start_memcheck(&src_serial);
     let (l, addr) = listener();
-    let other = MigrationAuth::shared_secret(b"another secret, also 32 bytes long or more".to_vec());
+    let other =
+        MigrationAuth::shared_secret(b"another secret, also 32 bytes long or more".to_vec());
     let dst = destination(l, other.unwrap(), SharedBuffer::new(), |_| {});
     let err = src
         .migrate(

@@ -110,72 +110,73 @@ fn tampering_proxy(target: Target, action: Action) -> (std::net::SocketAddr, Tcp
         let (src, _) = front.accept().unwrap();
         let dst = TcpStream::connect(back_addr).unwrap();
         let ready_passed = Arc::new(AtomicBool::new(false));
-        let pump = |mut from: TcpStream, mut to: TcpStream, forward: bool, ready: Arc<AtomicBool>| {
-            move || {
-                let mut n = 0usize;
-                let mut held: Option<Vec<u8>> = None;
-                let mut after_ready = 0usize;
-                while let Some(mut record) = read_record(&mut from) {
-                    let hit = match target {
-                        Target::ToDestination(i) => forward && i == n,
-                        Target::ToSource(i) => !forward && i == n,
-                        Target::Commit => {
-                            forward && ready.load(Ordering::SeqCst) && after_ready == 0
+        let pump =
+            |mut from: TcpStream, mut to: TcpStream, forward: bool, ready: Arc<AtomicBool>| {
+                move || {
+                    let mut n = 0usize;
+                    let mut held: Option<Vec<u8>> = None;
+                    let mut after_ready = 0usize;
+                    while let Some(mut record) = read_record(&mut from) {
+                        let hit = match target {
+                            Target::ToDestination(i) => forward && i == n,
+                            Target::ToSource(i) => !forward && i == n,
+                            Target::Commit => {
+                                forward && ready.load(Ordering::SeqCst) && after_ready == 0
+                            }
+                        };
+                        if forward && ready.load(Ordering::SeqCst) {
+                            after_ready += 1;
                         }
-                    };
-                    if forward && ready.load(Ordering::SeqCst) {
-                        after_ready += 1;
-                    }
-                    n += 1;
-                    // Marked before READY goes on, so the COMMIT it draws is seen after.
-                    if !forward && n == READY + 1 {
-                        ready.store(true, Ordering::SeqCst);
-                    }
-                    let mut out: Vec<Vec<u8>> = Vec::new();
-                    if hit {
-                        match action {
-                            Action::Flip => {
-                                let last = record.len() - 1;
-                                record[last / 2 + 1] ^= 0x10;
-                                out.push(record);
-                            }
-                            Action::Drop => {}
-                            Action::Swap => held = Some(record),
-                            Action::Replay => {
-                                out.push(record.clone());
-                                out.push(record);
-                            }
-                            Action::Inject => {
-                                let mut junk = vec![0u8; 2 + 64];
-                                junk[..2].copy_from_slice(&64u16.to_be_bytes());
-                                for b in &mut junk[2..] {
-                                    *b = fastrand_byte();
+                        n += 1;
+                        // Marked before READY goes on, so the COMMIT it draws is seen after.
+                        if !forward && n == READY + 1 {
+                            ready.store(true, Ordering::SeqCst);
+                        }
+                        let mut out: Vec<Vec<u8>> = Vec::new();
+                        if hit {
+                            match action {
+                                Action::Flip => {
+                                    let last = record.len() - 1;
+                                    record[last / 2 + 1] ^= 0x10;
+                                    out.push(record);
                                 }
-                                out.push(junk);
-                                out.push(record);
+                                Action::Drop => {}
+                                Action::Swap => held = Some(record),
+                                Action::Replay => {
+                                    out.push(record.clone());
+                                    out.push(record);
+                                }
+                                Action::Inject => {
+                                    let mut junk = vec![0u8; 2 + 64];
+                                    junk[..2].copy_from_slice(&64u16.to_be_bytes());
+                                    for b in &mut junk[2..] {
+                                        *b = fastrand_byte();
+                                    }
+                                    out.push(junk);
+                                    out.push(record);
+                                }
+                                Action::Truncate => {
+                                    let _ = to.write_all(&record[..record.len() / 2]);
+                                    let _ = to.shutdown(std::net::Shutdown::Both);
+                                    let _ = from.shutdown(std::net::Shutdown::Both);
+                                    return;
+                                }
                             }
-                            Action::Truncate => {
-                                let _ = to.write_all(&record[..record.len() / 2]);
-                                let _ = to.shutdown(std::net::Shutdown::Both);
-                                let _ = from.shutdown(std::net::Shutdown::Both);
+                        } else {
+                            out.push(record);
+                            if let Some(h) = held.take() {
+                                out.push(h);
+                            }
+                        }
+                        for r in out {
+                            if to.write_all(&r).is_err() {
                                 return;
                             }
                         }
-                    } else {
-                        out.push(record);
-                        if let Some(h) = held.take() {
-                            out.push(h);
-                        }
                     }
-                    for r in out {
-                        if to.write_all(&r).is_err() {
-                            return;
-                        }
-                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
                 }
-                let _ = to.shutdown(std::net::Shutdown::Write);
-            }
-        };
+            };
         let back_pump = std::thread::spawn(pump(
             dst.try_clone().unwrap(),
             src.try_clone().unwrap(),
@@ -327,8 +328,7 @@ fn a_handshake_message_changed_or_a_hello_forged_is_refused_before_anything_move
 fn a_changed_or_lost_ready_makes_the_source_resume_and_the_destination_discard() {
     for action in [Action::Flip, Action::Drop] {
         let what = format!("{action:?} READY");
-        let (src_err, dst_err) =
-            source_runs_on(attacked(Target::ToSource(READY), action), &what);
+        let (src_err, dst_err) = source_runs_on(attacked(Target::ToSource(READY), action), &what);
         assert!(
             tampered(&src_err) || matches!(src_err, MigrationError::TimedOut(_)),
             "{what}: {src_err}"
@@ -359,10 +359,7 @@ fn a_lost_started_leaves_the_guest_at_the_destination_and_the_source_paused() {
         finish(dst, &case.dst_serial, "the destination");
         let mut whole = before.clone();
         whole.extend(case.dst_serial.contents());
-        assert_eq!(
-            String::from_utf8_lossy(&whole),
-            expected()
-        );
+        assert_eq!(String::from_utf8_lossy(&whole), expected());
         // ... while the source has stayed paused all along.
         assert!(case.src.running.stop_reason().is_none());
         assert_eq!(case.src_serial.contents(), before, "the source ran on");
@@ -440,10 +437,7 @@ fn fake_destinations_cannot_hold_or_fool_the_source() {
         let _ = fake.join();
     }
     finish(src, &src_serial, "the source");
-    assert_eq!(
-        String::from_utf8_lossy(&src_serial.contents()),
-        expected()
-    );
+    assert_eq!(String::from_utf8_lossy(&src_serial.contents()), expected());
 }
 
 /// Strangers before the real source (junk, a wrong secret, one that connects and says

@@ -481,8 +481,8 @@ fn snapshots_never_overwrite_a_restored_guest_and_signed_ones_refuse_swapped_mem
     // Restored with the key.
     sandboxed();
     let after = SharedBuffer::new();
-    let (b, saved) = MachineBuilder::from_snapshot_signed(&dir.0, Some(&key), Box::new(after.clone()))
-        .unwrap();
+    let (b, saved) =
+        MachineBuilder::from_snapshot_signed(&dir.0, Some(&key), Box::new(after.clone())).unwrap();
     let m = b.start_restored(&saved).unwrap();
     assert!(eventually(60, || after.contents().len() > 2 * 40));
     // Over its own backing files: refused, and the guest goes on.
@@ -503,7 +503,11 @@ fn snapshots_never_overwrite_a_restored_guest_and_signed_ones_refuse_swapped_mem
     // Into the same directory by name: new files, renamed into place.
     m.snapshot(&dir.0).unwrap();
     m.resume();
-    finish(m, &after, "the guest restored, then saved again into its own directory");
+    finish(
+        m,
+        &after,
+        "the guest restored, then saved again into its own directory",
+    );
     let mut whole = before;
     whole.extend(after.contents());
     assert_eq!(String::from_utf8_lossy(&whole), expected);

@@ -433,8 +433,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
     }
     if keys && (o.migrate_secret.is_some() || o.migrate_key.is_none() || o.migrate_peer.is_none()) {
         return Err(
-            "--migrate-key and --migrate-peer go together, instead of --migrate-secret-file"
-                .into(),
+            "--migrate-key and --migrate-peer go together, instead of --migrate-secret-file".into(),
         );
     }
     if o.snapshot_key.is_some() && o.snapshot.is_none() && o.restore.is_none() {

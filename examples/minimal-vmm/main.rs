@@ -93,9 +93,8 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             let stream = std::net::TcpStream::connect(addr)
                 .map_err(|e| format!("cannot connect to the migration destination {addr}: {e}"))?;
             let _ = stream.set_nodelay(true);
-            let session = MigrationSession::connect(stream, auth, &migration_options).map_err(
-                |e| format!("migration destination {addr}: {e}{}", source_chain(&e)),
-            )?;
+            let session = MigrationSession::connect(stream, auth, &migration_options)
+                .map_err(|e| format!("migration destination {addr}: {e}{}", source_chain(&e)))?;
             eprintln!("minimal-vmm: migration session with {addr} ready");
             Some(session)
         }
@@ -215,7 +214,9 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             (b, Origin::Restore(saved))
         }
         (None, Some(listener)) => {
-            let auth = auth.as_ref().ok_or("--migrate-from needs a secret or keys")?;
+            let auth = auth
+                .as_ref()
+                .ok_or("--migrate-from needs a secret or keys")?;
             let options = IncomingOptions {
                 tries: o.migrate_tries,
                 ..IncomingOptions::new(o.mem)
@@ -224,7 +225,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
                 MachineBuilder::listen_for_migration(&listener, auth, &options, || {
                     Box::new(std::io::stdout())
                 })?;
-            (b, Origin::Migration(incoming))
+            (b, Origin::Migration(Box::new(incoming)))
         }
         (None, None) => (
             MachineBuilder::new(o.mem, Box::new(std::io::stdout()))?,
@@ -665,7 +666,7 @@ enum Origin {
     /// A snapshot.
     Restore(vmcraft::snapshot::SavedMachine),
     /// A migration, whose state has arrived.
-    Migration(vmcraft::migration::IncomingMigration),
+    Migration(Box<vmcraft::migration::IncomingMigration>),
 }
 
 /// Whether `a` and `b` name the same file (both exist, one device and inode).

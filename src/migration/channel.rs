@@ -119,9 +119,9 @@ fn from_hex(text: &str) -> Option<[u8; 32]> {
 impl PublicKey {
     /// A public key from its 64 hexadecimal digits (surrounding white space ignored).
     pub fn from_hex(text: &str) -> Result<Self, MigrationError> {
-        from_hex(text)
-            .map(PublicKey)
-            .ok_or(MigrationError::BadKey("a public key is 64 hexadecimal digits"))
+        from_hex(text).map(PublicKey).ok_or(MigrationError::BadKey(
+            "a public key is 64 hexadecimal digits",
+        ))
     }
 }
 
@@ -129,7 +129,9 @@ impl StaticKey {
     /// A new key pair from the system's random source.
     pub fn generate() -> Result<Self, MigrationError> {
         let builder = snow::Builder::new(params(PATTERN_KEYS));
-        let pair = builder.generate_keypair().map_err(noise("generating a key"))?;
+        let pair = builder
+            .generate_keypair()
+            .map_err(noise("generating a key"))?;
         let mut private = [0u8; 32];
         private.copy_from_slice(&pair.private);
         let mut public = [0u8; 32];
@@ -231,7 +233,9 @@ impl MigrationAuth {
                     .into();
                 let builder = snow::Builder::new(params(PATTERN_PSK));
                 // A fresh static key per session: the secret is what authenticates.
-                let pair = builder.generate_keypair().map_err(noise("generating a key"))?;
+                let pair = builder
+                    .generate_keypair()
+                    .map_err(noise("generating a key"))?;
                 let builder = snow::Builder::new(params(PATTERN_PSK))
                     .prologue(PROLOGUE)
                     .map_err(setup)?
@@ -274,7 +278,9 @@ impl MigrationAuth {
 
 fn params(pattern: &str) -> snow::params::NoiseParams {
     // The two patterns are constants this module names; both parse.
-    pattern.parse().unwrap_or_else(|_| unreachable!("{pattern}"))
+    pattern
+        .parse()
+        .unwrap_or_else(|_| unreachable!("{pattern}"))
 }
 
 fn noise(what: &'static str) -> impl FnOnce(snow::Error) -> MigrationError {
@@ -415,7 +421,10 @@ impl<S: Transport> Io<'_, S> {
             .set_write_limit(Some(left))
             .map_err(super::connection("setting a time limit"))?;
         self.stream.write_all(bytes).map_err(|e| {
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
                 MigrationError::TimedOut(what)
             } else {
                 super::connection(what)(e)
@@ -491,7 +500,11 @@ impl<S: Transport> Channel<S> {
 
     /// The source's side: run the handshake on `stream` and wait for the
     /// destination's [`Message::Hello`].
-    pub fn initiate(stream: S, auth: &MigrationAuth, limits: Limits) -> Result<Self, MigrationError> {
+    pub fn initiate(
+        stream: S,
+        auth: &MigrationAuth,
+        limits: Limits,
+    ) -> Result<Self, MigrationError> {
         let mut stream = stream;
         let until = earliest(Instant::now() + limits.handshake, limits.deadline);
         let mut hs = auth.handshake(true)?;
@@ -519,9 +532,9 @@ impl<S: Transport> Channel<S> {
                 "the destination speaks protocol version {version}, this VMM {}",
                 super::wire::PROTOCOL_VERSION
             ))),
-            Ok(Message::Abort(text)) => Err(MigrationError::Aborted(
-                super::wire::PeerText::new(text),
-            )),
+            Ok(Message::Abort(text)) => {
+                Err(MigrationError::Aborted(super::wire::PeerText::new(text)))
+            }
             Ok(other) => Err(MigrationError::Protocol(format!(
                 "{} where HELLO was due",
                 other.kind()
@@ -533,7 +546,11 @@ impl<S: Transport> Channel<S> {
 
     /// The destination's side: run the handshake on `stream` and send
     /// [`Message::Hello`].
-    pub fn respond(stream: S, auth: &MigrationAuth, limits: Limits) -> Result<Self, MigrationError> {
+    pub fn respond(
+        stream: S,
+        auth: &MigrationAuth,
+        limits: Limits,
+    ) -> Result<Self, MigrationError> {
         let mut stream = stream;
         let until = earliest(Instant::now() + limits.handshake, limits.deadline);
         let mut hs = auth.handshake(false)?;
@@ -740,8 +757,11 @@ mod tests {
     #[test]
     fn another_secret_is_refused_on_both_sides() {
         let (src, dst) = pair(secret(b"k"), secret(b"j"));
-        assert!(matches!(src, Err(_)));
-        assert!(matches!(dst, Err(MigrationError::NotAuthenticated)), "{dst:?}");
+        assert!(src.is_err());
+        assert!(
+            matches!(dst, Err(MigrationError::NotAuthenticated)),
+            "{dst:?}"
+        );
     }
 
     #[test]
@@ -767,14 +787,23 @@ mod tests {
         assert!(src.is_ok() && dst.is_ok());
         // c poses as the destination: the source refuses it.
         let (src, _) = pair(auth(&a, &b), auth(&c, &a));
-        assert!(matches!(src, Err(MigrationError::UnknownPeer(_))), "{src:?}");
+        assert!(
+            matches!(src, Err(MigrationError::UnknownPeer(_))),
+            "{src:?}"
+        );
         // c poses as the source: the destination refuses it.
         let (_, dst) = pair(auth(&c, &b), auth(&b, &a));
-        assert!(matches!(dst, Err(MigrationError::UnknownPeer(_))), "{dst:?}");
+        assert!(
+            matches!(dst, Err(MigrationError::UnknownPeer(_))),
+            "{dst:?}"
+        );
         let text = a.to_file_text();
         let back = StaticKey::from_file_text(&text).unwrap();
         assert_eq!(back.public(), a.public());
-        assert_eq!(PublicKey::from_hex(&a.public().to_string()).unwrap(), a.public());
+        assert_eq!(
+            PublicKey::from_hex(&a.public().to_string()).unwrap(),
+            a.public()
+        );
         assert!(StaticKey::from_file_text("12\n34\n").is_err());
     }
 

@@ -167,7 +167,9 @@ pub enum MigrationError {
         configured: u64,
     },
     /// The state announced is larger than a machine of this size can hold.
-    #[error("the source announced {len} bytes of state; a machine of this size holds at most {limit}")]
+    #[error(
+        "the source announced {len} bytes of state; a machine of this size holds at most {limit}"
+    )]
     StateTooLarge {
         /// What the source announced.
         len: u64,
@@ -812,7 +814,6 @@ impl MachineBuilder {
                 Err(e)
             }
         }
-
     }
 
     /// Wait on `listener` for a migration from a source known by `auth`, trying up
@@ -848,48 +849,48 @@ fn receive<S: Transport>(
     options: &IncomingOptions,
     serial_out: Box<dyn std::io::Write + Send>,
 ) -> Result<(MachineBuilder, SavedMachine), MigrationError> {
-        let (ram_bytes, vcpus) = loop {
-            match channel.recv()? {
-                Message::KeepAlive => continue,
-                Message::Info { ram_bytes, vcpus } => break (ram_bytes, vcpus),
-                Message::Abort(text) => return Err(MigrationError::Aborted(PeerText::new(text))),
-                other => {
-                    return Err(MigrationError::Protocol(format!(
-                        "{} where INFO was due",
-                        other.kind()
-                    )))
-                }
+    let (ram_bytes, vcpus) = loop {
+        match channel.recv()? {
+            Message::KeepAlive => continue,
+            Message::Info { ram_bytes, vcpus } => break (ram_bytes, vcpus),
+            Message::Abort(text) => return Err(MigrationError::Aborted(PeerText::new(text))),
+            other => {
+                return Err(MigrationError::Protocol(format!(
+                    "{} where INFO was due",
+                    other.kind()
+                )))
             }
-        };
-        if ram_bytes != options.ram_bytes {
-            return Err(MigrationError::RamMismatch {
-                announced: ram_bytes,
-                configured: options.ram_bytes,
-            });
         }
-        let layout = MemoryLayout::x86_64(ram_bytes)
-            .map_err(|e| MigrationError::Ram(ram_bytes, e.into()))?;
-        let ram = GuestRam::new(&layout).map_err(|e| MigrationError::Ram(ram_bytes, e.into()))?;
-        let mut receiver = Receiver::new(ram.memory().clone(), ram_bytes, vcpus);
-        let state = loop {
-            let message = channel.recv()?;
-            if let Received::State(state) = receiver.take(message)? {
-                break state;
-            }
-        };
-        let saved = Snapshot::parse(state)
-            .map_err(MachineSnapshotError::File)
-            .and_then(SavedMachine::from_snapshot)
-            .map_err(MigrationError::State)?;
-        if saved.info().ram_bytes != ram_bytes || saved.info().vcpus != vcpus {
-            return Err(MigrationError::Protocol(format!(
-                "{ram_bytes} bytes of RAM and {vcpus} vCPUs announced, {} and {} in the state",
-                saved.info().ram_bytes,
-                saved.info().vcpus
-            )));
+    };
+    if ram_bytes != options.ram_bytes {
+        return Err(MigrationError::RamMismatch {
+            announced: ram_bytes,
+            configured: options.ram_bytes,
+        });
+    }
+    let layout =
+        MemoryLayout::x86_64(ram_bytes).map_err(|e| MigrationError::Ram(ram_bytes, e.into()))?;
+    let ram = GuestRam::new(&layout).map_err(|e| MigrationError::Ram(ram_bytes, e.into()))?;
+    let mut receiver = Receiver::new(ram.memory().clone(), ram_bytes, vcpus);
+    let state = loop {
+        let message = channel.recv()?;
+        if let Received::State(state) = receiver.take(message)? {
+            break state;
         }
-        let builder = MachineBuilder::with_ram(layout, ram, serial_out)
-            .map_err(|e| MigrationError::State(MachineSnapshotError::Build(e)))?;
+    };
+    let saved = Snapshot::parse(state)
+        .map_err(MachineSnapshotError::File)
+        .and_then(SavedMachine::from_snapshot)
+        .map_err(MigrationError::State)?;
+    if saved.info().ram_bytes != ram_bytes || saved.info().vcpus != vcpus {
+        return Err(MigrationError::Protocol(format!(
+            "{ram_bytes} bytes of RAM and {vcpus} vCPUs announced, {} and {} in the state",
+            saved.info().ram_bytes,
+            saved.info().vcpus
+        )));
+    }
+    let builder = MachineBuilder::with_ram(layout, ram, serial_out)
+        .map_err(|e| MigrationError::State(MachineSnapshotError::Build(e)))?;
     Ok((builder, saved))
 }
 
@@ -952,7 +953,10 @@ mod tests {
             (0, vec![0; 4097], "not whole pages"),
         ] {
             assert!(
-                matches!(store_pages(m, addr, &bytes), Err(MigrationError::Protocol(_))),
+                matches!(
+                    store_pages(m, addr, &bytes),
+                    Err(MigrationError::Protocol(_))
+                ),
                 "{what}"
             );
         }
@@ -994,7 +998,10 @@ mod tests {
             "pages after the state began"
         );
         assert_eq!(r.take(Message::StateData(b"abc")).unwrap(), Received::More);
-        assert!(r.take(Message::StateData(b"def")).is_err(), "past the length");
+        assert!(
+            r.take(Message::StateData(b"def")).is_err(),
+            "past the length"
+        );
         assert_eq!(
             r.take(Message::StateData(b"de")).unwrap(),
             Received::State(b"abcde".to_vec())
