@@ -263,6 +263,20 @@ impl Jail {
             .map_err(step("make private", "/"))?;
         let created = !self.root.exists();
         fs::create_dir_all(&self.root).map_err(step("create", &self.root))?;
+        // The directory holding the root, held open: after the pivot it still names
+        // the host's directory, whatever is mounted where.
+        let parent = match (created, self.root.parent(), self.root.file_name()) {
+            (true, Some(parent), Some(name)) => {
+                let dir = fs::File::open(parent).map_err(step("open", parent))?;
+                Some((
+                    dir,
+                    CString::new(name.as_bytes())
+                        .map_err(io::Error::other)
+                        .map_err(step("name", &self.root))?,
+                ))
+            }
+            _ => None,
+        };
         // The root is a tmpfs of its own (pivot_root needs a mount point): what is made
         // in it stays off the host's disk.
         mount(
@@ -300,7 +314,7 @@ impl Jail {
         let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
         mount(Some(Path::new("proc")), &proc_dir, Some("proc"), nosuid)
             .map_err(step("mount proc at", &proc_dir))?;
-        pivot_into(&self.root, created)?;
+        pivot_into(&self.root, parent)?;
         if let Some(n) = self.open_files {
             set_limit(libc::RLIMIT_NOFILE, n)?;
         }
@@ -316,9 +330,10 @@ impl Jail {
 /// moved over it and entered with `chroot`, as `switch_root` does; with every
 /// capability dropped afterwards, the process cannot leave it.
 ///
-/// With `remove`, the directory `root` (empty on the host: the jail's files are in its
-/// tmpfs) is removed from the host once the pivot has moved the tmpfs off it.
-fn pivot_into(root: &Path, remove: bool) -> Result<(), JailError> {
+/// With `remove` (the directory holding `root`, and `root`'s name in it), `root`
+/// (empty on the host: the jail's files are in its tmpfs) is removed from the host once
+/// the pivot has moved the tmpfs off it.
+fn pivot_into(root: &Path, remove: Option<(fs::File, CString)>) -> Result<(), JailError> {
     std::env::set_current_dir(root).map_err(step("enter", root))?;
     let dot = c".";
     // SAFETY: pivot_root reads two valid NUL-terminated paths. With both "." the old
@@ -327,9 +342,15 @@ fn pivot_into(root: &Path, remove: bool) -> Result<(), JailError> {
         check(unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as i32);
     match pivoted {
         Ok(()) => {
-            // The old root, stacked on the new one, still shows the host's tree.
-            if remove {
-                if let Err(e) = fs::remove_dir(root) {
+            if let Some((parent, name)) = remove {
+                use std::os::fd::AsRawFd;
+                // SAFETY: unlinkat reads a valid NUL-terminated name relative to a
+                // directory descriptor this function owns.
+                let rc = unsafe {
+                    libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR)
+                };
+                if rc != 0 {
+                    let e = io::Error::last_os_error();
                     eprintln!("vmcraft jail: cannot remove {}: {e}", root.display());
                 }
             }
