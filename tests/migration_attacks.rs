@@ -374,7 +374,15 @@ fn a_lost_commit_runs_nothing_at_the_destination_and_leaves_the_source_to_the_op
     let err = case.result.expect_err("the source cannot know");
     assert!(matches!(err, MigrationError::Uncertain(_)), "{err}");
     let dst_err = case.dst.expect_err("no COMMIT, no guest");
-    assert!(matches!(dst_err, MigrationError::TimedOut(_)), "{dst_err}");
+    // It waited for COMMIT until its time ran out, or the source (whose time for
+    // STARTED ran out about as soon) hung up.
+    assert!(
+        matches!(
+            dst_err,
+            MigrationError::TimedOut(_) | MigrationError::Closed(_)
+        ),
+        "{dst_err}"
+    );
     assert!(case.dst_serial.contents().is_empty());
     let before = case.src_serial.contents();
     std::thread::sleep(Duration::from_millis(300));

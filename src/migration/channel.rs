@@ -350,31 +350,12 @@ impl<S: Transport> Io<'_, S> {
     /// bytes that trickle in do not stretch it.
     fn read_exact(
         &mut self,
-        mut buf: &mut [u8],
+        buf: &mut [u8],
         until: Instant,
         what: &'static str,
     ) -> Result<(), MigrationError> {
-        while !buf.is_empty() {
-            let left = Self::left(until, what)?;
-            self.stream
-                .set_read_limit(Some(left))
-                .map_err(super::connection("setting a time limit"))?;
-            match self.stream.read(buf) {
-                Ok(0) => return Err(MigrationError::Closed(what)),
-                Ok(n) => buf = &mut buf[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(MigrationError::TimedOut(what))
-                }
-                Err(e) => return Err(super::connection(what)(e)),
-            }
-        }
-        Ok(())
+        let n = buf.len();
+        self.read_some(buf, n, until, what).map(|_| ())
     }
 
     /// Read at least `min` and at most `buf.len()` bytes by `until`; returns how
