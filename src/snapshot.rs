@@ -295,9 +295,11 @@ fn write_state(
 fn file_id(file: &File, what: &'static str) -> Result<(u64, u64), MachineSnapshotError> {
     use std::os::fd::AsRawFd;
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // The fstat system call itself (glibc's fstat may use newfstatat, which the
+    // main thread's filter does not allow).
     // SAFETY: fstat writes a whole `stat` into the buffer it is given, which is
     // large enough and only read after fstat reports success.
-    let rc = unsafe { libc::fstat(file.as_raw_fd(), st.as_mut_ptr()) };
+    let rc = unsafe { libc::syscall(libc::SYS_fstat, file.as_raw_fd(), st.as_mut_ptr()) };
     if rc != 0 {
         return Err(MachineSnapshotError::MemoryFile {
             path: PathBuf::from(what),
