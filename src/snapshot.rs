@@ -399,23 +399,13 @@ impl Machine {
             .sync_all()
             .and_then(|()| std::fs::rename(&partial, &path))
             .map_err(|source| MachineSnapshotError::MemoryFile { path, source })?;
-        let state_path = dir.join(STATE_FILE);
-        let partial = dir.join(format!("{STATE_FILE}.partial"));
-        let mut file = std::fs::File::create(&partial).map_err(|source| {
-            MachineSnapshotError::File(SnapshotError::Io {
-                what: "create",
-                path: partial.display().to_string(),
-                source,
-            })
-        })?;
-        report.state_bytes = write_state(&state, &mut file, key)?;
-        std::fs::rename(&partial, &state_path).map_err(|source| {
-            MachineSnapshotError::File(SnapshotError::Io {
-                what: "rename into place",
-                path: state_path.display().to_string(),
-                source,
-            })
-        })?;
+        let bytes = match key {
+            None => Ok(state.to_bytes()),
+            Some(key) => state.to_signed_bytes(key),
+        };
+        report.state_bytes = bytes
+            .and_then(|bytes| vmcraft_snapshot::write_bytes_file(&bytes, &dir.join(STATE_FILE)))
+            .map_err(MachineSnapshotError::File)?;
         report.total = start.elapsed();
         Ok(report)
     }

@@ -266,12 +266,10 @@ impl MigrationAuth {
     }
 
     /// Whether `remote` (the peer's static key, from the handshake) is one accepted.
-    fn accepts(&self, remote: Option<&[u8]>) -> bool {
+    fn accepts(&self, remote: &[u8]) -> bool {
         match self {
             MigrationAuth::SharedSecret(_) => true,
-            MigrationAuth::Keys { peers, .. } => {
-                remote.is_some_and(|r| peers.iter().any(|p| p.0.as_slice() == r))
-            }
+            MigrationAuth::Keys { peers, .. } => peers.iter().any(|p| p.0.as_slice() == remote),
         }
     }
 }
@@ -479,6 +477,39 @@ impl<S: Transport> Channel<S> {
         }
     }
 
+    /// Run the three messages of the XX handshake on `stream` as the initiator (the
+    /// source) or the responder, refusing a peer whose static key `auth` does not
+    /// accept as soon as its key is known. Returns the channel, and when the
+    /// handshake's time runs out.
+    fn handshake(
+        mut stream: S,
+        auth: &MigrationAuth,
+        limits: Limits,
+        initiator: bool,
+    ) -> Result<(Self, Instant), MigrationError> {
+        let until = earliest(Instant::now() + limits.handshake, limits.deadline);
+        let mut hs = auth.handshake(initiator)?;
+        let mut io = Io {
+            stream: &mut stream,
+        };
+        while !hs.is_handshake_finished() {
+            if hs.is_my_turn() {
+                send_handshake(&mut io, &mut hs, until)?;
+            } else {
+                read_handshake(&mut io, &mut hs, until)?;
+                if let Some(remote) = hs.get_remote_static() {
+                    if !auth.accepts(remote) {
+                        return Err(MigrationError::UnknownPeer(key_text(remote)));
+                    }
+                }
+            }
+        }
+        let noise = hs
+            .into_transport_mode()
+            .map_err(noise("finishing the handshake"))?;
+        Ok((Channel::new(stream, noise, limits), until))
+    }
+
     /// The source's side: run the handshake on `stream` and wait for the
     /// destination's [`Message::Hello`].
     pub fn initiate(
@@ -486,24 +517,7 @@ impl<S: Transport> Channel<S> {
         auth: &MigrationAuth,
         limits: Limits,
     ) -> Result<Self, MigrationError> {
-        let mut stream = stream;
-        let until = earliest(Instant::now() + limits.handshake, limits.deadline);
-        let mut hs = auth.handshake(true)?;
-        let mut io = Io {
-            stream: &mut stream,
-        };
-        send_handshake(&mut io, &mut hs, until)?;
-        read_handshake(&mut io, &mut hs, until)?;
-        if !auth.accepts(hs.get_remote_static()) {
-            return Err(MigrationError::UnknownPeer(
-                hs.get_remote_static().map(key_text).unwrap_or_default(),
-            ));
-        }
-        send_handshake(&mut io, &mut hs, until)?;
-        let noise = hs
-            .into_transport_mode()
-            .map_err(noise("finishing the handshake"))?;
-        let mut channel = Channel::new(stream, noise, limits);
+        let (mut channel, until) = Self::handshake(stream, auth, limits, true)?;
         // The destination's first record proves it holds the same keys.
         match channel.recv_until(until) {
             Ok(Message::Hello {
@@ -532,34 +546,12 @@ impl<S: Transport> Channel<S> {
         auth: &MigrationAuth,
         limits: Limits,
     ) -> Result<Self, MigrationError> {
-        let mut stream = stream;
-        let until = earliest(Instant::now() + limits.handshake, limits.deadline);
-        let mut hs = auth.handshake(false)?;
-        let mut io = Io {
-            stream: &mut stream,
-        };
-        read_handshake(&mut io, &mut hs, until)?;
-        send_handshake(&mut io, &mut hs, until)?;
-        read_handshake(&mut io, &mut hs, until)?;
-        if !auth.accepts(hs.get_remote_static()) {
-            return Err(MigrationError::UnknownPeer(
-                hs.get_remote_static().map(key_text).unwrap_or_default(),
-            ));
-        }
-        let noise = hs
-            .into_transport_mode()
-            .map_err(noise("finishing the handshake"))?;
-        let mut channel = Channel::new(stream, noise, limits);
+        let (mut channel, _) = Self::handshake(stream, auth, limits, false)?;
         channel.send(&Message::Hello {
             version: super::wire::PROTOCOL_VERSION,
         })?;
         channel.flush()?;
         Ok(channel)
-    }
-
-    /// The stream under the channel.
-    pub fn stream(&self) -> &S {
-        &self.stream
     }
 
     /// Change the overall deadline.

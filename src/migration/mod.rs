@@ -708,11 +708,6 @@ impl Receiver {
             ))),
         }
     }
-
-    /// Bytes of RAM the source announced.
-    pub fn ram_bytes(&self) -> u64 {
-        self.ram_bytes
-    }
 }
 
 /// A migration being received: the state has come; add the devices and

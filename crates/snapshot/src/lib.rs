@@ -326,21 +326,26 @@ impl SnapshotBuilder {
     /// renamed over `path`, so a crash leaves either the old file or the whole new one.
     /// Returns the bytes written.
     pub fn write_file(&self, path: &Path) -> Result<u64, SnapshotError> {
-        let io = |what, source| SnapshotError::Io {
-            what,
-            path: path.display().to_string(),
-            source,
-        };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".partial");
-        let tmp = std::path::PathBuf::from(tmp);
-        let bytes = self.to_bytes();
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
-        f.write_all(&bytes).map_err(|e| io("write", e))?;
-        f.sync_all().map_err(|e| io("sync", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io("rename into place", e))?;
-        Ok(bytes.len() as u64)
+        write_bytes_file(&self.to_bytes(), path)
     }
+}
+
+/// Write `bytes` (a snapshot's) to `path` as [`SnapshotBuilder::write_file`] does:
+/// through a temporary file beside it, synced, then renamed over `path`.
+pub fn write_bytes_file(bytes: &[u8], path: &Path) -> Result<u64, SnapshotError> {
+    let io = |what, source| SnapshotError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
+    f.write_all(bytes).map_err(|e| io("write", e))?;
+    f.sync_all().map_err(|e| io("sync", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io("rename into place", e))?;
+    Ok(bytes.len() as u64)
 }
 
 /// Write `bytes` (a snapshot's, from [`SnapshotBuilder::to_bytes`] or
