@@ -9,7 +9,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,73 +110,72 @@ fn tampering_proxy(target: Target, action: Action) -> (std::net::SocketAddr, Tcp
         let (src, _) = front.accept().unwrap();
         let dst = TcpStream::connect(back_addr).unwrap();
         let ready_passed = Arc::new(AtomicBool::new(false));
-        let pump =
-            |mut from: TcpStream, mut to: TcpStream, forward: bool, ready: Arc<AtomicBool>| {
-                move || {
-                    let mut n = 0usize;
-                    let mut held: Option<Vec<u8>> = None;
-                    let mut after_ready = 0usize;
-                    while let Some(mut record) = read_record(&mut from) {
-                        let hit = match target {
-                            Target::ToDestination(i) => forward && i == n,
-                            Target::ToSource(i) => !forward && i == n,
-                            Target::Commit => {
-                                forward && ready.load(Ordering::SeqCst) && after_ready == 0
-                            }
-                        };
-                        if forward && ready.load(Ordering::SeqCst) {
-                            after_ready += 1;
+        let pump = |mut from: TcpStream,
+                    mut to: TcpStream,
+                    forward: bool,
+                    ready: Arc<AtomicBool>| {
+            move || {
+                let mut n = 0usize;
+                let mut held: Option<Vec<u8>> = None;
+                let mut after_ready = 0usize;
+                while let Some(mut record) = read_record(&mut from) {
+                    let hit = match target {
+                        Target::ToDestination(i) => forward && i == n,
+                        Target::ToSource(i) => !forward && i == n,
+                        Target::Commit => {
+                            forward && ready.load(Ordering::SeqCst) && after_ready == 0
                         }
-                        n += 1;
-                        // Marked before READY goes on, so the COMMIT it draws is seen after.
-                        if !forward && n == READY + 1 {
-                            ready.store(true, Ordering::SeqCst);
-                        }
-                        let mut out: Vec<Vec<u8>> = Vec::new();
-                        if hit {
-                            match action {
-                                Action::Flip => {
-                                    let last = record.len() - 1;
-                                    record[last / 2 + 1] ^= 0x10;
-                                    out.push(record);
-                                }
-                                Action::Drop => {}
-                                Action::Swap => held = Some(record),
-                                Action::Replay => {
-                                    out.push(record.clone());
-                                    out.push(record);
-                                }
-                                Action::Inject => {
-                                    let mut junk = vec![0u8; 2 + 64];
-                                    junk[..2].copy_from_slice(&64u16.to_be_bytes());
-                                    for b in &mut junk[2..] {
-                                        *b = fastrand_byte();
-                                    }
-                                    out.push(junk);
-                                    out.push(record);
-                                }
-                                Action::Truncate => {
-                                    let _ = to.write_all(&record[..record.len() / 2]);
-                                    let _ = to.shutdown(std::net::Shutdown::Both);
-                                    let _ = from.shutdown(std::net::Shutdown::Both);
-                                    return;
-                                }
+                    };
+                    if forward && ready.load(Ordering::SeqCst) {
+                        after_ready += 1;
+                    }
+                    n += 1;
+                    // Marked before READY goes on, so the COMMIT it draws is seen after.
+                    if !forward && n == READY + 1 {
+                        ready.store(true, Ordering::SeqCst);
+                    }
+                    let mut out: Vec<Vec<u8>> = Vec::new();
+                    if hit {
+                        match action {
+                            Action::Flip => {
+                                let last = record.len() - 1;
+                                record[last / 2 + 1] ^= 0x10;
+                                out.push(record);
                             }
-                        } else {
-                            out.push(record);
-                            if let Some(h) = held.take() {
-                                out.push(h);
+                            Action::Drop => {}
+                            Action::Swap => held = Some(record),
+                            Action::Replay => {
+                                out.push(record.clone());
+                                out.push(record);
                             }
-                        }
-                        for r in out {
-                            if to.write_all(&r).is_err() {
+                            Action::Inject => {
+                                let mut junk = 64u16.to_be_bytes().to_vec();
+                                junk.extend(std::iter::repeat_with(|| fastrand::u8(..)).take(64));
+                                out.push(junk);
+                                out.push(record);
+                            }
+                            Action::Truncate => {
+                                let _ = to.write_all(&record[..record.len() / 2]);
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                                let _ = from.shutdown(std::net::Shutdown::Both);
                                 return;
                             }
                         }
+                    } else {
+                        out.push(record);
+                        if let Some(h) = held.take() {
+                            out.push(h);
+                        }
                     }
-                    let _ = to.shutdown(std::net::Shutdown::Write);
+                    for r in out {
+                        if to.write_all(&r).is_err() {
+                            return;
+                        }
+                    }
                 }
-            };
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            }
+        };
         let back_pump = std::thread::spawn(pump(
             dst.try_clone().unwrap(),
             src.try_clone().unwrap(),
@@ -187,12 +186,6 @@ fn tampering_proxy(target: Target, action: Action) -> (std::net::SocketAddr, Tcp
         let _ = back_pump.join();
     });
     (front_addr, back)
-}
-
-fn fastrand_byte() -> u8 {
-    static STATE: AtomicUsize = AtomicUsize::new(0x9e37_79b9);
-    let x = STATE.fetch_add(0x6d2b_79f5, Ordering::Relaxed);
-    (x.wrapping_mul(0x2545_f491) >> 13) as u8
 }
 
 struct Case {
