@@ -774,8 +774,8 @@ fn a_jailed_vmm_leaves_nothing_behind_even_when_killed() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
+    std::fs::remove_dir_all(&tmp).unwrap();
     assert!(left.is_empty(), "left behind: {left:?}");
-    std::fs::remove_dir(&tmp).unwrap();
     let err = run(&[
         "--restore",
         "/nonexistent-dir",

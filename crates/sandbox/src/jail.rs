@@ -3,11 +3,11 @@
 //! holds only the files the VM needs, no capabilities, resource limits, and cgroup v2
 //! limits when the host has cgroup v2.
 //!
-//! The jail's root is a small tmpfs mounted (in the jail's own mount namespace) on
-//! the directory given: the mount points made for the bound files and `/proc` live in
-//! it, not on the host's disk, and a directory the jail had to create is removed from
-//! the host as soon as the child has pivoted into it. Nothing is left behind, however
-//! the VMM ends (killed included), beyond that instant.
+//! The jail's root is a tmpfs mounted in the jail's own mount namespace, on the
+//! directory given if it exists, else on its parent (the files to bind in are opened
+//! first, so the tmpfs hiding their paths does not matter): the mount points made for
+//! the bound files and `/proc` live in it, and nothing is created on the host's disk,
+//! so nothing is left behind however the VMM ends, killed included.
 //!
 //! [`Jail::enter`] forks: the child is PID 1 of the new PID namespace and continues as
 //! the jailed VMM ([`Entered::Jailed`]); the caller's process waits for it and learns
@@ -261,60 +261,59 @@ impl Jail {
         // Nothing mounted from here on reaches the host's mount namespace.
         mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE)
             .map_err(step("make private", "/"))?;
-        let created = !self.root.exists();
-        fs::create_dir_all(&self.root).map_err(step("create", &self.root))?;
-        // The directory holding the root, held open: after the pivot it still names
-        // the host's directory, whatever is mounted where.
-        let parent = match (created, self.root.parent(), self.root.file_name()) {
-            (true, Some(parent), Some(name)) => {
-                let dir = fs::File::open(parent).map_err(step("open", parent))?;
-                Some((
-                    dir,
-                    CString::new(name.as_bytes())
-                        .map_err(io::Error::other)
-                        .map_err(step("name", &self.root))?,
-                ))
-            }
-            _ => None,
-        };
-        // The root is a tmpfs of its own (pivot_root needs a mount point): what is made
-        // in it stays off the host's disk.
+        // The files to bind in, held open: the tmpfs below may hide their paths.
+        let sources = self
+            .binds
+            .iter()
+            .map(|bind| {
+                use std::os::unix::fs::OpenOptionsExt;
+                let file = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_PATH)
+                    .open(&bind.host)
+                    .map_err(step("find", &bind.host))?;
+                let is_dir = file.metadata().map_err(step("find", &bind.host))?.is_dir();
+                Ok((file, is_dir))
+            })
+            .collect::<Result<Vec<_>, JailError>>()?;
+        // The root is a tmpfs mounted in this namespace only, on the directory named if
+        // it exists, else on its parent: nothing is made on the host's disk, so nothing
+        // is left there however the VMM ends.
+        let root = self.root_mount()?;
         mount(
             Some(Path::new("tmpfs")),
-            &self.root,
+            &root,
             Some("tmpfs"),
             libc::MS_NOSUID | libc::MS_NODEV,
         )
-        .map_err(step("mount a tmpfs at", &self.root))?;
-        for bind in &self.binds {
-            let target = self
-                .root
-                .join(bind.inside.strip_prefix("/").unwrap_or(&bind.inside));
-            let is_dir = fs::metadata(&bind.host)
-                .map_err(step("find", &bind.host))?
-                .is_dir();
+        .map_err(step("mount a tmpfs at", &root))?;
+        for (bind, (source, is_dir)) in self.binds.iter().zip(&sources) {
+            use std::os::fd::AsRawFd;
+            let target = root.join(bind.inside.strip_prefix("/").unwrap_or(&bind.inside));
             if let Some(parent) = target.parent() {
                 fs::create_dir_all(parent).map_err(step("create", parent))?;
             }
-            if is_dir {
+            if *is_dir {
                 fs::create_dir_all(&target).map_err(step("create", &target))?;
             } else if !target.exists() {
                 fs::File::create(&target).map_err(step("create", &target))?;
             }
-            mount(Some(&bind.host), &target, None, libc::MS_BIND)
+            let source_path = PathBuf::from(format!("/proc/self/fd/{}", source.as_raw_fd()));
+            mount(Some(&source_path), &target, None, libc::MS_BIND)
                 .map_err(step("bind-mount", &bind.host))?;
             if !bind.writable {
                 let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
                 mount(None, &target, None, flags).map_err(step("make read-only", &target))?;
             }
         }
+        drop(sources);
         // This PID namespace's own /proc (the VMM reads /proc/self).
-        let proc_dir = self.root.join("proc");
+        let proc_dir = root.join("proc");
         fs::create_dir_all(&proc_dir).map_err(step("create", &proc_dir))?;
         let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
         mount(Some(Path::new("proc")), &proc_dir, Some("proc"), nosuid)
             .map_err(step("mount proc at", &proc_dir))?;
-        pivot_into(&self.root, parent)?;
+        pivot_into(&root)?;
         if let Some(n) = self.open_files {
             set_limit(libc::RLIMIT_NOFILE, n)?;
         }
@@ -325,15 +324,29 @@ impl Jail {
     }
 }
 
+impl Jail {
+    /// Where the jail's tmpfs goes: the root directory if it exists, else its parent
+    /// (which must), so that nothing need be created on the host.
+    fn root_mount(&self) -> Result<PathBuf, JailError> {
+        if self.root.is_dir() {
+            return Ok(self.root.clone());
+        }
+        match self.root.parent() {
+            Some(parent) if parent.is_dir() && !parent.as_os_str().is_empty() => {
+                Ok(parent.to_path_buf())
+            }
+            _ => Err(step("find the directory of", &self.root)(io::Error::from(
+                io::ErrorKind::NotFound,
+            ))),
+        }
+    }
+}
+
 /// Make `root` the root directory and forget the old one. When the old root is the
 /// initramfs (rootfs), which `pivot_root` refuses with `EINVAL`, the jail's root is
 /// moved over it and entered with `chroot`, as `switch_root` does; with every
 /// capability dropped afterwards, the process cannot leave it.
-///
-/// With `remove` (the directory holding `root`, and `root`'s name in it), `root`
-/// (empty on the host: the jail's files are in its tmpfs) is removed from the host once
-/// the pivot has moved the tmpfs off it.
-fn pivot_into(root: &Path, remove: Option<(fs::File, CString)>) -> Result<(), JailError> {
+fn pivot_into(root: &Path) -> Result<(), JailError> {
     std::env::set_current_dir(root).map_err(step("enter", root))?;
     let dot = c".";
     // SAFETY: pivot_root reads two valid NUL-terminated paths. With both "." the old
@@ -342,18 +355,6 @@ fn pivot_into(root: &Path, remove: Option<(fs::File, CString)>) -> Result<(), Ja
         check(unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as i32);
     match pivoted {
         Ok(()) => {
-            if let Some((parent, name)) = remove {
-                use std::os::fd::AsRawFd;
-                // SAFETY: unlinkat reads a valid NUL-terminated name relative to a
-                // directory descriptor this function owns.
-                let rc = unsafe {
-                    libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR)
-                };
-                if rc != 0 {
-                    let e = io::Error::last_os_error();
-                    eprintln!("vmcraft jail: cannot remove {}: {e}", root.display());
-                }
-            }
             // SAFETY: umount2 reads a valid NUL-terminated path.
             check(unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) })
                 .map_err(step("detach the old root from", root))?;
