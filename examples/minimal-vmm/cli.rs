@@ -20,8 +20,8 @@ pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kerne
                    \"flushed\" printed, and it waits to be killed: for durability tests);
                    virtio-console (a driver that greets on the --console or
                    --console-socket, waits for \"ping\" and answers \"got: ping\");
-                   memcheck (rewrites and checks 64 MiB in 100 rounds, printing each
-                   round's sum: for snapshots); balloon (a virtio-balloon driver of its
+                   memcheck (rewrites and checks 16 MiB in 1000 rounds, printing each
+                   round's sum: for snapshots and migrations); balloon (a virtio-balloon driver of its
                    own over all RAM above 16 MiB, using none of it: with --balloon)
   --disk PATH[,ro] a raw disk image as a virtio-blk device (virtio-mmio; for Linux the
                    virtio_mmio.device= parameters are added to the command line)
@@ -278,7 +278,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
                     "virtio-console" => Guest::VIRTIO_CONSOLE,
                     "spin" => Guest::COUNTER,
                     "memcheck" => {
-                        o.guest_param = 64 | 100 << 16;
+                        o.guest_param = 16 | 1000 << 16;
                         Guest::MEMCHECK
                     }
                     "blkcheck" => {

@@ -213,13 +213,18 @@ impl Jail {
         }
         // Unwritten output would be written twice, by both processes.
         let _ = io::Write::flush(&mut io::stdout());
+        // A pipe the child watches: this process holds its write end for as long as it
+        // lives, so a child whose parent died before its parent-death signal was set
+        // sees the pipe hang up, and ends.
+        let (alive_read, alive_write) = pipe()?;
         // SAFETY: the process has one thread (checked above), so the child gets a
         // consistent copy of everything; it goes on with ordinary Rust code.
         let pid = unsafe { libc::fork() };
         match pid {
             -1 => Err(step("fork into", "")(io::Error::last_os_error())),
             0 => {
-                self.inside().map_err(|e| {
+                drop(alive_write);
+                self.inside(alive_read).map_err(|e| {
                     // The parent reports the status; say why here.
                     eprintln!("vmcraft jail: {e}");
                     e
@@ -227,6 +232,7 @@ impl Jail {
                 Ok(Entered::Jailed)
             }
             child => {
+                drop(alive_read);
                 CHILD.store(child, std::sync::atomic::Ordering::SeqCst);
                 for &signal in &self.forward {
                     // SAFETY: the handler only reads an atomic and calls kill, both
@@ -246,7 +252,7 @@ impl Jail {
 
     /// The jailed child's set-up: its own mount and network namespaces, mounts, the
     /// new root, limits, capabilities.
-    fn inside(&self) -> Result<(), JailError> {
+    fn inside(&self, parent_alive: std::os::fd::OwnedFd) -> Result<(), JailError> {
         let mut flags = libc::CLONE_NEWNS;
         if self.new_network {
             flags |= libc::CLONE_NEWNET;
@@ -258,6 +264,14 @@ impl Jail {
         // SAFETY: PR_SET_PDEATHSIG takes a signal number.
         check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) })
             .map_err(step("set the parent-death signal of", ""))?;
+        // If the parent died before that, no signal will come: its end of the pipe has
+        // closed.
+        if parent_gone(&parent_alive) {
+            return Err(step("outlive", "the process that waits for the jail")(
+                io::Error::from(io::ErrorKind::BrokenPipe),
+            ));
+        }
+        drop(parent_alive);
         // Nothing mounted from here on reaches the host's mount namespace.
         mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE)
             .map_err(step("make private", "/"))?;
@@ -530,6 +544,35 @@ fn mount(
             std::ptr::null(),
         )
     })
+}
+
+/// A pipe, both ends closed on exec.
+fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), JailError> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })
+        .map_err(step("make a pipe for", ""))?;
+    // SAFETY: pipe2 succeeded: both descriptors are open and owned by nobody else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// Whether the write end of `read`'s pipe has closed (nothing is ever written).
+fn parent_gone(read: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut poll = libc::pollfd {
+        fd: read.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one pollfd, which lives across the call.
+    let rc = unsafe { libc::poll(&mut poll, 1, 0) };
+    rc > 0 && poll.revents & (libc::POLLHUP | libc::POLLIN) != 0
 }
 
 fn check(rc: i32) -> io::Result<()> {
