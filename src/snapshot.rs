@@ -100,14 +100,14 @@ pub enum MachineSnapshotError {
     #[error("the machine differs from the one saved: {0}")]
     Mismatch(String),
     /// A snapshot file that is not a regular file (a FIFO, a device, a directory).
-    #[error("the snapshot's {what} is not a regular file")]
+    #[error("the {what} is not a regular file")]
     NotARegularFile {
         /// Which file.
         what: &'static str,
     },
     /// A snapshot about to be written over the file that backs the running guest's
     /// memory (the machine was restored from it).
-    #[error("cannot write the snapshot's {what} over the memory file the running guest was restored from (it backs the guest's memory): write it elsewhere")]
+    #[error("cannot write the {what} over the memory file the running guest was restored from (it backs the guest's memory): write it elsewhere")]
     OntoBackingFile {
         /// Which file.
         what: &'static str,
@@ -430,7 +430,10 @@ impl Machine {
     ) -> Result<SnapshotReport, MachineSnapshotError> {
         let start = Instant::now();
         let backing = self.backing_files();
-        for (file, what) in [(&*state, "state file"), (memory, "memory file")] {
+        for (file, what) in [
+            (&*state, "snapshot state file"),
+            (memory, "snapshot memory file"),
+        ] {
             let id = file_id(file, what)?;
             if backing.contains(&id) {
                 return Err(MachineSnapshotError::OntoBackingFile { what });
@@ -574,8 +577,8 @@ impl MachineBuilder {
         key: Option<&[u8]>,
         serial_out: Box<dyn std::io::Write + Send>,
     ) -> Result<(Self, SavedMachine), MachineSnapshotError> {
-        let state = open_snapshot_file(&dir.join(STATE_FILE), "state file")?;
-        let memory = open_snapshot_file(&dir.join(MEMORY_FILE), "memory file")?;
+        let state = open_snapshot_file(&dir.join(STATE_FILE), "snapshot state file")?;
+        let memory = open_snapshot_file(&dir.join(MEMORY_FILE), "snapshot memory file")?;
         Self::from_snapshot_files_signed(state, &memory, key, serial_out)
     }
 
@@ -598,8 +601,8 @@ impl MachineBuilder {
         key: Option<&[u8]>,
         serial_out: Box<dyn std::io::Write + Send>,
     ) -> Result<(Self, SavedMachine), MachineSnapshotError> {
-        file_id(&state, "state file")?;
-        file_id(memory, "memory file")?;
+        file_id(&state, "snapshot state file")?;
+        file_id(memory, "snapshot memory file")?;
         let snapshot =
             Snapshot::read_from(state, STATE_FILE).map_err(MachineSnapshotError::File)?;
         if let Some(key) = key {

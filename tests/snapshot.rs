@@ -522,7 +522,7 @@ fn snapshots_never_overwrite_a_restored_guest_and_signed_ones_refuse_swapped_mem
     let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo reads a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let err = open_snapshot_file(&path, "state file").unwrap_err();
+    let err = open_snapshot_file(&path, "snapshot state file").unwrap_err();
     assert!(
         matches!(err, MachineSnapshotError::NotARegularFile { .. }),
         "{err}"

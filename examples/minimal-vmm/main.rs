@@ -128,17 +128,15 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
     let snapshot_key = o
         .snapshot_key
         .as_deref()
-        .map(|path| {
-            std::fs::read(path).map_err(|e| format!("cannot read snapshot key {path}: {e}"))
-        })
+        .map(|path| read_key_file(path, "snapshot key"))
         .transpose()?;
     let restore_files = o
         .restore
         .as_deref()
         .map(|dir| -> Result<_, Box<dyn Error>> {
             let dir = std::path::Path::new(dir);
-            let state = open_snapshot_file(&dir.join(STATE_FILE), "state file")?;
-            let memory = open_snapshot_file(&dir.join(MEMORY_FILE), "memory file")?;
+            let state = open_snapshot_file(&dir.join(STATE_FILE), "snapshot state file")?;
+            let memory = open_snapshot_file(&dir.join(MEMORY_FILE), "snapshot memory file")?;
             Ok((state, memory))
         })
         .transpose()?;
@@ -619,8 +617,7 @@ fn wait_for_operator(machine: &vmcraft::builder::Machine, deadline: Option<Insta
 /// How the two ends of a migration know each other, from the files named.
 fn migration_auth(o: &Options) -> Result<Option<MigrationAuth>, Box<dyn Error>> {
     if let Some(path) = &o.migrate_secret {
-        let secret =
-            std::fs::read(path).map_err(|e| format!("cannot read migration secret {path}: {e}"))?;
+        let secret = read_key_file(path, "migration secret")?;
         return Ok(Some(
             MigrationAuth::shared_secret(secret).map_err(|e| format!("{path}: {e}"))?,
         ));
@@ -628,8 +625,9 @@ fn migration_auth(o: &Options) -> Result<Option<MigrationAuth>, Box<dyn Error>> 
     let (Some(key), Some(peer)) = (&o.migrate_key, &o.migrate_peer) else {
         return Ok(None);
     };
-    let text = |path: &str, what: &str| {
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read {what} {path}: {e}"))
+    let text = |path: &str, what: &str| -> Result<String, String> {
+        String::from_utf8(read_key_file(path, what)?)
+            .map_err(|_| format!("{what} {path} is not text"))
     };
     let local = StaticKey::from_file_text(&text(key, "migration key")?)
         .map_err(|e| format!("{key}: {e}"))?;
@@ -640,6 +638,23 @@ fn migration_auth(o: &Options) -> Result<Option<MigrationAuth>, Box<dyn Error>> 
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{peer}: {e}"))?;
     Ok(Some(MigrationAuth::Keys { local, peers }))
+}
+
+/// The contents of a secret or key file: a regular file of at most 64 KiB (a device or
+/// a FIFO named there is refused rather than read without end).
+fn read_key_file(path: &str, what: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    const MAX: u64 = 64 << 10;
+    let file = open_snapshot_file(std::path::Path::new(path), "key file")
+        .map_err(|e| format!("cannot read {what} {path}: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {what} {path}: {e}"))?;
+    if bytes.len() as u64 > MAX {
+        return Err(format!("{what} {path} is larger than {MAX} bytes"));
+    }
+    Ok(bytes)
 }
 
 /// Write a new migration key pair to `path` (which must not exist), readable by its
