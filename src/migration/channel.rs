@@ -128,7 +128,7 @@ impl PublicKey {
 impl StaticKey {
     /// A new key pair from the system's random source.
     pub fn generate() -> Result<Self, MigrationError> {
-        let builder = snow::Builder::new(params(PATTERN_KEYS));
+        let builder = builder(PATTERN_KEYS);
         let pair = builder
             .generate_keypair()
             .map_err(noise("generating a key"))?;
@@ -231,12 +231,11 @@ impl MigrationAuth {
                     .chain_update(secret)
                     .finalize()
                     .into();
-                let builder = snow::Builder::new(params(PATTERN_PSK));
                 // A fresh static key per session: the secret is what authenticates.
-                let pair = builder
+                let pair = builder(PATTERN_PSK)
                     .generate_keypair()
                     .map_err(noise("generating a key"))?;
-                let builder = snow::Builder::new(params(PATTERN_PSK))
+                let psk_builder = builder(PATTERN_PSK)
                     .prologue(PROLOGUE)
                     .map_err(setup)?
                     .local_private_key(&pair.private)
@@ -244,21 +243,21 @@ impl MigrationAuth {
                     .psk(3, &psk)
                     .map_err(noise("setting the secret"))?;
                 if initiator {
-                    builder.build_initiator()
+                    psk_builder.build_initiator()
                 } else {
-                    builder.build_responder()
+                    psk_builder.build_responder()
                 }
             }
             MigrationAuth::Keys { local, .. } => {
-                let builder = snow::Builder::new(params(PATTERN_KEYS))
+                let keys_builder = builder(PATTERN_KEYS)
                     .prologue(PROLOGUE)
                     .map_err(setup)?
                     .local_private_key(&local.private)
                     .map_err(noise("setting the key"))?;
                 if initiator {
-                    builder.build_initiator()
+                    keys_builder.build_initiator()
                 } else {
-                    builder.build_responder()
+                    keys_builder.build_responder()
                 }
             }
         };
@@ -272,6 +271,61 @@ impl MigrationAuth {
             MigrationAuth::Keys { peers, .. } => peers.iter().any(|p| p.0.as_slice() == remote),
         }
     }
+}
+
+/// The kernel's random source through the getrandom system call. The `getrandom`
+/// crate, in a statically linked build, falls back to opening `/dev/urandom`, which a
+/// jailed VMM does not have.
+struct SyscallRng;
+
+impl snow::types::Random for SyscallRng {
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), snow::Error> {
+        let mut filled = 0;
+        while filled < dest.len() {
+            let rest = &mut dest[filled..];
+            // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
+            let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+            if got < 0 {
+                if std::io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(snow::Error::Rng);
+            }
+            filled += got as usize;
+        }
+        Ok(())
+    }
+}
+
+/// [`SyscallRng`] for randomness, `snow`'s own implementations for the rest.
+struct Resolver;
+
+impl snow::resolvers::CryptoResolver for Resolver {
+    fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
+        Some(Box::new(SyscallRng))
+    }
+    fn resolve_dh(&self, _: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
+        None
+    }
+    fn resolve_hash(&self, _: &snow::params::HashChoice) -> Option<Box<dyn snow::types::Hash>> {
+        None
+    }
+    fn resolve_cipher(
+        &self,
+        _: &snow::params::CipherChoice,
+    ) -> Option<Box<dyn snow::types::Cipher>> {
+        None
+    }
+}
+
+fn builder<'a>(pattern: &str) -> snow::Builder<'a> {
+    snow::Builder::with_resolver(
+        params(pattern),
+        Box::new(snow::resolvers::FallbackResolver::new(
+            Box::new(Resolver),
+            Box::new(snow::resolvers::DefaultResolver),
+        )),
+    )
 }
 
 fn params(pattern: &str) -> snow::params::NoiseParams {
