@@ -9,6 +9,8 @@ compile_error!("vmcraft runs x86-64 guests on KVM and builds only for x86_64 Lin
 #[cfg(feature = "machine")]
 pub use vmcraft_balancer as balancer;
 #[cfg(feature = "devices")]
+pub use vmcraft_block as block;
+#[cfg(feature = "devices")]
 pub use vmcraft_devices as devices;
 #[cfg(feature = "memory")]
 pub use vmcraft_memory as memory;

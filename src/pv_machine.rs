@@ -16,6 +16,7 @@ use vmcraft_sandbox::{Thread, ThreadKind};
 use crate::backend_thread::{epoll_for, wait, Gate, GateState, Leave};
 use thiserror::Error;
 use vm_memory::GuestAddress;
+use vmcraft_block::BlockImage;
 use vmcraft_memory::GuestMemory;
 use vmcraft_pv_hypercall::blkif::{BlkifBackend, BlkifError};
 use vmcraft_pv_hypercall::console::{ConsoleBackend, ConsoleError};
@@ -127,8 +128,7 @@ impl PvBackends {
             memory,
             GuestAddress(layout.blk_ring),
             grants,
-            disk,
-            read_only,
+            Arc::new(BlockImage::open(disk, read_only).map_err(PvError::Host)?),
         )
         .map_err(PvError::Block)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(PvError::Host)?;

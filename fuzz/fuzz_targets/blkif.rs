@@ -30,8 +30,7 @@ fuzz_target!(|data: &[u8]| {
         mem.clone(),
         GuestAddress(0x1000),
         table,
-        scratch::image(64),
-        false,
+        Arc::new(vmcraft_block::BlockImage::open(scratch::image(64), false).unwrap()),
     ) else {
         return;
     };

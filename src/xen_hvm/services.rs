@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use vm_memory::GuestAddress;
+use vmcraft_block::BlockImage;
 use vmcraft_memory::GuestMemory;
 use vmcraft_pv_hypercall::blkif::BlkifBackend;
 use vmcraft_pv_hypercall::console::ConsoleBackend;
@@ -82,9 +83,7 @@ pub struct XenDisk {
 struct Vbd {
     id: u32,
     device: XenbusDevice,
-    file: File,
-    read_only: bool,
-    sectors: u64,
+    image: Arc<BlockImage>,
     link: Arc<VbdLink>,
     /// The front end's ring, mapped while connected.
     ring: Option<Mapping>,
@@ -303,14 +302,9 @@ fn guest_entries(xs: &mut Xenstore, disks: Vec<XenDisk>) -> Result<Vec<Vbd>, Xen
     let mut vbds = Vec::new();
     for (n, disk) in disks.into_iter().enumerate() {
         let id = XVDA + 16 * n as u32;
-        // Seeking finds a block device's size too (its metadata says 0).
-        let mut file = disk.file;
-        let sectors = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
-            .map(|len| len / 512)
-            .map_err(XenServiceError::Host)?;
-        let device =
-            XenbusDevice::create(store, DOMID, id, &DeviceInfo::vbd(sectors, disk.read_only))
-                .map_err(S)?;
+        let image = BlockImage::open(disk.file, disk.read_only).map_err(XenServiceError::Host)?;
+        let info = DeviceInfo::vbd(image.sectors(), image.read_only());
+        let device = XenbusDevice::create(store, DOMID, id, &info).map_err(S)?;
         let token = format!("vbd{id}");
         store
             .watch(
@@ -323,9 +317,7 @@ fn guest_entries(xs: &mut Xenstore, disks: Vec<XenDisk>) -> Result<Vec<Vbd>, Xen
         vbds.push(Vbd {
             id,
             device,
-            file,
-            read_only: disk.read_only,
-            sectors,
+            image: Arc::new(image),
             link: Arc::new(VbdLink {
                 changed,
                 notified: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(XenServiceError::Host)?),
@@ -531,7 +523,7 @@ fn frontend_changed(shared: &Arc<Shared>, xs: &mut Xenstore, vbd: &mut Vbd) {
                     vbd.id,
                     details.ring_ref,
                     details.event_channel,
-                    vbd.sectors
+                    vbd.image.sectors()
                 );
             }
             Err(reason) => {
@@ -557,16 +549,11 @@ fn connect(
         let _ = shared.grants.unmap(ring);
         e
     };
-    let file = vbd
-        .file
-        .try_clone()
-        .map_err(|e| undo(format!("cannot reopen the image: {e}")))?;
     let backend = BlkifBackend::new(
         shared.memory.clone(),
         ring.page,
         shared.grants.clone(),
-        file,
-        vbd.read_only,
+        vbd.image.clone(),
     )
     .map_err(|e| undo(format!("ring: {e}")))?;
     let port = details.event_channel;

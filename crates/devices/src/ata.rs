@@ -13,8 +13,8 @@
 //! make the device panic or touch bytes outside its file.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
+use vmcraft_block::BlockImage;
 
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::DevicePio;
@@ -112,9 +112,9 @@ struct State {
 /// The disk.
 #[derive(Debug)]
 pub struct AtaDisk {
-    file: File,
+    image: BlockImage,
+    /// The image's size, at most LBA28's reach.
     sectors: u64,
-    read_only: bool,
     state: Mutex<State>,
 }
 
@@ -127,11 +127,10 @@ impl AtaDisk {
     /// A disk on `file` (capacity: its length in whole sectors, at most 2^28 for
     /// LBA28).
     pub fn new(file: File, read_only: bool) -> std::io::Result<AtaDisk> {
-        let sectors = (file.metadata()?.len() / SECTOR as u64).min(1 << 28);
+        let image = BlockImage::open(file, read_only)?;
         Ok(AtaDisk {
-            file,
-            sectors,
-            read_only,
+            sectors: image.sectors().min(1 << 28),
+            image,
             state: Mutex::new(State {
                 features: 0,
                 count: 0,
@@ -304,7 +303,7 @@ impl AtaDisk {
                 s.status = DRDY | DSC | DRQ;
             }
             CMD_WRITE_SECTORS | 0x31 => {
-                if self.read_only {
+                if self.image.read_only() {
                     return Self::fail(s, ABRT);
                 }
                 if !in_range {
@@ -321,7 +320,7 @@ impl AtaDisk {
                 };
                 s.status = DRDY | DSC | DRQ;
             }
-            CMD_FLUSH_CACHE => match self.file.sync_data() {
+            CMD_FLUSH_CACHE => match self.image.flush() {
                 Ok(()) => s.status = DRDY | DSC,
                 Err(_) => Self::fail(s, ABRT),
             },
@@ -331,7 +330,7 @@ impl AtaDisk {
     }
 
     fn load(&self, s: &mut State, lba: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(&mut s.buf, lba * SECTOR as u64)
+        self.image.read_at(&mut s.buf, lba * SECTOR as u64)
     }
 
     /// The guest read `n` bytes (1, 2 or 4) from the data port.
@@ -373,7 +372,7 @@ impl AtaDisk {
             return;
         }
         s.pos = 0;
-        if self.file.write_all_at(&s.buf, lba * SECTOR as u64).is_err() {
+        if self.image.write_at(&s.buf, lba * SECTOR as u64).is_err() {
             return Self::fail(s, ABRT);
         }
         if left <= 1 {
@@ -447,6 +446,7 @@ impl DevicePio for AtaDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     /// A disk on an anonymous scratch file, and a second handle to that file.
     fn disk(sectors: u64, read_only: bool) -> (AtaDisk, std::fs::File) {

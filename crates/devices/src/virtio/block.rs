@@ -15,8 +15,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,8 +27,9 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
+use vmcraft_block::{BlockImage, MergedReads};
 use vmcraft_memory::poll::AdaptivePoll;
-use vmcraft_memory::vectored::{Gather, IoVecs, Mark, MAX_VECTORS};
+use vmcraft_memory::vectored::{Gather, IoVecs};
 use vmcraft_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -43,7 +42,7 @@ use super::{
 };
 
 /// Sector size: the unit of every virtio-blk address and length.
-pub const SECTOR_SIZE: u64 = 512;
+pub const SECTOR_SIZE: u64 = vmcraft_block::SECTOR_SIZE;
 /// Entries in the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Most data segments in one request (advertised as `seg_max`).
@@ -87,91 +86,56 @@ pub struct DiscardSegment {
 // SAFETY: plain integers with no padding; any bit pattern is a valid value.
 unsafe impl ByteValued for DiscardSegment {}
 
-/// The backing image and what the device may do with it.
+/// The backing image and the serial the guest reads with get-id.
 #[derive(Debug)]
 pub struct Disk {
-    file: File,
-    sectors: u64,
-    read_only: bool,
+    image: BlockImage,
     id: [u8; ID_BYTES],
-    /// Make every completed write stable before its status: set when the driver did
-    /// not accept VIRTIO_BLK_F_FLUSH (virtio 1.2 §5.2.6: then it may rely on that).
-    write_through: std::sync::atomic::AtomicBool,
-    /// How many times the backing file was synced (for tests and statistics).
-    syncs: std::sync::atomic::AtomicU64,
 }
 
 impl Disk {
     /// A disk on `file` (its length, rounded down to whole sectors, is the capacity).
     /// `id` is the serial the guest reads with get-id (at most 20 bytes are kept).
     pub fn new(file: File, read_only: bool, id: &str) -> io::Result<Disk> {
-        // Seeking to the end sizes block devices too (their metadata says 0 bytes).
-        let sectors = io::Seek::seek(&mut &file, io::SeekFrom::End(0))? / SECTOR_SIZE;
+        Ok(Disk::on(BlockImage::open(file, read_only)?, id))
+    }
+
+    /// A disk on an image already opened.
+    pub fn on(image: BlockImage, id: &str) -> Disk {
         let mut serial = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&id.as_bytes()[..n]);
-        Ok(Disk {
-            file,
-            sectors,
-            read_only,
-            id: serial,
-            write_through: false.into(),
-            syncs: 0.into(),
-        })
+        Disk { image, id: serial }
     }
 
-    /// Sync every completed write before its status (`true`), or only on FLUSH. The
-    /// device sets this at activation from whether the driver accepted
-    /// VIRTIO_BLK_F_FLUSH.
-    pub fn set_write_through(&self, on: bool) {
-        self.write_through
-            .store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// How many times the backing file has been synced.
-    pub fn syncs(&self) -> u64 {
-        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// `fdatasync` the backing file.
-    fn sync(&self) -> io::Result<()> {
-        self.syncs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.file.sync_data()
-    }
-
-    /// After a completed write: sync it if every write must be stable.
-    fn settle(&self, written: io::Result<()>) -> io::Result<()> {
-        written?;
-        if self
-            .write_through
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            self.sync()?;
-        }
-        Ok(())
+    /// The image.
+    pub fn image(&self) -> &BlockImage {
+        &self.image
     }
 
     /// Capacity in sectors.
     pub fn sectors(&self) -> u64 {
-        self.sectors
+        self.image.sectors()
     }
 
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.image.read_only()
+    }
+
+    /// How many times the backing file has been synced.
+    pub fn syncs(&self) -> u64 {
+        self.image.syncs()
     }
 
     /// The backing file (for another kind of block device).
     pub fn into_file(self) -> File {
-        self.file
+        self.image.into_file()
     }
 
     /// Byte offset of `sectors` sectors at `sector`, if they lie within the disk.
     fn range(&self, sector: u64, sectors: u64) -> Option<u64> {
-        let end = sector.checked_add(sectors)?;
-        // `then`, not `then_some`: the offset of a sector past the end may overflow.
-        (end <= self.sectors).then(|| sector * SECTOR_SIZE)
+        self.image.range(sector, sectors).ok()
     }
 }
 
@@ -190,7 +154,7 @@ impl Block {
     pub fn new(disk: Disk, name: &str) -> Block {
         let mut config = [0u8; CONFIG_SIZE];
         let mut put = |at: usize, bytes: &[u8]| config[at..at + bytes.len()].copy_from_slice(bytes);
-        put(0, &disk.sectors.to_le_bytes());
+        put(0, &disk.sectors().to_le_bytes());
         put(8, &SIZE_MAX.to_le_bytes());
         put(12, &SEG_MAX.to_le_bytes());
         put(20, &(SECTOR_SIZE as u32).to_le_bytes());
@@ -237,7 +201,7 @@ impl VirtioDevice for Block {
             | bit(VIRTIO_BLK_F_SEG_MAX)
             | bit(VIRTIO_BLK_F_SIZE_MAX)
             | bit(VIRTIO_BLK_F_BLK_SIZE);
-        if self.disk.read_only {
+        if self.disk.read_only() {
             f |= bit(VIRTIO_BLK_F_RO);
         } else {
             f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
@@ -253,7 +217,8 @@ impl VirtioDevice for Block {
         let [mut queue] = active.take_ready()?;
         let (mem, interrupt) = (active.mem.clone(), active.interrupt.clone());
         let disk = self.disk.clone();
-        disk.set_write_through(active.driver_features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
+        disk.image
+            .set_write_through(active.driver_features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
         let mut buffers = ChainBuffers::default();
         let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
         let requeue = active.requeue(0)?;
@@ -364,21 +329,14 @@ fn read_offset(
     disk.range(header.sector, len / SECTOR_SIZE)
 }
 
-/// Reads of adjacent sectors from consecutive chains, done as one `preadv` (as QEMU
-/// merges virtio-blk requests): a driver reading sequentially with 32 requests in
-/// flight costs one system call per batch instead of 32. Each chain still gets its own
-/// status: if the merged read fails, each is read again alone. The data's guest ranges
+/// Reads of adjacent sectors from consecutive chains, merged by the block engine
+/// ([`MergedReads`]); each chain still gets its own status. The data's guest ranges
 /// are gathered in the [`Gather`] that [`BlockQueue`] carries for one serving call.
 #[derive(Debug, Default)]
 struct ReadRun {
-    held: Vec<HeldRead>,
-    /// Image offsets of the run's first byte and of one past its last.
-    start: u64,
-    end: u64,
+    merged: MergedReads<HeldRead>,
     /// Chains whose I/O is done, to be completed: (head index, used length).
     done: Vec<(u16, u32)>,
-    /// How many reads of the image the runs took (for tests).
-    reads: u64,
 }
 
 /// One chain held in a [`ReadRun`].
@@ -388,14 +346,12 @@ struct HeldRead {
     /// Where its status byte goes.
     status: GuestAddress,
     bytes: usize,
-    /// Where its data ends in the gathered list.
-    end: Mark,
 }
 
 impl ReadRun {
     /// Whether a read at image offset `offset` can join the run gathered in `data`.
     fn continues(&self, offset: u64, data: &Gather<'_>) -> bool {
-        self.held.is_empty() || (offset == self.end && data.vectors() < MAX_VECTORS)
+        self.merged.continues(offset, data)
     }
 
     /// Hold `request`'s read of `bytes` bytes at `offset` (the caller checked both).
@@ -416,61 +372,36 @@ impl ReadRun {
                 what: "read data",
                 source,
             })?;
-        if self.held.is_empty() {
-            self.start = offset;
-        }
-        self.end = offset + bytes as u64;
-        self.held.push(HeldRead {
+        let held = HeldRead {
             head,
             status,
             bytes,
-            end: data.mark(),
-        });
+        };
+        self.merged.hold(held, offset, bytes as u64, data);
         Ok(())
     }
 
     /// Do every held read, write each chain's status and move it to the done list.
     fn flush(&mut self, data: &mut Gather<'_>, mem: &GuestMemory, disk: &Disk) {
-        if self.held.is_empty() {
-            return;
-        }
-        let merged = data.read_from(&disk.file, self.start);
-        self.reads += 1;
-        if let Err(e) = &merged {
-            log::warn!(
-                "virtio-blk: merged read of {} requests at byte {} failed ({e}); reading each alone",
-                self.held.len(),
-                self.start
-            );
-        }
-        let (mut from, mut offset) = (Mark::default(), self.start);
-        for held in self.held.drain(..) {
-            let result = match merged {
-                Ok(()) => Ok(()),
-                Err(_) => {
-                    self.reads += 1;
-                    data.read_part_from(from, held.end, &disk.file, offset)
+        let done = &mut self.done;
+        self.merged
+            .flush(&disk.image, data, |held, offset, result| {
+                let (status, used) = match result {
+                    Ok(()) => (VIRTIO_BLK_S_OK, held.bytes as u32 + 1),
+                    Err(e) => {
+                        log::warn!(
+                            "virtio-blk: read of {} bytes at byte {offset} failed: {e}",
+                            held.bytes
+                        );
+                        (VIRTIO_BLK_S_IOERR, 1)
+                    }
+                };
+                if let Err(e) = mem.write_obj(status as u8, held.status) {
+                    // Resolved in guest memory when the chain was held: cannot happen.
+                    log::warn!("virtio-blk: status byte at {:#x}: {e}", held.status.0);
                 }
-            };
-            let (status, used) = match result {
-                Ok(()) => (VIRTIO_BLK_S_OK, held.bytes as u32 + 1),
-                Err(e) => {
-                    log::warn!(
-                        "virtio-blk: read of {} bytes at byte {offset} failed: {e}",
-                        held.bytes
-                    );
-                    (VIRTIO_BLK_S_IOERR, 1)
-                }
-            };
-            if let Err(e) = mem.write_obj(status as u8, held.status) {
-                // Resolved in guest memory when the chain was held: cannot happen.
-                log::warn!("virtio-blk: status byte at {:#x}: {e}", held.status.0);
-            }
-            self.done.push((held.head, used));
-            from = held.end;
-            offset += held.bytes as u64;
-        }
-        data.clear();
+                done.push((held.head, used));
+            });
     }
 }
 
@@ -559,23 +490,23 @@ fn run_request(
             let Some(offset) = disk.range(header.sector, len / SECTOR_SIZE) else {
                 return status_only(VIRTIO_BLK_S_IOERR);
             };
-            match io(request.read_file(&disk.file, offset, 0, data_room)) {
+            match io(request.read_file(disk.image.file(), offset, 0, data_room)) {
                 VIRTIO_BLK_S_OK => (VIRTIO_BLK_S_OK, data_room),
                 failed => status_only(failed),
             }
         }
         VIRTIO_BLK_T_OUT => {
             let len = payload as u64;
-            if data_room != 0 || !len.is_multiple_of(SECTOR_SIZE) || disk.read_only {
+            if data_room != 0 || !len.is_multiple_of(SECTOR_SIZE) || disk.read_only() {
                 return status_only(VIRTIO_BLK_S_IOERR);
             }
             let Some(offset) = disk.range(header.sector, len / SECTOR_SIZE) else {
                 return status_only(VIRTIO_BLK_S_IOERR);
             };
-            let written = request.write_file(&disk.file, offset, HEADER, payload);
-            status_only(io(disk.settle(written)))
+            let written = request.write_file(disk.image.file(), offset, HEADER, payload);
+            status_only(io(disk.image.completed_write(written)))
         }
-        VIRTIO_BLK_T_FLUSH => status_only(io(disk.sync())),
+        VIRTIO_BLK_T_FLUSH => status_only(io(disk.image.flush())),
         VIRTIO_BLK_T_GET_ID => {
             let n = data_room.min(ID_BYTES);
             match io(request.write(0, &disk.id[..n]).map_err(io::Error::other)) {
@@ -584,7 +515,7 @@ fn run_request(
             }
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            if disk.read_only || data_room != 0 {
+            if disk.read_only() || data_room != 0 {
                 return status_only(VIRTIO_BLK_S_IOERR);
             }
             // One segment per request (max_discard_seg = max_write_zeroes_seg = 1).
@@ -606,60 +537,13 @@ fn run_request(
             };
             let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
             if zeroes {
-                status_only(io(disk.settle(zero_range(disk, offset, len))))
+                status_only(io(disk.image.write_zeroes(offset, len)))
             } else {
-                // Discard is a hint: a file system without hole punching keeps the data.
-                let _ = punch_hole(&disk.file, offset, len);
-                status_only(io(disk.settle(Ok(()))))
+                status_only(io(disk.image.discard(offset, len)))
             }
         }
         _ => status_only(VIRTIO_BLK_S_UNSUPP),
     }
-}
-
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    };
-    // SAFETY: fallocate only reads its integer arguments; the descriptor is open for as
-    // long as `file` is borrowed.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    fallocate(
-        file,
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    )
-}
-
-/// Zero a range: let the file system do it, or write zeroes.
-fn zero_range(disk: &Disk, mut offset: u64, mut len: u64) -> io::Result<()> {
-    if fallocate(
-        &disk.file,
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    )
-    .is_ok()
-    {
-        return Ok(());
-    }
-    let zeroes = vec![0u8; (len as usize).min(64 << 10)];
-    while len > 0 {
-        let n = (len as usize).min(zeroes.len());
-        disk.file.write_all_at(&zeroes[..n], offset)?;
-        offset += n as u64;
-        len -= n as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::virtio::queue::ProtocolError;
+use std::os::unix::fs::FileExt;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -171,7 +172,11 @@ fn writes_read_back_and_reach_the_file() {
     assert_eq!(rig.read(8, 4096), (OK, data.clone()));
     // The bytes are in the image at sector 8.
     let mut on_disk = vec![0u8; 4096];
-    rig.disk.file.read_exact_at(&mut on_disk, 8 * 512).unwrap();
+    rig.disk
+        .image()
+        .file()
+        .read_exact_at(&mut on_disk, 8 * 512)
+        .unwrap();
     assert_eq!(on_disk, data);
     // The last sector of the disk is addressable.
     assert_eq!(rig.write(DISK_SECTORS - 1, &pattern(512, 1)), OK);
@@ -188,7 +193,7 @@ fn writes_are_synced_before_completion_unless_the_driver_took_flush() {
     rig.header(VIRTIO_BLK_T_FLUSH, 0);
     assert_eq!(rig.request(&[(HEADER, 16, false), (STATUS, 1, true)]).0, OK);
     assert_eq!(rig.disk.syncs(), 1);
-    rig.disk.set_write_through(true);
+    rig.disk.image().set_write_through(true);
     assert_eq!(rig.write(16, &pattern(4096, 2)), OK);
     assert_eq!(
         rig.disk.syncs(),
@@ -611,7 +616,7 @@ fn serve_merging(rig: &Rig, queue: &mut Queue) -> (usize, u64) {
     let handler = BlockQueue::new(&rig.mem, &rig.disk, &mut buffers, &mut run, &mut data);
     let requeue = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
     let served = serve_with(queue, &rig.mem, &rig.interrupt, &requeue, handler).unwrap();
-    (served, run.reads)
+    (served, run.merged.reads())
 }
 
 fn used_entries(rig: &Rig, mock: &MockSplitQueue<'_, GuestMemory>) -> Vec<(u32, u32)> {
@@ -643,7 +648,7 @@ fn guest_bytes(rig: &Rig, addr: u64, len: usize) -> Vec<u8> {
 fn adjacent_reads_are_merged_and_nothing_overtakes() {
     let rig = Rig::new(false);
     let old = pattern(24 * 512, 3);
-    rig.disk.file.write_all_at(&old, 0).unwrap();
+    rig.disk.image().file().write_all_at(&old, 0).unwrap();
     let new = pattern(512, 0x77);
     let (mock, mut queue) = submit(
         &rig,
@@ -692,7 +697,11 @@ fn adjacent_reads_are_merged_and_nothing_overtakes() {
 #[test]
 fn a_failed_merged_read_gives_each_request_its_own_status() {
     let rig = Rig::new(false);
-    rig.disk.file.write_all_at(&pattern(4096, 5), 0).unwrap();
+    rig.disk
+        .image()
+        .file()
+        .write_all_at(&pattern(4096, 5), 0)
+        .unwrap();
     let (mock, mut queue) = submit(
         &rig,
         &[
@@ -700,7 +709,7 @@ fn a_failed_merged_read_gives_each_request_its_own_status() {
             (VIRTIO_BLK_T_IN, 8, 4096, None),
         ],
     );
-    rig.disk.file.set_len(4096).unwrap();
+    rig.disk.image().file().set_len(4096).unwrap();
     let (served, reads) = serve_merging(&rig, &mut queue);
     assert_eq!(served, 2);
     assert_eq!(reads, 3, "the merged read, then each alone");

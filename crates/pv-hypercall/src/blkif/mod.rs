@@ -13,14 +13,14 @@
 //! all answer `ERROR` and the ring goes on. A broken ring (a producer index claiming
 //! more than a ring) is an `Err`: the backend stops serving that ring.
 
-use std::fs::File;
 use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::GuestAddress;
+use vmcraft_block::{BlockImage, MergedReads, OutOfRange};
 use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::report::ErrorChain;
-use vmcraft_memory::vectored::{Gather, IoVecs, Mark, MAX_VECTORS};
+use vmcraft_memory::vectored::{Gather, IoVecs};
 use vmcraft_memory::GuestMemory;
 
 use crate::grant::{GrantError, GrantTable, Mapping};
@@ -56,15 +56,8 @@ pub enum RequestError {
         last: u8,
     },
     /// Sectors past the end of the disk.
-    #[error("sectors from {start} ({count} of them) run past the disk's {sectors}")]
-    PastEnd {
-        /// First sector.
-        start: u64,
-        /// How many.
-        count: u64,
-        /// The disk's size in sectors.
-        sectors: u64,
-    },
+    #[error(transparent)]
+    PastEnd(OutOfRange),
     /// A grant the guest did not give as the operation needs.
     #[error("grant {gref}")]
     Grant {
@@ -115,62 +108,40 @@ pub struct BlkifBackend {
 struct Disk {
     memory: GuestMemory,
     grants: Arc<GrantTable>,
-    file: File,
-    sectors: u64,
-    read_only: bool,
+    image: Arc<BlockImage>,
 }
 
-/// Reads of adjacent sectors from consecutive requests, done as one `preadv` with
-/// their grants mapped until it returns; each request still gets its own response
-/// (if the merged read fails, each is read again alone).
+/// Reads of adjacent sectors from consecutive requests, merged by the block engine
+/// ([`MergedReads`]) with their grants mapped until the read returns; each request
+/// still gets its own response.
 #[derive(Debug, Default)]
 struct ReadRun {
     /// The grants mapped for the requests held (and for the one being executed).
     mapped: Vec<Mapping>,
-    held: Vec<HeldRead>,
-    /// Image offsets of the run's first byte and of one past its last.
-    start: u64,
-    end: u64,
-    /// How many reads of the image the runs took (for tests).
-    reads: u64,
-}
-
-/// One request held in a [`ReadRun`].
-#[derive(Debug, Clone, Copy)]
-struct HeldRead {
-    id: u64,
-    bytes: u64,
-    /// Its status, once read.
-    status: i16,
-    /// Where its ranges end in the gathered list.
-    end: Mark,
+    /// The held reads, by request id.
+    merged: MergedReads<u64>,
+    /// The answers of a flush: (request id, status).
+    answers: Vec<(u64, i16)>,
 }
 
 impl BlkifBackend {
     /// A backend for the ring page at `ring` (one page), granted data in `grants`,
-    /// the disk in `file`.
+    /// the disk in `image` (shared with whoever else holds it: a backend made anew
+    /// when the front end reconnects serves the same image).
     pub fn new(
         memory: GuestMemory,
         ring: GuestAddress,
         grants: Arc<GrantTable>,
-        mut file: File,
-        read_only: bool,
+        image: Arc<BlockImage>,
     ) -> Result<Self, BlkifError> {
         let mem = GuestRingMemory::new(memory.clone(), ring, 4096).map_err(BlkifError::Ring)?;
         let ring = BackRing::attach(mem).map_err(BlkifError::Ring)?;
-        // The size by seeking (the data is read and written at offsets): a backend
-        // thread under the sandbox may seek, not stat.
-        let sectors = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
-            .map(|len| len / SECTOR)
-            .unwrap_or(0);
         Ok(BlkifBackend {
             ring,
             disk: Disk {
                 memory,
                 grants,
-                file,
-                sectors,
-                read_only,
+                image,
             },
             io: IoVecs::default(),
             run: ReadRun::default(),
@@ -179,7 +150,7 @@ impl BlkifBackend {
 
     /// Capacity in sectors.
     pub fn sectors(&self) -> u64 {
-        self.disk.sectors
+        self.disk.image.sectors()
     }
 
     /// Answer every waiting request; then ask to be notified of the next one (and
@@ -346,7 +317,7 @@ impl Disk {
         match req.operation {
             OP_READ | OP_WRITE | OP_WRITE_BARRIER => {
                 let write = req.operation != OP_READ;
-                let result = if write && self.read_only {
+                let result = if write && self.image.read_only() {
                     Err(RequestError::ReadOnly)
                 } else {
                     self.transfer(req, write, mapped, data).and_then(|()| {
@@ -377,8 +348,8 @@ impl Disk {
     }
 
     fn sync(&self) -> Result<(), RequestError> {
-        self.file
-            .sync_data()
+        self.image
+            .flush()
             .map_err(|source| RequestError::Io { offset: 0, source })
     }
 
@@ -398,14 +369,9 @@ impl Disk {
             }
             total += u64::from(s.last_sect - s.first_sect) + 1;
         }
-        match req.sector_number.checked_add(total) {
-            Some(end) if end <= self.sectors => Ok(req.sector_number * SECTOR),
-            _ => Err(RequestError::PastEnd {
-                start: req.sector_number,
-                count: total,
-                sectors: self.sectors,
-            }),
-        }
+        self.image
+            .range(req.sector_number, total)
+            .map_err(RequestError::PastEnd)
     }
 
     /// Move the segments' sectors between the granted pages and the disk: the grants
@@ -422,9 +388,9 @@ impl Disk {
         let segs = &req.seg[..usize::from(req.nr_segments)];
         let result = gather_segments(&self.grants, segs, write, mapped, data).and_then(|()| {
             let moved = if write {
-                data.write_to(&self.file, offset)
+                self.image.write(data, offset)
             } else {
-                data.read_from(&self.file, offset)
+                self.image.read(data, offset)
             };
             moved.map_err(|source| RequestError::Io { offset, source })
         });
@@ -445,7 +411,7 @@ impl Disk {
 impl ReadRun {
     /// Whether a read at image offset `offset` can join the run gathered in `data`.
     fn continues(&self, offset: u64, data: &Gather<'_>) -> bool {
-        self.held.is_empty() || (offset == self.end && data.vectors() < MAX_VECTORS)
+        self.merged.continues(offset, data)
     }
 
     /// Map `req`'s grants and gather its segments (the caller checked it reads at
@@ -468,16 +434,7 @@ impl ReadRun {
             .iter()
             .map(|s| (u64::from(s.last_sect - s.first_sect) + 1) * SECTOR)
             .sum::<u64>();
-        if self.held.is_empty() {
-            self.start = offset;
-        }
-        self.end = offset + bytes;
-        self.held.push(HeldRead {
-            id: req.id,
-            bytes,
-            status: STATUS_ERROR,
-            end: data.mark(),
-        });
+        self.merged.hold(req.id, offset, bytes, data);
         Ok(())
     }
 
@@ -488,43 +445,31 @@ impl ReadRun {
         disk: &Disk,
         data: &mut Gather<'_>,
     ) -> Result<(), BlkifError> {
-        if self.held.is_empty() {
+        if self.merged.is_empty() {
             return Ok(());
         }
-        let merged = data.read_from(&disk.file, self.start);
-        self.reads += 1;
-        let (mut from, mut offset) = (Mark::default(), self.start);
-        for held in &mut self.held {
-            let result = match &merged {
-                Ok(()) => Ok(()),
-                Err(_) => {
-                    self.reads += 1;
-                    data.read_part_from(from, held.end, &disk.file, offset)
-                }
-            };
-            held.status = match result {
+        let answers = &mut self.answers;
+        self.merged.flush(&disk.image, data, |id, offset, result| {
+            let status = match result {
                 Ok(()) => STATUS_OKAY,
                 Err(source) => {
                     log::warn!(
-                        "pv-block: request {} failed on the host: disk I/O at byte {offset}: {source}",
-                        held.id
+                        "pv-block: request {id} failed on the host: disk I/O at byte {offset}: {source}"
                     );
                     STATUS_ERROR
                 }
             };
-            from = held.end;
-            offset += held.bytes;
-        }
+            answers.push((id, status));
+        });
         disk.release(&mut self.mapped, 0);
-        data.clear();
         let mut pushed = Ok(());
-        for held in self.held.drain(..) {
+        for (id, status) in self.answers.drain(..) {
             if pushed.is_ok() {
                 pushed = ring
                     .push_response(&Response {
-                        id: held.id,
+                        id,
                         operation: OP_READ,
-                        status: held.status,
+                        status,
                     })
                     .map_err(BlkifError::Ring);
             }

@@ -29,7 +29,13 @@ fn rig(read_only: bool) -> Rig {
         .unwrap()
         .into_file();
     file.set_len(DISK_SECTORS * SECTOR).unwrap();
-    let back = BlkifBackend::new(mem, GuestAddress(RING), grants, file, read_only).unwrap();
+    let back = BlkifBackend::new(
+        mem,
+        GuestAddress(RING),
+        grants,
+        Arc::new(vmcraft_block::BlockImage::open(file, read_only).unwrap()),
+    )
+    .unwrap();
     Rig { ram, front, back }
 }
 
@@ -111,11 +117,7 @@ fn writes_and_reads_through_granted_pages() {
     );
     // On disk at sector 16: a, then b.
     let mut disk = vec![0u8; 5120];
-    r.back
-        .disk
-        .file
-        .read_exact_at(&mut disk, 16 * SECTOR)
-        .unwrap();
+    r.back.disk.image.read_at(&mut disk, 16 * SECTOR).unwrap();
     assert_eq!(&disk[..4096], &a[..]);
     assert_eq!(&disk[4096..], &b[..]);
     // Read it back into page 0x12 (granted writable).
@@ -144,7 +146,12 @@ fn a_refused_segment_releases_the_grants_already_mapped() {
     use crate::grant::{GTF_READING, GTF_WRITING};
     let mut r = rig(false);
     let m = r.ram.memory().clone();
-    r.back.disk.file.write_all_at(&[0x5a; 4096], 0).unwrap();
+    r.back
+        .disk
+        .image
+        .file()
+        .write_all_at(&[0x5a; 4096], 0)
+        .unwrap();
     r.grant(1, 0x10, GTF_PERMIT_ACCESS);
     let rsp = r.request(rw(OP_READ, 7, 0, &[seg(1, 0, 3), seg(9, 4, 7)]));
     assert_eq!(rsp.status, STATUS_ERROR);
@@ -332,7 +339,7 @@ fn adjacent_reads_are_merged_and_nothing_overtakes() {
     let mut r = rig(false);
     let m = r.ram.memory().clone();
     let old: Vec<u8> = (0..16 * 512).map(|i| (i % 241) as u8).collect();
-    r.back.disk.file.write_all_at(&old, 0).unwrap();
+    r.back.disk.image.file().write_all_at(&old, 0).unwrap();
     for (gref, frame) in [(1, 0x10), (2, 0x11), (3, 0x12), (4, 0x13)] {
         r.grant(gref, frame, GTF_PERMIT_ACCESS);
     }
@@ -355,7 +362,11 @@ fn adjacent_reads_are_merged_and_nothing_overtakes() {
             (5, OP_READ, STATUS_OKAY),
         ]
     );
-    assert_eq!(r.back.run.reads, 2, "requests 1 and 2 in one read, 5 alone");
+    assert_eq!(
+        r.back.run.merged.reads(),
+        2,
+        "requests 1 and 2 in one read, 5 alone"
+    );
     let page = |frame: u64, from: usize, len: usize| {
         let mut b = vec![0u8; len];
         m.read_slice(&mut b, GuestAddress(frame * 4096 + from as u64))
@@ -390,10 +401,15 @@ fn adjacent_reads_are_merged_and_nothing_overtakes() {
 fn a_failed_merged_read_answers_each_request_for_itself() {
     let mut r = rig(false);
     let m = r.ram.memory().clone();
-    r.back.disk.file.write_all_at(&[0x33; 4096], 0).unwrap();
+    r.back
+        .disk
+        .image
+        .file()
+        .write_all_at(&[0x33; 4096], 0)
+        .unwrap();
     r.grant(1, 0x10, GTF_PERMIT_ACCESS);
     r.grant(2, 0x11, GTF_PERMIT_ACCESS);
-    r.back.disk.file.set_len(4096).unwrap();
+    r.back.disk.image.file().set_len(4096).unwrap();
     let answers = r.batch(&[
         rw(OP_READ, 1, 0, &[seg(1, 0, 7)]),
         rw(OP_READ, 2, 8, &[seg(2, 0, 7)]),
@@ -402,6 +418,10 @@ fn a_failed_merged_read_answers_each_request_for_itself() {
         answers,
         [(1, OP_READ, STATUS_OKAY), (2, OP_READ, STATUS_ERROR)]
     );
-    assert_eq!(r.back.run.reads, 3, "the merged read, then each alone");
+    assert_eq!(
+        r.back.run.merged.reads(),
+        3,
+        "the merged read, then each alone"
+    );
     assert_eq!(m.read_obj::<u8>(GuestAddress(0x10_fff)).unwrap(), 0x33);
 }
