@@ -10,6 +10,7 @@
 //! `vector` (u8) at 4.
 
 use std::sync::{Arc, Mutex};
+use vmcraft_pv_wire::xen::{HvmEvtchnUpcallVector, HvmParam};
 
 use crate::hypercall::{HypercallContext, HypercallFault, OpHypercall};
 
@@ -161,10 +162,13 @@ impl OpHypercall for HvmParams {
         let invalid = |value: u64| HypercallFault::Invalid { index: 1, value };
         match command {
             op::SET_PARAM | op::GET_PARAM => {
-                let b = ctx.read(arg, 16)?;
-                let domid = u16::from_le_bytes([b[0], b[1]]);
-                let index = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
-                let value = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+                let mut param: HvmParam = ctx.read_obj(arg)?;
+                let HvmParam {
+                    domid,
+                    index,
+                    value,
+                    ..
+                } = param;
                 if domid != DOMID_SELF {
                     return Err(invalid(u64::from(domid)));
                 }
@@ -172,8 +176,8 @@ impl OpHypercall for HvmParams {
                     return Err(invalid(u64::from(index)));
                 }
                 if command == op::GET_PARAM {
-                    let v = self.get(index).ok_or(invalid(u64::from(index)))?;
-                    ctx.write(arg + 8, &v.to_le_bytes())?;
+                    param.value = self.get(index).ok_or(invalid(u64::from(index)))?;
+                    ctx.write_obj(arg, &param)?;
                     return Ok(0);
                 }
                 if index != param::CALLBACK_IRQ {
@@ -187,9 +191,7 @@ impl OpHypercall for HvmParams {
                 Ok(0)
             }
             op::SET_EVTCHN_UPCALL_VECTOR => {
-                let b = ctx.read(arg, 5)?;
-                let vcpu = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
-                let vector = b[4];
+                let HvmEvtchnUpcallVector { vcpu, vector, .. } = ctx.read_obj(arg)?;
                 if vcpu >= self.vcpus {
                     return Err(invalid(u64::from(vcpu)));
                 }

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 use vmcraft_memory::GuestMemory;
 
 /// The errno values hypercalls return (negated in `rax`).
@@ -195,6 +195,13 @@ impl<'a> HypercallContext<'a> {
     /// Copy `len` bytes from guest address `addr` (a pointer argument).
     pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>, HypercallFault> {
         let mut buf = vec![0u8; len];
+        self.read_into(addr, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Fill `buf` from guest address `addr`.
+    pub fn read_into(&self, addr: u64, buf: &mut [u8]) -> Result<(), HypercallFault> {
+        let len = buf.len();
         let mut done = 0;
         for (gpa, n) in self.pieces(addr, len)? {
             self.memory
@@ -202,7 +209,21 @@ impl<'a> HypercallContext<'a> {
                 .map_err(|_| HypercallFault::BadAddress { addr, len })?;
             done += n;
         }
-        Ok(buf)
+        Ok(())
+    }
+
+    /// Read an argument structure (one of [`vmcraft_pv_wire::xen`]'s, say) from
+    /// guest address `addr`.
+    pub fn read_obj<T: ByteValued + Default>(&self, addr: u64) -> Result<T, HypercallFault> {
+        let mut value = T::default();
+        self.read_into(addr, value.as_mut_slice())?;
+        Ok(value)
+    }
+
+    /// Write an argument structure back to guest address `addr` (as Xen copies a
+    /// whole structure back with its out fields filled in).
+    pub fn write_obj<T: ByteValued>(&self, addr: u64, value: &T) -> Result<(), HypercallFault> {
+        self.write(addr, value.as_slice())
     }
 
     /// Copy `data` to guest address `addr`.

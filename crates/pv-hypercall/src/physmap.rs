@@ -14,6 +14,7 @@
 //! `add_to_physmap` here and the reservation commands to [`Reservation`].
 
 use std::sync::Arc;
+use vmcraft_pv_wire::xen::{AddToPhysmap, RegisterVcpuInfo};
 
 use vm_memory::GuestAddress;
 
@@ -54,11 +55,13 @@ impl Physmap {
         ctx: &HypercallContext<'_>,
         arg: u64,
     ) -> Result<u64, HypercallFault> {
-        let b = ctx.read(arg, 24)?;
-        let word = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
-        let domid = u16::from_le_bytes([b[0], b[1]]);
-        let space = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
-        let (idx, gpfn) = (word(8), word(16));
+        let AddToPhysmap {
+            domid,
+            space,
+            idx,
+            gpfn,
+            ..
+        } = ctx.read_obj(arg)?;
         if domid != DOMID_SELF {
             return Err(HypercallFault::NotPermitted(
                 "add_to_physmap for another domain",
@@ -152,9 +155,8 @@ impl crate::hypercall::Hypercall for VcpuOp {
                 value: vcpu,
             },
         )?;
-        let b = ctx.read(arg, 16)?;
-        let mfn = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
-        let offset = u64::from(u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")));
+        let RegisterVcpuInfo { mfn, offset, .. } = ctx.read_obj(arg)?;
+        let offset = u64::from(offset);
         let invalid = HypercallFault::Invalid {
             index: 2,
             value: mfn,

@@ -18,6 +18,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use vmcraft_pv_wire::xen::{DomId, MemoryReservation, Pfn};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmcraft_memory::{discard::discard, GuestMemory, PAGE_SIZE};
@@ -97,8 +98,7 @@ impl Reservation {
         let domid_ok = |d: u16| d == DOMID_SELF || d == 0;
         match command {
             cmd::CURRENT_RESERVATION | cmd::MAXIMUM_RESERVATION => {
-                let b = ctx.read(arg, 2)?;
-                let domid = u16::from_le_bytes([b[0], b[1]]);
+                let DomId { domid } = ctx.read_obj(arg)?;
                 if !domid_ok(domid) {
                     return Err(HypercallFault::Invalid {
                         index: 1,
@@ -112,12 +112,13 @@ impl Reservation {
                 })
             }
             cmd::INCREASE_RESERVATION | cmd::DECREASE_RESERVATION => {
-                let r = ctx.read(arg, 26)?;
-                let u64_at =
-                    |o: usize| u64::from_le_bytes(r[o..o + 8].try_into().expect("8 bytes"));
-                let (extents, count) = (u64_at(0), u64_at(8));
-                let order = u32::from_le_bytes(r[16..20].try_into().expect("4 bytes"));
-                let domid = u16::from_le_bytes([r[24], r[25]]);
+                let MemoryReservation {
+                    extent_start: extents,
+                    nr_extents: count,
+                    extent_order: order,
+                    domid,
+                    ..
+                } = ctx.read_obj(arg)?;
                 if order != 0 {
                     return Err(HypercallFault::Invalid {
                         index: 1,
@@ -133,8 +134,7 @@ impl Reservation {
                 let give = command == cmd::DECREASE_RESERVATION;
                 let mut done = 0;
                 for i in 0..count.min(MAX_EXTENTS_PER_CALL) {
-                    let b = ctx.read(extents.wrapping_add(8 * i), 8)?;
-                    let frame = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                    let Pfn { pfn: frame } = ctx.read_obj(extents.wrapping_add(8 * i))?;
                     if !self.change(frame, give) {
                         break;
                     }

@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use vmcraft_pv_wire::xen::SchedShutdown;
 
 use crate::hypercall::{HypercallContext, HypercallFault, OpHypercall};
 
@@ -109,8 +110,7 @@ impl OpHypercall for SchedOps {
                 Ok(0)
             }
             op::SHUTDOWN | op::SHUTDOWN_CODE => {
-                let b = ctx.read(arg, 4)?;
-                let n = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                let SchedShutdown { reason: n } = ctx.read_obj(arg)?;
                 let reason = ShutdownReason::from_u32(n).ok_or(HypercallFault::Invalid {
                     index: 1,
                     value: u64::from(n),

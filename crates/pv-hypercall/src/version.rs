@@ -16,6 +16,7 @@
 //! `build_id` are a privileged domain's: `-EPERM`. Others: `-ENOSYS`.
 
 use crate::hypercall::{HypercallContext, HypercallFault, OpHypercall};
+use vmcraft_pv_wire::xen::FeatureInfo;
 
 /// Xen's hypercall number.
 pub const HYPERVISOR_XEN_VERSION: u64 = 17;
@@ -112,15 +113,15 @@ impl OpHypercall for XenVersion {
             cmd::CAPABILITIES => ctx.write(arg, &field("hvm-3.0-x86_64", 1024)).map(|_| 0),
             cmd::CHANGESET => ctx.write(arg, &field("vmcraft", 64)).map(|_| 0),
             cmd::GET_FEATURES => {
-                let b = ctx.read(arg, 4)?;
-                let index = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                if index != 0 {
+                let mut info: FeatureInfo = ctx.read_obj(arg)?;
+                if info.submap_idx != 0 {
                     return Err(HypercallFault::Invalid {
                         index: 1,
-                        value: u64::from(index),
+                        value: u64::from(info.submap_idx),
                     });
                 }
-                ctx.write(arg + 4, &self.features.to_le_bytes()).map(|_| 0)
+                info.submap = self.features;
+                ctx.write_obj(arg, &info).map(|_| 0)
             }
             cmd::PAGESIZE => Ok(4096),
             cmd::GUEST_HANDLE => ctx.write(arg, &[0u8; 16]).map(|_| 0),

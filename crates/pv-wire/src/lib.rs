@@ -7,6 +7,7 @@
 //!   suppression; both ends check the other's indices.
 //! * [`blkif`]: Xen's block protocol (`io/blkif.h`): requests, segments, responses,
 //!   operation and status codes.
+//! * [`xen`]: the argument structures of the Xen hypercalls a guest makes.
 //!
 //! The host side (rings in guest memory, the blkif back end, grants, event channels)
 //! is `vmcraft-pv-hypercall`, which re-exports these modules.
@@ -14,3 +15,4 @@
 
 pub mod blkif;
 pub mod ring;
+pub mod xen;

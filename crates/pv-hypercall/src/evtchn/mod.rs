@@ -734,39 +734,41 @@ impl EventChannels {
                 _ => u32::MAX,
             }),
         };
-        let read_u32 = |at: u64| -> Result<u32, HypercallFault> {
-            let b = ctx.read(at, 4)?;
-            Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        use vmcraft_pv_wire::xen::{
+            EvtchnAllocUnbound, EvtchnBindIpi, EvtchnBindVcpu, EvtchnBindVirq, EvtchnPort,
+            EvtchnStatus,
         };
+        let port_arg =
+            || -> Result<u32, HypercallFault> { ctx.read_obj::<EvtchnPort>(arg).map(|p| p.port) };
         match cmd {
             op::ALLOC_UNBOUND => {
-                let b = ctx.read(arg, 8)?;
-                let remote = u16::from_le_bytes([b[2], b[3]]);
-                let port = self.alloc_unbound(remote).map_err(invalid)?;
-                ctx.write(arg + 4, &port.to_le_bytes())?;
+                let mut a: EvtchnAllocUnbound = ctx.read_obj(arg)?;
+                a.port = self.alloc_unbound(a.remote_dom).map_err(invalid)?;
+                ctx.write_obj(arg, &a)?;
                 Ok(0)
             }
             op::BIND_VIRQ => {
-                let (virq, vcpu) = (read_u32(arg)?, read_u32(arg + 4)?);
-                let port = self.bind_virq(virq, vcpu).map_err(invalid)?;
-                ctx.write(arg + 8, &port.to_le_bytes())?;
+                let mut a: EvtchnBindVirq = ctx.read_obj(arg)?;
+                a.port = self.bind_virq(a.virq, a.vcpu).map_err(invalid)?;
+                ctx.write_obj(arg, &a)?;
                 Ok(0)
             }
             op::BIND_IPI => {
-                let port = self.bind_ipi(read_u32(arg)?).map_err(invalid)?;
-                ctx.write(arg + 4, &port.to_le_bytes())?;
+                let mut a: EvtchnBindIpi = ctx.read_obj(arg)?;
+                a.port = self.bind_ipi(a.vcpu).map_err(invalid)?;
+                ctx.write_obj(arg, &a)?;
                 Ok(0)
             }
             op::BIND_VCPU => {
-                let (port, vcpu) = (read_u32(arg)?, read_u32(arg + 4)?);
-                self.bind_vcpu(port, vcpu).map(|_| 0).map_err(invalid)
+                let a: EvtchnBindVcpu = ctx.read_obj(arg)?;
+                self.bind_vcpu(a.port, a.vcpu).map(|_| 0).map_err(invalid)
             }
-            op::SEND => self.send(read_u32(arg)?).map(|_| 0).map_err(invalid),
-            op::CLOSE => self.close(read_u32(arg)?).map(|_| 0).map_err(invalid),
-            op::UNMASK => self.unmask(read_u32(arg)?).map(|_| 0).map_err(invalid),
+            op::SEND => self.send(port_arg()?).map(|_| 0).map_err(invalid),
+            op::CLOSE => self.close(port_arg()?).map(|_| 0).map_err(invalid),
+            op::UNMASK => self.unmask(port_arg()?).map(|_| 0).map_err(invalid),
             op::STATUS => {
-                let port = read_u32(arg + 4)?;
-                let (status, vcpu, extra) = match self.status(port).map_err(invalid)? {
+                let mut a: EvtchnStatus = ctx.read_obj(arg)?;
+                let (status, vcpu, extra) = match self.status(a.port).map_err(invalid)? {
                     PortStatus::Closed => (stat::CLOSED, 0, 0u64),
                     PortStatus::Unbound { remote_dom } => (stat::UNBOUND, 0, u64::from(remote_dom)),
                     PortStatus::Interdomain { backend } => {
@@ -775,9 +777,8 @@ impl EventChannels {
                     PortStatus::Virq { virq, vcpu } => (stat::VIRQ, vcpu, u64::from(virq)),
                     PortStatus::Ipi { vcpu } => (stat::IPI, vcpu, 0),
                 };
-                ctx.write(arg + 8, &status.to_le_bytes())?;
-                ctx.write(arg + 12, &vcpu.to_le_bytes())?;
-                ctx.write(arg + 16, &extra.to_le_bytes())?;
+                (a.status, a.vcpu, a.detail) = (status, vcpu, extra);
+                ctx.write_obj(arg, &a)?;
                 Ok(0)
             }
             // INIT_CONTROL and every other command: not served, as Xen answers

@@ -15,6 +15,7 @@
 //! `-EINVAL`, so a guest cannot make the VMM loop.
 
 use std::sync::Arc;
+use vmcraft_pv_wire::xen::{GnttabGetVersion, GnttabQuerySize, GnttabSetVersion};
 
 use super::GrantTable;
 use crate::hypercall::{HypercallContext, HypercallFault};
@@ -61,25 +62,20 @@ impl GrantTableOp {
     ) -> Result<u64, HypercallFault> {
         match command {
             cmd::QUERY_SIZE => {
-                let b = ctx.read(arg, 2)?;
-                let dom = u16::from_le_bytes([b[0], b[1]]);
-                let mut out = [0u8; 16];
-                out[..2].copy_from_slice(&dom.to_le_bytes());
-                let status = if dom == DOMID_SELF || dom == self.domid {
-                    out[4..8].copy_from_slice(&self.table.frames_in_use().to_le_bytes());
-                    out[8..12].copy_from_slice(&self.table.max_frames().to_le_bytes());
+                let mut q: GnttabQuerySize = ctx.read_obj(arg)?;
+                q.status = if q.dom == DOMID_SELF || q.dom == self.domid {
+                    q.nr_frames = self.table.frames_in_use();
+                    q.max_nr_frames = self.table.max_frames();
                     GNTST_OKAY
                 } else {
                     GNTST_BAD_DOMAIN
                 };
-                out[12..14].copy_from_slice(&status.to_le_bytes());
-                ctx.write(arg, &out[..14])?;
+                ctx.write_obj(arg, &q)?;
                 Ok(0)
             }
             cmd::SET_VERSION => {
-                let b = ctx.read(arg, 4)?;
-                let asked = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                ctx.write(arg, &1u32.to_le_bytes())?;
+                let GnttabSetVersion { version: asked } = ctx.read_obj(arg)?;
+                ctx.write_obj(arg, &GnttabSetVersion { version: 1 })?;
                 if asked == 1 {
                     Ok(0)
                 } else {
@@ -90,14 +86,14 @@ impl GrantTableOp {
                 }
             }
             cmd::GET_VERSION => {
-                let b = ctx.read(arg, 2)?;
-                let dom = u16::from_le_bytes([b[0], b[1]]);
-                if dom != DOMID_SELF && dom != self.domid {
+                let mut v: GnttabGetVersion = ctx.read_obj(arg)?;
+                if v.dom != DOMID_SELF && v.dom != self.domid {
                     return Err(HypercallFault::NotPermitted(
                         "get_version of another domain's table",
                     ));
                 }
-                ctx.write(arg + 4, &1u32.to_le_bytes())?;
+                v.version = 1;
+                ctx.write_obj(arg, &v)?;
                 Ok(0)
             }
             other => Err(HypercallFault::Unsupported(other)),
