@@ -24,10 +24,9 @@ use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::memory::host_usage::ProcessMemory;
-use vmcraft::pv::hypercall::HypercallTable;
-use vmcraft::pv_machine::PvBackends;
+use vmcraft::pv_machine::{PvDevices, PvUpcall};
 use vmcraft::vcpu::VcpuConfig;
-use vmcraft_guest_kit::{abi, Guest};
+use vmcraft_guest_kit::Guest;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// (guest, kind, rounds, what it is)
@@ -85,27 +84,20 @@ fn main() {
         let serial = SharedBuffer::new();
         let mut b = MachineBuilder::new(16 << 20, Box::new(serial.clone())).expect("machine");
         let image = image.file.try_clone().expect("dup");
-        let mut table = HypercallTable::new();
         let backends = if guest == Guest::VIRTIO_FLOOD {
             let disk = Disk::new(image, false, "flood").expect("disk");
             b.add_virtio(Box::new(Block::new(disk, "vblk0")))
                 .expect("attach");
             None
         } else {
-            let backends = PvBackends::start(
-                b.memory().clone(),
-                &vmcraft_guest_kit::PV_LAYOUT,
-                &mut table,
-                Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")),
-                Box::new(std::io::sink()),
-                image,
-                false,
-            )
-            .expect("PV backends");
-            let (buses, vm) = b.buses_and_vm();
-            backends.attach_doorbell(buses, vm.fd()).expect("doorbell");
-            b.hypercalls(abi::HYPERCALL_PORT, table);
-            Some(backends)
+            let pv = PvDevices {
+                layout: vmcraft_guest_kit::PV_LAYOUT,
+                disk: image,
+                read_only: false,
+                console: Box::new(std::io::sink()),
+            };
+            let upcall = PvUpcall::Custom(Arc::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
+            Some(b.add_pv(pv, upcall).expect("PV backends"))
         };
         b.load(guest.image()).expect("load");
         let rss = ProcessMemory::current().expect("status").rss;

@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 
 use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
-use vmcraft::pv::hypercall::HypercallTable;
-use vmcraft::pv_machine::PvBackends;
+use vmcraft::pv_machine::{PvDevices, PvUpcall};
 use vmcraft::vcpu::VcpuConfig;
-use vmcraft_guest_kit::{abi, Guest};
+use vmcraft_guest_kit::Guest;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const DISK_BYTES: u64 = 16 << 20;
@@ -39,22 +38,15 @@ struct Run {
 
 fn run(image: &common::Image, write: bool, random: bool, batch: u64, requests: u64) -> Run {
     let mut b = MachineBuilder::new(16 << 20, Box::new(std::io::sink())).unwrap();
-    let mut table = HypercallTable::new();
     let console = SharedBuffer::new();
-    let upcall = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-    let backends = PvBackends::start(
-        b.memory().clone(),
-        &vmcraft_guest_kit::PV_LAYOUT,
-        &mut table,
-        upcall,
-        Box::new(console.clone()),
-        image.file.try_clone().unwrap(),
-        false,
-    )
-    .unwrap();
-    let (buses, vm) = b.buses_and_vm();
-    backends.attach_doorbell(buses, vm.fd()).unwrap();
-    b.hypercalls(abi::HYPERCALL_PORT, table);
+    let upcall = PvUpcall::Custom(Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let pv = PvDevices {
+        layout: vmcraft_guest_kit::PV_LAYOUT,
+        disk: image.file.try_clone().unwrap(),
+        read_only: false,
+        console: Box::new(console.clone()),
+    };
+    let backends = b.add_pv(pv, upcall).unwrap();
     let guest = Guest::PV_BLK_BENCH;
     b.load(guest.image()).unwrap();
     let param =

@@ -30,9 +30,7 @@ use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::ata::AtaDisk;
 use vmcraft::devices::virtio::block::{Block, Disk};
 use vmcraft::devices::virtio::console::Console;
-use vmcraft::machine::HYPERCALL_PORT;
-use vmcraft::pv::hypercall::HypercallTable;
-use vmcraft::pv_machine::PvBackends;
+use vmcraft::pv_machine::{PvDevices, PvUpcall};
 use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::{abi, peers, Guest};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -143,7 +141,6 @@ fn run(
     tsc: f64,
 ) -> Result<Measure, Box<dyn Error>> {
     let mut b = MachineBuilder::new(32 << 20, Box::new(std::io::sink()))?;
-    let mut table = HypercallTable::new();
     let disk = scratch_disk()?;
     let _pv = match path {
         IoPath::Emulated => {
@@ -164,23 +161,19 @@ fn run(
             None
         }
         IoPath::Pv => {
-            let pv = PvBackends::start(
-                b.memory().clone(),
-                &vmcraft_guest_kit::PV_LAYOUT,
-                &mut table,
-                Arc::new(EventFd::new(EFD_NONBLOCK)?),
-                Box::new(std::io::sink()),
+            let pv = PvDevices {
+                layout: vmcraft_guest_kit::PV_LAYOUT,
                 disk,
-                false,
-            )?;
-            let (buses, vm) = b.buses_and_vm();
-            pv.attach_doorbell(buses, vm.fd())?;
-            Some(pv)
+                read_only: false,
+                console: Box::new(std::io::sink()),
+            };
+            let upcall = PvUpcall::Custom(Arc::new(EventFd::new(EFD_NONBLOCK)?));
+            Some(b.add_pv(pv, upcall)?)
         }
     };
     b.load(guest.image())?;
     let memory = b.memory().clone();
-    b.hypercalls(HYPERCALL_PORT, table);
+    b.hypercall_table();
     let threads_before = threads_cpu_ns(io_threads);
     let start = Instant::now();
     let running = b.start(&[VcpuConfig::at(guest.entry(0, param))])?.running;

@@ -42,7 +42,7 @@ use vmcraft_vcpu::{ExitHandler, RunningVm, VcpuConfig, Vm, VmCreateError, VmErro
 use crate::acpi::{AcpiDevice, AcpiError, MachineDescription, TABLES_ADDR};
 use crate::machine::{
     attach_virtio_mmio, BusExitHandler, HypercallExitHandler, LegacyDeviceError, LegacyDevices,
-    VirtioAttachError,
+    VirtioAttachError, HYPERCALL_PORT,
 };
 use crate::snapshot::SnapshotPart;
 
@@ -104,6 +104,21 @@ pub enum BuildError {
     /// The vCPUs could not be started.
     #[error("cannot start the vCPUs")]
     Start(#[source] VmError),
+    /// Two parts of the machine serve one hypercall number.
+    #[error("hypercalls")]
+    Hypercalls(#[source] vmcraft_pv_hypercall::hypercall::TableError),
+    /// The PV backends could not be set up.
+    #[error("the PV backends")]
+    Pv(#[source] crate::pv_machine::PvError),
+    /// A host resource a device needs (an eventfd, an interrupt route).
+    #[error("cannot set up {what}")]
+    Host {
+        /// What was being set up.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where [`MachineBuilder::add_virtio`] put a device.
@@ -309,20 +324,42 @@ impl MachineBuilder {
         Ok(slot)
     }
 
-    /// Serve hypercalls on `port` from `table`, and advertise the port in the CPUID
-    /// leaf 0x40000001 (one setting for both).
-    pub fn hypercalls(&mut self, port: u16, table: HypercallTable) {
+    /// Serve hypercalls on `port` from `table` (together with those already
+    /// registered, by [`add_pv`](Self::add_pv) say: a number served twice is an
+    /// error), and advertise the port in the CPUID leaf 0x40000001 (one setting for
+    /// both).
+    pub fn hypercalls(&mut self, port: u16, table: HypercallTable) -> Result<(), BuildError> {
         self.info.hypercall_port = port;
-        self.hypercalls = Some(table);
+        self.absorb_hypercalls(table)
     }
 
-    /// Serve Xen hypercalls from `table`: the exits KVM's Xen support makes of them
-    /// (see [`vmcraft_vcpu::xen`]; the caller has enabled it), with linear-address
-    /// arguments. No hypercall port.
-    pub fn xen_hypercalls(&mut self, table: HypercallTable) {
+    /// Serve Xen hypercalls from `table` (with those already registered): the exits
+    /// KVM's Xen support makes of them (see [`vmcraft_vcpu::xen`]; the caller has
+    /// enabled it), with linear-address arguments. No hypercall port.
+    pub fn xen_hypercalls(&mut self, table: HypercallTable) -> Result<(), BuildError> {
         self.info.hypercall_port = 0;
-        self.hypercalls = Some(table);
         self.xen_hypercalls = true;
+        self.absorb_hypercalls(table)
+    }
+
+    /// The table of hypercalls this machine serves, to register more in: created
+    /// empty on first use, served on [`HYPERCALL_PORT`] (advertised in CPUID) unless
+    /// a port or Xen's hypercalls were chosen.
+    pub fn hypercall_table(&mut self) -> &mut HypercallTable {
+        if self.hypercalls.is_none() && !self.xen_hypercalls && self.info.hypercall_port == 0 {
+            self.info.hypercall_port = HYPERCALL_PORT;
+        }
+        self.hypercalls.get_or_insert_with(HypercallTable::new)
+    }
+
+    fn absorb_hypercalls(&mut self, table: HypercallTable) -> Result<(), BuildError> {
+        match &mut self.hypercalls {
+            Some(served) => served.absorb(table).map_err(BuildError::Hypercalls),
+            None => {
+                self.hypercalls = Some(table);
+                Ok(())
+            }
+        }
     }
 
     /// Give `[entry.addr, entry.addr + entry.size)` of guest RAM the e820 type

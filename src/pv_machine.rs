@@ -14,6 +14,7 @@ use vmcraft_memory::report::ErrorChain;
 use vmcraft_sandbox::{Thread, ThreadKind};
 
 use crate::backend_thread::{epoll_for, wait, Gate, GateState, Leave};
+use crate::builder::{BuildError, MachineBuilder};
 use thiserror::Error;
 use vm_memory::GuestAddress;
 use vmcraft_block::BlockImage;
@@ -82,19 +83,22 @@ impl std::fmt::Debug for PvBackends {
 }
 
 impl PvBackends {
-    /// Set up event channels, a grant table, a console (output to `console_out`) and
-    /// a block device (on `disk`) in `memory` where `layout` says, register the
-    /// event-channel hypercall in `table`, and start the backend threads. Upcalls
-    /// go to `upcall`.
+    /// Set up event channels, a grant table, a console and a block device in
+    /// `memory` as `devices` says, register the event-channel hypercall in `table`,
+    /// and start the backend threads. Upcalls go to `upcall`. A machine gets them
+    /// with [`MachineBuilder::add_pv`], which wires the rest.
     pub fn start(
         memory: GuestMemory,
-        layout: &PvLayout,
         table: &mut HypercallTable,
         upcall: Arc<dyn Upcall>,
-        mut console_out: Box<dyn Write + Send>,
-        disk: std::fs::File,
-        read_only: bool,
+        devices: PvDevices,
     ) -> Result<PvBackends, PvError> {
+        let PvDevices {
+            layout,
+            disk,
+            read_only,
+            console: mut console_out,
+        } = devices;
         if let Some((a, b)) = layout.pages_overlap() {
             return Err(PvError::Layout(a, b));
         }
@@ -362,6 +366,88 @@ impl Drop for PvBackends {
     }
 }
 
+/// How the PV backends' upcall reaches the guest.
+pub enum PvUpcall {
+    /// As this interrupt line of the IOAPIC (an irqfd; the line is reserved).
+    Irq(u32),
+    /// Through the embedding program's own [`Upcall`].
+    Custom(Arc<dyn Upcall>),
+}
+
+impl std::fmt::Debug for PvUpcall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PvUpcall::Irq(irq) => f.debug_tuple("Irq").field(irq).finish(),
+            PvUpcall::Custom(_) => f.write_str("Custom"),
+        }
+    }
+}
+
+/// The PV devices: what [`MachineBuilder::add_pv`] (or [`PvBackends::start`]) sets
+/// up.
+pub struct PvDevices {
+    /// Where the shared pages are and which port is the doorbell.
+    pub layout: PvLayout,
+    /// The block device's image.
+    pub disk: std::fs::File,
+    /// Whether its writes are refused.
+    pub read_only: bool,
+    /// Where the PV console's output goes.
+    pub console: Box<dyn Write + Send>,
+}
+
+impl std::fmt::Debug for PvDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PvDevices")
+            .field("layout", &self.layout)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MachineBuilder {
+    /// Put the PV backends on this machine, the one way to do it: event channels
+    /// (their hypercall in the machine's table, [`hypercall_table`]), a grant table,
+    /// the PV console and the PV block device where `devices.layout` says, their doorbell
+    /// on the port bus and bound in KVM, the upcall wired, and the whole saved with
+    /// the machine in snapshots and migrations (part `pv`). The returned handle is
+    /// the machine's too; keep it to look at the channels.
+    ///
+    /// [`hypercall_table`]: MachineBuilder::hypercall_table
+    pub fn add_pv(
+        &mut self,
+        devices: PvDevices,
+        upcall: PvUpcall,
+    ) -> Result<Arc<PvBackends>, BuildError> {
+        let upcall: Arc<dyn Upcall> = match upcall {
+            PvUpcall::Custom(upcall) => upcall,
+            PvUpcall::Irq(irq) => {
+                self.reserve_irq(irq)?;
+                let host = |source| BuildError::Host {
+                    what: "the PV upcall's interrupt",
+                    source,
+                };
+                let fd = EventFd::new(EFD_NONBLOCK).map_err(host)?;
+                self.vm()
+                    .fd()
+                    .register_irqfd(&fd, irq)
+                    .map_err(|e| host(std::io::Error::from_raw_os_error(e.errno())))?;
+                Arc::new(fd)
+            }
+        };
+        let memory = self.memory().clone();
+        let backends = PvBackends::start(memory, self.hypercall_table(), upcall, devices)
+            .map_err(BuildError::Pv)?;
+        let (buses, vm) = self.buses_and_vm();
+        backends
+            .attach_doorbell(buses, vm.fd())
+            .map_err(BuildError::Pv)?;
+        let backends = Arc::new(backends);
+        self.add_snapshot_part("pv", backends.clone());
+        Ok(backends)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,12 +469,14 @@ mod tests {
         let disk = tempfile_disk();
         PvBackends::start(
             memory.clone(),
-            &vmcraft_guest_kit::PV_LAYOUT,
             &mut HypercallTable::new(),
             Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
-            Box::new(Sink(out)),
-            disk,
-            false,
+            PvDevices {
+                layout: vmcraft_guest_kit::PV_LAYOUT,
+                disk,
+                read_only: false,
+                console: Box::new(Sink(out)),
+            },
         )
         .unwrap()
     }

@@ -86,6 +86,9 @@ pub enum XenHvmError {
     /// No room for Xen's CPUID leaves.
     #[error("no room for Xen's CPUID leaves")]
     Cpuid,
+    /// The machine serves a hypercall number of Xen's already.
+    #[error("cannot serve Xen's hypercalls")]
+    Hypercalls(#[source] BuildError),
 }
 
 /// Event-channel upcalls as MSIs on the vector each vCPU registered. A vCPU that has
@@ -285,7 +288,9 @@ impl XenHvm {
         }
         .table()
         .map_err(XenHvmError::Table)?;
-        builder.xen_hypercalls(table);
+        builder
+            .xen_hypercalls(table)
+            .map_err(XenHvmError::Hypercalls)?;
 
         let tsc_khz = vm_tsc_khz(builder.vm().fd()).unwrap_or(0);
         let cpuid =

@@ -115,7 +115,7 @@ struct PvVm {
     table: std::sync::Arc<vmcraft::pv::hypercall::HypercallTable>,
     serial: SharedBuffer,
     console: SharedBuffer,
-    _backends: vmcraft::pv_machine::PvBackends,
+    _backends: std::sync::Arc<vmcraft::pv_machine::PvBackends>,
     _image: ScratchImage,
 }
 

@@ -98,7 +98,7 @@ fn discovery_fails_when_the_cpuid_leaves_are_wrong() {
 fn a_broken_block_ring_leaves_the_console_working() {
     use vm_memory::{Bytes, GuestAddress};
     use vmcraft::pv::evtchn::Upcall;
-    use vmcraft::pv_machine::PvBackends;
+    use vmcraft::pv_machine::{PvBackends, PvDevices};
 
     struct NoUpcall;
     impl Upcall for NoUpcall {
@@ -111,12 +111,14 @@ fn a_broken_block_ring_leaves_the_console_working() {
     let mut table = HypercallTable::new();
     let backends = PvBackends::start(
         mem.clone(),
-        &vmcraft_guest_kit::PV_LAYOUT,
         &mut table,
         Arc::new(NoUpcall),
-        Box::new(console.clone()),
-        disk,
-        false,
+        PvDevices {
+            layout: vmcraft_guest_kit::PV_LAYOUT,
+            disk,
+            read_only: false,
+            console: Box::new(console.clone()),
+        },
     )
     .unwrap();
     // The ports the guests are built to use.
@@ -129,12 +131,14 @@ fn a_broken_block_ring_leaves_the_console_working() {
     };
     let refused = PvBackends::start(
         mem.clone(),
-        &overlapping,
         &mut HypercallTable::new(),
         Arc::new(NoUpcall),
-        Box::new(SharedBuffer::new()),
-        ScratchImage::new("pv-overlap", 4096).file(),
-        false,
+        PvDevices {
+            layout: overlapping,
+            disk: ScratchImage::new("pv-overlap", 4096).file(),
+            read_only: false,
+            console: Box::new(SharedBuffer::new()),
+        },
     );
     assert_eq!(
         refused.unwrap_err().to_string(),

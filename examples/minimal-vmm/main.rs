@@ -25,13 +25,11 @@ use vmcraft::devices::virtio::console::Console;
 use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
-use vmcraft::machine::HYPERCALL_PORT;
 use vmcraft::migration::{
     IncomingOptions, MigrationAuth, MigrationError, MigrationOptions, MigrationSession, PublicKey,
     StaticKey,
 };
-use vmcraft::pv::hypercall::HypercallTable;
-use vmcraft::pv_machine::PvBackends;
+use vmcraft::pv_machine::{PvDevices, PvUpcall};
 use vmcraft::sandbox::jail::{CgroupLimits, Entered, Jail};
 use vmcraft::snapshot::{open_snapshot_file, MEMORY_FILE, STATE_FILE};
 use vmcraft::vcpu::{StopReason, VcpuConfig};
@@ -230,36 +228,20 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
             Origin::Fresh,
         ),
     };
-    b.reserve_irq(PV_UPCALL_IRQ)?;
-
-    // Hypercalls (and, with --pv, event channels and the PV backends, which take the
-    // first disk).
-    let mut hypercalls = HypercallTable::new();
+    // With --pv, event channels and the PV backends, which take the first disk.
     let mut disks = disks.into_iter();
-    let _pv = if o.pv {
-        let upcall = Arc::new(vmm_sys_util::eventfd::EventFd::new(
-            vmm_sys_util::eventfd::EFD_NONBLOCK,
-        )?);
-        b.vm().fd().register_irqfd(&upcall, PV_UPCALL_IRQ)?;
+    if o.pv {
         let disk = disks.next().ok_or("--pv needs a --disk")?;
-        let pv = PvBackends::start(
-            b.memory().clone(),
-            &vmcraft_guest_kit::PV_LAYOUT,
-            &mut hypercalls,
-            upcall,
-            Box::new(std::io::stdout()),
-            disk.into_file(),
-            disk_read_only(&o, 0),
-        )?;
-        let (buses, vm) = b.buses_and_vm();
-        pv.attach_doorbell(buses, vm.fd())?;
-        // Saved and restored with the machine (snapshots, migrations).
-        let pv = Arc::new(pv);
-        b.add_snapshot_part("pv", pv.clone());
-        Some(pv)
+        let pv = PvDevices {
+            layout: vmcraft_guest_kit::PV_LAYOUT,
+            disk: disk.into_file(),
+            read_only: disk_read_only(&o, 0),
+            console: Box::new(std::io::stdout()),
+        };
+        b.add_pv(pv, PvUpcall::Irq(PV_UPCALL_IRQ))?;
     } else {
-        None
-    };
+        b.reserve_irq(PV_UPCALL_IRQ)?;
+    }
     // With --xen the guest gets Xen's hypercalls instead of vmcraft's port, and the
     // disks as Xen vbds (xvda, xvdb, ...) served through the xenstore.
     let mut xen_services = None;
@@ -300,7 +282,7 @@ fn run(o: Options) -> Result<ExitCode, Box<dyn Error>> {
         );
         Some(xen)
     } else {
-        b.hypercalls(HYPERCALL_PORT, hypercalls);
+        b.hypercall_table();
         None
     };
 

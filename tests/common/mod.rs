@@ -10,6 +10,7 @@ use vmcraft::devices::vm_device::bus::{
     MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset,
 };
 use vmcraft::devices::vm_device::{MutDeviceMmio, MutDevicePio};
+use vmcraft::pv_machine::PvUpcall;
 use vmcraft::vcpu::{RunningVm, VcpuConfig};
 use vmcraft_guest_kit::{abi, Guest};
 
@@ -172,20 +173,10 @@ impl Machine {
         disk: std::fs::File,
         console: Box<dyn std::io::Write + Send>,
         upcall: Arc<dyn vmcraft::pv::evtchn::Upcall>,
-    ) -> vmcraft::pv_machine::PvBackends {
-        let backends = vmcraft::pv_machine::PvBackends::start(
-            self.builder.memory().clone(),
-            &vmcraft_guest_kit::PV_LAYOUT,
-            &mut self.hypercalls,
-            upcall,
-            console,
-            disk,
-            false,
-        )
-        .unwrap();
-        let (buses, vm) = self.builder.buses_and_vm();
-        backends.attach_doorbell(buses, vm.fd()).unwrap();
-        backends
+    ) -> Arc<vmcraft::pv_machine::PvBackends> {
+        self.builder
+            .add_pv(pv_devices(disk, console), PvUpcall::Custom(upcall))
+            .unwrap()
     }
 
     /// Load `guest` and start it on one vCPU with `param`, hypercalls served on the
@@ -198,7 +189,9 @@ impl Machine {
     ) -> (RunningVm, Arc<vmcraft::pv::hypercall::HypercallTable>) {
         let mut builder = self.builder;
         builder.load(guest.image()).unwrap();
-        builder.hypercalls(self.cpuid.hypercall_port, self.hypercalls);
+        builder
+            .hypercalls(self.cpuid.hypercall_port, self.hypercalls)
+            .unwrap();
         builder.hypervisor_info(self.cpuid);
         let machine = builder
             .start(&[VcpuConfig::at(guest.entry(0, param))])
@@ -303,23 +296,25 @@ pub fn add_pv(
     disk: std::fs::File,
     console: Box<dyn std::io::Write + Send>,
 ) -> Arc<vmcraft::pv_machine::PvBackends> {
-    let mut table = vmcraft::pv::hypercall::HypercallTable::new();
-    let pv = vmcraft::pv_machine::PvBackends::start(
-        b.memory().clone(),
-        &vmcraft_guest_kit::PV_LAYOUT,
-        &mut table,
-        Arc::new(vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap()),
-        console,
-        disk,
-        false,
+    let upcall = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    b.add_pv(
+        pv_devices(disk, console),
+        PvUpcall::Custom(Arc::new(upcall)),
     )
-    .unwrap();
-    let (buses, vm) = b.buses_and_vm();
-    pv.attach_doorbell(buses, vm.fd()).unwrap();
-    b.hypercalls(abi::HYPERCALL_PORT, table);
-    let pv = Arc::new(pv);
-    b.add_snapshot_part("pv", pv.clone());
-    pv
+    .unwrap()
+}
+
+/// The PV devices of vmcraft's PV guests (layout [`vmcraft_guest_kit::PV_LAYOUT`]).
+pub fn pv_devices(
+    disk: std::fs::File,
+    console: Box<dyn std::io::Write + Send>,
+) -> vmcraft::pv_machine::PvDevices {
+    vmcraft::pv_machine::PvDevices {
+        layout: vmcraft_guest_kit::PV_LAYOUT,
+        disk,
+        read_only: false,
+        console,
+    }
 }
 
 /// Start the memcheck guest over `mib` MiB for `rounds` rounds, COM1 into `serial`,

@@ -341,6 +341,25 @@ impl HypercallTable {
         Ok(())
     }
 
+    /// Take every hypercall of `other` into this table (its counters with it); a
+    /// number both tables serve is refused, and nothing is taken then.
+    pub fn absorb(&mut self, other: HypercallTable) -> Result<(), TableError> {
+        if let Some((nr, _)) = other
+            .entries
+            .iter()
+            .find(|(nr, _)| self.entries.contains_key(nr))
+        {
+            return Err(TableError::Taken {
+                nr: *nr,
+                name: self.entries[nr].name,
+            });
+        }
+        self.entries.extend(other.entries);
+        self.unknown
+            .fetch_add(other.unknown.into_inner(), Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Run a call; the value for the guest's `rax` (negative errno on failure).
     pub fn dispatch(&self, ctx: &HypercallContext<'_>, call: HypercallArgs) -> i64 {
         let Some(entry) = self.entries.get(&call.nr) else {
@@ -372,6 +391,27 @@ impl HypercallTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_absorbs_another_unless_they_share_a_number() {
+        let handler = |v: u64| -> Arc<dyn Hypercall> {
+            Arc::new(move |_: &HypercallContext<'_>, _: &[u64; 5]| Ok(v))
+        };
+        let mut a = HypercallTable::new();
+        a.register(1, "one", handler(1)).unwrap();
+        let mut b = HypercallTable::new();
+        b.register(2, "two", handler(2)).unwrap();
+        a.absorb(b).unwrap();
+        let mut c = HypercallTable::new();
+        c.register(2, "again", handler(3)).unwrap();
+        c.register(3, "three", handler(3)).unwrap();
+        assert_eq!(
+            a.absorb(c).unwrap_err(),
+            TableError::Taken { nr: 2, name: "two" }
+        );
+        let names: Vec<_> = a.entries.values().map(|e| e.name).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
     use vmcraft_memory::{layout::MemoryLayout, GuestRam};
 
     fn ram() -> GuestRam {
