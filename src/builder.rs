@@ -160,6 +160,29 @@ pub struct MachineBuilder {
     info: HypervisorInfo,
     parts: Vec<(String, Arc<dyn SnapshotPart>)>,
     e820_carved: Vec<E820Entry>,
+    /// What [`configure`](Self::configure) built, carried into the machine.
+    configured: Configured,
+}
+
+/// What a configured machine holds beyond its buses: its configuration (saved in
+/// snapshots), the boot files, and the handles of devices that are driven from
+/// outside (the balloon) or run services (Xen's).
+#[derive(Default)]
+pub(crate) struct Configured {
+    pub(crate) config: Option<crate::config::MachineConfig>,
+    pub(crate) boot_files: Option<(File, Option<File>)>,
+    pub(crate) balloon: Option<Arc<vmcraft_devices::virtio::balloon::BalloonControl>>,
+    pub(crate) xen: Option<crate::xen_hvm::XenPlatform>,
+}
+
+impl MachineBuilder {
+    pub(crate) fn configured_mut(&mut self) -> &mut Configured {
+        &mut self.configured
+    }
+
+    pub(crate) fn configured(&self) -> &Configured {
+        &self.configured
+    }
 }
 
 impl std::fmt::Debug for MachineBuilder {
@@ -208,6 +231,7 @@ impl MachineBuilder {
             info: HypervisorInfo::default(),
             parts: Vec::new(),
             e820_carved: Vec::new(),
+            configured: Configured::default(),
         })
     }
 
@@ -535,6 +559,7 @@ impl MachineBuilder {
             hypercalls: table,
             legacy: self.legacy,
             snapshot_parts: self.parts,
+            configured: self.configured,
         }
     }
 
@@ -569,6 +594,7 @@ pub struct MachineParts {
     pub legacy: LegacyDevices,
     /// The parts saved with the machine in snapshots.
     pub snapshot_parts: Vec<(String, Arc<dyn SnapshotPart>)>,
+    configured: Configured,
 }
 
 impl MachineParts {
@@ -585,6 +611,7 @@ impl MachineParts {
             hypercalls: self.hypercalls,
             legacy: self.legacy,
             parts: self.snapshot_parts,
+            configured: self.configured,
         })
     }
 }
@@ -612,6 +639,25 @@ pub struct Machine {
     pub legacy: LegacyDevices,
     /// The parts saved with the machine in snapshots, by name.
     pub parts: Vec<(String, Arc<dyn SnapshotPart>)>,
+    configured: Configured,
+}
+
+impl Machine {
+    /// The configuration the machine was built from, if it was built from one
+    /// ([`MachineBuilder::configure`]): what its snapshots carry.
+    pub fn config(&self) -> Option<&crate::config::MachineConfig> {
+        self.configured.config.as_ref()
+    }
+
+    /// The balloon's control, if the configuration has a virtio-balloon.
+    pub fn balloon(&self) -> Option<&Arc<vmcraft_devices::virtio::balloon::BalloonControl>> {
+        self.configured.balloon.as_ref()
+    }
+
+    /// The Xen platform and its services, if the configuration presents Xen.
+    pub fn xen(&self) -> Option<&crate::xen_hvm::XenPlatform> {
+        self.configured.xen.as_ref()
+    }
 }
 
 impl std::fmt::Debug for Machine {

@@ -31,6 +31,10 @@ pub mod balancing;
 #[cfg(feature = "machine")]
 pub mod builder;
 #[cfg(feature = "machine")]
+pub mod config;
+#[cfg(feature = "machine")]
+pub mod configure;
+#[cfg(feature = "machine")]
 pub mod machine;
 #[cfg(feature = "machine")]
 pub mod migration;

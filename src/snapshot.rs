@@ -40,6 +40,7 @@ use vmcraft_vcpu::state::{StateError, VcpuState, VmState};
 use vmcraft_vcpu::{RunningVm, VmError};
 
 use crate::builder::{BuildError, Machine, MachineBuilder};
+use crate::config::MachineConfig;
 use crate::pv_machine::PvBackends;
 
 /// The state file's name inside a snapshot directory.
@@ -72,6 +73,17 @@ pub enum MachineSnapshotError {
     /// The memory file could not be created or opened.
     #[error("cannot open the memory file {path}")]
     MemoryFile {
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot file (or a key file) could not be opened or examined.
+    #[error("cannot open the {what} {path}")]
+    Open {
+        /// What it is.
+        what: &'static str,
         /// The file.
         path: PathBuf,
         /// The system's error.
@@ -118,6 +130,10 @@ pub enum MachineSnapshotError {
     /// The restored vCPUs could not be started.
     #[error("cannot start the restored vCPUs")]
     Start(#[source] VmError),
+    /// The configuration in the snapshot is refused, or differs from the machine
+    /// built to restore it.
+    #[error("the machine's configuration")]
+    Config(#[source] crate::config::ConfigError),
 }
 
 /// A part of a machine that the embedding program built beside the builder's devices
@@ -185,6 +201,18 @@ impl SnapshotPart for vmcraft_devices::ata::AtaDisk {
         self.restore_state(&part_value(state, "ata")?)
             .map_err(MachineSnapshotError::Device)
     }
+}
+
+/// The section that holds the machine's configuration, when it was built from one.
+pub const CONFIG_SECTION: &str = "config";
+
+/// The configuration as JSON: the one format a configuration has, in files, on the
+/// wire and in snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ConfigSection(String);
+
+impl Versioned for ConfigSection {
+    const VERSION: u32 = 1;
 }
 
 /// A part's state, as a section of the snapshot.
@@ -301,8 +329,9 @@ fn file_id(file: &File, what: &'static str) -> Result<(u64, u64), MachineSnapsho
     // large enough and only read after fstat reports success.
     let rc = unsafe { libc::syscall(libc::SYS_fstat, file.as_raw_fd(), st.as_mut_ptr()) };
     if rc != 0 {
-        return Err(MachineSnapshotError::MemoryFile {
-            path: PathBuf::from(what),
+        return Err(MachineSnapshotError::Open {
+            what,
+            path: PathBuf::from("(descriptor)"),
             source: std::io::Error::last_os_error(),
         });
     }
@@ -322,7 +351,8 @@ pub fn open_snapshot_file(path: &Path, what: &'static str) -> Result<File, Machi
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-        .map_err(|source| MachineSnapshotError::MemoryFile {
+        .map_err(|source| MachineSnapshotError::Open {
+            what,
             path: path.to_owned(),
             source,
         })?;
@@ -505,6 +535,10 @@ impl Machine {
         let mut b = SnapshotBuilder::new();
         let file = MachineSnapshotError::File;
         b.put("machine", &self.info()).map_err(file)?;
+        if let Some(config) = self.config() {
+            b.put(CONFIG_SECTION, &ConfigSection(config.to_json()))
+                .map_err(file)?;
+        }
         let vm = VmState::save(self.running.vm().fd()).map_err(MachineSnapshotError::Vm)?;
         b.put("vm", &vm).map_err(file)?;
         for (i, state) in vcpus.iter().enumerate() {
@@ -536,6 +570,8 @@ impl Machine {
 pub struct SavedMachine {
     snapshot: Snapshot,
     info: MachineInfo,
+    /// Whether its signature was checked (then so is its memory's digest).
+    verified: bool,
 }
 
 impl SavedMachine {
@@ -544,7 +580,26 @@ impl SavedMachine {
         let info = snapshot
             .load("machine")
             .map_err(MachineSnapshotError::File)?;
-        Ok(SavedMachine { snapshot, info })
+        Ok(SavedMachine {
+            snapshot,
+            info,
+            verified: false,
+        })
+    }
+
+    /// Read a snapshot's state file (a regular file, read whole, bounded), refusing
+    /// one not signed with `key` when one is given: what the machine was, before
+    /// any of it is built ([`MachineBuilder::from_saved`]).
+    pub fn read(state: File, key: Option<&[u8]>) -> Result<Self, MachineSnapshotError> {
+        file_id(&state, "snapshot state file")?;
+        let snapshot =
+            Snapshot::read_from(state, STATE_FILE).map_err(MachineSnapshotError::File)?;
+        if let Some(key) = key {
+            snapshot.verify(key).map_err(MachineSnapshotError::File)?;
+        }
+        let mut saved = Self::from_snapshot(snapshot)?;
+        saved.verified = key.is_some();
+        Ok(saved)
     }
 
     /// What the snapshot says about the machine (build the same one to restore it).
@@ -555,6 +610,23 @@ impl SavedMachine {
     /// The whole state file, for sections an embedding program saved itself.
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
+    }
+
+    /// The configuration the saved machine was built from, if it was built from one:
+    /// build it again from this ([`MachineBuilder::configure`]), with the host's
+    /// resources moved where they are here if need be
+    /// ([`MachineConfig::with_host_resources_of`]).
+    pub fn config(&self) -> Result<Option<MachineConfig>, MachineSnapshotError> {
+        if !self.snapshot.contains(CONFIG_SECTION) {
+            return Ok(None);
+        }
+        let ConfigSection(json) = self
+            .snapshot
+            .load(CONFIG_SECTION)
+            .map_err(MachineSnapshotError::File)?;
+        MachineConfig::from_json(&json)
+            .map(Some)
+            .map_err(MachineSnapshotError::Config)
     }
 }
 
@@ -601,37 +673,45 @@ impl MachineBuilder {
         key: Option<&[u8]>,
         serial_out: Box<dyn std::io::Write + Send>,
     ) -> Result<(Self, SavedMachine), MachineSnapshotError> {
-        file_id(&state, "snapshot state file")?;
+        let saved = SavedMachine::read(state, key)?;
+        let builder = Self::from_saved(&saved, memory, serial_out)?;
+        Ok((builder, saved))
+    }
+
+    /// Begin restoring `saved` (read with [`SavedMachine::read`]) on its memory file
+    /// (mapped copy-on-write; it may be closed afterwards), checked against the
+    /// signed digest if the state was signed and verified.
+    pub fn from_saved(
+        saved: &SavedMachine,
+        memory: &File,
+        serial_out: Box<dyn std::io::Write + Send>,
+    ) -> Result<Self, MachineSnapshotError> {
         file_id(memory, "snapshot memory file")?;
-        let snapshot =
-            Snapshot::read_from(state, STATE_FILE).map_err(MachineSnapshotError::File)?;
-        if let Some(key) = key {
-            snapshot.verify(key).map_err(MachineSnapshotError::File)?;
-        }
-        let info: MachineInfo = snapshot
-            .load("machine")
-            .map_err(MachineSnapshotError::File)?;
-        let layout = MemoryLayout::x86_64(info.ram_bytes)
-            .map_err(|e| MachineSnapshotError::Layout(info.ram_bytes, e))?;
+        let bytes = saved.info.ram_bytes;
+        let layout =
+            MemoryLayout::x86_64(bytes).map_err(|e| MachineSnapshotError::Layout(bytes, e))?;
         let ram =
             GuestRam::from_memory_file(&layout, memory).map_err(MachineSnapshotError::MapMemory)?;
-        if key.is_some() {
-            let signed: MemoryDigest = snapshot
+        if saved.verified {
+            let signed: MemoryDigest = saved
+                .snapshot
                 .load(MEMORY_DIGEST)
                 .map_err(MachineSnapshotError::File)?;
             if memory_digest(ram.memory()) != signed {
                 return Err(MachineSnapshotError::MemoryDigest);
             }
         }
-        let builder = MachineBuilder::with_ram(layout, ram, serial_out)
-            .map_err(MachineSnapshotError::Build)?;
-        Ok((builder, SavedMachine { snapshot, info }))
+        MachineBuilder::with_ram(layout, ram, serial_out).map_err(MachineSnapshotError::Build)
     }
 
     /// Check that this machine was built like the one saved in `saved` (the same
     /// virtio devices in the same order, the same parts, hypercalls served or not),
     /// without changing anything: what [`MachineBuilder::start_restored`] checks first.
     pub fn check_restorable(&self, saved: &SavedMachine) -> Result<(), MachineSnapshotError> {
+        if let (Some(now), Some(then)) = (&self.configured().config, saved.config()?) {
+            now.check_same_machine(&then)
+                .map_err(MachineSnapshotError::Config)?;
+        }
         let types = self.virtio_types();
         if types != saved.info.virtio_types {
             return Err(MachineSnapshotError::Mismatch(format!(

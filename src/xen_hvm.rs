@@ -214,6 +214,17 @@ pub struct XenHvm {
     pub cpuid: XenCpuid,
 }
 
+/// A machine's Xen platform with its services running (the xenstore, the console,
+/// the vbds): what [`MachineBuilder::configure`] makes of a configuration with
+/// `xen`. Dropping it stops the services.
+#[derive(Debug)]
+pub struct XenPlatform {
+    /// The platform.
+    pub hvm: XenHvm,
+    /// Its services.
+    pub services: XenServices,
+}
+
 impl XenHvm {
     /// What a Linux guest's command line needs on this platform: the TSC rate
     /// (`tsc_early_khz`). Linux under Xen learns it from Xen's pvclock only, which

@@ -1,473 +1,468 @@
-//! The command line of the minimal VMM: its options, their parsing and the usage text.
+//! The command line of the minimal VMM, and the machine configuration it describes.
 
-use std::error::Error;
-use std::fs::File;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use vmcraft::devices::virtio::block::Disk;
+use clap::{Parser, ValueEnum};
+use vmcraft::config::{
+    BootSource, ConsoleConfig, DeviceConfig, DiskConfig, MachineConfig, NetConfig, PvConfig,
+    PV_UPCALL_IRQ,
+};
+use vmcraft::pv::layout::PvLayout;
 use vmcraft_guest_kit::Guest;
 
-pub const USAGE: &str = "usage: minimal-vmm --diagnose | [--guest NAME | --kernel PATH [--initrd PATH] [--cmdline TEXT]] [--disk PATH[,ro]]... [--console | --console-socket PATH] [--rng] [--balloon] [--ksm] [--net-tap NAME] [--pv | --xen] [--mem SIZE] [--vcpus N] [--timeout SECS] [--seccomp kill|trap|log|off] [--jail DIR | --no-jail] [--snapshot DIR] [--restore DIR] [--migrate-to ADDR | --migrate-from ADDR] [--migrate-secret-file PATH | --migrate-key PATH --migrate-peer PATH] [--migrate-bandwidth SIZE] [--migrate-tries N] [--migrate-keygen PATH] [--snapshot-key PATH]
-
-  --diagnose       probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and
-                   what a port-I/O exit costs, print it and exit
-  no --kernel      run an embedded guest (default: the demo, which greets through the emulated 16550)
-  --guest NAME     the embedded guest: hello (the demo); exit (a few real-mode instructions
-                   that write COM1 once and exit, for start-up measurements); spin (counts
-                   forever at CPL 3: use with --timeout, for memory measurements); virtio-blk (a
-                   driver that tests the first --disk: writes, reads back, flushes, batches);
-                   virtio-blk-flush (the same, then 64 KiB written at sector 256, flushed,
-                   \"flushed\" printed, and it waits to be killed: for durability tests);
-                   virtio-console (a driver that greets on the --console or
-                   --console-socket, waits for \"ping\" and answers \"got: ping\");
-                   memcheck (rewrites and checks 16 MiB in 1000 rounds, printing each
-                   round's sum: for snapshots and migrations); balloon (a virtio-balloon driver of its
-                   own over all RAM above 16 MiB, using none of it: with --balloon)
-  --disk PATH[,ro] a raw disk image as a virtio-blk device (virtio-mmio; for Linux the
-                   virtio_mmio.device= parameters are added to the command line)
-  --console        a virtio-console on stdout/stdin (stdin then feeds it, not COM1)
-  --console-socket PATH
-                   a virtio-console on a Unix socket: listens at PATH and waits for one
-                   client before starting the VM
-  --rng            a virtio-rng device fed from the host's getrandom
-  --balloon        a virtio-balloon device, and the memory balancer on it: every second
-                   it asks the guest for its statistics and lets it keep what it uses
-                   plus headroom (at least an eighth of its RAM, and 16 MiB), taking
-                   the rest back into the balloon; the report at the end says what
-  --ksm            offer guest RAM to the host's same-page merging (KSM; merges only
-                   while /sys/kernel/mm/ksm/run is 1)
-  --pv             the PV backends (with --restore or --migrate-from: for a saved PV
-                   guest); alone, run the PV demo guest: it prints through the PV console ring and
-                   tests the first --disk as a PV block device (blkif over grants),
-                   through hypercalls and event channels only
-  --xen            present Xen to the --kernel (booted through its PVH entry: an ELF
-                   vmlinux): Xen's CPUID leaves and hypercalls (through KVM's Xen
-                   support, which the host kernel needs: CONFIG_KVM_XEN), event
-                   channels with per-vCPU upcalls, grant tables; the guest uses its own
-                   Xen drivers; the disks become xvda, xvdb, ... (xen-blkfront), and with
-                   --console stdin goes to hvc0 (hvc_xen). No snapshots or migration yet
-  --net-tap NAME   a virtio-net device on TAP interface NAME (created if missing; needs
-                   CAP_NET_ADMIN or an interface owned by this user)
-  --kernel PATH    a Linux bzImage or ELF vmlinux; ACPI tables describe the vCPUs, the
-                   IOAPIC and every device to it, and its power-off stops the VM
-  --initrd PATH    an initramfs for the kernel
-  --cmdline TEXT   kernel command line (default: console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1)
-  --mem SIZE       guest RAM, in MiB or with a K/M/G suffix (default 128M; at least 4M)
-  --vcpus N        number of vCPUs, 1 to 254 (default 1)
-  --timeout SECS   stop the VM after SECS seconds
-  --seccomp MODE   what a VMM thread's system call outside its seccomp allowlist meets:
-                   kill (the default: the process dies of SIGSYS), trap (SIGSYS to the
-                   thread), log (allowed, and logged by the kernel as an audit record),
-                   off (no filters, for debugging)
-  --jail DIR       the VM runs in a jail (by default in a fresh directory under the
-                   temporary directory, removed afterwards; DIR names another, empty,
-                   one): new mount, PID and network namespaces, only /dev/kvm and the
-                   files named above (opened before entering), no capabilities, limits
-                   on descriptors and address space, and cgroup v2 CPU and memory
-                   limits where the host has cgroup v2 (needs root, or unprivileged
-                   user namespaces)
-  --no-jail        run without the jail (for debugging, or where no namespaces can be
-                   had)
-  --snapshot DIR   on SIGUSR1, pause the VM, write a snapshot into DIR (its `state` and
-                   `memory` files, opened at start; not the directory restored from,
-                   whose memory file backs the guest) and go on; on SIGUSR2, the same,
-                   then stop
-  --snapshot-key PATH
-                   sign snapshots written with the key in PATH (HMAC-SHA256 over the
-                   state file and a digest of the memory), and with --restore refuse a
-                   snapshot that is not signed with it
-  --restore DIR    start from the snapshot in DIR instead of a guest or kernel: give the
-                   same device options as the VM that was saved (its RAM size comes from
-                   the snapshot); the guest goes on where it was paused
-  --migrate-to ADDR
-                   connect to the VMM receiving at ADDR (host:port) at start and
-                   authenticate (the jail has no network), keep the session alive for
-                   as long as the VM runs; on SIGUSR1 migrate the running VM there
-                   (pre-copy while it runs, then a short stop) and exit 0. If it fails
-                   before the hand-over, go on running; if the destination is lost after
-                   it, the outcome is unknown: stay paused and say so (SIGUSR1 then
-                   resumes the VM here, SIGUSR2 ends it)
-  --migrate-from ADDR
-                   instead of a guest or kernel, wait on ADDR (host:port) for a
-                   migration and run what arrives: give the same --mem and device
-                   options (disks on shared storage) as the source. A connection that
-                   fails (a stranger, a wrong key) is dropped and the next one taken
-  --migrate-tries N
-                   with --migrate-from, give up after N failed connections (default 8)
-  --migrate-secret-file PATH
-                   authenticate the migration with the secret in PATH, at least 32
-                   random bytes (head -c 32 /dev/urandom > PATH), the same at both ends
-  --migrate-key PATH
-                   authenticate with this VMM's key pair in PATH instead (made with
-                   --migrate-keygen) ...
-  --migrate-peer PATH
-                   ... and accept only the peers whose public keys are in PATH (one per
-                   line, 64 hexadecimal digits each)
-  --migrate-keygen PATH
-                   write a new key pair to PATH (mode 0600), print its public key and
-                   exit
-  --migrate-bandwidth SIZE
-                   send at most SIZE bytes per second while the guest runs (K/M/G
-                   suffixes)";
-
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1";
-pub const MIN_MEM: u64 = 4 << 20;
 
-pub fn disk_read_only(o: &Options, index: usize) -> bool {
-    o.disks.get(index).is_some_and(|d| d.1)
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsoleOption {
-    Stdio,
-    Socket(String),
-}
-
-#[derive(Debug)]
-pub struct Options {
+/// A minimal VMM on vmcraft: with no option, the embedded demo guest greets through
+/// the emulated 16550 and the exit statistics are printed.
+#[derive(Debug, Parser)]
+#[command(
+    name = "minimal-vmm",
+    version,
+    max_term_width = 100,
+    args_override_self = true
+)]
+pub struct Args {
+    /// Probe what this host's KVM intercepts (CPUID at CPL 0 and CPL 3) and what a
+    /// port-I/O exit costs, print it and exit
+    #[arg(long, exclusive = true)]
     pub diagnose: bool,
-    pub guest: Option<Guest>,
-    pub guest_param: u64,
-    pub disks: Vec<(String, bool)>,
-    pub console: Option<ConsoleOption>,
-    pub rng: bool,
-    /// A virtio-balloon with the balancer.
-    pub balloon: bool,
-    /// Guest RAM mergeable (KSM).
-    pub ksm: bool,
-    pub pv: bool,
-    /// Present Xen to a Linux kernel.
-    pub xen: bool,
-    pub net_tap: Option<String>,
-    pub kernel: Option<String>,
-    pub initrd: Option<String>,
+
+    /// The machine as a JSON file (vmcraft::config::MachineConfig) instead of the
+    /// machine options (--guest, --kernel, --disk, ...)
+    #[arg(long, value_name = "FILE", conflicts_with_all = MACHINE_OPTIONS)]
+    pub config: Option<PathBuf>,
+
+    /// Print the machine's configuration as JSON (what --config takes) and exit
+    #[arg(long)]
+    pub print_config: bool,
+
+    /// An embedded guest instead of a kernel (default: hello, the demo)
+    #[arg(long, value_enum, value_name = "NAME", conflicts_with = "kernel")]
+    pub guest: Option<GuestName>,
+
+    /// A Linux bzImage or ELF vmlinux; ACPI tables describe the vCPUs, the IOAPIC
+    /// and every device to it, and its power-off stops the VM (where CPL 0 is
+    /// emulated, on nested hosts, a bzImage decompresses slowly: boot its vmlinux)
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// An initramfs for the kernel
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+
+    /// The kernel command line
+    #[arg(long, value_name = "TEXT", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
-    pub mem: u64,
-    pub vcpus: u32,
+
+    /// A raw disk image: a virtio-blk device (with --pv the first is the PV block
+    /// device, with --xen each is a Xen vbd, xvda, xvdb, ...)
+    #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
+
+    /// A virtio-console on stdout and stdin (stdin then feeds it, not COM1); with
+    /// --xen, stdin feeds hvc0
+    #[arg(long)]
+    pub console: bool,
+
+    /// A virtio-console on a Unix socket: listen at PATH and wait for one client
+    /// before starting the VM
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["console", "xen"])]
+    pub console_socket: Option<PathBuf>,
+
+    /// A virtio-rng device fed from the host's getrandom
+    #[arg(long)]
+    pub rng: bool,
+
+    /// A virtio-balloon device, and the memory balancer on it: every second it
+    /// asks the guest for its statistics and lets it keep what it uses plus
+    /// headroom (at least an eighth of its RAM, and 16 MiB)
+    #[arg(long)]
+    pub balloon: bool,
+
+    /// Offer guest RAM to the host's same-page merging (KSM)
+    #[arg(long)]
+    pub ksm: bool,
+
+    /// A virtio-net device on TAP interface NAME (created if missing; needs
+    /// CAP_NET_ADMIN or an interface owned by this user)
+    #[arg(long, value_name = "NAME")]
+    pub net_tap: Option<String>,
+
+    /// vmcraft's PV channel (event channels, grants, a PV console and the first
+    /// --disk as a PV block device); alone, run the PV demo guest
+    #[arg(long, conflicts_with_all = ["xen", "kernel"])]
+    pub pv: bool,
+
+    /// Present Xen to the --kernel, booted through its PVH entry (an ELF vmlinux):
+    /// Xen's CPUID leaves and hypercalls (KVM's Xen support: CONFIG_KVM_XEN), event
+    /// channels, grant tables, a xenstore; the guest uses its own Xen drivers
+    #[arg(long, requires = "kernel")]
+    pub xen: bool,
+
+    /// Guest RAM, in MiB or with a K/M/G suffix [default: 128M; a restore: the
+    /// snapshot's]
+    #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
+    pub mem: Option<u64>,
+
+    /// Number of vCPUs [default: 1; a restore: the snapshot's]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=254))]
+    pub vcpus: Option<u32>,
+
+    /// Stop the VM after SECS seconds
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub timeout: Option<Duration>,
-    /// `None`: no filters.
-    pub seccomp: Option<vmcraft::sandbox::Violation>,
-    /// `None`: no jail; `Some(None)`: a fresh directory; `Some(Some(dir))`: `dir`.
-    pub jail: Option<Option<String>>,
-    /// Where SIGUSR1 and SIGUSR2 write snapshots.
-    pub snapshot: Option<String>,
-    /// The snapshot to start from.
-    pub restore: Option<String>,
-    /// Where SIGUSR1 migrates the VM.
+
+    /// What a VMM thread's system call outside its seccomp allowlist meets
+    #[arg(long, value_enum, value_name = "MODE", default_value = "kill")]
+    pub seccomp: SeccompMode,
+
+    /// Run the VM in a jail at DIR (by default a fresh directory under the
+    /// temporary directory): new mount, PID and network namespaces, only /dev/kvm
+    /// and the files named (opened before entering), no capabilities, limits on
+    /// descriptors, address space, CPU and memory
+    #[arg(long, value_name = "DIR")]
+    pub jail: Option<PathBuf>,
+
+    /// Run without the jail
+    #[arg(long, conflicts_with = "jail")]
+    pub no_jail: bool,
+
+    /// On SIGUSR1 pause the VM, write a snapshot into DIR (its state and memory
+    /// files, opened at start) and go on; on SIGUSR2 the same, then stop
+    #[arg(long, value_name = "DIR")]
+    pub snapshot: Option<PathBuf>,
+
+    /// Sign snapshots with the key in PATH (HMAC-SHA256), and with --restore refuse
+    /// one not signed with it
+    #[arg(long, value_name = "PATH")]
+    pub snapshot_key: Option<PathBuf>,
+
+    /// Start from the snapshot in DIR: the machine comes from the snapshot (device
+    /// options, if given, must describe the same machine and move its disks, TAP or
+    /// socket to the paths given); the guest goes on where it was paused
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "kernel", "config"])]
+    pub restore: Option<PathBuf>,
+
+    /// Connect to the VMM receiving at ADDR (host:port) at start; on SIGUSR1
+    /// migrate the running VM there and exit 0. If the hand-over's outcome is
+    /// unknown, stay paused (SIGUSR1 resumes here, SIGUSR2 ends)
+    #[arg(long, value_name = "ADDR", conflicts_with = "snapshot")]
     pub migrate_to: Option<String>,
-    /// Where to receive a migration.
+
+    /// Wait on ADDR (host:port) for a migration and run what arrives: give the same
+    /// --mem and devices (disks on shared storage) as the source
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["guest", "kernel", "restore", "migrate_to"])]
     pub migrate_from: Option<String>,
-    /// The file holding the migration secret.
-    pub migrate_secret: Option<String>,
-    /// The file holding this VMM's migration key pair.
-    pub migrate_key: Option<String>,
-    /// The file holding the accepted peers' public keys.
-    pub migrate_peer: Option<String>,
-    /// Where to write a new key pair.
-    pub migrate_keygen: Option<String>,
-    /// Failed connections a destination takes before it gives up.
+
+    /// With --migrate-from, give up after N failed connections
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub migrate_tries: u32,
-    /// The file holding the key that signs and checks snapshots.
-    pub snapshot_key: Option<String>,
-    /// Bytes per second while the guest runs.
+
+    /// Authenticate the migration with the secret in PATH (at least 32 random
+    /// bytes), the same at both ends
+    #[arg(long = "migrate-secret-file", value_name = "PATH")]
+    pub migrate_secret: Option<PathBuf>,
+
+    /// Authenticate with this VMM's key pair in PATH (made with --migrate-keygen)
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "migrate_peer",
+        conflicts_with = "migrate_secret"
+    )]
+    pub migrate_key: Option<PathBuf>,
+
+    /// Accept only the peers whose public keys are in PATH (64 hex digits a line)
+    #[arg(long, value_name = "PATH", requires = "migrate_key")]
+    pub migrate_peer: Option<PathBuf>,
+
+    /// Write a new key pair to PATH (mode 0600), print its public key and exit
+    #[arg(long, value_name = "PATH", exclusive = true)]
+    pub migrate_keygen: Option<PathBuf>,
+
+    /// Send at most SIZE bytes per second while the guest runs (K/M/G suffixes)
+    #[arg(long, value_name = "SIZE", value_parser = parse_bandwidth)]
     pub migrate_bandwidth: Option<u64>,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+/// The options that describe the machine (what --config replaces).
+const MACHINE_OPTIONS: [&str; 14] = [
+    "guest",
+    "kernel",
+    "initrd",
+    "disks",
+    "console",
+    "console_socket",
+    "rng",
+    "balloon",
+    "ksm",
+    "net_tap",
+    "pv",
+    "xen",
+    "mem",
+    "vcpus",
+];
+
+/// The embedded guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GuestName {
+    /// The demo: greets through the emulated 16550
+    Hello,
+    /// A few real-mode instructions that write COM1 once and exit (start-up)
+    Exit,
+    /// Counts forever at CPL 3 (memory measurements, with --timeout)
+    Spin,
+    /// Rewrites and checks 16 MiB in 1000 rounds, printing each sum (snapshots,
+    /// migrations)
+    Memcheck,
+    /// Writes and checks the first --disk for 2000 rounds
+    Blkcheck,
+    /// The PV block check, for 2000 rounds (with --pv)
+    Pvcheck,
+    /// A virtio-balloon driver of its own over all RAM above 16 MiB (with --balloon)
+    Balloon,
+    /// A driver that tests the first --disk: writes, reads back, flushes, batches
+    VirtioBlk,
+    /// The same, then 64 KiB flushed at sector 256, "flushed" printed, and it waits
+    /// to be killed (durability)
+    VirtioBlkFlush,
+    /// Greets on the console, waits for "ping" and answers "got: ping"
+    VirtioConsole,
+}
+
+impl GuestName {
+    fn name(self) -> &'static str {
+        match self {
+            GuestName::Hello => "hello",
+            GuestName::Exit => "exit",
+            GuestName::Spin => "spin",
+            GuestName::Memcheck => "memcheck",
+            GuestName::Blkcheck => "blkcheck",
+            GuestName::Pvcheck => "pvcheck",
+            GuestName::Balloon => "balloon",
+            GuestName::VirtioBlk => "virtio-blk",
+            GuestName::VirtioBlkFlush => "virtio-blk-flush",
+            GuestName::VirtioConsole => "virtio-console",
+        }
+    }
+}
+
+/// An embedded guest named in a configuration, and its parameter: the image, and
+/// the parameter its entry gets.
+pub fn embedded_guest(name: &str, param: u64, mem: u64) -> Result<(Guest, u64), String> {
+    Ok(match name {
+        "hello" => (Guest::HELLO, param),
+        "exit" => (Guest::REAL_MODE_EXIT, param),
+        "spin" => (Guest::COUNTER, param),
+        "memcheck" => (Guest::MEMCHECK, param),
+        "blkcheck" => (Guest::BLKCHECK, param),
+        "pvcheck" => (Guest::PVCHECK, param),
+        "pv-demo" => (Guest::PV_DEMO, param),
+        "balloon" => (Guest::PHASED, vmcraft_guest_kit::Phased::pool_pages(mem)),
+        // The virtio-blk guest negotiates EVENT_IDX with parameter bit 0.
+        "virtio-blk" | "virtio-blk-flush" => (Guest::VIRTIO_BLK, param | 1),
+        "virtio-console" => (Guest::VIRTIO_CONSOLE, param),
+        other => return Err(format!("unknown embedded guest {other:?}")),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SeccompMode {
+    /// The process dies of SIGSYS
+    Kill,
+    /// SIGSYS to the thread
+    Trap,
+    /// Allowed, and logged by the kernel as an audit record
+    Log,
+    /// No filters (debugging)
+    Off,
+}
+
+impl SeccompMode {
+    pub fn violation(self) -> Option<vmcraft::sandbox::Violation> {
+        use vmcraft::sandbox::Violation;
+        match self {
+            SeccompMode::Kill => Some(Violation::KillProcess),
+            SeccompMode::Trap => Some(Violation::Trap),
+            SeccompMode::Log => Some(Violation::Log),
+            SeccompMode::Off => None,
+        }
+    }
+}
+
+fn parse_size(s: &str, plain: u64) -> Result<u64, String> {
     let (num, mult) = match s.char_indices().last() {
         Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
         Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
         Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1 << 20),
+        _ => (s, plain),
     };
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("invalid memory size {s:?}"))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("invalid size {s:?}"))
 }
 
-pub fn parse(args: &[String]) -> Result<Options, String> {
-    let mut o = Options {
-        diagnose: false,
-        guest: None,
-        guest_param: 0,
-        disks: Vec::new(),
-        console: None,
-        rng: false,
-        balloon: false,
-        ksm: false,
-        pv: false,
-        xen: false,
-        net_tap: None,
-        kernel: None,
-        initrd: None,
-        cmdline: DEFAULT_CMDLINE.into(),
-        mem: 128 << 20,
-        vcpus: 1,
-        timeout: None,
-        seccomp: Some(vmcraft::sandbox::Violation::KillProcess),
-        jail: Some(None),
-        snapshot: None,
-        restore: None,
-        migrate_to: None,
-        migrate_from: None,
-        migrate_secret: None,
-        migrate_key: None,
-        migrate_peer: None,
-        migrate_keygen: None,
-        migrate_tries: 8,
-        snapshot_key: None,
-        migrate_bandwidth: None,
+fn parse_mem(s: &str) -> Result<u64, String> {
+    let bytes = parse_size(s, 1 << 20)?;
+    if bytes % (1 << 20) != 0 {
+        return Err(format!("{s}: guest RAM comes in whole MiB"));
+    }
+    Ok(bytes)
+}
+
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    parse_size(s, 1)
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0 && s.is_finite())
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("invalid timeout {s:?}"))
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((path, "ro")) => (path, true),
+        Some((path, "rw")) => (path, false),
+        Some((_, flag)) => return Err(format!("unknown disk flag {flag:?} (ro or rw)")),
+        None => (s, false),
     };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "--diagnose" => o.diagnose = true,
-            "--snapshot" => o.snapshot = Some(value()?),
-            "--restore" => o.restore = Some(value()?),
-            "--migrate-to" => o.migrate_to = Some(value()?),
-            "--migrate-from" => o.migrate_from = Some(value()?),
-            "--migrate-secret-file" => o.migrate_secret = Some(value()?),
-            "--migrate-key" => o.migrate_key = Some(value()?),
-            "--migrate-peer" => o.migrate_peer = Some(value()?),
-            "--migrate-keygen" => o.migrate_keygen = Some(value()?),
-            "--snapshot-key" => o.snapshot_key = Some(value()?),
-            "--migrate-tries" => {
-                let v = value()?;
-                o.migrate_tries = v
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or(format!("invalid --migrate-tries {v:?}"))?;
-            }
-            "--migrate-bandwidth" => {
-                let v = value()?;
-                // A size per second: the same suffixes as --mem, but plain numbers are bytes.
-                let bytes = match v.chars().last() {
-                    Some(c) if c.is_ascii_digit() => v.parse().ok(),
-                    _ => parse_size(&v).ok(),
+    Ok(DiskConfig {
+        path: path.into(),
+        read_only,
+    })
+}
+
+impl Args {
+    /// Whether any option describing the machine's devices was given.
+    pub fn names_devices(&self) -> bool {
+        !self.disks.is_empty()
+            || self.console
+            || self.console_socket.is_some()
+            || self.rng
+            || self.balloon
+            || self.net_tap.is_some()
+            || self.pv
+            || self.xen
+    }
+
+    /// The machine these options describe; `saved` is a snapshot's (a restore),
+    /// whose RAM and vCPUs are taken unless given.
+    pub fn machine(&self, saved: Option<&MachineConfig>) -> Result<MachineConfig, String> {
+        if let Some(path) = &self.config {
+            return MachineConfig::from_file(path).map_err(|e| format!("{e}{}", crate::chain(&e)));
+        }
+        let memory_mib = self
+            .mem
+            .map(|b| b >> 20)
+            .or(saved.map(|s| s.memory_mib))
+            .unwrap_or(128);
+        let vcpus = self.vcpus.or(saved.map(|s| s.vcpus)).unwrap_or(1);
+        let arriving = self.restore.is_some() || self.migrate_from.is_some();
+        let boot = match (&self.kernel, self.guest) {
+            _ if arriving => None,
+            (Some(kernel), _) => Some(BootSource::Linux {
+                kernel: kernel.clone(),
+                initrd: self.initrd.clone(),
+                cmdline: self.cmdline.clone(),
+            }),
+            (None, guest) => {
+                let name = match guest {
+                    Some(g) => g.name(),
+                    None if self.pv => "pv-demo",
+                    None => "hello",
                 };
-                o.migrate_bandwidth = Some(
-                    bytes
-                        .filter(|b| *b > 0)
-                        .ok_or(format!("invalid bandwidth {v:?}"))?,
-                );
-            }
-            "--jail" => o.jail = Some(Some(value()?)),
-            "--no-jail" => o.jail = None,
-            "--seccomp" => {
-                use vmcraft::sandbox::Violation;
-                o.seccomp = match value()?.as_str() {
-                    "kill" => Some(Violation::KillProcess),
-                    "trap" => Some(Violation::Trap),
-                    "log" => Some(Violation::Log),
-                    "off" => None,
-                    other => return Err(format!("--seccomp {other:?}: kill, trap, log or off")),
-                }
-            }
-            "--guest" => {
-                o.guest = Some(match value()?.as_str() {
-                    "hello" => Guest::HELLO,
-                    "exit" => Guest::REAL_MODE_EXIT,
-                    "virtio-blk" => Guest::VIRTIO_BLK,
-                    "virtio-console" => Guest::VIRTIO_CONSOLE,
-                    "spin" => Guest::COUNTER,
-                    "memcheck" => {
-                        o.guest_param = 16 | 1000 << 16;
-                        Guest::MEMCHECK
-                    }
-                    "blkcheck" => {
-                        o.guest_param = 1 | 2000 << 16;
-                        Guest::BLKCHECK
-                    }
-                    "pvcheck" => {
-                        o.guest_param = 2000 << 16;
-                        Guest::PVCHECK
-                    }
-                    // Its parameter, the pool, comes from --mem once all is parsed.
-                    "balloon" => Guest::PHASED,
-                    "virtio-blk-flush" => {
-                        o.guest_param = 2;
-                        Guest::VIRTIO_BLK
-                    }
-                    other => {
-                        return Err(format!(
-                    "unknown guest {other:?} (hello, exit, spin, memcheck, blkcheck, pvcheck, balloon, virtio-blk, virtio-blk-flush or virtio-console)"
-                ))
-                    }
+                let param = match guest {
+                    Some(GuestName::Memcheck) => 16 | 1000 << 16,
+                    Some(GuestName::Blkcheck) => 1 | 2000 << 16,
+                    Some(GuestName::Pvcheck) => 2000 << 16,
+                    Some(GuestName::VirtioBlkFlush) => 2,
+                    _ => 0,
+                };
+                Some(BootSource::Embedded {
+                    name: name.into(),
+                    param,
                 })
             }
-            "--disk" => {
-                let v = value()?;
-                let (path, read_only) = match v.rsplit_once(',') {
-                    Some((path, "ro")) => (path.to_string(), true),
-                    Some((path, "rw")) => (path.to_string(), false),
-                    Some((_, flag)) => {
-                        return Err(format!("unknown disk flag {flag:?} (ro or rw)"))
-                    }
-                    None => (v, false),
-                };
-                o.disks.push((path, read_only));
+        };
+        let mut devices = Vec::new();
+        let mut disks = self.disks.iter().cloned();
+        if self.pv {
+            let disk = disks.next().ok_or(
+                "--pv needs a --disk for its PV block device, a raw image the guest may overwrite (truncate -s 16M disk.img, then --pv --disk disk.img)",
+            )?;
+            devices.push(DeviceConfig::Pv(PvConfig {
+                disk,
+                upcall_irq: PV_UPCALL_IRQ,
+                layout: PvLayout::STANDARD,
+            }));
+        }
+        if self.xen {
+            devices.extend(disks.map(DeviceConfig::XenDisk));
+            if self.console {
+                devices.push(DeviceConfig::XenConsole);
             }
-            "--console" => o.console = Some(ConsoleOption::Stdio),
-            "--console-socket" => o.console = Some(ConsoleOption::Socket(value()?)),
-            "--rng" => o.rng = true,
-            "--balloon" => o.balloon = true,
-            "--ksm" => o.ksm = true,
-            "--pv" => o.pv = true,
-            "--xen" => o.xen = true,
-            "--net-tap" => o.net_tap = Some(value()?),
-            "--kernel" => o.kernel = Some(value()?),
-            "--initrd" => o.initrd = Some(value()?),
-            "--cmdline" => o.cmdline = value()?,
-            "--mem" => o.mem = parse_size(&value()?)?,
-            "--vcpus" => {
-                let v = value()?;
-                o.vcpus = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=254).contains(n))
-                    .ok_or(format!("invalid vCPU count {v:?} (1 to 254)"))?;
+        } else {
+            devices.extend(disks.map(DeviceConfig::VirtioBlock));
+            if self.console || self.console_socket.is_some() {
+                devices.push(DeviceConfig::VirtioConsole(ConsoleConfig {
+                    socket: self.console_socket.clone(),
+                }));
             }
-            "--timeout" => {
-                let v = value()?;
-                let secs: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| *s > 0.0)
-                    .ok_or(format!("invalid timeout {v:?}"))?;
-                o.timeout = Some(Duration::from_secs_f64(secs));
-            }
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown option {other:?}")),
         }
-    }
-    if o.diagnose && args.len() > 1 {
-        return Err("--diagnose runs its own probe VM and takes no other option".into());
-    }
-    if o.guest.is_some() && o.kernel.is_some() {
-        return Err("--guest and --kernel exclude each other".into());
-    }
-    if o.pv {
-        if o.kernel.is_some() || o.guest.is_some_and(|g| g != Guest::PVCHECK) {
-            return Err(
-                "--pv runs its own guest (or --guest pvcheck): no other --guest, no --kernel"
-                    .into(),
-            );
+        if self.rng {
+            devices.push(DeviceConfig::VirtioRng);
         }
-        if o.disks.is_empty() {
-            return Err("--pv needs a --disk PATH for its PV block device, a raw image the guest may overwrite (truncate -s 16M disk.img, then --pv --disk disk.img)".into());
+        if self.balloon {
+            devices.push(DeviceConfig::VirtioBalloon);
         }
-        // Restored or migrated, the PV guest comes with the state.
-        if o.restore.is_none() && o.migrate_from.is_none() && o.guest.is_none() {
-            o.guest = Some(Guest::PV_DEMO);
+        if let Some(tap) = &self.net_tap {
+            devices.push(DeviceConfig::VirtioNet(NetConfig {
+                tap: tap.clone(),
+                mac: None,
+            }));
         }
+        let config = MachineConfig {
+            memory_mib,
+            vcpus,
+            boot,
+            devices,
+            xen: self.xen,
+            ksm: self.ksm,
+        };
+        self.check_guest(&config)?;
+        Ok(config)
     }
-    if o.xen {
-        if o.kernel.is_none() || o.pv {
-            return Err("--xen presents Xen to a --kernel (not with --pv)".into());
-        }
-        if matches!(o.console, Some(ConsoleOption::Socket(_))) {
-            return Err("--xen: the Xen console takes stdin (--console), not a socket".into());
-        }
-        if o.snapshot.is_some()
-            || o.restore.is_some()
-            || o.migrate_to.is_some()
-            || o.migrate_from.is_some()
-        {
-            return Err(
-                "--xen: snapshots and migration of a Xen guest are not supported yet".into(),
-            );
-        }
-    }
-    if o.guest == Some(Guest::PVCHECK) && !o.pv {
-        return Err("--guest pvcheck needs --pv (and a --disk)".into());
-    }
-    if o.guest == Some(Guest::PHASED) {
-        if !o.balloon || !o.disks.is_empty() || o.console.is_some() || o.rng || o.net_tap.is_some()
-        {
-            return Err("--guest balloon needs --balloon, and no other virtio device (its driver takes the first one)".into());
-        }
-        o.guest_param = vmcraft_guest_kit::Phased::pool_pages(o.mem);
-    }
-    if o.guest == Some(Guest::BLKCHECK) && o.disks.is_empty() {
-        return Err("--guest blkcheck needs a --disk it may overwrite".into());
-    }
-    if o.guest == Some(Guest::VIRTIO_BLK) && o.disks.is_empty() {
-        return Err("--guest virtio-blk needs a --disk to test".into());
-    }
-    if o.guest == Some(Guest::VIRTIO_CONSOLE) && (o.console.is_none() || !o.disks.is_empty()) {
-        return Err(
-            "--guest virtio-console needs --console or --console-socket, and no --disk".into(),
-        );
-    }
-    if o.restore.is_some() && (o.guest.is_some() || o.kernel.is_some()) {
-        return Err("--restore starts from its snapshot: no --guest or --kernel".into());
-    }
-    if o.migrate_to.is_some() && o.snapshot.is_some() {
-        return Err("--migrate-to and --snapshot both answer SIGUSR1: give one".into());
-    }
-    if o.migrate_from.is_some()
-        && (o.guest.is_some()
-            || o.kernel.is_some()
-            || o.restore.is_some()
-            || o.migrate_to.is_some())
-    {
-        return Err(
-            "--migrate-from runs what arrives: no --guest, --kernel, --restore or --migrate-to"
-                .into(),
-        );
-    }
-    let migrating = o.migrate_to.is_some() || o.migrate_from.is_some();
-    let keys = o.migrate_key.is_some() || o.migrate_peer.is_some();
-    if migrating != (o.migrate_secret.is_some() || keys) {
-        return Err(
-            "--migrate-to and --migrate-from need --migrate-secret-file or --migrate-key with --migrate-peer (and they need one of them)"
-                .into(),
-        );
-    }
-    if keys && (o.migrate_secret.is_some() || o.migrate_key.is_none() || o.migrate_peer.is_none()) {
-        return Err(
-            "--migrate-key and --migrate-peer go together, instead of --migrate-secret-file".into(),
-        );
-    }
-    if o.snapshot_key.is_some() && o.snapshot.is_none() && o.restore.is_none() {
-        return Err("--snapshot-key needs --snapshot or --restore".into());
-    }
-    if o.initrd.is_some() && o.kernel.is_none() {
-        return Err("--initrd needs --kernel".into());
-    }
-    if o.mem < MIN_MEM {
-        return Err(format!(
-            "--mem {} bytes is too little memory: at least {} MiB are needed",
-            o.mem,
-            MIN_MEM >> 20
-        ));
-    }
-    Ok(o)
-}
 
-pub fn open(what: &str, path: &str) -> Result<File, Box<dyn Error>> {
-    File::open(path).map_err(|e| format!("cannot open {what} {path}: {e}").into())
-}
-
-pub fn open_disks(o: &Options) -> Result<Vec<Disk>, Box<dyn Error>> {
-    let mut disks = Vec::new();
-    for (i, (path, read_only)) in o.disks.iter().enumerate() {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| format!("cannot open disk {path}: {e}"))?;
-        disks.push(
-            Disk::new(file, *read_only, &format!("vmcraft{i}"))
-                .map_err(|e| format!("cannot use disk {path}: {e}"))?,
-        );
+    /// What the embedded test guests need of the machine.
+    fn check_guest(&self, config: &MachineConfig) -> Result<(), String> {
+        let has = |kind: &str| config.devices.iter().any(|d| d.kind() == kind);
+        let Some(guest) = self.guest else {
+            return Ok(());
+        };
+        let problem = match guest {
+            GuestName::Pvcheck if !self.pv => "--guest pvcheck needs --pv (and a --disk)",
+            g if self.pv && g != GuestName::Pvcheck => {
+                "--pv runs its own guest (or --guest pvcheck): no other --guest"
+            }
+            GuestName::Blkcheck | GuestName::VirtioBlk | GuestName::VirtioBlkFlush
+                if !has("virtio-block") =>
+            {
+                "this guest needs a --disk it may overwrite"
+            }
+            GuestName::VirtioConsole if !has("virtio-console") || has("virtio-block") => {
+                "--guest virtio-console needs --console or --console-socket, and no --disk"
+            }
+            GuestName::Balloon if config.devices != [DeviceConfig::VirtioBalloon] => {
+                "--guest balloon needs --balloon, and no other virtio device (its driver takes the first one)"
+            }
+            _ => return Ok(()),
+        };
+        Err(problem.into())
     }
-    Ok(disks)
 }

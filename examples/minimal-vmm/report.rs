@@ -4,9 +4,10 @@
 use std::error::Error;
 use std::time::{Duration, Instant};
 
+use vmcraft::builder::Machine;
 use vmcraft::devices::bus::IoBuses;
 use vmcraft::memory::host_usage::ProcessMemory;
-use vmcraft::vcpu::{ExitStatsSnapshot, VmOutcome};
+use vmcraft::vcpu::{ExitStatsSnapshot, StopReason, VmOutcome};
 
 /// The figures of one run.
 pub struct Report<'a> {
@@ -66,4 +67,70 @@ pub fn print(r: &Report<'_>) -> Result<(), Box<dyn Error>> {
         println!("minimal-vmm: unclaimed ports: {}", list.join(", "));
     }
     Ok(())
+}
+
+/// The lines about the balloon and the Xen platform, if the machine has them (read
+/// while it still runs).
+pub fn extra_lines(
+    machine: &vmcraft::builder::Machine,
+    balancing: Option<&vmcraft::balancing::Balancing>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(control) = machine.balloon() {
+        lines.push(format!(
+            "minimal-vmm: balloon: target {} MiB, the guest holds {} MiB in it ({} MiB freed on the host; {} MiB of free pages reported), {} balancer steps, the last: {:?}",
+            control.target() >> 8,
+            control.actual() >> 8,
+            control.inflated_pages() >> 8,
+            control.reported_pages() >> 8,
+            balancing.map_or(0, |b| b.steps()),
+            balancing.and_then(|b| b.last_step()),
+        ));
+    }
+    if let Some(xen) = machine.xen() {
+        let table = machine.hypercalls.as_deref();
+        let count = |nr| table.map_or(0, |t| t.count(nr));
+        let hvm = &xen.hvm;
+        lines.push(format!(
+            "minimal-vmm: xen: shared info at {:#x}, {} grant frames in use, vCPU 0 upcall vector {:#x}; hypercalls: xen_version {}, memory_op {}, hvm_op {}, event_channel_op {}, grant_table_op {}, vcpu_op {}, sched_op {}, unknown {}",
+            hvm.channels.shared_info().map_or(0, |a| a.0),
+            hvm.grants.frames_in_use(),
+            hvm.upcalls.vector(0),
+            count(17),
+            count(12),
+            count(34),
+            count(32),
+            count(20),
+            count(24),
+            count(29),
+            table.map_or(0, |t| t.unknown_calls()),
+        ));
+    }
+    lines
+}
+
+/// Stop the vCPUs, print the report, and say why the VM stopped.
+pub fn finish(
+    machine: Machine,
+    started: Instant,
+    first_exit: Duration,
+    status: &std::fs::File,
+) -> Result<StopReason, Box<dyn Error>> {
+    let (running, buses) = (machine.running, machine.buses);
+    let stats: Vec<_> = (0..running.vcpu_count())
+        .map(|i| running.stats(i))
+        .collect::<Result<_, _>>()?;
+    let guest_resident = running.vm().ram().resident_bytes()?;
+    running.request_stop();
+    let outcome = running.wait()?;
+    print(&Report {
+        outcome,
+        started,
+        first_exit,
+        stats: &stats,
+        guest_resident,
+        buses: &buses,
+        status,
+    })?;
+    Ok(outcome.reason)
 }

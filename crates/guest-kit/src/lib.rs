@@ -60,6 +60,14 @@ pub const PV_LAYOUT: vmcraft_pv_hypercall::layout::PvLayout =
         doorbell_port: abi::PV_DOORBELL_PORT,
     };
 
+// The guests are built to the layout a configuration's PV device gets by default.
+const _: () = {
+    let (a, b) = (PV_LAYOUT, vmcraft_pv_hypercall::layout::PvLayout::STANDARD);
+    assert!(a.shared_info == b.shared_info && a.console_page == b.console_page);
+    assert!(a.blk_ring == b.blk_ring && a.grant_table == b.grant_table);
+    assert!(a.grant_entries == b.grant_entries && a.doorbell_port == b.doorbell_port);
+};
+
 /// How a guest is entered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestMode {

@@ -15,7 +15,8 @@
 //! ```
 
 /// The guest-physical pages of a PV machine and its doorbell port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PvLayout {
     /// The event-channel shared-info page.
     pub shared_info: u64,
@@ -32,6 +33,17 @@ pub struct PvLayout {
 }
 
 impl PvLayout {
+    /// vmcraft's own PV guests' layout: four pages from 3 MiB (shared info, console,
+    /// blkif ring, a 64-entry grant table), the doorbell on port 0x9c.
+    pub const STANDARD: PvLayout = PvLayout {
+        shared_info: 0x30_0000,
+        console_page: 0x30_1000,
+        blk_ring: 0x30_2000,
+        grant_table: 0x30_3000,
+        grant_entries: 64,
+        doorbell_port: 0x9c,
+    };
+
     /// The first two regions that overlap, by name, if any (pages are 4 KiB; the grant
     /// table is as long as its entries).
     pub fn pages_overlap(&self) -> Option<(&'static str, &'static str)> {
