@@ -918,3 +918,39 @@ fn a_restore_needs_no_device_options_and_refuses_another_machine() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The README's command lines of the example use only options its `--help` lists
+/// (the usage is clap's, from the options' own documentation: one place).
+#[test]
+fn the_readme_uses_only_options_the_help_lists() {
+    let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut checked = 0;
+    for line in readme.lines() {
+        // What follows the example's name (after cargo's `--` if run through cargo).
+        let Some(at) = line.find("minimal-vmm") else {
+            continue;
+        };
+        let rest = &line[at + "minimal-vmm".len()..];
+        let rest = rest.strip_prefix(" --").unwrap_or(rest);
+        for word in rest.split(|c: char| c.is_whitespace() || c == '`') {
+            let Some(name) = word.strip_prefix("--") else {
+                continue;
+            };
+            let name: String = name
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+                .collect();
+            if name.is_empty() {
+                continue;
+            }
+            assert!(
+                help.contains(&format!("--{name}")),
+                "the README's `--{name}` ({line}) is not in --help"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} options found in the README");
+}
