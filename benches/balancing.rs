@@ -75,20 +75,15 @@ impl PhasedVm {
     }
 
     fn want(&self, pages: u64) {
-        Phased::want(self.machine.running.vm().memory(), pages as u32).expect("mailbox");
+        Phased::want(self.machine.vm().memory(), pages as u32).expect("mailbox");
     }
 
     fn status(&self) -> vmcraft_guest_kit::PhasedStatus {
-        Phased::status(self.machine.running.vm().memory()).expect("mailbox")
+        Phased::status(self.machine.vm().memory()).expect("mailbox")
     }
 
     fn resident(&self) -> u64 {
-        self.machine
-            .running
-            .vm()
-            .ram()
-            .resident_bytes()
-            .expect("mincore")
+        self.machine.vm().ram().resident_bytes().expect("mincore")
     }
 }
 
@@ -170,9 +165,9 @@ fn run(balanced: bool) -> (Vec<(f64, f64, f64)>, u64) {
         .sum();
     for vm in &vms {
         assert!(
-            vm.machine.running.stop_reason().is_none(),
+            vm.machine.stop_reason().is_none(),
             "a guest stopped: {:?}",
-            vm.machine.running.stop_reason()
+            vm.machine.stop_reason()
         );
     }
     (samples, oom)
@@ -448,7 +443,6 @@ fn page_sharing() {
     let vms: Vec<PhasedVm> = (0..N).map(|_| PhasedVm::start(KSM_RAM)).collect();
     for vm in &vms {
         vm.machine
-            .running
             .vm()
             .ram()
             .set_mergeable(true)

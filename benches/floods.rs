@@ -104,8 +104,7 @@ fn main() {
         let (cpu, start) = (process_cpu(), Instant::now());
         let running = b
             .start(&[VcpuConfig::at(guest.entry(0, kind | rounds << 8))])
-            .expect("start")
-            .running;
+            .expect("start");
         // The vCPU thread's CPU is read while it lives (it ends with the VM); the
         // last reading misses at most one sampling period.
         let (mut peak, mut vcpu_ns) = (rss, 0);
@@ -118,7 +117,7 @@ fn main() {
         let vcpu_thread = Duration::from_nanos(vcpu_ns);
         let stats = running.total_stats();
         let outcome = running
-            .wait_timeout(Duration::from_secs(1))
+            .run_for(Duration::from_secs(1))
             .expect("the flood guest stops");
         drop(backends);
         assert_eq!(

@@ -52,17 +52,14 @@ fn run(image: &common::Image, write: bool, random: bool, batch: u64, requests: u
     let param =
         (u64::from(write) << 1) | (u64::from(random) << 2) | (batch << 8) | (requests << 16);
     let start = Instant::now();
-    let running = b
-        .start(&[VcpuConfig::at(guest.entry(0, param))])
-        .unwrap()
-        .running;
+    let running = b.start(&[VcpuConfig::at(guest.entry(0, param))]).unwrap();
     let outcome = running
         .wait_stopped(Some(Duration::from_secs(600)))
         .unwrap();
     let elapsed = start.elapsed();
     let io_cpu = common::thread_cpu_ns("pv-block");
     let stats = running.total_stats();
-    running.request_stop();
+    running.stop();
     running.wait().unwrap();
     // The console thread may still be draining the last line.
     std::thread::sleep(Duration::from_millis(50));

@@ -103,8 +103,7 @@ fn guest_run(
     let start = Instant::now();
     let running = b
         .start(&[VcpuConfig::at(guest.entry(0, param))])
-        .expect("start")
-        .running;
+        .expect("start");
     let outcome = running
         .wait_stopped(Some(Duration::from_secs(600)))
         .expect("the guest finishes");
@@ -116,7 +115,7 @@ fn guest_run(
         .expect("the I/O thread is running")
         .saturating_sub(io_cpu);
     let stats = running.total_stats();
-    running.request_stop();
+    running.stop();
     running.wait().expect("stop");
     let console = String::from_utf8_lossy(&serial.contents()).into_owned();
     assert_eq!(

@@ -176,14 +176,14 @@ fn run(
     b.hypercall_table();
     let threads_before = threads_cpu_ns(io_threads);
     let start = Instant::now();
-    let running = b.start(&[VcpuConfig::at(guest.entry(0, param))])?.running;
+    let running = b.start(&[VcpuConfig::at(guest.entry(0, param))])?;
     let outcome = running
         .wait_stopped(Some(Duration::from_secs(900)))
         .ok_or("the guest did not finish")?;
     let elapsed = start.elapsed();
     let io_cpu = threads_cpu_ns(io_threads).saturating_sub(threads_before);
     let stats = running.total_stats();
-    running.request_stop();
+    running.stop();
     running.wait()?;
     if outcome.reason != vmcraft_guest_kit::exited(0) {
         return Err(format!("{guest:?} on {path:?} stopped: {}", outcome.reason).into());
@@ -263,9 +263,7 @@ fn cpu_ratio() -> Result<(f64, f64), Box<dyn Error>> {
     let mut b = MachineBuilder::new(16 << 20, Box::new(std::io::sink()))?;
     b.load(Guest::COUNTER.image())?;
     let memory = b.memory().clone();
-    let running = b
-        .start(&[VcpuConfig::at(Guest::COUNTER.entry(0, 0))])?
-        .running;
+    let running = b.start(&[VcpuConfig::at(Guest::COUNTER.entry(0, 0))])?;
     std::thread::sleep(Duration::from_millis(300));
     let counter = Guest::counter_addr(0);
     let c0: u64 = memory.read_obj(counter)?;
@@ -273,7 +271,7 @@ fn cpu_ratio() -> Result<(f64, f64), Box<dyn Error>> {
     std::thread::sleep(Duration::from_secs(2));
     let c1: u64 = memory.read_obj(counter)?;
     let guest_rate = (c1 - c0) as f64 / t0.elapsed().as_secs_f64();
-    running.request_stop();
+    running.stop();
     running.wait()?;
     // The guest's loop is `incq (%rbx); jmp` on its counter: the same on the host.
     let mut cell = 0u64;

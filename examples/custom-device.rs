@@ -128,7 +128,7 @@ fn main() -> Result<ExitCode, Box<dyn Error>> {
     b.add_virtio(Box::new(Pinger::default()))?; // the first window, where the guest looks
     b.load(Guest::VIRTIO_CONSOLE.image())?;
     let machine = b.start(&[VcpuConfig::at(Guest::VIRTIO_CONSOLE.entry(0, 0))])?;
-    let outcome = machine.running.wait_timeout(Duration::from_secs(30))?;
+    let outcome = machine.run_for(Duration::from_secs(30))?;
     println!("custom-device: VM stopped: {}", outcome.reason);
     Ok(match outcome.reason {
         StopReason::Device {

@@ -13,7 +13,7 @@
 //! // ... load a guest with b.load(image) ...
 //! let entry = Entry::LongMode { rip: 0x10_0000, rsp: 0x8_0000, privilege: Privilege::Kernel, args: [0, 0] };
 //! let machine = b.start(&[VcpuConfig::at(entry)])?;
-//! let outcome = machine.running.wait()?;
+//! let outcome = machine.wait()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -45,6 +45,8 @@ use crate::machine::{
     VirtioAttachError, HYPERCALL_PORT,
 };
 use crate::snapshot::SnapshotPart;
+
+pub use crate::machine::{Machine, MachineParts};
 
 /// Where the first virtio-mmio window goes; the next ones follow, one 4 KiB window
 /// each (vmcraft's test guests expect device `n` at `VIRTIO_MMIO_BASE + n * 0x1000`).
@@ -573,102 +575,5 @@ impl MachineBuilder {
         self.into_parts()
             .start_with(|vm, handler, info| RunningVm::start_with_info(vm, vcpus, handler, info))
             .map_err(BuildError::Start)
-    }
-}
-
-/// A built machine whose vCPUs the embedding program runs itself.
-pub struct MachineParts {
-    /// The VM.
-    pub vm: Vm,
-    /// The exit handler for every vCPU.
-    pub handler: Arc<dyn ExitHandler>,
-    /// The hypervisor CPUID information for every vCPU.
-    pub info: HypervisorInfo,
-    /// The virtio devices.
-    pub virtio: Vec<VirtioSlot>,
-    /// The buses.
-    pub buses: Arc<IoBuses>,
-    /// The hypercall table, if any.
-    pub hypercalls: Option<Arc<HypercallTable>>,
-    /// The legacy devices.
-    pub legacy: LegacyDevices,
-    /// The parts saved with the machine in snapshots.
-    pub snapshot_parts: Vec<(String, Arc<dyn SnapshotPart>)>,
-    configured: Configured,
-}
-
-impl MachineParts {
-    /// Start the vCPUs with `start` (given the VM, the exit handler and the CPUID
-    /// information) and put the machine together.
-    pub fn start_with<E>(
-        self,
-        start: impl FnOnce(Vm, Arc<dyn ExitHandler>, HypervisorInfo) -> Result<RunningVm, E>,
-    ) -> Result<Machine, E> {
-        Ok(Machine {
-            running: start(self.vm, self.handler, self.info)?,
-            virtio: self.virtio,
-            buses: self.buses,
-            hypercalls: self.hypercalls,
-            legacy: self.legacy,
-            parts: self.snapshot_parts,
-            configured: self.configured,
-        })
-    }
-}
-
-impl std::fmt::Debug for MachineParts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MachineParts")
-            .field("vm", &self.vm)
-            .field("virtio", &self.virtio.len())
-            .finish_non_exhaustive()
-    }
-}
-
-/// A running machine.
-pub struct Machine {
-    /// The vCPUs.
-    pub running: RunningVm,
-    /// The virtio devices, in the order they were added.
-    pub virtio: Vec<VirtioSlot>,
-    /// The buses (for their unclaimed-access counts).
-    pub buses: Arc<IoBuses>,
-    /// The hypercall table, if any (for its counters).
-    pub hypercalls: Option<Arc<HypercallTable>>,
-    /// The legacy devices.
-    pub legacy: LegacyDevices,
-    /// The parts saved with the machine in snapshots, by name.
-    pub parts: Vec<(String, Arc<dyn SnapshotPart>)>,
-    configured: Configured,
-}
-
-impl Machine {
-    /// The configuration the machine was built from, if it was built from one
-    /// ([`MachineBuilder::configure`]): what its snapshots carry.
-    pub fn config(&self) -> Option<&crate::config::MachineConfig> {
-        self.configured.config.as_ref()
-    }
-
-    /// The balloon's control, if the configuration has a virtio-balloon.
-    pub fn balloon(&self) -> Option<&Arc<vmcraft_devices::virtio::balloon::BalloonControl>> {
-        self.configured.balloon.as_ref()
-    }
-
-    /// The Xen platform and its services, if the configuration presents Xen.
-    pub fn xen(&self) -> Option<&crate::xen_hvm::XenPlatform> {
-        self.configured.xen.as_ref()
-    }
-}
-
-impl std::fmt::Debug for Machine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Machine")
-            .field("running", &self.running)
-            .field("virtio", &self.virtio.len())
-            .field(
-                "parts",
-                &self.parts.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-            )
-            .finish_non_exhaustive()
     }
 }

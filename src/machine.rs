@@ -17,7 +17,15 @@ use vmcraft_devices::stop::{DeviceStop, StopLatch};
 use vmcraft_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET, WINDOW_SIZE};
 use vmcraft_devices::virtio::VirtioDevice;
 use vmcraft_pv_hypercall::hypercall::{HypercallArgs, HypercallContext, HypercallTable};
-use vmcraft_vcpu::{ExitAction, ExitHandler, StopReason, VcpuRegisters, XenHypercall};
+use vmcraft_vcpu::cpu::HypervisorInfo;
+use vmcraft_vcpu::{
+    ExitAction, ExitHandler, ExitStatsSnapshot, RunningVm, StopReason, VcpuRegisters, Vm, VmError,
+    VmOutcome, XenHypercall,
+};
+
+use crate::builder::{Configured, VirtioSlot};
+use crate::snapshot::SnapshotPart;
+use std::time::Duration;
 
 /// The debug-exit port (QEMU's isa-debug-exit port; the test guests use it too).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
@@ -400,6 +408,225 @@ impl<H: ExitHandler> ExitHandler for HypercallExitHandler<H> {
     }
     fn kicked(&self, vcpu: &mut dyn VcpuRegisters) -> ExitAction {
         self.inner.kicked(vcpu)
+    }
+}
+
+/// A built machine whose vCPUs the embedding program runs itself.
+pub struct MachineParts {
+    /// The VM.
+    pub vm: Vm,
+    /// The exit handler for every vCPU.
+    pub handler: Arc<dyn ExitHandler>,
+    /// The hypervisor CPUID information for every vCPU.
+    pub info: HypervisorInfo,
+    /// The virtio devices.
+    pub virtio: Vec<VirtioSlot>,
+    /// The buses.
+    pub buses: Arc<IoBuses>,
+    /// The hypercall table, if any.
+    pub hypercalls: Option<Arc<HypercallTable>>,
+    /// The legacy devices.
+    pub legacy: LegacyDevices,
+    /// The parts saved with the machine in snapshots.
+    pub snapshot_parts: Vec<(String, Arc<dyn SnapshotPart>)>,
+    pub(crate) configured: Configured,
+}
+
+impl MachineParts {
+    /// Start the vCPUs with `start` (given the VM, the exit handler and the CPUID
+    /// information) and put the machine together.
+    pub fn start_with<E>(
+        self,
+        start: impl FnOnce(Vm, Arc<dyn ExitHandler>, HypervisorInfo) -> Result<RunningVm, E>,
+    ) -> Result<Machine, E> {
+        Ok(Machine {
+            running: start(self.vm, self.handler, self.info)?,
+            virtio: self.virtio,
+            buses: self.buses,
+            hypercalls: self.hypercalls,
+            legacy: self.legacy,
+            parts: self.snapshot_parts,
+            configured: self.configured,
+            devices_paused: false.into(),
+        })
+    }
+}
+
+impl std::fmt::Debug for MachineParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineParts")
+            .field("vm", &self.vm)
+            .field("virtio", &self.virtio.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running machine: its vCPUs, its devices, and the lifecycle of the whole.
+///
+/// ```no_run
+/// # fn f(machine: vmcraft::machine::Machine) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// machine.pause();                       // the vCPUs stop where they are
+/// machine.resume();
+/// let report = machine.snapshot(std::path::Path::new("/tmp/snap"))?; // paused after
+/// machine.resume();
+/// let outcome = machine.run_for(Duration::from_secs(10))?; // stopped if still running
+/// println!("stopped: {}", outcome.reason);
+/// # Ok(()) }
+/// ```
+pub struct Machine {
+    pub(crate) running: RunningVm,
+    pub(crate) virtio: Vec<VirtioSlot>,
+    pub(crate) buses: Arc<IoBuses>,
+    pub(crate) hypercalls: Option<Arc<HypercallTable>>,
+    pub(crate) legacy: LegacyDevices,
+    pub(crate) parts: Vec<(String, Arc<dyn SnapshotPart>)>,
+    pub(crate) configured: Configured,
+    /// Whether the devices were stopped for a snapshot (and are to be resumed).
+    pub(crate) devices_paused: std::sync::atomic::AtomicBool,
+}
+
+impl Machine {
+    /// Stop the vCPUs where they are (each completes the port or MMIO read it is in
+    /// first); the devices finish what they have. [`resume`](Self::resume) goes on.
+    pub fn pause(&self) {
+        self.running.pause();
+    }
+
+    /// Go on after [`pause`](Self::pause) or a [snapshot](Self::snapshot): the
+    /// devices serve again if a snapshot stopped them, then the vCPUs run.
+    pub fn resume(&self) {
+        if self
+            .devices_paused
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            for (_, part) in &self.parts {
+                part.resume();
+            }
+            for s in &self.virtio {
+                s.lock().resume_after_snapshot();
+            }
+        }
+        self.running.resume();
+    }
+
+    /// Ask the VM to stop ([`StopReason::Requested`] unless it is stopping already).
+    pub fn stop(&self) {
+        self.running.request_stop();
+    }
+
+    /// Whether the VM has stopped or is stopping, and why.
+    pub fn stop_reason(&self) -> Option<VmOutcome> {
+        self.running.stop_reason()
+    }
+
+    /// When a vCPU failed ([`StopReason::VcpuFailed`]): the whole error, with the
+    /// vCPU's registers where the exit gave them.
+    pub fn failure(&self) -> Option<String> {
+        self.running.failure()
+    }
+
+    /// Wait up to `timeout` (forever with `None`) for the VM to stop; `None` if it
+    /// still runs. The machine stays usable (its statistics, its devices).
+    pub fn wait_stopped(&self, timeout: Option<Duration>) -> Option<VmOutcome> {
+        self.running.wait_stopped(timeout)
+    }
+
+    /// Wait for the VM to stop, join its vCPU threads and say why it stopped (an
+    /// error if a vCPU failed: with its registers).
+    pub fn wait(self) -> Result<VmOutcome, VmError> {
+        self.running.wait()
+    }
+
+    /// Run for at most `timeout`: stop the VM if it still runs then (the outcome
+    /// says [`StopReason::Requested`]), join its vCPUs, and say why it stopped.
+    pub fn run_for(self, timeout: Duration) -> Result<VmOutcome, VmError> {
+        self.running.wait_timeout(timeout)
+    }
+
+    /// The VM: its memory, its KVM file descriptor.
+    pub fn vm(&self) -> &Vm {
+        self.running.vm()
+    }
+
+    /// How many vCPUs it has.
+    pub fn vcpu_count(&self) -> u32 {
+        self.running.vcpu_count()
+    }
+
+    /// Exit statistics of vCPU `index`, each kind of exit by name.
+    pub fn stats(&self, index: u32) -> Result<ExitStatsSnapshot, VmError> {
+        self.running.stats(index)
+    }
+
+    /// Exit statistics of every vCPU together.
+    pub fn total_stats(&self) -> ExitStatsSnapshot {
+        self.running.total_stats()
+    }
+
+    /// Interrupt vCPU `index` out of the guest once (an exit with nothing to do).
+    pub fn kick(&self, index: u32) -> Result<(), VmError> {
+        self.running.kick(index)
+    }
+
+    /// The virtio devices, in the order they were added.
+    pub fn virtio(&self) -> &[VirtioSlot] {
+        &self.virtio
+    }
+
+    /// The buses (for their unclaimed-access counts).
+    pub fn buses(&self) -> &IoBuses {
+        &self.buses
+    }
+
+    /// The hypercall table, if the machine serves hypercalls (for its counters,
+    /// which stay readable after the machine has ended).
+    pub fn hypercalls(&self) -> Option<Arc<HypercallTable>> {
+        self.hypercalls.clone()
+    }
+
+    /// How many kicks vCPU `index` has seen.
+    pub fn kicks_seen(&self, index: u32) -> Result<u64, VmError> {
+        self.running.kicks_seen(index)
+    }
+
+    /// The legacy devices (COM1, the i8042, the RTC).
+    pub fn legacy(&self) -> &LegacyDevices {
+        &self.legacy
+    }
+
+    /// The names of the parts saved with the machine in snapshots.
+    pub fn snapshot_parts(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// The configuration the machine was built from, if it was built from one
+    /// ([`MachineBuilder::configure`]): what its snapshots carry.
+    pub fn config(&self) -> Option<&crate::config::MachineConfig> {
+        self.configured.config.as_ref()
+    }
+
+    /// The balloon's control, if the configuration has a virtio-balloon.
+    pub fn balloon(&self) -> Option<&Arc<vmcraft_devices::virtio::balloon::BalloonControl>> {
+        self.configured.balloon.as_ref()
+    }
+
+    /// The Xen platform and its services, if the configuration presents Xen.
+    pub fn xen(&self) -> Option<&crate::xen_hvm::XenPlatform> {
+        self.configured.xen.as_ref()
+    }
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("running", &self.running)
+            .field("virtio", &self.virtio.len())
+            .field(
+                "parts",
+                &self.parts.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
     }
 }
 

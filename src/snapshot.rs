@@ -369,17 +369,6 @@ fn virtio_section(index: usize) -> String {
 }
 
 impl Machine {
-    /// Go on after [`Machine::snapshot`]: the devices serve again, then the vCPUs run.
-    pub fn resume(&self) {
-        for (_, part) in &self.parts {
-            part.resume();
-        }
-        for s in &self.virtio {
-            s.lock().resume_after_snapshot();
-        }
-        self.running.resume();
-    }
-
     fn info(&self) -> MachineInfo {
         let vm = self.running.vm();
         MachineInfo {
@@ -531,6 +520,8 @@ impl Machine {
             .iter()
             .map(|s| s.lock().pause_for_snapshot())
             .collect();
+        self.devices_paused
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let pause = start.elapsed();
         let mut b = SnapshotBuilder::new();
         let file = MachineSnapshotError::File;

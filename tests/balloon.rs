@@ -22,7 +22,7 @@ fn inflated_pages_leave_the_host_and_deflated_ones_come_back_to_the_guest() {
     let m = b.start(&[VcpuConfig::at(guest.entry(0, 0))]).unwrap();
     let said = |what: &str| String::from_utf8_lossy(&serial.contents()).contains(what);
     assert!(eventually(30, || said("ready")), "{:?}", serial.contents());
-    let ram = m.running.vm().ram();
+    let ram = m.vm().ram();
     let before = ram.resident_bytes().unwrap();
 
     // 12 MiB of the guest's 16 MiB pool.
@@ -55,9 +55,9 @@ fn inflated_pages_leave_the_host_and_deflated_ones_come_back_to_the_guest() {
     control.set_target(0);
     assert!(eventually(30, || said("deflated ok 0x0000000000000000")));
     assert_eq!(control.inflated_pages(), 0);
-    assert!(m.running.stop_reason().is_none(), "{:?}", serial.contents());
-    m.running.request_stop();
-    m.running.wait().unwrap();
+    assert!(m.stop_reason().is_none(), "{:?}", serial.contents());
+    m.stop();
+    m.wait().unwrap();
 }
 
 /// The balancer at work on a guest whose working set falls and rises: after the fall,
@@ -86,13 +86,13 @@ fn the_balancer_takes_back_what_a_guest_freed_and_gives_it_again_when_needed() {
     let m = b.start(&[VcpuConfig::at(guest.entry(0, pool))]).unwrap();
     let said = |what: &str| String::from_utf8_lossy(&serial.contents()).contains(what);
     assert!(eventually(30, || said("ready")), "{:?}", serial.contents());
-    let memory = m.running.vm().memory().clone();
+    let memory = m.vm().memory().clone();
     let status = || Phased::status(&memory).unwrap();
 
     // A working set of 40 MiB, all of it written.
     Phased::want(&memory, 10_240).unwrap();
     assert!(eventually(30, || status().working_set == 10_240));
-    let ram = m.running.vm().ram();
+    let ram = m.vm().ram();
     let full = ram.resident_bytes().unwrap();
 
     let vm = Arc::new(VirtioBalloonVm::new(control.clone(), RAM)) as Arc<dyn BalancedVm>;
@@ -162,11 +162,11 @@ fn the_balancer_takes_back_what_a_guest_freed_and_gives_it_again_when_needed() {
         "{}",
         String::from_utf8_lossy(&serial.contents())
     );
-    assert!(m.running.stop_reason().is_none(), "{:?}", serial.contents());
+    assert!(m.stop_reason().is_none(), "{:?}", serial.contents());
     assert_eq!(
         (control.redundant_pages(), control.pages_outside_ram()),
         (0, 0)
     );
-    m.running.request_stop();
-    m.running.wait().unwrap();
+    m.stop();
+    m.wait().unwrap();
 }

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::devices::virtio::block::{Block, Disk};
+use vmcraft::machine::Machine as RunningVm;
 use vmcraft::memory::host_usage::ProcessMemory;
 use vmcraft::pv::evtchn::MAX_PORTS;
-use vmcraft::vcpu::RunningVm;
 use vmcraft_guest_kit::Guest;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -70,7 +70,7 @@ fn flood_ended(
     rounds: u64,
     what: &str,
 ) -> String {
-    let out = running.wait_timeout(Duration::from_secs(1)).unwrap();
+    let out = running.run_for(Duration::from_secs(1)).unwrap();
     let console = String::from_utf8_lossy(&serial.contents()).into_owned();
     assert_eq!(
         out.reason,
@@ -99,7 +99,7 @@ fn virtio_flood(kind: u64, rounds: u64, what: &str, peak: &mut u64) {
     );
     watch(&[&hostile.running, &good.running], peak);
     flood_ended(hostile.running, &hostile.serial, kind, rounds, what);
-    let good_out = good.running.wait_timeout(Duration::from_secs(1)).unwrap();
+    let good_out = good.running.run_for(Duration::from_secs(1)).unwrap();
     assert_eq!(
         good_out.reason,
         vmcraft_guest_kit::exited(0),
@@ -145,7 +145,7 @@ fn pv_flood(kind: u64, rounds: u64, what: &str, peak: &mut u64) {
     let good = start_pv_vm(Guest::PV_DEMO, 0, "pv-flood-good");
     watch(&[&hostile.running, &good.running], peak);
     let serial = flood_ended(hostile.running, &hostile.serial, kind, rounds, what);
-    let good_out = good.running.wait_timeout(Duration::from_secs(1)).unwrap();
+    let good_out = good.running.run_for(Duration::from_secs(1)).unwrap();
     // The console backend is a thread of its own: its output comes a moment later.
     assert!(
         eventually(10, || hostile.console.contents()

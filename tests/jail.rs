@@ -105,7 +105,7 @@ fn inside(probe: &std::path::Path) -> Result<(), String> {
     // And a guest runs, with its threads under the seccomp filters as well.
     let (vm, serial, _) = common::TestVm::new(Guest::HELLO).start(&common::one(Guest::HELLO, 0));
     let outcome = vm
-        .wait_timeout(std::time::Duration::from_secs(60))
+        .run_for(std::time::Duration::from_secs(60))
         .map_err(|e| format!("the guest did not stop: {e}"))?;
     let out = String::from_utf8_lossy(&serial.contents()).into_owned();
     if outcome.reason != vmcraft_guest_kit::exited(0) || out.is_empty() {

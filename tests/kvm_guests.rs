@@ -15,7 +15,7 @@ const GREETING: &[u8] =
 fn real_mode_guest_prints_and_exits() {
     let (vm, serial, _) =
         TestVm::new(Guest::REAL_MODE_HELLO).start(&one(Guest::REAL_MODE_HELLO, 0));
-    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    let out = vm.run_for(TIMEOUT).unwrap();
     assert_eq!(out.reason, vmcraft_guest_kit::exited(0x42));
     assert_eq!(serial.contents(), b"real mode\n");
 }
@@ -25,7 +25,7 @@ fn long_mode_cpl3_guest_greets_byte_exact_through_the_16550() {
     let (vm, serial, _) = TestVm::new(Guest::HELLO).start(&one(Guest::HELLO, 0));
     let stats_source = vm.vcpu_count();
     assert_eq!(stats_source, 1);
-    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    let out = vm.run_for(TIMEOUT).unwrap();
     assert_eq!(
         (out.reason, out.vcpu),
         (vmcraft_guest_kit::exited(0), Some(0))
@@ -56,7 +56,7 @@ fn exit_statistics_count_every_trapped_access() {
 #[test]
 fn pio_and_mmio_of_every_width_reach_the_device() {
     let (vm, _, dev) = TestVm::new(Guest::PIO_MMIO).start(&one(Guest::PIO_MMIO, 0));
-    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    let out = vm.run_for(TIMEOUT).unwrap();
     assert_eq!(
         out.reason,
         vmcraft_guest_kit::exited(0),
@@ -85,7 +85,7 @@ fn pio_and_mmio_of_every_width_reach_the_device() {
 fn debug_exit_code_comes_back() {
     let (vm, _, _) = TestVm::new(Guest::EXIT_CODE).start(&one(Guest::EXIT_CODE, 0xdead_beef));
     assert_eq!(
-        vm.wait_timeout(TIMEOUT).unwrap().reason,
+        vm.run_for(TIMEOUT).unwrap().reason,
         vmcraft_guest_kit::exited(0xdead_beef)
     );
 }
@@ -93,18 +93,18 @@ fn debug_exit_code_comes_back() {
 #[test]
 fn i8042_reset_stops_the_vm() {
     let (vm, _, _) = TestVm::new(Guest::I8042_RESET).start(&one(Guest::I8042_RESET, 0));
-    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    let out = vm.run_for(TIMEOUT).unwrap();
     assert_eq!((out.reason, out.vcpu), (StopReason::Reset, Some(0)));
 }
 
 #[test]
 fn triple_fault_stops_the_vm() {
     let (vm, _, _) = TestVm::new(Guest::TRIPLE_FAULT).start(&one(Guest::TRIPLE_FAULT, 0));
-    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    let out = vm.run_for(TIMEOUT).unwrap();
     assert_eq!((out.reason, out.vcpu), (StopReason::TripleFault, Some(0)));
 }
 
-fn counter(vm: &vmcraft::vcpu::RunningVm, index: u32) -> u64 {
+fn counter(vm: &vmcraft::machine::Machine, index: u32) -> u64 {
     vm.vm()
         .memory()
         .read_obj(Guest::counter_addr(index))
@@ -125,8 +125,8 @@ fn two_vcpus_run_at_once_and_stop_on_request() {
     let before = (counter(&vm, 0), counter(&vm, 1));
     assert!(eventually(20, || counter(&vm, 0) > before.0
         && counter(&vm, 1) > before.1));
-    vm.request_stop();
-    let out = vm.wait_timeout(TIMEOUT).unwrap();
+    vm.stop();
+    let out = vm.run_for(TIMEOUT).unwrap();
     assert_eq!((out.reason, out.vcpu), (StopReason::Requested, None));
 }
 
@@ -147,8 +147,8 @@ fn pause_freezes_the_guest_and_resume_continues_it() {
         assert!(eventually(20, || counter(&vm, 0) > frozen.0
             && counter(&vm, 1) > frozen.1));
     }
-    vm.request_stop();
-    vm.wait_timeout(TIMEOUT).unwrap();
+    vm.stop();
+    vm.run_for(TIMEOUT).unwrap();
 }
 
 #[test]
@@ -167,8 +167,8 @@ fn every_kick_is_seen() {
         vm.kick(1),
         Err(vmcraft::vcpu::VmError::NoSuchVcpu { index: 1, count: 1 })
     ));
-    vm.request_stop();
-    vm.wait_timeout(TIMEOUT).unwrap();
+    vm.stop();
+    vm.run_for(TIMEOUT).unwrap();
 }
 
 #[test]
@@ -202,8 +202,8 @@ fn dirty_pages_merge_guest_and_vmm_writes() {
         !again.contains(vm_memory::GuestAddress(abi::LOAD_ADDR)),
         "log was not cleared"
     );
-    vm.request_stop();
-    vm.wait_timeout(TIMEOUT).unwrap();
+    vm.stop();
+    vm.run_for(TIMEOUT).unwrap();
 }
 
 #[test]
@@ -219,7 +219,7 @@ fn an_unmodified_style_driver_uses_the_emulated_ata_disk() {
         .unwrap();
     buses.register_pio(AtaDisk::CONTROL_BASE, 1, disk).unwrap();
     let (running, serial, _) = t.start(&one(Guest::ATA_BENCH, 4));
-    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = running.run_for(TIMEOUT).unwrap();
     let image = scratch.contents();
     assert_eq!(
         outcome.reason,
@@ -264,7 +264,7 @@ fn boot_tables_are_written_only_when_an_entry_needs_them() {
     let memory = vm.builder.memory().clone();
     let (running, serial, _) = vm.start(&one(Guest::REAL_MODE_HELLO, 0));
     assert_eq!(
-        running.wait_timeout(TIMEOUT).unwrap().reason,
+        running.run_for(TIMEOUT).unwrap().reason,
         vmcraft_guest_kit::exited(0x42)
     );
     assert_eq!(serial.contents(), b"real mode\n");

@@ -47,7 +47,7 @@ fn incoming(ram: u64) -> IncomingOptions {
 /// Bytes of `m`'s guest RAM.
 fn ram_of(m: &Machine) -> u64 {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    m.running.vm().memory().iter().map(|r| r.len()).sum()
+    m.vm().memory().iter().map(|r| r.len()).sum()
 }
 
 /// Receive one migration on `listener` with `auth`, add devices with `devices`,
@@ -122,7 +122,7 @@ fn a_guest_rewriting_its_memory_migrates_with_nothing_lost_or_repeated() {
     let (report, dst, dst_serial) = migrate_to_a_thread(&src, |_| {});
     eprintln!("{report:?}");
     let before = src_serial.contents();
-    let outcome = src.running.wait_timeout(Duration::from_secs(10)).unwrap();
+    let outcome = src.run_for(Duration::from_secs(10)).unwrap();
     assert_eq!(outcome.reason, vmcraft::vcpu::StopReason::Requested);
     let dst = dst.join().unwrap().unwrap();
     finish(dst, &dst_serial, "the destination");
@@ -251,7 +251,7 @@ fn disk_requests_in_flight_migrate(kind: DiskGuest) {
         before.len() < expected.len(),
         "the guest ended before the migration"
     );
-    src.running.wait_timeout(Duration::from_secs(10)).unwrap();
+    src.run_for(Duration::from_secs(10)).unwrap();
     let dst = dst.join().unwrap().unwrap();
     finish(dst, &dst_serial, "the destination");
     let mut whole = before;

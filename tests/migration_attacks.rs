@@ -354,7 +354,7 @@ fn a_lost_started_leaves_the_guest_at_the_destination_and_the_source_paused() {
         whole.extend(case.dst_serial.contents());
         assert_eq!(String::from_utf8_lossy(&whole), expected());
         // ... while the source has stayed paused all along.
-        assert!(case.src.running.stop_reason().is_none());
+        assert!(case.src.stop_reason().is_none());
         assert_eq!(case.src_serial.contents(), before, "the source ran on");
     }
 }

@@ -51,7 +51,7 @@ fn a_guest_discovers_the_interface_and_makes_hypercalls() {
     m.hypercalls = table();
     let serial = m.serial.clone();
     let (running, table) = m.start(Guest::HYPERCALLS, 0);
-    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = running.run_for(TIMEOUT).unwrap();
     assert_eq!(
         outcome.reason,
         vmcraft_guest_kit::exited(0),
@@ -83,7 +83,7 @@ fn discovery_fails_when_the_cpuid_leaves_are_wrong() {
         m.cpuid.signature = signature;
         m.cpuid.hypercall_port = port;
         let (running, table) = m.start(Guest::HYPERCALLS, 0);
-        let outcome = running.wait_timeout(TIMEOUT).unwrap();
+        let outcome = running.run_for(TIMEOUT).unwrap();
         let sig = String::from_utf8_lossy(&signature);
         assert_eq!(
             outcome.reason,
@@ -177,7 +177,7 @@ fn a_rust_guest_uses_the_same_no_std_ring_code_as_the_backend() {
     );
     let serial = m.serial.clone();
     let (running, _) = m.start(Guest::PV_RING_FRONT, 0);
-    let outcome = running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = running.run_for(TIMEOUT).unwrap();
     drop(backends);
     assert_eq!(
         outcome.reason,

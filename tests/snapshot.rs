@@ -144,7 +144,7 @@ fn a_damaged_snapshot_or_a_different_machine_is_refused_by_name() {
     // The memory file gone.
     std::fs::remove_file(dir.0.join(vmcraft::snapshot::MEMORY_FILE)).unwrap();
     let err = message(restore(&dir, &SharedBuffer::new()).unwrap_err());
-    assert!(err.starts_with("cannot open the memory file"), "{err}");
+    assert!(err.starts_with("cannot open the snapshot memory file"), "{err}");
 }
 
 /// A port whose first read says it has begun, waits for the test's word, answers
@@ -230,7 +230,7 @@ fn a_port_read_in_flight_at_the_snapshot_completes_before_the_state_is_saved() {
         snap.join().unwrap();
     });
     m.resume();
-    let outcome = m.running.wait_timeout(Duration::from_secs(20)).unwrap();
+    let outcome = m.run_for(Duration::from_secs(20)).unwrap();
     assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0x5a5a_5a5a));
 
     sandboxed();
@@ -239,7 +239,7 @@ fn a_port_read_in_flight_at_the_snapshot_completes_before_the_state_is_saved() {
     // snapshot): a read now would answer 0xee.
     gated(&mut b, 1);
     let m = b.start_restored(&saved).unwrap();
-    let outcome = m.running.wait_timeout(Duration::from_secs(20)).unwrap();
+    let outcome = m.run_for(Duration::from_secs(20)).unwrap();
     assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0x5a5a_5a5a));
 }
 
@@ -262,7 +262,7 @@ fn disk_requests_in_flight_survive_snapshots(kind: DiskGuest) {
     let serial = SharedBuffer::new();
     let m = kind.start(&serial, &image, disk_rounds);
     let mut taken = Vec::new();
-    while m.running.stop_reason().is_none() && taken.len() < 6 {
+    while m.stop_reason().is_none() && taken.len() < 6 {
         std::thread::sleep(Duration::from_millis(15));
         let snap = dir.0.join(format!("snap{}", taken.len()));
         m.snapshot(&snap).unwrap();
@@ -327,13 +327,8 @@ fn every_vcpu_of_a_two_vcpu_machine_is_restored() {
     b.load(guest.image()).unwrap();
     let vcpus: Vec<_> = (0..2).map(|i| VcpuConfig::at(guest.entry(i, 0))).collect();
     let m = b.start(&vcpus).unwrap();
-    let count = |m: &Machine, i: u32| -> u64 {
-        m.running
-            .vm()
-            .memory()
-            .read_obj(Guest::counter_addr(i))
-            .unwrap()
-    };
+    let count =
+        |m: &Machine, i: u32| -> u64 { m.vm().memory().read_obj(Guest::counter_addr(i)).unwrap() };
     assert!(eventually(20, || count(&m, 0) > 0 && count(&m, 1) > 0));
     let dir = Dir::new("snapshot-two-vcpus");
     m.snapshot(&dir.0).unwrap();
@@ -375,8 +370,8 @@ fn a_balloon_keeps_its_pages_across_a_snapshot() {
     let m = b
         .start(&[VcpuConfig::at(guest.entry(0, Phased::pool_pages(RAM)))])
         .unwrap();
-    let status = |m: &Machine| Phased::status(m.running.vm().memory()).unwrap();
-    Phased::want(m.running.vm().memory(), 2_048).unwrap();
+    let status = |m: &Machine| Phased::status(m.vm().memory()).unwrap();
+    Phased::want(m.vm().memory(), 2_048).unwrap();
     control.set_target(4_096);
     assert!(
         eventually(30, || status(&m).ballooned == 4_096),
@@ -394,7 +389,7 @@ fn a_balloon_keeps_its_pages_across_a_snapshot() {
     let m = b.start_restored(&saved).unwrap();
     assert_eq!((control.inflated_pages(), control.target()), (4_096, 4_096));
     control.set_target(0);
-    Phased::want(m.running.vm().memory(), Phased::pool_pages(RAM) as u32).unwrap();
+    Phased::want(m.vm().memory(), Phased::pool_pages(RAM) as u32).unwrap();
     assert!(
         eventually(30, || {
             let s = status(&m);
@@ -407,7 +402,7 @@ fn a_balloon_keeps_its_pages_across_a_snapshot() {
         (control.inflated_pages(), control.redundant_pages()),
         (0, 0)
     );
-    assert!(m.running.stop_reason().is_none(), "{:?}", after.contents());
+    assert!(m.stop_reason().is_none(), "{:?}", after.contents());
 }
 
 /// virtio-net across a snapshot, its host side reopened in the restored machine (as a

@@ -70,7 +70,7 @@ fn soak_vm(seed: u64) -> StopReason {
         .unwrap();
     let (running, _) = m.start(Guest::SOAK, (seed & 0xffff) | ACTIONS << 16);
     let reason = running.wait_stopped(Some(SOAK_VM_MAX)).map(|o| o.reason);
-    running.request_stop();
+    running.stop();
     let outcome = running.wait().expect("the soak VM's threads end");
     drop(backends);
     reason.unwrap_or(outcome.reason)
@@ -85,7 +85,7 @@ fn good_vm(round: u64) {
         1,
         vec![Box::new(Block::new(disk, "good-blk"))],
     );
-    let outcome = vm.running.wait_timeout(Duration::from_secs(120)).unwrap();
+    let outcome = vm.running.run_for(Duration::from_secs(120)).unwrap();
     assert_eq!(
         outcome.reason,
         vmcraft_guest_kit::exited(0),

@@ -51,7 +51,7 @@ fn run_block_guest_with(param: u64) -> String {
     let disk = Disk::new(file, false, "vmcraft-disk-0").unwrap();
     let blk: Box<dyn VirtioDevice> = Box::new(Block::new(disk, "vblk0"));
     let vm = start_virtio_vm(Guest::VIRTIO_BLK, param, vec![blk]);
-    let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = vm.running.run_for(TIMEOUT).unwrap();
     let console = String::from_utf8_lossy(&vm.serial.contents()).into_owned();
     let transport = vm.transports[0].lock().unwrap();
     assert_eq!(
@@ -186,7 +186,7 @@ fn ping_over_console(param: u64, with_blk: Option<Disk>) -> Vec<Arc<Mutex<MmioTr
     use std::io::Write;
     let (vm, output, mut host) = console_vm(param, with_blk);
     host.write_all(b"ping\n").unwrap();
-    let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = vm.running.run_for(TIMEOUT).unwrap();
     let text = String::from_utf8_lossy(&output.contents()).into_owned();
     assert_eq!(
         outcome.reason,
@@ -277,14 +277,14 @@ fn a_guest_exchanges_real_frames_with_the_host_through_a_tap() {
     assert_eq!(&buf[..n], b"hello from a vmcraft guest");
     assert_eq!(from.to_string(), "10.0.2.2:4000");
     socket.send_to(b"pong", from).unwrap();
-    let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = vm.running.run_for(TIMEOUT).unwrap();
     assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0));
 }
 
 #[test]
 fn a_guest_draws_entropy_from_virtio_rng() {
     let vm = start_virtio_vm(Guest::VIRTIO_RNG, 0, vec![Box::new(Rng::new("vrng0"))]);
-    let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = vm.running.run_for(TIMEOUT).unwrap();
     assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0));
     assert_eq!(vm.serial.contents(), b"rng ok\n");
 }
@@ -318,7 +318,7 @@ fn a_device_that_cannot_start_stops_the_vm() {
         fn reset(&mut self) {}
     }
     let vm = start_virtio_vm(Guest::VIRTIO_RNG, 0, vec![Box::new(Broken)]);
-    let outcome = vm.running.wait_timeout(TIMEOUT).unwrap();
+    let outcome = vm.running.run_for(TIMEOUT).unwrap();
     assert_eq!(outcome.reason, StopReason::DeviceFailed(4));
     let transport = vm.transports[0].lock().unwrap();
     assert!(

@@ -88,7 +88,8 @@ pub fn extra_lines(
         ));
     }
     if let Some(xen) = machine.xen() {
-        let table = machine.hypercalls.as_deref();
+        let table = machine.hypercalls();
+        let table = table.as_deref();
         let count = |nr| table.map_or(0, |t| t.count(nr));
         let hvm = &xen.hvm;
         lines.push(format!(
@@ -116,21 +117,24 @@ pub fn finish(
     first_exit: Duration,
     status: &std::fs::File,
 ) -> Result<StopReason, Box<dyn Error>> {
-    let (running, buses) = (machine.running, machine.buses);
-    let stats: Vec<_> = (0..running.vcpu_count())
-        .map(|i| running.stats(i))
+    let stats: Vec<_> = (0..machine.vcpu_count())
+        .map(|i| machine.stats(i))
         .collect::<Result<_, _>>()?;
-    let guest_resident = running.vm().ram().resident_bytes()?;
-    running.request_stop();
-    let outcome = running.wait()?;
+    let guest_resident = machine.vm().ram().resident_bytes()?;
+    machine.stop();
+    let outcome = machine.wait_stopped(None).ok_or("the VM did not stop")?;
     print(&Report {
         outcome,
         started,
         first_exit,
         stats: &stats,
         guest_resident,
-        buses: &buses,
+        buses: machine.buses(),
         status,
     })?;
+    if let Some(failure) = machine.failure() {
+        println!("minimal-vmm: {failure}");
+    }
+    machine.wait()?;
     Ok(outcome.reason)
 }

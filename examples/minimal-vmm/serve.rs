@@ -39,7 +39,7 @@ pub fn serve(
     loop {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let step = left.map_or(snapshot_signals::POLL, |l| l.min(snapshot_signals::POLL));
-        if machine.running.wait_stopped(Some(step)).is_some() || left.is_some_and(|l| l.is_zero()) {
+        if machine.wait_stopped(Some(step)).is_some() || left.is_some_and(|l| l.is_zero()) {
             return Ok(());
         }
         let request = snapshot_signals::take();

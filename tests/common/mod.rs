@@ -10,8 +10,9 @@ use vmcraft::devices::vm_device::bus::{
     MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset,
 };
 use vmcraft::devices::vm_device::{MutDeviceMmio, MutDevicePio};
+use vmcraft::machine::Machine as RunningMachine;
 use vmcraft::pv_machine::PvUpcall;
-use vmcraft::vcpu::{RunningVm, VcpuConfig};
+use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::{abi, Guest};
 
 /// Run every thread vmcraft starts from here on under its seccomp filter, with the
@@ -111,9 +112,9 @@ impl TestVm {
     pub fn start(
         self,
         entries: &[VcpuConfig],
-    ) -> (RunningVm, SharedBuffer, Arc<Mutex<TestDevice>>) {
+    ) -> (RunningMachine, SharedBuffer, Arc<Mutex<TestDevice>>) {
         let machine = self.builder.start(entries).unwrap();
-        (machine.running, self.serial, self.test_device)
+        (machine, self.serial, self.test_device)
     }
 }
 
@@ -186,7 +187,7 @@ impl Machine {
         self,
         guest: Guest,
         param: u64,
-    ) -> (RunningVm, Arc<vmcraft::pv::hypercall::HypercallTable>) {
+    ) -> (RunningMachine, Arc<vmcraft::pv::hypercall::HypercallTable>) {
         let mut builder = self.builder;
         builder.load(guest.image()).unwrap();
         builder
@@ -196,7 +197,8 @@ impl Machine {
         let machine = builder
             .start(&[VcpuConfig::at(guest.entry(0, param))])
             .unwrap();
-        (machine.running, machine.hypercalls.unwrap())
+        let table = machine.hypercalls().unwrap();
+        (machine, table)
     }
 }
 
@@ -228,7 +230,7 @@ impl ScratchImage {
 /// A VM running `guest` (parameter `param`) with COM1 output in the returned buffer
 /// and `devices` behind virtio-mmio windows 0, 1, ... (the builder's order).
 pub struct VirtioVm {
-    pub running: RunningVm,
+    pub running: RunningMachine,
     pub serial: SharedBuffer,
     pub transports: Vec<Arc<Mutex<vmcraft::devices::virtio::mmio::MmioTransport>>>,
 }
@@ -249,9 +251,13 @@ pub fn start_virtio_vm(
         .start(&[VcpuConfig::at(guest.entry(0, param))])
         .unwrap();
     VirtioVm {
-        running: machine.running,
+        transports: machine
+            .virtio()
+            .iter()
+            .map(|s| s.transport.clone())
+            .collect(),
+        running: machine,
         serial,
-        transports: machine.virtio.into_iter().map(|s| s.transport).collect(),
     }
 }
 
@@ -330,7 +336,7 @@ pub fn start_memcheck(serial: &SharedBuffer, mib: u64, rounds: u64) -> vmcraft::
 /// Wait (at most two minutes) for `m`'s guest to exit with code 0; the failure says
 /// what COM1 (`serial`) and the library's warnings said.
 pub fn finish(m: vmcraft::builder::Machine, serial: &SharedBuffer, what: &str) {
-    let outcome = m.running.wait_timeout(Duration::from_secs(120)).unwrap();
+    let outcome = m.run_for(Duration::from_secs(120)).unwrap();
     assert_eq!(
         outcome.reason,
         vmcraft_guest_kit::exited(0),

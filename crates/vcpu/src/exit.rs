@@ -34,6 +34,70 @@ pub enum StopReason {
     /// its I/O thread, say); the value is the device's own code (for virtio devices,
     /// the virtio device ID). The VMM has logged what failed.
     DeviceFailed(u32),
+    /// A vCPU could not go on: KVM failed it or reported an exit the VM cannot
+    /// continue from. Not the guest's doing (that is [`StopReason::Crash`] or
+    /// [`StopReason::TripleFault`]); `RunningVm::failure` has the whole error with
+    /// the vCPU's registers.
+    VcpuFailed(VcpuFailure),
+}
+
+/// What made a vCPU fail ([`StopReason::VcpuFailed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VcpuFailure {
+    /// KVM reported an internal error (`KVM_EXIT_INTERNAL_ERROR`): suberror 1 is an
+    /// instruction KVM could not emulate.
+    KvmInternalError {
+        /// KVM's suberror.
+        suberror: u32,
+    },
+    /// The hardware refused to enter the guest (`KVM_EXIT_FAIL_ENTRY`).
+    FailedEntry {
+        /// The hardware's reason.
+        reason: u64,
+    },
+    /// An exit reason vmcraft does not handle.
+    UnhandledExit {
+        /// KVM's exit reason.
+        reason: u32,
+    },
+    /// `KVM_RUN` itself failed.
+    RunFailed {
+        /// Its errno.
+        errno: i32,
+    },
+    /// Anything else on the host's side: the vCPU's state could not be saved, its
+    /// thread panicked.
+    Host,
+}
+
+impl core::fmt::Display for VcpuFailure {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            VcpuFailure::KvmInternalError { suberror: 1 } => {
+                f.write_str("KVM internal error 1 (an instruction KVM could not emulate)")
+            }
+            VcpuFailure::KvmInternalError { suberror } => {
+                write!(f, "KVM internal error {suberror}")
+            }
+            VcpuFailure::FailedEntry { reason } => {
+                write!(f, "VM entry failed, hardware reason {reason:#x}")
+            }
+            VcpuFailure::UnhandledExit { reason } => write!(f, "unhandled KVM exit {reason}"),
+            VcpuFailure::RunFailed { errno } => write!(f, "KVM_RUN failed, errno {errno}"),
+            VcpuFailure::Host => f.write_str("a host-side failure"),
+        }
+    }
+}
+
+impl From<&ExitError> for VcpuFailure {
+    fn from(e: &ExitError) -> Self {
+        match *e {
+            ExitError::InternalError(suberror) => VcpuFailure::KvmInternalError { suberror },
+            ExitError::FailEntry(reason) => VcpuFailure::FailedEntry { reason },
+            ExitError::Unhandled(reason) => VcpuFailure::UnhandledExit { reason },
+        }
+    }
 }
 
 /// A short phrase: "debug-exit (code 0)", "guest power-off".
@@ -48,6 +112,7 @@ impl core::fmt::Display for StopReason {
             StopReason::Halted => f.write_str("every vCPU halted"),
             StopReason::Requested => f.write_str("stop requested by the embedding program"),
             StopReason::DeviceFailed(code) => write!(f, "host-side failure of device {code}"),
+            StopReason::VcpuFailed(failure) => write!(f, "vCPU failed: {failure}"),
         }
     }
 }

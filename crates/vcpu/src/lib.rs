@@ -58,7 +58,9 @@ pub mod vcpu;
 mod vm;
 pub mod xen;
 
-pub use exit::{Exit, ExitAction, ExitHandler, StopReason, VcpuRegisters, XenHypercall};
+pub use exit::{
+    Exit, ExitAction, ExitHandler, StopReason, VcpuFailure, VcpuRegisters, XenHypercall,
+};
 pub use runner::{RunningVm, VcpuConfig, VmError, VmOutcome};
 pub use stats::{ExitKind, ExitStats, ExitStatsSnapshot};
 pub use vm::{Vm, VmCreateError};

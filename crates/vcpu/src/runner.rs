@@ -14,7 +14,7 @@ use vmcraft_sandbox::{Thread, ThreadKind};
 use thiserror::Error;
 
 use crate::cpu::{CpuError, HypervisorInfo};
-use crate::exit::{ExitError, ExitHandler, StopReason};
+use crate::exit::{ExitError, ExitHandler, StopReason, VcpuFailure};
 use crate::mode::{Entry, ModeError};
 use crate::state::{saveable_msrs, VcpuState};
 use crate::stats::{ExitStats, ExitStatsSnapshot};
@@ -171,6 +171,9 @@ struct VcpuShared {
 struct Control {
     stop: Option<VmOutcome>,
     error: Option<VmError>,
+    /// The error, as text with its causes (it stays for [`RunningVm::failure`] when
+    /// the error itself goes to [`RunningVm::wait`]).
+    failure: Option<String>,
     pause: bool,
     paused: usize,
     live: usize,
@@ -207,6 +210,15 @@ impl Shared {
             let mut c = self.lock();
             if c.stop.is_none() {
                 c.stop = Some(outcome);
+                c.failure = error.as_ref().map(|e| {
+                    let mut text = e.to_string();
+                    let mut cause = std::error::Error::source(e);
+                    while let Some(c) = cause {
+                        text += &format!(": {c}");
+                        cause = c.source();
+                    }
+                    text
+                });
                 c.error = error;
             }
             self.attention.store(true, Ordering::SeqCst);
@@ -295,13 +307,22 @@ impl VcpuThread {
                 None,
             ),
             Ok(None) => {}
-            Err(e) => self.shared.request_stop(
-                VmOutcome {
-                    reason: StopReason::Crash,
-                    vcpu: Some(index),
-                },
-                Some(e),
-            ),
+            Err(e) => {
+                let failure = match &e {
+                    VmError::FatalExit { source, .. } => VcpuFailure::from(source),
+                    VmError::Run { source, .. } => VcpuFailure::RunFailed {
+                        errno: source.errno(),
+                    },
+                    _ => VcpuFailure::Host,
+                };
+                self.shared.request_stop(
+                    VmOutcome {
+                        reason: StopReason::VcpuFailed(failure),
+                        vcpu: Some(index),
+                    },
+                    Some(e),
+                )
+            }
         }
         let mut c = self.shared.lock();
         c.live -= 1;
@@ -381,6 +402,7 @@ impl RunningVm {
             control: Mutex::new(Control {
                 stop: None,
                 error: None,
+                failure: None,
                 pause: false,
                 paused: 0,
                 live: cores.len(),
@@ -553,6 +575,12 @@ impl RunningVm {
     /// Whether the VM has stopped or is stopping, and why.
     pub fn stop_reason(&self) -> Option<VmOutcome> {
         self.shared.lock().stop
+    }
+
+    /// When a vCPU failed ([`StopReason::VcpuFailed`]): the whole error, with its
+    /// causes and the vCPU's registers where the exit gave them.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.lock().failure.clone()
     }
 
     /// Exit statistics of vCPU `index`.
