@@ -32,9 +32,10 @@ use std::time::{Duration, Instant};
 
 use vmcraft::balancer::policy::{BalancerConfig, VmLimits};
 use vmcraft::balancing::{BalancedVm, Balancing, BalancingConfig, HostPressure, VirtioBalloonVm};
-use vmcraft::builder::{Machine, MachineBuilder};
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::devices::virtio::balloon::{Balloon, BalloonControl};
+use vmcraft::machine::Machine;
 use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::{Guest, Phased};
 

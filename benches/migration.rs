@@ -25,8 +25,9 @@ mod common;
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use vmcraft::builder::{Machine, MachineBuilder};
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
+use vmcraft::machine::Machine;
 use vmcraft::migration::wire::Message;
 use vmcraft::migration::{
     Channel, IncomingOptions, Limits, MigrationAuth, MigrationOptions, PEER_TIMEOUT,

@@ -601,7 +601,7 @@ impl Machine {
     }
 
     /// The configuration the machine was built from, if it was built from one
-    /// ([`MachineBuilder::configure`]): what its snapshots carry.
+    /// ([`MachineBuilder::configure`](crate::builder::MachineBuilder::configure)): what its snapshots carry.
     pub fn config(&self) -> Option<&crate::config::MachineConfig> {
         self.configured.config.as_ref()
     }

@@ -39,7 +39,8 @@ use vmcraft_snapshot::{Snapshot, SnapshotBuilder, SnapshotError, Versioned};
 use vmcraft_vcpu::state::{StateError, VcpuState, VmState};
 use vmcraft_vcpu::{RunningVm, VmError};
 
-use crate::builder::{BuildError, Machine, MachineBuilder};
+use crate::builder::{BuildError, MachineBuilder};
+use crate::machine::Machine;
 use crate::config::MachineConfig;
 use crate::pv_machine::PvBackends;
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use vmcraft::devices::serial::SharedBuffer;
 use vmcraft::devices::virtio::block::{Block, Disk};
-use vmcraft::machine::Machine as RunningVm;
+use vmcraft::machine::Machine;
 use vmcraft::memory::host_usage::ProcessMemory;
 use vmcraft::pv::evtchn::MAX_PORTS;
 use vmcraft_guest_kit::Guest;
@@ -53,7 +53,7 @@ fn disk(name: &str) -> (ScratchImage, Disk) {
 }
 
 /// Samples the process's resident memory into `peak` until every VM has stopped.
-fn watch(vms: &[&RunningVm], peak: &mut u64) {
+fn watch(vms: &[&Machine], peak: &mut u64) {
     let deadline = Instant::now() + Duration::from_secs(300);
     while vms.iter().any(|vm| vm.stop_reason().is_none()) && Instant::now() < deadline {
         *peak = (*peak).max(ProcessMemory::current().unwrap().rss);
@@ -64,7 +64,7 @@ fn watch(vms: &[&RunningVm], peak: &mut u64) {
 /// The hostile VM ended as its guest says a flood of `kind` ends (exit code 0,
 /// `flood <kind> done <rounds>` on COM1); returns what COM1 said.
 fn flood_ended(
-    running: RunningVm,
+    running: Machine,
     serial: &SharedBuffer,
     kind: u64,
     rounds: u64,
@@ -111,7 +111,7 @@ fn virtio_flood(kind: u64, rounds: u64, what: &str, peak: &mut u64) {
 /// A PV guest with its own backends: COM1 and the PV console's output, and what
 /// must live while it runs.
 struct PvVm {
-    running: RunningVm,
+    running: Machine,
     table: std::sync::Arc<vmcraft::pv::hypercall::HypercallTable>,
     serial: SharedBuffer,
     console: SharedBuffer,
@@ -122,7 +122,7 @@ struct PvVm {
 fn start_pv_vm(guest: Guest, param: u64, name: &str) -> PvVm {
     let image = ScratchImage::new(name, 1 << 20);
     let console = SharedBuffer::new();
-    let mut m = Machine::new(16);
+    let mut m = HypercallRig::new(16);
     let backends = m.pv_backends(
         image.file(),
         Box::new(console.clone()),

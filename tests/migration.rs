@@ -12,8 +12,9 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use vmcraft::builder::{Machine, MachineBuilder};
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
+use vmcraft::machine::Machine;
 use vmcraft::migration::{IncomingOptions, MigrationAuth, MigrationError, MigrationOptions};
 use vmcraft_guest_kit::memcheck_output;
 

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vmcraft::builder::{Machine, MachineBuilder};
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
+use vmcraft::machine::Machine;
 use vmcraft::migration::wire::Message;
 use vmcraft::migration::{
     Channel, IncomingOptions, Limits, MigrationAuth, MigrationError, MigrationOptions,

@@ -47,7 +47,7 @@ fn table() -> HypercallTable {
 
 #[test]
 fn a_guest_discovers_the_interface_and_makes_hypercalls() {
-    let mut m = Machine::new(16);
+    let mut m = HypercallRig::new(16);
     m.hypercalls = table();
     let serial = m.serial.clone();
     let (running, table) = m.start(Guest::HYPERCALLS, 0);
@@ -78,7 +78,7 @@ fn discovery_fails_when_the_cpuid_leaves_are_wrong() {
         ),
     ];
     for (signature, port, code) in cases {
-        let mut m = Machine::new(16);
+        let mut m = HypercallRig::new(16);
         m.hypercalls = table();
         m.cpuid.signature = signature;
         m.cpuid.hypercall_port = port;
@@ -169,7 +169,7 @@ fn a_broken_block_ring_leaves_the_console_working() {
 fn a_rust_guest_uses_the_same_no_std_ring_code_as_the_backend() {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let image = ScratchImage::new("rust-front", 1 << 20);
-    let mut m = Machine::new(16);
+    let mut m = HypercallRig::new(16);
     let backends = m.pv_backends(
         image.file(),
         Box::new(std::io::sink()),

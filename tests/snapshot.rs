@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use vmcraft::builder::{Machine, MachineBuilder};
+use vmcraft::builder::MachineBuilder;
 use vmcraft::devices::serial::SharedBuffer;
+use vmcraft::machine::Machine;
 use vmcraft::snapshot::{MachineSnapshotError, STATE_FILE};
 use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::{memcheck_output, Guest};
@@ -144,7 +145,10 @@ fn a_damaged_snapshot_or_a_different_machine_is_refused_by_name() {
     // The memory file gone.
     std::fs::remove_file(dir.0.join(vmcraft::snapshot::MEMORY_FILE)).unwrap();
     let err = message(restore(&dir, &SharedBuffer::new()).unwrap_err());
-    assert!(err.starts_with("cannot open the snapshot memory file"), "{err}");
+    assert!(
+        err.starts_with("cannot open the snapshot memory file"),
+        "{err}"
+    );
 }
 
 /// A port whose first read says it has begun, waits for the test's word, answers

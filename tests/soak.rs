@@ -43,7 +43,7 @@ fn soak_seconds() -> u64 {
 /// One soak guest with every device the machine has, seeded with `seed`; runs until
 /// it stops or `SOAK_VM_MAX` passes. Returns how it ended.
 fn soak_vm(seed: u64) -> StopReason {
-    let mut m = Machine::new(16);
+    let mut m = HypercallRig::new(16);
     m.builder.reserve_irq(PV_UPCALL_IRQ).unwrap();
     let upcall = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
     m.builder

@@ -4,8 +4,8 @@
 use std::error::Error;
 use std::time::{Duration, Instant};
 
-use vmcraft::builder::Machine;
 use vmcraft::devices::bus::IoBuses;
+use vmcraft::machine::Machine;
 use vmcraft::memory::host_usage::ProcessMemory;
 use vmcraft::vcpu::{ExitStatsSnapshot, StopReason, VmOutcome};
 
@@ -72,7 +72,7 @@ pub fn print(r: &Report<'_>) -> Result<(), Box<dyn Error>> {
 /// The lines about the balloon and the Xen platform, if the machine has them (read
 /// while it still runs).
 pub fn extra_lines(
-    machine: &vmcraft::builder::Machine,
+    machine: &Machine,
     balancing: Option<&vmcraft::balancing::Balancing>,
 ) -> Vec<String> {
     let mut lines = Vec::new();

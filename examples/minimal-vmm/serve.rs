@@ -6,7 +6,7 @@ use std::fs::File;
 use std::path::Path;
 use std::time::Instant;
 
-use vmcraft::builder::Machine;
+use vmcraft::machine::Machine;
 use vmcraft::migration::{MigrationError, MigrationOptions, MigrationSession};
 
 use crate::chain;

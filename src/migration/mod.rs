@@ -94,7 +94,8 @@ use vmcraft_snapshot::Snapshot;
 pub use channel::{Channel, Limits, MigrationAuth, PublicKey, StaticKey, Transport};
 use wire::{Message, PeerText, MAX_RUN, STATE_CHUNK};
 
-use crate::builder::{Machine, MachineBuilder};
+use crate::builder::MachineBuilder;
+use crate::machine::Machine;
 use crate::snapshot::{MachineSnapshotError, SavedMachine};
 
 /// How long either side waits for a record (or a write) before it gives up.

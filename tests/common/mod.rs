@@ -10,7 +10,7 @@ use vmcraft::devices::vm_device::bus::{
     MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset,
 };
 use vmcraft::devices::vm_device::{MutDeviceMmio, MutDevicePio};
-use vmcraft::machine::Machine as RunningMachine;
+use vmcraft::machine::Machine;
 use vmcraft::pv_machine::PvUpcall;
 use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::{abi, Guest};
@@ -109,10 +109,7 @@ impl TestVm {
         }
     }
 
-    pub fn start(
-        self,
-        entries: &[VcpuConfig],
-    ) -> (RunningMachine, SharedBuffer, Arc<Mutex<TestDevice>>) {
+    pub fn start(self, entries: &[VcpuConfig]) -> (Machine, SharedBuffer, Arc<Mutex<TestDevice>>) {
         let machine = self.builder.start(entries).unwrap();
         (machine, self.serial, self.test_device)
     }
@@ -136,9 +133,10 @@ pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A VM being assembled: guest RAM, the legacy devices (COM1 into `serial`) and an
-/// empty hypercall table; add hypercalls to `hypercalls`, then [`Machine::start`].
-pub struct Machine {
+/// A hypercall test rig: a VM being assembled (guest RAM, the legacy devices, COM1
+/// into `serial`) with an empty hypercall table and the CPUID leaves to announce it;
+/// add hypercalls to `hypercalls`, then [`HypercallRig::start`].
+pub struct HypercallRig {
     pub builder: MachineBuilder,
     pub hypercalls: vmcraft::pv::hypercall::HypercallTable,
     /// What the hypervisor CPUID leaves say: vmcraft's signature and the hypercall port.
@@ -146,11 +144,11 @@ pub struct Machine {
     pub serial: SharedBuffer,
 }
 
-impl Machine {
-    pub fn new(mem_mib: u64) -> Machine {
+impl HypercallRig {
+    pub fn new(mem_mib: u64) -> HypercallRig {
         require_kvm();
         let serial = SharedBuffer::new();
-        Machine {
+        HypercallRig {
             builder: machine_builder(mem_mib << 20, Box::new(serial.clone())),
             hypercalls: vmcraft::pv::hypercall::HypercallTable::new(),
             cpuid: vmcraft::vcpu::cpu::HypervisorInfo {
@@ -187,7 +185,7 @@ impl Machine {
         self,
         guest: Guest,
         param: u64,
-    ) -> (RunningMachine, Arc<vmcraft::pv::hypercall::HypercallTable>) {
+    ) -> (Machine, Arc<vmcraft::pv::hypercall::HypercallTable>) {
         let mut builder = self.builder;
         builder.load(guest.image()).unwrap();
         builder
@@ -230,7 +228,7 @@ impl ScratchImage {
 /// A VM running `guest` (parameter `param`) with COM1 output in the returned buffer
 /// and `devices` behind virtio-mmio windows 0, 1, ... (the builder's order).
 pub struct VirtioVm {
-    pub running: RunningMachine,
+    pub running: Machine,
     pub serial: SharedBuffer,
     pub transports: Vec<Arc<Mutex<vmcraft::devices::virtio::mmio::MmioTransport>>>,
 }
@@ -325,7 +323,7 @@ pub fn pv_devices(
 
 /// Start the memcheck guest over `mib` MiB for `rounds` rounds, COM1 into `serial`,
 /// in a VM with 32 MiB to spare.
-pub fn start_memcheck(serial: &SharedBuffer, mib: u64, rounds: u64) -> vmcraft::builder::Machine {
+pub fn start_memcheck(serial: &SharedBuffer, mib: u64, rounds: u64) -> Machine {
     let mut b = machine_builder((mib + 32) << 20, Box::new(serial.clone()));
     let guest = Guest::MEMCHECK;
     b.load(guest.image()).unwrap();
@@ -335,7 +333,7 @@ pub fn start_memcheck(serial: &SharedBuffer, mib: u64, rounds: u64) -> vmcraft::
 
 /// Wait (at most two minutes) for `m`'s guest to exit with code 0; the failure says
 /// what COM1 (`serial`) and the library's warnings said.
-pub fn finish(m: vmcraft::builder::Machine, serial: &SharedBuffer, what: &str) {
+pub fn finish(m: Machine, serial: &SharedBuffer, what: &str) {
     let outcome = m.run_for(Duration::from_secs(120)).unwrap();
     assert_eq!(
         outcome.reason,
@@ -418,12 +416,7 @@ impl DiskGuest {
 
     /// Start it for `rounds` rounds on the image at `path` in a 32 MiB VM, COM1 into
     /// `serial`.
-    pub fn start(
-        self,
-        serial: &SharedBuffer,
-        path: &std::path::Path,
-        rounds: u64,
-    ) -> vmcraft::builder::Machine {
+    pub fn start(self, serial: &SharedBuffer, path: &std::path::Path, rounds: u64) -> Machine {
         let mut b = machine_builder(32 << 20, Box::new(serial.clone()));
         self.attach(&mut b, path);
         let (guest, param) = match self {
