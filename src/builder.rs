@@ -29,7 +29,8 @@ use vmcraft_devices::serial::{COM1_BASE, COM1_IRQ};
 use vmcraft_devices::stop::StopLatch;
 use vmcraft_devices::virtio::mmio::{MmioTransport, WINDOW_SIZE};
 use vmcraft_devices::virtio::VirtioDevice;
-use vmcraft_memory::layout::{Image, LayoutError, MemoryLayout};
+use vmcraft_memory::layout::{Image, LayoutError, MemoryLayout, MMIO_GAP_RESERVED_START};
+use vmcraft_memory::mmio::MmioAllocator;
 use vmcraft_memory::{GuestMemory, GuestRam, MemoryError};
 use vmcraft_pv_hypercall::hypercall::HypercallTable;
 use vmcraft_vcpu::cpu::HypervisorInfo;
@@ -106,6 +107,9 @@ pub enum BuildError {
     /// The vCPUs could not be started.
     #[error("cannot start the vCPUs")]
     Start(#[source] VmError),
+    /// No guest-physical window is left (or the range is refused).
+    #[error("MMIO windows")]
+    Windows(#[source] vmcraft_memory::mmio::MmioAllocError),
     /// Two parts of the machine serve one hypercall number.
     #[error("hypercalls")]
     Hypercalls(#[source] vmcraft_pv_hypercall::hypercall::TableError),
@@ -155,6 +159,9 @@ pub struct MachineBuilder {
     stop: Arc<StopLatch>,
     legacy: LegacyDevices,
     irqs: IrqAllocator,
+    /// Guest-physical windows for MMIO devices, from [`VIRTIO_MMIO_BASE`] to the
+    /// IOAPIC's and LAPIC's pages.
+    windows: MmioAllocator,
     virtio: Vec<VirtioSlot>,
     hypercalls: Option<HypercallTable>,
     /// Whether the table serves Xen hypercall exits (else the hypercall port).
@@ -227,6 +234,8 @@ impl MachineBuilder {
             stop,
             legacy,
             irqs: IrqAllocator::pc(),
+            windows: MmioAllocator::new(VIRTIO_MMIO_BASE, MMIO_GAP_RESERVED_START - VIRTIO_MMIO_BASE)
+                .map_err(BuildError::Windows)?,
             virtio: Vec::new(),
             hypercalls: None,
             xen_hypercalls: false,
@@ -310,19 +319,28 @@ impl MachineBuilder {
         self.hypercalls.is_some()
     }
 
+    /// A guest-physical window of `size` bytes aligned to `align` for an MMIO device
+    /// of the embedder's, from the same allocator as the virtio windows (so they
+    /// never overlap).
+    pub fn allocate_mmio(&mut self, size: u64, align: u64) -> Result<u64, BuildError> {
+        self.windows
+            .allocate(size, align)
+            .map_err(BuildError::Windows)
+    }
+
     /// Keep interrupt line `irq` away from [`MachineBuilder::add_virtio`] (a device
     /// wired by hand).
     pub fn reserve_irq(&mut self, irq: u32) -> Result<(), BuildError> {
         self.irqs.reserve(irq).map_err(BuildError::Irq)
     }
 
-    /// Attach `device` behind a virtio-mmio transport in the next 4 KiB window from
-    /// [`VIRTIO_MMIO_BASE`], on the next free interrupt line. Its Linux command-line
-    /// entry and ACPI description come with it. If the device cannot start on the
-    /// host's side, the VM stops with `StopReason::DeviceFailed`.
+    /// Attach `device` behind a virtio-mmio transport in the next free 4 KiB window
+    /// from [`VIRTIO_MMIO_BASE`], on the next free interrupt line. Its Linux
+    /// command-line entry and ACPI description come with it. If the device cannot
+    /// start on the host's side, the VM stops with `StopReason::DeviceFailed`.
     pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<VirtioSlot, BuildError> {
         let index = self.virtio.len();
-        let base = VIRTIO_MMIO_BASE + WINDOW_SIZE * index as u64;
+        let base = self.allocate_mmio(WINDOW_SIZE, WINDOW_SIZE)?;
         let irq = self.irqs.allocate().map_err(BuildError::Irq)?;
         let transport = attach_virtio_mmio(
             &mut self.buses,
