@@ -35,7 +35,7 @@ use vmcraft_memory::{GuestMemory, GuestRam, MemoryError};
 use vmcraft_pv_hypercall::hypercall::HypercallTable;
 use vmcraft_vcpu::cpu::HypervisorInfo;
 use vmcraft_vcpu::linux::{
-    load_linux, E820Entry, LinuxError, LoadedKernel, BOOT_PARAMS_RANGE, CMDLINE_ADDR,
+    load_linux, BootImage, E820Entry, LinuxError, LoadedKernel, BOOT_PARAMS_RANGE, CMDLINE_ADDR,
 };
 use vmcraft_vcpu::mode::boot_table_ranges;
 use vmcraft_vcpu::{ExitHandler, RunningVm, VcpuConfig, Vm, VmCreateError, VmError};
@@ -234,8 +234,11 @@ impl MachineBuilder {
             stop,
             legacy,
             irqs: IrqAllocator::pc(),
-            windows: MmioAllocator::new(VIRTIO_MMIO_BASE, MMIO_GAP_RESERVED_START - VIRTIO_MMIO_BASE)
-                .map_err(BuildError::Windows)?,
+            windows: MmioAllocator::new(
+                VIRTIO_MMIO_BASE,
+                MMIO_GAP_RESERVED_START - VIRTIO_MMIO_BASE,
+            )
+            .map_err(BuildError::Windows)?,
             virtio: Vec::new(),
             hypercalls: None,
             xen_hypercalls: false,
@@ -494,10 +497,10 @@ impl MachineBuilder {
     /// Load Linux for `vcpus` vCPUs: the ACPI tables, then the kernel, the initrd and
     /// `cmdline` with the virtio entries appended, each range reserved. Returns where
     /// the boot vCPU starts.
-    pub fn load_linux(
+    pub fn load_linux<K: BootImage, I: BootImage>(
         &mut self,
-        kernel: &mut File,
-        initrd: Option<&mut File>,
+        kernel: &mut K,
+        initrd: Option<&mut I>,
         cmdline: &str,
         vcpus: u32,
     ) -> Result<LoadedKernel, BuildError> {

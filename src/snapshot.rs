@@ -40,8 +40,8 @@ use vmcraft_vcpu::state::{StateError, VcpuState, VmState};
 use vmcraft_vcpu::{RunningVm, VmError};
 
 use crate::builder::{BuildError, MachineBuilder};
-use crate::machine::Machine;
 use crate::config::MachineConfig;
+use crate::machine::Machine;
 use crate::pv_machine::PvBackends;
 
 /// The state file's name inside a snapshot directory.

@@ -2,8 +2,7 @@
 //! (PVH entry), with `linux-loader`; the zero page (or PVH start info) with an e820
 //! map built from the memory layout, the command line, and an initrd placed high.
 
-use std::fs::File;
-use std::io::{Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -15,7 +14,7 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, ReadVolatile};
 use vmcraft_memory::layout::MemoryLayout;
 use vmcraft_memory::GuestMemory;
 
@@ -205,9 +204,15 @@ pub fn initrd_address(size: u64, kernel_end: u64, limit: u64) -> Result<u64, Lin
     Ok(addr)
 }
 
-fn load_image(
+/// Where a kernel or an initrd is read from: a file, or bytes in memory
+/// (`std::io::Cursor<&[u8]>`), anything that reads and seeks.
+pub trait BootImage: Read + ReadVolatile + Seek {}
+
+impl<T: Read + ReadVolatile + Seek> BootImage for T {}
+
+fn load_image<K: BootImage>(
     mem: &GuestMemory,
-    kernel: &mut File,
+    kernel: &mut K,
 ) -> Result<(KernelLoaderResult, KernelFormat), LinuxError> {
     use linux_loader::loader::elf::Error as ElfError;
     let high = Some(GuestAddress(HIMEM_START));
@@ -231,11 +236,11 @@ fn load_image(
 
 /// Load `kernel` (and `initrd`) into `mem` laid out as `layout`, with `cmdline`, and
 /// return the boot vCPU's entry.
-pub fn load_linux(
+pub fn load_linux<K: BootImage, I: BootImage>(
     mem: &GuestMemory,
     layout: &MemoryLayout,
-    kernel: &mut File,
-    initrd: Option<&mut File>,
+    kernel: &mut K,
+    initrd: Option<&mut I>,
     cmdline: &str,
     carved: &[E820Entry],
 ) -> Result<LoadedKernel, LinuxError> {
@@ -250,7 +255,10 @@ pub fn load_linux(
     let initrd = match initrd {
         None => None,
         Some(file) => {
-            let size = file.metadata().map_err(LinuxError::ReadInitrd)?.len();
+            let size = file
+                .seek(SeekFrom::End(0))
+                .and_then(|size| file.seek(SeekFrom::Start(0)).map(|_| size))
+                .map_err(LinuxError::ReadInitrd)?;
             let max_end = loaded
                 .setup_header
                 .map(|h| u64::from(h.initrd_addr_max))
@@ -356,6 +364,41 @@ pub fn load_linux(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
+    use std::io::Cursor;
+
+    /// A kernel and an initrd in memory load as from files.
+    #[test]
+    fn images_in_memory_load_as_files_do() {
+        let (ram, layout) = memory();
+        let (kernel, initrd) = (elf(false), vec![0x22u8; 3000]);
+        let loaded = load_linux(
+            ram.memory(),
+            &layout,
+            &mut Cursor::new(&kernel[..]),
+            Some(&mut Cursor::new(&initrd[..])),
+            "console=ttyS0",
+            &[],
+        )
+        .unwrap();
+        let (addr, size) = loaded.initrd.unwrap();
+        assert_eq!(size, 3000);
+        let mut back = vec![0u8; 3000];
+        ram.memory()
+            .read_slice(&mut back, GuestAddress(addr))
+            .unwrap();
+        assert_eq!(back, initrd);
+        let from_file = load_linux(
+            memory().0.memory(),
+            &layout,
+            &mut file_with(&kernel),
+            None::<&mut File>,
+            "console=ttyS0",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(from_file.entry, loaded.entry);
+    }
 
     #[test]
     fn e820_covers_ram_around_the_hole() {
@@ -433,7 +476,7 @@ mod tests {
             mem.memory(),
             &MemoryLayout::x86_64(32 << 20).unwrap(),
             &mut f,
-            None,
+            None::<&mut File>,
             "",
             &[],
         )
@@ -632,8 +675,15 @@ mod tests {
         let (ram, layout) = memory();
         let mem = ram.memory();
         let long = "x".repeat(CMDLINE_MAX + 1);
-        let err =
-            load_linux(mem, &layout, &mut file_with(&elf(false)), None, &long, &[]).unwrap_err();
+        let err = load_linux(
+            mem,
+            &layout,
+            &mut file_with(&elf(false)),
+            None::<&mut File>,
+            &long,
+            &[],
+        )
+        .unwrap_err();
         assert!(matches!(err, LinuxError::Cmdline(_)), "{err:?}");
         let mut huge = file_with(&[]);
         huge.set_len(64 << 20).unwrap();
