@@ -39,6 +39,27 @@ impl Gate {
         g.parked -= 1;
     }
 
+    /// Pause every live thread at its next safe point (between requests) and wait
+    /// until each has parked: what each took from its ring is answered by then.
+    pub(crate) fn pause_all(&self) {
+        let mut g = self.lock();
+        g.paused = true;
+        // Saturation means a wake-up is pending anyway.
+        let _ = self.wake.write(1);
+        while g.parked < g.live {
+            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Let the threads parked by [`pause_all`](Self::pause_all) serve again.
+    pub(crate) fn resume_all(&self) {
+        let mut g = self.lock();
+        // Reading resets the counter; an error means it was already zero.
+        let _ = self.wake.read();
+        g.paused = false;
+        self.changed.notify_all();
+    }
+
     /// A backend thread ends.
     pub(crate) fn leave(&self) {
         let mut g = self.lock();

@@ -181,7 +181,7 @@ pub(crate) struct Configured {
     pub(crate) config: Option<crate::config::MachineConfig>,
     pub(crate) boot_files: Option<(File, Option<File>)>,
     pub(crate) balloon: Option<Arc<vmcraft_devices::virtio::balloon::BalloonControl>>,
-    pub(crate) xen: Option<crate::xen_hvm::XenPlatform>,
+    pub(crate) xen: Option<Arc<crate::xen_hvm::XenPlatform>>,
 }
 
 impl MachineBuilder {
@@ -533,6 +533,13 @@ impl MachineBuilder {
             &self.e820_carved,
         )
         .map_err(BuildError::Linux)?;
+        if loaded.format == vmcraft_vcpu::linux::KernelFormat::BzImage
+            && vmcraft_vcpu::probe::kernel_mode_emulated() == Some(true)
+        {
+            log::warn!(
+                "this host emulates the guest's kernel mode (no vmx or svm in /proc/cpuinfo): a bzImage decompresses itself there many times slower than its ELF vmlinux boots; give the vmlinux (extract it on the host: .ci/extract-vmlinux BZIMAGE OUT)"
+            );
+        }
         self.reserve(
             "kernel",
             loaded.kernel_start,

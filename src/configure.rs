@@ -222,7 +222,10 @@ impl MachineBuilder {
             let memory = self.memory().clone();
             let services = XenServices::start(&xen, memory, xen_disks, stdout(), input)
                 .map_err(|e| ConfigureError::Xen(Box::new(e)))?;
-            self.configured_mut().xen = Some(XenPlatform { hvm: xen, services });
+            let platform = Arc::new(XenPlatform { hvm: xen, services });
+            // Saved and restored with the machine (snapshots, migrations).
+            self.add_snapshot_part("xen", platform.clone());
+            self.configured_mut().xen = Some(platform);
         } else {
             // vmcraft's hypercall port, served whether or not the PV channel is.
             self.hypercall_table();

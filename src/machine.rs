@@ -613,7 +613,7 @@ impl Machine {
 
     /// The Xen platform and its services, if the configuration presents Xen.
     pub fn xen(&self) -> Option<&crate::xen_hvm::XenPlatform> {
-        self.configured.xen.as_ref()
+        self.configured.xen.as_deref()
     }
 }
 

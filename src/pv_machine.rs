@@ -284,15 +284,7 @@ impl PvBackends {
     /// Park the backend threads once each has answered what it took from its ring
     /// (so a ring resumes from its published responses), and return the state.
     pub fn pause(&self) -> PvState {
-        {
-            let mut g = self.gate.lock();
-            g.paused = true;
-            // Saturation means a wake-up is pending anyway.
-            let _ = self.gate.wake.write(1);
-            while g.parked < g.live {
-                g = self.gate.changed.wait(g).unwrap_or_else(|p| p.into_inner());
-            }
-        }
+        self.gate.pause_all();
         PvState {
             channels: self.channels.save_state(),
         }
@@ -300,11 +292,7 @@ impl PvBackends {
 
     /// Let the backend threads serve again after [`PvBackends::pause`].
     pub fn resume(&self) {
-        let mut g = self.gate.lock();
-        // Reading resets the counter; an error means it was already zero.
-        let _ = self.gate.wake.read();
-        g.paused = false;
-        self.gate.changed.notify_all();
+        self.gate.resume_all();
     }
 
     /// Put back a saved state into backends started (by the same set-up) on the

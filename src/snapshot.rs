@@ -65,6 +65,9 @@ pub enum MachineSnapshotError {
     /// The PV channel's state could not be restored.
     #[error("the PV channel's state")]
     Pv(#[source] crate::pv_machine::PvError),
+    /// The Xen platform's state could not be restored.
+    #[error("the Xen platform's state")]
+    Xen(#[source] crate::xen_hvm::XenStateError),
     /// The state file could not be written, read or decoded.
     #[error("the snapshot's state file")]
     File(#[source] SnapshotError),
@@ -176,6 +179,22 @@ impl SnapshotPart for crate::pv_machine::PvBackends {
     }
     fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError> {
         PvBackends::restore(self, &part_value(state, "pv")?).map_err(MachineSnapshotError::Pv)
+    }
+}
+
+/// A Xen platform as a part of a snapshot (section `xen`): its service threads
+/// parked between requests, its event channels, placements, parameters and the
+/// store's state saved.
+impl SnapshotPart for crate::xen_hvm::XenPlatform {
+    fn pause(&self) -> Result<Vec<u8>, MachineSnapshotError> {
+        part_bytes("xen", &crate::xen_hvm::XenPlatform::pause(self))
+    }
+    fn resume(&self) {
+        crate::xen_hvm::XenPlatform::resume(self)
+    }
+    fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError> {
+        crate::xen_hvm::XenPlatform::restore(self, &part_value(state, "xen")?)
+            .map_err(MachineSnapshotError::Xen)
     }
 }
 

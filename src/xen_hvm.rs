@@ -214,6 +214,45 @@ pub struct XenHvm {
     pub cpuid: XenCpuid,
 }
 
+/// Why a saved Xen platform could not be put back.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum XenStateError {
+    /// The event channels' table or placement.
+    #[error("event channels")]
+    Evtchn(#[source] vmcraft_pv_hypercall::evtchn::EvtchnError),
+    /// The grant frames.
+    #[error("grant frames")]
+    Grant(#[source] vmcraft_pv_hypercall::grant::GrantError),
+    /// The HVM parameters.
+    #[error("HVM parameters")]
+    Params(#[source] vmcraft_pv_hypercall::hypercall::HypercallFault),
+    /// An upcall vector out of range, or more vCPUs than the machine has.
+    #[error("upcall vectors {0:?} for {1} vCPUs")]
+    Vectors(Vec<u8>, u32),
+    /// The services (store, vbds).
+    #[error("the Xen services")]
+    Services(#[source] XenServiceError),
+}
+
+/// A Xen platform in a snapshot or a migration: where the guest placed its pages,
+/// its event channels, HVM parameters and upcall vectors, and the services' state.
+/// Pages the guest owns (shared info, `vcpu_info`s, grant frames, rings) are guest
+/// memory and travel with it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct XenState {
+    channels: vmcraft_pv_hypercall::evtchn::ChannelsState,
+    placement: vmcraft_pv_hypercall::evtchn::Placement,
+    grant_frames: Vec<Option<u64>>,
+    params: Vec<u64>,
+    vectors: Vec<u8>,
+    services: services::XenServicesState,
+}
+
+impl vmcraft_snapshot::Versioned for XenState {
+    const VERSION: u32 = 1;
+}
+
 /// A machine's Xen platform with its services running (the xenstore, the console,
 /// the vbds): what [`MachineBuilder::configure`] makes of a configuration with
 /// `xen`. Dropping it stops the services.
@@ -223,6 +262,59 @@ pub struct XenPlatform {
     pub hvm: XenHvm,
     /// Its services.
     pub services: XenServices,
+}
+
+impl XenPlatform {
+    /// Park the services between requests and save the whole platform.
+    pub fn pause(&self) -> XenState {
+        let services = self.services.pause();
+        let hvm = &self.hvm;
+        XenState {
+            channels: hvm.channels.save_state(),
+            placement: hvm.channels.placement(),
+            grant_frames: hvm.grants.placed_frames(),
+            params: hvm.params.values(),
+            vectors: (0..hvm.upcalls.vectors.len() as u32)
+                .map(|v| hvm.upcalls.vector(v))
+                .collect(),
+            services,
+        }
+    }
+
+    /// Serve again after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.services.resume();
+    }
+
+    /// Put `state` back into a platform set up (the same way) on the restored
+    /// memory, before the guest runs. Every value is checked; the grant frames,
+    /// placement and parameters go back first, then the services (which bind the
+    /// connected vbds' ports again), then the event-channel table.
+    pub fn restore(&self, state: &XenState) -> Result<(), XenStateError> {
+        let hvm = &self.hvm;
+        let vcpus = hvm.upcalls.vectors.len();
+        if state.vectors.len() != vcpus || state.vectors.iter().any(|&v| v != 0 && v < 0x10) {
+            return Err(XenStateError::Vectors(state.vectors.clone(), vcpus as u32));
+        }
+        hvm.grants
+            .restore_frames(&state.grant_frames)
+            .map_err(XenStateError::Grant)?;
+        hvm.channels
+            .restore_placement(&state.placement)
+            .map_err(XenStateError::Evtchn)?;
+        hvm.params
+            .restore(&state.params)
+            .map_err(XenStateError::Params)?;
+        for (slot, &vector) in hvm.upcalls.vectors.iter().zip(&state.vectors) {
+            slot.store(vector, Ordering::SeqCst);
+        }
+        self.services
+            .restore(&state.services)
+            .map_err(XenStateError::Services)?;
+        hvm.channels
+            .restore_state(&state.channels)
+            .map_err(XenStateError::Evtchn)
+    }
 }
 
 impl XenHvm {

@@ -87,6 +87,14 @@ fn diagnose_reports_what_the_host_intercepts() {
     );
     assert!(stdout.contains("CPUID at CPL 3: "), "{stdout}");
     assert!(stdout.contains("port-I/O exit round trip: "), "{stdout}");
+    // The advice to boot a vmlinux comes exactly where kernel mode is emulated.
+    assert_eq!(
+        stdout.contains(
+            "the guest's kernel mode is emulated here: boot a Linux kernel as its ELF vmlinux"
+        ),
+        vmcraft::vcpu::probe::kernel_mode_emulated() == Some(true),
+        "{stdout}"
+    );
     let out = run(&["--diagnose", "--rng"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr)

@@ -376,3 +376,123 @@ fn the_console_carries_the_guests_output_out_and_the_hosts_input_in() {
     }
     assert_eq!(got, typed);
 }
+
+/// The services saved with a front end connected and restored as a restore does
+/// them (the platform made again on the same memory, grant frames and placement put
+/// back, the services' state, then the event-channel table): the store answers with
+/// what it held, the vbd stays connected on its ring and serves the next request.
+#[test]
+fn a_connected_front_end_survives_a_save_and_restore_of_the_services() {
+    common::sandboxed();
+    let (ram, channels, grants, params) = platform();
+    let mem = ram.memory().clone();
+    let mut disk = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+    let image: Vec<u8> = (0..1u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+    disk.write_all(&image).unwrap();
+    let disk_again = disk.try_clone().unwrap();
+    let start = |channels: &Arc<EventChannels>, grants: &Arc<GrantTable>, params, file| {
+        XenServices::start_on(
+            channels.clone(),
+            grants.clone(),
+            params,
+            mem.clone(),
+            vec![XenDisk {
+                file,
+                read_only: false,
+            }],
+            Box::new(std::io::sink()),
+            None,
+        )
+        .unwrap()
+    };
+    let services = start(&channels, &grants, &params, disk);
+    let mut front = Front {
+        ram,
+        channels: channels.clone(),
+        store_port: params.get(param::STORE_EVTCHN).unwrap() as u32,
+        req_id: 0,
+    };
+    let dev = "device/vbd/51712";
+    let backend = front.read(&format!("{dev}/backend"));
+    FrontRing::<_, Request, Response>::init(
+        GuestRingMemory::new(mem.clone(), GuestAddress(RING), 4096).unwrap(),
+    )
+    .unwrap();
+    front.grant(8, RING / 4096);
+    let port = channels.alloc_unbound(0).unwrap();
+    front.write(&format!("{dev}/ring-ref"), "8");
+    front.write(&format!("{dev}/event-channel"), &port.to_string());
+    front.write(&format!("{dev}/protocol"), "x86_64-abi");
+    front.write(&format!("{dev}/state"), "3");
+    front.wait_for(&format!("{backend}/state"), "4");
+    front.write("data/marker", "before the snapshot");
+
+    // Save, and let the old process go.
+    let state = services.pause();
+    let (table, placement, frames) = (
+        channels.save_state(),
+        channels.placement(),
+        grants.placed_frames(),
+    );
+    drop(services);
+
+    // The platform made again on the same memory, as a restore makes it.
+    let channels = Arc::new(EventChannels::unplaced(mem.clone(), Arc::new(NoUpcall)));
+    let grants = Arc::new(GrantTable::unplaced(mem.clone(), 1, 0));
+    let params = HvmParams::new(1, (0, 0), (0, 0), Arc::new(NoUpcall));
+    let services = start(&channels, &grants, &params, disk_again);
+    grants.restore_frames(&frames).unwrap();
+    channels.restore_placement(&placement).unwrap();
+    services.restore(&state).unwrap();
+    channels.restore_state(&table).unwrap();
+    front.channels = channels.clone();
+
+    assert_eq!(front.read("data/marker"), "before the snapshot");
+    assert_eq!(front.read(&format!("{backend}/state")), "4");
+    let mut ring = FrontRing::<_, Request, Response>::attach(
+        GuestRingMemory::new(mem.clone(), GuestAddress(RING), 4096).unwrap(),
+    )
+    .unwrap();
+    front.grant(9, DATA / 4096);
+    let mut seg = [Segment::default(); 11];
+    seg[0] = Segment {
+        gref: 9,
+        first_sect: 0,
+        last_sect: 7,
+    };
+    ring.push_request(&Request {
+        operation: OP_READ,
+        nr_segments: 1,
+        handle: 0,
+        id: 78,
+        sector_number: 16,
+        seg,
+    })
+    .unwrap();
+    ring.publish_requests();
+    channels.send(port).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rsp = loop {
+        if let Some(rsp) = ring.pop_response().unwrap() {
+            break rsp;
+        }
+        assert!(Instant::now() < deadline, "no response after the restore");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!((rsp.id, rsp.status), (78, 0));
+    let mut page = vec![0u8; 4096];
+    mem.read_slice(&mut page, GuestAddress(DATA)).unwrap();
+    assert_eq!(page, image[8192..12288]);
+
+    // A state that does not fit is refused, not applied.
+    let fresh = start(
+        &Arc::new(EventChannels::unplaced(mem.clone(), Arc::new(NoUpcall))),
+        &Arc::new(GrantTable::unplaced(mem.clone(), 1, 0)),
+        &HvmParams::new(1, (0, 0), (0, 0), Arc::new(NoUpcall)),
+        vmm_sys_util::tempfile::TempFile::new().unwrap().into_file(),
+    );
+    let err = fresh.restore(&state).unwrap_err().to_string();
+    assert!(err.contains("vbd 51712"), "{err}");
+    drop(fresh);
+    drop(services);
+}

@@ -97,7 +97,7 @@ pub struct Args {
     /// Present Xen to the --kernel, booted through its PVH entry (an ELF vmlinux):
     /// Xen's CPUID leaves and hypercalls (KVM's Xen support: CONFIG_KVM_XEN), event
     /// channels, grant tables, a xenstore; the guest uses its own Xen drivers
-    #[arg(long, requires = "kernel")]
+    #[arg(long)]
     pub xen: bool,
 
     /// Guest RAM, in MiB or with a K/M/G suffix [default: 128M; a restore: the
@@ -442,6 +442,9 @@ impl Args {
     /// What the embedded test guests need of the machine.
     fn check_guest(&self, config: &MachineConfig) -> Result<(), String> {
         let has = |kind: &str| config.devices.iter().any(|d| d.kind() == kind);
+        if config.xen && matches!(config.boot, Some(BootSource::Embedded { .. })) {
+            return Err("--xen presents Xen to a --kernel (an ELF vmlinux), or to a guest restored or migrated".into());
+        }
         let Some(guest) = self.guest else {
             return Ok(());
         };

@@ -28,6 +28,11 @@ pub fn diagnose() -> Result<ExitCode, Box<dyn Error>> {
             "no (nested KVM: CPL 0 is emulated)"
         }
     );
+    if vmcraft::vcpu::probe::kernel_mode_emulated() == Some(true) {
+        println!(
+            "minimal-vmm: the guest's kernel mode is emulated here: boot a Linux kernel as its ELF vmlinux (a bzImage decompresses itself many times slower; .ci/extract-vmlinux extracts the vmlinux)"
+        );
+    }
     let probe = vmcraft::vcpu::probe::probe_host()?;
     for line in probe.to_string().lines() {
         println!("minimal-vmm: {line}");

@@ -89,14 +89,6 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         println!("{}", config.to_json());
         return Ok(ExitCode::SUCCESS);
     }
-    if config.xen
-        && (args.snapshot.is_some()
-            || args.migrate_to.is_some()
-            || args.migrate_from.is_some()
-            || args.restore.is_some())
-    {
-        return Err("--xen: snapshots and migration of a Xen guest are not supported yet".into());
-    }
     // Every file comes from outside the jail, so everything is opened before it:
     // the machine's resources, the migration's connection (made and authenticated
     // now, in the host's network), the snapshot files.

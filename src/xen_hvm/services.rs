@@ -30,8 +30,8 @@ use vmcraft_pv_hypercall::evtchn::{BackendPort, EventChannels, EvtchnError};
 use vmcraft_pv_hypercall::grant::{GrantTable, Mapping};
 use vmcraft_pv_hypercall::hvm::{param, HvmParams};
 use vmcraft_pv_hypercall::ring::GuestRingMemory;
-use vmcraft_pv_hypercall::xenstore::ring::StoreRing;
-use vmcraft_pv_hypercall::xenstore::xenbus::{Action, DeviceInfo, XenbusDevice};
+use vmcraft_pv_hypercall::xenstore::ring::{StoreRing, StoreRingState};
+use vmcraft_pv_hypercall::xenstore::xenbus::{Action, DeviceInfo, FrontendDetails, XenbusDevice};
 use vmcraft_pv_hypercall::xenstore::Xenstore;
 use vmcraft_sandbox::{Thread, ThreadKind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -68,6 +68,9 @@ pub enum XenServiceError {
     /// A thread could not be spawned.
     #[error("cannot spawn a Xen backend thread")]
     Thread(#[source] vmcraft_sandbox::SandboxError),
+    /// A saved state (a snapshot's, a migration's) is refused.
+    #[error("the saved Xen services: {0}")]
+    BadState(String),
 }
 
 /// One disk for the guest.
@@ -87,6 +90,31 @@ struct Vbd {
     link: Arc<VbdLink>,
     /// The front end's ring, mapped while connected.
     ring: Option<Mapping>,
+    /// What the front end connected with.
+    connected: Option<FrontendDetails>,
+}
+
+/// What the store thread serves: the guest's store ring and the vbds' back ends
+/// (locked by the store thread while it serves, by a snapshot while it is parked).
+struct StoreSide {
+    ring: StoreRing<GuestRingMemory>,
+    vbds: Vec<Vbd>,
+}
+
+/// The Xen services in a snapshot: the store, the store ring's side, each vbd's
+/// xenbus state and connection. The rings, the console page and the grants are
+/// guest memory.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct XenServicesState {
+    store: vmcraft_pv_hypercall::xenstore::store::Store,
+    ring: StoreRingState,
+    vbds: Vec<VbdState>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct VbdState {
+    device: XenbusDevice,
+    connected: Option<FrontendDetails>,
 }
 
 /// What the store thread hands a vbd's thread: the backend of the connected front
@@ -119,6 +147,10 @@ pub struct XenServices {
     threads: Vec<Thread<()>>,
     /// The store's state, for the embedding program (and tests) to read.
     pub xenstore: Arc<Mutex<Xenstore>>,
+    side: Arc<Mutex<StoreSide>>,
+    /// The store's and the console's notification eventfds, to have each thread
+    /// look at its ring once after a restore.
+    looks: Vec<EventFd>,
 }
 
 impl std::fmt::Debug for XenServices {
@@ -220,13 +252,17 @@ impl XenServices {
 
         let epoll = epoll_for(&store_port.notified, &shared.stop, &shared.gate.wake)
             .map_err(XenServiceError::Host)?;
+        let mut looks = vec![store_port
+            .notified
+            .try_clone()
+            .map_err(XenServiceError::Host)?];
+        let side = Arc::new(Mutex::new(StoreSide { ring, vbds }));
         let store_thread = StoreThread {
             epoll,
             shared: shared.clone(),
             xenstore: xenstore.clone(),
-            ring,
+            side: side.clone(),
             port: store_port,
-            vbds,
         };
         shared.gate.lock().live += 1;
         threads.push(
@@ -249,6 +285,12 @@ impl XenServices {
                 )
                 .map_err(XenServiceError::Host)?;
         }
+        looks.push(
+            console_port
+                .notified
+                .try_clone()
+                .map_err(XenServiceError::Host)?,
+        );
         let console = ConsoleThread {
             shared: shared.clone(),
             console,
@@ -267,7 +309,94 @@ impl XenServices {
             shared,
             threads,
             xenstore,
+            side,
+            looks,
         })
+    }
+
+    fn side(&self) -> std::sync::MutexGuard<'_, StoreSide> {
+        self.side.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Park every service thread between requests (what each took from its ring
+    /// answered) and return their state. [`resume`](Self::resume) lets them go on.
+    pub fn pause(&self) -> XenServicesState {
+        self.shared.gate.pause_all();
+        let store = self
+            .xenstore
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .store
+            .clone();
+        let side = self.side();
+        XenServicesState {
+            store,
+            ring: side.ring.save(),
+            vbds: side
+                .vbds
+                .iter()
+                .map(|v| VbdState {
+                    device: v.device.clone(),
+                    connected: v.connected,
+                })
+                .collect(),
+        }
+    }
+
+    /// Let the threads serve again after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.shared.gate.resume_all();
+    }
+
+    /// Put `state` back into services started (by the same set-up) on the restored
+    /// memory, before the guest runs: the store, the store ring's side, each vbd's
+    /// xenbus state, and each connected vbd's ring mapped and its port bound again.
+    /// Call after the grant frames are placed again and before the event-channel
+    /// table is restored (which then finds the vbds' ports bound). Checked as
+    /// outside data; the services stay as they were on an error.
+    pub fn restore(&self, state: &XenServicesState) -> Result<(), XenServiceError> {
+        let bad = |what: String| XenServiceError::BadState(what);
+        state
+            .store
+            .check()
+            .map_err(|e| bad(format!("the store: {e}")))?;
+        let mut side = self.side();
+        if state.vbds.len() != side.vbds.len() {
+            return Err(bad(format!(
+                "{} vbds saved, {} here",
+                state.vbds.len(),
+                side.vbds.len()
+            )));
+        }
+        for (saved, vbd) in state.vbds.iter().zip(&side.vbds) {
+            if saved.device.frontend != vbd.device.frontend
+                || saved.device.backend != vbd.device.backend
+            {
+                return Err(bad(format!(
+                    "vbd {} saved at {}, here at {}",
+                    vbd.id, saved.device.frontend, vbd.device.frontend
+                )));
+            }
+        }
+        side.ring
+            .restore(&state.ring)
+            .map_err(|e| bad(format!("the store ring: {e}")))?;
+        self.xenstore
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .store = state.store.clone();
+        for (saved, vbd) in state.vbds.iter().zip(side.vbds.iter_mut()) {
+            vbd.device = saved.device.clone();
+            if let Some(details) = saved.connected {
+                connect_restored(&self.shared, vbd, details)
+                    .map_err(|e| bad(format!("vbd {}: {e}", vbd.id)))?;
+            }
+        }
+        for fd in &self.looks {
+            // Saturation means a look is pending already.
+            let _ = fd.write(1);
+        }
+        Ok(())
     }
 }
 
@@ -275,6 +404,8 @@ impl Drop for XenServices {
     fn drop(&mut self) {
         // Saturation means a stop is pending already.
         let _ = self.shared.stop.write(1);
+        // Threads parked for a snapshot go back to their loops, and see the stop.
+        self.resume();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -324,6 +455,7 @@ fn guest_entries(xs: &mut Xenstore, disks: Vec<XenDisk>) -> Result<Vec<Vbd>, Xen
                 live: Mutex::new(None),
             }),
             ring: None,
+            connected: None,
         });
     }
     // Every node of the guest's home is the guest's (the devices' directories keep
@@ -436,13 +568,12 @@ struct StoreThread {
     epoll: vmm_sys_util::epoll::Epoll,
     shared: Arc<Shared>,
     xenstore: Arc<Mutex<Xenstore>>,
-    ring: StoreRing<GuestRingMemory>,
+    side: Arc<Mutex<StoreSide>>,
     port: BackendPort,
-    vbds: Vec<Vbd>,
 }
 
 impl StoreThread {
-    fn run(mut self) {
+    fn run(self) {
         let s = self.shared.clone();
         let _leave = Leave(&s.gate);
         while wait(&self.epoll, &self.port.notified, &s.gate) {
@@ -450,7 +581,8 @@ impl StoreThread {
                 return;
             }
         }
-        for vbd in &mut self.vbds {
+        let mut side = self.side.lock().unwrap_or_else(|p| p.into_inner());
+        for vbd in &mut side.vbds {
             disconnect(&s, vbd);
         }
     }
@@ -458,10 +590,11 @@ impl StoreThread {
     /// Answer the guest, then act on the front ends' changes (which may make more
     /// to say to the guest: its own watches fire on the back ends' states). False if
     /// the ring is broken.
-    fn serve(&mut self) -> bool {
+    fn serve(&self) -> bool {
         let mut xs = self.xenstore.lock().unwrap_or_else(|p| p.into_inner());
+        let mut side = self.side.lock().unwrap_or_else(|p| p.into_inner());
         for _round in 0..4 {
-            match self.ring.serve(&mut xs) {
+            match side.ring.serve(&mut xs) {
                 Ok(served) => {
                     log::trace!(
                         "xenstore: {} requests answered, {} reply bytes",
@@ -484,7 +617,7 @@ impl StoreThread {
                 break;
             }
             for event in events {
-                let Some(vbd) = self
+                let Some(vbd) = side
                     .vbds
                     .iter_mut()
                     .find(|v| event.token == format!("vbd{}", v.id).as_bytes())
@@ -563,8 +696,46 @@ fn connect(
         .map_err(|e| undo(format!("event channel {port}: {e}")))?;
     *vbd.link.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveVbd { backend, port });
     vbd.ring = Some(ring);
+    vbd.connected = Some(details);
     // Saturation means the thread has a change to look at already.
     let _ = vbd.link.changed.write(1);
+    Ok(())
+}
+
+/// [`connect`] for a restore: the ring mapped again and the saved port bound again
+/// (in a table whose saved state is restored after), the xenbus state left as saved.
+fn connect_restored(
+    shared: &Arc<Shared>,
+    vbd: &mut Vbd,
+    details: vmcraft_pv_hypercall::xenstore::xenbus::FrontendDetails,
+) -> Result<(), String> {
+    let ring = shared
+        .grants
+        .map(details.ring_ref, true)
+        .map_err(|e| format!("ring grant {}: {e}", details.ring_ref))?;
+    let undo = |e: String| {
+        let _ = shared.grants.unmap(ring);
+        e
+    };
+    let backend = BlkifBackend::new(
+        shared.memory.clone(),
+        ring.page,
+        shared.grants.clone(),
+        vbd.image.clone(),
+    )
+    .map_err(|e| undo(format!("ring: {e}")))?;
+    let port = details.event_channel;
+    shared
+        .channels
+        .bind_backend_restored(port, VBD_BACKEND + vbd.id, 0, vbd.link.notified.clone())
+        .map_err(|e| undo(format!("event channel {port}: {e}")))?;
+    *vbd.link.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveVbd { backend, port });
+    vbd.ring = Some(ring);
+    vbd.connected = Some(details);
+    // The thread looks at the ring once: a notification of the old process was an
+    // eventfd count, not guest memory.
+    let _ = vbd.link.changed.write(1);
+    let _ = vbd.link.notified.write(1);
     Ok(())
 }
 
@@ -584,6 +755,7 @@ fn disconnect(shared: &Shared, vbd: &mut Vbd) {
     if let Some(ring) = vbd.ring.take() {
         let _ = shared.grants.unmap(ring);
     }
+    vbd.connected = None;
 }
 
 /// A vbd thread's epoll token for its link's changes (beside the backend's own).

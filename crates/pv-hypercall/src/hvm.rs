@@ -121,6 +121,37 @@ impl HvmParams {
         }
     }
 
+    /// Every parameter's value, for a snapshot.
+    pub fn values(&self) -> Vec<u64> {
+        self.values
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .to_vec()
+    }
+
+    /// Put back a snapshot's values and the upcall route the guest chose with
+    /// them; checked (as many values as parameters, a callback that decodes), and on
+    /// an error nothing changes.
+    pub fn restore(&self, values: &[u64]) -> Result<(), HypercallFault> {
+        let invalid = |value| HypercallFault::Invalid { index: 1, value };
+        if values.len() != param::COUNT as usize {
+            return Err(invalid(values.len() as u64));
+        }
+        let callback = values[param::CALLBACK_IRQ as usize];
+        let route = match callback {
+            0 => None,
+            v => Some(Callback::decode(v).ok_or(invalid(v))?),
+        };
+        self.values
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .copy_from_slice(values);
+        if let Some(callback) = route {
+            self.route.callback(callback);
+        }
+        Ok(())
+    }
+
     /// Set parameter `index` on the VMM's side (where the store or console ring is,
     /// once its service runs); `false` if there is no such parameter.
     pub fn set_host(&self, index: u32, value: u64) -> bool {

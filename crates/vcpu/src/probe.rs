@@ -202,6 +202,26 @@ impl ExitHandler for ProbeHandler {
     }
 }
 
+/// Whether this host's KVM emulates the guest's kernel mode in software: KVM works
+/// but the CPU shows no hardware virtualization (`vmx` or `svm` in `/proc/cpuinfo`),
+/// as on nested hosts without hardware assistance. There every privileged
+/// instruction a guest kernel runs costs an exit, so a bzImage, which decompresses
+/// its kernel at CPL 0, boots many times slower than the ELF vmlinux inside it.
+/// `None` if `/proc/cpuinfo` cannot be read.
+pub fn kernel_mode_emulated() -> Option<bool> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    Some(cpuinfo_lacks_virtualization(&cpuinfo))
+}
+
+fn cpuinfo_lacks_virtualization(cpuinfo: &str) -> bool {
+    let flags = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("", |(_, v)| v);
+    !flags.split_whitespace().any(|f| f == "vmx" || f == "svm")
+}
+
 /// Run the probe guest in a VM of its own and report what this host intercepts.
 /// Takes a few milliseconds plus [`TIMED_EXITS`] port-I/O exits.
 pub fn probe_host() -> Result<HostProbe, ProbeError> {
@@ -261,6 +281,15 @@ impl fmt::Display for HostProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_mode_is_emulated_where_the_cpu_shows_no_virtualization() {
+        let with = |flags: &str| format!("processor\t: 0\nflags\t\t: {flags}\nbugs\t: x\n");
+        assert!(!cpuinfo_lacks_virtualization(&with("fpu vme svm npt")));
+        assert!(!cpuinfo_lacks_virtualization(&with("fpu vmx ept")));
+        assert!(cpuinfo_lacks_virtualization(&with("fpu vme hypervisor")));
+        assert!(cpuinfo_lacks_virtualization("no flags at all"));
+    }
 
     fn timed(reports: &mut Reports, start: Instant, span: Duration) {
         reports.first_timed = Some(start);

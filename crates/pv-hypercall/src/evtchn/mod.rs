@@ -186,6 +186,15 @@ enum Slot {
 /// Where nothing is placed yet.
 const UNPLACED: u64 = u64::MAX;
 
+/// Where a guest placed its event-channel pages ([`EventChannels::placement`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Placement {
+    /// The shared-info page.
+    pub shared_info: Option<u64>,
+    /// Each vCPU's registered `vcpu_info`.
+    pub vcpu_info: Vec<Option<u64>>,
+}
+
 /// The event-channel table in a snapshot: every port that is not free. The pending
 /// and mask bits live in the shared-info page, in guest memory.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -273,6 +282,47 @@ impl EventChannels {
             .write_slice(&[0u8; 4096], at)
             .map_err(|_| EvtchnError::BadSharedInfo(at.0))?;
         self.shared_info.store(at.0, SeqCst);
+        Ok(())
+    }
+
+    /// Where the guest placed its shared-info page and each vCPU's `vcpu_info`
+    /// (`None`: not placed, or in the shared-info page), for a snapshot.
+    pub fn placement(&self) -> Placement {
+        let at = |a: &AtomicU64| Some(a.load(SeqCst)).filter(|&a| a != UNPLACED);
+        Placement {
+            shared_info: at(&self.shared_info),
+            vcpu_info: self.vcpu_info.iter().map(at).collect(),
+        }
+    }
+
+    /// Put back a snapshot's [`Placement`] without touching guest memory (the pages
+    /// are in the restored memory). Checked as [`place_shared_info`] and
+    /// [`register_vcpu_info`] check a guest's; on an error nothing changes.
+    ///
+    /// [`place_shared_info`]: Self::place_shared_info
+    /// [`register_vcpu_info`]: Self::register_vcpu_info
+    pub fn restore_placement(&self, placement: &Placement) -> Result<(), EvtchnError> {
+        if let Some(at) = placement.shared_info {
+            self.check_shared_info(GuestAddress(at))?;
+        }
+        if placement.vcpu_info.len() > self.vcpu_info.len() {
+            return Err(EvtchnError::BadVcpu(placement.vcpu_info.len() as u32));
+        }
+        for at in placement.vcpu_info.iter().flatten() {
+            if !at.is_multiple_of(8)
+                || at % 4096 + VCPU_INFO_SIZE > 4096
+                || !self
+                    .memory
+                    .check_range(GuestAddress(*at), VCPU_INFO_SIZE as usize)
+            {
+                return Err(EvtchnError::BadVcpuInfo(*at));
+            }
+        }
+        self.shared_info
+            .store(placement.shared_info.unwrap_or(UNPLACED), SeqCst);
+        for (slot, at) in self.vcpu_info.iter().zip(&placement.vcpu_info) {
+            slot.store(at.unwrap_or(UNPLACED), SeqCst);
+        }
         Ok(())
     }
 
@@ -487,6 +537,28 @@ impl EventChannels {
         let mut inner = self.lock();
         match inner.slots.get(port as usize) {
             Some(Slot::Unbound { .. }) if port != 0 => {}
+            _ => return Err(EvtchnError::BadPort(port)),
+        }
+        Self::bind_locked(&mut inner, port, backend, vcpu, notified);
+        Ok(())
+    }
+
+    /// Bind `port` to a backend as a snapshot had it (a restore, before
+    /// [`restore_state`](Self::restore_state) checks the table against it): the port
+    /// may be free in this table.
+    pub fn bind_backend_restored(
+        &self,
+        port: u32,
+        backend: u32,
+        vcpu: u32,
+        notified: Arc<EventFd>,
+    ) -> Result<(), EvtchnError> {
+        if vcpu >= MAX_VCPUS {
+            return Err(EvtchnError::BadVcpu(vcpu));
+        }
+        let mut inner = self.lock();
+        match inner.slots.get(port as usize) {
+            Some(Slot::Free | Slot::Unbound { .. }) if port != 0 => {}
             _ => return Err(EvtchnError::BadPort(port)),
         }
         Self::bind_locked(&mut inner, port, backend, vcpu, notified);

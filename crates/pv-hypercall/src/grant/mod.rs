@@ -214,6 +214,45 @@ impl GrantTable {
         Ok(())
     }
 
+    /// Where each frame is placed (`None`: not placed), for a snapshot: the entries
+    /// themselves are guest memory.
+    pub fn placed_frames(&self) -> Vec<Option<u64>> {
+        self.frames
+            .iter()
+            .map(|f| Some(f.load(Ordering::SeqCst)).filter(|&a| a != UNPLACED))
+            .collect()
+    }
+
+    /// Put the frames back where a snapshot had them, leaving their contents (the
+    /// restored memory) alone. Checked: as many frames as this table has, each a
+    /// page of guest memory; on an error nothing changes.
+    pub fn restore_frames(&self, placed: &[Option<u64>]) -> Result<(), GrantError> {
+        if placed.len() != self.frames.len() {
+            return Err(GrantError::BadFrameSlot {
+                index: placed.len() as u32,
+                addr: 0,
+                frames: self.max_frames(),
+            });
+        }
+        for (index, at) in placed.iter().enumerate() {
+            if let Some(at) = *at {
+                if !at.is_multiple_of(PAGE)
+                    || !self.memory.check_range(GuestAddress(at), PAGE as usize)
+                {
+                    return Err(GrantError::BadFrameSlot {
+                        index: index as u32,
+                        addr: at,
+                        frames: self.max_frames(),
+                    });
+                }
+            }
+        }
+        for (slot, at) in self.frames.iter().zip(placed) {
+            slot.store(at.unwrap_or(UNPLACED), Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
     /// The table's size in frames.
     pub fn max_frames(&self) -> u32 {
         self.frames.len() as u32

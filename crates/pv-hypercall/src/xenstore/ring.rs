@@ -37,7 +37,9 @@ pub const ERROR_PROTO: u32 = 3;
 pub const FEATURE_ERROR: u32 = 2;
 
 /// Why the ring is served no more.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize,
+)]
 pub enum StoreRingError {
     /// The guest's request producer ran more than a ring ahead.
     #[error("the guest's xenstore request index {prod} is more than a ring past {cons}")]
@@ -76,6 +78,17 @@ impl Served {
     }
 }
 
+/// The store side of a ring in a snapshot ([`StoreRing::save`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoreRingState {
+    /// A request cut in the middle.
+    pub partial: Vec<u8>,
+    /// Replies waiting for room in the ring.
+    pub out: Vec<u8>,
+    /// Why the ring is served no more, if it is not.
+    pub broken: Option<StoreRingError>,
+}
+
 /// The store side of a guest's store ring.
 #[derive(Debug)]
 pub struct StoreRing<M> {
@@ -110,6 +123,34 @@ impl<M: RingMemory> StoreRing<M> {
     /// Why the ring is served no more, if it is not.
     pub fn broken(&self) -> Option<StoreRingError> {
         self.broken
+    }
+
+    /// What the store's side holds of the ring (a snapshot's part; the ring itself
+    /// is guest memory): a request cut in the middle, replies waiting for room, and
+    /// whether the ring is broken.
+    pub fn save(&self) -> StoreRingState {
+        StoreRingState {
+            partial: self.framer.partial().to_vec(),
+            out: self.out.iter().copied().collect(),
+            broken: self.broken,
+        }
+    }
+
+    /// Put back what [`save`](Self::save) gave, on a ring in the restored memory.
+    /// Checked as outside data: a partial request must be one message's start, the
+    /// replies at most what the store side ever holds.
+    pub fn restore(&mut self, state: &StoreRingState) -> Result<(), StoreRingError> {
+        let framer =
+            Framer::with_partial(state.partial.clone()).map_err(StoreRingError::Protocol)?;
+        if state.out.len() > OUT_LIMIT + HEADER_LEN + PAYLOAD_MAX {
+            return Err(StoreRingError::Protocol(
+                super::wire::WireError::PayloadTooLong(state.out.len() as u32),
+            ));
+        }
+        self.framer = framer;
+        self.out = state.out.iter().copied().collect();
+        self.broken = state.broken;
+        Ok(())
     }
 
     /// Read the guest's requests, answer them from `xs`, write what fits of the

@@ -13,7 +13,7 @@ pub const ABS_PATH_MAX: usize = 3072;
 pub const REL_PATH_MAX: usize = 2048;
 
 /// What a domain may do to a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Access {
     /// Nothing (`n`).
     None,
@@ -53,7 +53,7 @@ impl Access {
 
 /// One permission entry. A node's first entry names its owner (who may do anything)
 /// and what every domain not listed after it may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Perm {
     /// The domain.
     pub dom: DomId,
@@ -145,7 +145,7 @@ impl XsError {
 }
 
 /// Bounds on what one domain may hold (a guest is hostile).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Quota {
     /// Nodes a domain may own.
     pub nodes: usize,
@@ -170,7 +170,7 @@ impl Default for Quota {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Node {
     value: Vec<u8>,
     perms: Vec<Perm>,
@@ -180,7 +180,7 @@ struct Node {
 
 /// A watch event: the path that changed (as the watch named it: relative if it was
 /// registered relative) and the watch's token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WatchEvent {
     /// The path.
     pub path: Vec<u8>,
@@ -188,7 +188,7 @@ pub struct WatchEvent {
     pub token: Vec<u8>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Watch {
     dom: DomId,
     /// Absolute path (or a special `@` path).
@@ -198,7 +198,7 @@ struct Watch {
     token: Vec<u8>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Transaction {
     dom: DomId,
     /// The tree as this transaction sees it.
@@ -211,8 +211,9 @@ struct Transaction {
     changed: BTreeSet<String>,
 }
 
-/// The store.
-#[derive(Debug, Clone)]
+/// The store (serde: its whole state, nodes, transactions, watches and pending
+/// events, for snapshots; see [`Store::check`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Store {
     nodes: BTreeMap<String, Node>,
     generation: u64,
@@ -227,6 +228,63 @@ pub struct Store {
 impl Default for Store {
     fn default() -> Self {
         Store::new(Quota::default())
+    }
+}
+
+impl Store {
+    /// Check a store that came from outside (a snapshot): every path canonical and
+    /// under an existing parent, every node's permissions present and bounded, its
+    /// value no longer than a message, transactions, watches and pending events within
+    /// the quota (as a whole, 64 domains' worth at most). The reason is given.
+    pub fn check(&self) -> Result<(), String> {
+        use super::wire::PAYLOAD_MAX;
+        let check_tree = |nodes: &BTreeMap<String, Node>, what: &str| -> Result<(), String> {
+            if !nodes.contains_key("/") {
+                return Err(format!("{what}: no root node"));
+            }
+            if nodes.len() > 64 * self.quota.nodes {
+                return Err(format!("{what}: {} nodes", nodes.len()));
+            }
+            for (path, node) in nodes {
+                if path != "/" && canonical(0, path.as_bytes()).as_deref() != Ok(path.as_str()) {
+                    return Err(format!("{what}: the path {path:?} is not canonical"));
+                }
+                if let Some(p) = parent(path) {
+                    if !nodes.contains_key(p) {
+                        return Err(format!("{what}: {path:?} has no parent"));
+                    }
+                }
+                if node.perms.is_empty() || node.perms.len() > MAX_PERMS {
+                    return Err(format!(
+                        "{what}: {path:?} has {} permissions",
+                        node.perms.len()
+                    ));
+                }
+                if node.value.len() > PAYLOAD_MAX {
+                    return Err(format!("{what}: {path:?} holds {} bytes", node.value.len()));
+                }
+            }
+            Ok(())
+        };
+        check_tree(&self.nodes, "the store")?;
+        if self.transactions.len() > 64 * self.quota.transactions {
+            return Err(format!("{} transactions", self.transactions.len()));
+        }
+        for (id, tx) in &self.transactions {
+            if *id == 0 || *id >= self.next_tx && self.next_tx != 0 {
+                return Err(format!("transaction {id} was never started"));
+            }
+            check_tree(&tx.nodes, &format!("transaction {id}"))?;
+        }
+        if self.watches.len() > 64 * self.quota.watches {
+            return Err(format!("{} watches", self.watches.len()));
+        }
+        for (dom, queue) in &self.events {
+            if queue.len() > self.quota.pending_events {
+                return Err(format!("{} events wait for domain {dom}", queue.len()));
+            }
+        }
+        Ok(())
     }
 }
 

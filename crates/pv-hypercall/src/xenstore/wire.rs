@@ -162,7 +162,9 @@ impl Message {
 }
 
 /// A stream that broke the protocol: the connection cannot be trusted further.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize,
+)]
 pub enum WireError {
     /// A header announced more payload than a message may carry.
     #[error("a xenstore message announces {0} bytes of payload, over the {PAYLOAD_MAX} allowed")]
@@ -177,6 +179,21 @@ pub struct Framer {
 }
 
 impl Framer {
+    /// The partial message held (for a snapshot).
+    pub fn partial(&self) -> &[u8] {
+        &self.partial
+    }
+
+    /// A framer holding `partial` again (from a snapshot): it must be a prefix of
+    /// one message, as [`partial`](Self::partial) gave it.
+    pub fn with_partial(partial: Vec<u8>) -> Result<Self, WireError> {
+        let mut framer = Framer::default();
+        if !framer.push(&partial)?.is_empty() {
+            return Err(WireError::PayloadTooLong(u32::MAX));
+        }
+        Ok(framer)
+    }
+
     /// Take `bytes`; returns every message they complete, or the error that broke
     /// the stream (the bytes after it are not looked at).
     pub fn push(&mut self, mut bytes: &[u8]) -> Result<Vec<Message>, WireError> {

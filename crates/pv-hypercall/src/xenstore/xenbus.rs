@@ -22,7 +22,7 @@
 use super::store::{domain_path, Access, DomId, Perm, Store, XsError};
 
 /// xenbus states (`enum xenbus_state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum XenbusState {
     /// 0.
     Unknown = 0,
@@ -108,7 +108,7 @@ impl DeviceInfo {
 }
 
 /// What the front end asked for, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FrontendDetails {
     /// The grant reference of its one-page ring.
     pub ring_ref: u32,
@@ -146,7 +146,7 @@ pub enum FrontendError {
 }
 
 /// The back end's half of one xenbus device.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct XenbusDevice {
     dom: DomId,
     /// The front end's directory.
