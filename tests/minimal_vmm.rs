@@ -962,3 +962,26 @@ fn the_readme_uses_only_options_the_help_lists() {
     }
     assert!(checked > 20, "only {checked} options found in the README");
 }
+
+/// A destination that names another machine (an rng the source does not have)
+/// refuses the source's configuration before any memory comes: it says which field
+/// differs, and the source, told why, runs its guest to the end.
+#[test]
+fn a_destination_of_another_machine_refuses_before_any_memory_comes() {
+    let secret = secret_file("migration-secret-other-machine");
+    let (mut dst, addr, dst_err) = migration_destination(&secret, &["--rng"]);
+    let (mut src, src_out) = migrating_source(&addr, &secret, &["--guest", "memcheck"], 2);
+    assert!(src.wait().unwrap().success());
+    assert_eq!(
+        guest_output(&src_out.join().unwrap()),
+        memcheck_expected().to_owned()
+    );
+    let status = dst.wait().unwrap();
+    let err = dst_err.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the source's machine: devices: \"0 devices\" when saved, \"1 devices\" now"),
+        "{err}"
+    );
+    std::fs::remove_file(&secret).unwrap();
+}

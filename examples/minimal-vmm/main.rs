@@ -181,6 +181,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
                 .ok_or("--migrate-from needs a secret or keys")?;
             let options = IncomingOptions {
                 tries: args.migrate_tries,
+                config: Some(config.clone()),
                 ..IncomingOptions::new(config.memory_bytes())
             };
             let (mut b, incoming) =

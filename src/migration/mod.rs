@@ -95,6 +95,7 @@ pub use channel::{Channel, Limits, MigrationAuth, PublicKey, StaticKey, Transpor
 use wire::{Message, PeerText, MAX_RUN, STATE_CHUNK};
 
 use crate::builder::MachineBuilder;
+use crate::config::{ConfigError, MachineConfig};
 use crate::machine::Machine;
 use crate::snapshot::{MachineSnapshotError, SavedMachine};
 
@@ -109,6 +110,10 @@ pub const KEEPALIVE: Duration = Duration::from_secs(5);
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum MigrationError {
+    /// The source's machine is refused here (its configuration is not valid, or
+    /// describes another machine than the destination's).
+    #[error("the source's machine")]
+    Config(#[source] ConfigError),
     /// The connection failed.
     #[error("the migration connection failed while {what}")]
     Connection {
@@ -465,6 +470,21 @@ impl Machine {
             ram_bytes: info.ram_bytes,
             vcpus: info.vcpus,
         })?;
+        if let Some(config) = self.config() {
+            // The destination checks the machine before any memory comes.
+            channel.send(&Message::Config(config.to_json().as_bytes()))?;
+            channel.flush()?;
+            match channel.recv()? {
+                Message::Accepted => {}
+                Message::Abort(text) => return Err(MigrationError::Aborted(PeerText::new(text))),
+                other => {
+                    return Err(MigrationError::Protocol(format!(
+                        "{} where ACCEPTED was due",
+                        other.kind()
+                    )))
+                }
+            }
+        }
         ram.set_dirty_logging(fd, true)
             .map_err(MigrationError::DirtyLog)?;
         let outcome = self.precopy_and_hand_over(&mut channel, options, start);
@@ -594,7 +614,7 @@ impl Machine {
 }
 
 /// What a destination expects, and how long it waits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingOptions {
     /// Bytes of guest RAM this destination was configured with: a source that
     /// announces another size is refused before anything is allocated.
@@ -609,6 +629,9 @@ pub struct IncomingOptions {
     pub tries: u32,
     /// Nothing goes on past this instant.
     pub deadline: Option<Instant>,
+    /// The machine this destination will build: a source whose configuration
+    /// describes another is refused before any memory comes.
+    pub config: Option<MachineConfig>,
 }
 
 impl IncomingOptions {
@@ -621,6 +644,7 @@ impl IncomingOptions {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             tries: 8,
             deadline: None,
+            config: None,
         }
     }
 }
@@ -864,15 +888,31 @@ fn receive<S: Transport>(
             configured: options.ram_bytes,
         });
     }
+    // The source's machine, if it was built from a configuration, checked against
+    // this one's before any memory is allocated or comes.
+    let mut first = channel.recv()?;
+    if let Message::Config(json) = first {
+        let text = std::str::from_utf8(json)
+            .map_err(|_| MigrationError::Protocol("a configuration that is not UTF-8".into()))?;
+        let theirs = MachineConfig::from_json(text).map_err(MigrationError::Config)?;
+        if let Some(ours) = &options.config {
+            ours.check_same_machine(&theirs)
+                .map_err(MigrationError::Config)?;
+        }
+        channel.send(&Message::Accepted)?;
+        channel.flush()?;
+        first = channel.recv()?;
+    }
     let layout =
         MemoryLayout::x86_64(ram_bytes).map_err(|e| MigrationError::Ram(ram_bytes, e.into()))?;
     let ram = GuestRam::new(&layout).map_err(|e| MigrationError::Ram(ram_bytes, e.into()))?;
     let mut receiver = Receiver::new(ram.memory().clone(), ram_bytes, vcpus);
+    let mut message = first;
     let state = loop {
-        let message = channel.recv()?;
         if let Received::State(state) = receiver.take(message)? {
             break state;
         }
+        message = channel.recv()?;
     };
     let saved = Snapshot::parse(state)
         .map_err(MachineSnapshotError::File)

@@ -29,10 +29,14 @@ mod tag {
     pub const COMMIT: u8 = 8;
     pub const STARTED: u8 = 9;
     pub const ABORT: u8 = 10;
+    pub const CONFIG: u8 = 11;
+    pub const ACCEPTED: u8 = 12;
 }
 
 /// The version of this protocol; the destination's [`Message::Hello`] carries it.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
+/// Bytes of a [`Message::Config`]'s JSON at most (one record).
+pub const MAX_CONFIG: usize = STATE_CHUNK;
 
 /// One message of the migration protocol (see the [module](super) documentation for
 /// who sends which, and when).
@@ -53,6 +57,12 @@ pub enum Message<'a> {
         /// vCPUs.
         vcpus: u32,
     },
+    /// Source to destination, after INFO when the machine was built from a
+    /// configuration: its `MachineConfig` as JSON, which the destination checks
+    /// against its own before any memory comes.
+    Config(&'a [u8]),
+    /// Destination to source, after CONFIG: the machine fits here; memory may come.
+    Accepted,
     /// Source to destination: pages of guest RAM from a page-aligned address.
     Pages {
         /// The guest-physical address of the first page.
@@ -110,6 +120,8 @@ impl<'a> Message<'a> {
             Message::Hello { .. } => "HELLO",
             Message::KeepAlive => "KEEPALIVE",
             Message::Info { .. } => "INFO",
+            Message::Config(_) => "CONFIG",
+            Message::Accepted => "ACCEPTED",
             Message::Pages { .. } => "PAGES",
             Message::State { .. } => "STATE",
             Message::StateData(_) => "STATE_DATA",
@@ -134,6 +146,11 @@ impl<'a> Message<'a> {
                 out.extend_from_slice(&ram_bytes.to_le_bytes());
                 out.extend_from_slice(&vcpus.to_le_bytes());
             }
+            Message::Config(json) => {
+                out.push(tag::CONFIG);
+                out.extend_from_slice(&json[..json.len().min(MAX_CONFIG)]);
+            }
+            Message::Accepted => out.push(tag::ACCEPTED),
             Message::Pages { addr, data } => {
                 out.push(tag::PAGES);
                 out.extend_from_slice(&addr.to_le_bytes());
@@ -188,6 +205,20 @@ impl<'a> Message<'a> {
                     ram_bytes: u64_at(0),
                     vcpus: u32_at(8),
                 }
+            }
+            tag::CONFIG => {
+                if body.is_empty() || body.len() > MAX_CONFIG {
+                    return Err(WireError::Length {
+                        kind: "CONFIG",
+                        len: bytes.len(),
+                        expected: "2 to 61,441 bytes",
+                    });
+                }
+                Message::Config(body)
+            }
+            tag::ACCEPTED => {
+                exact("ACCEPTED", 0, "1 byte")?;
+                Message::Accepted
             }
             tag::PAGES => {
                 let pages = body.len().saturating_sub(8);
@@ -319,6 +350,8 @@ mod tests {
             Message::Commit,
             Message::Started,
             Message::Abort(b"no room"),
+            Message::Config(br#"{"memory_mib": 64}"#),
+            Message::Accepted,
         ] {
             let mut out = Vec::new();
             m.encode(&mut out);
