@@ -306,10 +306,10 @@ impl MachineBuilder {
         self.parts.iter().map(|(n, _)| n.as_str())
     }
 
-    pub(crate) fn snapshot_part_list(
-        &self,
-    ) -> impl Iterator<Item = (&str, &Arc<dyn SnapshotPart>)> {
-        self.parts.iter().map(|(n, p)| (n.as_str(), p))
+    /// Every part of the machine being built with its section
+    /// ([`crate::snapshot::SnapshotPart`]).
+    pub(crate) fn machine_parts(&self) -> Vec<(String, Arc<dyn SnapshotPart>)> {
+        crate::snapshot::machine_parts(&self.legacy, &self.virtio, &self.parts)
     }
 
     /// The virtio devices added so far.

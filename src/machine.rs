@@ -500,11 +500,9 @@ impl Machine {
             .devices_paused
             .swap(false, std::sync::atomic::Ordering::SeqCst)
         {
-            for (_, part) in &self.parts {
+            for (_, part) in crate::snapshot::machine_parts(&self.legacy, &self.virtio, &self.parts)
+            {
                 part.resume();
-            }
-            for s in &self.virtio {
-                s.lock().resume_after_snapshot();
             }
         }
         self.running.resume();

@@ -1,32 +1,40 @@
 //! Snapshots of a running machine, and machines restored from them.
 //!
 //! A snapshot is a directory of two files:
-//! - `state`: a [`vmcraft_snapshot`] file, one section per component: `machine` (RAM
-//!   size, vCPU count, the devices it was built with), `vm` (the in-kernel PICs,
-//!   IOAPIC, PIT and clock), `vcpu0`, `vcpu1`, ... (registers, XSAVE, LAPIC, MSRs,
-//!   events, CPUID), `serial`, `i8042`, `rtc`, and `virtio0`, `virtio1`, ... (each
-//!   virtio-mmio transport's registers; its queues resume from the used index in guest
-//!   memory, every chain a device took having been completed before the save);
+//! - `state`: a [`vmcraft_snapshot`] file of typed, versioned sections: `machine`
+//!   (RAM size, vCPU count, the devices' kinds), `config` (the [`MachineConfig`] it
+//!   was built from, if it was), `vm` (the in-kernel PICs, IOAPIC, PIT and clock),
+//!   `vcpu0`, `vcpu1`, ... (registers, XSAVE, LAPIC, MSRs, events, CPUID), and one
+//!   section per [`SnapshotPart`]: `serial`, `i8042`, `rtc`, `virtio0`, `virtio1`, ...
+//!   (each transport's registers and its device's state; its queues resume from the
+//!   used index in guest memory, every chain the device took having been completed
+//!   before the save), and `part-<name>` for the parts added by name (`part-pv`,
+//!   `part-xen`, `part-ata`, an embedder's);
 //! - `memory`: guest RAM, sparse (zero pages are holes), which a restore maps
 //!   copy-on-write, so restoring reads nothing up front and takes the same time
 //!   whatever the RAM size.
 //!
+//! Every device kind is saved the one way: [`SnapshotPart`] (pause at a safe point
+//! and write its typed state, resume, restore from it).
+//!
 //! Taking one: [`Machine::snapshot`] pauses the vCPUs with
 //! [`RunningVm::pause_for_snapshot`](vmcraft_vcpu::RunningVm::pause_for_snapshot)
-//! (each completes its pending port or MMIO read first), stops the virtio devices'
-//! I/O threads once each has completed what it took from its queues, saves everything
-//! and leaves the machine paused: [`Machine::resume`] it, or end it.
+//! (each completes its pending port or MMIO read first), pauses every part once it
+//! has answered what it took, saves everything and leaves the machine paused:
+//! [`Machine::resume`] it, or end it.
 //!
-//! Restoring: build the machine again as it was built (same devices, added in the
-//! same order, the same hypercall table) on [`MachineBuilder::from_snapshot`] instead
-//! of [`MachineBuilder::new`], then [`MachineBuilder::start_restored`] instead of
-//! loading images and [`MachineBuilder::start`]: the guest goes on from the
-//! instruction it was paused at. A snapshot of another format or component version,
-//! a truncated or corrupted file, or a machine built differently from the one saved
-//! gives an error that names the part, never a panic.
+//! Restoring: [`SavedMachine::read`] the state file, [`MachineBuilder::from_saved`]
+//! on its memory file, [`MachineBuilder::configure`] with the configuration the
+//! snapshot carries ([`SavedMachine::config`]; host resources may be moved with
+//! [`MachineConfig::with_host_resources_of`]), then
+//! [`MachineBuilder::start_restored`]: the guest goes on from the instruction it was
+//! paused at. A snapshot of another format or component version, a truncated or
+//! corrupted file, or a machine built differently from the one saved gives an error
+//! that names the part, never a panic.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -140,67 +148,110 @@ pub enum MachineSnapshotError {
     Config(#[source] crate::config::ConfigError),
 }
 
-/// A part of a machine that the embedding program built beside the builder's devices
-/// (the PV backends, a device of its own), saved and restored with it: register it
-/// with [`MachineBuilder::add_snapshot_part`] under a name of its own, in the source
-/// machine and in the one restored.
+/// One part of a machine as its snapshots and migrations carry it: every kind of
+/// device implements it once (the legacy devices, each virtio transport, the PV
+/// channel, the Xen platform, an ATA disk, and an embedder's own, registered with
+/// [`MachineBuilder::add_snapshot_part`]), and the machine saves and restores them
+/// all the same way, each as one typed, versioned section of the state file.
+///
+/// ```
+/// use vmcraft::snapshot::{MachineSnapshotError, PartReader, PartWriter, SnapshotPart};
+///
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Counter(u64);
+/// impl vmcraft_snapshot::Versioned for Counter {
+///     const VERSION: u32 = 1;
+/// }
+///
+/// struct MyDevice(std::sync::atomic::AtomicU64);
+/// impl SnapshotPart for MyDevice {
+///     fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
+///         out.put(&Counter(self.0.load(std::sync::atomic::Ordering::SeqCst)))
+///     }
+///     fn resume(&self) {}
+///     fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
+///         let Counter(n) = saved.load()?;
+///         self.0.store(n, std::sync::atomic::Ordering::SeqCst);
+///         Ok(())
+///     }
+/// }
+/// ```
 pub trait SnapshotPart: Send + Sync {
-    /// Stop serving (the vCPUs are paused) once everything taken from the guest is
-    /// answered, and return the state to save.
-    fn pause(&self) -> Result<Vec<u8>, MachineSnapshotError>;
+    /// Stop serving at a safe point (the vCPUs are paused) once everything taken
+    /// from the guest is answered, and write the state into `out`.
+    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError>;
     /// Serve again after [`SnapshotPart::pause`].
     fn resume(&self);
-    /// Put back `state` (from [`SnapshotPart::pause`] on the saved machine); the
-    /// restored guest memory is in place, the vCPUs not yet running.
-    fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError>;
+    /// Put back the state [`SnapshotPart::pause`] wrote on the saved machine; the
+    /// restored guest memory and interrupt controllers are in place, the vCPUs not
+    /// yet running. The state came from outside: check it.
+    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError>;
 }
 
-/// A part's state as a state file of one section, `name`.
-fn part_bytes<T: Versioned>(name: &str, value: &T) -> Result<Vec<u8>, MachineSnapshotError> {
-    let mut b = SnapshotBuilder::new();
-    b.put(name, value).map_err(MachineSnapshotError::File)?;
-    Ok(b.to_bytes())
+/// Where a [`SnapshotPart`] writes its state: its own section of the state file.
+pub struct PartWriter<'a> {
+    sections: &'a mut SnapshotBuilder,
+    name: &'a str,
 }
 
-/// The value of section `name` in a part's state from [`part_bytes`].
-fn part_value<T: Versioned>(state: &[u8], name: &str) -> Result<T, MachineSnapshotError> {
-    let s = Snapshot::parse(state.to_vec()).map_err(MachineSnapshotError::File)?;
-    s.load(name).map_err(MachineSnapshotError::File)
+impl PartWriter<'_> {
+    /// Save `value` as this part's state (the last one put counts).
+    pub fn put<T: Versioned>(&mut self, value: &T) -> Result<(), MachineSnapshotError> {
+        self.sections
+            .put(self.name, value)
+            .map(drop)
+            .map_err(MachineSnapshotError::File)
+    }
 }
 
-/// The PV channel as a part of a snapshot (section `pv`): its threads parked, its
-/// event-channel table saved.
+/// Where a [`SnapshotPart`] reads its saved state.
+pub struct PartReader<'a> {
+    snapshot: &'a Snapshot,
+    name: &'a str,
+}
+
+impl PartReader<'_> {
+    /// This part's saved state (an error names the section: missing, another
+    /// version, not decodable).
+    pub fn load<T: Versioned>(&self) -> Result<T, MachineSnapshotError> {
+        self.snapshot
+            .load(self.name)
+            .map_err(MachineSnapshotError::File)
+    }
+}
+
+/// The PV channel (section `part-pv`): its threads parked, its event-channel table
+/// saved.
 impl SnapshotPart for crate::pv_machine::PvBackends {
-    fn pause(&self) -> Result<Vec<u8>, MachineSnapshotError> {
-        part_bytes("pv", &PvBackends::pause(self))
+    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
+        out.put(&PvBackends::pause(self))
     }
     fn resume(&self) {
         PvBackends::resume(self)
     }
-    fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError> {
-        PvBackends::restore(self, &part_value(state, "pv")?).map_err(MachineSnapshotError::Pv)
+    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
+        PvBackends::restore(self, &saved.load()?).map_err(MachineSnapshotError::Pv)
     }
 }
 
-/// A Xen platform as a part of a snapshot (section `xen`): its service threads
-/// parked between requests, its event channels, placements, parameters and the
-/// store's state saved.
+/// A Xen platform (section `part-xen`): its service threads parked between
+/// requests, its event channels, placements, parameters and the store's state saved.
 impl SnapshotPart for crate::xen_hvm::XenPlatform {
-    fn pause(&self) -> Result<Vec<u8>, MachineSnapshotError> {
-        part_bytes("xen", &crate::xen_hvm::XenPlatform::pause(self))
+    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
+        out.put(&crate::xen_hvm::XenPlatform::pause(self))
     }
     fn resume(&self) {
         crate::xen_hvm::XenPlatform::resume(self)
     }
-    fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError> {
-        crate::xen_hvm::XenPlatform::restore(self, &part_value(state, "xen")?)
+    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
+        crate::xen_hvm::XenPlatform::restore(self, &saved.load()?)
             .map_err(MachineSnapshotError::Xen)
     }
 }
 
-/// An emulated ATA disk the embedding program put on the port bus, as a part of a
-/// snapshot (section `ata`): its task file and a PIO transfer in progress. It is
-/// served on the vCPU threads, so with them paused it has nothing left to finish.
+/// An emulated ATA disk on the port bus (section `part-ata`): its task file and a
+/// PIO transfer in progress. It is served on the vCPU threads, so with them paused
+/// it has nothing left to finish.
 ///
 /// ```no_run
 /// # use std::sync::Arc;
@@ -213,14 +264,102 @@ impl SnapshotPart for crate::xen_hvm::XenPlatform {
 /// # Ok(()) }
 /// ```
 impl SnapshotPart for vmcraft_devices::ata::AtaDisk {
-    fn pause(&self) -> Result<Vec<u8>, MachineSnapshotError> {
-        part_bytes("ata", &self.save_state())
+    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
+        out.put(&self.save_state())
     }
     fn resume(&self) {}
-    fn restore(&self, state: &[u8]) -> Result<(), MachineSnapshotError> {
-        self.restore_state(&part_value(state, "ata")?)
+    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
+        self.restore_state(&saved.load()?)
             .map_err(MachineSnapshotError::Device)
     }
+}
+
+/// COM1 (section `serial`): its registers and the input it holds.
+impl SnapshotPart for vmcraft_devices::serial::SerialDevice {
+    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
+        out.put(&self.save_state())
+    }
+    fn resume(&self) {}
+    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
+        self.restore_state(&saved.load()?)
+            .map_err(MachineSnapshotError::Device)
+    }
+}
+
+/// The i8042 (section `i8042`).
+impl SnapshotPart for vmcraft_devices::i8042::I8042 {
+    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
+        out.put(&self.save_state())
+    }
+    fn resume(&self) {}
+    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
+        self.restore_state(&saved.load()?)
+            .map_err(MachineSnapshotError::Device)
+    }
+}
+
+/// The CMOS RTC (section `rtc`).
+impl SnapshotPart for vmcraft_devices::rtc::Rtc {
+    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
+        out.put(&self.save_state())
+    }
+    fn resume(&self) {}
+    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
+        self.restore_state(&saved.load()?)
+            .map_err(MachineSnapshotError::Device)
+    }
+}
+
+/// A virtio-mmio transport and its device (sections `virtio0`, `virtio1`, ...): the
+/// device's I/O stopped once each chain it took is completed (its queues resume
+/// from the used index in guest memory), the transport's registers and the
+/// device's own state saved.
+impl SnapshotPart for std::sync::Mutex<vmcraft_devices::virtio::mmio::MmioTransport> {
+    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
+        let state = self
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pause_for_snapshot();
+        out.put(&state)
+    }
+    fn resume(&self) {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resume_after_snapshot();
+    }
+    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
+        let state = saved.load()?;
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_state(&state)
+            .map_err(MachineSnapshotError::Device)
+    }
+}
+
+fn part_section(name: &str) -> String {
+    format!("part-{name}")
+}
+
+/// Every part of a machine with the section it is saved as, in the order they are
+/// paused and restored: the legacy devices, the virtio transports, then the parts
+/// added by name.
+pub(crate) fn machine_parts(
+    legacy: &crate::machine::LegacyDevices,
+    virtio: &[crate::builder::VirtioSlot],
+    added: &[(String, Arc<dyn SnapshotPart>)],
+) -> Vec<(String, Arc<dyn SnapshotPart>)> {
+    let mut parts: Vec<(String, Arc<dyn SnapshotPart>)> = vec![
+        ("serial".into(), legacy.serial.clone()),
+        ("i8042".into(), legacy.i8042.clone()),
+        ("rtc".into(), legacy.rtc.clone()),
+    ];
+    for (i, slot) in virtio.iter().enumerate() {
+        parts.push((virtio_section(i), slot.transport.clone()));
+    }
+    for (name, part) in added {
+        parts.push((part_section(name), part.clone()));
+    }
+    parts
 }
 
 /// The section that holds the machine's configuration, when it was built from one.
@@ -233,18 +372,6 @@ struct ConfigSection(String);
 
 impl Versioned for ConfigSection {
     const VERSION: u32 = 1;
-}
-
-/// A part's state, as a section of the snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct PartState(Vec<u8>);
-
-impl Versioned for PartState {
-    const VERSION: u32 = 1;
-}
-
-fn part_section(name: &str) -> String {
-    format!("part-{name}")
 }
 
 /// What a snapshot says about the machine as a whole: what a restore must rebuild.
@@ -534,16 +661,17 @@ impl Machine {
             .pause_for_snapshot()
             .map_err(MachineSnapshotError::Pause)?;
         // The devices stop after the vCPUs: nothing new reaches their queues while
-        // they finish what they took.
-        let transports: Vec<_> = self
-            .virtio
-            .iter()
-            .map(|s| s.lock().pause_for_snapshot())
-            .collect();
+        // they finish what they took. Each saves its own section.
+        let mut b = SnapshotBuilder::new();
         self.devices_paused
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        for (name, part) in machine_parts(&self.legacy, &self.virtio, &self.parts) {
+            part.pause(&mut PartWriter {
+                sections: &mut b,
+                name: &name,
+            })?;
+        }
         let pause = start.elapsed();
-        let mut b = SnapshotBuilder::new();
         let file = MachineSnapshotError::File;
         b.put("machine", &self.info()).map_err(file)?;
         if let Some(config) = self.config() {
@@ -554,18 +682,6 @@ impl Machine {
         b.put("vm", &vm).map_err(file)?;
         for (i, state) in vcpus.iter().enumerate() {
             b.put(&vcpu_section(i as u32), state).map_err(file)?;
-        }
-        b.put("serial", &self.legacy.serial.save_state())
-            .map_err(file)?;
-        b.put("i8042", &self.legacy.i8042.save_state())
-            .map_err(file)?;
-        b.put("rtc", &self.legacy.rtc.save_state()).map_err(file)?;
-        for (i, t) in transports.iter().enumerate() {
-            b.put(&virtio_section(i), t).map_err(file)?;
-        }
-        for (name, part) in &self.parts {
-            b.put(&part_section(name), &PartState(part.pause()?))
-                .map_err(file)?;
         }
         Ok((b, pause))
     }
@@ -759,14 +875,7 @@ impl MachineBuilder {
             s.load::<VcpuState>(&vcpu_section(i)).map_err(file)?;
         }
         s.load::<VmState>("vm").map_err(file)?;
-        let parts = saved.info.parts.iter().map(|n| part_section(n));
-        let virtio = (0..saved.info.virtio_types.len()).map(virtio_section);
-        for name in ["serial", "i8042", "rtc"]
-            .map(String::from)
-            .into_iter()
-            .chain(parts)
-            .chain(virtio)
-        {
+        for name in self.machine_parts().into_iter().map(|(name, _)| name) {
             if !s.contains(&name) {
                 return Err(MachineSnapshotError::Mismatch(format!(
                     "no section {name:?} in the state"
@@ -783,36 +892,20 @@ impl MachineBuilder {
         self.check_restorable(saved)?;
         let s = &saved.snapshot;
         let file = MachineSnapshotError::File;
-        let device = MachineSnapshotError::Device;
         let vcpus = (0..saved.info.vcpus)
             .map(|i| s.load::<VcpuState>(&vcpu_section(i)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(file)?;
-        let legacy = self.legacy();
-        legacy
-            .serial
-            .restore_state(&s.load("serial").map_err(file)?)
-            .map_err(device)?;
-        legacy
-            .i8042
-            .restore_state(&s.load("i8042").map_err(file)?)
-            .map_err(device)?;
-        legacy
-            .rtc
-            .restore_state(&s.load("rtc").map_err(file)?)
-            .map_err(device)?;
         let vm: VmState = s.load("vm").map_err(file)?;
         vm.restore(self.vm().fd())
             .map_err(MachineSnapshotError::Vm)?;
-        // The devices start serving after the interrupt controllers are back, so an
-        // interrupt they raise is not lost under the restored state.
-        for (name, part) in self.snapshot_part_list() {
-            let state: PartState = s.load(&part_section(name)).map_err(file)?;
-            part.restore(&state.0)?;
-        }
-        for (i, slot) in self.virtio_slots().iter().enumerate() {
-            let state = s.load(&virtio_section(i)).map_err(file)?;
-            slot.lock().restore_state(&state).map_err(device)?;
+        // The devices come back after the interrupt controllers, so an interrupt
+        // they raise is not lost under the restored state.
+        for (name, part) in self.machine_parts() {
+            part.restore(&PartReader {
+                snapshot: s,
+                name: &name,
+            })?;
         }
         self.into_parts()
             .start_with(|vm, handler, _| RunningVm::start_restored(vm, &vcpus, handler))
