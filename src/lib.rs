@@ -25,8 +25,6 @@ pub use vmcraft_vcpu as vcpu;
 #[cfg(feature = "machine")]
 pub mod acpi;
 #[cfg(feature = "machine")]
-mod backend_thread;
-#[cfg(feature = "machine")]
 pub mod balancing;
 #[cfg(feature = "machine")]
 pub mod builder;

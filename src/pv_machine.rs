@@ -13,11 +13,11 @@ use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::report::ErrorChain;
 use vmcraft_sandbox::{Thread, ThreadKind};
 
-use crate::backend_thread::{epoll_for, wait, Gate, GateState, Leave};
 use crate::builder::{BuildError, MachineBuilder};
 use thiserror::Error;
 use vm_memory::GuestAddress;
 use vmcraft_block::BlockImage;
+use vmcraft_devices::lifecycle::{epoll_for, wait, Gate, Leave};
 use vmcraft_memory::GuestMemory;
 use vmcraft_pv_hypercall::blkif::{BlkifBackend, BlkifError};
 use vmcraft_pv_hypercall::console::{ConsoleBackend, ConsoleError};
@@ -136,11 +136,7 @@ impl PvBackends {
         )
         .map_err(PvError::Block)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(PvError::Host)?;
-        let gate = Arc::new(Gate {
-            wake: EventFd::new(EFD_NONBLOCK).map_err(PvError::Host)?,
-            state: std::sync::Mutex::new(GateState::default()),
-            changed: std::sync::Condvar::new(),
-        });
+        let gate = Arc::new(Gate::new().map_err(PvError::Host)?);
         let mut threads = Vec::new();
         let doorbells = vec![
             (
@@ -156,7 +152,7 @@ impl PvBackends {
         let ch_c = channels.clone();
         let epoll_c = epoll_for(&console_end.notified, &stop, &gate.wake).map_err(PvError::Host)?;
         let gate_c = gate.clone();
-        gate.lock().live += 1;
+        gate.enter();
         threads.push(
             vmcraft_sandbox::spawn(ThreadKind::PvBackend, "pv-console", move || {
                 let _leave = Leave(&gate_c);
@@ -180,7 +176,7 @@ impl PvBackends {
         let ch_b = channels.clone();
         let epoll_b = epoll_for(&blk_end.notified, &stop, &gate.wake).map_err(PvError::Host)?;
         let gate_b = gate.clone();
-        gate.lock().live += 1;
+        gate.enter();
         threads.push(
             vmcraft_sandbox::spawn(ThreadKind::PvBackend, "pv-block", move || {
                 let _leave = Leave(&gate_b);

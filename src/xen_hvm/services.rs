@@ -37,7 +37,7 @@ use vmcraft_sandbox::{Thread, ThreadKind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{XenHvm, CONSOLE_PAGE, DOMID, STORE_PAGE};
-use crate::backend_thread::{epoll_for, next_ready, wait, Gate, Leave, GATE, PORT, STOP};
+use vmcraft_devices::lifecycle::{epoll_for, next_ready, wait, Gate, Leave, GATE, PORT, STOP};
 use vmcraft_memory::report::ErrorChain;
 
 /// The first virtual-device number of the guest's disks: `xvda` (Xen's major 202,
@@ -213,11 +213,7 @@ impl XenServices {
             channels: channels.clone(),
             grants,
             stop: EventFd::new(EFD_NONBLOCK).map_err(XenServiceError::Host)?,
-            gate: Arc::new(Gate {
-                wake: EventFd::new(EFD_NONBLOCK).map_err(XenServiceError::Host)?,
-                state: Mutex::new(Default::default()),
-                changed: std::sync::Condvar::new(),
-            }),
+            gate: Arc::new(Gate::new().map_err(XenServiceError::Host)?),
         });
         let store_port = backend_port(&channels, "xenstore", STORE_BACKEND)?;
         let console_port = backend_port(&channels, "console", CONSOLE_BACKEND)?;
@@ -236,7 +232,7 @@ impl XenServices {
             let name = format!("xen-vbd{}", vbd.id);
             // Made here: backend threads may not create file descriptors.
             let epoll = vbd_epoll(&shared, &link).map_err(XenServiceError::Host)?;
-            shared.gate.lock().live += 1;
+            shared.gate.enter();
             threads.push(
                 vmcraft_sandbox::spawn(ThreadKind::PvBackend, &name.clone(), move || {
                     serve_vbd(&s, &link, &epoll, &name)
@@ -264,7 +260,7 @@ impl XenServices {
             side: side.clone(),
             port: store_port,
         };
-        shared.gate.lock().live += 1;
+        shared.gate.enter();
         threads.push(
             vmcraft_sandbox::spawn(ThreadKind::PvBackend, "xenstore", move || {
                 store_thread.run()
@@ -300,7 +296,7 @@ impl XenServices {
             pending: Vec::new(),
             epoll,
         };
-        shared.gate.lock().live += 1;
+        shared.gate.enter();
         threads.push(
             vmcraft_sandbox::spawn(ThreadKind::PvBackend, "xen-console", move || console.run())
                 .map_err(XenServiceError::Thread)?,

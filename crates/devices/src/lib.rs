@@ -23,6 +23,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
 pub mod irq;
+pub mod lifecycle;
 pub mod rtc;
 pub mod serial;
 pub mod state;

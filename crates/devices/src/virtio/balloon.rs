@@ -206,7 +206,7 @@ impl vmcraft_snapshot::Versioned for BalloonState {
 }
 
 impl BalloonControl {
-    /// The state to save (with the device quiesced, so no chain changes it).
+    /// The state to save (with the device paused, so no chain changes it).
     pub fn save_state(&self) -> BalloonState {
         let c = &self.counters;
         let mut inflated = self.bits.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -298,7 +298,7 @@ enum Direction {
 }
 
 /// Guest pages and what the driver did with them (shared by the I/O thread and the
-/// device, so that a quiesce for a snapshot keeps it).
+/// device, so that a pause for a snapshot keeps it).
 #[derive(Debug)]
 struct Pages {
     mem: GuestMemory,
@@ -712,9 +712,12 @@ impl VirtioDevice for Balloon {
         self.control.counters.inflated.store(0, Ordering::SeqCst);
         self.control.actual.store(0, Ordering::SeqCst);
     }
-    fn quiesce(&mut self) {
-        // Stop serving but keep what is inflated (a snapshot goes on from it).
-        self.worker = None;
+    fn pause(&mut self) -> bool {
+        // Parked, it keeps what is inflated (a snapshot goes on from it).
+        super::worker::pause(&self.worker)
+    }
+    fn resume(&mut self) {
+        super::worker::resume(&self.worker)
     }
     fn save_state(&self) -> Vec<u8> {
         let mut b = vmcraft_snapshot::SnapshotBuilder::new();

@@ -235,6 +235,14 @@ impl VirtioDevice for Block {
         // Dropping the worker stops and joins the I/O thread.
         self.worker = None;
     }
+
+    fn pause(&mut self) -> bool {
+        super::worker::pause(&self.worker)
+    }
+
+    fn resume(&mut self) {
+        super::worker::resume(&self.worker)
+    }
 }
 
 /// Serve the available requests of `queue` as the device thread does (see

@@ -355,6 +355,14 @@ impl VirtioDevice for Console {
     fn reset(&mut self) {
         self.worker = None;
     }
+
+    fn pause(&mut self) -> bool {
+        super::worker::pause(&self.worker)
+    }
+
+    fn resume(&mut self) {
+        super::worker::resume(&self.worker)
+    }
 }
 
 #[cfg(test)]

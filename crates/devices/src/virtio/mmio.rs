@@ -114,7 +114,7 @@ pub struct QueueRegisters {
 }
 
 /// The transport's registers in a snapshot. The device's queues resume from the used
-/// index in guest memory (see [`VirtioDevice::quiesce`]).
+/// index in guest memory (see [`VirtioDevice::pause`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TransportState {
     /// The device type, checked against the device restored behind it.
@@ -161,6 +161,9 @@ pub struct MmioTransport {
     last_error: Option<DriverError>,
     /// Where a failure on the host's side (a device that cannot start) stops the VM.
     host_failure: Option<Arc<StopLatch>>,
+    /// Whether a snapshot parked the device (else it was stopped, and is activated
+    /// again to go on).
+    parked: bool,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -196,6 +199,7 @@ impl MmioTransport {
             config_generation: 0,
             last_error: None,
             host_failure: None,
+            parked: false,
         })
     }
 
@@ -212,11 +216,11 @@ impl MmioTransport {
         self.device.device_type()
     }
 
-    /// Stop the device's I/O thread for a snapshot ([`VirtioDevice::quiesce`]) and
-    /// return the registers. Call [`MmioTransport::resume_after_snapshot`] to go on.
+    /// Pause the device for a snapshot ([`VirtioDevice::pause`]) and return the
+    /// registers. Call [`MmioTransport::resume_after_snapshot`] to go on.
     pub fn pause_for_snapshot(&mut self) -> TransportState {
         if self.serving() {
-            self.device.quiesce();
+            self.parked = self.device.pause();
         }
         TransportState {
             device: self.device.save_state(),
@@ -247,7 +251,12 @@ impl MmioTransport {
     /// Serve again after [`MmioTransport::pause_for_snapshot`]: each queue resumes
     /// from the used index in guest memory.
     pub fn resume_after_snapshot(&mut self) {
-        if self.serving() {
+        if !self.serving() {
+            return;
+        }
+        if std::mem::take(&mut self.parked) {
+            self.device.resume();
+        } else {
             self.activate(true);
         }
     }

@@ -75,17 +75,23 @@ pub trait VirtioDevice: Send {
     /// Stop serving (the driver wrote 0 to the status register); afterwards the device
     /// can be activated again.
     fn reset(&mut self);
-    /// Stop serving for a snapshot: the I/O thread finishes what it is doing and ends,
-    /// with every chain it took from a queue completed (so each queue's next available
-    /// index equals its used index in guest memory, from which the transport resumes
-    /// it). The transport activates the device again afterwards, or in the restored
-    /// VM. The default stops as [`VirtioDevice::reset`] does, which vmcraft's devices
-    /// satisfy; a device that holds chains across wakeups must complete them here.
-    fn quiesce(&mut self) {
+    /// Stop serving for a snapshot, every chain taken from a queue completed (so
+    /// each queue's next available index equals its used index in guest memory, from
+    /// which a restored VM resumes it). A device whose I/O thread parks
+    /// ([`worker::Worker::pause`]) does so and returns `true`: [`resume`] lets it go
+    /// on where it was. The default stops as [`VirtioDevice::reset`] does and returns
+    /// `false`: the transport then activates the device again to go on. A device
+    /// that holds chains across wakeups must complete them here.
+    ///
+    /// [`resume`]: VirtioDevice::resume
+    fn pause(&mut self) -> bool {
         self.reset();
+        false
     }
+    /// Go on after a [`pause`](VirtioDevice::pause) that returned `true`.
+    fn resume(&mut self) {}
     /// The device's own state for a snapshot, beyond its queues and registers (a
-    /// balloon's inflated pages), taken after [`VirtioDevice::quiesce`]. The default:
+    /// balloon's inflated pages), taken after [`VirtioDevice::pause`]. The default:
     /// none (empty).
     fn save_state(&self) -> Vec<u8> {
         Vec::new()

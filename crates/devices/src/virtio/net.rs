@@ -367,6 +367,14 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.worker = None;
     }
+
+    fn pause(&mut self) -> bool {
+        super::worker::pause(&self.worker)
+    }
+
+    fn resume(&mut self) {
+        super::worker::resume(&self.worker)
+    }
 }
 
 #[cfg(test)]

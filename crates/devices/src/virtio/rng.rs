@@ -122,6 +122,14 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.worker = None;
     }
+
+    fn pause(&mut self) -> bool {
+        super::worker::pause(&self.worker)
+    }
+
+    fn resume(&mut self) {
+        super::worker::resume(&self.worker)
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,10 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use vmcraft_sandbox::{Thread, ThreadKind};
+
+use crate::lifecycle::{Gate, Leave};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -51,6 +54,25 @@ pub fn spawn_device(
     })
 }
 
+/// [`VirtioDevice::pause`](super::VirtioDevice::pause) for a device with (at most)
+/// one [`Worker`]: the thread, if it runs, parks; `true` either way (nothing to
+/// activate again: a device whose thread ended on a protocol error waits for a
+/// reset).
+pub fn pause(worker: &Option<Worker>) -> bool {
+    if let Some(w) = worker {
+        w.pause();
+    }
+    true
+}
+
+/// [`VirtioDevice::resume`](super::VirtioDevice::resume) for a device paused with
+/// [`pause`].
+pub fn resume(worker: &Option<Worker>) {
+    if let Some(w) = worker {
+        w.resume();
+    }
+}
+
 /// What the handler wants after serving a notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -69,10 +91,12 @@ pub enum Token {
     Fd(usize),
 }
 
-/// A running I/O thread; dropping it stops and joins the thread.
+/// A running I/O thread; dropping it stops and joins the thread. It parks at a safe
+/// point (between wakeups, every chain it took completed) on [`Worker::pause`].
 #[derive(Debug)]
 pub struct Worker {
     stop: EventFd,
+    gate: Arc<Gate>,
     thread: Option<Thread<()>>,
 }
 
@@ -88,9 +112,11 @@ impl Worker {
         mut on_event: impl FnMut(&Epoll, Token) -> Next + Send + 'static,
     ) -> io::Result<Worker> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
+        let gate = Arc::new(Gate::new()?);
         let epoll = Epoll::new()?;
         let queues = notifiers.len() as u64;
         let stop_token = queues + fds.len() as u64;
+        let gate_token = stop_token + 1;
         for (i, fd) in notifiers.iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
@@ -110,11 +136,19 @@ impl Worker {
             stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, stop_token),
         )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            gate.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, gate_token),
+        )?;
         let stop_clone = stop.try_clone()?;
         let label = name.clone();
-        let thread = vmcraft_sandbox::spawn(ThreadKind::DeviceIo, &name, move || {
+        let thread_gate = gate.clone();
+        gate.enter();
+        let spawned = vmcraft_sandbox::spawn(ThreadKind::DeviceIo, &name, move || {
             let _stop = stop_clone;
-            let mut events = vec![EpollEvent::default(); stop_token as usize + 1];
+            let _leave = Leave(&thread_gate);
+            let mut events = vec![EpollEvent::default(); gate_token as usize + 1];
             // Serve what was queued before activation.
             for i in 0..notifiers.len() {
                 if on_event(&epoll, Token::Queue(i)) == Next::Stop {
@@ -130,10 +164,15 @@ impl Worker {
                         return;
                     }
                 };
+                if events[..n].iter().any(|ev| ev.data() == stop_token) {
+                    return;
+                }
                 for ev in &events[..n] {
                     let token = ev.data();
-                    if token == stop_token {
-                        return;
+                    if token == gate_token {
+                        // A snapshot: everything taken so far is completed.
+                        thread_gate.park();
+                        continue;
                     }
                     let event = match notifiers.get(token as usize) {
                         Some(fd) => {
@@ -148,12 +187,30 @@ impl Worker {
                     }
                 }
             }
-        })
-        .map_err(io::Error::other)?;
+        });
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                gate.leave();
+                return Err(io::Error::other(e));
+            }
+        };
         Ok(Worker {
             stop,
+            gate,
             thread: Some(thread),
         })
+    }
+
+    /// Park the thread at its next safe point (between wakeups, every chain it took
+    /// completed) and return once it has; its queues and state stay as they are.
+    pub fn pause(&self) {
+        self.gate.pause_all();
+    }
+
+    /// Let the thread go on after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.gate.resume_all();
     }
 }
 
@@ -161,6 +218,8 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // If the write fails the counter is saturated, so the thread will wake anyway.
         let _ = self.stop.write(1);
+        // A thread parked for a snapshot goes back to its loop, and sees the stop.
+        self.gate.resume_all();
         if let Some(t) = self.thread.take() {
             // A panic in the handler has already been reported by the panic hook.
             let _ = t.join();
@@ -173,6 +232,35 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
     use std::time::Duration;
+
+    #[test]
+    fn a_paused_thread_serves_nothing_until_resumed_and_is_the_same_thread() {
+        let a = EventFd::new(EFD_NONBLOCK).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker::spawn(
+            "test-pause".into(),
+            vec![a.try_clone().unwrap()],
+            Vec::new(),
+            move |_, _| {
+                tx.send(std::thread::current().id()).unwrap();
+                Next::Continue
+            },
+        )
+        .unwrap();
+        let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        worker.pause();
+        a.write(1).unwrap();
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "served while paused"
+        );
+        worker.resume();
+        let after = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(after, first, "the thread parked, it was not re-created");
+        // Dropped while paused, it still ends.
+        worker.pause();
+        drop(worker);
+    }
 
     #[test]
     fn notifications_reach_the_handler_and_drop_joins() {

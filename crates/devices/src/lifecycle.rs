@@ -1,35 +1,78 @@
-//! What every backend thread of a paravirtual channel does between requests: wait on
-//! its event channel's eventfd, stop when told, and park while the VMM takes a
-//! snapshot ([`Gate`]).
+//! The one lifecycle of a device thread (a virtio device's I/O thread, a PV or Xen
+//! backend's): wait on its eventfds, stop when told, and park at a safe point (between
+//! requests, everything it took answered) while the VMM takes a snapshot, then go on
+//! where it was ([`Gate`]). Pausing parks threads; it never kills and re-creates
+//! them.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmcraft_devices::lifecycle::{epoll_for, Gate, Leave};
+//! use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+//!
+//! let gate = Arc::new(Gate::new().unwrap());
+//! let (work, stop) = (EventFd::new(EFD_NONBLOCK).unwrap(), EventFd::new(EFD_NONBLOCK).unwrap());
+//! let epoll = epoll_for(&work, &stop, &gate.wake).unwrap();
+//! gate.enter();
+//! let g = gate.clone();
+//! let thread = std::thread::spawn(move || {
+//!     let _leave = Leave(&g);
+//!     let mut served = 0;
+//!     while vmcraft_devices::lifecycle::wait(&epoll, &work, &g) {
+//!         served += 1;
+//!     }
+//!     served
+//! });
+//! gate.pause_all(); // returns once the thread has parked
+//! gate.resume_all();
+//! stop.write(1).unwrap();
+//! thread.join().unwrap();
+//! ```
 
 use std::os::fd::AsRawFd;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Parks the backend threads for a snapshot: [`PvBackends::pause`] signals `wake` (every
-/// thread polls it; nobody reads it until the resume) and waits until every live
-/// thread has parked.
-pub(crate) struct Gate {
-    pub(crate) wake: EventFd,
-    pub(crate) state: std::sync::Mutex<GateState>,
-    pub(crate) changed: std::sync::Condvar,
+/// Parks device threads for a snapshot: [`Gate::pause_all`] signals `wake` (every
+/// thread's epoll set has it; nobody reads it until the resume) and waits until every
+/// live thread has parked.
+#[derive(Debug)]
+pub struct Gate {
+    /// Readable while the threads are to park.
+    pub wake: EventFd,
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
 }
 
-#[derive(Default)]
-pub(crate) struct GateState {
-    pub(crate) paused: bool,
-    pub(crate) parked: usize,
-    pub(crate) live: usize,
+#[derive(Debug, Default)]
+struct GateState {
+    paused: bool,
+    parked: usize,
+    live: usize,
 }
 
 impl Gate {
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+    /// A gate no thread has entered yet.
+    pub fn new() -> std::io::Result<Gate> {
+        Ok(Gate {
+            wake: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            state: std::sync::Mutex::new(GateState::default()),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A backend thread parks until the resume.
-    pub(crate) fn park(&self) {
+    /// A thread that will park at this gate starts (call before spawning it; it
+    /// [`Leave`]s when it ends).
+    pub fn enter(&self) {
+        self.lock().live += 1;
+    }
+
+    /// A thread parks until the resume.
+    pub fn park(&self) {
         let mut g = self.lock();
         g.parked += 1;
         self.changed.notify_all();
@@ -41,7 +84,7 @@ impl Gate {
 
     /// Pause every live thread at its next safe point (between requests) and wait
     /// until each has parked: what each took from its ring is answered by then.
-    pub(crate) fn pause_all(&self) {
+    pub fn pause_all(&self) {
         let mut g = self.lock();
         g.paused = true;
         // Saturation means a wake-up is pending anyway.
@@ -52,7 +95,7 @@ impl Gate {
     }
 
     /// Let the threads parked by [`pause_all`](Self::pause_all) serve again.
-    pub(crate) fn resume_all(&self) {
+    pub fn resume_all(&self) {
         let mut g = self.lock();
         // Reading resets the counter; an error means it was already zero.
         let _ = self.wake.read();
@@ -60,8 +103,8 @@ impl Gate {
         self.changed.notify_all();
     }
 
-    /// A backend thread ends.
-    pub(crate) fn leave(&self) {
+    /// A thread ends.
+    pub fn leave(&self) {
         let mut g = self.lock();
         g.live -= 1;
         self.changed.notify_all();
@@ -69,19 +112,19 @@ impl Gate {
 }
 
 /// The epoll token of a backend's own eventfd in the set of [`epoll_for`].
-pub(crate) const PORT: u64 = 0;
+pub const PORT: u64 = 0;
 /// The epoll token of the stop eventfd, in every backend thread's set.
-pub(crate) const STOP: u64 = 1;
+pub const STOP: u64 = 1;
 /// The epoll token of the gate's wake eventfd, in every backend thread's set.
-pub(crate) const GATE: u64 = 2;
+pub const GATE: u64 = 2;
 
 /// The tokens (below 64) of the fds that one wake-up found ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Ready(u64);
+pub struct Ready(u64);
 
 impl Ready {
     /// Whether the fd of `token` was ready.
-    pub(crate) fn has(self, token: u64) -> bool {
+    pub fn has(self, token: u64) -> bool {
         token < 64 && self.0 & 1 << token != 0
     }
 }
@@ -89,7 +132,7 @@ impl Ready {
 /// Wait for the next wake-up of a backend thread's `epoll` (with the stop at [`STOP`]
 /// and the gate's wake at [`GATE`]), parking at `gate` whenever it is paused: the
 /// tokens found ready, or None on stop or a failed wait (logged for `who`).
-pub(crate) fn next_ready(epoll: &Epoll, gate: &Gate, who: &str) -> Option<Ready> {
+pub fn next_ready(epoll: &Epoll, gate: &Gate, who: &str) -> Option<Ready> {
     let mut events = [EpollEvent::default(); 8];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -116,7 +159,7 @@ pub(crate) fn next_ready(epoll: &Epoll, gate: &Gate, who: &str) -> Option<Ready>
 
 /// Wait until `fd` (token [`PORT`]) is readable and reset it, parking at `gate`
 /// whenever it is paused; returns false on stop.
-pub(crate) fn wait(epoll: &Epoll, fd: &EventFd, gate: &Gate) -> bool {
+pub fn wait(epoll: &Epoll, fd: &EventFd, gate: &Gate) -> bool {
     let ready = next_ready(epoll, gate, "PV backend").is_some();
     if ready {
         // Reading resets the counter; an error means it was already zero.
@@ -127,7 +170,7 @@ pub(crate) fn wait(epoll: &Epoll, fd: &EventFd, gate: &Gate) -> bool {
 
 /// An epoll set over a backend's eventfd ([`PORT`]), its stop ([`STOP`]) and its gate
 /// ([`GATE`]).
-pub(crate) fn epoll_for(fd: &EventFd, stop: &EventFd, pause: &EventFd) -> std::io::Result<Epoll> {
+pub fn epoll_for(fd: &EventFd, stop: &EventFd, pause: &EventFd) -> std::io::Result<Epoll> {
     let epoll = Epoll::new()?;
     for (fd, token) in [(fd, PORT), (stop, STOP), (pause, GATE)] {
         epoll.ctl(
@@ -139,8 +182,9 @@ pub(crate) fn epoll_for(fd: &EventFd, stop: &EventFd, pause: &EventFd) -> std::i
     Ok(epoll)
 }
 
-/// Leaves the gate when a backend thread ends, however it ends.
-pub(crate) struct Leave<'a>(pub(crate) &'a Gate);
+/// Leaves the gate when a thread ends, however it ends.
+#[derive(Debug)]
+pub struct Leave<'a>(pub &'a Gate);
 
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
@@ -160,12 +204,9 @@ mod tests {
     #[test]
     fn a_wake_up_names_its_ready_fds_and_a_stop_ends_the_wait() {
         let (port, stop, wake, extra) = (fd(), fd(), fd(), fd());
-        let gate = Gate {
-            wake: wake.try_clone().unwrap(),
-            state: std::sync::Mutex::new(GateState::default()),
-            changed: std::sync::Condvar::new(),
-        };
-        let epoll = epoll_for(&port, &stop, &wake).unwrap();
+        let gate = Gate::new().unwrap();
+        let _ = wake;
+        let epoll = epoll_for(&port, &stop, &gate.wake).unwrap();
         epoll
             .ctl(
                 ControlOperation::Add,
