@@ -249,65 +249,46 @@ impl SnapshotPart for crate::xen_hvm::XenPlatform {
     }
 }
 
-/// An emulated ATA disk on the port bus (section `part-ata`): its task file and a
-/// PIO transfer in progress. It is served on the vCPU threads, so with them paused
-/// it has nothing left to finish.
-///
-/// ```no_run
-/// # use std::sync::Arc;
-/// # use vmcraft::devices::ata::AtaDisk;
-/// # fn f(b: &mut vmcraft::builder::MachineBuilder, image: std::fs::File) -> Result<(), Box<dyn std::error::Error>> {
-/// let ata = Arc::new(AtaDisk::new(image, false)?);
-/// b.buses_mut().register_pio(AtaDisk::COMMAND_BASE, 8, ata.clone())?;
-/// b.buses_mut().register_pio(AtaDisk::CONTROL_BASE, 1, ata.clone())?;
-/// b.add_snapshot_part("ata", ata);
-/// # Ok(()) }
-/// ```
-impl SnapshotPart for vmcraft_devices::ata::AtaDisk {
-    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
-        out.put(&self.save_state())
-    }
-    fn resume(&self) {}
-    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
-        self.restore_state(&saved.load()?)
-            .map_err(MachineSnapshotError::Device)
-    }
+/// A device whose state is one value it saves and checks on restore
+/// (`save_state`/`restore_state`), served on the vCPU threads, so that with them
+/// paused it has nothing left to finish.
+macro_rules! device_state_part {
+    ($($(#[$doc:meta])* $device:ty;)*) => {$(
+        $(#[$doc])*
+        impl SnapshotPart for $device {
+            fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
+                out.put(&self.save_state())
+            }
+            fn resume(&self) {}
+            fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
+                self.restore_state(&saved.load()?)
+                    .map_err(MachineSnapshotError::Device)
+            }
+        }
+    )*};
 }
 
-/// COM1 (section `serial`): its registers and the input it holds.
-impl SnapshotPart for vmcraft_devices::serial::SerialDevice {
-    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
-        out.put(&self.save_state())
-    }
-    fn resume(&self) {}
-    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
-        self.restore_state(&saved.load()?)
-            .map_err(MachineSnapshotError::Device)
-    }
-}
-
-/// The i8042 (section `i8042`).
-impl SnapshotPart for vmcraft_devices::i8042::I8042 {
-    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
-        out.put(&self.save_state())
-    }
-    fn resume(&self) {}
-    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
-        self.restore_state(&saved.load()?)
-            .map_err(MachineSnapshotError::Device)
-    }
-}
-
-/// The CMOS RTC (section `rtc`).
-impl SnapshotPart for vmcraft_devices::rtc::Rtc {
-    fn pause(&self, out: &mut PartWriter<'_>) -> Result<(), MachineSnapshotError> {
-        out.put(&self.save_state())
-    }
-    fn resume(&self) {}
-    fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError> {
-        self.restore_state(&saved.load()?)
-            .map_err(MachineSnapshotError::Device)
-    }
+device_state_part! {
+    /// An emulated ATA disk on the port bus (section `part-ata`): its task file and
+    /// a PIO transfer in progress.
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use vmcraft::devices::ata::AtaDisk;
+    /// # fn f(b: &mut vmcraft::builder::MachineBuilder, image: std::fs::File) -> Result<(), Box<dyn std::error::Error>> {
+    /// let ata = Arc::new(AtaDisk::new(image, false)?);
+    /// b.buses_mut().register_pio(AtaDisk::COMMAND_BASE, 8, ata.clone())?;
+    /// b.buses_mut().register_pio(AtaDisk::CONTROL_BASE, 1, ata.clone())?;
+    /// b.add_snapshot_part("ata", ata);
+    /// # Ok(()) }
+    /// ```
+    vmcraft_devices::ata::AtaDisk;
+    /// COM1 (section `serial`): its registers and the input it holds.
+    vmcraft_devices::serial::SerialDevice;
+    /// The i8042 (section `i8042`).
+    vmcraft_devices::i8042::I8042;
+    /// The CMOS RTC (section `rtc`).
+    vmcraft_devices::rtc::Rtc;
 }
 
 /// A virtio-mmio transport and its device (sections `virtio0`, `virtio1`, ...): the

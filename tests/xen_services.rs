@@ -146,6 +146,42 @@ impl Front {
     }
 }
 
+/// Read the page at `sector` into the page granted as 9 (at [`DATA`]) with request
+/// `id` on `ring`, ring the back end on `port`, and wait for the response.
+fn read_page(
+    ring: &mut FrontRing<GuestRingMemory, Request, Response>,
+    channels: &EventChannels,
+    port: u32,
+    id: u64,
+    sector: u64,
+) -> Response {
+    let mut seg = [Segment::default(); 11];
+    seg[0] = Segment {
+        gref: 9,
+        first_sect: 0,
+        last_sect: 7,
+    };
+    ring.push_request(&Request {
+        operation: OP_READ,
+        nr_segments: 1,
+        handle: 0,
+        id,
+        sector_number: sector,
+        seg,
+    })
+    .unwrap();
+    ring.publish_requests();
+    channels.send(port).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(rsp) = ring.pop_response().unwrap() {
+            return rsp;
+        }
+        assert!(Instant::now() < deadline, "no response to request {id}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A guest's memory with the pieces a Xen platform gives it: event channels with
 /// the shared-info page placed, a one-frame grant table placed, the HVM parameters.
 fn platform() -> (GuestRam, Arc<EventChannels>, Arc<GrantTable>, HvmParams) {
@@ -218,31 +254,7 @@ fn a_front_end_connects_reads_its_disk_and_closes_as_xen_blkfront_does() {
     )
     .unwrap();
     front.grant(9, DATA / 4096);
-    let mut seg = [Segment::default(); 11];
-    seg[0] = Segment {
-        gref: 9,
-        first_sect: 0,
-        last_sect: 7,
-    };
-    ring.push_request(&Request {
-        operation: OP_READ,
-        nr_segments: 1,
-        handle: 0,
-        id: 77,
-        sector_number: 8,
-        seg,
-    })
-    .unwrap();
-    ring.publish_requests();
-    channels.send(port).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let rsp = loop {
-        if let Some(rsp) = ring.pop_response().unwrap() {
-            break rsp;
-        }
-        assert!(Instant::now() < deadline, "no response");
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let rsp = read_page(&mut ring, &channels, port, 77, 8);
     assert_eq!((rsp.id, rsp.status), (77, 0));
     let mut page = vec![0u8; 4096];
     mem.read_slice(&mut page, GuestAddress(DATA)).unwrap();
@@ -454,31 +466,7 @@ fn a_connected_front_end_survives_a_save_and_restore_of_the_services() {
     )
     .unwrap();
     front.grant(9, DATA / 4096);
-    let mut seg = [Segment::default(); 11];
-    seg[0] = Segment {
-        gref: 9,
-        first_sect: 0,
-        last_sect: 7,
-    };
-    ring.push_request(&Request {
-        operation: OP_READ,
-        nr_segments: 1,
-        handle: 0,
-        id: 78,
-        sector_number: 16,
-        seg,
-    })
-    .unwrap();
-    ring.publish_requests();
-    channels.send(port).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let rsp = loop {
-        if let Some(rsp) = ring.pop_response().unwrap() {
-            break rsp;
-        }
-        assert!(Instant::now() < deadline, "no response after the restore");
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let rsp = read_page(&mut ring, &channels, port, 78, 16);
     assert_eq!((rsp.id, rsp.status), (78, 0));
     let mut page = vec![0u8; 4096];
     mem.read_slice(&mut page, GuestAddress(DATA)).unwrap();

@@ -37,7 +37,9 @@ use vmcraft_sandbox::{Thread, ThreadKind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{XenHvm, CONSOLE_PAGE, DOMID, STORE_PAGE};
-use vmcraft_devices::lifecycle::{epoll_for, next_ready, wait, Gate, Leave, GATE, PORT, STOP};
+use vmcraft_devices::lifecycle::{
+    epoll_for, epoll_over, next_ready, wait, Gate, Leave, GATE, PORT, STOP,
+};
 use vmcraft_memory::report::ErrorChain;
 
 /// The first virtual-device number of the guest's disks: `xvda` (Xen's major 202,
@@ -670,40 +672,30 @@ fn connect(
     details: vmcraft_pv_hypercall::xenstore::xenbus::FrontendDetails,
 ) -> Result<(), String> {
     disconnect(shared, vbd);
-    let ring = shared
-        .grants
-        .map(details.ring_ref, true)
-        .map_err(|e| format!("ring grant {}: {e}", details.ring_ref))?;
-    let undo = |e: String| {
-        let _ = shared.grants.unmap(ring);
-        e
-    };
-    let backend = BlkifBackend::new(
-        shared.memory.clone(),
-        ring.page,
-        shared.grants.clone(),
-        vbd.image.clone(),
-    )
-    .map_err(|e| undo(format!("ring: {e}")))?;
-    let port = details.event_channel;
-    shared
-        .channels
-        .bind_backend_to(port, VBD_BACKEND + vbd.id, 0, vbd.link.notified.clone())
-        .map_err(|e| undo(format!("event channel {port}: {e}")))?;
-    *vbd.link.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveVbd { backend, port });
-    vbd.ring = Some(ring);
-    vbd.connected = Some(details);
-    // Saturation means the thread has a change to look at already.
-    let _ = vbd.link.changed.write(1);
-    Ok(())
+    attach(shared, vbd, details, false)
 }
 
 /// [`connect`] for a restore: the ring mapped again and the saved port bound again
-/// (in a table whose saved state is restored after), the xenbus state left as saved.
+/// (in a table whose saved state is restored after), the xenbus state left as saved;
+/// the thread looks at the ring once, since a notification of the old process was an
+/// eventfd count, not guest memory.
 fn connect_restored(
     shared: &Arc<Shared>,
     vbd: &mut Vbd,
     details: vmcraft_pv_hypercall::xenstore::xenbus::FrontendDetails,
+) -> Result<(), String> {
+    attach(shared, vbd, details, true)?;
+    let _ = vbd.link.notified.write(1);
+    Ok(())
+}
+
+/// Map the ring `details` names, bind its port (as a restore binds it, or afresh),
+/// and hand the backend to the vbd's thread.
+fn attach(
+    shared: &Arc<Shared>,
+    vbd: &mut Vbd,
+    details: vmcraft_pv_hypercall::xenstore::xenbus::FrontendDetails,
+    restored: bool,
 ) -> Result<(), String> {
     let ring = shared
         .grants
@@ -721,17 +713,22 @@ fn connect_restored(
     )
     .map_err(|e| undo(format!("ring: {e}")))?;
     let port = details.event_channel;
-    shared
-        .channels
-        .bind_backend_restored(port, VBD_BACKEND + vbd.id, 0, vbd.link.notified.clone())
-        .map_err(|e| undo(format!("event channel {port}: {e}")))?;
+    let (backend_id, notified) = (VBD_BACKEND + vbd.id, vbd.link.notified.clone());
+    let bound = if restored {
+        shared
+            .channels
+            .bind_backend_restored(port, backend_id, 0, notified)
+    } else {
+        shared
+            .channels
+            .bind_backend_to(port, backend_id, 0, notified)
+    };
+    bound.map_err(|e| undo(format!("event channel {port}: {e}")))?;
     *vbd.link.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(LiveVbd { backend, port });
     vbd.ring = Some(ring);
     vbd.connected = Some(details);
-    // The thread looks at the ring once: a notification of the old process was an
-    // eventfd count, not guest memory.
+    // Saturation means the thread has a change to look at already.
     let _ = vbd.link.changed.write(1);
-    let _ = vbd.link.notified.write(1);
     Ok(())
 }
 
@@ -760,22 +757,12 @@ const CHANGED: u64 = 3;
 /// A vbd thread's epoll set: the stop, the gate, its link's changes and the front
 /// end's notifications.
 fn vbd_epoll(shared: &Shared, link: &VbdLink) -> std::io::Result<vmm_sys_util::epoll::Epoll> {
-    use std::os::fd::AsRawFd;
-    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-    let epoll = Epoll::new()?;
-    for (fd, token) in [
+    epoll_over(&[
         (&shared.stop, STOP),
         (&shared.gate.wake, GATE),
         (&link.changed, CHANGED),
         (&link.notified, PORT),
-    ] {
-        epoll.ctl(
-            ControlOperation::Add,
-            fd.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, token),
-        )?;
-    }
-    Ok(epoll)
+    ])
 }
 
 /// A vbd's thread: wait for the store thread's changes and the front end's

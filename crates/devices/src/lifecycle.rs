@@ -171,12 +171,17 @@ pub fn wait(epoll: &Epoll, fd: &EventFd, gate: &Gate) -> bool {
 /// An epoll set over a backend's eventfd ([`PORT`]), its stop ([`STOP`]) and its gate
 /// ([`GATE`]).
 pub fn epoll_for(fd: &EventFd, stop: &EventFd, pause: &EventFd) -> std::io::Result<Epoll> {
+    epoll_over(&[(fd, PORT), (stop, STOP), (pause, GATE)])
+}
+
+/// An epoll set over `fds`, each readable under its token.
+pub fn epoll_over(fds: &[(&EventFd, u64)]) -> std::io::Result<Epoll> {
     let epoll = Epoll::new()?;
-    for (fd, token) in [(fd, PORT), (stop, STOP), (pause, GATE)] {
+    for (fd, token) in fds {
         epoll.ctl(
             ControlOperation::Add,
             fd.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, token),
+            EpollEvent::new(EventSet::IN, *token),
         )?;
     }
     Ok(epoll)

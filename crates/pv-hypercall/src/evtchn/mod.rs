@@ -531,16 +531,9 @@ impl EventChannels {
         vcpu: u32,
         notified: Arc<EventFd>,
     ) -> Result<(), EvtchnError> {
-        if vcpu >= MAX_VCPUS {
-            return Err(EvtchnError::BadVcpu(vcpu));
-        }
-        let mut inner = self.lock();
-        match inner.slots.get(port as usize) {
-            Some(Slot::Unbound { .. }) if port != 0 => {}
-            _ => return Err(EvtchnError::BadPort(port)),
-        }
-        Self::bind_locked(&mut inner, port, backend, vcpu, notified);
-        Ok(())
+        self.bind_if(port, backend, vcpu, notified, |slot| {
+            matches!(slot, Slot::Unbound { .. })
+        })
     }
 
     /// Bind `port` to a backend as a snapshot had it (a restore, before
@@ -553,12 +546,25 @@ impl EventChannels {
         vcpu: u32,
         notified: Arc<EventFd>,
     ) -> Result<(), EvtchnError> {
+        self.bind_if(port, backend, vcpu, notified, |slot| {
+            matches!(slot, Slot::Free | Slot::Unbound { .. })
+        })
+    }
+
+    fn bind_if(
+        &self,
+        port: u32,
+        backend: u32,
+        vcpu: u32,
+        notified: Arc<EventFd>,
+        bindable: impl Fn(&Slot) -> bool,
+    ) -> Result<(), EvtchnError> {
         if vcpu >= MAX_VCPUS {
             return Err(EvtchnError::BadVcpu(vcpu));
         }
         let mut inner = self.lock();
         match inner.slots.get(port as usize) {
-            Some(Slot::Free | Slot::Unbound { .. }) if port != 0 => {}
+            Some(slot) if port != 0 && bindable(slot) => {}
             _ => return Err(EvtchnError::BadPort(port)),
         }
         Self::bind_locked(&mut inner, port, backend, vcpu, notified);
