@@ -121,6 +121,9 @@ impl VirtioDevice for Pinger {
     fn reset(&mut self) {
         self.worker = None; // stops and joins the thread
     }
+    fn worker(&self) -> Option<&Worker> {
+        self.worker.as_ref() // parked, not stopped, for a snapshot
+    }
 }
 
 fn main() -> Result<ExitCode, Box<dyn Error>> {

@@ -712,12 +712,10 @@ impl VirtioDevice for Balloon {
         self.control.counters.inflated.store(0, Ordering::SeqCst);
         self.control.actual.store(0, Ordering::SeqCst);
     }
-    fn pause(&mut self) -> bool {
-        // Parked, it keeps what is inflated (a snapshot goes on from it).
-        super::worker::pause(&self.worker)
-    }
-    fn resume(&mut self) {
-        super::worker::resume(&self.worker)
+    fn worker(&self) -> Option<&Worker> {
+        // Parked for a snapshot, it keeps what is inflated (the snapshot goes on
+        // from it).
+        self.worker.as_ref()
     }
     fn save_state(&self) -> Vec<u8> {
         let mut b = vmcraft_snapshot::SnapshotBuilder::new();

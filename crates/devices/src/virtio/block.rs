@@ -236,12 +236,8 @@ impl VirtioDevice for Block {
         self.worker = None;
     }
 
-    fn pause(&mut self) -> bool {
-        super::worker::pause(&self.worker)
-    }
-
-    fn resume(&mut self) {
-        super::worker::resume(&self.worker)
+    fn worker(&self) -> Option<&Worker> {
+        self.worker.as_ref()
     }
 }
 

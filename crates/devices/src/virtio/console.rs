@@ -356,12 +356,8 @@ impl VirtioDevice for Console {
         self.worker = None;
     }
 
-    fn pause(&mut self) -> bool {
-        super::worker::pause(&self.worker)
-    }
-
-    fn resume(&mut self) {
-        super::worker::resume(&self.worker)
+    fn worker(&self) -> Option<&Worker> {
+        self.worker.as_ref()
     }
 }
 

@@ -79,17 +79,36 @@ pub trait VirtioDevice: Send {
     /// each queue's next available index equals its used index in guest memory, from
     /// which a restored VM resumes it). A device whose I/O thread parks
     /// ([`worker::Worker::pause`]) does so and returns `true`: [`resume`] lets it go
-    /// on where it was. The default stops as [`VirtioDevice::reset`] does and returns
-    /// `false`: the transport then activates the device again to go on. A device
+    /// on where it was; the default does that with the device's
+    /// [`worker`](VirtioDevice::worker). Without one, the default stops as
+    /// [`VirtioDevice::reset`] does and returns `false`: the transport then activates
+    /// the device again to go on. A device
     /// that holds chains across wakeups must complete them here.
     ///
     /// [`resume`]: VirtioDevice::resume
     fn pause(&mut self) -> bool {
-        self.reset();
-        false
+        match self.worker() {
+            Some(worker) => {
+                worker.pause();
+                true
+            }
+            None => {
+                self.reset();
+                false
+            }
+        }
     }
     /// Go on after a [`pause`](VirtioDevice::pause) that returned `true`.
-    fn resume(&mut self) {}
+    fn resume(&mut self) {
+        if let Some(worker) = self.worker() {
+            worker.resume();
+        }
+    }
+    /// The device's I/O thread, if it serves on one [`worker::Worker`]: then the
+    /// default [`pause`](VirtioDevice::pause) parks it.
+    fn worker(&self) -> Option<&worker::Worker> {
+        None
+    }
     /// The device's own state for a snapshot, beyond its queues and registers (a
     /// balloon's inflated pages), taken after [`VirtioDevice::pause`]. The default:
     /// none (empty).

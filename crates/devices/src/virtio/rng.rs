@@ -123,12 +123,8 @@ impl VirtioDevice for Rng {
         self.worker = None;
     }
 
-    fn pause(&mut self) -> bool {
-        super::worker::pause(&self.worker)
-    }
-
-    fn resume(&mut self) {
-        super::worker::resume(&self.worker)
+    fn worker(&self) -> Option<&Worker> {
+        self.worker.as_ref()
     }
 }
 

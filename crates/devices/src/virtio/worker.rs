@@ -54,25 +54,6 @@ pub fn spawn_device(
     })
 }
 
-/// [`VirtioDevice::pause`](super::VirtioDevice::pause) for a device with (at most)
-/// one [`Worker`]: the thread, if it runs, parks; `true` either way (nothing to
-/// activate again: a device whose thread ended on a protocol error waits for a
-/// reset).
-pub fn pause(worker: &Option<Worker>) -> bool {
-    if let Some(w) = worker {
-        w.pause();
-    }
-    true
-}
-
-/// [`VirtioDevice::resume`](super::VirtioDevice::resume) for a device paused with
-/// [`pause`].
-pub fn resume(worker: &Option<Worker>) {
-    if let Some(w) = worker {
-        w.resume();
-    }
-}
-
 /// What the handler wants after serving a notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Next {
