@@ -107,6 +107,14 @@ pub enum BuildError {
     /// The vCPUs could not be started.
     #[error("cannot start the vCPUs")]
     Start(#[source] VmError),
+    /// The ACPI tables describe another number of vCPUs than were started.
+    #[error("the kernel was told of {described} vCPUs, {started} were started")]
+    VcpuCount {
+        /// In the ACPI tables ([`MachineBuilder::load_linux`]).
+        described: u32,
+        /// Given to [`MachineBuilder::start`].
+        started: usize,
+    },
     /// No guest-physical window is left (or the range is refused).
     #[error("MMIO windows")]
     Windows(#[source] vmcraft_memory::mmio::MmioAllocError),
@@ -171,6 +179,9 @@ pub struct MachineBuilder {
     e820_carved: Vec<E820Entry>,
     /// What [`configure`](Self::configure) built, carried into the machine.
     configured: Configured,
+    /// The vCPUs the ACPI tables describe, once [`load_linux`](Self::load_linux)
+    /// wrote them: [`start`](Self::start) must start as many.
+    described_vcpus: Option<u32>,
 }
 
 /// What a configured machine holds beyond its buses: its configuration (saved in
@@ -246,6 +257,7 @@ impl MachineBuilder {
             parts: Vec::new(),
             e820_carved: Vec::new(),
             configured: Configured::default(),
+            described_vcpus: None,
         })
     }
 
@@ -505,6 +517,7 @@ impl MachineBuilder {
         vcpus: u32,
     ) -> Result<LoadedKernel, BuildError> {
         let cmdline = format!("{cmdline}{}", self.virtio_cmdline());
+        self.described_vcpus = Some(vcpus);
         let acpi = self
             .acpi(vcpus)
             .build(TABLES_ADDR)
@@ -597,6 +610,14 @@ impl MachineBuilder {
     /// needs the boot tables, their ranges are reserved first: an image loaded
     /// over them is an error.
     pub fn start(mut self, vcpus: &[VcpuConfig]) -> Result<Machine, BuildError> {
+        if let Some(described) = self.described_vcpus {
+            if described as usize != vcpus.len() {
+                return Err(BuildError::VcpuCount {
+                    described,
+                    started: vcpus.len(),
+                });
+            }
+        }
         if vcpus.iter().any(VcpuConfig::needs_boot_tables) {
             self.reserve_boot_tables()?;
         }
