@@ -36,6 +36,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vmcraft_devices::lifecycle::{epoll_over, next_ready_within, Gate, Leave, GATE, STOP};
 
 use vmcraft_balancer::policy::{Balancer, BalancerConfig, HostReport, VmLimits, VmReport};
 use vmcraft_balancer::psi::Pressure;
@@ -188,6 +189,7 @@ pub enum BalancingError {
 /// The balancer's thread; dropping it stops it.
 pub struct Balancing {
     stop: Arc<EventFd>,
+    gate: Arc<Gate>,
     thread: Option<Thread<()>>,
     last: Arc<Mutex<Option<Step>>>,
     steps: Arc<std::sync::atomic::AtomicU64>,
@@ -231,14 +233,28 @@ impl Balancing {
             },
             HostPressure::Fixed(_) => None,
         };
-        let (stop_t, last_t, steps_t) = (stop.clone(), last.clone(), steps.clone());
-        let thread = vmcraft_sandbox::spawn(ThreadKind::Main, "balancer", move || {
+        let (last_t, steps_t) = (last.clone(), steps.clone());
+        let gate = Arc::new(Gate::new().map_err(|source| BalancingError::Host {
+            what: "make its pause eventfd",
+            source,
+        })?);
+        let epoll = epoll_over(&[(&*stop, STOP), (&gate.wake, GATE)]).map_err(|source| {
+            BalancingError::Host {
+                what: "make its epoll set",
+                source,
+            }
+        })?;
+        let gate_t = gate.clone();
+        gate.enter();
+        let spawned = vmcraft_sandbox::spawn(ThreadKind::Main, "balancer", move || {
+            let _leave = Leave(&gate_t);
             let start = Instant::now();
             let mut psi_failed_said = false;
             for (vm, _) in &vms {
                 vm.request_report();
             }
-            while !stopped(&stop_t, config.period) {
+            // A step each period; a stop ends it, a pause parks it between steps.
+            while next_ready_within(&epoll, &gate_t, "balancer", Some(config.period)).is_some() {
                 let pressure = match (config.pressure, &psi) {
                     (HostPressure::Fixed(level), _) => level,
                     (HostPressure::Psi, None) => 0.0,
@@ -281,14 +297,32 @@ impl Balancing {
                 });
                 steps_t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
-        })
-        .map_err(BalancingError::Thread)?;
+        });
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                gate.leave();
+                return Err(BalancingError::Thread(e));
+            }
+        };
         Ok(Balancing {
             stop,
+            gate,
             thread: Some(thread),
             last,
             steps,
         })
+    }
+
+    /// Hold the balancer between steps (no balloon target changes while a snapshot
+    /// or a migration saves the machine); returns once it is held.
+    pub fn pause(&self) {
+        self.gate.pause_all();
+    }
+
+    /// Let it go on after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.gate.resume_all();
     }
 
     /// Steps taken so far.
@@ -302,23 +336,12 @@ impl Balancing {
     }
 }
 
-/// Wait `period` for a stop; true if one came.
-fn stopped(stop: &EventFd, period: Duration) -> bool {
-    let mut fd = libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(stop),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(period.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: `fd` is one valid pollfd that lives across the call, and the count is 1.
-    let n = unsafe { libc::poll(&mut fd, 1, ms) };
-    n > 0
-}
-
 impl Drop for Balancing {
     fn drop(&mut self) {
         // Saturation means a stop is pending already.
         let _ = self.stop.write(1);
+        // Held by a pause, it goes back to its loop and sees the stop.
+        self.gate.resume_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

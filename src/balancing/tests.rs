@@ -107,6 +107,19 @@ fn the_runtime_sets_each_vm_to_its_use_plus_headroom_and_stops_when_dropped() {
     assert_eq!(last.reports[2], None);
     // Every VM was asked for a report before each step.
     assert!(small.requests.load(Ordering::SeqCst) > balancing.steps());
+    // Held, it takes no step; let go, it steps again.
+    balancing.pause();
+    let held = balancing.steps();
+    std::thread::sleep(Duration::from_millis(40));
+    assert_eq!(balancing.steps(), held, "a step while paused");
+    balancing.resume();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while balancing.steps() == held {
+        assert!(Instant::now() < deadline, "no step after the resume");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Dropped while paused, it still stops.
+    balancing.pause();
     drop(balancing);
     let after = small.requests.load(Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(30));

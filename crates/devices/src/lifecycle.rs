@@ -133,9 +133,22 @@ impl Ready {
 /// and the gate's wake at [`GATE`]), parking at `gate` whenever it is paused: the
 /// tokens found ready, or None on stop or a failed wait (logged for `who`).
 pub fn next_ready(epoll: &Epoll, gate: &Gate, who: &str) -> Option<Ready> {
+    next_ready_within(epoll, gate, who, None)
+}
+
+/// [`next_ready`] for a thread that also works every `period` (the balancer): the
+/// tokens found ready (none when the period passed first), or None on stop or a
+/// failed wait. Parked time does not count towards the period.
+pub fn next_ready_within(
+    epoll: &Epoll,
+    gate: &Gate,
+    who: &str,
+    period: Option<std::time::Duration>,
+) -> Option<Ready> {
     let mut events = [EpollEvent::default(); 8];
+    let ms = period.map_or(-1, |p| i32::try_from(p.as_millis()).unwrap_or(i32::MAX));
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        let n = match epoll.wait(ms, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
