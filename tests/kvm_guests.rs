@@ -308,3 +308,35 @@ fn boot_tables_are_written_only_when_an_entry_needs_them() {
         "{msg}"
     );
 }
+
+/// A kernel loaded from bytes in memory boots (the tiny ELF kernel: a newline on
+/// COM1, then a reset through the i8042), and the vCPU count is given once: starting
+/// other than the vCPUs the ACPI tables describe is refused.
+#[test]
+fn a_kernel_from_memory_boots_and_the_vcpu_count_must_match_its_tables() {
+    use std::io::Cursor;
+    let serial = vmcraft::devices::serial::SharedBuffer::new();
+    let load = |vcpus: u32| {
+        let mut b = common::machine_builder(32 << 20, Box::new(serial.clone()));
+        let loaded = b
+            .load_linux(
+                &mut Cursor::new(vmcraft_guest_kit::ELF_RESET),
+                None::<&mut std::fs::File>,
+                "console=ttyS0",
+                vcpus,
+            )
+            .unwrap();
+        (b, loaded)
+    };
+    let (b, loaded) = load(2);
+    let err = b.start(&[VcpuConfig::at(loaded.entry)]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the kernel was told of 2 vCPUs, 1 were started"
+    );
+    let (b, loaded) = load(1);
+    let machine = b.start(&[VcpuConfig::at(loaded.entry)]).unwrap();
+    let outcome = machine.run_for(TIMEOUT).unwrap();
+    assert_eq!(outcome.reason, StopReason::Reset);
+    assert_eq!(serial.contents(), b"\n");
+}
