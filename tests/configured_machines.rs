@@ -18,7 +18,6 @@ use vmcraft::config::{
 };
 use vmcraft::configure::ConfigureError;
 use vmcraft::devices::serial::SharedBuffer;
-use vmcraft::machine::Machine;
 use vmcraft::vcpu::exit::StopReason;
 use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::Guest;

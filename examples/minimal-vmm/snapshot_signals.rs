@@ -2,7 +2,7 @@
 //! the handler only records the request; the main thread, which waits on the VM in
 //! steps of [`POLL`], takes it.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 /// How often the main thread looks for a request.
@@ -17,10 +17,20 @@ pub enum Request {
     Stop,
 }
 
-static PENDING: AtomicI32 = AtomicI32::new(0);
+/// A bit per request not taken yet: a SIGUSR2 that comes before the main thread took
+/// a SIGUSR1 does not replace it (both are served, in that order). The same signal
+/// twice before a look is one request, as the kernel also merges it.
+static PENDING: AtomicU32 = AtomicU32::new(0);
+const CONTINUE: u32 = 1;
+const STOP: u32 = 2;
 
 extern "C" fn record(signal: libc::c_int) {
-    PENDING.store(signal, Ordering::SeqCst);
+    let bit = match signal {
+        libc::SIGUSR1 => CONTINUE,
+        libc::SIGUSR2 => STOP,
+        _ => 0,
+    };
+    PENDING.fetch_or(bit, Ordering::SeqCst);
 }
 
 /// Install the handlers for SIGUSR1 and SIGUSR2.
@@ -43,11 +53,10 @@ pub fn install() -> std::io::Result<()> {
     Ok(())
 }
 
-/// The request a signal made since the last call, if any.
+/// The oldest request not taken yet (a snapshot that goes on before one that stops).
 pub fn take() -> Option<Request> {
-    match PENDING.swap(0, Ordering::SeqCst) {
-        libc::SIGUSR1 => Some(Request::Continue),
-        libc::SIGUSR2 => Some(Request::Stop),
-        _ => None,
-    }
+    [(CONTINUE, Request::Continue), (STOP, Request::Stop)]
+        .into_iter()
+        .find(|&(bit, _)| PENDING.fetch_and(!bit, Ordering::SeqCst) & bit != 0)
+        .map(|(_, request)| request)
 }

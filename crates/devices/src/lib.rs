@@ -10,6 +10,8 @@
 //! * [`rtc`]: a CMOS real-time clock good enough for Linux to read the date.
 //! * [`acpi_pm`]: the sleep and reset registers of a hardware-reduced ACPI platform
 //!   (power-off and reset from an unmodified guest).
+//! * [`pci`]: a PCI root complex (configuration through 0xCF8/0xCFC and ECAM), BARs
+//!   routed from the PCI windows, configuration spaces with writable masks, MSI-X.
 //! * [`debug_exit`]: a port whose write stops the VM with an exit code (for tests).
 //! * [`stop`]: how devices ask the VMM to stop the VM.
 //! * [`state`]: how devices save and restore their state for snapshots.
@@ -24,6 +26,7 @@ pub mod debug_exit;
 pub mod i8042;
 pub mod irq;
 pub mod lifecycle;
+pub mod pci;
 pub mod rtc;
 pub mod serial;
 pub mod state;
