@@ -43,7 +43,7 @@ fn transmit(
     requeue: &EventFd,
     pending: &mut Vec<u8>,
 ) -> Result<(), ProtocolError> {
-    serve_available(tx, mem, irq, requeue, |chain| {
+    serve_available(tx, mem, irq.queue(1), requeue, |chain| {
         let mut text = Vec::new();
         let copy = |source| ProtocolError::BufferCopy {
             what: "greeting",
@@ -84,7 +84,7 @@ fn receive(
         pending.drain(..n);
         rx.add_used(mem, head, n as u32)
             .map_err(ProtocolError::Ring)?;
-        irq.signal_used_queue();
+        irq.signal_queue(0);
     }
     Ok(())
 }

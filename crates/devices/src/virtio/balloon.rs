@@ -458,6 +458,10 @@ struct Queues {
     deflate: Queue,
     stats: Option<Queue>,
     reporting: Option<Queue>,
+    /// The statistics and reporting queues' indices (the queues the driver set up
+    /// are numbered in order: inflate 0, deflate 1, then those it negotiated).
+    stats_index: u16,
+    reporting_index: u16,
 }
 
 /// Which queue a notification index names, for `features`.
@@ -527,6 +531,8 @@ impl BalloonServer {
             queues: Queues {
                 inflate,
                 deflate,
+                stats_index: 2,
+                reporting_index: 2 + u16::from(stats.is_some()),
                 stats,
                 reporting,
             },
@@ -578,14 +584,25 @@ impl BalloonServer {
         let (mem, interrupt, pages) = (&self.pages.mem, &*self.interrupt, &self.pages);
         let again = &self.again;
         match role {
-            "inflate" => serve_available(&mut self.queues.inflate, mem, interrupt, again, |c| {
-                pages.apply(c, Direction::Inflate)
-            }),
-            "deflate" => serve_available(&mut self.queues.deflate, mem, interrupt, again, |c| {
-                pages.apply(c, Direction::Deflate)
-            }),
+            "inflate" => serve_available(
+                &mut self.queues.inflate,
+                mem,
+                interrupt.queue(0),
+                again,
+                |c| pages.apply(c, Direction::Inflate),
+            ),
+            "deflate" => serve_available(
+                &mut self.queues.deflate,
+                mem,
+                interrupt.queue(1),
+                again,
+                |c| pages.apply(c, Direction::Deflate),
+            ),
             "reporting" => match self.queues.reporting.as_mut() {
-                Some(q) => serve_available(q, mem, interrupt, again, |c| pages.report(c)),
+                Some(q) => {
+                    let signal = interrupt.queue(self.queues.reporting_index);
+                    serve_available(q, mem, signal, again, |c| pages.report(c))
+                }
                 None => Ok(0),
             },
             _ => Ok(0),
@@ -626,7 +643,7 @@ impl BalloonServer {
                 if let Some(old) = self.held_stats.replace(head) {
                     q.add_used(mem, old, 0).map_err(ProtocolError::Ring)?;
                     if q.needs_notification(mem).map_err(ProtocolError::Ring)? {
-                        self.interrupt.signal_used_queue();
+                        self.interrupt.signal_queue(self.queues.stats_index);
                     }
                 }
             }
@@ -648,7 +665,7 @@ impl BalloonServer {
         if q.needs_notification(&self.pages.mem)
             .map_err(ProtocolError::Ring)?
         {
-            self.interrupt.signal_used_queue();
+            self.interrupt.signal_queue(self.queues.stats_index);
         }
         Ok(())
     }

@@ -225,7 +225,15 @@ impl VirtioDevice for Block {
         let mut poll = AdaptivePoll::new(self.poll_max);
         let worker = spawn_device(&self.name, active, Vec::new(), move |_, _| {
             let handler = BlockQueue::new(&mem, &disk, &mut buffers, &mut run, &mut data);
-            serve_polling(&mut queue, &mem, &interrupt, &mut poll, &requeue, handler).map(drop)
+            serve_polling(
+                &mut queue,
+                &mem,
+                interrupt.queue(0),
+                &mut poll,
+                &requeue,
+                handler,
+            )
+            .map(drop)
         })?;
         self.worker = Some(worker);
         Ok(())
@@ -254,7 +262,7 @@ pub fn serve_queue(
 ) -> Result<usize, ProtocolError> {
     let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
     let handler = BlockQueue::new(mem, disk, buffers, &mut run, &mut data);
-    serve_with(queue, mem, interrupt, requeue, handler)
+    serve_with(queue, mem, interrupt.queue(0), requeue, handler)
 }
 
 /// Execute one request chain against `disk`; returns the bytes written into the

@@ -615,7 +615,7 @@ fn serve_merging(rig: &Rig, queue: &mut Queue) -> (usize, u64) {
     let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
     let handler = BlockQueue::new(&rig.mem, &rig.disk, &mut buffers, &mut run, &mut data);
     let requeue = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-    let served = serve_with(queue, &rig.mem, &rig.interrupt, &requeue, handler).unwrap();
+    let served = serve_with(queue, &rig.mem, rig.interrupt.queue(0), &requeue, handler).unwrap();
     (served, run.merged.reads())
 }
 

@@ -194,7 +194,7 @@ impl Pending {
             completed += 1;
         }
         if completed > 0 && rx.needs_notification(mem).map_err(ProtocolError::Ring)? {
-            interrupt.signal_used_queue();
+            interrupt.signal_queue(RX_QUEUE as u16);
         }
         Ok(completed)
     }
@@ -247,7 +247,7 @@ impl Serving {
                 serve_available(
                     &mut self.tx,
                     mem,
-                    &self.interrupt,
+                    self.interrupt.queue(TX_QUEUE as u16),
                     &self.tx_requeue,
                     |chain| transmit(chain, mem, &mut **out),
                 )?;
@@ -417,7 +417,7 @@ mod tests {
         let mut w: Box<dyn Write + Send> = Box::new(out.clone());
         let interrupt = Interrupt::new().unwrap();
         let requeue = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-        let served = serve_available(&mut q, &mem, &interrupt, &requeue, |c| {
+        let served = serve_available(&mut q, &mem, interrupt.queue(1), &requeue, |c| {
             transmit(c, &mem, &mut *w)
         });
         assert_eq!(served.ok(), Some(2));

@@ -5,7 +5,8 @@
 //!   interrupt status and acknowledge, reset. Put it on the MMIO bus.
 //! * [`VirtioDevice`]: what a device implements; the transport activates it with its
 //!   queues once the driver sets DRIVER_OK, and resets it when the driver writes 0.
-//! * [`Interrupt`]: the device's interrupt status and its irqfd; a device that meets a
+//! * [`Interrupt`]: the device's interrupt status and its irqfd, or its MSI-X vectors (one
+//!   per queue, [`Interrupt::queue`]); a device that meets a
 //!   guest protocol error calls [`Interrupt::device_error`], which sets NEEDS_RESET and
 //!   raises a configuration interrupt, and stops serving that device only.
 //! * [`block::Block`]: virtio-blk on a raw image file, served on its own I/O thread.
@@ -36,7 +37,8 @@ mod test_util;
 pub mod worker;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
+use std::sync::Arc;
 
 use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
@@ -216,13 +218,47 @@ pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// Interrupt status bit: the configuration (or the device status) changed.
 pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
-/// A device's interrupt status register, its NEEDS_RESET flag and the eventfd that
-/// raises its interrupt line (register it with KVM as an irqfd).
+/// The "no vector" value of a virtio-pci MSI-X vector register.
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// A device's interrupt status register, its NEEDS_RESET flag and where its
+/// interrupts go: the eventfd of its interrupt line (register it with KVM as an
+/// irqfd), or, on a transport with MSI-X, the vector the driver chose for each queue
+/// and for configuration changes.
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     needs_reset: AtomicBool,
     irq: EventFd,
+    msix: Option<MsixRouting>,
+}
+
+/// Which MSI-X vector each queue and configuration changes use.
+#[derive(Debug)]
+struct MsixRouting {
+    vectors: Arc<crate::pci::msix::MsixVectors>,
+    config: AtomicU16,
+    queues: Box<[AtomicU16]>,
+}
+
+/// One queue's way to interrupt the driver ([`Interrupt::queue`]): what the serving
+/// loops of [`queue`] take.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueInterrupt<'a> {
+    interrupt: &'a Interrupt,
+    queue: u16,
+}
+
+impl QueueInterrupt<'_> {
+    /// The queue has new used buffers: interrupt the driver.
+    pub fn signal(&self) {
+        self.interrupt.signal_queue(self.queue)
+    }
+
+    /// The device's interrupt.
+    pub fn interrupt(&self) -> &Interrupt {
+        self.interrupt
+    }
 }
 
 impl Interrupt {
@@ -232,7 +268,80 @@ impl Interrupt {
             status: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
             irq: EventFd::new(EFD_NONBLOCK)?,
+            msix: None,
         })
+    }
+
+    /// An interrupt that goes through `vectors` (MSI-X) for a device with `queues`
+    /// queues, every queue and configuration changes on [`NO_VECTOR`] until the
+    /// driver chooses ([`set_queue_vector`](Self::set_queue_vector),
+    /// [`set_config_vector`](Self::set_config_vector)).
+    pub fn with_msix(
+        vectors: Arc<crate::pci::msix::MsixVectors>,
+        queues: usize,
+    ) -> io::Result<Self> {
+        Ok(Interrupt {
+            msix: Some(MsixRouting {
+                vectors,
+                config: AtomicU16::new(NO_VECTOR),
+                queues: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            }),
+            ..Interrupt::new()?
+        })
+    }
+
+    /// Queue `queue`'s interrupt handle.
+    pub fn queue(&self, queue: u16) -> QueueInterrupt<'_> {
+        QueueInterrupt {
+            interrupt: self,
+            queue,
+        }
+    }
+
+    /// Queue `queue` has new used buffers: its MSI-X vector, or the line with the
+    /// used-buffer bit in the status register.
+    pub fn signal_queue(&self, queue: u16) {
+        match &self.msix {
+            Some(m) => {
+                if let Some(v) = m.queues.get(usize::from(queue)) {
+                    m.vectors.fire(v.load(Ordering::SeqCst));
+                }
+            }
+            None => self.raise(INT_VRING),
+        }
+    }
+
+    /// Send queue `queue`'s interrupts to MSI-X vector `vector` ([`NO_VECTOR`]: none).
+    pub fn set_queue_vector(&self, queue: u16, vector: u16) {
+        if let Some(slot) = self
+            .msix
+            .as_ref()
+            .and_then(|m| m.queues.get(usize::from(queue)))
+        {
+            slot.store(vector, Ordering::SeqCst);
+        }
+    }
+
+    /// Queue `queue`'s MSI-X vector ([`NO_VECTOR`] without MSI-X).
+    pub fn queue_vector(&self, queue: u16) -> u16 {
+        self.msix
+            .as_ref()
+            .and_then(|m| m.queues.get(usize::from(queue)))
+            .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst))
+    }
+
+    /// Send configuration-change interrupts to MSI-X vector `vector`.
+    pub fn set_config_vector(&self, vector: u16) {
+        if let Some(m) = &self.msix {
+            m.config.store(vector, Ordering::SeqCst);
+        }
+    }
+
+    /// The configuration-change MSI-X vector ([`NO_VECTOR`] without MSI-X).
+    pub fn config_vector(&self) -> u16 {
+        self.msix
+            .as_ref()
+            .map_or(NO_VECTOR, |m| m.config.load(Ordering::SeqCst))
     }
 
     /// The eventfd to register as an irqfd.
@@ -250,16 +359,24 @@ impl Interrupt {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
-    /// Raise `bits` in the status register and signal the line.
+    /// Raise `bits` in the status register and signal the line; with MSI-X, the
+    /// configuration vector for [`INT_CONFIG`] and every queue's vector for
+    /// [`INT_VRING`] (which names no queue), and the status register is left alone.
     pub fn raise(&self, bits: u32) {
+        if let Some(m) = &self.msix {
+            if bits & INT_CONFIG != 0 {
+                m.vectors.fire(m.config.load(Ordering::SeqCst));
+            }
+            if bits & INT_VRING != 0 {
+                for v in m.queues.iter() {
+                    m.vectors.fire(v.load(Ordering::SeqCst));
+                }
+            }
+            return;
+        }
         self.status.fetch_or(bits, Ordering::SeqCst);
         // A failed write means the counter is saturated: an interrupt is pending anyway.
         let _ = self.irq.write(1);
-    }
-
-    /// A queue has new used buffers.
-    pub fn signal_used_queue(&self) {
-        self.raise(INT_VRING);
     }
 
     /// The guest broke the protocol: set NEEDS_RESET and raise a configuration
@@ -289,5 +406,65 @@ impl Interrupt {
     pub(crate) fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod interrupt_tests {
+    use super::*;
+    use crate::pci::msix::{MsixTable, MsixVectors, CONTROL_ENABLE};
+
+    fn fired(vectors: &MsixVectors, v: u16) -> u64 {
+        vectors.irqfd(v).unwrap().read().unwrap_or(0)
+    }
+
+    #[test]
+    fn without_msix_queues_and_configuration_share_the_line_and_the_status() {
+        let i = Interrupt::new().unwrap();
+        i.queue(3).signal();
+        assert_eq!(i.status(), INT_VRING);
+        i.device_error();
+        assert_eq!(i.status(), INT_VRING | INT_CONFIG);
+        assert_eq!(i.irq_eventfd().read().unwrap(), 2);
+        assert_eq!(
+            (i.queue_vector(0), i.config_vector()),
+            (NO_VECTOR, NO_VECTOR)
+        );
+    }
+
+    #[test]
+    fn with_msix_each_queue_fires_its_own_vector_and_configuration_changes_theirs() {
+        let vectors = Arc::new(MsixVectors::new(3).unwrap());
+        let mut table = MsixTable::new(vectors.clone());
+        table.set_control(CONTROL_ENABLE);
+        for v in 0..3u64 {
+            table.write(v * 16 + 12, &0u32.to_le_bytes());
+        }
+        let i = Interrupt::with_msix(vectors.clone(), 2).unwrap();
+        // No vector chosen yet: nothing fires.
+        i.queue(0).signal();
+        assert_eq!((0..3).map(|v| fired(&vectors, v)).sum::<u64>(), 0);
+        i.set_queue_vector(0, 2);
+        i.set_queue_vector(1, 1);
+        i.set_config_vector(0);
+        i.set_queue_vector(7, 1); // no such queue: ignored
+        i.queue(0).signal();
+        i.queue(0).signal();
+        i.queue(1).signal();
+        i.queue(9).signal(); // no such queue: nothing
+        assert_eq!(
+            (fired(&vectors, 0), fired(&vectors, 1), fired(&vectors, 2)),
+            (0, 1, 2)
+        );
+        // A protocol error: NEEDS_RESET and the configuration vector; the ISR-style
+        // status is not used with MSI-X.
+        i.device_error();
+        assert!(i.needs_reset());
+        assert_eq!(fired(&vectors, 0), 1);
+        assert_eq!(i.status(), 0);
+        assert_eq!(i.irq_eventfd().read().ok(), None);
+        // INT_VRING without a queue: every queue's vector.
+        i.raise(INT_VRING);
+        assert_eq!((fired(&vectors, 1), fired(&vectors, 2)), (1, 1));
     }
 }

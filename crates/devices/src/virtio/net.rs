@@ -254,7 +254,7 @@ impl RxPath {
             }
         }
         if delivered > 0 && rx.needs_notification(mem).map_err(ProtocolError::Ring)? {
-            interrupt.signal_used_queue();
+            interrupt.signal_queue(RX_QUEUE as u16);
         }
         Ok(delivered)
     }
@@ -285,7 +285,7 @@ impl Serving {
             serve_available(
                 &mut self.tx,
                 mem,
-                &self.interrupt,
+                self.interrupt.queue(TX_QUEUE as u16),
                 &self.tx_requeue,
                 |chain| transmit(chain, mem, &mut **backend, buf),
             )?;
@@ -425,7 +425,7 @@ mod tests {
         let interrupt = Interrupt::new().unwrap();
         let mut buf = vec![0u8; HEADER_SIZE + MAX_FRAME];
         let requeue = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-        let served = serve_available(&mut tx, &mem, &interrupt, &requeue, |c| {
+        let served = serve_available(&mut tx, &mem, interrupt.queue(1), &requeue, |c| {
             transmit(c, &mem, &mut *backend, &mut buf)
         });
         assert_eq!(served.ok(), Some(3));

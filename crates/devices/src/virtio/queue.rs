@@ -6,7 +6,7 @@ use vmcraft_memory::poll::AdaptivePoll;
 use vmcraft_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::Interrupt;
+use super::QueueInterrupt;
 
 /// A broken descriptor chain or ring: the device needs a reset.
 #[derive(Debug, Error)]
@@ -122,13 +122,13 @@ where
 /// #      interrupt: &vmcraft_devices::virtio::Interrupt, requeue: &EventFd)
 /// #      -> Result<(), ProtocolError> {
 /// // A device that takes every chain and writes nothing into it.
-/// let served = serve_available(queue, mem, interrupt, requeue, |_chain| Ok(0))?;
+/// let served = serve_available(queue, mem, interrupt.queue(0), requeue, |_chain| Ok(0))?;
 /// # let _ = served; Ok(()) }
 /// ```
 pub fn serve_available(
     queue: &mut Queue,
     mem: &GuestMemory,
-    interrupt: &Interrupt,
+    interrupt: QueueInterrupt<'_>,
     requeue: &EventFd,
     handle: impl FnMut(DescriptorChain<&GuestMemory>) -> Result<u32, ProtocolError>,
 ) -> Result<usize, ProtocolError> {
@@ -149,7 +149,7 @@ pub fn serve_available(
 pub fn serve_with(
     queue: &mut Queue,
     mem: &GuestMemory,
-    interrupt: &Interrupt,
+    interrupt: QueueInterrupt<'_>,
     requeue: &EventFd,
     mut handle: impl ChainHandler,
 ) -> Result<usize, ProtocolError> {
@@ -176,7 +176,7 @@ pub fn serve_with(
         }
     };
     if served > 0 && queue.needs_notification(mem).map_err(ProtocolError::Ring)? {
-        interrupt.signal_used_queue();
+        interrupt.signal();
     }
     result
 }
@@ -198,7 +198,7 @@ pub const SERVE_BUDGET: usize = 1024;
 pub fn serve_polling(
     queue: &mut Queue,
     mem: &GuestMemory,
-    interrupt: &Interrupt,
+    interrupt: QueueInterrupt<'_>,
     poll: &mut AdaptivePoll,
     requeue: &EventFd,
     mut handle: impl ChainHandler,
@@ -212,7 +212,7 @@ pub fn serve_polling(
         let now = complete_available(queue, mem, SERVE_BUDGET - served, &mut handle)?;
         served += now;
         if now > 0 && queue.needs_notification(mem).map_err(ProtocolError::Ring)? {
-            interrupt.signal_used_queue();
+            interrupt.signal();
         }
         if served >= SERVE_BUDGET {
             // Notifications stay off: the requeue is the wake-up. If the write fails
@@ -285,6 +285,7 @@ fn has_available(queue: &Queue, mem: &GuestMemory) -> bool {
 mod tests {
     use super::*;
     use crate::virtio::test_util::desc;
+    use crate::virtio::Interrupt;
     use std::time::Duration;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
@@ -343,7 +344,7 @@ mod tests {
         let served = serve_polling(
             &mut q,
             &mem,
-            &interrupt,
+            interrupt.queue(0),
             &mut poll,
             &requeue,
             complete_each(|_| {
@@ -377,7 +378,7 @@ mod tests {
         let served = serve_polling(
             &mut q,
             &mem,
-            &interrupt,
+            interrupt.queue(0),
             &mut poll,
             &requeue,
             complete_each(|_| Ok(0)),
@@ -398,7 +399,7 @@ mod tests {
         let first = serve_polling(
             &mut q,
             &mem,
-            &interrupt,
+            interrupt.queue(0),
             &mut poll,
             &requeue,
             complete_each(|_| Ok(0)),
@@ -412,7 +413,7 @@ mod tests {
         let second = serve_polling(
             &mut q,
             &mem,
-            &interrupt,
+            interrupt.queue(0),
             &mut poll,
             &requeue,
             complete_each(|_| Ok(0)),
@@ -433,10 +434,10 @@ mod tests {
             q.set_event_idx(event_idx);
             let interrupt = Interrupt::new().unwrap();
             let requeue = EventFd::new(EFD_NONBLOCK).unwrap();
-            let first = serve_available(&mut q, &mem, &interrupt, &requeue, |_| Ok(0));
+            let first = serve_available(&mut q, &mem, interrupt.queue(0), &requeue, |_| Ok(0));
             assert_eq!(first.unwrap(), SERVE_BUDGET, "event_idx {event_idx}");
             assert_eq!(requeue.read().unwrap(), 1, "the event loop is asked back");
-            let second = serve_available(&mut q, &mem, &interrupt, &requeue, |_| Ok(0));
+            let second = serve_available(&mut q, &mem, interrupt.queue(0), &requeue, |_| Ok(0));
             assert_eq!(second.unwrap(), usize::from(extra));
             assert!(requeue.read().is_err(), "nothing left: no requeue");
         }
@@ -453,7 +454,7 @@ mod tests {
         let r = serve_polling(
             &mut q,
             &mem,
-            &interrupt,
+            interrupt.queue(0),
             &mut poll,
             &requeue,
             complete_each(|_| {

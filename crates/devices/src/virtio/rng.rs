@@ -90,7 +90,7 @@ pub fn serve_queue(
     requeue: &EventFd,
     scratch: &mut [u8],
 ) -> Result<usize, ProtocolError> {
-    serve_available(queue, mem, interrupt, requeue, |chain| {
+    serve_available(queue, mem, interrupt.queue(0), requeue, |chain| {
         fill_request(chain, mem, scratch)
     })
 }
