@@ -316,6 +316,65 @@ fn resources_that_do_not_fit_the_configuration_are_refused_by_field() {
     };
     let err = attempt(32 << 20, &pv, wrong);
     assert_eq!(err, "devices[0]: the resource opened for it is not a pv's");
+    // A resource of another kind for a console and for a NIC.
+    let console = MachineConfig {
+        memory_mib: 16,
+        devices: vec![DeviceConfig::VirtioConsole(ConsoleConfig::default())],
+        ..MachineConfig::default()
+    };
+    let wrong = HostResources {
+        kernel: None,
+        devices: vec![DeviceResource::Disk(disk_file())],
+    };
+    let err = attempt(16 << 20, &console, wrong);
+    assert_eq!(
+        err,
+        "devices[0]: the resource opened for it is not a virtio-console's"
+    );
+    let net = MachineConfig {
+        memory_mib: 16,
+        devices: vec![DeviceConfig::VirtioNet(vmcraft::config::NetConfig {
+            tap: "vmcraft-none".into(),
+            mac: None,
+        })],
+        ..MachineConfig::default()
+    };
+    let wrong = HostResources {
+        kernel: None,
+        devices: vec![DeviceResource::None],
+    };
+    let err = attempt(16 << 20, &net, wrong);
+    assert_eq!(
+        err,
+        "devices[0]: the resource opened for it is not a virtio-net's"
+    );
+    // A disk that is no image (a pipe cannot seek to its end): the device named,
+    // the cause kept.
+    for (device, kind) in [
+        (
+            DeviceConfig::VirtioBlock(DiskConfig::new(&image)),
+            "virtio-block",
+        ),
+        (DeviceConfig::Ata(DiskConfig::new(&image)), "ata"),
+    ] {
+        let config = MachineConfig {
+            memory_mib: 16,
+            devices: vec![device],
+            ..MachineConfig::default()
+        };
+        let (reader, _writer) = std::io::pipe().unwrap();
+        let pipe = std::fs::File::from(std::os::fd::OwnedFd::from(reader));
+        let resources = HostResources {
+            kernel: None,
+            devices: vec![DeviceResource::Disk(pipe)],
+        };
+        let mut b = machine_builder(16 << 20, Box::new(std::io::sink()));
+        let err = chain(&b.configure(&config, resources).unwrap_err());
+        assert!(
+            err.starts_with(&format!("devices[0] ({kind}): ")) && err.contains("seek"),
+            "{err}"
+        );
+    }
     // A Xen disk without Xen is refused by the configuration's own check.
     let xen_disk = MachineConfig {
         memory_mib: 16,

@@ -510,6 +510,62 @@ mod tests {
     }
 
     #[test]
+    fn the_windows_and_ecam_reach_the_bars_and_registers_through_the_buses_traits() {
+        let (root, log) = root_with_recorder();
+        let mut ecam = PciConfigMmio(root.clone());
+        let command = ecam_offset(1, 0, COMMAND as u16);
+        ecam.mmio_write(MmioAddress(0), command, &COMMAND_MEMORY.to_le_bytes());
+        // A misaligned ECAM write changes nothing.
+        ecam.mmio_write(MmioAddress(0), command + 1, &[0, 0]);
+        let mut w = [0u8; 2];
+        ecam.mmio_read(MmioAddress(0), command, &mut w);
+        assert_eq!(u16::from_le_bytes(w), COMMAND_MEMORY);
+        let mut window = PciBarWindow {
+            root: root.clone(),
+            base: 0xc000_0000,
+            io: false,
+        };
+        let mut d = [0u8; 4];
+        window.mmio_read(MmioAddress(0xc000_0000), 8, &mut d);
+        assert_eq!(d, [0xab; 4]);
+        window.mmio_write(MmioAddress(0xc000_0000), 12, &[7]);
+        // A port window: no I/O BAR decodes there.
+        let mut ports = PciBarWindow {
+            root: root.clone(),
+            base: 0x6000,
+            io: true,
+        };
+        ports.pio_read(PioAddress(0x6000), 8, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        ports.pio_write(PioAddress(0x6000), 8, &[1]);
+        // Through the port device's trait: CONFIG_ADDRESS and a data byte.
+        let mut io = PciConfigIo::new(root.clone());
+        io.pio_write(
+            PioAddress(CONFIG_ADDRESS_PORT),
+            0,
+            &0x8000_083cu32.to_le_bytes(),
+        );
+        io.pio_write(PioAddress(CONFIG_ADDRESS_PORT), 4, &[11]);
+        let mut b = [0u8; 1];
+        io.pio_read(PioAddress(CONFIG_ADDRESS_PORT), 4, &mut b);
+        assert_eq!(b, [11], "the interrupt line is read-write");
+        // The host bridge has no BARs: nothing decodes for it, and its header
+        // keeps its identity.
+        let bridge = root.function(0).unwrap();
+        let mut bridge = bridge.lock().unwrap();
+        bridge.bar_read(0, 0, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        bridge.bar_write(0, 0, &[1]);
+        bridge.config_write(0x0b, &[0]);
+        assert_eq!(bridge.configuration().read_u32(0x08) >> 24, 0x06);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["moved [] -> [c0000000]", "read 0 0x8", "write 0 0xc [7]"]
+        );
+        assert!(format!("{root:?}").contains("devices: 2"));
+    }
+
+    #[test]
     fn the_bus_takes_31_functions_beside_the_bridge() {
         let mut root = PciRoot::new();
         for i in 1..SLOTS {
