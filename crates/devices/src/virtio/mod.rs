@@ -29,11 +29,13 @@ pub mod mmio;
 #[cfg(test)]
 mod mmio_conformance;
 pub mod net;
+pub mod pci;
 pub mod queue;
 pub mod rng;
 pub mod tap;
 #[cfg(test)]
 mod test_util;
+pub mod transport;
 pub mod worker;
 
 use std::io;
