@@ -156,18 +156,14 @@ impl PvBackends {
         threads.push(
             vmcraft_sandbox::spawn(ThreadKind::PvBackend, "pv-console", move || {
                 let _leave = Leave(&gate_c);
-                while wait(&epoll_c, &console_end.notified, &gate_c) {
-                    match console.drain_output(&mut *console_out) {
-                        Ok(n) if n > 0 => {
-                            let _ = ch_c.notify_guest(console_end.port);
-                        }
-                        Ok(_) => {}
-                        // A hostile page: stop serving this console.
-                        Err(e) => {
-                            log::warn!("pv-console: stops serving the guest: {}", ErrorChain(&e));
-                            return;
-                        }
-                    }
+                let mut serving = true;
+                while serving && wait(&epoll_c, &console_end.notified, &gate_c) {
+                    serving = drain_console(&console, &mut *console_out, &ch_c, console_end.port);
+                }
+                // Stopping: what the guest wrote before it stopped still goes out
+                // (a guest that prints and then powers off says its last line).
+                if serving {
+                    drain_console(&console, &mut *console_out, &ch_c, console_end.port);
                 }
             })
             .map_err(PvError::Thread)?,
@@ -346,6 +342,28 @@ impl Drop for PvBackends {
         self.resume();
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// Move the PV console's output to `out` and tell the guest; false (after a warning)
+/// if the page is hostile and the console stops serving.
+fn drain_console(
+    console: &ConsoleBackend,
+    out: &mut dyn Write,
+    channels: &EventChannels,
+    port: u32,
+) -> bool {
+    match console.drain_output(out) {
+        Ok(n) => {
+            if n > 0 {
+                let _ = channels.notify_guest(port);
+            }
+            true
+        }
+        Err(e) => {
+            log::warn!("pv-console: stops serving the guest: {}", ErrorChain(&e));
+            false
         }
     }
 }

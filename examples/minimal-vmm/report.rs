@@ -4,7 +4,7 @@
 use std::error::Error;
 use std::time::{Duration, Instant};
 
-use vmcraft::devices::bus::IoBuses;
+use vmcraft::devices::bus::{UnclaimedAccesses, UnclaimedPort};
 use vmcraft::machine::Machine;
 use vmcraft::memory::host_usage::ProcessMemory;
 use vmcraft::vcpu::{ExitStatsSnapshot, StopReason, VmOutcome};
@@ -16,20 +16,20 @@ pub struct Report<'a> {
     pub first_exit: Duration,
     pub stats: &'a [ExitStatsSnapshot],
     pub guest_resident: u64,
-    pub buses: &'a IoBuses,
+    /// The accesses no device claimed, and by port.
+    pub unclaimed: (UnclaimedAccesses, Vec<UnclaimedPort>),
     /// `/proc/self/status`, opened before the filters went on.
     pub status: &'a std::fs::File,
 }
 
 /// Print `r` to stdout.
 pub fn print(r: &Report<'_>) -> Result<(), Box<dyn Error>> {
-    let (outcome, started, first_exit, stats, guest_resident, buses) = (
+    let (outcome, started, first_exit, stats, guest_resident) = (
         r.outcome,
         r.started,
         r.first_exit,
         r.stats,
         r.guest_resident,
-        r.buses,
     );
     println!();
     let by = outcome
@@ -55,10 +55,9 @@ pub fn print(r: &Report<'_>) -> Result<(), Box<dyn Error>> {
         guest_resident >> 10,
         memory.peak_rss.saturating_sub(guest_resident) >> 10
     );
-    let u = buses.unclaimed();
+    let (u, ports) = &r.unclaimed;
     println!("minimal-vmm: unclaimed accesses: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
         u.pio_reads, u.pio_writes, u.mmio_reads, u.mmio_writes);
-    let ports = buses.unclaimed_ports();
     if !ports.is_empty() {
         let list: Vec<String> = ports
             .iter()
@@ -122,19 +121,23 @@ pub fn finish(
         .collect::<Result<_, _>>()?;
     let guest_resident = machine.vm().ram().resident_bytes()?;
     machine.stop();
-    let outcome = machine.wait_stopped(None).ok_or("the VM did not stop")?;
+    let buses = machine.buses();
+    let unclaimed = (buses.unclaimed(), buses.unclaimed_ports());
+    let failure = machine.failure().map(|f| f.to_string());
+    // The devices stop with the machine, writing out what the guest gave them
+    // before it stopped: the report comes after the guest's last words.
+    let outcome = machine.wait()?;
     print(&Report {
         outcome,
         started,
         first_exit,
         stats: &stats,
         guest_resident,
-        buses: machine.buses(),
+        unclaimed,
         status,
     })?;
-    if let Some(failure) = machine.failure() {
+    if let Some(failure) = failure {
         println!("minimal-vmm: {failure}");
     }
-    machine.wait()?;
     Ok(outcome.reason)
 }
