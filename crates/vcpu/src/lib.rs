@@ -49,6 +49,7 @@ pub mod cpu;
 pub mod exit;
 pub mod linux;
 pub mod mode;
+pub mod msi;
 pub mod probe;
 mod run_page;
 pub mod runner;
