@@ -70,7 +70,7 @@ fn function() -> Function {
 
 fuzz_target!(|data: &[u8]| {
     let f = Arc::new(Mutex::new(function()));
-    let mut root = PciRoot::new();
+    let root = PciRoot::new();
     root.add(f.clone()).unwrap();
     let root = Arc::new(root);
     let mut io = PciConfigIo::new(root.clone());

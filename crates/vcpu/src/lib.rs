@@ -47,6 +47,7 @@ compile_error!("vmcraft-vcpu runs x86-64 guests on KVM and builds only for x86_6
 
 pub mod cpu;
 pub mod exit;
+pub mod ioevent;
 pub mod linux;
 pub mod mode;
 pub mod msi;

@@ -99,12 +99,8 @@ fn default_routes() -> Vec<kvm_irq_routing_entry> {
 impl GsiRoutes {
     /// The routes of `vm` (its in-kernel IRQ chip created), KVM's defaults only.
     pub fn new(vm: &VmFd) -> std::io::Result<Self> {
-        use std::os::fd::{AsRawFd, BorrowedFd};
-        // SAFETY: the VM fd is open for as long as `vm` is borrowed, which covers the
-        // duplication below; the borrowed fd is not kept.
-        let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
         Ok(GsiRoutes {
-            vm: std::fs::File::from(fd.try_clone_to_owned()?),
+            vm: crate::vm::dup_vm_fd(vm)?,
             table: Mutex::new(Table {
                 msi: BTreeMap::new(),
                 next: FIRST_MSI_GSI,
@@ -187,7 +183,12 @@ impl GsiRoutes {
 
 mod ioctls {
     use kvm_bindings::KVMIO;
-    vmm_sys_util::ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_bindings::kvm_irq_routing);
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_GSI_ROUTING,
+        KVMIO,
+        0x6a,
+        kvm_bindings::kvm_irq_routing
+    );
 }
 
 #[cfg(test)]

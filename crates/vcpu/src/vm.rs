@@ -110,3 +110,13 @@ impl Vm {
         (&mut self.ram, &self.fd)
     }
 }
+
+/// A handle of its own on the VM behind `vm` (a duplicated file descriptor), for a
+/// helper that issues VM ioctls from other threads after the `VmFd` has moved on.
+pub(crate) fn dup_vm_fd(vm: &VmFd) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the VM fd is open for as long as `vm` is borrowed, which covers the
+    // duplication below; the borrowed fd is not kept.
+    let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+    Ok(std::fs::File::from(fd.try_clone_to_owned()?))
+}

@@ -61,12 +61,8 @@ pub struct MsiSender {
 impl MsiSender {
     /// A sender to `vm`'s guest.
     pub fn new(vm: &VmFd) -> std::io::Result<Self> {
-        use std::os::fd::{AsRawFd, BorrowedFd};
-        // SAFETY: the VM fd is open for as long as `vm` is borrowed, which covers
-        // the duplication below; the borrowed fd is not kept.
-        let fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
         Ok(MsiSender {
-            vm: std::fs::File::from(fd.try_clone_to_owned()?),
+            vm: crate::vm::dup_vm_fd(vm)?,
         })
     }
 

@@ -118,7 +118,7 @@ impl PciFunction for HostBridge {
 /// The bus: its functions and where their BARs decode. See the
 /// [module documentation](self).
 pub struct PciRoot {
-    slots: Vec<Option<SharedFunction>>,
+    slots: RwLock<Vec<Option<SharedFunction>>>,
     /// Each decoding BAR and its device number, kept current on every
     /// configuration write.
     decoding: RwLock<Vec<(BarRange, usize)>>,
@@ -127,10 +127,7 @@ pub struct PciRoot {
 impl std::fmt::Debug for PciRoot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PciRoot")
-            .field(
-                "devices",
-                &self.slots.iter().filter(|s| s.is_some()).count(),
-            )
+            .field("devices", &self.functions().len())
             .finish_non_exhaustive()
     }
 }
@@ -151,35 +148,41 @@ impl PciRoot {
         let mut slots = vec![None; SLOTS];
         slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())) as SharedFunction);
         PciRoot {
-            slots,
+            slots: RwLock::new(slots),
             decoding: RwLock::new(Vec::new()),
         }
     }
 
+    fn slots(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<SharedFunction>>> {
+        self.slots.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Put `function` at the lowest free device number, which is returned.
-    pub fn add(&mut self, function: SharedFunction) -> Result<u8, RootError> {
-        let slot = self
-            .slots
+    pub fn add(&self, function: SharedFunction) -> Result<u8, RootError> {
+        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+        let slot = slots
             .iter()
             .position(Option::is_none)
             .ok_or(RootError::Full)?;
         let bars = lock(&function).configuration().decoding_bars();
-        self.slots[slot] = Some(function);
+        slots[slot] = Some(function);
+        drop(slots);
         self.set_decoding(slot, &bars);
         Ok(slot as u8)
     }
 
     /// The function at device number `device`.
-    pub fn function(&self, device: u8) -> Option<&SharedFunction> {
-        self.slots.get(usize::from(device)).and_then(Option::as_ref)
+    pub fn function(&self, device: u8) -> Option<SharedFunction> {
+        self.slots().get(usize::from(device)).cloned().flatten()
     }
 
     /// Every function with its device number.
-    pub fn functions(&self) -> impl Iterator<Item = (u8, &SharedFunction)> {
-        self.slots
+    pub fn functions(&self) -> Vec<(u8, SharedFunction)> {
+        self.slots()
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|f| (i as u8, f)))
+            .filter_map(|(i, s)| s.clone().map(|f| (i as u8, f)))
+            .collect()
     }
 
     fn set_decoding(&self, slot: usize, bars: &[BarRange]) {
@@ -192,12 +195,12 @@ impl PciRoot {
     }
 
     /// Decode an ECAM offset on bus 0: the function and the register, if both exist.
-    fn decode(&self, offset: u64) -> Option<(usize, &SharedFunction, usize)> {
+    fn decode(&self, offset: u64) -> Option<(usize, SharedFunction, usize)> {
         if offset >= ECAM_BUS_SIZE || offset >> 12 & 7 != 0 {
             return None;
         }
         let slot = (offset >> 15) as usize & 31;
-        let function = self.slots[slot].as_ref()?;
+        let function = self.slots()[slot].clone()?;
         Some((slot, function, (offset & 0xfff) as usize))
     }
 
@@ -205,7 +208,7 @@ impl PciRoot {
     pub fn config_read(&self, offset: u64, data: &mut [u8]) {
         match self.decode(offset) {
             Some((_, f, register)) if register + data.len() <= 0x1000 => {
-                lock(f).config_read(register, data)
+                lock(&f).config_read(register, data)
             }
             _ => data.fill(0xff),
         }
@@ -220,7 +223,7 @@ impl PciRoot {
         if register + data.len() > 0x1000 {
             return;
         }
-        let mut function = lock(f);
+        let mut function = lock(&f);
         let before = function.configuration().decoding_bars();
         function.config_write(register, data);
         let after = function.configuration().decoding_bars();
@@ -236,7 +239,7 @@ impl PciRoot {
         let (bar, slot) = decoding
             .iter()
             .find(|(b, _)| (b.kind == super::config::BarKind::Io) == io && b.contains(addr))?;
-        Some((self.slots[*slot].clone()?, *bar))
+        Some((self.slots()[*slot].clone()?, *bar))
     }
 
     /// A guest read of memory at `addr` inside a PCI window: the BAR that decodes it
@@ -426,7 +429,7 @@ mod tests {
         cfg.add_bar(0, 0x1000, BarKind::Memory32).unwrap();
         cfg.place_bar(0, 0xc000_0000).unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let mut root = PciRoot::new();
+        let root = PciRoot::new();
         let slot = root
             .add(Arc::new(Mutex::new(Recorder {
                 cfg,
@@ -567,7 +570,7 @@ mod tests {
 
     #[test]
     fn the_bus_takes_31_functions_beside_the_bridge() {
-        let mut root = PciRoot::new();
+        let root = PciRoot::new();
         for i in 1..SLOTS {
             let slot = root.add(Arc::new(Mutex::new(HostBridge::new()))).unwrap();
             assert_eq!(usize::from(slot), i);
@@ -576,6 +579,6 @@ mod tests {
             root.add(Arc::new(Mutex::new(HostBridge::new()))),
             Err(RootError::Full)
         );
-        assert_eq!(root.functions().count(), SLOTS);
+        assert_eq!(root.functions().len(), SLOTS);
     }
 }
