@@ -233,6 +233,30 @@ impl PciRoot {
         }
     }
 
+    /// Route device `device`'s BARs as its configuration space says now (after a
+    /// restore put it back behind the root's back), telling the function if they
+    /// moved.
+    pub fn refresh(&self, device: u8) {
+        let slot = usize::from(device);
+        let Some(f) = self.function(device) else {
+            return;
+        };
+        let mut function = lock(&f);
+        let before: Vec<BarRange> = self
+            .decoding
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, s)| *s == slot)
+            .map(|(b, _)| *b)
+            .collect();
+        let after = function.configuration().decoding_bars();
+        if before != after {
+            self.set_decoding(slot, &after);
+            function.bars_moved(&before, &after);
+        }
+    }
+
     /// The function and BAR that decode memory (or, with `io`, port) address `addr`.
     fn bar_at(&self, addr: u64, io: bool) -> Option<(SharedFunction, BarRange)> {
         let decoding = self.decoding.read().unwrap_or_else(PoisonError::into_inner);

@@ -28,7 +28,7 @@ use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
 
 use super::transport::{DriverError, TransportState, VirtioCore};
 use super::{Interrupt, VirtioDevice, NO_VECTOR};
-use crate::pci::config::{BarKind, ConfigurationState, PciConfiguration, PciHeader};
+use crate::pci::config::{BarKind, BarRange, ConfigurationState, PciConfiguration, PciHeader};
 use crate::pci::msix::{MsiMessage, MsixState, MsixTable, MsixVectors, TableChange};
 use crate::pci::root::PciFunction;
 use crate::state::StateError;
@@ -77,6 +77,15 @@ pub trait MsiRoutes: Send + Sync {
     fn set_route(&self, vector: u16, message: MsiMessage);
 }
 
+/// Where a transport's queue notifications are caught without an exit (KVM
+/// ioeventfds, in the `vmcraft` crate's glue): told when BAR 0 starts or stops
+/// decoding, or moves, so the catching follows it.
+pub trait NotifyWindow: Send {
+    /// The notification area moved from `from` to `to` (either absent: decoding was
+    /// off): queue `q`'s notifier is at the area + 4 q.
+    fn moved(&mut self, notifiers: &[EventFd], from: Option<u64>, to: Option<u64>);
+}
+
 /// The virtio-pci transport's state in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PciTransportState {
@@ -106,6 +115,7 @@ pub struct PciTransport {
     msix_cap: usize,
     pci_cfg_cap: usize,
     routes: Option<Arc<dyn MsiRoutes>>,
+    notify_window: Option<Box<dyn NotifyWindow>>,
 }
 
 impl std::fmt::Debug for PciTransport {
@@ -201,6 +211,7 @@ impl PciTransport {
             msix_cap,
             pci_cfg_cap,
             routes: None,
+            notify_window: None,
         })
     }
 
@@ -214,6 +225,11 @@ impl PciTransport {
     /// Where vector messages go when the guest writes them.
     pub fn set_msi_routes(&mut self, routes: Arc<dyn MsiRoutes>) {
         self.routes = Some(routes);
+    }
+
+    /// Where the queue notifications are caught, following BAR 0.
+    pub fn set_notify_window(&mut self, window: Box<dyn NotifyWindow>) {
+        self.notify_window = Some(window);
     }
 
     /// Stop the VM through `latch` when the device fails on the host's side.
@@ -528,6 +544,20 @@ impl PciFunction for PciTransport {
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         if bar == 0 {
             self.bar0_write(offset, data)
+        }
+    }
+
+    fn bars_moved(&mut self, before: &[BarRange], after: &[BarRange]) {
+        let area = |bars: &[BarRange]| {
+            bars.iter()
+                .find(|b| b.index == 0)
+                .map(|b| b.address + NOTIFY_OFFSET)
+        };
+        let (from, to) = (area(before), area(after));
+        if from != to {
+            if let Some(window) = self.notify_window.as_mut() {
+                window.moved(self.core.notifiers(), from, to);
+            }
         }
     }
 }

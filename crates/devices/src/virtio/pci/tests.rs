@@ -349,3 +349,50 @@ fn a_snapshot_restores_the_function_its_vectors_and_its_routes_and_refuses_forge
     assert!(refused(&|s| s.msix.entries.pop().map(drop).unwrap_or(())).contains("MSI-X"));
     assert!(refused(&|s| s.msix.control = 0).contains("MSI-X control"));
 }
+
+type Moves = Arc<Mutex<Vec<(Option<u64>, Option<u64>, usize)>>>;
+
+struct Window(Moves);
+
+impl NotifyWindow for Window {
+    fn moved(&mut self, notifiers: &[EventFd], from: Option<u64>, to: Option<u64>) {
+        self.0.lock().unwrap().push((from, to, notifiers.len()));
+    }
+}
+
+#[test]
+fn the_notification_area_follows_bar_0_as_the_guest_enables_moves_and_restores_it() {
+    use crate::pci::config::COMMAND_MEMORY;
+    use crate::pci::root::{ecam_offset, PciRoot};
+    let (mut t, _) = transport();
+    let moves = Moves::default();
+    t.set_notify_window(Box::new(Window(moves.clone())));
+    let t = Arc::new(Mutex::new(t));
+    let root = PciRoot::new();
+    let dev = root.add(t.clone()).unwrap();
+    let write = |reg: u16, data: &[u8]| root.config_write(ecam_offset(dev, 0, reg), data);
+    write(4, &COMMAND_MEMORY.to_le_bytes());
+    write(0x10, &0xd000_0000u32.to_le_bytes());
+    write(4, &0u16.to_le_bytes());
+    // A restore that puts memory decoding back behind the root's back.
+    t.lock()
+        .unwrap()
+        .config
+        .write(4, &COMMAND_MEMORY.to_le_bytes());
+    root.refresh(dev);
+    root.refresh(dev);
+    let notify = |bar: u64| Some(bar + NOTIFY_OFFSET);
+    assert_eq!(
+        *moves.lock().unwrap(),
+        [
+            (None, notify(BAR), 2),
+            (notify(BAR), notify(0xd000_0000), 2),
+            (notify(0xd000_0000), None, 2),
+            (None, notify(0xd000_0000), 2),
+        ]
+    );
+    // Accesses follow the BAR: the common configuration at the new address.
+    let mut d = [0u8; 2];
+    root.bar_read(0xd000_0012, false, &mut d);
+    assert_eq!(u16::from_le_bytes(d), 2, "num_queues");
+}
