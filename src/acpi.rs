@@ -87,6 +87,18 @@ pub enum AcpiDevice {
         /// GSI.
         irq: u32,
     },
+    /// A PCI host bridge for bus 0 (`PCI0`, PNP0A08): configuration through ports
+    /// 0xCF8-0xCFF and the ECAM window at `ecam` (in the MCFG table, and reserved as
+    /// a motherboard resource), BARs in `[window, window + window_size)`. Its
+    /// functions interrupt through MSI-X only (no INTx, so no `_PRT`).
+    PciHostBridge {
+        /// The ECAM window of bus 0 (1 MiB).
+        ecam: u64,
+        /// The memory window BARs are placed in (below 4 GiB).
+        window: u64,
+        /// Its size.
+        window_size: u64,
+    },
 }
 
 /// What the tables say about a machine.
@@ -168,6 +180,56 @@ fn isa_device(
     aml::Device::new(name.into(), children).to_aml_bytes(sink);
 }
 
+/// Bytes of ECAM for bus 0.
+const ECAM_SIZE: u64 = 1 << 20;
+
+/// `PCI0`: a PCI Express root bridge for bus 0 with its configuration ports and its
+/// memory window; and `MRES`, the ECAM window as a motherboard resource, which Linux
+/// wants before it trusts the MCFG table.
+fn pci_host_bridge(ecam: u64, window: u64, window_size: u64, sink: &mut Vec<u8>) {
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let memory = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        window as u32,
+        (window + window_size - 1) as u32,
+        None,
+    );
+    aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new("_CCA".into(), &aml::ONE),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&bus, &ports, &memory]),
+            ),
+        ],
+    )
+    .to_aml_bytes(sink);
+    aml::Device::new(
+        "MRES".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
+                    false,
+                    ecam as u32,
+                    ECAM_SIZE as u32,
+                )]),
+            ),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
 /// AML already encoded, as a child of a scope.
 struct EncodedAml(Vec<u8>);
 
@@ -200,6 +262,17 @@ impl MachineDescription {
                     check_irq("a virtio-mmio device", irq)?;
                     if base.checked_add(size).is_none_or(|end| end > 1 << 32) {
                         return Err(AcpiError::WindowAbove4G { base, size });
+                    }
+                }
+                AcpiDevice::PciHostBridge {
+                    ecam,
+                    window,
+                    window_size,
+                } => {
+                    for (base, size) in [(ecam, ECAM_SIZE), (window, window_size)] {
+                        if size == 0 || base.checked_add(size).is_none_or(|end| end > 1 << 32) {
+                            return Err(AcpiError::WindowAbove4G { base, size });
+                        }
                     }
                 }
                 AcpiDevice::I8042 | AcpiDevice::Rtc => {}
@@ -278,6 +351,11 @@ impl MachineDescription {
                     .to_aml_bytes(&mut bytes);
                     virtio_uid += 1;
                 }
+                AcpiDevice::PciHostBridge {
+                    ecam,
+                    window,
+                    window_size,
+                } => pci_host_bridge(ecam, window, window_size, &mut bytes),
             }
             devices.push(EncodedAml(bytes));
         }
@@ -325,8 +403,23 @@ impl MachineDescription {
         bytes
     }
 
+    /// The MCFG table (ECAM of bus 0) if the machine has a PCI host bridge, else
+    /// nothing.
+    fn mcfg(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for d in &self.devices {
+            if let AcpiDevice::PciHostBridge { ecam, .. } = *d {
+                let mut mcfg = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+                mcfg.add_ecam(ecam, 0, 0, 0);
+                mcfg.to_aml_bytes(&mut bytes);
+            }
+        }
+        bytes
+    }
+
     /// The tables as one blob to be placed at guest-physical `addr`: the RSDP first,
-    /// then the DSDT, MADT, FADT and XSDT, each 16-byte aligned. Pure: unit tested.
+    /// then the DSDT, MADT, FADT, MCFG (with PCI) and XSDT, each 16-byte aligned.
+    /// Pure: unit tested.
     pub fn build(&self, addr: u64) -> Result<Vec<u8>, AcpiError> {
         self.validate()?;
         let rsdp_len = align16(std::mem::size_of::<Rsdp>());
@@ -336,10 +429,15 @@ impl MachineDescription {
         let madt_off = align16(dsdt_off + dsdt.len());
         let fadt_off = align16(madt_off + madt.len());
         let fadt = self.fadt(addr + dsdt_off as u64);
-        let xsdt_off = align16(fadt_off + fadt.len());
+        let mcfg = self.mcfg();
+        let mcfg_off = align16(fadt_off + fadt.len());
+        let xsdt_off = align16(mcfg_off + mcfg.len());
         let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
         xsdt.add_entry(addr + fadt_off as u64);
         xsdt.add_entry(addr + madt_off as u64);
+        if !mcfg.is_empty() {
+            xsdt.add_entry(addr + mcfg_off as u64);
+        }
         let mut xsdt_bytes = Vec::new();
         xsdt.to_aml_bytes(&mut xsdt_bytes);
         let mut rsdp = Vec::new();
@@ -351,6 +449,7 @@ impl MachineDescription {
             (dsdt_off, dsdt.as_slice()),
             (madt_off, madt.as_slice()),
             (fadt_off, fadt.as_slice()),
+            (mcfg_off, mcfg.as_slice()),
             (xsdt_off, xsdt_bytes.as_slice()),
         ] {
             blob[off..off + bytes.len()].copy_from_slice(bytes);
@@ -496,6 +595,52 @@ mod tests {
         let mut irq = vec![0x89, 6, 0, 0b0011, 1];
         irq.extend_from_slice(&17u32.to_le_bytes());
         assert!(find(&irq));
+    }
+
+    #[test]
+    fn a_pci_host_bridge_gets_an_mcfg_table_a_pci0_device_and_its_ecam_reserved() {
+        let base = TABLES_ADDR;
+        let mut m = machine();
+        m.devices.push(AcpiDevice::PciHostBridge {
+            ecam: 0xd000_0000,
+            window: 0xd200_0000,
+            window_size: 0x200_0000,
+        });
+        let blob = m.build(base).unwrap();
+        let xsdt = table(&blob, base, u64_at(&blob, 24), b"XSDT");
+        assert_eq!(xsdt.len(), 36 + 24, "FADT, MADT and MCFG");
+        let mcfg = table(&blob, base, u64_at(xsdt, 52), b"MCFG");
+        // One allocation: base, segment 0, buses 0 to 0.
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!(u64_at(mcfg, 44), 0xd000_0000);
+        assert_eq!(&mcfg[52..56], &[0, 0, 0, 0]);
+        let fadt = table(&blob, base, u64_at(xsdt, 36), b"FACP");
+        let dsdt = table(&blob, base, u64_at(fadt, 140), b"DSDT");
+        let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"PCI0") && find(b"MRES") && find(b"_BBN") && find(b"_SEG"));
+        // PNP0A08 and PNP0C02 as EISA ids.
+        for id in ["PNP0A08", "PNP0A03", "PNP0C02"] {
+            let mut bytes = Vec::new();
+            aml::EISAName::new(id).to_aml_bytes(&mut bytes);
+            assert!(find(&bytes), "{id}");
+        }
+        // The ECAM window as a fixed memory range, the BAR window's bounds.
+        assert!(find(&0xd000_0000u32.to_le_bytes()));
+        assert!(find(&0xd200_0000u32.to_le_bytes()) && find(&0xd3ff_ffffu32.to_le_bytes()));
+        // Without PCI, no MCFG.
+        let blob = machine().build(base).unwrap();
+        let xsdt = table(&blob, base, u64_at(&blob, 24), b"XSDT");
+        assert_eq!(xsdt.len(), 36 + 16);
+        // A window above 4 GiB is refused.
+        m.devices.push(AcpiDevice::PciHostBridge {
+            ecam: 0xffff_0000,
+            window: 0xd200_0000,
+            window_size: 0x200_0000,
+        });
+        assert!(matches!(
+            m.build(base),
+            Err(AcpiError::WindowAbove4G { .. })
+        ));
     }
 
     #[test]

@@ -182,6 +182,8 @@ pub struct MachineBuilder {
     /// The vCPUs the ACPI tables describe, once [`load_linux`](Self::load_linux)
     /// wrote them: [`start`](Self::start) must start as many.
     described_vcpus: Option<u32>,
+    /// The PCI bus, once a function is on it.
+    pci: Option<crate::pci_machine::PciBus>,
 }
 
 /// What a configured machine holds beyond its buses: its configuration (saved in
@@ -196,6 +198,14 @@ pub(crate) struct Configured {
 }
 
 impl MachineBuilder {
+    pub(crate) fn pci(&self) -> Option<&crate::pci_machine::PciBus> {
+        self.pci.as_ref()
+    }
+
+    pub(crate) fn pci_mut(&mut self) -> &mut Option<crate::pci_machine::PciBus> {
+        &mut self.pci
+    }
+
     pub(crate) fn configured_mut(&mut self) -> &mut Configured {
         &mut self.configured
     }
@@ -258,6 +268,7 @@ impl MachineBuilder {
             e820_carved: Vec::new(),
             configured: Configured::default(),
             described_vcpus: None,
+            pci: None,
         })
     }
 
@@ -464,6 +475,13 @@ impl MachineBuilder {
             size: WINDOW_SIZE,
             irq: s.irq,
         }));
+        if let Some(pci) = &self.pci {
+            devices.push(AcpiDevice::PciHostBridge {
+                ecam: pci.ecam,
+                window: pci.window,
+                window_size: crate::pci_machine::BAR_WINDOW_SIZE,
+            });
+        }
         MachineDescription { vcpus, devices }
     }
 

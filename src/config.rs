@@ -69,6 +69,21 @@ pub struct MachineConfig {
     /// Offer guest RAM to the host's same-page merging (KSM).
     #[serde(default)]
     pub ksm: bool,
+    /// How the virtio devices reach the guest.
+    #[serde(default)]
+    pub transport: VirtioTransport,
+}
+
+/// The transport of a machine's virtio devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VirtioTransport {
+    /// virtio-mmio windows described in the DSDT (and on the command line): the
+    /// smallest machine, one interrupt line per device.
+    #[default]
+    Mmio,
+    /// virtio-pci functions on a PCI host bridge, with an MSI-X vector per queue.
+    Pci,
 }
 
 fn default_memory_mib() -> u64 {
@@ -88,6 +103,7 @@ impl Default for MachineConfig {
             devices: Vec::new(),
             xen: false,
             ksm: false,
+            transport: VirtioTransport::Mmio,
         }
     }
 }
@@ -472,6 +488,9 @@ impl MachineConfig {
         }
         if self.xen != saved.xen {
             return Err(differs("xen", &saved.xen, &self.xen));
+        }
+        if self.transport != saved.transport {
+            return Err(differs("transport", &saved.transport, &self.transport));
         }
         if self.devices.len() != saved.devices.len() {
             return Err(differs(

@@ -18,6 +18,7 @@ use vmcraft_vcpu::VcpuConfig;
 use crate::builder::{BuildError, MachineBuilder};
 use crate::config::{
     parse_mac, BootSource, ConfigError, DeviceConfig, DeviceResource, HostResources, MachineConfig,
+    VirtioTransport,
 };
 use crate::pv_machine::{PvDevices, PvUpcall};
 use crate::xen_hvm::{XenDisk, XenHvm, XenPlatform, XenServices};
@@ -151,7 +152,10 @@ impl MachineBuilder {
                     blocks += 1;
                     let disk = Disk::new(file, disk.read_only, &format!("vmcraft{n}"))
                         .map_err(|e| failed(Box::new(e)))?;
-                    self.add_virtio(Box::new(Block::new(disk, &format!("vblk{n}"))))?;
+                    self.add_virtio_on(
+                        config.transport,
+                        Box::new(Block::new(disk, &format!("vblk{n}"))),
+                    )?;
                 }
                 (DeviceConfig::VirtioConsole(_), resource) => {
                     let console = match resource {
@@ -164,15 +168,15 @@ impl MachineBuilder {
                         }
                         _ => return Err(mismatch()),
                     };
-                    self.add_virtio(Box::new(console))?;
+                    self.add_virtio_on(config.transport, Box::new(console))?;
                 }
                 (DeviceConfig::VirtioRng, DeviceResource::None) => {
-                    self.add_virtio(Box::new(Rng::new("vrng")))?;
+                    self.add_virtio_on(config.transport, Box::new(Rng::new("vrng")))?;
                 }
                 (DeviceConfig::VirtioBalloon, DeviceResource::None) => {
                     let (balloon, control) =
                         Balloon::new("vballoon").map_err(|e| failed(Box::new(e)))?;
-                    self.add_virtio(Box::new(balloon))?;
+                    self.add_virtio_on(config.transport, Box::new(balloon))?;
                     self.configured_mut().balloon = Some(control);
                 }
                 (DeviceConfig::VirtioNet(net), DeviceResource::Tap(tap)) => {
@@ -182,7 +186,10 @@ impl MachineBuilder {
                         None => [0x02, 0x76, 0x6d, 0x63, 0, 1 + nets],
                     };
                     nets = nets.wrapping_add(1);
-                    self.add_virtio(Box::new(Net::new(Box::new(tap), mac, "vnet")))?;
+                    self.add_virtio_on(
+                        config.transport,
+                        Box::new(Net::new(Box::new(tap), mac, "vnet")),
+                    )?;
                 }
                 (DeviceConfig::XenDisk(disk), DeviceResource::Disk(file)) => {
                     xen_disks.push(XenDisk {
@@ -234,6 +241,18 @@ impl MachineBuilder {
         configured.boot_files = boot_files;
         configured.config = Some(config.clone());
         Ok(())
+    }
+
+    /// Attach a virtio device on `transport`.
+    fn add_virtio_on(
+        &mut self,
+        transport: VirtioTransport,
+        device: Box<dyn vmcraft_devices::virtio::VirtioDevice>,
+    ) -> Result<(), BuildError> {
+        match transport {
+            VirtioTransport::Mmio => self.add_virtio(device).map(drop),
+            VirtioTransport::Pci => self.add_virtio_pci(device).map(drop),
+        }
     }
 
     /// Load the configuration's Linux kernel ([`BootSource::Linux`], opened by

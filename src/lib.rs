@@ -37,6 +37,8 @@ pub mod machine;
 #[cfg(feature = "machine")]
 pub mod migration;
 #[cfg(feature = "machine")]
+pub mod pci_machine;
+#[cfg(feature = "machine")]
 pub mod pv_machine;
 #[cfg(feature = "machine")]
 pub mod snapshot;

@@ -84,6 +84,12 @@ pub struct Args {
     #[arg(long)]
     pub ksm: bool,
 
+    /// How the virtio devices reach the guest: mmio (windows in the ACPI tables, an
+    /// interrupt line each) or pci (functions on a PCI host bridge, an MSI-X vector
+    /// per queue)
+    #[arg(long, value_enum, value_name = "KIND", default_value = "mmio")]
+    pub transport: TransportName,
+
     /// A virtio-net device on TAP interface NAME (created if missing; needs
     /// CAP_NET_ADMIN or an interface owned by this user)
     #[arg(long, value_name = "NAME")]
@@ -187,7 +193,7 @@ pub struct Args {
 }
 
 /// The options that describe the machine (what --config replaces).
-const MACHINE_OPTIONS: [&str; 14] = [
+const MACHINE_OPTIONS: [&str; 15] = [
     "guest",
     "kernel",
     "initrd",
@@ -197,12 +203,31 @@ const MACHINE_OPTIONS: [&str; 14] = [
     "rng",
     "balloon",
     "ksm",
+    "transport",
     "net_tap",
     "pv",
     "xen",
     "mem",
     "vcpus",
 ];
+
+/// The virtio transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportName {
+    /// virtio-mmio
+    Mmio,
+    /// virtio-pci with MSI-X
+    Pci,
+}
+
+impl From<TransportName> for vmcraft::config::VirtioTransport {
+    fn from(t: TransportName) -> Self {
+        match t {
+            TransportName::Mmio => vmcraft::config::VirtioTransport::Mmio,
+            TransportName::Pci => vmcraft::config::VirtioTransport::Pci,
+        }
+    }
+}
 
 /// The embedded guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -434,6 +459,7 @@ impl Args {
             devices,
             xen: self.xen,
             ksm: self.ksm,
+            transport: self.transport.into(),
         };
         self.check_guest(&config)?;
         Ok(config)
@@ -448,6 +474,15 @@ impl Args {
         let Some(guest) = self.guest else {
             return Ok(());
         };
+        let virtio = config
+            .devices
+            .iter()
+            .any(|d| d.kind().starts_with("virtio-"));
+        if config.transport == vmcraft::config::VirtioTransport::Pci && virtio {
+            return Err(
+                "the embedded guests drive virtio-mmio: --transport pci is for a --kernel".into(),
+            );
+        }
         let problem = match guest {
             GuestName::Pvcheck if !self.pv => "--guest pvcheck needs --pv (and a --disk)",
             g if self.pv && g != GuestName::Pvcheck => {

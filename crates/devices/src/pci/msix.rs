@@ -69,6 +69,8 @@ pub enum TableChange {
 /// mask each (the vector's, the function's or MSI-X off), a pending bit each.
 #[derive(Debug)]
 pub struct MsixVectors {
+    /// Whether MSI-X is enabled (message control's enable bit).
+    enabled: AtomicBool,
     irqfds: Vec<EventFd>,
     masked: Vec<AtomicBool>,
     pending: Vec<AtomicBool>,
@@ -85,12 +87,18 @@ impl MsixVectors {
             ));
         }
         Ok(MsixVectors {
+            enabled: AtomicBool::new(false),
             irqfds: (0..count)
                 .map(|_| EventFd::new(EFD_NONBLOCK))
                 .collect::<Result<_, _>>()?,
             masked: (0..count).map(|_| AtomicBool::new(true)).collect(),
             pending: (0..count).map(|_| AtomicBool::new(false)).collect(),
         })
+    }
+
+    /// Whether the guest has enabled MSI-X.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::SeqCst)
     }
 
     /// How many vectors.
@@ -248,6 +256,7 @@ impl MsixTable {
     }
 
     fn update_masks(&self) {
+        self.vectors.enabled.store(self.enabled(), Ordering::SeqCst);
         for i in 0..self.entries.len() {
             self.vectors.set_masked(i, self.effectively_masked(i));
         }

@@ -304,12 +304,12 @@ impl Interrupt {
     /// used-buffer bit in the status register.
     pub fn signal_queue(&self, queue: u16) {
         match &self.msix {
-            Some(m) => {
+            Some(m) if m.vectors.enabled() => {
                 if let Some(v) = m.queues.get(usize::from(queue)) {
                     m.vectors.fire(v.load(Ordering::SeqCst));
                 }
             }
-            None => self.raise(INT_VRING),
+            _ => self.raise(INT_VRING),
         }
     }
 
@@ -361,11 +361,12 @@ impl Interrupt {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
-    /// Raise `bits` in the status register and signal the line; with MSI-X, the
-    /// configuration vector for [`INT_CONFIG`] and every queue's vector for
-    /// [`INT_VRING`] (which names no queue), and the status register is left alone.
+    /// Raise `bits` in the status register and signal the line; with MSI-X enabled,
+    /// the configuration vector for [`INT_CONFIG`] and every queue's vector for
+    /// [`INT_VRING`] (which names no queue), and the status register is left alone
+    /// (virtio 1.2 §4.1.5.3: the ISR bits are for when MSI-X is off).
     pub fn raise(&self, bits: u32) {
-        if let Some(m) = &self.msix {
+        if let Some(m) = self.msix.as_ref().filter(|m| m.vectors.enabled()) {
             if bits & INT_CONFIG != 0 {
                 m.vectors.fire(m.config.load(Ordering::SeqCst));
             }
