@@ -121,8 +121,8 @@ impl VirtioDevice for Pinger {
     fn reset(&mut self) {
         self.worker = None; // stops and joins the thread
     }
-    fn worker(&self) -> Option<&Worker> {
-        self.worker.as_ref() // parked, not stopped, for a snapshot
+    fn workers(&self) -> &[Worker] {
+        self.worker.as_slice() // parked, not stopped, for a snapshot
     }
 }
 

@@ -143,6 +143,10 @@ pub struct DiskConfig {
     /// Whether the guest may only read it.
     #[serde(default)]
     pub read_only: bool,
+    /// Request queues (virtio-block only; 1 to 16, each served on its own thread;
+    /// useful with the PCI transport, which gives each its own interrupt). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
 }
 
 impl DiskConfig {
@@ -151,6 +155,7 @@ impl DiskConfig {
         DiskConfig {
             path: path.into(),
             read_only: false,
+            queues: None,
         }
     }
 }
@@ -420,6 +425,23 @@ impl MachineConfig {
             if let Some(disk) = device.disk() {
                 if disk.path.as_os_str().is_empty() {
                     return Err(invalid(field(".path"), "no path"));
+                }
+                match (device, disk.queues) {
+                    (_, None) => {}
+                    (DeviceConfig::VirtioBlock(_), Some(n))
+                        if (1..=vmcraft_devices::virtio::block::MAX_QUEUES).contains(&n) => {}
+                    (DeviceConfig::VirtioBlock(_), Some(n)) => {
+                        return Err(invalid(
+                            field(".queues"),
+                            format!(
+                                "{n} queues (1 to {})",
+                                vmcraft_devices::virtio::block::MAX_QUEUES
+                            ),
+                        ));
+                    }
+                    (_, Some(_)) => {
+                        return Err(invalid(field(".queues"), format!("{kind} devices have one queue")));
+                    }
                 }
             }
             match device {

@@ -147,15 +147,14 @@ impl MachineBuilder {
                 })
             };
             match (device, resource) {
-                (DeviceConfig::VirtioBlock(disk), DeviceResource::Disk(file)) => {
+                (DeviceConfig::VirtioBlock(config_disk), DeviceResource::Disk(file)) => {
                     let n = blocks;
                     blocks += 1;
-                    let disk = Disk::new(file, disk.read_only, &format!("vmcraft{n}"))
+                    let disk = Disk::new(file, config_disk.read_only, &format!("vmcraft{n}"))
                         .map_err(|e| failed(Box::new(e)))?;
-                    self.add_virtio_on(
-                        config.transport,
-                        Box::new(Block::new(disk, &format!("vblk{n}"))),
-                    )?;
+                    let block = Block::new(disk, &format!("vblk{n}"))
+                        .with_queues(config_disk.queues.unwrap_or(1));
+                    self.add_virtio_on(config.transport, Box::new(block))?;
                 }
                 (DeviceConfig::VirtioConsole(_), resource) => {
                     let console = match resource {

@@ -55,9 +55,10 @@ pub struct Args {
     #[arg(long, value_name = "TEXT", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
 
-    /// A raw disk image: a virtio-blk device (with --pv the first is the PV block
-    /// device, with --xen each is a Xen vbd, xvda, xvdb, ...)
-    #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
+    /// A raw disk image: a virtio-blk device (queues=N: N request queues, each on
+    /// its own thread; with --pv the first is the PV block device, with --xen each is
+    /// a Xen vbd, xvda, xvdb, ...)
+    #[arg(long = "disk", value_name = "PATH[,ro][,queues=N]", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
 
     /// A virtio-console on stdout and stdin (stdin then feeds it, not COM1); with
@@ -351,16 +352,20 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
-    let (path, read_only) = match s.rsplit_once(',') {
-        Some((path, "ro")) => (path, true),
-        Some((path, "rw")) => (path, false),
-        Some((_, flag)) => return Err(format!("unknown disk flag {flag:?} (ro or rw)")),
-        None => (s, false),
-    };
-    Ok(DiskConfig {
-        path: path.into(),
-        read_only,
-    })
+    let mut parts = s.split(',');
+    let mut disk = DiskConfig::new(parts.next().unwrap_or_default());
+    for flag in parts {
+        match flag {
+            "ro" => disk.read_only = true,
+            "rw" => disk.read_only = false,
+            _ => match flag.strip_prefix("queues=").map(str::parse::<u16>) {
+                Some(Ok(n)) => disk.queues = Some(n),
+                Some(Err(e)) => return Err(format!("queues: {e}")),
+                None => return Err(format!("unknown disk flag {flag:?} (ro, rw or queues=N)")),
+            },
+        }
+    }
+    Ok(disk)
 }
 
 impl Args {

@@ -166,6 +166,7 @@ fn a_restore_may_move_host_resources_but_not_the_machine() {
     ro.devices[0] = DeviceConfig::VirtioBlock(DiskConfig {
         path: "/new.img".into(),
         read_only: true,
+        queues: None,
     });
     assert_eq!(
         field_of(ro.check_same_machine(&saved).unwrap_err()),
@@ -213,6 +214,7 @@ fn opening_gives_one_resource_per_device() {
         DeviceConfig::Ata(DiskConfig {
             path: image.as_path().to_owned(),
             read_only: true,
+            queues: None,
         }),
     ]);
     let opened = config.open().unwrap();
@@ -235,4 +237,35 @@ fn a_large_or_missing_configuration_file_is_refused() {
         MachineConfig::from_file(Path::new("/nonexistent/vmcraft.json")),
         Err(ConfigError::Read { .. })
     ));
+}
+
+#[test]
+fn queues_are_a_virtio_block_setting_within_its_bounds() {
+    let with = |device: fn(DiskConfig) -> DeviceConfig, queues: u16| {
+        let mut disk = DiskConfig::new("/d.img");
+        disk.queues = Some(queues);
+        machine(vec![device(disk)]).validate().map_err(|e| e.to_string())
+    };
+    assert!(with(DeviceConfig::VirtioBlock, 4).is_ok());
+    assert_eq!(
+        with(DeviceConfig::VirtioBlock, 0),
+        Err("devices[0].queues: 0 queues (1 to 16)".into())
+    );
+    assert_eq!(
+        with(DeviceConfig::VirtioBlock, 17),
+        Err("devices[0].queues: 17 queues (1 to 16)".into())
+    );
+    assert_eq!(
+        with(DeviceConfig::Ata, 2),
+        Err("devices[0].queues: ata devices have one queue".into())
+    );
+    // Absent by default, and then not written out.
+    let plain = machine(vec![DeviceConfig::VirtioBlock(DiskConfig::new("/d.img"))]);
+    assert!(!plain.to_json().contains("queues"));
+    // The queue count is the guest's to see: a restore must keep it.
+    let mut four = plain.clone();
+    if let DeviceConfig::VirtioBlock(d) = &mut four.devices[0] {
+        d.queues = Some(4);
+    }
+    assert!(four.check_same_machine(&plain).is_err());
 }

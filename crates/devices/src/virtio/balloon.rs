@@ -729,10 +729,10 @@ impl VirtioDevice for Balloon {
         self.control.counters.inflated.store(0, Ordering::SeqCst);
         self.control.actual.store(0, Ordering::SeqCst);
     }
-    fn worker(&self) -> Option<&Worker> {
+    fn workers(&self) -> &[Worker] {
         // Parked for a snapshot, it keeps what is inflated (the snapshot goes on
         // from it).
-        self.worker.as_ref()
+        self.worker.as_slice()
     }
     fn save_state(&self) -> Vec<u8> {
         let mut b = vmcraft_snapshot::SnapshotBuilder::new();

@@ -19,10 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
@@ -35,7 +36,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain_buffers::{ChainBuffers, LoadedChain};
 use super::queue::{check_chain, serve_polling, serve_with, ChainHandler, ProtocolError};
-use super::worker::{spawn_device, Worker};
+use super::worker::{spawn_device, spawn_queue, Worker};
 use super::{
     read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX,
     F_VERSION_1,
@@ -144,10 +145,16 @@ impl Disk {
 pub struct Block {
     disk: Arc<Disk>,
     config: [u8; CONFIG_SIZE],
-    worker: Option<Worker>,
+    /// Each queue's maximum size (one queue unless [`Block::with_queues`]).
+    queue_sizes: Vec<u16>,
+    /// One I/O thread per queue while active.
+    workers: Vec<Worker>,
     name: String,
     poll_max: Duration,
 }
+
+/// The most queues a block device takes ([`Block::with_queues`]).
+pub const MAX_QUEUES: u16 = 16;
 
 impl Block {
     /// A device serving `disk`; `name` names its I/O thread.
@@ -168,10 +175,22 @@ impl Block {
         Block {
             disk: Arc::new(disk),
             config,
-            worker: None,
+            queue_sizes: vec![QUEUE_SIZE],
+            workers: Vec::new(),
             name: name.to_string(),
             poll_max: AdaptivePoll::DEFAULT_MAX,
         }
+    }
+
+    /// Serve `queues` request queues (1 to [`MAX_QUEUES`]; VIRTIO_BLK_F_MQ past one),
+    /// each on its own I/O thread: with a transport that gives each queue its own
+    /// interrupt (virtio-pci's MSI-X), a guest submits and completes on each vCPU's
+    /// queue without the others. Out-of-range counts are clamped.
+    pub fn with_queues(mut self, queues: u16) -> Block {
+        let n = queues.clamp(1, MAX_QUEUES);
+        self.queue_sizes = vec![QUEUE_SIZE; usize::from(n)];
+        self.config[34..36].copy_from_slice(&n.to_le_bytes());
+        self
     }
 
     /// How long at most the I/O thread polls the queue for the driver's next request
@@ -190,7 +209,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -201,6 +220,9 @@ impl VirtioDevice for Block {
             | bit(VIRTIO_BLK_F_SEG_MAX)
             | bit(VIRTIO_BLK_F_SIZE_MAX)
             | bit(VIRTIO_BLK_F_BLK_SIZE);
+        if self.queue_sizes.len() > 1 {
+            f |= bit(VIRTIO_BLK_F_MQ);
+        }
         if self.disk.read_only() {
             f |= bit(VIRTIO_BLK_F_RO);
         } else {
@@ -214,38 +236,62 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, mut active: ActiveQueues) -> Result<(), ActivateError> {
-        let [mut queue] = active.take_ready()?;
-        let (mem, interrupt) = (active.mem.clone(), active.interrupt.clone());
+        let queues = active.take_all_ready()?;
         let disk = self.disk.clone();
         disk.image
             .set_write_through(active.driver_features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
-        let mut buffers = ChainBuffers::default();
-        let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
-        let requeue = active.requeue(0)?;
-        let mut poll = AdaptivePoll::new(self.poll_max);
-        let worker = spawn_device(&self.name, active, Vec::new(), move |_, _| {
-            let handler = BlockQueue::new(&mem, &disk, &mut buffers, &mut run, &mut data);
-            serve_polling(
-                &mut queue,
-                &mem,
-                interrupt.queue(0),
-                &mut poll,
-                &requeue,
-                handler,
-            )
-            .map(drop)
-        })?;
-        self.worker = Some(worker);
+        let mut workers = Vec::with_capacity(queues.len());
+        for (index, mut queue) in queues.into_iter().enumerate() {
+            let (mem, interrupt, disk) =
+                (active.mem.clone(), active.interrupt.clone(), disk.clone());
+            let mut buffers = ChainBuffers::default();
+            let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
+            let requeue = active.requeue(index)?;
+            let mut poll = AdaptivePoll::new(self.poll_max);
+            let serve = move |_: &vmm_sys_util::epoll::Epoll, _| {
+                let handler = BlockQueue::new(&mem, &disk, &mut buffers, &mut run, &mut data);
+                serve_polling(
+                    &mut queue,
+                    &mem,
+                    interrupt.queue(index as u16),
+                    &mut poll,
+                    &requeue,
+                    handler,
+                )
+                .map(drop)
+            };
+            // One queue: the device's one thread, as before; several: one each.
+            let worker = if self.queue_sizes.len() == 1 {
+                let active = ActiveQueues {
+                    mem: active.mem.clone(),
+                    queues: Vec::new(),
+                    notifiers: vec![active.requeue(index)?],
+                    interrupt: active.interrupt.clone(),
+                    driver_features: active.driver_features,
+                };
+                spawn_device(&self.name, active, Vec::new(), serve)?
+            } else {
+                spawn_queue(
+                    &self.name,
+                    index,
+                    active.requeue(index)?,
+                    active.interrupt.clone(),
+                    serve,
+                )?
+            };
+            workers.push(worker);
+        }
+        self.workers = workers;
         Ok(())
     }
 
     fn reset(&mut self) {
-        // Dropping the worker stops and joins the I/O thread.
-        self.worker = None;
+        // Dropping the workers stops and joins the I/O threads.
+        self.workers.clear();
     }
 
-    fn worker(&self) -> Option<&Worker> {
-        self.worker.as_ref()
+    fn workers(&self) -> &[Worker] {
+        &self.workers
     }
 }
 

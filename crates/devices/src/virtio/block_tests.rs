@@ -717,3 +717,90 @@ fn a_failed_merged_read_gives_each_request_its_own_status() {
     assert_eq!(guest_bytes(&rig, DATA, 4096), pattern(4096, 5));
     assert_eq!(used_entries(&rig, &mock), [(0, 4097), (3, 1)]);
 }
+
+/// With two queues the device offers VIRTIO_BLK_F_MQ and says so in num_queues, and
+/// each queue is served by its own thread: a request on queue 1 completes there while
+/// queue 0 stays untouched, across a pause and resume of both threads.
+#[test]
+fn each_queue_of_a_multiqueue_disk_is_served_on_its_own() {
+    use crate::virtio::mmio::tests::{driver_ok, negotiate, setup_queue};
+    use crate::virtio::mmio::MmioTransport;
+    use crate::virtio::VirtioDevice;
+    use std::time::{Duration, Instant};
+    use virtio_bindings::virtio_mmio as reg;
+
+    let mem = memory();
+    let device = Block::new(
+        Disk::new(image(DISK_SECTORS), false, "mq").unwrap(),
+        "blk-mq",
+    )
+    .with_queues(2);
+    assert_ne!(device.features() & (1 << VIRTIO_BLK_F_MQ), 0);
+    assert_eq!(device.queue_max_sizes().len(), 2);
+    let mut n = [0u8; 2];
+    device.read_config(34, &mut n);
+    assert_eq!(u16::from_le_bytes(n), 2);
+    assert_eq!(
+        Block::new(Disk::new(image(8), false, "x").unwrap(), "x")
+            .with_queues(99)
+            .queue_max_sizes()
+            .len(),
+        usize::from(MAX_QUEUES)
+    );
+
+    let mut t = MmioTransport::new(Box::new(device), mem.clone()).unwrap();
+    let rings = [0x8_0000u64, 0x9_0000];
+    negotiate(&mut t, crate::virtio::F_VERSION_1 | (1 << VIRTIO_BLK_F_MQ));
+    for (i, &q) in rings.iter().enumerate() {
+        setup_queue(&mut t, i as u32, 16, q);
+    }
+    driver_ok(&mut t);
+    let used = |q: u64| mem.read_obj::<u16>(GuestAddress(q + 0x2002)).unwrap();
+    let flush_on = |t: &mut MmioTransport, queue: usize, idx: u16| {
+        let q = rings[queue];
+        mem.write_obj(
+            RequestHeader {
+                kind: VIRTIO_BLK_T_FLUSH,
+                reserved: 0,
+                sector: 0,
+            },
+            GuestAddress(HEADER),
+        )
+        .unwrap();
+        for (i, (addr, len, flags, next)) in [
+            (HEADER, 16u32, VRING_DESC_F_NEXT as u16, 1u16),
+            (STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let at = GuestAddress(q + 16 * i as u64);
+            mem.write_obj(addr, at).unwrap();
+            mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(at.0 + 14)).unwrap();
+        }
+        mem.write_obj(0u16, GuestAddress(q + 0x1004 + 2 * u64::from(idx - 1) % 16))
+            .unwrap();
+        mem.write_obj(idx, GuestAddress(q + 0x1002)).unwrap();
+        t.write(
+            u64::from(reg::VIRTIO_MMIO_QUEUE_NOTIFY),
+            &(queue as u32).to_le_bytes(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while used(q) != idx {
+            assert!(
+                Instant::now() < deadline,
+                "queue {queue}: request {idx} not completed"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    flush_on(&mut t, 1, 1);
+    assert_eq!(used(rings[0]), 0, "queue 0 untouched");
+    let state = t.pause_for_snapshot();
+    assert_eq!(state.queues.len(), 2);
+    t.resume_after_snapshot();
+    flush_on(&mut t, 0, 1);
+    flush_on(&mut t, 1, 2);
+}

@@ -356,8 +356,8 @@ impl VirtioDevice for Console {
         self.worker = None;
     }
 
-    fn worker(&self) -> Option<&Worker> {
-        self.worker.as_ref()
+    fn workers(&self) -> &[Worker] {
+        self.worker.as_slice()
     }
 }
 

@@ -81,37 +81,37 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Stop serving for a snapshot, every chain taken from a queue completed (so
     /// each queue's next available index equals its used index in guest memory, from
-    /// which a restored VM resumes it). A device whose I/O thread parks
-    /// ([`worker::Worker::pause`]) does so and returns `true`: [`resume`] lets it go
-    /// on where it was; the default does that with the device's
-    /// [`worker`](VirtioDevice::worker). Without one, the default stops as
+    /// which a restored VM resumes it). A device whose I/O threads park
+    /// ([`worker::Worker::pause`]) does so and returns `true`: [`resume`] lets them go
+    /// on where they were; the default does that with the device's
+    /// [`workers`](VirtioDevice::workers). Without any, the default stops as
     /// [`VirtioDevice::reset`] does and returns `false`: the transport then activates
-    /// the device again to go on. A device
-    /// that holds chains across wakeups must complete them here.
+    /// the device again to go on. A device that holds chains across wakeups must
+    /// complete them here.
     ///
     /// [`resume`]: VirtioDevice::resume
     fn pause(&mut self) -> bool {
-        match self.worker() {
-            Some(worker) => {
-                worker.pause();
-                true
-            }
-            None => {
-                self.reset();
-                false
-            }
+        let workers = self.workers();
+        if workers.is_empty() {
+            self.reset();
+            return false;
         }
+        for worker in workers {
+            worker.pause();
+        }
+        true
     }
     /// Go on after a [`pause`](VirtioDevice::pause) that returned `true`.
     fn resume(&mut self) {
-        if let Some(worker) = self.worker() {
+        for worker in self.workers() {
             worker.resume();
         }
     }
-    /// The device's I/O thread, if it serves on one [`worker::Worker`]: then the
-    /// default [`pause`](VirtioDevice::pause) parks it.
-    fn worker(&self) -> Option<&worker::Worker> {
-        None
+    /// The device's I/O threads (one, or one per queue), if it serves on
+    /// [`worker::Worker`]s: then the default [`pause`](VirtioDevice::pause) parks
+    /// them.
+    fn workers(&self) -> &[worker::Worker] {
+        &[]
     }
     /// The device's own state for a snapshot, beyond its queues and registers (a
     /// balloon's inflated pages), taken after [`VirtioDevice::pause`]. The default:
@@ -169,6 +169,15 @@ impl ActiveQueues {
         queues
             .try_into()
             .map_err(|_| ActivateError::QueueNotReady(count.min(N)))
+    }
+
+    /// Take every queue of the device (however many it has), each of which the
+    /// driver must have made ready.
+    pub fn take_all_ready(&mut self) -> Result<Vec<Queue>, ActivateError> {
+        if let Some(i) = self.queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(i));
+        }
+        Ok(std::mem::take(&mut self.queues))
     }
 
     /// A second handle on queue `queue`'s notifier, for the serving functions to wake

@@ -368,8 +368,8 @@ impl VirtioDevice for Net {
         self.worker = None;
     }
 
-    fn worker(&self) -> Option<&Worker> {
-        self.worker.as_ref()
+    fn workers(&self) -> &[Worker] {
+        self.worker.as_slice()
     }
 }
 

@@ -123,8 +123,8 @@ impl VirtioDevice for Rng {
         self.worker = None;
     }
 
-    fn worker(&self) -> Option<&Worker> {
-        self.worker.as_ref()
+    fn workers(&self) -> &[Worker] {
+        self.worker.as_slice()
     }
 }
 

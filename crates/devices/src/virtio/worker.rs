@@ -28,13 +28,50 @@ pub fn spawn_device(
     name: &str,
     active: ActiveQueues,
     fds: Vec<std::os::fd::RawFd>,
+    serve: impl FnMut(&Epoll, Token) -> Result<(), ProtocolError> + Send + 'static,
+) -> Result<Worker, ActivateError> {
+    spawn_serving(
+        format!("{name}-io"),
+        name,
+        active.notifiers,
+        active.interrupt,
+        fds,
+        serve,
+    )
+}
+
+/// Like [`spawn_device`], for one queue of a device that serves each queue on its own
+/// thread (`<name>-q<queue>`): woken by `notifier` only (its token is
+/// [`Token::Queue`]`(0)`).
+pub fn spawn_queue(
+    name: &str,
+    queue: usize,
+    notifier: EventFd,
+    interrupt: Arc<super::Interrupt>,
+    serve: impl FnMut(&Epoll, Token) -> Result<(), ProtocolError> + Send + 'static,
+) -> Result<Worker, ActivateError> {
+    spawn_serving(
+        format!("{name}-q{queue}"),
+        name,
+        vec![notifier],
+        interrupt,
+        Vec::new(),
+        serve,
+    )
+}
+
+fn spawn_serving(
+    thread: String,
+    name: &str,
+    notifiers: Vec<EventFd>,
+    interrupt: Arc<super::Interrupt>,
+    fds: Vec<std::os::fd::RawFd>,
     mut serve: impl FnMut(&Epoll, Token) -> Result<(), ProtocolError> + Send + 'static,
 ) -> Result<Worker, ActivateError> {
-    let interrupt = active.interrupt;
     let device = name.to_string();
     Worker::spawn(
-        format!("{name}-io"),
-        active.notifiers,
+        thread,
+        notifiers,
         fds,
         move |epoll, token| match serve(epoll, token) {
             Ok(()) => Next::Continue,
