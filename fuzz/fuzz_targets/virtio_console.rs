@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     let requeue = vmcraft_devices::virtio::EventFd::new(0).unwrap();
     if control[1] & 2 == 0 {
         let mut out = Vec::new();
-        if let Ok(served) = serve_available(&mut queue, mem, &interrupt, &requeue, |chain| {
+        if let Ok(served) = serve_available(&mut queue, mem, interrupt.queue(1), &requeue, |chain| {
             transmit(chain, mem, &mut out)
         }) {
             assert_eq!(usize::from(used_idx(&ram)), served);

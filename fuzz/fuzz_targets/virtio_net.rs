@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
     let mut backend: Box<dyn FrameIo> = Box::new(ours);
     if control[1] & 2 == 0 {
         let mut buf = vec![0u8; HEADER_SIZE + MAX_FRAME];
-        if let Ok(served) = serve_available(&mut queue, mem, &interrupt, &requeue, |chain| {
+        if let Ok(served) = serve_available(&mut queue, mem, interrupt.queue(1), &requeue, |chain| {
             transmit(chain, mem, &mut *backend, &mut buf)
         }) {
             assert_eq!(usize::from(used_idx(&ram)), served);
