@@ -440,7 +440,10 @@ impl MachineConfig {
                         ));
                     }
                     (_, Some(_)) => {
-                        return Err(invalid(field(".queues"), format!("{kind} devices have one queue")));
+                        return Err(invalid(
+                            field(".queues"),
+                            format!("{kind} devices have one queue"),
+                        ));
                     }
                 }
             }

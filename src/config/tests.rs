@@ -244,7 +244,9 @@ fn queues_are_a_virtio_block_setting_within_its_bounds() {
     let with = |device: fn(DiskConfig) -> DeviceConfig, queues: u16| {
         let mut disk = DiskConfig::new("/d.img");
         disk.queues = Some(queues);
-        machine(vec![device(disk)]).validate().map_err(|e| e.to_string())
+        machine(vec![device(disk)])
+            .validate()
+            .map_err(|e| e.to_string())
     };
     assert!(with(DeviceConfig::VirtioBlock, 4).is_ok());
     assert_eq!(
