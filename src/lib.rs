@@ -6,6 +6,8 @@
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("vmcraft runs x86-64 guests on KVM and builds only for x86_64 Linux hosts");
 
+#[cfg(feature = "api")]
+pub use vmcraft_api as api;
 #[cfg(feature = "machine")]
 pub use vmcraft_balancer as balancer;
 #[cfg(feature = "devices")]
@@ -24,6 +26,8 @@ pub use vmcraft_vcpu as vcpu;
 
 #[cfg(feature = "machine")]
 pub mod acpi;
+#[cfg(feature = "api")]
+pub mod api_config;
 #[cfg(feature = "machine")]
 pub mod balancing;
 #[cfg(feature = "machine")]
