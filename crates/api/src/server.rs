@@ -135,14 +135,13 @@ impl ApiServer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     // Reads never block the server: a client is read when poll says
-                    // it sent something; writes of a response are small and block
-                    // at most for the client's socket buffer, bounded by a timeout.
-                    stream.set_nonblocking(true)?;
+                    // it sent something, and only what has arrived (MSG_DONTWAIT);
+                    // a response's write blocks at most for STALL (a client that
+                    // never reads is dropped then).
                     stream.set_write_timeout(Some(STALL))?;
                     if clients.len() >= MAX_CLIENTS {
                         // Over the limit: answered and closed at once.
                         let mut s = stream;
-                        let _ = s.set_nonblocking(false);
                         let _ = Response::error(503, "too many API clients").write_to(&mut s, true);
                         continue;
                     }
@@ -167,12 +166,27 @@ impl Drop for ApiServer {
     }
 }
 
-/// A stream that reads what has arrived and says `WouldBlock` when nothing more has.
+/// A stream that reads what has arrived and says `WouldBlock` when nothing more has
+/// (without switching the socket to non-blocking mode: that is an ioctl, which the
+/// API thread's filter does not allow).
 struct Available<'a>(&'a UnixStream);
 
 impl Read for Available<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        (&*self.0).read(buf)
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of
+        // the call, and the fd is the stream's own, open while it is borrowed.
+        let n = unsafe {
+            libc::recv(
+                self.0.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }
 
@@ -198,9 +212,7 @@ fn serve_client(
                     Err(e) => Response::error(e.status(), &e.to_string()),
                 };
                 let mut writer = &client.stream;
-                let _ = client.stream.set_nonblocking(false);
                 let written = response.write_to(&mut writer, request.close);
-                let _ = client.stream.set_nonblocking(true);
                 if written.is_err() || request.close {
                     return None;
                 }
@@ -217,7 +229,6 @@ fn serve_client(
                     _ => 400,
                 };
                 let mut writer = &client.stream;
-                let _ = client.stream.set_nonblocking(false);
                 let _ = Response::error(status, &e.to_string()).write_to(&mut writer, true);
                 return None;
             }

@@ -45,15 +45,19 @@ pub enum ThreadKind {
     /// A paravirtual backend's thread: rings in guest memory, the disk image, the
     /// console's output.
     PvBackend,
+    /// The control API's thread: clients accepted on a socket bound beforehand, their
+    /// requests read and answered; nothing opened, no KVM, no ioctl.
+    Api,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::DeviceIo,
         ThreadKind::PvBackend,
+        ThreadKind::Api,
     ];
 
     fn index(self) -> usize {
@@ -67,6 +71,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "the vCPU threads' allowlist",
             ThreadKind::DeviceIo => "the device I/O threads' allowlist",
             ThreadKind::PvBackend => "the PV backend threads' allowlist",
+            ThreadKind::Api => "the API thread's allowlist",
         }
     }
 }
@@ -167,6 +172,17 @@ const STREAMS: &[libc::c_long] = &[
     libc::SYS_shutdown,
 ];
 
+/// The API's clients: accepting them on the socket bound before, a send timeout on
+/// each (a client that never reads cannot hold the thread), and the socket file
+/// removed when the API ends.
+const API: &[libc::c_long] = &[
+    libc::SYS_accept4,
+    libc::SYS_accept,
+    libc::SYS_setsockopt,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
 /// Starting, naming and joining threads, and creating the descriptors a device needs
 /// when a driver starts it (eventfds, epoll instances, duplicates).
 const THREADS: &[libc::c_long] = &[
@@ -206,6 +222,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<libc::c_long> {
     let mut calls: Vec<libc::c_long> = match kind {
         ThreadKind::DeviceIo => [COMMON, EVENTS, DISK, STREAMS].concat(),
         ThreadKind::PvBackend => [COMMON, EVENTS, DISK].concat(),
+        ThreadKind::Api => [COMMON, EVENTS, STREAMS, API].concat(),
         // A driver starting its device starts the device's thread from here.
         ThreadKind::Vcpu => [
             allowed(ThreadKind::DeviceIo),
@@ -238,7 +255,7 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         ThreadKind::PvBackend => {
             map.insert(libc::SYS_ioctl, signal_msi_only());
         }
-        ThreadKind::DeviceIo => {}
+        ThreadKind::DeviceIo | ThreadKind::Api => {}
     }
     map
 }
