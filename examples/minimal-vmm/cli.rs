@@ -33,6 +33,25 @@ pub struct Args {
     #[arg(long, value_name = "FILE", conflicts_with_all = MACHINE_OPTIONS)]
     pub config: Option<PathBuf>,
 
+    /// Serve Firecracker's API on a new Unix socket at PATH (what firecracker-go-sdk,
+    /// firectl and Kata speak): the machine is what its requests describe, started by
+    /// InstanceStart
+    #[arg(long, value_name = "PATH", conflicts_with_all = MACHINE_OPTIONS, conflicts_with = "config")]
+    pub api_sock: Option<PathBuf>,
+
+    /// The machine as Firecracker's configuration file (its API's bodies in one JSON
+    /// document), started at once (with --api-sock, the API is served on)
+    #[arg(long, value_name = "FILE", conflicts_with_all = MACHINE_OPTIONS, conflicts_with = "config")]
+    pub config_file: Option<PathBuf>,
+
+    /// No API (Firecracker's flag: needs --config-file)
+    #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
+    pub no_api: bool,
+
+    /// The instance's id, as GET / reports it
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    pub id: String,
+
     /// Print the machine's configuration as JSON (what --config takes) and exit
     #[arg(long)]
     pub print_config: bool,

@@ -23,6 +23,7 @@ use vmcraft::migration::{IncomingOptions, MigrationOptions, MigrationSession};
 use vmcraft::snapshot::{open_snapshot_file, SavedMachine, MEMORY_FILE, STATE_FILE};
 use vmcraft::vcpu::{StopReason, VcpuConfig};
 
+mod api;
 mod cli;
 mod diagnose;
 mod host;
@@ -60,6 +61,34 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     if args.snapshot_key.is_some() && args.snapshot.is_none() && args.restore.is_none() {
         return Err("--snapshot-key needs --snapshot or --restore".into());
     }
+    // Firecracker's way: the machine from its configuration file, or from the API's
+    // requests (served here until InstanceStart, which opens what they name).
+    let mut api_server = None;
+    let mut preopened = None;
+    let mut preboot = None;
+    if args.api_sock.is_some() || args.config_file.is_some() {
+        let mut pre = match &args.config_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+                let full = serde_json::from_str(&text)
+                    .map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+                vmcraft::api_config::PreBoot::from_full(full)
+                    .map_err(|e| format!("--config-file {}: {e}{}", path.display(), chain(&e)))?
+            }
+            None => vmcraft::api_config::PreBoot::default(),
+        };
+        pre.transport = args.transport.into();
+        if let Some(path) = &args.api_sock {
+            let mut server = vmcraft::api::server::ApiServer::bind(path)
+                .map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
+            if args.config_file.is_none() {
+                preopened = Some(api::until_start(&mut server, &args.id, &mut pre)?);
+            }
+            api_server = Some(server);
+        }
+        preboot = Some(pre);
+    }
     // The machine: the options', a file's, or the snapshot's (with the options' host
     // resources, if any are named).
     let (origin, config) = match &args.restore {
@@ -82,7 +111,15 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             }
             (Origin::Restore(saved, memory), config)
         }
-        None => (Origin::Fresh, args.machine(None)?),
+        None => match (&preopened, &preboot) {
+            (Some((config, _)), _) => (Origin::Fresh, config.clone()),
+            (None, Some(pre)) => (
+                Origin::Fresh,
+                pre.machine_config()
+                    .map_err(|e| format!("{e}{}", chain(&e)))?,
+            ),
+            (None, None) => (Origin::Fresh, args.machine(None)?),
+        },
     };
     config.validate()?;
     if args.print_config {
@@ -92,7 +129,10 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     // Every file comes from outside the jail, so everything is opened before it:
     // the machine's resources, the migration's connection (made and authenticated
     // now, in the host's network), the snapshot files.
-    let resources = config.open().map_err(|e| format!("{e}{}", chain(&e)))?;
+    let resources = match preopened {
+        Some((_, resources)) => resources,
+        None => config.open().map_err(|e| format!("{e}{}", chain(&e)))?,
+    };
     let auth = keys::migration_auth(&args)?;
     if (args.migrate_to.is_some() || args.migrate_from.is_some()) != auth.is_some() {
         return Err("--migrate-to and --migrate-from need --migrate-secret-file or --migrate-key with --migrate-peer (and they need one of them)".into());
@@ -197,6 +237,12 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     let balancing = (machine.balloon())
         .map(|control| host::start_balancer(control.clone(), config.memory_bytes()))
         .transpose()?;
+    // The API from here on served by its own thread, under its own filter (started
+    // before this thread's filter goes on: a thread inherits its parent's).
+    let mut running_api = match (api_server, preboot) {
+        (Some(server), Some(pre)) => Some(api::RunningApi::start(server, args.id.clone(), pre)?),
+        _ => None,
+    };
     // Everything is set up: this thread only waits and reports from here on. Built
     // for coverage (cargo-llvm-cov sets `cfg(coverage)`), it stays unfiltered: the
     // profile is written from this thread at exit, which opens and creates files.
@@ -208,7 +254,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         &machine,
         on_signal,
         args.timeout.map(|t| Instant::now() + t),
+        running_api.as_mut(),
     )?;
+    drop(running_api);
     let extra = report::extra_lines(&machine, balancing.as_ref());
     drop(balancing);
     let outcome = report::finish(machine, started, first_exit, &status)?;

@@ -30,13 +30,18 @@ pub enum OnSignal<'a> {
     },
 }
 
-/// Serve `machine` until it stops, `deadline` passes, or a signal ends it.
+/// Serve `machine` until it stops, `deadline` passes, or a signal ends it, answering
+/// the API's requests (if it has one) as they come.
 pub fn serve(
     machine: &Machine,
     mut on_signal: OnSignal<'_>,
     deadline: Option<Instant>,
+    mut api: Option<&mut crate::api::RunningApi>,
 ) -> Result<(), Box<dyn Error>> {
     loop {
+        if let Some(api) = api.as_deref_mut() {
+            api.answer(machine);
+        }
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let step = left.map_or(snapshot_signals::POLL, |l| l.min(snapshot_signals::POLL));
         if machine.wait_stopped(Some(step)).is_some() || left.is_some_and(|l| l.is_zero()) {
