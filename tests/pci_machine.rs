@@ -111,6 +111,13 @@ fn functions_are_found_routed_and_notified_and_a_snapshot_restores_them() {
         })
         .expect("a PCI host bridge in the ACPI description");
     assert!(slots.iter().all(|s| s.bar >= bridge.1));
+    // The builder lists its functions, each saying where it is.
+    assert_eq!(b.pci_slots().len(), 2);
+    let shown = format!("{:?}", b.pci_slots()[1]);
+    assert!(
+        shown.contains("device: 2") && shown.contains(&format!("{:#x}", slots[1].bar)),
+        "{shown}"
+    );
     let events = IoEvents::new(b.vm().fd()).unwrap();
     let guest = Guest::COUNTER;
     let mut b = b;
