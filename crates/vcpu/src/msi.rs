@@ -199,11 +199,13 @@ mod tests {
     fn the_defaults_cover_every_ioapic_pin_and_the_pics() {
         let routes = default_routes();
         assert_eq!(routes.len(), 40);
-        // SAFETY: each entry was built as an irqchip route; reading that union arm is
-        // reading what was written.
         let pins: Vec<(u32, u32, u32)> = routes
             .iter()
-            .map(|e| unsafe { (e.gsi, e.u.irqchip.irqchip, e.u.irqchip.pin) })
+            .map(|e| {
+                // SAFETY: each entry was built as an irqchip route; reading that union
+                // arm is reading what was written.
+                unsafe { (e.gsi, e.u.irqchip.irqchip, e.u.irqchip.pin) }
+            })
             .collect();
         assert!(pins.contains(&(0, KVM_IRQCHIP_PIC_MASTER, 0)));
         assert!(pins.contains(&(9, KVM_IRQCHIP_PIC_SLAVE, 1)));
