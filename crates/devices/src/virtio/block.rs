@@ -36,7 +36,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain_buffers::{ChainBuffers, LoadedChain};
 use super::queue::{check_chain, serve_polling, serve_with, ChainHandler, ProtocolError};
-use super::worker::{spawn_device, spawn_queue, Worker};
+use super::worker::{spawn_queue, Worker};
 use super::{
     read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX,
     F_VERSION_1,
@@ -260,25 +260,20 @@ impl VirtioDevice for Block {
                 )
                 .map(drop)
             };
-            // One queue: the device's one thread, as before; several: one each.
-            let worker = if self.queue_sizes.len() == 1 {
-                let active = ActiveQueues {
-                    mem: active.mem.clone(),
-                    queues: Vec::new(),
-                    notifiers: vec![active.requeue(index)?],
-                    interrupt: active.interrupt.clone(),
-                    driver_features: active.driver_features,
-                };
-                spawn_device(&self.name, active, Vec::new(), serve)?
+            // One queue: the device's one I/O thread; several: one per queue.
+            let thread = if self.queue_sizes.len() == 1 {
+                format!("{}-io", self.name)
             } else {
-                spawn_queue(
-                    &self.name,
-                    index,
-                    active.requeue(index)?,
-                    active.interrupt.clone(),
-                    serve,
-                )?
+                format!("{}-q{index}", self.name)
             };
+            let notifier = active.requeue(index)?;
+            let worker = spawn_queue(
+                thread,
+                &self.name,
+                notifier,
+                active.interrupt.clone(),
+                serve,
+            )?;
             workers.push(worker);
         }
         self.workers = workers;

@@ -41,23 +41,16 @@ pub fn spawn_device(
 }
 
 /// Like [`spawn_device`], for one queue of a device that serves each queue on its own
-/// thread (`<name>-q<queue>`): woken by `notifier` only (its token is
+/// thread: thread `thread` of device `name`, woken by `notifier` only (its token is
 /// [`Token::Queue`]`(0)`).
 pub fn spawn_queue(
+    thread: String,
     name: &str,
-    queue: usize,
     notifier: EventFd,
     interrupt: Arc<super::Interrupt>,
     serve: impl FnMut(&Epoll, Token) -> Result<(), ProtocolError> + Send + 'static,
 ) -> Result<Worker, ActivateError> {
-    spawn_serving(
-        format!("{name}-q{queue}"),
-        name,
-        vec![notifier],
-        interrupt,
-        Vec::new(),
-        serve,
-    )
+    spawn_serving(thread, name, vec![notifier], interrupt, Vec::new(), serve)
 }
 
 fn spawn_serving(
