@@ -12,36 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The example, built with the other tests' examples (tests/minimal_vmm.rs builds it
-/// the same way).
 fn minimal_vmm() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let profile = profile_dir
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    BUILT.call_once(|| {
-        let target_dir = profile_dir
-            .ancestors()
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n == "target" || n.to_string_lossy().ends_with("-target"))
-            })
-            .unwrap_or(profile_dir.parent().unwrap())
-            .to_path_buf();
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--example", "minimal-vmm", "--target-dir"])
-            .arg(&target_dir);
-        if profile == "release" {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().unwrap().success());
-    });
-    profile_dir.join("examples/minimal-vmm")
+    common::example("minimal-vmm")
 }
 
 struct Scratch(PathBuf);

@@ -10,65 +10,7 @@ fn minimal_vmm() -> PathBuf {
     example("minimal-vmm")
 }
 
-/// The path of example `name`, built (with the other examples) on first use.
-fn example(name: &str) -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    // Integration tests live in <target dir>[/<triple>]/<profile>/deps, examples in
-    // <profile>/examples beside them. The target directory is wherever this test was
-    // built (cargo-llvm-cov, for one, builds into its own), so the examples are built
-    // there too, with the same profile and triple.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let profile = profile_dir
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let above = profile_dir.parent().unwrap();
-    // A target directory is marked by the CACHEDIR.TAG cargo writes into it.
-    let (target_dir, triple) = if above.join("CACHEDIR.TAG").exists() {
-        (above.to_path_buf(), None)
-    } else {
-        let triple = above.file_name().unwrap().to_str().unwrap().to_owned();
-        (above.parent().unwrap().to_path_buf(), Some(triple))
-    };
-    // `cargo test` builds examples, but `cargo test --test minimal_vmm` alone does not,
-    // and a stale binary would test old code: let cargo bring it up to date.
-    BUILT.call_once(|| {
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                "minimal-vmm",
-                "--example",
-                "custom-device",
-                "--manifest-path",
-            ])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target_dir);
-        match profile.as_str() {
-            "debug" => {}
-            "release" => {
-                cargo.arg("--release");
-            }
-            other => {
-                cargo.args(["--profile", other]);
-            }
-        }
-        if let Some(triple) = &triple {
-            cargo.args(["--target", triple]);
-        }
-        assert!(
-            cargo.status().unwrap().success(),
-            "building the example failed"
-        );
-    });
-    profile_dir.join("examples").join(name)
-}
+use common::example;
 
 fn run(args: &[&str]) -> Output {
     Command::new(minimal_vmm()).args(args).output().unwrap()
