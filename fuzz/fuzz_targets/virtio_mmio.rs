@@ -8,54 +8,14 @@
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
+
+#[path = "probe_device.rs"]
+mod probe_device;
+use probe_device::{Device, Events, OFFERED};
 use vmcraft_devices::virtio::mmio::MmioTransport;
-use vmcraft_devices::virtio::virtio_queue::QueueT;
-use vmcraft_devices::virtio::{
-    ActivateError, ActiveQueues, VirtioDevice, F_EVENT_IDX, F_VERSION_1,
-};
+use vmcraft_devices::virtio::F_VERSION_1;
 use vmcraft_memory::layout::MemoryLayout;
 use vmcraft_memory::GuestRam;
-
-const OFFERED: u64 = F_VERSION_1 | F_EVENT_IDX | 0b1011;
-
-#[derive(Default)]
-struct Events {
-    activations_since_reset: u32,
-}
-
-struct Device(Arc<Mutex<Events>>);
-
-impl VirtioDevice for Device {
-    fn device_type(&self) -> u32 {
-        2
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16, 256]
-    }
-    fn features(&self) -> u64 {
-        OFFERED
-    }
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0x5a);
-    }
-    fn activate(&mut self, q: ActiveQueues) -> Result<(), ActivateError> {
-        assert!(q.driver_features & F_VERSION_1 != 0);
-        assert_eq!(q.driver_features & !OFFERED, 0);
-        for queue in &q.queues {
-            assert!(!queue.ready() || queue.size().is_power_of_two());
-        }
-        let mut e = self.0.lock().unwrap();
-        e.activations_since_reset += 1;
-        assert_eq!(
-            e.activations_since_reset, 1,
-            "activated twice without a reset"
-        );
-        Ok(())
-    }
-    fn reset(&mut self) {
-        self.0.lock().unwrap().activations_since_reset = 0;
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();

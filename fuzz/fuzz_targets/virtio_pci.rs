@@ -10,55 +10,23 @@
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
+
+#[path = "probe_device.rs"]
+mod probe_device;
+use probe_device::{Device, Events, OFFERED};
 use vmcraft_devices::pci::root::PciFunction;
 use vmcraft_devices::virtio::pci::PciTransport;
-use vmcraft_devices::virtio::virtio_queue::QueueT;
-use vmcraft_devices::virtio::{
-    ActivateError, ActiveQueues, VirtioDevice, F_EVENT_IDX, F_VERSION_1, NO_VECTOR,
-};
+use vmcraft_devices::virtio::{F_VERSION_1, NO_VECTOR};
 use vmcraft_memory::layout::MemoryLayout;
 use vmcraft_memory::GuestRam;
-
-const OFFERED: u64 = F_VERSION_1 | F_EVENT_IDX | 0b1011;
-
-struct Device(Arc<Mutex<u32>>);
-
-impl VirtioDevice for Device {
-    fn device_type(&self) -> u32 {
-        2
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16, 256]
-    }
-    fn features(&self) -> u64 {
-        OFFERED
-    }
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0x5a);
-    }
-    fn activate(&mut self, q: ActiveQueues) -> Result<(), ActivateError> {
-        assert!(q.driver_features & F_VERSION_1 != 0);
-        assert_eq!(q.driver_features & !OFFERED, 0);
-        for queue in &q.queues {
-            assert!(!queue.ready() || queue.size().is_power_of_two());
-        }
-        let mut n = self.0.lock().unwrap();
-        *n += 1;
-        assert_eq!(*n, 1, "activated twice without a reset");
-        Ok(())
-    }
-    fn reset(&mut self) {
-        *self.0.lock().unwrap() = 0;
-    }
-}
 
 /// Where in BAR 0 an operation lands: the start of each structure, plus a small offset.
 const AREAS: [u64; 6] = [0x0, 0x1000, 0x2000, 0x3000, 0x8000, 0xc000];
 
 fuzz_target!(|data: &[u8]| {
     let ram = GuestRam::new(&MemoryLayout::x86_64(1 << 20).unwrap()).unwrap();
-    let activations = Arc::new(Mutex::new(0));
-    let mut t = PciTransport::new(Box::new(Device(activations)), ram.memory().clone()).unwrap();
+    let events = Arc::new(Mutex::new(Events::default()));
+    let mut t = PciTransport::new(Box::new(Device(events)), ram.memory().clone()).unwrap();
     t.place(0xe000_0000).unwrap();
     for op in data.chunks(7) {
         if op.len() < 7 {
