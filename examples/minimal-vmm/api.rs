@@ -242,25 +242,18 @@ impl RunningApi {
             R::PutSnapshotCreate(_) => {
                 not_yet("a snapshot through the API (--snapshot DIR and SIGUSR1 do)")
             }
-            other => preboot(&mut self.pre.clone(), &self.id, other).or_running(),
-        }
-    }
-}
-
-trait OrRunning {
-    fn or_running(self) -> Response;
-}
-
-impl OrRunning for Response {
-    /// A pre-boot answer given while running: reads stand, changes are refused.
-    fn or_running(self) -> Response {
-        if self.status == 204 {
-            Response::error(
+            // Reads, and what is refused whenever it comes, answer as before the start.
+            same @ (R::GetVersion
+            | R::GetMachineConfig
+            | R::GetVmConfig
+            | R::PutVsock(_)
+            | R::PutLogger(_)
+            | R::PutMetrics(_)
+            | R::PutSnapshotLoad(_)) => preboot(&mut self.pre, &self.id, same),
+            _ => Response::error(
                 400,
                 "the microVM is running: this can only be set before it starts",
-            )
-        } else {
-            self
+            ),
         }
     }
 }
