@@ -131,22 +131,76 @@ fn build_rust_guests(out: &str) {
             .args(["--target", &target, "-o"])
             .arg(&lib)
             .arg(&src));
-        // Link an ELF and extract its loadable bytes: `ld --oformat binary` lays
-        // out the archive's sections differently from the ELF link.
-        let elf = out.join(format!("{stem}.elf"));
-        run(Command::new("ld")
-            .args(["-nostdlib", "-N", "--gc-sections", "-T"])
-            .arg(out.join("guest.ld"))
-            .arg("-o")
-            .arg(&elf)
-            .arg(out.join("rt_start.o"))
-            .arg(&lib)
-            .arg(out.join("rt_lib.o")));
-        run(Command::new("objcopy")
-            .args(["-O", "binary"])
-            .arg(&elf)
-            .arg(out.join(format!("{stem}.bin"))));
+        link_rust_guest(out, stem, &lib);
     }
+    build_independent_driver(out, &target);
+}
+
+/// Link the static library `lib` of a Rust guest after the entry stub into
+/// `<stem>.bin`. An ELF is linked first and its loadable bytes extracted: `ld
+/// --oformat binary` lays out the archive's sections differently from the ELF link.
+fn link_rust_guest(out: &Path, stem: &str, lib: &Path) {
+    let elf = out.join(format!("{stem}.elf"));
+    run(Command::new("ld")
+        .args(["-nostdlib", "-N", "--gc-sections", "-T"])
+        .arg(out.join("guest.ld"))
+        .arg("-o")
+        .arg(&elf)
+        .arg(out.join("rt_start.o"))
+        .arg(lib)
+        .arg(out.join("rt_lib.o")));
+    run(Command::new("objcopy")
+        .args(["-O", "binary"])
+        .arg(&elf)
+        .arg(out.join(format!("{stem}.bin"))));
+}
+
+/// The independent driver (`guests/independent`): a cargo package of its own, since
+/// it depends on a published crate (`virtio-drivers`, at the version its lock file
+/// pins), built with the cargo that runs this script into a target directory beside
+/// the workspace's (shared by every profile and by `cargo test`, `clippy` and `doc`,
+/// so it compiles once), then linked like the other Rust guests.
+///
+/// The outer build's flags are not passed on: coverage instrumentation or a wrapper
+/// meant for the workspace would break a freestanding guest.
+fn build_independent_driver(out: &Path, target: &str) {
+    let manifest = Path::new("guests/independent/Cargo.toml");
+    // OUT_DIR is <target dir>/[<triple>/]<profile>/build/<package>-<hash>/out.
+    let target_dir = out
+        .ancestors()
+        .nth(4)
+        .expect("OUT_DIR is inside a target directory")
+        .join("guest-kit-independent-driver");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--release",
+        "--locked",
+        "--quiet",
+        "--manifest-path",
+    ])
+    .arg(manifest)
+    .args(["--target", target, "--target-dir"])
+    .arg(&target_dir);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let keep = name == "CARGO_HOME" || name == "CARGO_MAKEFLAGS";
+        if (name.starts_with("CARGO_") && !keep)
+            || name.starts_with("RUSTC_")
+            || name == "RUSTFLAGS"
+            || name == "RUSTDOCFLAGS"
+            || name == "LLVM_PROFILE_FILE"
+        {
+            cmd.env_remove(&*name);
+        }
+    }
+    run(&mut cmd);
+    let lib = target_dir
+        .join(target)
+        .join("release")
+        .join("libindependent_driver.a");
+    link_rust_guest(out, "independent", &lib);
 }
 
 /// C guests (`guests/*.c`): freestanding, no SSE, linked after the runtime in

@@ -49,3 +49,87 @@ pub const PV_BLK_PORT: u64 = 2;
 /// port; the VMM registers it as an ioeventfd per port, so the send never leaves the
 /// kernel (the `EVTCHNOP_send` hypercall does the same the slow way).
 pub const PV_DOORBELL_PORT: u16 = 0x9c;
+
+/// What the independent driver guest (`Guest::INDEPENDENT`) and its host agree on.
+pub mod independent {
+    /// What the host tells the guest, written at the guest-physical address it passes
+    /// as the parameter.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Plan {
+        /// [`Plan::MAGIC`].
+        pub magic: u64,
+        /// [`Plan::PCI`] or [`Plan::MMIO`].
+        pub transport: u64,
+        /// On PCI, the ECAM window of bus 0.
+        pub base: u64,
+        /// On virtio-mmio, how many windows `windows` lists.
+        pub count: u64,
+        /// On virtio-mmio, the size of each window.
+        pub window_size: u64,
+        /// On virtio-mmio, the windows.
+        pub windows: [u64; 8],
+        /// The disk's size in sectors; byte `i` of sector `s` holds `disk_byte(s, i)`.
+        pub disk_sectors: u64,
+        /// The network device's MAC, in the low six bytes (little-endian order).
+        pub mac: u64,
+    }
+
+    impl Plan {
+        /// The value of `magic`.
+        pub const MAGIC: u64 = 0x6e65_646e_6570_6564;
+        /// The devices are virtio-pci functions on bus 0.
+        pub const PCI: u64 = 1;
+        /// The devices are virtio-mmio windows.
+        pub const MMIO: u64 = 2;
+
+        /// The plan as the guest reads it from memory.
+        pub fn to_bytes(self) -> [u8; 15 * 8] {
+            let words = [
+                self.magic,
+                self.transport,
+                self.base,
+                self.count,
+                self.window_size,
+                self.windows[0],
+                self.windows[1],
+                self.windows[2],
+                self.windows[3],
+                self.windows[4],
+                self.windows[5],
+                self.windows[6],
+                self.windows[7],
+                self.disk_sectors,
+                self.mac,
+            ];
+            let mut out = [0u8; 15 * 8];
+            for (chunk, w) in out.chunks_exact_mut(8).zip(words) {
+                chunk.copy_from_slice(&w.to_le_bytes());
+            }
+            out
+        }
+    }
+
+    /// The byte the host puts at byte `i` of sector `s` of the disk.
+    pub fn disk_byte(s: u64, i: usize) -> u8 {
+        (s.wrapping_mul(31) as u8).wrapping_add(i as u8) ^ 0x5a
+    }
+
+    /// The byte the guest writes at byte `i` of sector `s`, in `WRITE_AT..WRITE_AT +
+    /// WRITE_SECTORS`.
+    pub fn written_byte(s: u64, i: usize) -> u8 {
+        (s as u8).wrapping_mul(7).wrapping_add(i as u8) ^ 0xa5
+    }
+
+    /// The first sector the guest writes.
+    pub const WRITE_AT: usize = 16;
+    /// How many sectors the guest writes.
+    pub const WRITE_SECTORS: usize = 8;
+    /// The line the host sends the guest's console.
+    pub const HOST_LINE: &[u8] = b"host to independent driver\n";
+    /// The line the guest sends back.
+    pub const GUEST_LINE: &[u8] = b"independent driver to host\n";
+    /// The EtherType of the guest's frame (local experimental); the host echoes such
+    /// a frame with its payload (past the 14-byte header) reversed.
+    pub const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+}

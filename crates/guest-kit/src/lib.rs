@@ -271,6 +271,14 @@ impl Guest {
     /// wire code: writes a granted page, reads it back, flushes, checks a refused
     /// segment; prints `rust front end ok` on COM1 and exits 0.
     pub const PV_RING_FRONT: Guest = guest!("pv_ring_front", GuestMode::User64);
+    /// The independent driver: rcore-os's `virtio-drivers` crate (0.13, pinned by
+    /// `guests/independent/Cargo.lock`) drives every device the host describes in an
+    /// [`abi::independent::Plan`] (the parameter is its address) on virtio-pci through
+    /// ECAM, or on virtio-mmio: a disk, an entropy source, a console and a network
+    /// device. Each check prints `independent: ok ...` or `independent: FAILED ...` on
+    /// COM1, then `independent: <passed>/<total> passed`; exits with the number of
+    /// failed checks (99 if the driver panicked, 98 without a plan).
+    pub const INDEPENDENT: Guest = guest!("independent", GuestMode::User64);
     /// Drives the emulated ATA disk as an unmodified guest would (task file, status
     /// polling, `rep insw`/`rep outsw`): 4 KiB operations, reads or writes, sequential
     /// or random, latencies in TSC ticks at `GUEST_HEAP + 0x80000`. Parameter: bit 0

@@ -26,6 +26,22 @@ void *memcpy(void *dst, const void *src, unsigned long n)
     return dst;
 }
 
+/* Overlapping copies (Rust's ptr::copy): forwards when the destination is below the
+   source, backwards otherwise. */
+void *memmove(void *dst, const void *src, unsigned long n)
+{
+    unsigned char *d = dst;
+    const unsigned char *s = src;
+    if (d <= s) {
+        while (n--)
+            *d++ = *s++;
+    } else {
+        while (n--)
+            d[n] = s[n];
+    }
+    return dst;
+}
+
 int memcmp(const void *a, const void *b, unsigned long n)
 {
     const unsigned char *x = a, *y = b;
