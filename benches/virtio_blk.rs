@@ -22,6 +22,12 @@
 //! also says what the device thread cost in the half second after the guest stopped
 //! (the price of polling when nothing comes). Targets: at batch 1, at most 3 µs of host CPU
 //! per read; at batch 32, at least 1 M reads/s and at most 0.05 exits per request.
+//!
+//! The transport section runs the same workload with the disk on virtio-mmio and as a
+//! virtio-pci function with MSI-X (one queue, and four queues with a thread each and the
+//! batch spread over them), each with interrupts wanted and with polled queues: the
+//! difference per request between the two is what delivering the interrupts costs the
+//! host on that transport (an IOAPIC line for MMIO, an MSI for PCI).
 
 mod common;
 
@@ -36,7 +42,8 @@ use vmcraft::vcpu::VcpuConfig;
 use vmcraft_guest_kit::Guest;
 
 const DISK_BYTES: u64 = 16 << 20;
-const IO_THREAD: &str = "vblk0-io";
+/// The device's threads: `vblk0-io`, or `vblk0-q<i>` per queue.
+const IO_THREADS: &str = "vblk0-";
 /// How long the device thread is watched after the guest stopped.
 const IDLE: Duration = Duration::from_millis(500);
 
@@ -78,6 +85,36 @@ const VARIANTS: [Variant; 3] = [
     },
 ];
 
+/// Where the disk is.
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    Mmio,
+    /// A virtio-pci function with MSI-X and this many queues.
+    Pci(u16),
+}
+
+impl Transport {
+    fn label(self) -> String {
+        match self {
+            Transport::Mmio => "mmio".into(),
+            Transport::Pci(1) => "pci".into(),
+            Transport::Pci(q) => format!("pci, {q} queues"),
+        }
+    }
+}
+
+/// The CPU time of every thread of the device (`vblk0-io` or one per queue).
+fn device_cpu_ns() -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").expect("tasks").flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with(IO_THREADS) {
+            total += common::thread_cpu_ns(comm.trim_end()).unwrap_or(0);
+        }
+    }
+    total
+}
+
 fn guest_run(
     image: &common::Image,
     write: bool,
@@ -85,19 +122,43 @@ fn guest_run(
     batch: u64,
     requests: u64,
     v: Variant,
+    transport: Transport,
 ) -> Run {
     let poll = v.poll;
     let serial = SharedBuffer::new();
     let mut b = MachineBuilder::new(16 << 20, Box::new(serial.clone())).expect("machine");
     let disk = Disk::new(image.file.try_clone().expect("dup"), false, "bench").expect("disk");
-    b.add_virtio(Box::new(Block::new(disk, "vblk0").with_poll_max(poll)))
-        .expect("attach virtio-blk");
+    let block = Block::new(disk, "vblk0").with_poll_max(poll);
+    let pci = match transport {
+        Transport::Mmio => {
+            b.add_virtio(Box::new(block)).expect("attach virtio-blk");
+            0
+        }
+        Transport::Pci(queues) => {
+            let slot = b
+                .add_virtio_pci(Box::new(block.with_queues(queues)))
+                .expect("attach virtio-blk on PCI");
+            assert_eq!(slot.device, 1, "the guest drives function 1");
+            let ecam = b
+                .acpi(1)
+                .devices
+                .into_iter()
+                .find_map(|d| match d {
+                    vmcraft::acpi::AcpiDevice::PciHostBridge { ecam, .. } => Some(ecam),
+                    _ => None,
+                })
+                .expect("a PCI host bridge");
+            assert!(ecam.is_multiple_of(1 << 20) && ecam >> 20 < 0x1000);
+            1 << 4 | u64::from(queues - 1) << 5 | (ecam >> 20) << 48
+        }
+    };
     let guest = Guest::VIRTIO_BLK_BENCH;
     b.load(guest.image()).expect("load");
     let param = 1
         | (u64::from(write) << 1)
         | (u64::from(random) << 2)
         | (u64::from(v.polled_queue) << 3)
+        | pci
         | (batch << 8)
         | (requests << 16);
     let start = Instant::now();
@@ -108,12 +169,11 @@ fn guest_run(
         .wait_stopped(Some(Duration::from_secs(600)))
         .expect("the guest finishes");
     let elapsed = start.elapsed();
-    let io_cpu = common::thread_cpu_ns(IO_THREAD).expect("the I/O thread is running");
-    // The guest has stopped: what its device thread costs while nothing comes.
+    let io_cpu = device_cpu_ns();
+    assert!(io_cpu > 0, "the device's threads are running");
+    // The guest has stopped: what its device threads cost while nothing comes.
     std::thread::sleep(IDLE);
-    let idle_cpu_ns = common::thread_cpu_ns(IO_THREAD)
-        .expect("the I/O thread is running")
-        .saturating_sub(io_cpu);
+    let idle_cpu_ns = device_cpu_ns().saturating_sub(io_cpu);
     let stats = running.total_stats();
     running.stop();
     running.wait().expect("stop");
@@ -253,13 +313,44 @@ fn main() {
             for v in VARIANTS {
                 let name = format!("guest {op}, batch {batch}{pattern}{}", v.label);
                 if only(&name) {
-                    row(&name, &guest_run(&image, write, random, batch, requests, v));
+                    row(
+                        &name,
+                        &guest_run(&image, write, random, batch, requests, v, Transport::Mmio),
+                    );
                 }
             }
         }
         let name = format!("host p{op} (reference)");
         if only(&name) {
             row(&name, &host_reference(&image, write, 100_000));
+        }
+    }
+    println!();
+    println!("transports: the same requests on virtio-mmio and on virtio-pci with MSI-X");
+    for write in [false, true] {
+        let op = if write { "write" } else { "read" };
+        for (batch, requests) in [(1u64, 20_000u64), (32, 100_000)] {
+            let transports: &[Transport] = if batch == 1 {
+                &[Transport::Mmio, Transport::Pci(1)]
+            } else {
+                &[Transport::Mmio, Transport::Pci(1), Transport::Pci(4)]
+            };
+            for &t in transports {
+                let name = format!("{} {op}, batch {batch}", t.label());
+                if !only(&name) {
+                    continue;
+                }
+                let wanted = guest_run(&image, write, false, batch, requests, VARIANTS[0], t);
+                row(&name, &wanted);
+                let polled = guest_run(&image, write, false, batch, requests, VARIANTS[2], t);
+                row(&format!("{name}, polled queues"), &polled);
+                let per_request = |r: &Run| r.host_cpu_ns as f64 / r.requests as f64;
+                println!(
+                    "{:<62} {:>+14.2} µs of host CPU per request for its interrupts",
+                    format!("{name}: interrupts"),
+                    (per_request(&wanted) - per_request(&polled)) / 1e3
+                );
+            }
         }
     }
     if only("irqfd") {

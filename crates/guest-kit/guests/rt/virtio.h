@@ -54,6 +54,7 @@ struct vq_used_elem {
 
 struct virtq {
     u64 mmio;
+    u64 notify_addr;     /* where a notification is written (the queue index) */
     u32 index;
     u16 size;
     int event_idx;
@@ -112,6 +113,7 @@ static inline int virtq_setup(struct virtq *q, u64 base, u32 index, u16 size, u6
         return -11;
     memset((void *)mem, 0, 3 * 4096);
     q->mmio = base;
+    q->notify_addr = base + VIRTIO_QUEUE_NOTIFY;
     q->index = index;
     q->size = size;
     q->event_idx = event_idx;
@@ -162,7 +164,7 @@ static inline void virtq_kick(struct virtq *q, u16 old_idx)
         notify = !(q->used[0] & 1); /* VRING_USED_F_NO_NOTIFY */
     }
     if (notify) {
-        vio_w(q->mmio, VIRTIO_QUEUE_NOTIFY, q->index);
+        mmio_write32(q->notify_addr, q->index);
         q->notifications++;
     }
 }
