@@ -927,3 +927,22 @@ fn a_destination_of_another_machine_refuses_before_any_memory_comes() {
     );
     std::fs::remove_file(&secret).unwrap();
 }
+
+#[test]
+fn a_kernel_gets_virtio_pci_unless_told_otherwise() {
+    let transport = |args: &[&str]| {
+        let out = run(&[args, &["--print-config"]].concat());
+        assert!(out.status.success(), "{args:?}: {:?}", out);
+        let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        config["transport"].as_str().unwrap().to_string()
+    };
+    // A Linux kernel binds its own virtio_pci: a vector per queue.
+    assert_eq!(transport(&["--kernel", "/vmlinux", "--rng"]), "pci");
+    assert_eq!(
+        transport(&["--kernel", "/vmlinux", "--rng", "--transport", "mmio"]),
+        "mmio"
+    );
+    // Xen guests boot PVH, with no PCI bus; the embedded guests drive virtio-mmio.
+    assert_eq!(transport(&["--kernel", "/vmlinux", "--xen"]), "mmio");
+    assert_eq!(transport(&["--guest", "hello"]), "mmio");
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use vmcraft::config::{
     BootSource, ConsoleConfig, DeviceConfig, DiskConfig, MachineConfig, NetConfig, PvConfig,
-    PV_UPCALL_IRQ,
+    VirtioTransport, PV_UPCALL_IRQ,
 };
 use vmcraft::pv::layout::PvLayout;
 use vmcraft_guest_kit::Guest;
@@ -106,9 +106,11 @@ pub struct Args {
 
     /// How the virtio devices reach the guest: mmio (windows in the ACPI tables, an
     /// interrupt line each) or pci (functions on a PCI host bridge, an MSI-X vector
-    /// per queue)
-    #[arg(long, value_enum, value_name = "KIND", default_value = "mmio")]
-    pub transport: TransportName,
+    /// per queue). Default: pci for a --kernel (without --xen), mmio for the embedded
+    /// guests, --xen and the API's machines (as Firecracker's); a restore keeps the
+    /// snapshot's. A migration destination names it as the source's machine has it
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub transport: Option<TransportName>,
 
     /// A virtio-net device on TAP interface NAME (created if missing; needs
     /// CAP_NET_ADMIN or an interface owned by this user)
@@ -240,11 +242,11 @@ pub enum TransportName {
     Pci,
 }
 
-impl From<TransportName> for vmcraft::config::VirtioTransport {
+impl From<TransportName> for VirtioTransport {
     fn from(t: TransportName) -> Self {
         match t {
-            TransportName::Mmio => vmcraft::config::VirtioTransport::Mmio,
-            TransportName::Pci => vmcraft::config::VirtioTransport::Pci,
+            TransportName::Mmio => VirtioTransport::Mmio,
+            TransportName::Pci => VirtioTransport::Pci,
         }
     }
 }
@@ -400,6 +402,21 @@ impl Args {
             || self.xen
     }
 
+    /// The virtio transport: the one given, else a restored snapshot's, else virtio-pci
+    /// for a Linux kernel booted without Xen (its own virtio_pci driver, a vector per
+    /// queue) and virtio-mmio for everything else (the embedded guests drive MMIO;
+    /// Xen guests boot PVH, with no PCI bus).
+    pub fn transport(&self, saved: Option<&MachineConfig>) -> VirtioTransport {
+        match (self.transport, saved) {
+            (Some(t), _) => t.into(),
+            (None, Some(saved)) => saved.transport,
+            (None, None) if self.kernel.is_some() && !self.xen && self.migrate_from.is_none() => {
+                VirtioTransport::Pci
+            }
+            (None, None) => VirtioTransport::Mmio,
+        }
+    }
+
     /// The machine these options describe; `saved` is a snapshot's (a restore),
     /// whose RAM and vCPUs are taken unless given.
     pub fn machine(&self, saved: Option<&MachineConfig>) -> Result<MachineConfig, String> {
@@ -483,7 +500,7 @@ impl Args {
             devices,
             xen: self.xen,
             ksm: self.ksm,
-            transport: self.transport.into(),
+            transport: self.transport(saved),
         };
         self.check_guest(&config)?;
         Ok(config)
@@ -502,7 +519,7 @@ impl Args {
             .devices
             .iter()
             .any(|d| d.kind().starts_with("virtio-"));
-        if config.transport == vmcraft::config::VirtioTransport::Pci && virtio {
+        if config.transport == VirtioTransport::Pci && virtio {
             return Err(
                 "the embedded guests drive virtio-mmio: --transport pci is for a --kernel".into(),
             );

@@ -78,7 +78,10 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             }
             None => vmcraft::api_config::PreBoot::default(),
         };
-        pre.transport = args.transport.into();
+        // The API's machines are Firecracker's: virtio-mmio unless told otherwise.
+        if let Some(t) = args.transport {
+            pre.transport = t.into();
+        }
         if let Some(path) = &args.api_sock {
             let mut server = vmcraft::api::server::ApiServer::bind(path)
                 .map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
