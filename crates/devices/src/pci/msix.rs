@@ -187,6 +187,9 @@ pub struct MsixTable {
     vectors: Arc<MsixVectors>,
     entries: Vec<Entry>,
     control: u16,
+    /// The command register's Bus Master Enable: without it the function may not
+    /// write memory, and an MSI-X message is a memory write.
+    bus_master: bool,
 }
 
 impl MsixTable {
@@ -196,6 +199,17 @@ impl MsixTable {
             entries: vec![Entry::default(); usize::from(vectors.count())],
             vectors,
             control: 0,
+            bus_master: false,
+        }
+    }
+
+    /// The command register's Bus Master Enable bit. While it is clear no vector
+    /// signals: a fire sets the vector's pending bit, delivered once the bit is set
+    /// again (and the vector unmasked), as for a masked vector.
+    pub fn set_bus_master(&mut self, on: bool) {
+        if self.bus_master != on {
+            self.bus_master = on;
+            self.update_masks();
         }
     }
 
@@ -251,6 +265,7 @@ impl MsixTable {
 
     fn effectively_masked(&self, i: usize) -> bool {
         !self.enabled()
+            || !self.bus_master
             || self.control & CONTROL_FUNCTION_MASK != 0
             || self.entries[i].control & VECTOR_MASKED != 0
     }
@@ -429,8 +444,32 @@ impl MsixTable {
 mod tests {
     use super::*;
 
+    /// A table of `n` vectors whose function masters the bus (as a driver sets it).
     fn table(n: u16) -> MsixTable {
-        MsixTable::new(Arc::new(MsixVectors::new(n).unwrap()))
+        let mut t = MsixTable::new(Arc::new(MsixVectors::new(n).unwrap()));
+        t.set_bus_master(true);
+        t
+    }
+
+    #[test]
+    fn without_bus_mastering_a_vector_holds_its_fire_pending() {
+        let mut t = table(2);
+        t.set_control(CONTROL_ENABLE);
+        t.write(12, &0u32.to_le_bytes()); // vector 0 unmasked
+        t.vectors().fire(0);
+        assert_eq!(fired(&t, 0), 1);
+        // Bus Master Enable cleared: no message may be written.
+        t.set_bus_master(false);
+        t.vectors().fire(0);
+        assert_eq!(fired(&t, 0), 0);
+        assert!(t.vectors().pending(0));
+        // Set again: what was held is delivered, once.
+        t.set_bus_master(true);
+        assert_eq!(fired(&t, 0), 1);
+        assert!(!t.vectors().pending(0));
+        // A new table starts without it (the command register starts at 0).
+        let fresh = MsixTable::new(Arc::new(MsixVectors::new(1).unwrap()));
+        assert!(fresh.effectively_masked(0));
     }
 
     fn fired(t: &MsixTable, v: u16) -> u64 {

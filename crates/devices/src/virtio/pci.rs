@@ -327,6 +327,7 @@ impl PciTransport {
             .restore(&state.config)
             .map_err(|e| bad(format!("configuration space: {e}")))?;
         let mut msix = MsixTable::new(self.msix.vectors().clone());
+        msix.set_bus_master(config.bus_master());
         msix.restore(&state.msix)
             .map_err(|e| bad(format!("MSI-X: {e}")))?;
         if config.read_u16(self.msix_cap + 2) & 0xc000 != state.msix.control {
@@ -531,6 +532,7 @@ impl PciFunction for PciTransport {
         if control & 0xc000 != self.msix.control() {
             self.msix.set_control(control);
         }
+        self.msix.set_bus_master(self.config.bus_master());
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {

@@ -166,6 +166,9 @@ fn a_driver_brings_the_device_up_and_each_queue_interrupts_on_its_vector() {
     let routes = Arc::new(Recorded::default());
     t.set_msi_routes(routes.clone());
     let msix_cap = t.msix_cap;
+    // pci_enable_device and pci_set_master, then MSI-X on.
+    let command = crate::pci::config::COMMAND_MEMORY | crate::pci::config::COMMAND_BUS_MASTER;
+    t.config_write(crate::pci::config::COMMAND, &command.to_le_bytes());
     t.config_write(msix_cap + 2, &CONTROL_ENABLE.to_le_bytes());
     for v in 0..3u64 {
         let entry = MSIX_TABLE_OFFSET + v * 16;
@@ -184,6 +187,13 @@ fn a_driver_brings_the_device_up_and_each_queue_interrupts_on_its_vector() {
     assert_eq!((fired(&t, 0), fired(&t, 1), fired(&t, 2)), (1, 2, 0));
     t.config_changed();
     assert_eq!(fired(&t, 2), 1);
+    // Bus mastering off: the queue's event waits in its pending bit until it is on.
+    let no_master = crate::pci::config::COMMAND_MEMORY;
+    t.config_write(crate::pci::config::COMMAND, &no_master.to_le_bytes());
+    t.interrupt().queue(0).signal();
+    assert_eq!(fired(&t, 0), 0);
+    t.config_write(crate::pci::config::COMMAND, &command.to_le_bytes());
+    assert_eq!(fired(&t, 0), 1);
     assert_eq!(r(&mut t, 0x15, 1), 1, "config generation");
     // With MSI-X the ISR is not used.
     assert_eq!(r(&mut t, ISR_OFFSET, 1), 0);
