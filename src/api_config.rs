@@ -285,6 +285,7 @@ impl PreBoot {
             DeviceConfig::VirtioNet(NetConfig {
                 tap: n.host_dev_name.clone(),
                 mac: n.guest_mac.clone(),
+                queues: None,
             })
         }));
         if self.balloon.is_some() {

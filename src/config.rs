@@ -208,6 +208,11 @@ pub struct NetConfig {
     /// address from the device's position.
     #[serde(default)]
     pub mac: Option<String>,
+    /// Queue pairs (1 to 16): a queue of a multi-queue TAP, a thread and, on PCI, a
+    /// vector per queue each, with a control queue for the driver to choose how many
+    /// it uses. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
 }
 
 /// vmcraft's PV channel.
@@ -448,6 +453,17 @@ impl MachineConfig {
                 }
             }
             match device {
+                DeviceConfig::VirtioNet(NetConfig {
+                    queues: Some(n), ..
+                }) if !(1..=vmcraft_devices::virtio::net::MAX_QUEUE_PAIRS).contains(n) => {
+                    return Err(invalid(
+                        field(".queues"),
+                        format!(
+                            "{n} queue pairs (1 to {})",
+                            vmcraft_devices::virtio::net::MAX_QUEUE_PAIRS
+                        ),
+                    ));
+                }
                 DeviceConfig::XenDisk(_) | DeviceConfig::XenConsole if !self.xen => {
                     return Err(invalid(field(""), format!("a {kind} needs \"xen\": true")));
                 }
@@ -614,8 +630,8 @@ pub enum DeviceResource {
     Disk(File),
     /// A console's connected client.
     Socket(std::os::unix::net::UnixStream),
-    /// A TAP interface.
-    Tap(vmcraft_devices::virtio::tap::Tap),
+    /// A TAP interface's queues (one per queue pair).
+    Tap(Vec<vmcraft_devices::virtio::tap::Tap>),
 }
 
 impl MachineConfig {
@@ -644,15 +660,17 @@ impl MachineConfig {
         for (i, device) in self.devices.iter().enumerate() {
             let field = |name: &str| format!("devices[{i}]{name}");
             let resource = match device {
-                DeviceConfig::VirtioNet(net) => {
-                    DeviceResource::Tap(vmcraft_devices::virtio::tap::Tap::open(&net.tap).map_err(
-                        |e| ConfigError::Open {
-                            field: field(".tap"),
-                            what: format!("TAP interface {}", net.tap),
-                            source: Box::new(e),
-                        },
-                    )?)
-                }
+                DeviceConfig::VirtioNet(net) => DeviceResource::Tap(
+                    vmcraft_devices::virtio::tap::Tap::open_queues(
+                        &net.tap,
+                        net.queues.unwrap_or(1),
+                    )
+                    .map_err(|e| ConfigError::Open {
+                        field: field(".tap"),
+                        what: format!("TAP interface {}", net.tap),
+                        source: Box::new(e),
+                    })?,
+                ),
                 DeviceConfig::VirtioConsole(ConsoleConfig { socket: Some(path) }) => {
                     let listener = std::os::unix::net::UnixListener::bind(path)
                         .map_err(|e| open_err(field(".socket"), path, e))?;

@@ -178,17 +178,20 @@ impl MachineBuilder {
                     self.add_virtio_on(config.transport, Box::new(balloon))?;
                     self.configured_mut().balloon = Some(control);
                 }
-                (DeviceConfig::VirtioNet(net), DeviceResource::Tap(tap)) => {
+                (DeviceConfig::VirtioNet(net), DeviceResource::Tap(taps)) => {
                     let mac = match &net.mac {
                         Some(text) => parse_mac(text).map_err(|e| failed(e.into()))?,
                         // A locally administered address, one per device.
                         None => [0x02, 0x76, 0x6d, 0x63, 0, 1 + nets],
                     };
                     nets = nets.wrapping_add(1);
-                    self.add_virtio_on(
-                        config.transport,
-                        Box::new(Net::new(Box::new(tap), mac, "vnet")),
-                    )?;
+                    let queues = taps
+                        .into_iter()
+                        .map(|t| Box::new(t) as Box<dyn vmcraft_devices::virtio::net::FrameIo>)
+                        .collect();
+                    let nic = Net::with_queue_pairs(queues, mac, "vnet")
+                        .map_err(|e| failed(Box::new(e)))?;
+                    self.add_virtio_on(config.transport, Box::new(nic))?;
                 }
                 (DeviceConfig::XenDisk(disk), DeviceResource::Disk(file)) => {
                     xen_disks.push(XenDisk {

@@ -336,6 +336,7 @@ fn resources_that_do_not_fit_the_configuration_are_refused_by_field() {
         devices: vec![DeviceConfig::VirtioNet(vmcraft::config::NetConfig {
             tap: "vmcraft-none".into(),
             mac: None,
+            queues: None,
         })],
         ..MachineConfig::default()
     };

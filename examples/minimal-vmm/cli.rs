@@ -113,9 +113,10 @@ pub struct Args {
     pub transport: Option<TransportName>,
 
     /// A virtio-net device on TAP interface NAME (created if missing; needs
-    /// CAP_NET_ADMIN or an interface owned by this user)
-    #[arg(long, value_name = "NAME")]
-    pub net_tap: Option<String>,
+    /// CAP_NET_ADMIN or an interface owned by this user); queues=N opens N queues of a
+    /// multi-queue TAP, a queue pair each (give a vCPU per pair)
+    #[arg(long, value_name = "NAME[,queues=N]", value_parser = parse_net_tap)]
+    pub net_tap: Option<NetConfig>,
 
     /// vmcraft's PV channel (event channels, grants, a PV console and the first
     /// --disk as a PV block device); alone, run the PV demo guest
@@ -372,6 +373,23 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("invalid timeout {s:?}"))
 }
 
+fn parse_net_tap(s: &str) -> Result<NetConfig, String> {
+    let mut parts = s.split(',');
+    let mut net = NetConfig {
+        tap: parts.next().unwrap_or_default().to_string(),
+        mac: None,
+        queues: None,
+    };
+    for flag in parts {
+        match flag.strip_prefix("queues=").map(str::parse::<u16>) {
+            Some(Ok(n)) => net.queues = Some(n),
+            Some(Err(e)) => return Err(format!("queues: {e}")),
+            None => return Err(format!("unknown TAP flag {flag:?} (queues=N)")),
+        }
+    }
+    Ok(net)
+}
+
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let mut parts = s.split(',');
     let mut disk = DiskConfig::new(parts.next().unwrap_or_default());
@@ -487,11 +505,8 @@ impl Args {
         if self.balloon {
             devices.push(DeviceConfig::VirtioBalloon);
         }
-        if let Some(tap) = &self.net_tap {
-            devices.push(DeviceConfig::VirtioNet(NetConfig {
-                tap: tap.clone(),
-                mac: None,
-            }));
+        if let Some(net) = &self.net_tap {
+            devices.push(DeviceConfig::VirtioNet(net.clone()));
         }
         let config = MachineConfig {
             memory_mib,

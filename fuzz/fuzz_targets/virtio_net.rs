@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         let mut path = RxPath::default();
-        if let Ok(delivered) = path.pump(&mut queue, mem, &mut *backend, &interrupt, &requeue) {
+        if let Ok(delivered) = path.pump(&mut queue, mem, &mut *backend, interrupt.queue(0), &requeue) {
             assert!(delivered <= sent);
             assert!(usize::from(used_idx(&ram)) >= delivered);
         }

@@ -149,6 +149,7 @@ fn a_restore_may_move_host_resources_but_not_the_machine() {
         DeviceConfig::VirtioNet(NetConfig {
             tap: "tap-old".into(),
             mac: None,
+            queues: None,
         }),
     ]);
     let here = machine(vec![
@@ -156,6 +157,7 @@ fn a_restore_may_move_host_resources_but_not_the_machine() {
         DeviceConfig::VirtioNet(NetConfig {
             tap: "tap-new".into(),
             mac: None,
+            queues: None,
         }),
     ]);
     here.check_same_machine(&saved).unwrap();

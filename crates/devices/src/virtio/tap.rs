@@ -11,6 +11,7 @@ use thiserror::Error;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 /// Longest interface name, terminating NUL excluded.
 pub const MAX_NAME: usize = 15;
 
@@ -29,6 +30,9 @@ pub enum TapError {
     /// The name is empty, too long or has a NUL.
     #[error("invalid TAP interface name {0:?} (1 to 15 bytes, no NUL)")]
     InvalidName(String),
+    /// A number of queues out of range.
+    #[error("{0} TAP queues (1 to 256)")]
+    Queues(u16),
     /// /dev/net/tun could not be opened.
     #[error("cannot open /dev/net/tun")]
     OpenTun(#[source] io::Error),
@@ -53,6 +57,25 @@ pub struct Tap {
 impl Tap {
     /// Create or attach to TAP interface `name`.
     pub fn open(name: &str) -> Result<Tap, TapError> {
+        Self::attach(name, IFF_TAP | IFF_NO_PI)
+    }
+
+    /// Create or attach to multi-queue TAP interface `name` and open `queues` of its
+    /// queues (1 to 256), one per virtio-net queue pair: the host's stack steers each
+    /// flow to one of them. With one queue this is [`Tap::open`]. An interface made
+    /// without `multi_queue` cannot be attached with several: the kernel refuses it
+    /// and the error names the interface.
+    pub fn open_queues(name: &str, queues: u16) -> Result<Vec<Tap>, TapError> {
+        match queues {
+            0 | 257.. => Err(TapError::Queues(queues)),
+            1 => Ok(vec![Self::open(name)?]),
+            n => (0..n)
+                .map(|_| Self::attach(name, IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE))
+                .collect(),
+        }
+    }
+
+    fn attach(name: &str, flags: libc::c_short) -> Result<Tap, TapError> {
         if name.is_empty() || name.len() > MAX_NAME || name.contains('\0') {
             return Err(TapError::InvalidName(name.to_string()));
         }
@@ -64,7 +87,7 @@ impl Tap {
             .map_err(TapError::OpenTun)?;
         let mut req = IfReq {
             name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI,
+            flags,
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -107,6 +130,16 @@ impl super::net::FrameIo for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_counts_out_of_range_are_refused_before_the_kernel_sees_them() {
+        for n in [0, 257] {
+            assert!(matches!(
+                Tap::open_queues("t0", n),
+                Err(TapError::Queues(_))
+            ));
+        }
+    }
 
     #[test]
     fn bad_names_are_refused_before_the_kernel_sees_them() {

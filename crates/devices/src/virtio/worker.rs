@@ -53,6 +53,20 @@ pub fn spawn_queue(
     spawn_serving(thread, name, vec![notifier], interrupt, Vec::new(), serve)
 }
 
+/// Like [`spawn_queue`], for a thread that serves several queues of a device (a
+/// virtio-net queue pair): woken by `notifiers` (tokens [`Token::Queue`]`(i)` by
+/// position) and `fds` ([`Token::Fd`]).
+pub fn spawn_queues(
+    thread: String,
+    name: &str,
+    notifiers: Vec<EventFd>,
+    interrupt: Arc<super::Interrupt>,
+    fds: Vec<std::os::fd::RawFd>,
+    serve: impl FnMut(&Epoll, Token) -> Result<(), ProtocolError> + Send + 'static,
+) -> Result<Worker, ActivateError> {
+    spawn_serving(thread, name, notifiers, interrupt, fds, serve)
+}
+
 fn spawn_serving(
     thread: String,
     name: &str,
