@@ -26,6 +26,7 @@ impl PciFunction for Function {
         self.cfg.write(offset, data);
         let control = self.cfg.read_u16(self.cap + 2);
         self.msix.set_control(control);
+        self.msix.set_bus_master(self.cfg.bus_master());
     }
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         match (bar, offset) {

@@ -7,8 +7,8 @@
 //! vector's message (the embedding program points its KVM MSI route at it) or its
 //! mask. [`MsixVectors`] is what the device's threads hold: [`MsixVectors::fire`]
 //! signals a vector's irqfd, or, while the vector or the whole function is masked (or
-//! MSI-X is off), sets its pending bit instead; unmasking delivers a pending vector
-//! once.
+//! MSI-X is off, or the function may not master the bus), sets its pending bit
+//! instead; unmasking delivers a pending vector once.
 //!
 //! ```
 //! use vmcraft_devices::pci::msix::{MsixTable, MsixVectors, TableChange};
@@ -17,9 +17,11 @@
 //! // Vectors start masked: a fire is held pending.
 //! vectors.fire(1);
 //! assert!(vectors.pending(1));
-//! // The guest writes entry 1's message, enables MSI-X, unmasks entry 1.
+//! // The guest writes entry 1's message, turns bus mastering and MSI-X on, unmasks
+//! // entry 1.
 //! assert_eq!(table.write(16, &0xfee0_0000u32.to_le_bytes()), [TableChange::Message(1)]);
 //! table.write(24, &0x41u32.to_le_bytes());
+//! table.set_bus_master(true);
 //! table.set_control(0x8000);
 //! assert_eq!(table.write(28, &0u32.to_le_bytes()), [TableChange::Unmasked(1)]);
 //! // The pending fire was delivered on its irqfd.

@@ -448,6 +448,7 @@ mod interrupt_tests {
     fn with_msix_each_queue_fires_its_own_vector_and_configuration_changes_theirs() {
         let vectors = Arc::new(MsixVectors::new(3).unwrap());
         let mut table = MsixTable::new(vectors.clone());
+        table.set_bus_master(true);
         table.set_control(CONTROL_ENABLE);
         for v in 0..3u64 {
             table.write(v * 16 + 12, &0u32.to_le_bytes());
