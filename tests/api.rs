@@ -252,3 +252,52 @@ fn a_firecracker_config_file_boots_without_an_api() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `vcpus`"));
 }
+
+/// `SendCtrlAltDel` presses the keys on the i8042 keyboard: the guest (an ELF kernel
+/// that waits for them, as Linux's keyboard driver does with `reboot=k`) reads the
+/// scancodes and resets the machine, which ends the VMM. Before the start, the action
+/// is refused.
+#[test]
+fn send_ctrl_alt_del_reaches_the_guest_through_its_keyboard() {
+    common::require_kvm();
+    let dir = Scratch::new("cad");
+    let kernel = dir.0.join("vmlinux");
+    std::fs::write(&kernel, vmcraft_guest_kit::ELF_CTRL_ALT_DEL).unwrap();
+    let sock = dir.0.join("api.sock");
+    let mut vmm = Command::new(minimal_vmm())
+        .args(["--no-jail", "--api-sock"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut api = connect(&sock, &mut vmm);
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    let (status, body) = call(&mut api, "PUT", "/actions", cad);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not started"), "{body}");
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/boot-source", &boot).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", start).0, 204);
+    let (status, body) = call(&mut api, "GET", "/", "");
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""state":"Running""#), "{body}");
+    assert_eq!(call(&mut api, "PUT", "/actions", cad).0, 204);
+    let out = vmm.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("\ncad"),
+        "the guest saw the keys: {stdout:?}"
+    );
+    assert!(
+        stdout.contains("minimal-vmm: VM stopped: guest reset"),
+        "{stdout}"
+    );
+}

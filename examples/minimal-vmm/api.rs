@@ -239,6 +239,15 @@ impl RunningApi {
             R::PutAction(InstanceActionInfo {
                 action_type: ActionType::InstanceStart,
             }) => Response::error(400, "the microVM is running already"),
+            R::PutAction(InstanceActionInfo {
+                action_type: ActionType::SendCtrlAltDel,
+            }) => match machine.legacy().i8042.send_ctrl_alt_del() {
+                Ok(()) => Response::no_content(),
+                Err(e) => Response::error(400, &format!("SendCtrlAltDel: {e}")),
+            },
+            R::PutAction(InstanceActionInfo {
+                action_type: ActionType::FlushMetrics,
+            }) => not_yet("a metrics file"),
             R::PutSnapshotCreate(_) => {
                 not_yet("a snapshot through the API (--snapshot DIR and SIGUSR1 do)")
             }

@@ -82,6 +82,12 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Whether bytes of a next request were read and wait here (a client that sent
+    /// it before the answer to the last).
+    pub fn has_pending(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// Read the next request from `stream` (`Ok(None)`: the client closed the
     /// connection between requests). `Expect: 100-continue` is answered on `out`.
     pub fn read_request(

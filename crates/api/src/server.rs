@@ -34,6 +34,7 @@ pub const STALL: Duration = Duration::from_secs(10);
 /// How often the server looks at its stop condition while idle.
 const TICK: Duration = Duration::from_millis(100);
 
+#[derive(Debug)]
 struct Client {
     stream: UnixStream,
     conn: Connection,
@@ -46,6 +47,9 @@ struct Client {
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
+    /// The connected clients, kept from one [`ApiServer::serve`] to the next: an
+    /// orchestrator's pooled connection outlives the hand-over at `InstanceStart`.
+    clients: Vec<Client>,
 }
 
 impl ApiServer {
@@ -57,6 +61,7 @@ impl ApiServer {
         Ok(ApiServer {
             listener,
             path: path.to_path_buf(),
+            clients: Vec::new(),
         })
     }
 
@@ -73,7 +78,18 @@ impl ApiServer {
         mut handle: impl FnMut(ApiRequest) -> Response,
         stop: impl Fn() -> bool,
     ) -> std::io::Result<()> {
-        let mut clients: Vec<Client> = Vec::new();
+        let mut clients = std::mem::take(&mut self.clients);
+        // Requests a client sent before the last `serve` stopped, already read.
+        clients = clients
+            .into_iter()
+            .filter_map(|c| {
+                if c.conn.has_pending() && !stop() {
+                    serve_client(c, &mut handle, &stop)
+                } else {
+                    Some(c)
+                }
+            })
+            .collect();
         while !stop() {
             let mut fds: Vec<libc::pollfd> = Vec::with_capacity(clients.len() + 1);
             fds.push(libc::pollfd {
@@ -104,6 +120,7 @@ impl ApiServer {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
+                self.clients = clients;
                 return Err(e);
             }
             let mut keep = Vec::with_capacity(clients.len() + 1);
@@ -117,16 +134,23 @@ impl ApiServer {
                     }
                     continue;
                 }
-                if let Some(client) = serve_client(client, &mut handle) {
+                if let Some(client) = serve_client(client, &mut handle, &stop) {
                     keep.push(client);
                 }
             }
             // New clients after the others: `fds` has no entry for them yet.
-            if fds[0].revents & libc::POLLIN != 0 {
-                self.accept(&mut keep)?;
-            }
+            let accepted = if fds[0].revents & libc::POLLIN != 0 {
+                self.accept(&mut keep)
+            } else {
+                Ok(())
+            };
             clients = keep;
+            if let Err(e) = accepted {
+                self.clients = clients;
+                return Err(e);
+            }
         }
+        self.clients = clients;
         Ok(())
     }
 
@@ -190,10 +214,12 @@ impl Read for Available<'_> {
     }
 }
 
-/// Serve every whole request `client` has sent; the client back if it stays.
+/// Serve every whole request `client` has sent, until `stop` says so (what follows
+/// is for the next `serve`); the client back if it stays.
 fn serve_client(
     mut client: Client,
     handle: &mut impl FnMut(ApiRequest) -> Response,
+    stop: &impl Fn() -> bool,
 ) -> Option<Client> {
     loop {
         let mut out = Vec::new();
@@ -215,6 +241,9 @@ fn serve_client(
                 let written = response.write_to(&mut writer, request.close);
                 if written.is_err() || request.close {
                     return None;
+                }
+                if stop() {
+                    return Some(client);
                 }
             }
             Err(HttpError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -341,6 +370,62 @@ mod tests {
         drop(server);
         assert!(!path.exists(), "the socket file goes with the server");
         drop(idle);
+    }
+
+    /// An orchestrator keeps one connection from before `InstanceStart` to after it,
+    /// when the VMM hands its socket from one `serve` to the next.
+    #[test]
+    fn a_connection_outlives_the_hand_over_from_one_serve_to_the_next() {
+        let path = socket("handover");
+        let _ = std::fs::remove_file(&path);
+        let mut server = ApiServer::bind(&path).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let thread = std::thread::spawn(move || {
+            // Before the start: served until InstanceStart.
+            let started = std::cell::Cell::new(false);
+            server
+                .serve(
+                    |r| match r {
+                        ApiRequest::PutAction(_) => {
+                            started.set(true);
+                            Response::no_content()
+                        }
+                        _ => Response::error(400, "before"),
+                    },
+                    || started.get(),
+                )
+                .unwrap();
+            // After it: the same clients, another handler.
+            let asked = std::cell::Cell::new(false);
+            server
+                .serve(
+                    |_| {
+                        asked.set(true);
+                        Response::error(400, "after")
+                    },
+                    || asked.get(),
+                )
+                .unwrap();
+            server
+        });
+        // The next request pipelined behind InstanceStart, in the same write: the
+        // second serve answers it, not the first.
+        client
+            .write_all(b"PUT /actions HTTP/1.1\r\nContent-Length: 31\r\n\r\n{\"action_type\":\"InstanceStart\"}GET /version HTTP/1.1\r\n\r\n")
+            .unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut got = String::new();
+        let mut buf = [0u8; 1024];
+        while !got.contains("after") {
+            let n = client.read(&mut buf).unwrap();
+            assert_ne!(n, 0, "closed after {got:?}");
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(got.starts_with("HTTP/1.1 204"), "{got}");
+        assert!(!got.contains("before"), "{got}");
+        drop(thread.join().unwrap());
     }
 
     #[test]

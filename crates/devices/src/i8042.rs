@@ -52,6 +52,24 @@ pub const CTR_XLATE: u8 = 1 << 6;
 /// it queues a few more).
 pub const OUTPUT_CAPACITY: usize = 16;
 
+/// Ctrl, Alt and Delete pressed, then released, in scancode set 1 (what the
+/// controller hands the driver when it translates).
+const CTRL_ALT_DEL_SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+/// The same in scancode set 2 (the keyboard's own, untranslated).
+const CTRL_ALT_DEL_SET2: [u8; 11] = [
+    0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+];
+
+/// The keyboard cannot take a key sequence now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the i8042's output buffer has room for {room} of the {needed} bytes of the key sequence (the guest is not reading its keyboard)")]
+pub struct KeyboardBusy {
+    /// Bytes free in the output buffer.
+    pub room: usize,
+    /// Bytes the sequence needs.
+    pub needed: usize,
+}
+
 /// Keyboard answers.
 const KBD_ACK: u8 = 0xfa;
 const KBD_BAT_OK: u8 = 0xaa;
@@ -126,6 +144,25 @@ impl Controller {
     /// The command byte.
     pub fn command_byte(&self) -> u8 {
         self.command_byte
+    }
+
+    /// The keyboard sends Ctrl+Alt+Del (each key pressed, then released), in the
+    /// scancode set the driver reads: set 1 while the controller translates, else
+    /// set 2. The whole sequence or nothing: a partial one would leave keys down.
+    pub fn press_ctrl_alt_del(&mut self) -> Result<Effects, KeyboardBusy> {
+        let bytes: &[u8] = if self.command_byte & CTR_XLATE != 0 {
+            &CTRL_ALT_DEL_SET1
+        } else {
+            &CTRL_ALT_DEL_SET2
+        };
+        let room = OUTPUT_CAPACITY - self.output.len();
+        if room < bytes.len() {
+            return Err(KeyboardBusy {
+                room,
+                needed: bytes.len(),
+            });
+        }
+        Ok(self.push(bytes))
     }
 
     /// Read port `offset` (0 data, 4 status); a data read takes the oldest byte of
@@ -284,6 +321,15 @@ impl I8042 {
         }
     }
 
+    /// Press Ctrl+Alt+Del on the keyboard (Firecracker's `SendCtrlAltDel`): Linux's
+    /// keyboard driver restarts the machine, which ends in a reset through this
+    /// controller.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), KeyboardBusy> {
+        let effects = self.controller().press_ctrl_alt_del()?;
+        self.apply(effects);
+        Ok(())
+    }
+
     /// The controller's state, for a snapshot.
     pub fn save_state(&self) -> Controller {
         self.controller().clone()
@@ -332,6 +378,34 @@ impl DevicePio for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ctrl_alt_del_comes_in_the_set_the_driver_reads_and_whole_or_not_at_all() {
+        let mut c = Controller::default();
+        // Translating (the default): set 1, with the interrupt.
+        let effects = c.press_ctrl_alt_del().unwrap();
+        assert!(effects.irq);
+        let drain = |c: &mut Controller| -> Vec<u8> {
+            std::iter::from_fn(|| (c.status() & STATUS_OBF != 0).then(|| c.read(DATA).0)).collect()
+        };
+        assert_eq!(drain(&mut c), CTRL_ALT_DEL_SET1);
+        // Untranslated: set 2.
+        c.write(COMMAND, 0x60);
+        c.write(DATA, CTR_KBD_INT);
+        c.press_ctrl_alt_del().unwrap();
+        assert_eq!(drain(&mut c), CTRL_ALT_DEL_SET2);
+        // A guest that does not read: refused once it would not fit, nothing queued.
+        c.write(COMMAND, 0x60);
+        c.write(DATA, CTR_XLATE);
+        c.write(COMMAND, 0xd2); // one byte as if the keyboard sent it
+        c.write(DATA, 0x2a);
+        c.press_ctrl_alt_del().unwrap();
+        assert_eq!(
+            c.press_ctrl_alt_del().unwrap_err(),
+            KeyboardBusy { room: 7, needed: 8 }
+        );
+        assert_eq!(drain(&mut c).len(), 9);
+    }
 
     #[test]
     fn state_round_trips_and_an_overlong_output_buffer_is_refused() {

@@ -38,6 +38,11 @@ pub mod peers;
 /// protocol enters a vmlinux. Its first exit writes a newline to COM1, its second
 /// resets the machine through the i8042. Write it to a file and pass it as the kernel.
 pub const ELF_RESET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reset.elf"));
+/// An ELF "kernel" (`guests/elf_ctrl_alt_del.S`) that writes a newline to COM1, then
+/// polls the i8042 until Ctrl+Alt+Del comes (set-1 scancodes, as the controller
+/// translates them), writes `cad` to COM1 and resets the machine through the i8042:
+/// what Linux's keyboard driver does with `reboot=k`.
+pub const ELF_CTRL_ALT_DEL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ctrl_alt_del.elf"));
 
 /// How a VM stops when its guest writes `code` to the debug-exit port
 /// ([`abi`]'s `DEBUG_EXIT_PORT`), the test guests' way out: exit codes are theirs.
