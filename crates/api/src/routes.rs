@@ -58,6 +58,14 @@ pub enum RouteError {
     /// No such path.
     #[error("invalid request: the path {0} is not part of the API")]
     NotFound(String),
+    /// A path of Firecracker's API that vmcraft does not have at all.
+    #[error("{path}: {what} is not supported by vmcraft")]
+    Unsupported {
+        /// The path.
+        path: String,
+        /// What it is.
+        what: &'static str,
+    },
     /// The path exists, not with this method.
     #[error("invalid request method {method:?} for {path} (it takes {allowed})")]
     Method {
@@ -118,6 +126,12 @@ pub fn route(req: &HttpRequest) -> Result<ApiRequest, RouteError> {
     use Method::{Get, Patch, Put};
     let path = req.path.trim_end_matches('/');
     let parts: Vec<&str> = path.split('/').skip(1).collect();
+    let unsupported = |what: &'static str| {
+        Err(RouteError::Unsupported {
+            path: req.path.clone(),
+            what,
+        })
+    };
     let wrong = |allowed: &'static str| {
         Err(RouteError::Method {
             method: req.method,
@@ -180,6 +194,19 @@ pub fn route(req: &HttpRequest) -> Result<ApiRequest, RouteError> {
         ) => return wrong("PUT"),
         (["drives", _] | ["network-interfaces", _], _) => return wrong("PUT, PATCH"),
         (["vm"], _) => return wrong("PATCH"),
+        // Firecracker's paths for what vmcraft does not have: a 400 that says so.
+        (["mmds", ..], _) => return unsupported("the microVM metadata service (MMDS)"),
+        (["entropy"], _) => {
+            return unsupported("a rate-limited entropy device (--rng gives virtio-rng)")
+        }
+        (["cpu-config"], _) => return unsupported("a custom CPU template"),
+        // Paths of Firecracker's API after v1.4.
+        (["balloon", "hinting", ..], _) => {
+            return unsupported("free page hinting (the balloon reports free pages instead)")
+        }
+        (["pmem", ..], _) => return unsupported("a virtio-pmem device"),
+        (["serial"], _) => return unsupported("a serial output file (COM1 goes to stdout)"),
+        (["hotplug", ..], _) => return unsupported("memory hotplug"),
         _ => return Err(RouteError::NotFound(req.path.clone())),
     })
 }
@@ -283,6 +310,22 @@ mod tests {
             })
         );
         assert_eq!(route(&req(Get, "/nope", "")).unwrap_err().status(), 404);
+        // Firecracker's paths for what vmcraft lacks: 400, saying what.
+        for (m, p) in [
+            (Put, "/mmds"),
+            (Get, "/mmds"),
+            (Put, "/mmds/config"),
+            (Put, "/entropy"),
+            (Put, "/cpu-config"),
+            (Patch, "/balloon/hinting/start"),
+            (Put, "/pmem/p0"),
+            (Put, "/serial"),
+            (Get, "/hotplug/memory"),
+        ] {
+            let e = route(&req(m, p, "{}")).unwrap_err();
+            assert_eq!(e.status(), 400, "{p}");
+            assert!(e.to_string().contains("not supported by vmcraft"), "{e}");
+        }
         let e = route(&req(Get, "/actions", "")).unwrap_err();
         assert_eq!(e.status(), 400);
         assert!(e.to_string().contains("invalid request method"));
