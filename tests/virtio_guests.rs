@@ -18,7 +18,7 @@ use vmcraft::devices::virtio::net::Net;
 use vmcraft::devices::virtio::rng::Rng;
 use vmcraft::devices::virtio::tap::Tap;
 use vmcraft::devices::virtio::VirtioDevice;
-use vmcraft::vcpu::{ExitKind, StopReason};
+use vmcraft::vcpu::{ExitKind, StopReason, VcpuConfig};
 use vmcraft_guest_kit::Guest;
 
 const DISK_SECTORS: u64 = 2048; // 1 MiB
@@ -228,7 +228,13 @@ fn a_device_the_guest_broke_needs_reset_while_the_others_keep_serving() {
 /// 02:00:00:00:00:01 and a static neighbour entry for the guest, plus a UDP socket
 /// bound to 10.0.2.1:5000 in that namespace.
 fn tap_in_private_netns() -> (Tap, std::net::UdpSocket) {
-    std::thread::spawn(|| {
+    let (mut taps, socket) = multi_queue_tap_in_private_netns(1);
+    (taps.remove(0), socket)
+}
+
+/// [`tap_in_private_netns`] with `queues` queues of a multi-queue TAP.
+fn multi_queue_tap_in_private_netns(queues: u16) -> (Vec<Tap>, std::net::UdpSocket) {
+    std::thread::spawn(move || {
         // SAFETY: unshare only changes this thread's namespaces; it is a fresh thread
         // that ends right after setting the interface up.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
@@ -238,7 +244,8 @@ fn tap_in_private_netns() -> (Tap, std::net::UdpSocket) {
             "this test creates a network namespace (needs CAP_SYS_ADMIN): {}",
             std::io::Error::last_os_error()
         );
-        let tap = Tap::open("vmtap0").expect("create a TAP interface in the namespace");
+        let tap =
+            Tap::open_queues("vmtap0", queues).expect("create a TAP interface in the namespace");
         // Children inherit this thread's namespace.
         for args in [
             "link set lo up",
@@ -279,6 +286,56 @@ fn a_guest_exchanges_real_frames_with_the_host_through_a_tap() {
     socket.send_to(b"pong", from).unwrap();
     let outcome = vm.running.run_for(TIMEOUT).unwrap();
     assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0));
+}
+
+/// A multi-queue network device from a configuration (`queues: 2`, two queues of a
+/// multi-queue TAP), driven by a guest whose driver does not take MQ: the device
+/// serves it on its first pair, as a device must for a driver without MQ.
+#[test]
+fn a_driver_without_mq_uses_the_first_pair_of_a_configured_multi_queue_nic() {
+    use vmcraft::config::{DeviceConfig, DeviceResource, HostResources, MachineConfig, NetConfig};
+    require_kvm();
+    let (taps, socket) = multi_queue_tap_in_private_netns(2);
+    assert_eq!(taps.len(), 2);
+    let config = MachineConfig {
+        memory_mib: 16,
+        devices: vec![DeviceConfig::VirtioNet(NetConfig {
+            tap: "vmtap0".into(),
+            mac: Some("02:00:00:00:00:02".into()),
+            queues: Some(2),
+        })],
+        ..MachineConfig::default()
+    };
+    let serial = SharedBuffer::new();
+    let mut b = machine_builder(16 << 20, Box::new(serial.clone()));
+    b.configure(
+        &config,
+        HostResources {
+            kernel: None,
+            devices: vec![DeviceResource::Tap(taps)],
+        },
+    )
+    .unwrap();
+    let guest = Guest::VIRTIO_NET;
+    b.load(guest.image()).unwrap();
+    let machine = b.start(&[VcpuConfig::at(guest.entry(0, 0))]).unwrap();
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 256];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no datagram from the guest: {e}; {:?}", machine.virtio()));
+    assert_eq!(&buf[..n], b"hello from a vmcraft guest");
+    socket.send_to(b"pong", from).unwrap();
+    let transport = machine.virtio()[0].transport.clone();
+    let outcome = machine.run_for(TIMEOUT).unwrap();
+    assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0));
+    // The device offers MQ (net::several_pairs_offer_mq_and_a_control_queue_and_say_how_many);
+    // this driver did not take it.
+    let transport = transport.lock().unwrap();
+    assert_eq!(
+        transport.driver_features() & vmcraft::devices::virtio::net::F_MQ,
+        0
+    );
 }
 
 #[test]
