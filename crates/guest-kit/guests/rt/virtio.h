@@ -101,6 +101,25 @@ static inline int virtio_init(u64 base, u32 device_id, u64 want, u64 *accepted)
     return 0;
 }
 
+/* The driver's side of queue `index`: `size` entries in the 12 KiB at `mem` (page
+   aligned, zeroed here), nothing published or consumed yet. The transport sets where
+   its notifications go. */
+static inline void virtq_init_rings(struct virtq *q, u32 index, u16 size, u64 mem,
+                                    int event_idx)
+{
+    memset((void *)mem, 0, 3 * 4096);
+    q->index = index;
+    q->size = size;
+    q->event_idx = event_idx;
+    q->desc = (struct vq_desc *)mem;
+    q->avail = (volatile u16 *)(mem + 4096);
+    q->used = (volatile u16 *)(mem + 2 * 4096);
+    q->avail_idx = 0;
+    q->last_used = 0;
+    q->notifications = 0;
+    q->polled = 0;
+}
+
 /* Set up queue `index` with `size` entries in the 12 KiB at `mem` (page aligned). */
 static inline int virtq_setup(struct virtq *q, u64 base, u32 index, u16 size, u64 mem,
                               int event_idx)
@@ -111,18 +130,9 @@ static inline int virtq_setup(struct virtq *q, u64 base, u32 index, u16 size, u6
     u32 max = vio_r(base, VIRTIO_QUEUE_NUM_MAX);
     if (max < size)
         return -11;
-    memset((void *)mem, 0, 3 * 4096);
+    virtq_init_rings(q, index, size, mem, event_idx);
     q->mmio = base;
     q->notify_addr = base + VIRTIO_QUEUE_NOTIFY;
-    q->index = index;
-    q->size = size;
-    q->event_idx = event_idx;
-    q->desc = (struct vq_desc *)mem;
-    q->avail = (volatile u16 *)(mem + 4096);
-    q->used = (volatile u16 *)(mem + 2 * 4096);
-    q->avail_idx = 0;
-    q->last_used = 0;
-    q->notifications = 0;
     vio_w(base, VIRTIO_QUEUE_NUM, size);
     vio_w(base, VIRTIO_QUEUE_DESC_LOW, (u32)mem);
     vio_w(base, VIRTIO_QUEUE_DESC_HIGH, (u32)(mem >> 32));

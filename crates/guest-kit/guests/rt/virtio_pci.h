@@ -122,19 +122,9 @@ static inline int vpci_queue_setup(struct vpci *p, struct virtq *q, u32 index, u
     mmio_write16(c + VPCI_QUEUE_SELECT, index);
     if (mmio_read16(c + VPCI_QUEUE_SIZE) < size)
         return -11;
-    memset((void *)mem, 0, 3 * 4096);
+    virtq_init_rings(q, index, size, mem, event_idx);
     q->mmio = 0;
     q->notify_addr = p->notify + (u64)mmio_read16(c + VPCI_QUEUE_NOTIFY_OFF) * p->notify_mult;
-    q->index = index;
-    q->size = size;
-    q->event_idx = event_idx;
-    q->desc = (struct vq_desc *)mem;
-    q->avail = (volatile u16 *)(mem + 4096);
-    q->used = (volatile u16 *)(mem + 2 * 4096);
-    q->avail_idx = 0;
-    q->last_used = 0;
-    q->notifications = 0;
-    q->polled = 0;
     mmio_write16(c + VPCI_QUEUE_SIZE, size);
     mmio_write64(c + VPCI_QUEUE_DESC, mem);
     mmio_write64(c + VPCI_QUEUE_DRIVER, mem + 4096);
