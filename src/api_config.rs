@@ -26,10 +26,13 @@
 //! # Ok::<(), vmcraft::api_config::ApiConfigError>(())
 //! ```
 
+use std::path::{Component, Path, PathBuf};
+
 use thiserror::Error;
 use vmcraft_api::types::{
     Balloon, BootSource as ApiBootSource, Drive, FullVmConfiguration, MachineConfiguration,
-    MachineConfigurationUpdate, NetworkInterface, RateLimiter,
+    MachineConfigurationUpdate, NetworkInterface, RateLimiter, SnapshotCreateParams,
+    SnapshotLoadParams,
 };
 
 use crate::config::{
@@ -307,6 +310,105 @@ impl PreBoot {
         Ok(config)
     }
 
+    /// Whether anything was put that a snapshot load would replace (Firecracker
+    /// refuses `PUT /snapshot/load` then).
+    pub fn is_configured(&self) -> bool {
+        *self
+            != PreBoot {
+                transport: self.transport,
+                ..PreBoot::default()
+            }
+    }
+
+    /// `PUT /snapshot/load`, checked: before anything is configured, one memory file
+    /// (`mem_backend` of type `File`, or the older `mem_file_path`), no diff
+    /// snapshots.
+    pub fn snapshot_load(&self, p: &SnapshotLoadParams) -> Result<SnapshotToLoad, ApiConfigError> {
+        if self.is_configured() {
+            return Err(ApiConfigError::Invalid(
+                "loading a snapshot is not allowed after configuring boot-specific resources"
+                    .into(),
+            ));
+        }
+        if p.enable_diff_snapshots {
+            return Err(ApiConfigError::Unsupported(
+                "enable_diff_snapshots: diff snapshots are not supported by this VMM".into(),
+            ));
+        }
+        let memory = match (&p.mem_file_path, &p.mem_backend) {
+            (Some(path), None) => path.clone(),
+            (None, Some(b)) if b.backend_type == "File" => b.backend_path.clone(),
+            (None, Some(b)) => {
+                return Err(ApiConfigError::Unsupported(format!(
+                    "mem_backend: backend_type {:?} is not supported by this VMM (only File)",
+                    b.backend_type
+                )))
+            }
+            (Some(_), Some(_)) => {
+                return Err(ApiConfigError::Invalid(
+                    "give either mem_file_path or mem_backend, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(ApiConfigError::Invalid(
+                    "missing the memory file: give mem_backend (or mem_file_path)".into(),
+                ))
+            }
+        };
+        for (field, path) in [
+            ("snapshot_path", &p.snapshot_path),
+            ("memory file", &memory),
+        ] {
+            if path.is_empty() {
+                return Err(ApiConfigError::Invalid(format!("{field} is empty")));
+            }
+        }
+        Ok(SnapshotToLoad {
+            state: p.snapshot_path.clone().into(),
+            memory: memory.into(),
+            resume: p.resume_vm,
+        })
+    }
+
+    /// The pre-boot view of a machine loaded from a snapshot (its vCPUs, RAM, boot
+    /// source and balloon), for the requests that read or bound by it afterwards.
+    pub fn from_loaded(config: &MachineConfig) -> PreBoot {
+        let boot = match &config.boot {
+            Some(BootSource::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            }) => Some(ApiBootSource {
+                kernel_image_path: kernel.display().to_string(),
+                initrd_path: initrd.as_ref().map(|i| i.display().to_string()),
+                boot_args: Some(cmdline.clone()),
+            }),
+            _ => None,
+        };
+        let balloon = config
+            .devices
+            .iter()
+            .any(|d| matches!(d, DeviceConfig::VirtioBalloon))
+            .then(|| Balloon {
+                amount_mib: 0,
+                deflate_on_oom: true,
+                stats_polling_interval_s: 0,
+            });
+        PreBoot {
+            machine: MachineConfiguration {
+                vcpu_count: config.vcpus.min(u32::from(u8::MAX)) as u8,
+                mem_size_mib: config.memory_mib,
+                smt: false,
+                cpu_template: None,
+                track_dirty_pages: false,
+            },
+            boot,
+            balloon,
+            transport: config.transport,
+            ..PreBoot::default()
+        }
+    }
+
     /// `GET /vm/config`: what was put, in Firecracker's format.
     pub fn full(&self) -> FullVmConfiguration {
         FullVmConfiguration {
@@ -318,6 +420,80 @@ impl PreBoot {
             ..FullVmConfiguration::default()
         }
     }
+}
+
+/// A snapshot `PUT /snapshot/load` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotToLoad {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file.
+    pub memory: PathBuf,
+    /// Whether the machine runs at once (`resume_vm`), or waits paused.
+    pub resume: bool,
+}
+
+/// Where `PUT /snapshot/create` writes: the state and memory files, each relative to
+/// the directory `dir` a VMM lets its running machine write in (an absolute path must
+/// lie in `dir`; `..` is refused). Only full snapshots; a target `version` is refused.
+pub fn snapshot_create_paths(
+    dir: &Path,
+    p: &SnapshotCreateParams,
+) -> Result<(PathBuf, PathBuf), ApiConfigError> {
+    match p.snapshot_type.as_deref() {
+        None | Some("Full") => {}
+        Some(other) => {
+            return Err(ApiConfigError::Unsupported(format!(
+                "snapshot_type {other:?} is not supported by this VMM (only Full)"
+            )))
+        }
+    }
+    if let Some(v) = &p.version {
+        return Err(ApiConfigError::Unsupported(format!(
+            "version {v:?}: snapshots are written in this VMM's own format only"
+        )));
+    }
+    let state = beneath(dir, "snapshot_path", &p.snapshot_path)?;
+    let memory = beneath(dir, "mem_file_path", &p.mem_file_path)?;
+    if state == memory {
+        return Err(ApiConfigError::Invalid(format!(
+            "snapshot_path and mem_file_path are the same file ({})",
+            p.snapshot_path
+        )));
+    }
+    Ok((state, memory))
+}
+
+/// `path` (a request's `field`) relative to `dir`.
+fn beneath(dir: &Path, field: &str, path: &str) -> Result<PathBuf, ApiConfigError> {
+    let outside = || {
+        ApiConfigError::Invalid(format!(
+            "{field} {path:?} is outside {}, the only directory this VMM writes snapshots in once the microVM runs",
+            dir.display()
+        ))
+    };
+    let given = Path::new(path);
+    let relative = if given.is_absolute() {
+        given.strip_prefix(dir).map_err(|_| outside())?
+    } else {
+        given
+    };
+    let mut clean = PathBuf::new();
+    for c in relative.components() {
+        match c {
+            Component::Normal(name) => clean.push(name),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(outside())
+            }
+        }
+    }
+    if clean.as_os_str().is_empty() {
+        return Err(ApiConfigError::Invalid(format!(
+            "{field} {path:?} names no file"
+        )));
+    }
+    Ok(clean)
 }
 
 #[cfg(test)]
@@ -489,5 +665,112 @@ mod tests {
         })
         .unwrap();
         assert_eq!((vm.machine.vcpu_count, vm.machine.mem_size_mib), (1, 1024));
+    }
+
+    fn create(state: &str, memory: &str) -> SnapshotCreateParams {
+        SnapshotCreateParams {
+            snapshot_path: state.into(),
+            mem_file_path: memory.into(),
+            snapshot_type: None,
+            version: None,
+        }
+    }
+
+    #[test]
+    fn snapshot_files_are_taken_beneath_the_directory_only() {
+        let dir = Path::new("/run/vm");
+        assert_eq!(
+            snapshot_create_paths(dir, &create("/run/vm/snap/state", "mem")).unwrap(),
+            (PathBuf::from("snap/state"), PathBuf::from("mem"))
+        );
+        for (state, memory, says) in [
+            ("/etc/passwd", "mem", "outside /run/vm"),
+            ("../state", "mem", "outside"),
+            ("a/../../state", "mem", "outside"),
+            ("/run/vmx/state", "mem", "outside"),
+            ("/run/vm", "mem", "names no file"),
+            ("state", "./state", "the same file"),
+        ] {
+            let e = snapshot_create_paths(dir, &create(state, memory))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{state} {memory}: {e}");
+        }
+        let mut diff = create("s", "m");
+        diff.snapshot_type = Some("Diff".into());
+        assert!(snapshot_create_paths(dir, &diff)
+            .unwrap_err()
+            .to_string()
+            .contains("Diff"));
+    }
+
+    #[test]
+    fn a_snapshot_loads_only_into_an_unconfigured_vmm_with_one_memory_file() {
+        use vmcraft_api::types::MemoryBackend;
+        let load =
+            |mem_file_path: Option<&str>, backend: Option<(&str, &str)>| SnapshotLoadParams {
+                snapshot_path: "/s/state".into(),
+                mem_file_path: mem_file_path.map(Into::into),
+                mem_backend: backend.map(|(t, p)| MemoryBackend {
+                    backend_type: t.into(),
+                    backend_path: p.into(),
+                }),
+                enable_diff_snapshots: false,
+                resume_vm: true,
+            };
+        let fresh = PreBoot::default();
+        assert_eq!(
+            fresh
+                .snapshot_load(&load(None, Some(("File", "/s/mem"))))
+                .unwrap(),
+            SnapshotToLoad {
+                state: "/s/state".into(),
+                memory: "/s/mem".into(),
+                resume: true
+            }
+        );
+        assert_eq!(
+            fresh
+                .snapshot_load(&load(Some("/s/m"), None))
+                .unwrap()
+                .memory,
+            PathBuf::from("/s/m")
+        );
+        for (params, says) in [
+            (load(None, None), "missing the memory file"),
+            (load(Some("/a"), Some(("File", "/b"))), "not both"),
+            (load(None, Some(("Uffd", "/sock"))), "Uffd"),
+        ] {
+            let e = fresh.snapshot_load(&params).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        let mut configured = PreBoot::default();
+        configured
+            .put_machine_config(MachineConfiguration {
+                vcpu_count: 2,
+                mem_size_mib: 64,
+                smt: false,
+                cpu_template: None,
+                track_dirty_pages: false,
+            })
+            .unwrap();
+        assert!(configured
+            .snapshot_load(&load(Some("/m"), None))
+            .unwrap_err()
+            .to_string()
+            .contains("after configuring"));
+    }
+
+    #[test]
+    fn a_loaded_machine_reads_back_as_its_configuration() {
+        let config = MachineConfig {
+            memory_mib: 96,
+            vcpus: 2,
+            devices: vec![DeviceConfig::VirtioBalloon],
+            ..MachineConfig::default()
+        };
+        let pre = PreBoot::from_loaded(&config);
+        assert_eq!((pre.machine.vcpu_count, pre.machine.mem_size_mib), (2, 96));
+        assert!(pre.balloon.is_some() && pre.is_configured());
     }
 }

@@ -870,6 +870,23 @@ impl MachineBuilder {
     /// put back the devices', the VM's and the vCPUs' state, and start the vCPUs from
     /// where they were paused.
     pub fn start_restored(self, saved: &SavedMachine) -> Result<Machine, MachineSnapshotError> {
+        self.restore_and_start(saved, false)
+    }
+
+    /// [`MachineBuilder::start_restored`], the vCPUs parked before they run a guest
+    /// instruction: the machine is paused until [`Machine::resume`].
+    pub fn start_restored_paused(
+        self,
+        saved: &SavedMachine,
+    ) -> Result<Machine, MachineSnapshotError> {
+        self.restore_and_start(saved, true)
+    }
+
+    fn restore_and_start(
+        self,
+        saved: &SavedMachine,
+        paused: bool,
+    ) -> Result<Machine, MachineSnapshotError> {
         self.check_restorable(saved)?;
         let s = &saved.snapshot;
         let file = MachineSnapshotError::File;
@@ -889,7 +906,10 @@ impl MachineBuilder {
             })?;
         }
         self.into_parts()
-            .start_with(|vm, handler, _| RunningVm::start_restored(vm, &vcpus, handler))
+            .start_with(|vm, handler, _| match paused {
+                false => RunningVm::start_restored(vm, &vcpus, handler),
+                true => RunningVm::start_restored_paused(vm, &vcpus, handler),
+            })
             .map_err(MachineSnapshotError::Start)
     }
 }

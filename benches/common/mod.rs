@@ -9,7 +9,10 @@ pub fn require_kvm(bench: &str) {
         Ok("log") => vmcraft::sandbox::Violation::Log,
         _ => vmcraft::sandbox::Violation::KillProcess,
     };
-    if let Err(e) = vmcraft::sandbox::enable(vmcraft::sandbox::Policy { on_violation }) {
+    if let Err(e) = vmcraft::sandbox::enable(vmcraft::sandbox::Policy {
+        on_violation,
+        ..Default::default()
+    }) {
         eprintln!("the {bench} benchmark runs under vmcraft's seccomp filters, which failed: {e}");
         std::process::exit(1);
     }

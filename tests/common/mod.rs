@@ -24,8 +24,11 @@ pub fn sandboxed() {
         Ok("log") => vmcraft::sandbox::Violation::Log,
         _ => vmcraft::sandbox::Violation::KillProcess,
     };
-    vmcraft::sandbox::enable(vmcraft::sandbox::Policy { on_violation })
-        .expect("the seccomp filters install");
+    vmcraft::sandbox::enable(vmcraft::sandbox::Policy {
+        on_violation,
+        ..Default::default()
+    })
+    .expect("the seccomp filters install");
 }
 
 /// A machine builder with `bytes` of RAM and its serial output to `out`, its threads

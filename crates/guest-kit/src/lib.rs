@@ -43,6 +43,11 @@ pub const ELF_RESET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/reset.elf
 /// translates them), writes `cad` to COM1 and resets the machine through the i8042:
 /// what Linux's keyboard driver does with `reboot=k`.
 pub const ELF_CTRL_ALT_DEL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ctrl_alt_del.elf"));
+/// An ELF "kernel" (`guests/elf_ticker.S`) that writes `tick N` lines to COM1 (N in
+/// eight hex digits, counting from 1 in a register) while it polls the i8042 as
+/// [`ELF_CTRL_ALT_DEL`] does, and resets the machine on Ctrl+Alt+Del: a machine
+/// restored from a snapshot goes on from the count it was saved at.
+pub const ELF_TICKER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ticker.elf"));
 
 /// How a VM stops when its guest writes `code` to the debug-exit port
 /// ([`abi`]'s `DEBUG_EXIT_PORT`), the test guests' way out: exit codes are theirs.

@@ -4,7 +4,10 @@
 //! Linux-guest tier run under the filters; `Violation::Log` and the kernel's audit
 //! records, type 1326, show what a list misses) and is kept as narrow as that: no VMM
 //! thread opens files, creates sockets or executes programs once a VM runs, so
-//! `open`, `socket`, `execve`, `ptrace` and their kin are in no list. vCPU threads may
+//! `open`, `socket`, `execve`, `ptrace` and their kin are in no list. The one
+//! exception is the main thread's files beneath one directory the process names in
+//! its [`Policy`](crate::Policy) (`openat2` relative to that descriptor only: the
+//! snapshots a control API writes). vCPU threads may
 //! `ioctl` only with KVM's request numbers; device threads not at all, and backend
 //! threads only to raise a guest's interrupt as an MSI (`KVM_SIGNAL_MSI`: an HVM Xen
 //! guest's per-vCPU event-channel upcall).
@@ -263,6 +266,16 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
 /// `KVM_SIGNAL_MSI`: `_IOW(KVMIO, 0xa5, struct kvm_msi)` (32 bytes).
 pub const KVM_SIGNAL_MSI: u64 = 0x4020_aea5;
 
+/// `openat2` allowed relative to descriptor `dir` only (the main thread's files
+/// beneath [`Policy::create_beneath`](crate::Policy::create_beneath)); the kernel's
+/// `RESOLVE_BENEATH`, which [`create_beneath`](crate::create_beneath) passes, keeps
+/// the path inside it.
+fn openat2_beneath(dir: std::os::fd::RawFd) -> Vec<SeccompRule> {
+    let dirfd = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, dir as u64)
+        .expect("a valid condition");
+    vec![SeccompRule::new(vec![dirfd]).expect("a valid rule")]
+}
+
 /// ioctl allowed with the request `KVM_SIGNAL_MSI` only.
 fn signal_msi_only() -> Vec<SeccompRule> {
     let request =
@@ -295,10 +308,21 @@ pub(crate) struct Compiled {
 }
 
 impl Compiled {
-    pub(crate) fn new(on_violation: Violation) -> Result<Self, SandboxError> {
+    pub(crate) fn new(policy: crate::Policy) -> Result<Self, SandboxError> {
         let programs = ThreadKind::ALL
             .iter()
-            .map(|&kind| program(kind, on_violation))
+            .map(|&kind| {
+                let mut rules = rules(kind);
+                if let (ThreadKind::Main, Some(dir)) = (kind, policy.create_beneath) {
+                    rules.insert(libc::SYS_openat2, openat2_beneath(dir));
+                }
+                compile(
+                    kind.filter_name(),
+                    rules,
+                    policy.on_violation.action(),
+                    SeccompAction::Allow,
+                )
+            })
             .collect::<Result<_, _>>()?;
         Ok(Compiled {
             programs,

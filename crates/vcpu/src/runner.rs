@@ -376,7 +376,7 @@ impl RunningVm {
         info: HypervisorInfo,
     ) -> Result<Self, VmError> {
         let cores = create_vcpus(&vm, vcpus, handler.clone(), info)?;
-        Self::start_cores(vm, cores, handler)
+        Self::start_cores(vm, cores, handler, false)
     }
 
     /// Start a VM from a snapshot: one thread per saved vCPU state, put back into a
@@ -389,13 +389,26 @@ impl RunningVm {
         handler: Arc<dyn ExitHandler>,
     ) -> Result<Self, VmError> {
         let cores = restore_vcpus(&vm, states, handler.clone())?;
-        Self::start_cores(vm, cores, handler)
+        Self::start_cores(vm, cores, handler, false)
+    }
+
+    /// [`RunningVm::start_restored`], its vCPUs parked before they enter the guest:
+    /// nothing of the guest runs until [`RunningVm::resume`] (a snapshot loaded to be
+    /// resumed later, as Firecracker's `PUT /snapshot/load` without `resume_vm`).
+    pub fn start_restored_paused(
+        vm: Vm,
+        states: &[VcpuState],
+        handler: Arc<dyn ExitHandler>,
+    ) -> Result<Self, VmError> {
+        let cores = restore_vcpus(&vm, states, handler.clone())?;
+        Self::start_cores(vm, cores, handler, true)
     }
 
     fn start_cores(
         vm: Vm,
         cores: Vec<Vcpu>,
         handler: Arc<dyn ExitHandler>,
+        paused: bool,
     ) -> Result<Self, VmError> {
         let count = cores.len() as u32;
         let shared = Arc::new(Shared {
@@ -403,14 +416,15 @@ impl RunningVm {
                 stop: None,
                 error: None,
                 failure: None,
-                pause: false,
+                pause: paused,
                 paused: 0,
                 live: cores.len(),
                 snapshot: None,
                 saved: Vec::new(),
             }),
             changed: Condvar::new(),
-            attention: AtomicBool::new(false),
+            // A vCPU looks at the controls before its first entry.
+            attention: AtomicBool::new(paused),
             vcpus: cores
                 .iter()
                 .map(|c| VcpuShared {
