@@ -9,7 +9,8 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn minimal_vmm() -> PathBuf {
@@ -66,17 +67,86 @@ fn call(stream: &mut UnixStream, method: &str, path: &str, body: &str) -> (u16, 
     }
 }
 
-fn connect(path: &Path, vmm: &mut Child) -> UnixStream {
+/// A VMM under test, its output collected as it comes; killed if the test ends
+/// first (a failed assertion must not leave a VMM running).
+struct Vmm {
+    child: Option<Child>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Vmm {
+    /// The example with `args` and its API on `sock`, stdin closed.
+    fn with_api(args: &[&str], sock: &Path) -> Vmm {
+        let mut child = Command::new(minimal_vmm())
+            .args(args)
+            .arg("--api-sock")
+            .arg(sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |mut from: Box<dyn Read + Send>, into: Arc<Mutex<Vec<u8>>>| {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = from.read(&mut buf) {
+                    into.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        };
+        let (stdout, stderr) = (Arc::default(), Arc::default());
+        let readers = vec![
+            collect(Box::new(child.stdout.take().unwrap()), Arc::clone(&stdout)),
+            collect(Box::new(child.stderr.take().unwrap()), Arc::clone(&stderr)),
+        ];
+        Vmm {
+            child: Some(child),
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("not waited for yet");
+        child.try_wait().unwrap().is_none()
+    }
+
+    /// What it wrote to stdout so far.
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    /// Wait for it to end: its status, stdout and stderr.
+    fn finish(mut self) -> (ExitStatus, String, String) {
+        let status = self.child.take().unwrap().wait().unwrap();
+        for r in self.readers.drain(..) {
+            r.join().unwrap();
+        }
+        let err = String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned();
+        (status, self.stdout(), err)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn connect(path: &Path, vmm: &mut Vmm) -> UnixStream {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(s) = UnixStream::connect(path) {
             s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
             return s;
         }
-        assert!(
-            vmm.try_wait().unwrap().is_none(),
-            "the VMM exited before serving its API"
-        );
+        assert!(vmm.running(), "the VMM exited before serving its API");
         assert!(
             Instant::now() < deadline,
             "no API socket at {}",
@@ -93,14 +163,7 @@ fn an_orchestrator_boots_a_kernel_through_the_api() {
     let kernel = dir.0.join("vmlinux");
     std::fs::write(&kernel, vmcraft_guest_kit::ELF_RESET).unwrap();
     let sock = dir.0.join("api.sock");
-    let mut vmm = Command::new(minimal_vmm())
-        .args(["--no-jail", "--id", "vm-7", "--api-sock"])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut vmm = Vmm::with_api(&["--no-jail", "--id", "vm-7"], &sock);
     let mut api = connect(&sock, &mut vmm);
     // firecracker-go-sdk's order: wait for the socket with GET /machine-config ...
     let (status, body) = call(&mut api, "GET", "/machine-config", "");
@@ -186,10 +249,8 @@ fn an_orchestrator_boots_a_kernel_through_the_api() {
         204
     );
     // The guest resets at once: the VMM ends by itself, the socket with it.
-    let out = vmm.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
+    let (status, stdout, stderr) = vmm.finish();
+    assert!(status.success(), "{stdout}{stderr}");
     assert!(
         stdout.starts_with('\n'),
         "the guest's newline on COM1: {stdout:?}"
@@ -264,14 +325,7 @@ fn send_ctrl_alt_del_reaches_the_guest_through_its_keyboard() {
     let kernel = dir.0.join("vmlinux");
     std::fs::write(&kernel, vmcraft_guest_kit::ELF_CTRL_ALT_DEL).unwrap();
     let sock = dir.0.join("api.sock");
-    let mut vmm = Command::new(minimal_vmm())
-        .args(["--no-jail", "--api-sock"])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut vmm = Vmm::with_api(&["--no-jail"], &sock);
     let mut api = connect(&sock, &mut vmm);
     let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
     let (status, body) = call(&mut api, "PUT", "/actions", cad);
@@ -288,16 +342,137 @@ fn send_ctrl_alt_del_reaches_the_guest_through_its_keyboard() {
     assert_eq!(status, 200);
     assert!(body.contains(r#""state":"Running""#), "{body}");
     assert_eq!(call(&mut api, "PUT", "/actions", cad).0, 204);
-    let out = vmm.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}{stderr}");
+    let (status, stdout, stderr) = vmm.finish();
+    assert!(status.success(), "{stdout}{stderr}");
     assert!(
         stdout.starts_with("\ncad"),
         "the guest saw the keys: {stdout:?}"
     );
     assert!(
         stdout.contains("minimal-vmm: VM stopped: guest reset"),
+        "{stdout}"
+    );
+}
+
+/// The `tick N` lines complete in `out`, in order.
+fn ticks(out: &str) -> Vec<u32> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("tick "))
+        .filter(|n| n.len() == 8)
+        .filter_map(|n| u32::from_str_radix(n, 16).ok())
+        .collect()
+}
+
+/// Wait until `vmm` has printed at least `n` ticks; returns them.
+fn wait_for_ticks(vmm: &mut Vmm, n: usize) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = ticks(&vmm.stdout());
+        if seen.len() >= n {
+            return seen;
+        }
+        assert!(vmm.running(), "the VMM ended: {}", vmm.stdout());
+        assert!(Instant::now() < deadline, "{} ticks: {seen:?}", seen.len());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Firecracker's snapshot cycle as its tooling drives it: pause, `PUT
+/// /snapshot/create`, then in a new VMM `PUT /snapshot/load` and resume. The guest
+/// counts in a register (the ticker): the loaded machine goes on from the count it was
+/// saved at, and stays still until it is resumed. The requests the state forbids are
+/// refused (a snapshot of a running machine, a file outside the VMM's directory, a
+/// load after the start), and the first VMM resumes and ends cleanly too.
+#[test]
+fn a_snapshot_created_through_the_api_loads_in_a_new_vmm_and_goes_on() {
+    common::require_kvm();
+    let dir = Scratch::new("snapshot");
+    let kernel = dir.0.join("vmlinux");
+    std::fs::write(&kernel, vmcraft_guest_kit::ELF_TICKER).unwrap();
+    // Jailed, as a VMM runs by default: its snapshot directory was opened before.
+    let sock = dir.0.join("first.sock");
+    let mut first = Vmm::with_api(&[], &sock);
+    let mut api = connect(&sock, &mut first);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/boot-source", &boot).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", start).0, 204);
+    wait_for_ticks(&mut first, 3);
+    let state = dir.0.join("vm.state");
+    let create = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "vm.mem"}}"#,
+        state.display()
+    );
+    let (status, body) = call(&mut api, "PUT", "/snapshot/create", &create);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("must be paused"), "{body}");
+    let pause = r#"{"state": "Paused"}"#;
+    assert_eq!(call(&mut api, "PATCH", "/vm", pause).0, 204);
+    let (status, body) = call(
+        &mut api,
+        "PUT",
+        "/snapshot/create",
+        r#"{"snapshot_path": "/etc/vm.state", "mem_file_path": "vm.mem"}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("outside"), "{body}");
+    let (status, body) = call(&mut api, "PUT", "/snapshot/create", &create);
+    assert_eq!(status, 204, "{body}");
+    // Paused: what it printed is all it printed before the snapshot (a line it was in
+    // the middle of comes out complete after the resume).
+    std::thread::sleep(Duration::from_millis(200));
+    let saved_at = *ticks(&first.stdout()).last().unwrap();
+    assert!(saved_at >= 3, "{saved_at}");
+    assert!(std::fs::metadata(&state).unwrap().len() > 0);
+    assert!(std::fs::metadata(dir.0.join("vm.mem")).unwrap().len() > 0);
+    let load = r#"{"snapshot_path": "vm.state", "mem_backend": {"backend_type": "File", "backend_path": "vm.mem"}}"#;
+    let (status, body) = call(&mut api, "PUT", "/snapshot/load", load);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("before the microVM starts"), "{body}");
+    let resume = r#"{"state": "Resumed"}"#;
+    assert_eq!(call(&mut api, "PATCH", "/vm", resume).0, 204);
+    let go_on = saved_at as usize + 3;
+    assert!(wait_for_ticks(&mut first, go_on).starts_with(&[1, 2, 3]));
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", cad).0, 204);
+    let (status, stdout, stderr) = first.finish();
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("cad"), "{stdout}");
+
+    // A new VMM loads it, paused until told.
+    let sock = dir.0.join("second.sock");
+    let mut second = Vmm::with_api(&["--no-jail"], &sock);
+    let mut api = connect(&sock, &mut second);
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": false}}"#,
+        state.display(),
+        dir.0.join("vm.mem").display()
+    );
+    let (status, body) = call(&mut api, "PUT", "/snapshot/load", &load);
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = call(&mut api, "GET", "/", "");
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""state":"Paused""#), "{body}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(ticks(&second.stdout()), Vec::<u32>::new(), "paused");
+    assert_eq!(call(&mut api, "PATCH", "/vm", resume).0, 204);
+    let went_on = wait_for_ticks(&mut second, 3);
+    assert!(
+        went_on[0] == saved_at + 1 || went_on[0] == saved_at + 2,
+        "saved at tick {saved_at}, the loaded machine went on at {went_on:?}"
+    );
+    assert!(
+        went_on.windows(2).all(|w| w[1] == w[0] + 1),
+        "{went_on:?}"
+    );
+    assert_eq!(call(&mut api, "PUT", "/actions", cad).0, 204);
+    let (status, stdout, stderr) = second.finish();
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("cad") && stdout.contains("minimal-vmm: VM stopped: guest reset"),
         "{stdout}"
     );
 }

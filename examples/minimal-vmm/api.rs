@@ -11,6 +11,8 @@
 
 use std::cell::RefCell;
 use std::error::Error;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
@@ -19,11 +21,13 @@ use vmcraft::api::http::Response;
 use vmcraft::api::routes::ApiRequest;
 use vmcraft::api::server::ApiServer;
 use vmcraft::api::types::{
-    ActionType, BalloonStats, FirecrackerVersion, InstanceActionInfo, InstanceInfo, VmState,
+    ActionType, BalloonStats, FirecrackerVersion, InstanceActionInfo, InstanceInfo,
+    SnapshotCreateParams, SnapshotLoadParams, VmState,
 };
-use vmcraft::api_config::PreBoot;
+use vmcraft::api_config::{snapshot_create_paths, PreBoot};
 use vmcraft::config::{HostResources, MachineConfig};
 use vmcraft::machine::Machine;
+use vmcraft::snapshot::{open_snapshot_file, SavedMachine};
 
 use crate::chain;
 
@@ -76,7 +80,9 @@ fn preboot(pre: &mut PreBoot, id: &str, request: ApiRequest) -> Response {
             not_yet("a log file (the log goes to stderr, VMCRAFT_LOG sets its level)")
         }
         R::PutMetrics(_) => not_yet("a metrics file"),
-        R::PutSnapshotLoad(_) => not_yet("loading a snapshot through the API (--restore DIR does)"),
+        R::PutSnapshotLoad(_) => {
+            Response::error(400, "loading a snapshot is only allowed before the microVM starts")
+        }
         R::PatchDrive(_)
         | R::PatchNetworkInterface(_)
         | R::PatchBalloon(_)
@@ -88,14 +94,65 @@ fn preboot(pre: &mut PreBoot, id: &str, request: ApiRequest) -> Response {
     }
 }
 
+/// How the API's machine begins.
+pub enum Start {
+    /// `InstanceStart`: the configuration the requests described, its files open.
+    Boot(MachineConfig, HostResources),
+    /// `PUT /snapshot/load`: a snapshot's machine, its files open.
+    Load(Box<Loaded>),
+}
+
+/// A snapshot `PUT /snapshot/load` opened.
+pub struct Loaded {
+    /// Its state.
+    pub saved: SavedMachine,
+    /// Its memory file.
+    pub memory: File,
+    /// The machine it holds.
+    pub config: MachineConfig,
+    /// That machine's host resources, opened where the snapshot names them.
+    pub resources: HostResources,
+    /// Whether it runs at once (`resume_vm`) or waits paused for `PATCH /vm`.
+    pub resume: bool,
+}
+
+fn error_chain(e: &dyn Error) -> String {
+    format!("{e}{}", chain(e))
+}
+
+/// Open what `PUT /snapshot/load` names: the state (checked, and against `key` if
+/// snapshots are signed), the machine it holds and that machine's files, the memory.
+fn load(pre: &PreBoot, params: &SnapshotLoadParams, key: Option<&[u8]>) -> Result<Loaded, String> {
+    let named = pre.snapshot_load(params).map_err(|e| e.to_string())?;
+    let state = open_snapshot_file(&named.state, "snapshot state file")
+        .map_err(|e| error_chain(&e))?;
+    let memory = open_snapshot_file(&named.memory, "snapshot memory file")
+        .map_err(|e| error_chain(&e))?;
+    let saved = SavedMachine::read(state, key).map_err(|e| error_chain(&e))?;
+    let config = saved
+        .config()
+        .map_err(|e| error_chain(&e))?
+        .ok_or("the snapshot does not say what machine it holds")?;
+    let resources = config.open().map_err(|e| error_chain(&e))?;
+    Ok(Loaded {
+        saved,
+        memory,
+        config,
+        resources,
+        resume: named.resume,
+    })
+}
+
 /// Serve `server` on this thread until an `InstanceStart` whose configuration is
-/// valid and whose files open; returns them.
+/// valid and whose files open, or a snapshot load whose files open; returns what
+/// begins. `key` checks loaded snapshots (`--snapshot-key`).
 pub fn until_start(
     server: &mut ApiServer,
     id: &str,
     pre: &mut PreBoot,
-) -> Result<(MachineConfig, HostResources), Box<dyn Error>> {
-    let started: RefCell<Option<(MachineConfig, HostResources)>> = RefCell::new(None);
+    key: Option<&[u8]>,
+) -> Result<Start, Box<dyn Error>> {
+    let started: RefCell<Option<Start>> = RefCell::new(None);
     eprintln!("minimal-vmm: API on {}", server.path().display());
     server.serve(
         |request| match request {
@@ -104,25 +161,81 @@ pub fn until_start(
             }) => {
                 let opened = pre
                     .machine_config()
-                    .map_err(|e| format!("{e}{}", chain(&e)))
-                    .and_then(|c| {
-                        c.open()
-                            .map(|r| (c, r))
-                            .map_err(|e| format!("{e}{}", chain(&e)))
-                    });
+                    .map_err(|e| error_chain(&e))
+                    .and_then(|c| c.open().map(|r| (c, r)).map_err(|e| error_chain(&e)));
                 match opened {
-                    Ok(ready) => {
-                        *started.borrow_mut() = Some(ready);
+                    Ok((config, resources)) => {
+                        *started.borrow_mut() = Some(Start::Boot(config, resources));
                         Response::no_content()
                     }
                     Err(e) => Response::error(400, &format!("cannot start the microVM: {e}")),
                 }
             }
+            ApiRequest::PutSnapshotLoad(params) => match load(pre, &params, key) {
+                Ok(loaded) => {
+                    *started.borrow_mut() = Some(Start::Load(Box::new(loaded)));
+                    Response::no_content()
+                }
+                Err(e) => Response::error(400, &format!("cannot load the snapshot: {e}")),
+            },
             other => preboot(pre, id, other),
         },
         || started.borrow().is_some(),
     )?;
     Ok(started.into_inner().expect("served until started"))
+}
+
+/// Where `PUT /snapshot/create` writes once the machine runs: the one directory the
+/// main thread may still create files in (opened before the jail and the filters,
+/// `--api-snapshot-dir`, else the API socket's directory), and the key that signs.
+pub struct SnapshotDir {
+    /// The directory as the requests name it.
+    pub path: PathBuf,
+    /// The directory, open.
+    pub dir: File,
+    /// `--snapshot-key`'s key.
+    pub key: Option<Vec<u8>>,
+}
+
+impl SnapshotDir {
+    /// Open `path`.
+    pub fn open(path: &Path, key: Option<Vec<u8>>) -> Result<Self, Box<dyn Error>> {
+        let path = std::fs::canonicalize(path)
+            .map_err(|e| format!("the snapshot directory {}: {e}", path.display()))?;
+        let dir = File::open(&path)
+            .map_err(|e| format!("the snapshot directory {}: {e}", path.display()))?;
+        Ok(SnapshotDir { path, dir, key })
+    }
+
+    /// `PUT /snapshot/create` on the paused `machine`.
+    fn create(&self, machine: &Machine, params: &SnapshotCreateParams) -> Result<String, String> {
+        let (state, memory) =
+            snapshot_create_paths(&self.path, params).map_err(|e| e.to_string())?;
+        let open = |relative: &Path| {
+            vmcraft::sandbox::create_beneath(&self.dir, relative)
+                .map_err(|e| format!("cannot create {}: {e}", self.path.join(relative).display()))
+        };
+        let (mut state_file, memory_file) = (open(&state)?, open(&memory)?);
+        let report = machine
+            .snapshot_into_signed(&mut state_file, &memory_file, self.key.as_deref())
+            .map_err(|e| {
+                format!(
+                    "{} (the files at {} and {} are incomplete)",
+                    error_chain(&e),
+                    params.snapshot_path,
+                    params.mem_file_path
+                )
+            })?;
+        Ok(format!(
+            "snapshot written to {} and {}: {} of {} pages of memory, {} bytes of state, in {:.2} ms",
+            params.snapshot_path,
+            params.mem_file_path,
+            report.memory.written,
+            report.memory.pages,
+            report.state_bytes,
+            report.total.as_secs_f64() * 1e3
+        ))
+    }
 }
 
 /// A request on its way from the API thread to the machine, and where the answer goes.
@@ -136,12 +249,20 @@ pub struct RunningApi {
     id: String,
     pre: PreBoot,
     paused: bool,
+    snapshots: Option<SnapshotDir>,
 }
 
 impl RunningApi {
     /// Serve `server` on a thread of its own (the API filter), handing requests to
-    /// [`RunningApi::answer`].
-    pub fn start(mut server: ApiServer, id: String, pre: PreBoot) -> Result<Self, Box<dyn Error>> {
+    /// [`RunningApi::answer`]; the machine is `paused` (a snapshot loaded without
+    /// `resume_vm`) or runs; snapshots go into `snapshots`, if given.
+    pub fn start(
+        mut server: ApiServer,
+        id: String,
+        pre: PreBoot,
+        paused: bool,
+        snapshots: Option<SnapshotDir>,
+    ) -> Result<Self, Box<dyn Error>> {
         let (tx, calls) = mpsc::sync_channel::<Call>(1);
         let stop = Arc::new(AtomicBool::new(false));
         let stop_thread = stop.clone();
@@ -169,7 +290,8 @@ impl RunningApi {
             thread: Some(thread),
             id,
             pre,
-            paused: false,
+            paused,
+            snapshots,
         })
     }
 
@@ -248,9 +370,23 @@ impl RunningApi {
             R::PutAction(InstanceActionInfo {
                 action_type: ActionType::FlushMetrics,
             }) => not_yet("a metrics file"),
-            R::PutSnapshotCreate(_) => {
-                not_yet("a snapshot through the API (--snapshot DIR and SIGUSR1 do)")
-            }
+            R::PutSnapshotCreate(_) if !self.paused => Response::error(
+                400,
+                "create snapshot: the microVM must be paused first (PATCH /vm {\"state\": \"Paused\"})",
+            ),
+            R::PutSnapshotCreate(params) => match &self.snapshots {
+                Some(dir) => match dir.create(machine, &params) {
+                    Ok(report) => {
+                        eprintln!("minimal-vmm: {report}");
+                        Response::no_content()
+                    }
+                    Err(e) => {
+                        log::error!("PUT /snapshot/create: {e}");
+                        Response::error(400, &format!("create snapshot: {e}"))
+                    }
+                },
+                None => Response::error(400, "create snapshot: this VMM has no snapshot directory"),
+            },
             // Reads, and what is refused whenever it comes, answer as before the start.
             same @ (R::GetVersion
             | R::GetMachineConfig

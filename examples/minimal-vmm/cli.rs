@@ -44,6 +44,12 @@ pub struct Args {
     #[arg(long, value_name = "FILE", conflicts_with_all = MACHINE_OPTIONS, conflicts_with = "config")]
     pub config_file: Option<PathBuf>,
 
+    /// The one directory PUT /snapshot/create may write in once the machine runs
+    /// (its paths relative to it, or absolute inside it) [default: the API socket's
+    /// directory]
+    #[arg(long, value_name = "DIR", requires = "api_sock")]
+    pub api_snapshot_dir: Option<PathBuf>,
+
     /// No API (Firecracker's flag: needs --config-file)
     #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
     pub no_api: bool,
@@ -162,8 +168,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub snapshot: Option<PathBuf>,
 
-    /// Sign snapshots with the key in PATH (HMAC-SHA256), and with --restore refuse
-    /// one not signed with it
+    /// Sign snapshots with the key in PATH (HMAC-SHA256), and with --restore (or the
+    /// API's snapshot load) refuse one not signed with it
     #[arg(long, value_name = "PATH")]
     pub snapshot_key: Option<PathBuf>,
 

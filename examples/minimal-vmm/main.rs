@@ -12,6 +12,7 @@
 //! ```
 
 use std::error::Error;
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -41,8 +42,8 @@ use serve::OnSignal;
 enum Origin {
     /// Built here from a guest or a kernel.
     Fresh,
-    /// A snapshot's state, and its memory file.
-    Restore(SavedMachine, std::fs::File),
+    /// A snapshot's state, and its memory file; paused until resumed, or running.
+    Restore(SavedMachine, std::fs::File, bool),
     /// A migration, waited for on this listener.
     Migration(std::net::TcpListener),
 }
@@ -58,14 +59,20 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     let snapshot_key = (args.snapshot_key.as_deref())
         .map(|path| keys::read_key_file(path, "snapshot key"))
         .transpose()?;
-    if args.snapshot_key.is_some() && args.snapshot.is_none() && args.restore.is_none() {
-        return Err("--snapshot-key needs --snapshot or --restore".into());
+    if args.snapshot_key.is_some()
+        && args.snapshot.is_none()
+        && args.restore.is_none()
+        && args.api_sock.is_none()
+    {
+        return Err("--snapshot-key needs --snapshot, --restore or --api-sock".into());
     }
     // Firecracker's way: the machine from its configuration file, or from the API's
     // requests (served here until InstanceStart, which opens what they name).
     let mut api_server = None;
     let mut preopened = None;
     let mut preboot = None;
+    let mut api_loaded = None;
+    let mut api_snapshots = None;
     if args.api_sock.is_some() || args.config_file.is_some() {
         let mut pre = match &args.config_file {
             Some(path) => {
@@ -85,8 +92,24 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         if let Some(path) = &args.api_sock {
             let mut server = vmcraft::api::server::ApiServer::bind(path)
                 .map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
+            // Opened now, before the jail and the filters: the one directory the
+            // running machine's snapshots may be created in.
+            let dir = match (&args.api_snapshot_dir, path.parent()) {
+                (Some(dir), _) => dir.clone(),
+                (None, Some(parent)) if !parent.as_os_str().is_empty() => parent.to_owned(),
+                (None, _) => std::path::PathBuf::from("."),
+            };
+            api_snapshots = Some(api::SnapshotDir::open(&dir, snapshot_key.clone())?);
             if args.config_file.is_none() {
-                preopened = Some(api::until_start(&mut server, &args.id, &mut pre)?);
+                match api::until_start(&mut server, &args.id, &mut pre, snapshot_key.as_deref())? {
+                    api::Start::Boot(config, resources) => preopened = Some((config, resources)),
+                    api::Start::Load(loaded) => {
+                        let loaded = *loaded;
+                        pre = vmcraft::api_config::PreBoot::from_loaded(&loaded.config);
+                        preopened = Some((loaded.config, loaded.resources));
+                        api_loaded = Some((loaded.saved, loaded.memory, !loaded.resume));
+                    }
+                }
             }
             api_server = Some(server);
         }
@@ -94,8 +117,12 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     }
     // The machine: the options', a file's, or the snapshot's (with the options' host
     // resources, if any are named).
-    let (origin, config) = match &args.restore {
-        Some(dir) => {
+    let (origin, config) = match (&args.restore, api_loaded) {
+        (_, Some((saved, memory, paused))) => {
+            let config = preopened.as_ref().expect("a load opens its machine").0.clone();
+            (Origin::Restore(saved, memory, paused), config)
+        }
+        (Some(dir), None) => {
             let state = open_snapshot_file(&dir.join(STATE_FILE), "snapshot state file")?;
             let memory = open_snapshot_file(&dir.join(MEMORY_FILE), "snapshot memory file")?;
             let saved = SavedMachine::read(state, snapshot_key.as_deref())?;
@@ -112,9 +139,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
                     return Err(format!("--snapshot {} would write over the memory file of --restore {}, which backs the restored guest: give another directory", to.display(), dir.display()).into());
                 }
             }
-            (Origin::Restore(saved, memory), config)
+            (Origin::Restore(saved, memory, false), config)
         }
-        None => match (&preopened, &preboot) {
+        (None, None) => match (&preopened, &preboot) {
             (Some((config, _)), _) => (Origin::Fresh, config.clone()),
             (None, Some(pre)) => (
                 Origin::Fresh,
@@ -191,10 +218,19 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     // on: no thread opens a file after that.
     let status = std::fs::File::open("/proc/self/status")?;
     if let Some(on_violation) = args.seccomp.violation() {
-        vmcraft::sandbox::enable(vmcraft::sandbox::Policy { on_violation })?;
+        vmcraft::sandbox::enable(vmcraft::sandbox::Policy {
+            on_violation,
+            create_beneath: api_snapshots
+                .as_ref()
+                .map(|s: &api::SnapshotDir| s.dir.as_raw_fd()),
+        })?;
     }
 
     let serial = || Box::new(std::io::stdout());
+    let started_paused = match &origin {
+        Origin::Restore(_, _, paused) => Some(*paused),
+        _ => None,
+    };
     let machine = match origin {
         Origin::Fresh => {
             let mut b = MachineBuilder::new(config.memory_bytes(), serial())?;
@@ -202,16 +238,20 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             let vcpus = boot(&mut b, &config, &args)?;
             b.start(&vcpus)?
         }
-        Origin::Restore(saved, memory) => {
+        Origin::Restore(saved, memory, paused) => {
             let mut b = MachineBuilder::from_saved(&saved, &memory, serial())?;
             b.configure(&config, resources)?;
-            let m = b.start_restored(&saved)?;
+            let m = match paused {
+                true => b.start_restored_paused(&saved)?,
+                false => b.start_restored(&saved)?,
+            };
             eprintln!(
-                "minimal-vmm: restored {} ({} vCPUs, {} MiB) in {:.2} ms",
-                args.restore
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(""))
-                    .display(),
+                "minimal-vmm: restored {}{} ({} vCPUs, {} MiB) in {:.2} ms",
+                match &args.restore {
+                    Some(dir) => dir.display().to_string(),
+                    None => "the snapshot the API named".into(),
+                },
+                if paused { ", paused" } else { "" },
                 saved.info().vcpus,
                 saved.info().ram_bytes >> 20,
                 started.elapsed().as_secs_f64() * 1e3
@@ -243,7 +283,13 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     // The API from here on served by its own thread, under its own filter (started
     // before this thread's filter goes on: a thread inherits its parent's).
     let mut running_api = match (api_server, preboot) {
-        (Some(server), Some(pre)) => Some(api::RunningApi::start(server, args.id.clone(), pre)?),
+        (Some(server), Some(pre)) => Some(api::RunningApi::start(
+            server,
+            args.id.clone(),
+            pre,
+            matches!(started_paused, Some(true)),
+            api_snapshots,
+        )?),
         _ => None,
     };
     // Everything is set up: this thread only waits and reports from here on. Built
