@@ -39,7 +39,7 @@ use super::queue::{check_chain, serve_polling, serve_with, ChainHandler, Protoco
 use super::worker::{spawn_queue, Worker};
 use super::{
     read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, F_EVENT_IDX,
-    F_VERSION_1,
+    F_VERSION_1, INT_CONFIG,
 };
 
 /// Sector size: the unit of every virtio-blk address and length.
@@ -140,10 +140,103 @@ impl Disk {
     }
 }
 
+/// A disk's backing file could not be replaced.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplaceError {
+    /// The new image is read-only where the old one was writable, or the other way:
+    /// the driver negotiated its features on the old one.
+    #[error("the new image is {new} where the disk is {old} (the driver negotiated on that)")]
+    ReadOnly {
+        /// What the new one is.
+        new: &'static str,
+        /// What the disk is.
+        old: &'static str,
+    },
+}
+
+/// The disk a virtio-blk device serves, replaceable while it runs (Firecracker's
+/// `PATCH /drives/{id}`): a clone of [`Block::disk_slot`] kept by the embedder.
+/// Requests a device thread is in the middle of finish on the old image; every
+/// request after [`DiskSlot::replace`] returns goes to the new one, and a driver that
+/// runs is told with a configuration-change interrupt (the capacity may differ).
+#[derive(Debug, Clone)]
+pub struct DiskSlot {
+    inner: Arc<SlotInner>,
+}
+
+#[derive(Debug)]
+struct SlotInner {
+    disk: std::sync::RwLock<Arc<Disk>>,
+    /// The driver's interrupt while the device is active.
+    interrupt: std::sync::Mutex<Option<Arc<Interrupt>>>,
+    /// Whether the driver took no FLUSH (each write synced): kept for a new image.
+    write_through: std::sync::atomic::AtomicBool,
+}
+
+impl DiskSlot {
+    fn new(disk: Disk) -> DiskSlot {
+        DiskSlot {
+            inner: Arc::new(SlotInner {
+                disk: std::sync::RwLock::new(Arc::new(disk)),
+                interrupt: std::sync::Mutex::new(None),
+                write_through: false.into(),
+            }),
+        }
+    }
+
+    /// The disk served now.
+    pub fn current(&self) -> Arc<Disk> {
+        self.inner
+            .disk
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Serve `image` from now on, under the serial the disk had. It must be
+    /// read-only exactly when the disk was.
+    pub fn replace(&self, image: BlockImage) -> Result<(), ReplaceError> {
+        let what = |ro: bool| if ro { "read-only" } else { "writable" };
+        let old = self.current();
+        if image.read_only() != old.read_only() {
+            return Err(ReplaceError::ReadOnly {
+                new: what(image.read_only()),
+                old: what(old.read_only()),
+            });
+        }
+        image.set_write_through(
+            self.inner
+                .write_through
+                .load(std::sync::atomic::Ordering::SeqCst),
+        );
+        let disk = Disk { image, id: old.id };
+        *self.inner.disk.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(disk);
+        if let Some(i) = self
+            .inner
+            .interrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            i.raise(INT_CONFIG);
+        }
+        Ok(())
+    }
+
+    fn set_interrupt(&self, interrupt: Option<Arc<Interrupt>>) {
+        *self
+            .inner
+            .interrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = interrupt;
+    }
+}
+
 /// The virtio-blk device.
 #[derive(Debug)]
 pub struct Block {
-    disk: Arc<Disk>,
+    disk: DiskSlot,
     config: [u8; CONFIG_SIZE],
     /// Each queue's maximum size (one queue unless [`Block::with_queues`]).
     queue_sizes: Vec<u16>,
@@ -173,7 +266,7 @@ impl Block {
         put(52, &1u32.to_le_bytes()); // max_write_zeroes_seg
         put(56, &[1]); // write_zeroes_may_unmap
         Block {
-            disk: Arc::new(disk),
+            disk: DiskSlot::new(disk),
             config,
             queue_sizes: vec![QUEUE_SIZE],
             workers: Vec::new(),
@@ -191,6 +284,11 @@ impl Block {
         self.queue_sizes = vec![QUEUE_SIZE; usize::from(n)];
         self.config[34..36].copy_from_slice(&n.to_le_bytes());
         self
+    }
+
+    /// The slot of the disk it serves, to replace the disk while it runs.
+    pub fn disk_slot(&self) -> DiskSlot {
+        self.disk.clone()
     }
 
     /// How long at most the I/O thread polls the queue for the driver's next request
@@ -223,7 +321,7 @@ impl VirtioDevice for Block {
         if self.queue_sizes.len() > 1 {
             f |= bit(VIRTIO_BLK_F_MQ);
         }
-        if self.disk.read_only() {
+        if self.disk.current().read_only() {
             f |= bit(VIRTIO_BLK_F_RO);
         } else {
             f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
@@ -232,23 +330,32 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data)
+        // The capacity is the disk served now (it may have been replaced).
+        let mut config = self.config;
+        config[..8].copy_from_slice(&self.disk.current().sectors().to_le_bytes());
+        read_config_bytes(&config, offset, data)
     }
 
     fn activate(&mut self, mut active: ActiveQueues) -> Result<(), ActivateError> {
         let queues = active.take_all_ready()?;
-        let disk = self.disk.clone();
-        disk.image
-            .set_write_through(active.driver_features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
+        let slot = self.disk.clone();
+        let write_through = active.driver_features & (1 << VIRTIO_BLK_F_FLUSH) == 0;
+        slot.inner
+            .write_through
+            .store(write_through, std::sync::atomic::Ordering::SeqCst);
+        slot.current().image.set_write_through(write_through);
+        slot.set_interrupt(Some(active.interrupt.clone()));
         let mut workers = Vec::with_capacity(queues.len());
         for (index, mut queue) in queues.into_iter().enumerate() {
-            let (mem, interrupt, disk) =
-                (active.mem.clone(), active.interrupt.clone(), disk.clone());
+            let (mem, interrupt, slot) =
+                (active.mem.clone(), active.interrupt.clone(), slot.clone());
             let mut buffers = ChainBuffers::default();
             let (mut run, mut data) = (ReadRun::default(), IoVecs::default());
             let requeue = active.requeue(index)?;
             let mut poll = AdaptivePoll::new(self.poll_max);
             let serve = move |_: &vmm_sys_util::epoll::Epoll, _| {
+                // The disk of this serving call: a replacement takes effect at the next.
+                let disk = slot.current();
                 let handler = BlockQueue::new(&mem, &disk, &mut buffers, &mut run, &mut data);
                 serve_polling(
                     &mut queue,
@@ -283,6 +390,7 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         // Dropping the workers stops and joins the I/O threads.
         self.workers.clear();
+        self.disk.set_interrupt(None);
     }
 
     fn workers(&self) -> &[Worker] {

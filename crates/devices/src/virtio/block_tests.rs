@@ -804,3 +804,96 @@ fn each_queue_of_a_multiqueue_disk_is_served_on_its_own() {
     flush_on(&mut t, 0, 1);
     flush_on(&mut t, 1, 2);
 }
+
+/// A disk replaced while the driver runs (Firecracker's `PATCH /drives`): the next
+/// read comes from the new image, the capacity in the configuration space is the new
+/// one, the driver gets a configuration interrupt; an image that is read-only where
+/// the disk was writable is refused, and the old one stays.
+#[test]
+fn a_disk_replaced_while_the_driver_runs_serves_the_new_image() {
+    use crate::virtio::mmio::tests::{driver_ok, negotiate, setup_queue};
+    use crate::virtio::mmio::MmioTransport;
+    use std::time::{Duration, Instant};
+    use virtio_bindings::virtio_mmio as reg;
+
+    let old = image(DISK_SECTORS);
+    old.write_all_at(&[0x0a; 512], 0).unwrap();
+    let mem = memory();
+    let device = Block::new(Disk::new(old, false, "swap").unwrap(), "blk-swap");
+    let slot = device.disk_slot();
+    let mut t = MmioTransport::new(Box::new(device), mem.clone()).unwrap();
+    let capacity = |t: &mut MmioTransport| {
+        let mut c = [0u8; 8];
+        t.read(u64::from(reg::VIRTIO_MMIO_CONFIG), &mut c);
+        u64::from_le_bytes(c)
+    };
+    let q = 0x8_0000u64;
+    negotiate(&mut t, crate::virtio::F_VERSION_1);
+    setup_queue(&mut t, 0, 16, q);
+    driver_ok(&mut t);
+    assert_eq!(capacity(&mut t), DISK_SECTORS);
+    let put_desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let at = GuestAddress(q + 16 * i);
+        mem.write_obj(addr, at).unwrap();
+        mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(at.0 + 14)).unwrap();
+    };
+    // A read of sector 0 as chain `k` (descriptors 3k..3k+2), completed as used `k+1`.
+    let read_sector0 = |t: &mut MmioTransport, k: u16| -> [u8; 512] {
+        let base = 3 * u64::from(k);
+        mem.write_obj(
+            RequestHeader {
+                kind: VIRTIO_BLK_T_IN,
+                reserved: 0,
+                sector: 0,
+            },
+            GuestAddress(HEADER),
+        )
+        .unwrap();
+        put_desc(base, HEADER, 16, VRING_DESC_F_NEXT as u16, base as u16 + 1);
+        put_desc(
+            base + 1,
+            DATA,
+            512,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            base as u16 + 2,
+        );
+        put_desc(base + 2, STATUS, 1, VRING_DESC_F_WRITE as u16, 0);
+        mem.write_obj(base as u16, GuestAddress(q + 0x1004 + 2 * u64::from(k)))
+            .unwrap();
+        mem.write_obj(k + 1, GuestAddress(q + 0x1002)).unwrap();
+        t.write(
+            u64::from(reg::VIRTIO_MMIO_QUEUE_NOTIFY),
+            &0u32.to_le_bytes(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mem.read_obj::<u16>(GuestAddress(q + 0x2002)).unwrap() != k + 1 {
+            assert!(Instant::now() < deadline, "read {k} not completed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+        let mut got = [0u8; 512];
+        mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        got
+    };
+    assert_eq!(read_sector0(&mut t, 0), [0x0a; 512]);
+
+    let read_only = image(8);
+    let refused = slot.replace(BlockImage::open(read_only, true).unwrap());
+    assert!(
+        matches!(refused, Err(ReplaceError::ReadOnly { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(read_sector0(&mut t, 1), [0x0a; 512], "the old disk stays");
+
+    let new = image(2 * DISK_SECTORS);
+    new.write_all_at(&[0x0b; 512], 0).unwrap();
+    let config_before = t.interrupt().status() & super::super::INT_CONFIG;
+    assert_eq!(config_before, 0);
+    slot.replace(BlockImage::open(new, false).unwrap()).unwrap();
+    assert_ne!(t.interrupt().status() & super::super::INT_CONFIG, 0);
+    assert_eq!(capacity(&mut t), 2 * DISK_SECTORS);
+    assert_eq!(read_sector0(&mut t, 2), [0x0b; 512]);
+    assert_eq!(slot.current().sectors(), 2 * DISK_SECTORS);
+}
