@@ -31,7 +31,7 @@ use std::path::{Component, Path, PathBuf};
 use thiserror::Error;
 use vmcraft_api::types::{
     Balloon, BootSource as ApiBootSource, Drive, FullVmConfiguration, MachineConfiguration,
-    MachineConfigurationUpdate, NetworkInterface, RateLimiter, SnapshotCreateParams,
+    MachineConfigurationUpdate, NetworkInterface, PartialDrive, RateLimiter, SnapshotCreateParams,
     SnapshotLoadParams,
 };
 
@@ -264,8 +264,7 @@ impl PreBoot {
             .boot_args
             .clone()
             .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string());
-        let mut drives: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
-        drives.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        let drives = self.ordered_drives();
         if let Some(root) = drives.first().filter(|d| d.is_root_device) {
             let device = match &root.partuuid {
                 Some(uuid) => format!("PARTUUID={uuid}"),
@@ -308,6 +307,47 @@ impl PreBoot {
         };
         config.validate().map_err(ApiConfigError::Config)?;
         Ok(config)
+    }
+
+    /// The drives in device order: the root device first, then the others as put.
+    fn ordered_drives(&self) -> Vec<&Drive> {
+        let mut drives: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
+        drives.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        drives
+    }
+
+    /// `PATCH /drives/{id}` on a running machine, checked: a new `path_on_host` for
+    /// a drive that exists (no rate limiter), taken relative to `dir` (the one
+    /// directory the running VMM opens files in). Returns the drive's index among
+    /// the machine's devices and the path relative to `dir`; [`PreBoot::drives`]
+    /// names the new image from now on (the caller applies it first).
+    pub fn patch_drive(
+        &self,
+        dir: &Path,
+        p: &PartialDrive,
+    ) -> Result<(usize, PathBuf), ApiConfigError> {
+        no_rate_limiter(&format!("drive {}", p.drive_id), &p.rate_limiter)?;
+        let device = self
+            .ordered_drives()
+            .iter()
+            .position(|d| d.drive_id == p.drive_id)
+            .ok_or_else(|| {
+                ApiConfigError::Invalid(format!("drive {}: no such drive", p.drive_id))
+            })?;
+        let path = p.path_on_host.as_deref().ok_or_else(|| {
+            ApiConfigError::Invalid(format!(
+                "drive {}: nothing to change (give path_on_host)",
+                p.drive_id
+            ))
+        })?;
+        Ok((device, path_beneath(dir, "path_on_host", path)?))
+    }
+
+    /// Record that drive `id` is the image at `path` now.
+    pub fn drive_replaced(&mut self, id: &str, path: &Path) {
+        if let Some(d) = self.drives.iter_mut().find(|d| d.drive_id == id) {
+            d.path_on_host = path.display().to_string();
+        }
     }
 
     /// Whether anything was put that a snapshot load would replace (Firecracker
@@ -453,8 +493,8 @@ pub fn snapshot_create_paths(
             "version {v:?}: snapshots are written in this VMM's own format only"
         )));
     }
-    let state = beneath(dir, "snapshot_path", &p.snapshot_path)?;
-    let memory = beneath(dir, "mem_file_path", &p.mem_file_path)?;
+    let state = path_beneath(dir, "snapshot_path", &p.snapshot_path)?;
+    let memory = path_beneath(dir, "mem_file_path", &p.mem_file_path)?;
     if state == memory {
         return Err(ApiConfigError::Invalid(format!(
             "snapshot_path and mem_file_path are the same file ({})",
@@ -464,11 +504,13 @@ pub fn snapshot_create_paths(
     Ok((state, memory))
 }
 
-/// `path` (a request's `field`) relative to `dir`.
-fn beneath(dir: &Path, field: &str, path: &str) -> Result<PathBuf, ApiConfigError> {
+/// `path` (a request's `field`) relative to `dir`, the one directory a running VMM
+/// opens files in: a relative path as it is, an absolute one inside `dir` made
+/// relative; `..` is refused.
+pub fn path_beneath(dir: &Path, field: &str, path: &str) -> Result<PathBuf, ApiConfigError> {
     let outside = || {
         ApiConfigError::Invalid(format!(
-            "{field} {path:?} is outside {}, the only directory this VMM writes snapshots in once the microVM runs",
+            "{field} {path:?} is outside {}, the only directory this VMM opens files in once the microVM runs",
             dir.display()
         ))
     };
@@ -772,5 +814,34 @@ mod tests {
         let pre = PreBoot::from_loaded(&config);
         assert_eq!((pre.machine.vcpu_count, pre.machine.mem_size_mib), (2, 96));
         assert!(pre.balloon.is_some() && pre.is_configured());
+    }
+
+    #[test]
+    fn a_drive_patched_after_the_start_is_found_in_device_order() {
+        let mut vm = PreBoot::default();
+        vm.put_drive(drive("data", false)).unwrap();
+        vm.put_drive(drive("rootfs", true)).unwrap();
+        let patch = |id: &str, path: Option<&str>| PartialDrive {
+            drive_id: id.into(),
+            path_on_host: path.map(Into::into),
+            rate_limiter: None,
+        };
+        let dir = Path::new("/run/vm");
+        assert_eq!(
+            vm.patch_drive(dir, &patch("data", Some("/run/vm/new.img")))
+                .unwrap(),
+            (1, PathBuf::from("new.img")),
+            "the root drive is device 0"
+        );
+        for (p, says) in [
+            (patch("nope", Some("x")), "no such drive"),
+            (patch("data", None), "nothing to change"),
+            (patch("data", Some("/dev/sdb")), "outside /run/vm"),
+        ] {
+            let e = vm.patch_drive(dir, &p).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        vm.drive_replaced("data", Path::new("/run/vm/new.img"));
+        assert_eq!(vm.full().drives[0].path_on_host, "/run/vm/new.img");
     }
 }

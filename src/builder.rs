@@ -195,6 +195,16 @@ pub(crate) struct Configured {
     pub(crate) boot_files: Option<(File, Option<File>)>,
     pub(crate) balloon: Option<Arc<vmcraft_devices::virtio::balloon::BalloonControl>>,
     pub(crate) xen: Option<Arc<crate::xen_hvm::XenPlatform>>,
+    /// The virtio-blk disks, by their index in the configuration's devices, with
+    /// the image each serves now (a replaced disk's differs from the configuration's).
+    pub(crate) disks: Vec<ConfiguredDisk>,
+}
+
+/// A virtio-blk disk of a configured machine.
+pub(crate) struct ConfiguredDisk {
+    pub(crate) device: usize,
+    pub(crate) slot: vmcraft_devices::virtio::block::DiskSlot,
+    pub(crate) path: std::sync::Mutex<std::path::PathBuf>,
 }
 
 impl MachineBuilder {

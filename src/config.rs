@@ -267,7 +267,7 @@ impl DeviceConfig {
         }
     }
 
-    fn disk_mut(&mut self) -> Option<&mut DiskConfig> {
+    pub(crate) fn disk_mut(&mut self) -> Option<&mut DiskConfig> {
         match self {
             DeviceConfig::VirtioBlock(d) | DeviceConfig::XenDisk(d) | DeviceConfig::Ata(d) => {
                 Some(d)

@@ -154,6 +154,13 @@ impl MachineBuilder {
                         .map_err(|e| failed(Box::new(e)))?;
                     let block = Block::new(disk, &format!("vblk{n}"))
                         .with_queues(config_disk.queues.unwrap_or(1));
+                    self.configured_mut()
+                        .disks
+                        .push(crate::builder::ConfiguredDisk {
+                            device: index,
+                            slot: block.disk_slot(),
+                            path: config_disk.path.clone().into(),
+                        });
                     self.add_virtio_on(config.transport, Box::new(block))?;
                 }
                 (DeviceConfig::VirtioConsole(_), resource) => {

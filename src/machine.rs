@@ -2,6 +2,7 @@
 //! port and MMIO buses and turns device stop requests (i8042 reset, debug exit) into
 //! VM stops, and [`LegacyDevices`], the PC devices a minimal VM needs.
 
+use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -600,8 +601,51 @@ impl Machine {
 
     /// The configuration the machine was built from, if it was built from one
     /// ([`MachineBuilder::configure`](crate::builder::MachineBuilder::configure)): what its snapshots carry.
-    pub fn config(&self) -> Option<&crate::config::MachineConfig> {
-        self.configured.config.as_ref()
+    pub fn config(&self) -> Option<crate::config::MachineConfig> {
+        let mut config = self.configured.config.clone()?;
+        for disk in &self.configured.disks {
+            if let Some(d) = config
+                .devices
+                .get_mut(disk.device)
+                .and_then(|d| d.disk_mut())
+            {
+                d.path = disk.path.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            }
+        }
+        Some(config)
+    }
+
+    /// Serve the virtio-blk disk `device` (its index in the configuration's
+    /// devices) from `file`, the image at `path`, from now on: Firecracker's
+    /// `PATCH /drives/{id}`. The driver is told the disk changed (a configuration
+    /// interrupt; the capacity is the new image's); requests in flight finish on the
+    /// old image. [`Machine::config`], and so snapshots and migrations, name `path`
+    /// from now on. The image must be read-only exactly when the disk is.
+    pub fn replace_disk(
+        &self,
+        device: usize,
+        path: &std::path::Path,
+        file: File,
+    ) -> Result<(), ReplaceDiskError> {
+        let disk = (self.configured.disks.iter())
+            .find(|d| d.device == device)
+            .ok_or(ReplaceDiskError::NoSuchDisk(device))?;
+        let read_only = disk.slot.current().read_only();
+        let image = vmcraft_block::BlockImage::open(file, read_only).map_err(|source| {
+            ReplaceDiskError::Image {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        disk.slot
+            .replace(image)
+            .map_err(|source| ReplaceDiskError::Replace {
+                path: path.to_owned(),
+                source,
+            })?;
+        *disk.path.lock().unwrap_or_else(|p| p.into_inner()) = path.to_owned();
+        log::info!("devices[{device}]: the disk is {} now", path.display());
+        Ok(())
     }
 
     /// The balloon's control, if the configuration has a virtio-balloon.
@@ -613,6 +657,33 @@ impl Machine {
     pub fn xen(&self) -> Option<&crate::xen_hvm::XenPlatform> {
         self.configured.xen.as_deref()
     }
+}
+
+/// A disk could not be replaced ([`Machine::replace_disk`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplaceDiskError {
+    /// The configuration has no virtio-blk disk at that index.
+    #[error("devices[{0}] is not a virtio-blk disk of this machine")]
+    NoSuchDisk(usize),
+    /// The new image cannot be served.
+    #[error("the image {path}")]
+    Image {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device refused it.
+    #[error("the image {path}")]
+    Replace {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: vmcraft_devices::virtio::block::ReplaceError,
+    },
 }
 
 impl std::fmt::Debug for Machine {

@@ -464,10 +464,7 @@ fn a_snapshot_created_through_the_api_loads_in_a_new_vmm_and_goes_on() {
         went_on[0] == saved_at + 1 || went_on[0] == saved_at + 2,
         "saved at tick {saved_at}, the loaded machine went on at {went_on:?}"
     );
-    assert!(
-        went_on.windows(2).all(|w| w[1] == w[0] + 1),
-        "{went_on:?}"
-    );
+    assert!(went_on.windows(2).all(|w| w[1] == w[0] + 1), "{went_on:?}");
     assert_eq!(call(&mut api, "PUT", "/actions", cad).0, 204);
     let (status, stdout, stderr) = second.finish();
     assert!(status.success(), "{stdout}{stderr}");
@@ -475,4 +472,77 @@ fn a_snapshot_created_through_the_api_loads_in_a_new_vmm_and_goes_on() {
         stdout.contains("cad") && stdout.contains("minimal-vmm: VM stopped: guest reset"),
         "{stdout}"
     );
+}
+
+/// `PATCH /drives/{id}` as Kata uses it for hotplug: a placeholder drive put before
+/// the start gets its real image after it. The image must be in the VMM's directory
+/// (the socket's), the drive must exist, and before the start the request is refused;
+/// `GET /vm/config` names the new image afterwards.
+#[test]
+fn a_drive_patched_after_the_start_names_its_new_image() {
+    common::require_kvm();
+    let dir = Scratch::new("patch");
+    let kernel = dir.0.join("vmlinux");
+    std::fs::write(&kernel, vmcraft_guest_kit::ELF_TICKER).unwrap();
+    let placeholder = dir.0.join("placeholder.img");
+    std::fs::write(&placeholder, [0u8; 512]).unwrap();
+    let real = dir.0.join("real.img");
+    std::fs::write(&real, vec![7u8; 1 << 20]).unwrap();
+    let sock = dir.0.join("api.sock");
+    let mut vmm = Vmm::with_api(&["--no-jail"], &sock);
+    let mut api = connect(&sock, &mut vmm);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/boot-source", &boot).0, 204);
+    let drive = format!(
+        r#"{{"drive_id": "hot", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+        placeholder.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/drives/hot", &drive).0, 204);
+    let patch = format!(
+        r#"{{"drive_id": "hot", "path_on_host": "{}"}}"#,
+        real.display()
+    );
+    let (status, body) = call(&mut api, "PATCH", "/drives/hot", &patch);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not started"), "{body}");
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", start).0, 204);
+    wait_for_ticks(&mut vmm, 1);
+    for (path, body, says) in [
+        (
+            "/drives/cold",
+            r#"{"drive_id": "cold", "path_on_host": "real.img"}"#,
+            "no such drive",
+        ),
+        (
+            "/drives/hot",
+            r#"{"drive_id": "hot", "path_on_host": "/etc/hostname"}"#,
+            "outside",
+        ),
+        (
+            "/drives/hot",
+            r#"{"drive_id": "hot", "path_on_host": "missing.img"}"#,
+            "cannot open",
+        ),
+        ("/drives/hot", r#"{"drive_id": "hot"}"#, "nothing to change"),
+    ] {
+        let (status, answer) = call(&mut api, "PATCH", path, body);
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.contains(says), "{body}: {answer}");
+    }
+    let (status, body) = call(&mut api, "PATCH", "/drives/hot", &patch);
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = call(&mut api, "GET", "/vm/config", "");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(&format!(r#""path_on_host":"{}""#, real.display())),
+        "{body}"
+    );
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", cad).0, 204);
+    let (status, stdout, stderr) = vmm.finish();
+    assert!(status.success(), "{stdout}{stderr}");
 }

@@ -116,7 +116,7 @@ fn a_configured_disk_machine_restores_from_the_configuration_it_saved(kind: Disk
     let (guest, param) = disk_guest(kind, rounds);
     b.load(guest.image()).unwrap();
     let m = b.start(&[VcpuConfig::at(guest.entry(0, param))]).unwrap();
-    assert_eq!(m.config(), Some(&config));
+    assert_eq!(m.config(), Some(config.clone()));
     assert!(m.balloon().is_some() && m.xen().is_none());
     assert_eq!(
         m.virtio().len(),
@@ -166,7 +166,7 @@ fn a_configured_disk_machine_restores_from_the_configuration_it_saved(kind: Disk
         .unwrap();
     b.configure(&here, here.open().unwrap()).unwrap();
     let m = b.start_restored(&saved).unwrap();
-    assert_eq!(m.config(), Some(&here));
+    assert_eq!(m.config(), Some(here.clone()));
     finish(m, &after, "restored from its configuration");
     let mut whole = before;
     whole.extend(after.contents());

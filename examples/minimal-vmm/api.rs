@@ -21,12 +21,13 @@ use vmcraft::api::http::Response;
 use vmcraft::api::routes::ApiRequest;
 use vmcraft::api::server::ApiServer;
 use vmcraft::api::types::{
-    ActionType, BalloonStats, FirecrackerVersion, InstanceActionInfo, InstanceInfo,
+    ActionType, BalloonStats, FirecrackerVersion, InstanceActionInfo, InstanceInfo, PartialDrive,
     SnapshotCreateParams, SnapshotLoadParams, VmState,
 };
 use vmcraft::api_config::{snapshot_create_paths, PreBoot};
 use vmcraft::config::{HostResources, MachineConfig};
 use vmcraft::machine::Machine;
+use vmcraft::sandbox::Beneath;
 use vmcraft::snapshot::{open_snapshot_file, SavedMachine};
 
 use crate::chain;
@@ -80,9 +81,10 @@ fn preboot(pre: &mut PreBoot, id: &str, request: ApiRequest) -> Response {
             not_yet("a log file (the log goes to stderr, VMCRAFT_LOG sets its level)")
         }
         R::PutMetrics(_) => not_yet("a metrics file"),
-        R::PutSnapshotLoad(_) => {
-            Response::error(400, "loading a snapshot is only allowed before the microVM starts")
-        }
+        R::PutSnapshotLoad(_) => Response::error(
+            400,
+            "loading a snapshot is only allowed before the microVM starts",
+        ),
         R::PatchDrive(_)
         | R::PatchNetworkInterface(_)
         | R::PatchBalloon(_)
@@ -124,10 +126,10 @@ fn error_chain(e: &dyn Error) -> String {
 /// snapshots are signed), the machine it holds and that machine's files, the memory.
 fn load(pre: &PreBoot, params: &SnapshotLoadParams, key: Option<&[u8]>) -> Result<Loaded, String> {
     let named = pre.snapshot_load(params).map_err(|e| e.to_string())?;
-    let state = open_snapshot_file(&named.state, "snapshot state file")
-        .map_err(|e| error_chain(&e))?;
-    let memory = open_snapshot_file(&named.memory, "snapshot memory file")
-        .map_err(|e| error_chain(&e))?;
+    let state =
+        open_snapshot_file(&named.state, "snapshot state file").map_err(|e| error_chain(&e))?;
+    let memory =
+        open_snapshot_file(&named.memory, "snapshot memory file").map_err(|e| error_chain(&e))?;
     let saved = SavedMachine::read(state, key).map_err(|e| error_chain(&e))?;
     let config = saved
         .config()
@@ -185,10 +187,11 @@ pub fn until_start(
     Ok(started.into_inner().expect("served until started"))
 }
 
-/// Where `PUT /snapshot/create` writes once the machine runs: the one directory the
-/// main thread may still create files in (opened before the jail and the filters,
-/// `--api-snapshot-dir`, else the API socket's directory), and the key that signs.
-pub struct SnapshotDir {
+/// The one directory the main thread may still open files in once the machine runs
+/// (opened before the jail and the filters: `--api-dir`, else the API socket's
+/// directory): `PUT /snapshot/create` writes there, `PATCH /drives` opens there. And
+/// the key that signs snapshots.
+pub struct ApiDir {
     /// The directory as the requests name it.
     pub path: PathBuf,
     /// The directory, open.
@@ -197,14 +200,14 @@ pub struct SnapshotDir {
     pub key: Option<Vec<u8>>,
 }
 
-impl SnapshotDir {
+impl ApiDir {
     /// Open `path`.
     pub fn open(path: &Path, key: Option<Vec<u8>>) -> Result<Self, Box<dyn Error>> {
         let path = std::fs::canonicalize(path)
-            .map_err(|e| format!("the snapshot directory {}: {e}", path.display()))?;
+            .map_err(|e| format!("the API's directory {}: {e}", path.display()))?;
         let dir = File::open(&path)
-            .map_err(|e| format!("the snapshot directory {}: {e}", path.display()))?;
-        Ok(SnapshotDir { path, dir, key })
+            .map_err(|e| format!("the API's directory {}: {e}", path.display()))?;
+        Ok(ApiDir { path, dir, key })
     }
 
     /// `PUT /snapshot/create` on the paused `machine`.
@@ -212,7 +215,7 @@ impl SnapshotDir {
         let (state, memory) =
             snapshot_create_paths(&self.path, params).map_err(|e| e.to_string())?;
         let open = |relative: &Path| {
-            vmcraft::sandbox::create_beneath(&self.dir, relative)
+            vmcraft::sandbox::open_beneath(&self.dir, relative, Beneath::Create)
                 .map_err(|e| format!("cannot create {}: {e}", self.path.join(relative).display()))
         };
         let (mut state_file, memory_file) = (open(&state)?, open(&memory)?);
@@ -236,6 +239,36 @@ impl SnapshotDir {
             report.total.as_secs_f64() * 1e3
         ))
     }
+
+    /// `PATCH /drives/{id}` on the running `machine`: the drive served from the new
+    /// image (opened here, read-only if the drive is); `pre` records it.
+    fn patch_drive(
+        &self,
+        machine: &Machine,
+        pre: &mut PreBoot,
+        patch: &PartialDrive,
+    ) -> Result<(), String> {
+        let (device, relative) = pre
+            .patch_drive(&self.path, patch)
+            .map_err(|e| e.to_string())?;
+        let read_only = pre
+            .drives
+            .iter()
+            .any(|d| d.drive_id == patch.drive_id && d.is_read_only);
+        let how = if read_only {
+            Beneath::Read
+        } else {
+            Beneath::ReadWrite
+        };
+        let path = self.path.join(&relative);
+        let file = vmcraft::sandbox::open_beneath(&self.dir, &relative, how)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        machine
+            .replace_disk(device, &path, file)
+            .map_err(|e| error_chain(&e))?;
+        pre.drive_replaced(&patch.drive_id, &path);
+        Ok(())
+    }
 }
 
 /// A request on its way from the API thread to the machine, and where the answer goes.
@@ -249,19 +282,19 @@ pub struct RunningApi {
     id: String,
     pre: PreBoot,
     paused: bool,
-    snapshots: Option<SnapshotDir>,
+    files: Option<ApiDir>,
 }
 
 impl RunningApi {
     /// Serve `server` on a thread of its own (the API filter), handing requests to
     /// [`RunningApi::answer`]; the machine is `paused` (a snapshot loaded without
-    /// `resume_vm`) or runs; snapshots go into `snapshots`, if given.
+    /// `resume_vm`) or runs; the files its requests name are in `files`, if given.
     pub fn start(
         mut server: ApiServer,
         id: String,
         pre: PreBoot,
         paused: bool,
-        snapshots: Option<SnapshotDir>,
+        files: Option<ApiDir>,
     ) -> Result<Self, Box<dyn Error>> {
         let (tx, calls) = mpsc::sync_channel::<Call>(1);
         let stop = Arc::new(AtomicBool::new(false));
@@ -291,7 +324,7 @@ impl RunningApi {
             id,
             pre,
             paused,
-            snapshots,
+            files,
         })
     }
 
@@ -374,7 +407,17 @@ impl RunningApi {
                 400,
                 "create snapshot: the microVM must be paused first (PATCH /vm {\"state\": \"Paused\"})",
             ),
-            R::PutSnapshotCreate(params) => match &self.snapshots {
+            R::PatchDrive(patch) => match &self.files {
+                Some(dir) => match dir.patch_drive(machine, &mut self.pre, &patch) {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => {
+                        log::error!("PATCH /drives/{}: {e}", patch.drive_id);
+                        Response::error(400, &format!("drive {}: {e}", patch.drive_id))
+                    }
+                },
+                None => Response::error(400, "this VMM opens no files once the microVM runs"),
+            },
+            R::PutSnapshotCreate(params) => match &self.files {
                 Some(dir) => match dir.create(machine, &params) {
                     Ok(report) => {
                         eprintln!("minimal-vmm: {report}");

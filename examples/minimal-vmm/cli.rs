@@ -44,11 +44,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE", conflicts_with_all = MACHINE_OPTIONS, conflicts_with = "config")]
     pub config_file: Option<PathBuf>,
 
-    /// The one directory PUT /snapshot/create may write in once the machine runs
-    /// (its paths relative to it, or absolute inside it) [default: the API socket's
-    /// directory]
+    /// The one directory the API's requests may name files in once the machine runs
+    /// (PUT /snapshot/create writes there, PATCH /drives opens there; paths relative
+    /// to it, or absolute inside it) [default: the API socket's directory]
     #[arg(long, value_name = "DIR", requires = "api_sock")]
-    pub api_snapshot_dir: Option<PathBuf>,
+    pub api_dir: Option<PathBuf>,
 
     /// No API (Firecracker's flag: needs --config-file)
     #[arg(long, requires = "config_file", conflicts_with = "api_sock")]

@@ -72,7 +72,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     let mut preopened = None;
     let mut preboot = None;
     let mut api_loaded = None;
-    let mut api_snapshots = None;
+    let mut api_files = None;
     if args.api_sock.is_some() || args.config_file.is_some() {
         let mut pre = match &args.config_file {
             Some(path) => {
@@ -93,13 +93,13 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             let mut server = vmcraft::api::server::ApiServer::bind(path)
                 .map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
             // Opened now, before the jail and the filters: the one directory the
-            // running machine's snapshots may be created in.
-            let dir = match (&args.api_snapshot_dir, path.parent()) {
+            // running machine's requests may name files in.
+            let dir = match (&args.api_dir, path.parent()) {
                 (Some(dir), _) => dir.clone(),
                 (None, Some(parent)) if !parent.as_os_str().is_empty() => parent.to_owned(),
                 (None, _) => std::path::PathBuf::from("."),
             };
-            api_snapshots = Some(api::SnapshotDir::open(&dir, snapshot_key.clone())?);
+            api_files = Some(api::ApiDir::open(&dir, snapshot_key.clone())?);
             if args.config_file.is_none() {
                 match api::until_start(&mut server, &args.id, &mut pre, snapshot_key.as_deref())? {
                     api::Start::Boot(config, resources) => preopened = Some((config, resources)),
@@ -119,7 +119,11 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     // resources, if any are named).
     let (origin, config) = match (&args.restore, api_loaded) {
         (_, Some((saved, memory, paused))) => {
-            let config = preopened.as_ref().expect("a load opens its machine").0.clone();
+            let config = preopened
+                .as_ref()
+                .expect("a load opens its machine")
+                .0
+                .clone();
             (Origin::Restore(saved, memory, paused), config)
         }
         (Some(dir), None) => {
@@ -220,9 +224,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     if let Some(on_violation) = args.seccomp.violation() {
         vmcraft::sandbox::enable(vmcraft::sandbox::Policy {
             on_violation,
-            create_beneath: api_snapshots
-                .as_ref()
-                .map(|s: &api::SnapshotDir| s.dir.as_raw_fd()),
+            create_beneath: api_files.as_ref().map(|s: &api::ApiDir| s.dir.as_raw_fd()),
         })?;
     }
 
@@ -288,7 +290,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             args.id.clone(),
             pre,
             matches!(started_paused, Some(true)),
-            api_snapshots,
+            api_files,
         )?),
         _ => None,
     };

@@ -268,7 +268,7 @@ pub const KVM_SIGNAL_MSI: u64 = 0x4020_aea5;
 
 /// `openat2` allowed relative to descriptor `dir` only (the main thread's files
 /// beneath [`Policy::create_beneath`](crate::Policy::create_beneath)); the kernel's
-/// `RESOLVE_BENEATH`, which [`create_beneath`](crate::create_beneath) passes, keeps
+/// `RESOLVE_BENEATH`, which [`open_beneath`](crate::open_beneath) passes, keeps
 /// the path inside it.
 fn openat2_beneath(dir: std::os::fd::RawFd) -> Vec<SeccompRule> {
     let dirfd = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, dir as u64)

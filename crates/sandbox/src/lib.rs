@@ -45,7 +45,7 @@ pub struct Policy {
     pub on_violation: Violation,
     /// A directory, open in this process, in which the main thread may still open
     /// and create files once filtered: `openat2` relative to this descriptor is
-    /// allowed to it and nothing else ([`create_beneath`] opens that way, resolving
+    /// allowed to it and nothing else ([`open_beneath`] opens that way, resolving
     /// no path outside the directory). `None`: the main thread opens no file at all.
     pub create_beneath: Option<RawFd>,
 }
@@ -68,20 +68,35 @@ struct OpenHow {
     resolve: u64,
 }
 
-/// Open `path` (relative) for reading and writing beneath the directory `dir`,
-/// creating it (mode 0600) if missing and truncating nothing: the kernel resolves it
-/// with `RESOLVE_BENEATH` and `RESOLVE_NO_MAGICLINKS`, so an absolute path, `..`
-/// leading out, or a symbolic link pointing out of `dir` is refused (`EXDEV`,
-/// `ELOOP`). The one way a filtered main thread opens files, when its
-/// [`Policy::create_beneath`] is `dir`. Does not block on a FIFO put in the file's
-/// place (`O_NONBLOCK`); the caller checks what it got.
-pub fn create_beneath(dir: &impl AsFd, path: &Path) -> io::Result<File> {
+/// How [`open_beneath`] opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beneath {
+    /// An existing file, for reading.
+    Read,
+    /// An existing file, for reading and writing.
+    ReadWrite,
+    /// For reading and writing, created (mode 0600) if missing; nothing truncated.
+    Create,
+}
+
+/// Open `path` (relative) beneath the directory `dir`: the kernel resolves it with
+/// `RESOLVE_BENEATH` and `RESOLVE_NO_MAGICLINKS`, so an absolute path, `..` leading
+/// out, or a symbolic link pointing out of `dir` is refused (`EXDEV`, `ELOOP`). The
+/// one way a filtered main thread opens files, when its [`Policy::create_beneath`] is
+/// `dir`. Does not block on a FIFO put in the file's place (`O_NONBLOCK`); the caller
+/// checks what it got.
+pub fn open_beneath(dir: &impl AsFd, path: &Path, how: Beneath) -> io::Result<File> {
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    let access = match how {
+        Beneath::Read => libc::O_RDONLY,
+        Beneath::ReadWrite => libc::O_RDWR,
+        Beneath::Create => libc::O_RDWR | libc::O_CREAT,
+    };
     let how = OpenHow {
-        flags: (libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
-            as u64,
-        mode: 0o600,
+        flags: (access | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64,
+        // openat2 refuses a mode without O_CREAT.
+        mode: if how == Beneath::Create { 0o600 } else { 0 },
         resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
     };
     // SAFETY: openat2 reads the NUL-terminated path and `how` (its size passed with
@@ -451,23 +466,35 @@ mod tests {
         })
         .unwrap();
         let thread = spawn(ThreadKind::Main, "beneath", move || {
-            let mut made = create_beneath(&dir, Path::new("inner/made")).unwrap();
+            let mut made = open_beneath(&dir, Path::new("inner/made"), Beneath::Create).unwrap();
             made.write_all(b"beneath").unwrap();
+            for how in [Beneath::Read, Beneath::ReadWrite] {
+                open_beneath(&dir, Path::new("inner/made"), how).unwrap();
+            }
+            let missing = open_beneath(&dir, Path::new("inner/missing"), Beneath::Read);
+            assert_eq!(
+                missing.err().and_then(|e| e.raw_os_error()),
+                Some(libc::ENOENT)
+            );
             let errno = |r: io::Result<File>| r.err().and_then(|e| e.raw_os_error());
             assert_eq!(
-                errno(create_beneath(&dir, Path::new("../escaped"))),
+                errno(open_beneath(&dir, Path::new("../escaped"), Beneath::Create)),
                 Some(libc::EXDEV)
             );
             assert_eq!(
-                errno(create_beneath(&dir, Path::new("/tmp/escaped"))),
+                errno(open_beneath(
+                    &dir,
+                    Path::new("/tmp/escaped"),
+                    Beneath::Create
+                )),
                 Some(libc::EXDEV)
             );
             assert_eq!(
-                errno(create_beneath(&dir, Path::new("out/passwd"))),
+                errno(open_beneath(&dir, Path::new("out/passwd"), Beneath::Create)),
                 Some(libc::EXDEV)
             );
             assert_eq!(
-                errno(create_beneath(&other, Path::new("escaped"))),
+                errno(open_beneath(&other, Path::new("escaped"), Beneath::Create)),
                 Some(libc::EPERM)
             );
             // SAFETY: open reads a valid NUL-terminated path.
