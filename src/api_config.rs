@@ -429,7 +429,7 @@ impl PreBoot {
             .devices
             .iter()
             .any(|d| matches!(d, DeviceConfig::VirtioBalloon))
-            .then(|| Balloon {
+            .then_some(Balloon {
                 amount_mib: 0,
                 deflate_on_oom: true,
                 stats_polling_interval_s: 0,
