@@ -195,6 +195,9 @@ pub(crate) struct Configured {
     pub(crate) boot_files: Option<(File, Option<File>)>,
     pub(crate) balloon: Option<Arc<vmcraft_devices::virtio::balloon::BalloonControl>>,
     pub(crate) xen: Option<Arc<crate::xen_hvm::XenPlatform>>,
+    /// Every virtio device's name (its kind and number, `block0`) and interrupt,
+    /// whose counters a metrics file reports.
+    pub(crate) virtio_counters: Vec<(String, Arc<vmcraft_devices::virtio::Interrupt>)>,
     /// The virtio-blk disks, by their index in the configuration's devices, with
     /// the image each serves now (a replaced disk's differs from the configuration's).
     pub(crate) disks: Vec<ConfiguredDisk>,

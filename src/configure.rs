@@ -258,10 +258,28 @@ impl MachineBuilder {
         transport: VirtioTransport,
         device: Box<dyn vmcraft_devices::virtio::VirtioDevice>,
     ) -> Result<(), BuildError> {
-        match transport {
-            VirtioTransport::Mmio => self.add_virtio(device).map(drop),
-            VirtioTransport::Pci => self.add_virtio_pci(device).map(drop),
-        }
+        let kind = match device.device_type() {
+            1 => "net",
+            2 => "block",
+            3 => "console",
+            4 => "rng",
+            5 => "balloon",
+            _ => "virtio",
+        };
+        let interrupt = match transport {
+            VirtioTransport::Mmio => self.add_virtio(device)?.lock().interrupt().clone(),
+            VirtioTransport::Pci => self
+                .add_virtio_pci(device)?
+                .transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .interrupt()
+                .clone(),
+        };
+        let counters = &mut self.configured_mut().virtio_counters;
+        let number = counters.iter().filter(|(n, _)| n.starts_with(kind)).count();
+        counters.push((format!("{kind}{number}"), interrupt));
+        Ok(())
     }
 
     /// Load the configuration's Linux kernel ([`BootSource::Linux`], opened by

@@ -653,6 +653,14 @@ impl Machine {
         self.configured.balloon.as_ref()
     }
 
+    /// Each configured virtio device's name (its kind and number among that kind:
+    /// `block0`, `net1`) and counters, in the configuration's order.
+    pub fn device_counters(
+        &self,
+    ) -> impl Iterator<Item = (&str, &vmcraft_devices::virtio::DeviceCounters)> {
+        (self.configured.virtio_counters.iter()).map(|(name, i)| (name.as_str(), i.counters()))
+    }
+
     /// The Xen platform and its services, if the configuration presents Xen.
     pub fn xen(&self) -> Option<&crate::xen_hvm::XenPlatform> {
         self.configured.xen.as_deref()

@@ -269,13 +269,17 @@ fn a_firecracker_config_file_boots_without_an_api() {
     let kernel = dir.0.join("vmlinux");
     std::fs::write(&kernel, vmcraft_guest_kit::ELF_RESET).unwrap();
     let config = dir.0.join("vm.json");
+    let metrics = dir.0.join("metrics.json");
+    std::fs::write(&metrics, "").unwrap();
     std::fs::write(
         &config,
         format!(
             r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}},
                 "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64}},
+                "metrics": {{"metrics_path": "{}"}},
                 "drives": [], "network-interfaces": []}}"#,
-            kernel.display()
+            kernel.display(),
+            metrics.display()
         ),
     )
     .unwrap();
@@ -299,6 +303,10 @@ fn a_firecracker_config_file_boots_without_an_api() {
         stdout.contains("exit statistics of vCPU 1"),
         "two vCPUs: {stdout}"
     );
+    // Without an API, the metrics file still gets its line as the VMM ends.
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&metrics).unwrap().trim_end()).unwrap();
+    assert!(line["vcpu"]["exit_io_out"].as_u64().unwrap() >= 1, "{line}");
     // A file with a field Firecracker does not have is refused, by name.
     std::fs::write(
         &config,
@@ -545,4 +553,89 @@ fn a_drive_patched_after_the_start_names_its_new_image() {
     assert_eq!(call(&mut api, "PUT", "/actions", cad).0, 204);
     let (status, stdout, stderr) = vmm.finish();
     assert!(status.success(), "{stdout}{stderr}");
+}
+
+/// `PUT /logger` and `PUT /metrics` before the start, as firecracker-go-sdk sends
+/// them: the log file gets the VMM's log in Firecracker's form (the level shown), the
+/// metrics file a JSON line on `FlushMetrics` and another as the VMM ends, with the
+/// requests counted under Firecracker's names and the vCPUs' exits. Both are refused
+/// once set, and after the start.
+#[test]
+fn the_log_and_the_metrics_go_to_the_files_the_api_names() {
+    common::require_kvm();
+    let dir = Scratch::new("metrics");
+    let kernel = dir.0.join("vmlinux");
+    std::fs::write(&kernel, vmcraft_guest_kit::ELF_TICKER).unwrap();
+    let (log, metrics) = (dir.0.join("vmm.log"), dir.0.join("metrics.json"));
+    std::fs::write(&log, "").unwrap();
+    std::fs::write(&metrics, "").unwrap();
+    let sock = dir.0.join("api.sock");
+    let mut vmm = Vmm::with_api(&["--no-jail", "--id", "logged"], &sock);
+    let mut api = connect(&sock, &mut vmm);
+    let logger = format!(
+        r#"{{"log_path": "{}", "level": "Info", "show_level": true, "show_log_origin": false}}"#,
+        log.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/logger", &logger).0, 204);
+    let (status, body) = call(&mut api, "PUT", "/logger", &logger);
+    assert_eq!(status, 400, "{body}");
+    let put_metrics = format!(r#"{{"metrics_path": "{}"}}"#, metrics.display());
+    let (status, body) = call(
+        &mut api,
+        "PUT",
+        "/metrics",
+        r#"{"metrics_path": "/nonexistent/metrics"}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("/nonexistent/metrics"), "{body}");
+    assert_eq!(call(&mut api, "PUT", "/metrics", &put_metrics).0, 204);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    assert_eq!(call(&mut api, "PUT", "/boot-source", &boot).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", start).0, 204);
+    wait_for_ticks(&mut vmm, 2);
+    // A refused request is logged.
+    let patch = r#"{"drive_id": "nope", "path_on_host": "x.img"}"#;
+    assert_eq!(call(&mut api, "PATCH", "/drives/nope", patch).0, 400);
+    let (status, body) = call(&mut api, "PUT", "/metrics", &put_metrics);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("before it starts"), "{body}");
+    let flush = r#"{"action_type": "FlushMetrics"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", flush).0, 204);
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+    let line: serde_json::Value = serde_json::from_str(lines.trim_end()).unwrap();
+    // InstanceStart; the flush counts itself after its line.
+    assert_eq!(line["put_api_requests"]["actions_count"], 1, "{line}");
+    assert_eq!(line["put_api_requests"]["metrics_fails"], 2, "{line}");
+    assert_eq!(line["patch_api_requests"]["drive_fails"], 1, "{line}");
+    assert!(
+        line["vcpu"]["exit_io_in"].as_u64().unwrap() >= 256,
+        "{line}"
+    );
+    assert!(
+        line["vcpu"]["exit_io_out"].as_u64().unwrap() >= 28,
+        "{line}"
+    );
+    assert!(
+        line["api_server"]["process_startup_time_us"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", cad).0, 204);
+    let (status, stdout, stderr) = vmm.finish();
+    assert!(status.success(), "{stdout}{stderr}");
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(lines.lines().count(), 2, "a last line at the end: {lines}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("[logged:main:ERROR] PATCH /drives/nope")),
+        "{log}"
+    );
 }

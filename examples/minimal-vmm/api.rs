@@ -18,6 +18,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::Arc;
 
 use vmcraft::api::http::Response;
+use vmcraft::api::metrics::{ApiRequestCounters, StartupMetrics};
 use vmcraft::api::routes::ApiRequest;
 use vmcraft::api::server::ApiServer;
 use vmcraft::api::types::{
@@ -31,6 +32,7 @@ use vmcraft::sandbox::Beneath;
 use vmcraft::snapshot::{open_snapshot_file, SavedMachine};
 
 use crate::chain;
+use crate::metrics::MetricsFile;
 
 /// The VMM's name and version, as `GET /` and `GET /version` say them.
 const APP_NAME: &str = "vmcraft";
@@ -56,11 +58,53 @@ fn applied<E: std::fmt::Display>(r: Result<(), E>) -> Response {
     }
 }
 
-/// A pre-boot request.
-fn preboot(pre: &mut PreBoot, id: &str, request: ApiRequest) -> Response {
+/// What the API keeps over the VMM's life, before the start and after: the instance's
+/// id, what the requests described, the requests counted, the metrics file.
+pub struct Instance {
+    /// `--id`.
+    pub id: String,
+    /// The machine the requests described (or the loaded one's view).
+    pub pre: PreBoot,
+    /// Requests answered.
+    pub counters: ApiRequestCounters,
+    /// The metrics file, once `PUT /metrics` (or `--metrics-path`) named one.
+    pub metrics: Option<MetricsFile>,
+    /// From the process's start to the API socket ready.
+    pub startup: StartupMetrics,
+}
+
+impl Instance {
+    /// Write a metrics line now (if there is a file), with `machine`'s figures if it
+    /// runs. A line that cannot be written is logged and counted in the next.
+    pub fn flush_metrics(&mut self, machine: Option<&Machine>) -> Result<(), String> {
+        let Some(file) = self.metrics.as_mut() else {
+            return Err("no metrics file is configured (PUT /metrics)".into());
+        };
+        let mut line = crate::metrics::machine_line(machine);
+        line.api = self.counters.clone();
+        line.api_server = self.startup;
+        file.write(line).inspect_err(|e| log::warn!("{e}"))
+    }
+
+    /// Answer `request` with `dispatch` and count it.
+    fn counted(
+        &mut self,
+        request: ApiRequest,
+        dispatch: impl FnOnce(&mut Self, ApiRequest) -> Response,
+    ) -> Response {
+        let seen = request.clone();
+        let response = dispatch(self, request);
+        self.counters.record(&seen, response.status);
+        response
+    }
+}
+
+/// A request before the start, and those answered the same way after it.
+fn preboot(instance: &mut Instance, request: ApiRequest) -> Response {
     use ApiRequest as R;
+    let pre = &mut instance.pre;
     match request {
-        R::GetInstanceInfo => info(id, "Not started"),
+        R::GetInstanceInfo => info(&instance.id, "Not started"),
         R::GetVersion => Response::ok(&FirecrackerVersion {
             firecracker_version: VERSION.into(),
         }),
@@ -77,10 +121,20 @@ fn preboot(pre: &mut PreBoot, id: &str, request: ApiRequest) -> Response {
             None => Response::error(400, "no balloon device is configured"),
         },
         R::PutVsock(_) => not_yet("vsock"),
-        R::PutLogger(_) => {
-            not_yet("a log file (the log goes to stderr, VMCRAFT_LOG sets its level)")
+        R::PutLogger(logger) => match crate::host::log_to_file(&logger) {
+            Ok(()) => Response::no_content(),
+            Err(e) => Response::error(400, &e),
+        },
+        R::PutMetrics(_) if instance.metrics.is_some() => {
+            Response::error(400, "the metrics file is configured already")
         }
-        R::PutMetrics(_) => not_yet("a metrics file"),
+        R::PutMetrics(m) => match MetricsFile::open(Path::new(&m.metrics_path)) {
+            Ok(file) => {
+                instance.metrics = Some(file);
+                Response::no_content()
+            }
+            Err(e) => Response::error(400, &e),
+        },
         R::PutSnapshotLoad(_) => Response::error(
             400,
             "loading a snapshot is only allowed before the microVM starts",
@@ -150,37 +204,44 @@ fn load(pre: &PreBoot, params: &SnapshotLoadParams, key: Option<&[u8]>) -> Resul
 /// begins. `key` checks loaded snapshots (`--snapshot-key`).
 pub fn until_start(
     server: &mut ApiServer,
-    id: &str,
-    pre: &mut PreBoot,
+    instance: &mut Instance,
     key: Option<&[u8]>,
 ) -> Result<Start, Box<dyn Error>> {
     let started: RefCell<Option<Start>> = RefCell::new(None);
     eprintln!("minimal-vmm: API on {}", server.path().display());
     server.serve(
-        |request| match request {
-            ApiRequest::PutAction(InstanceActionInfo {
-                action_type: ActionType::InstanceStart,
-            }) => {
-                let opened = pre
-                    .machine_config()
-                    .map_err(|e| error_chain(&e))
-                    .and_then(|c| c.open().map(|r| (c, r)).map_err(|e| error_chain(&e)));
-                match opened {
-                    Ok((config, resources)) => {
-                        *started.borrow_mut() = Some(Start::Boot(config, resources));
+        |request| {
+            instance.counted(request, |instance, request| match request {
+                ApiRequest::PutAction(InstanceActionInfo {
+                    action_type: ActionType::InstanceStart,
+                }) => {
+                    let opened = (instance.pre)
+                        .machine_config()
+                        .map_err(|e| error_chain(&e))
+                        .and_then(|c| c.open().map(|r| (c, r)).map_err(|e| error_chain(&e)));
+                    match opened {
+                        Ok((config, resources)) => {
+                            *started.borrow_mut() = Some(Start::Boot(config, resources));
+                            Response::no_content()
+                        }
+                        Err(e) => Response::error(400, &format!("cannot start the microVM: {e}")),
+                    }
+                }
+                ApiRequest::PutSnapshotLoad(params) => match load(&instance.pre, &params, key) {
+                    Ok(loaded) => {
+                        *started.borrow_mut() = Some(Start::Load(Box::new(loaded)));
                         Response::no_content()
                     }
-                    Err(e) => Response::error(400, &format!("cannot start the microVM: {e}")),
-                }
-            }
-            ApiRequest::PutSnapshotLoad(params) => match load(pre, &params, key) {
-                Ok(loaded) => {
-                    *started.borrow_mut() = Some(Start::Load(Box::new(loaded)));
-                    Response::no_content()
-                }
-                Err(e) => Response::error(400, &format!("cannot load the snapshot: {e}")),
-            },
-            other => preboot(pre, id, other),
+                    Err(e) => Response::error(400, &format!("cannot load the snapshot: {e}")),
+                },
+                ApiRequest::PutAction(InstanceActionInfo {
+                    action_type: ActionType::FlushMetrics,
+                }) => match instance.flush_metrics(None) {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => Response::error(400, &e),
+                },
+                other => preboot(instance, other),
+            })
         },
         || started.borrow().is_some(),
     )?;
@@ -279,26 +340,35 @@ pub struct RunningApi {
     calls: Receiver<Call>,
     stop: Arc<AtomicBool>,
     thread: Option<vmcraft::sandbox::Thread<()>>,
-    id: String,
-    pre: PreBoot,
+    instance: Instance,
     paused: bool,
     files: Option<ApiDir>,
 }
 
 impl RunningApi {
-    /// Serve `server` on a thread of its own (the API filter), handing requests to
+    /// Serve `server` (if there is one) on a thread of its own (the API filter), handing requests to
     /// [`RunningApi::answer`]; the machine is `paused` (a snapshot loaded without
     /// `resume_vm`) or runs; the files its requests name are in `files`, if given.
     pub fn start(
-        mut server: ApiServer,
-        id: String,
-        pre: PreBoot,
+        server: Option<ApiServer>,
+        instance: Instance,
         paused: bool,
         files: Option<ApiDir>,
     ) -> Result<Self, Box<dyn Error>> {
         let (tx, calls) = mpsc::sync_channel::<Call>(1);
         let stop = Arc::new(AtomicBool::new(false));
         let stop_thread = stop.clone();
+        // Without a socket (--no-api) only the metrics are kept.
+        let Some(mut server) = server else {
+            return Ok(RunningApi {
+                calls,
+                stop,
+                thread: None,
+                instance,
+                paused,
+                files,
+            });
+        };
         let thread =
             vmcraft::sandbox::spawn(vmcraft::sandbox::ThreadKind::Api, "api", move || {
                 let served = server.serve(
@@ -321,24 +391,40 @@ impl RunningApi {
             calls,
             stop,
             thread: Some(thread),
-            id,
-            pre,
+            instance,
             paused,
             files,
         })
     }
 
-    /// Answer every request waiting, against `machine`.
+    /// Answer every request waiting, against `machine`; write the periodic metrics
+    /// line when it is due.
     pub fn answer(&mut self, machine: &Machine) {
         while let Ok((request, reply)) = self.calls.try_recv() {
-            let _ = reply.send(self.handle(machine, request));
+            let seen = request.clone();
+            let response = self.handle(machine, request);
+            self.instance.counters.record(&seen, response.status);
+            let _ = reply.send(response);
+        }
+        if self.instance.metrics.as_ref().is_some_and(|m| m.due()) {
+            let _ = self.instance.flush_metrics(Some(machine));
+        }
+    }
+
+    /// The last metrics line, as the VMM ends.
+    pub fn finish(&mut self, machine: &Machine) {
+        if self.instance.metrics.is_some() {
+            let _ = self.instance.flush_metrics(Some(machine));
         }
     }
 
     fn handle(&mut self, machine: &Machine, request: ApiRequest) -> Response {
         use ApiRequest as R;
         match request {
-            R::GetInstanceInfo => info(&self.id, if self.paused { "Paused" } else { "Running" }),
+            R::GetInstanceInfo => info(
+                &self.instance.id,
+                if self.paused { "Paused" } else { "Running" },
+            ),
             R::PatchVm(vm) => {
                 match vm.state {
                     VmState::Paused => machine.pause(),
@@ -347,7 +433,7 @@ impl RunningApi {
                 self.paused = vm.state == VmState::Paused;
                 Response::no_content()
             }
-            R::GetBalloon => match (machine.balloon(), &self.pre.balloon) {
+            R::GetBalloon => match (machine.balloon(), &self.instance.pre.balloon) {
                 (Some(control), Some(b)) => {
                     let mut b = b.clone();
                     b.amount_mib = control.target() / 256;
@@ -356,9 +442,9 @@ impl RunningApi {
                 _ => Response::error(400, "no balloon device is configured"),
             },
             R::PatchBalloon(update) => match machine.balloon() {
-                Some(control) if u64::from(update.amount_mib) <= self.pre.machine.mem_size_mib => {
+                Some(control) if u64::from(update.amount_mib) <= self.instance.pre.machine.mem_size_mib => {
                     control.set_target(update.amount_mib.saturating_mul(256));
-                    if let Some(b) = self.pre.balloon.as_mut() {
+                    if let Some(b) = self.instance.pre.balloon.as_mut() {
                         b.amount_mib = update.amount_mib;
                     }
                     Response::no_content()
@@ -402,13 +488,16 @@ impl RunningApi {
             },
             R::PutAction(InstanceActionInfo {
                 action_type: ActionType::FlushMetrics,
-            }) => not_yet("a metrics file"),
+            }) => match self.instance.flush_metrics(Some(machine)) {
+                Ok(()) => Response::no_content(),
+                Err(e) => Response::error(400, &e),
+            },
             R::PutSnapshotCreate(_) if !self.paused => Response::error(
                 400,
                 "create snapshot: the microVM must be paused first (PATCH /vm {\"state\": \"Paused\"})",
             ),
             R::PatchDrive(patch) => match &self.files {
-                Some(dir) => match dir.patch_drive(machine, &mut self.pre, &patch) {
+                Some(dir) => match dir.patch_drive(machine, &mut self.instance.pre, &patch) {
                     Ok(()) => Response::no_content(),
                     Err(e) => {
                         log::error!("PATCH /drives/{}: {e}", patch.drive_id);
@@ -435,9 +524,7 @@ impl RunningApi {
             | R::GetMachineConfig
             | R::GetVmConfig
             | R::PutVsock(_)
-            | R::PutLogger(_)
-            | R::PutMetrics(_)
-            | R::PutSnapshotLoad(_)) => preboot(&mut self.pre, &self.id, same),
+            | R::PutSnapshotLoad(_)) => preboot(&mut self.instance, same),
             _ => Response::error(
                 400,
                 "the microVM is running: this can only be set before it starts",

@@ -152,6 +152,38 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "MODE", default_value = "kill")]
     pub seccomp: SeccompMode,
 
+    /// No seccomp filters (Firecracker's flag: the same as --seccomp off)
+    #[arg(long, conflicts_with = "seccomp")]
+    pub no_seccomp: bool,
+
+    /// Firecracker's custom filter file: refused (its BPF describes Firecracker's
+    /// threads; vmcraft's own allowlists apply, see --seccomp)
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub seccomp_filter: Option<PathBuf>,
+
+    /// The log to this file or named pipe (which must exist), in Firecracker's form
+    /// (as PUT /logger); without it, the log goes to stderr
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+
+    /// The log's level: Error, Warning, Info, Debug, Trace or Off [default: Warning,
+    /// or VMCRAFT_LOG]
+    #[arg(long, value_name = "LEVEL")]
+    pub level: Option<String>,
+
+    /// Each log line says its level (with --log-path)
+    #[arg(long, requires = "log_path")]
+    pub show_level: bool,
+
+    /// Each log line says its source file and line (with --log-path)
+    #[arg(long, requires = "log_path")]
+    pub show_log_origin: bool,
+
+    /// Metrics as JSON lines to this file or named pipe (which must exist), as PUT
+    /// /metrics: every 60 s, on FlushMetrics and at the end
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+
     /// Run the VM in a jail at DIR (by default a fresh directory under the
     /// temporary directory): new mount, PID and network namespaces, only /dev/kvm
     /// and the files named (opened before entering), no capabilities, limits on

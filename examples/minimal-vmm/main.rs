@@ -30,6 +30,7 @@ mod diagnose;
 mod host;
 mod jail;
 mod keys;
+mod metrics;
 mod report;
 mod serve;
 mod snapshot_signals;
@@ -56,6 +57,21 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         return keys::keygen(path);
     }
     let started = Instant::now();
+    if args.seccomp_filter.is_some() {
+        return Err("--seccomp-filter: a Firecracker filter file describes Firecracker's threads and cannot be used here; vmcraft's own allowlists apply (--seccomp kill|trap|log|off, --no-seccomp)".into());
+    }
+    if let Some(level) = &args.level {
+        log::set_max_level(host::parse_level(level)?);
+    }
+    if let Some(path) = &args.log_path {
+        host::log_to_file(&vmcraft::api::types::Logger {
+            log_path: path.display().to_string(),
+            level: args.level.clone(),
+            show_level: args.show_level,
+            show_log_origin: args.show_log_origin,
+        })?;
+    }
+    let _ = host::LOG_ID.set(args.id.clone());
     let snapshot_key = (args.snapshot_key.as_deref())
         .map(|path| keys::read_key_file(path, "snapshot key"))
         .transpose()?;
@@ -70,16 +86,35 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     // requests (served here until InstanceStart, which opens what they name).
     let mut api_server = None;
     let mut preopened = None;
-    let mut preboot = None;
+    let mut instance = None;
     let mut api_loaded = None;
     let mut api_files = None;
     if args.api_sock.is_some() || args.config_file.is_some() {
+        let mut metrics = (args.metrics_path.as_deref())
+            .map(metrics::MetricsFile::open)
+            .transpose()?;
         let mut pre = match &args.config_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("--config-file {}: {e}", path.display()))?;
-                let full = serde_json::from_str(&text)
+                let full: vmcraft::api::types::FullVmConfiguration = serde_json::from_str(&text)
                     .map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+                if let Some(logger) = &full.logger {
+                    host::log_to_file(logger)
+                        .map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+                }
+                if let Some(m) = &full.metrics {
+                    if metrics.is_some() {
+                        return Err(format!(
+                            "--config-file {}: metrics, and --metrics-path too",
+                            path.display()
+                        )
+                        .into());
+                    }
+                    metrics = Some(metrics::MetricsFile::open(std::path::Path::new(
+                        &m.metrics_path,
+                    ))?);
+                }
                 vmcraft::api_config::PreBoot::from_full(full)
                     .map_err(|e| format!("--config-file {}: {e}{}", path.display(), chain(&e)))?
             }
@@ -89,9 +124,20 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         if let Some(t) = args.transport {
             pre.transport = t.into();
         }
+        let mut inst = api::Instance {
+            id: args.id.clone(),
+            pre,
+            counters: Default::default(),
+            metrics,
+            startup: Default::default(),
+        };
         if let Some(path) = &args.api_sock {
             let mut server = vmcraft::api::server::ApiServer::bind(path)
                 .map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
+            inst.startup = vmcraft::api::metrics::StartupMetrics {
+                process_startup_time_us: started.elapsed().as_micros() as u64,
+                process_startup_time_cpu_us: host::process_cpu_time().as_micros() as u64,
+            };
             // Opened now, before the jail and the filters: the one directory the
             // running machine's requests may name files in.
             let dir = match (&args.api_dir, path.parent()) {
@@ -101,11 +147,11 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             };
             api_files = Some(api::ApiDir::open(&dir, snapshot_key.clone())?);
             if args.config_file.is_none() {
-                match api::until_start(&mut server, &args.id, &mut pre, snapshot_key.as_deref())? {
+                match api::until_start(&mut server, &mut inst, snapshot_key.as_deref())? {
                     api::Start::Boot(config, resources) => preopened = Some((config, resources)),
                     api::Start::Load(loaded) => {
                         let loaded = *loaded;
-                        pre = vmcraft::api_config::PreBoot::from_loaded(&loaded.config);
+                        inst.pre = vmcraft::api_config::PreBoot::from_loaded(&loaded.config);
                         preopened = Some((loaded.config, loaded.resources));
                         api_loaded = Some((loaded.saved, loaded.memory, !loaded.resume));
                     }
@@ -113,7 +159,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             }
             api_server = Some(server);
         }
-        preboot = Some(pre);
+        instance = Some(inst);
     }
     // The machine: the options', a file's, or the snapshot's (with the options' host
     // resources, if any are named).
@@ -145,11 +191,12 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             }
             (Origin::Restore(saved, memory, false), config)
         }
-        (None, None) => match (&preopened, &preboot) {
+        (None, None) => match (&preopened, &instance) {
             (Some((config, _)), _) => (Origin::Fresh, config.clone()),
-            (None, Some(pre)) => (
+            (None, Some(inst)) => (
                 Origin::Fresh,
-                pre.machine_config()
+                (inst.pre)
+                    .machine_config()
                     .map_err(|e| format!("{e}{}", chain(&e)))?,
             ),
             (None, None) => (Origin::Fresh, args.machine(None)?),
@@ -221,7 +268,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     // This process's own /proc (the jail's, if jailed), opened before the filters go
     // on: no thread opens a file after that.
     let status = std::fs::File::open("/proc/self/status")?;
-    if let Some(on_violation) = args.seccomp.violation() {
+    if let Some(on_violation) = args.seccomp.violation().filter(|_| !args.no_seccomp) {
         vmcraft::sandbox::enable(vmcraft::sandbox::Policy {
             on_violation,
             create_beneath: api_files.as_ref().map(|s: &api::ApiDir| s.dir.as_raw_fd()),
@@ -284,16 +331,16 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         .transpose()?;
     // The API from here on served by its own thread, under its own filter (started
     // before this thread's filter goes on: a thread inherits its parent's).
-    let mut running_api = match (api_server, preboot) {
-        (Some(server), Some(pre)) => Some(api::RunningApi::start(
-            server,
-            args.id.clone(),
-            pre,
-            matches!(started_paused, Some(true)),
-            api_files,
-        )?),
-        _ => None,
-    };
+    let mut running_api = instance
+        .map(|inst| {
+            api::RunningApi::start(
+                api_server,
+                inst,
+                matches!(started_paused, Some(true)),
+                api_files,
+            )
+        })
+        .transpose()?;
     // Everything is set up: this thread only waits and reports from here on. Built
     // for coverage (cargo-llvm-cov sets `cfg(coverage)`), it stays unfiltered: the
     // profile is written from this thread at exit, which opens and creates files.
@@ -307,6 +354,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         args.timeout.map(|t| Instant::now() + t),
         running_api.as_mut(),
     )?;
+    if let Some(api) = running_api.as_mut() {
+        api.finish(&machine);
+    }
     drop(running_api);
     let extra = report::extra_lines(&machine, balancing.as_ref());
     drop(balancing);
@@ -360,8 +410,7 @@ fn boot(
 }
 
 fn main() -> ExitCode {
-    static LOG: host::StderrLog = host::StderrLog;
-    if log::set_logger(&LOG).is_ok() {
+    if log::set_logger(&host::LOG).is_ok() {
         log::set_max_level(match std::env::var("VMCRAFT_LOG").as_deref() {
             Ok("info") => log::LevelFilter::Info,
             Ok("debug") => log::LevelFilter::Debug,

@@ -6,6 +6,7 @@
 //! * [`types`]: the request and response bodies (Firecracker's API v1.4.1).
 //! * [`http`]: reading bounded requests off a stream, writing responses.
 //! * [`routes`]: from path, method and body to a typed [`routes::ApiRequest`].
+//! * [`metrics`]: the lines of the metrics file, in Firecracker's format.
 //! * [`server`]: a Unix socket served by one thread, several clients in turn.
 //!
 //! A separate crate so that an embedder that wants the API takes it without the
@@ -16,6 +17,7 @@
 //! `MachineConfig`.
 
 pub mod http;
+pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod types;

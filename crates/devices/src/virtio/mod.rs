@@ -39,7 +39,7 @@ pub mod transport;
 pub mod worker;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -242,6 +242,36 @@ pub struct Interrupt {
     needs_reset: AtomicBool,
     irq: EventFd,
     msix: Option<MsixRouting>,
+    counters: DeviceCounters,
+}
+
+/// What a device has done since it was created (over every activation), counted
+/// where every vmcraft device passes: the serving loops of [`queue`], the I/O
+/// thread's wake-ups, the interrupts. Read with [`Interrupt::counters`] (a metrics
+/// file's per-device figures).
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    /// Wake-ups of the I/O thread for a queue: the driver's notifications (several
+    /// that came together count once), and one per queue at each activation.
+    pub notifications: AtomicU64,
+    /// Descriptor chains completed (requests, packets, buffers).
+    pub chains: AtomicU64,
+    /// Queue interrupts sent to the driver.
+    pub interrupts: AtomicU64,
+    /// Times the driver broke the protocol and the device was marked NEEDS_RESET.
+    pub protocol_errors: AtomicU64,
+}
+
+impl DeviceCounters {
+    /// Add `n` to `counter`.
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Read `counter`.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
 }
 
 /// Which MSI-X vector each queue and configuration changes use.
@@ -280,7 +310,13 @@ impl Interrupt {
             needs_reset: AtomicBool::new(false),
             irq: EventFd::new(EFD_NONBLOCK)?,
             msix: None,
+            counters: DeviceCounters::default(),
         })
+    }
+
+    /// What the device has done so far.
+    pub fn counters(&self) -> &DeviceCounters {
+        &self.counters
     }
 
     /// An interrupt that goes through `vectors` (MSI-X) for a device with `queues`
@@ -312,6 +348,7 @@ impl Interrupt {
     /// Queue `queue` has new used buffers: its MSI-X vector, or the line with the
     /// used-buffer bit in the status register.
     pub fn signal_queue(&self, queue: u16) {
+        DeviceCounters::add(&self.counters.interrupts, 1);
         match &self.msix {
             Some(m) if m.vectors.enabled() => {
                 if let Some(v) = m.queues.get(usize::from(queue)) {
@@ -394,6 +431,7 @@ impl Interrupt {
     /// The guest broke the protocol: set NEEDS_RESET and raise a configuration
     /// interrupt. The device stops serving until the driver resets it.
     pub fn device_error(&self) {
+        DeviceCounters::add(&self.counters.protocol_errors, 1);
         self.needs_reset.store(true, Ordering::SeqCst);
         self.raise(INT_CONFIG);
     }

@@ -160,7 +160,7 @@ pub fn serve_with(
                 .disable_notification(mem)
                 .map_err(ProtocolError::Ring)?;
         }
-        served += complete_available(queue, mem, SERVE_BUDGET - served, &mut handle)?;
+        served += complete_available(queue, mem, SERVE_BUDGET - served, &mut handle, interrupt)?;
         if served >= SERVE_BUDGET {
             // Notifications stay as they are: the requeue is the wake-up. If the write
             // fails the counter is saturated and the loop wakes anyway.
@@ -209,7 +209,7 @@ pub fn serve_polling(
         queue
             .disable_notification(mem)
             .map_err(ProtocolError::Ring)?;
-        let now = complete_available(queue, mem, SERVE_BUDGET - served, &mut handle)?;
+        let now = complete_available(queue, mem, SERVE_BUDGET - served, &mut handle, interrupt)?;
         served += now;
         if now > 0 && queue.needs_notification(mem).map_err(ProtocolError::Ring)? {
             interrupt.signal();
@@ -240,6 +240,7 @@ fn complete_available(
     mem: &GuestMemory,
     limit: usize,
     handle: &mut impl ChainHandler,
+    interrupt: QueueInterrupt<'_>,
 ) -> Result<usize, ProtocolError> {
     let mut served = 0;
     let taken = loop {
@@ -270,6 +271,7 @@ fn complete_available(
             .add_used(mem, head, written)
             .map_err(ProtocolError::Ring)
     });
+    super::DeviceCounters::add(&interrupt.interrupt().counters().chains, served as u64);
     taken.and(finished).map(|()| served)
 }
 

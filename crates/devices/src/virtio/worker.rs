@@ -76,26 +76,38 @@ fn spawn_serving(
     mut serve: impl FnMut(&Epoll, Token) -> Result<(), ProtocolError> + Send + 'static,
 ) -> Result<Worker, ActivateError> {
     let device = name.to_string();
-    Worker::spawn(
-        thread,
-        notifiers,
-        fds,
-        move |epoll, token| match serve(epoll, token) {
-            Ok(()) => Next::Continue,
-            Err(e) => {
-                log::warn!(
-                    "{device}: the guest broke the virtio protocol on {token:?}, the device needs a reset: {}",
-                    ErrorChain(&e)
-                );
-                interrupt.device_error();
-                Next::Stop
-            }
-        },
-    )
+    Worker::spawn(thread, notifiers, fds, move |epoll, token| {
+        if let Token::Queue(_) = token {
+            let counters = interrupt.counters();
+            super::DeviceCounters::add(&counters.notifications, 1);
+        }
+        serve_or_stop(&device, &interrupt, serve(epoll, token), token)
+    })
     .map_err(|source| ActivateError::Host {
         what: "spawn the I/O thread",
         source,
     })
+}
+
+/// What the I/O thread does after serving `token`: go on, or after a protocol
+/// error, mark the device NEEDS_RESET and stop.
+fn serve_or_stop(
+    device: &str,
+    interrupt: &super::Interrupt,
+    served: Result<(), ProtocolError>,
+    token: Token,
+) -> Next {
+    match served {
+        Ok(()) => Next::Continue,
+        Err(e) => {
+            log::warn!(
+                    "{device}: the guest broke the virtio protocol on {token:?}, the device needs a reset: {}",
+                    ErrorChain(&e)
+                );
+            interrupt.device_error();
+            Next::Stop
+        }
+    }
 }
 
 /// What the handler wants after serving a notification.
