@@ -119,6 +119,11 @@ impl Vmm {
         String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
     }
 
+    /// What it wrote to stderr so far.
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
     /// Wait for it to end: its status, stdout and stderr.
     fn finish(mut self) -> (ExitStatus, String, String) {
         let status = self.child.take().unwrap().wait().unwrap();
@@ -638,4 +643,182 @@ fn the_log_and_the_metrics_go_to_the_files_the_api_names() {
             .any(|l| l.contains("[logged:main:ERROR] PATCH /drives/nope")),
         "{log}"
     );
+}
+
+/// vmcraft's own paths: the whole machine in vmcraft's configuration format (here the
+/// embedded demo guest, which Firecracker's requests cannot describe), read back,
+/// started; Firecracker's requests that describe the machine refused once it is put
+/// whole, and the whole machine refused after them.
+#[test]
+fn a_machine_put_whole_in_vmcrafts_format_starts() {
+    common::require_kvm();
+    let dir = Scratch::new("vmcraft-machine");
+    let sock = dir.0.join("api.sock");
+    let mut vmm = Vmm::with_api(&["--no-jail"], &sock);
+    let mut api = connect(&sock, &mut vmm);
+    let machine = r#"{"memory_mib": 64, "vcpus": 1, "boot": {"kind": "embedded", "name": "hello", "param": 0}, "devices": []}"#;
+    let (status, body) = call(
+        &mut api,
+        "PUT",
+        "/vmcraft/machine",
+        r#"{"memory_mib": 64, "vcpus": 0}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("vcpus"), "{body}");
+    assert_eq!(call(&mut api, "PUT", "/vmcraft/machine", machine).0, 204);
+    let (status, body) = call(&mut api, "GET", "/vmcraft/machine", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(r#""memory_mib":64"#) && body.contains("hello"),
+        "{body}"
+    );
+    let (status, body) = call(
+        &mut api,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 128}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("put whole"), "{body}");
+    let (status, body) = call(&mut api, "PUT", "/vmcraft/migrate/send", "");
+    assert_eq!(status, 400, "{body}");
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(call(&mut api, "PUT", "/actions", start).0, 204);
+    let (status, stdout, stderr) = vmm.finish();
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("Hello from a vmcraft guest"), "{stdout}");
+
+    // Firecracker's requests first: the whole machine is refused after them.
+    let sock = dir.0.join("api2.sock");
+    let mut vmm = Vmm::with_api(&["--no-jail"], &sock);
+    let mut api = connect(&sock, &mut vmm);
+    let fc = r#"{"vcpu_count": 1, "mem_size_mib": 64}"#;
+    assert_eq!(call(&mut api, "PUT", "/machine-config", fc).0, 204);
+    let (status, body) = call(&mut api, "PUT", "/vmcraft/machine", machine);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("described the machine already"), "{body}");
+}
+
+/// A migration through vmcraft's paths: the destination, started with the secret,
+/// is told `PUT /vmcraft/migrate/receive` after the requests that describe its
+/// machine; the source, started with `--migrate-to` and the same secret, boots
+/// through the API and is told `PUT /vmcraft/migrate/send`: it answers 204 and ends,
+/// and the ticker goes on counting on the destination from where it was.
+#[test]
+fn a_machine_migrates_through_vmcrafts_paths() {
+    common::require_kvm();
+    let dir = Scratch::new("migrate");
+    let kernel = dir.0.join("vmlinux");
+    std::fs::write(&kernel, vmcraft_guest_kit::ELF_TICKER).unwrap();
+    let secret = dir.0.join("secret");
+    std::fs::write(&secret, b"the secret of the API's migration test").unwrap();
+    let secret_arg = secret.to_str().unwrap();
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    let start = r#"{"action_type": "InstanceStart"}"#;
+
+    let dest_sock = dir.0.join("dest.sock");
+    let mut dest = Vmm::with_api(
+        &["--no-jail", "--migrate-secret-file", secret_arg],
+        &dest_sock,
+    );
+    let mut dest_api = connect(&dest_sock, &mut dest);
+    assert_eq!(call(&mut dest_api, "PUT", "/boot-source", &boot).0, 204);
+    let receive = r#"{"listen": "127.0.0.1:0"}"#;
+    assert_eq!(
+        call(&mut dest_api, "PUT", "/vmcraft/migrate/receive", receive).0,
+        204
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let addr = loop {
+        let err = dest.stderr();
+        if let Some(at) = err.find("waiting for a migration on ") {
+            let rest = &err[at + "waiting for a migration on ".len()..];
+            if let Some(end) = rest.find('\n') {
+                break rest[..end].to_string();
+            }
+        }
+        assert!(dest.running() && Instant::now() < deadline, "{err}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+
+    let src_sock = dir.0.join("src.sock");
+    let mut src = Vmm::with_api(
+        &[
+            "--no-jail",
+            "--migrate-secret-file",
+            secret_arg,
+            "--migrate-to",
+            &addr,
+        ],
+        &src_sock,
+    );
+    let mut src_api = connect(&src_sock, &mut src);
+    assert_eq!(call(&mut src_api, "PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(call(&mut src_api, "PUT", "/actions", start).0, 204);
+    wait_for_ticks(&mut src, 3);
+    let (status, body) = call(&mut src_api, "PUT", "/vmcraft/migrate/send", "{}");
+    assert_eq!(status, 204, "{body}");
+    let (status, stdout, stderr) = src.finish();
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("minimal-vmm: migrated to"), "{stderr}");
+    let left_at = *ticks(&stdout).last().unwrap();
+    let went_on = wait_for_ticks(&mut dest, 2);
+    assert!(
+        went_on[0] == left_at + 1 || went_on[0] == left_at + 2,
+        "left at tick {left_at}, went on at {went_on:?}"
+    );
+    let (status, body) = call(&mut dest_api, "GET", "/", "");
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""state":"Running""#), "{body}");
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(call(&mut dest_api, "PUT", "/actions", cad).0, 204);
+    let (status, stdout, stderr) = dest.finish();
+    assert!(status.success(), "{stdout}{stderr}");
+}
+
+/// `GET /vmcraft/balancer`: with a balloon, the balancer that runs on it says what it
+/// did; without one, a 400 that says why.
+#[test]
+fn the_balancer_answers_for_its_balloon() {
+    common::require_kvm();
+    let dir = Scratch::new("balancer");
+    let kernel = dir.0.join("vmlinux");
+    std::fs::write(&kernel, vmcraft_guest_kit::ELF_TICKER).unwrap();
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    for balloon in [true, false] {
+        let sock = dir.0.join(format!("api-{balloon}.sock"));
+        let mut vmm = Vmm::with_api(&["--no-jail"], &sock);
+        let mut api = connect(&sock, &mut vmm);
+        assert_eq!(call(&mut api, "PUT", "/boot-source", &boot).0, 204);
+        if balloon {
+            let b = r#"{"amount_mib": 0, "deflate_on_oom": true}"#;
+            assert_eq!(call(&mut api, "PUT", "/balloon", b).0, 204);
+        }
+        let (status, _) = call(&mut api, "GET", "/vmcraft/balancer", "");
+        assert_eq!(status, 400, "not started");
+        assert_eq!(call(&mut api, "PUT", "/actions", start).0, 204);
+        let (status, body) = call(&mut api, "GET", "/vmcraft/balancer", "");
+        if balloon {
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                v["steps"].is_u64() && v["balloon_actual_pages"] == 0,
+                "{body}"
+            );
+        } else {
+            assert_eq!(status, 400, "{body}");
+            assert!(body.contains("no balloon"), "{body}");
+        }
+        assert_eq!(call(&mut api, "PUT", "/actions", cad).0, 204);
+        let (status, stdout, stderr) = vmm.finish();
+        assert!(status.success(), "{stdout}{stderr}");
+    }
 }

@@ -22,8 +22,8 @@ use vmcraft::api::metrics::{ApiRequestCounters, StartupMetrics};
 use vmcraft::api::routes::ApiRequest;
 use vmcraft::api::server::ApiServer;
 use vmcraft::api::types::{
-    ActionType, BalloonStats, FirecrackerVersion, InstanceActionInfo, InstanceInfo, PartialDrive,
-    SnapshotCreateParams, SnapshotLoadParams, VmState,
+    ActionType, BalancerStatus, BalloonStats, FirecrackerVersion, InstanceActionInfo, InstanceInfo,
+    MigrateSend, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, VmState,
 };
 use vmcraft::api_config::{snapshot_create_paths, PreBoot};
 use vmcraft::config::{HostResources, MachineConfig};
@@ -33,6 +33,7 @@ use vmcraft::snapshot::{open_snapshot_file, SavedMachine};
 
 use crate::chain;
 use crate::metrics::MetricsFile;
+use crate::serve::{Migrated, OnSignal, Served};
 
 /// The VMM's name and version, as `GET /` and `GET /version` say them.
 const APP_NAME: &str = "vmcraft";
@@ -71,9 +72,21 @@ pub struct Instance {
     pub metrics: Option<MetricsFile>,
     /// From the process's start to the API socket ready.
     pub startup: StartupMetrics,
+    /// The whole machine in vmcraft's format (`PUT /vmcraft/machine`), instead of
+    /// what Firecracker's requests describe.
+    pub machine: Option<MachineConfig>,
 }
 
 impl Instance {
+    /// The machine to start: vmcraft's if one was put whole, else the one
+    /// Firecracker's requests describe.
+    pub fn config(&self) -> Result<MachineConfig, String> {
+        match &self.machine {
+            Some(config) => Ok(config.clone()),
+            None => self.pre.machine_config().map_err(|e| error_chain(&e)),
+        }
+    }
+
     /// Write a metrics line now (if there is a file), with `machine`'s figures if it
     /// runs. A line that cannot be written is logged and counted in the next.
     pub fn flush_metrics(&mut self, machine: Option<&Machine>) -> Result<(), String> {
@@ -99,9 +112,53 @@ impl Instance {
     }
 }
 
+/// Whether `request` describes part of the machine Firecracker's way.
+fn describes_machine(request: &ApiRequest) -> bool {
+    use ApiRequest as R;
+    matches!(
+        request,
+        R::PutMachineConfig(_)
+            | R::PatchMachineConfig(_)
+            | R::PutBootSource(_)
+            | R::PutDrive(_)
+            | R::PutNetworkInterface(_)
+            | R::PutBalloon(_)
+    )
+}
+
 /// A request before the start, and those answered the same way after it.
 fn preboot(instance: &mut Instance, request: ApiRequest) -> Response {
     use ApiRequest as R;
+    if instance.machine.is_some() && describes_machine(&request) {
+        return Response::error(
+            400,
+            "the machine was put whole (PUT /vmcraft/machine): change it there",
+        );
+    }
+    match request {
+        R::GetVmcraftMachine => {
+            return match instance.config() {
+                Ok(config) => Response::ok(&config),
+                Err(e) => Response::error(400, &e),
+            }
+        }
+        R::PutVmcraftMachine(_) if instance.pre.is_configured() => {
+            return Response::error(
+                400,
+                "Firecracker's requests have described the machine already: put it whole before any of them",
+            )
+        }
+        R::PutVmcraftMachine(text) => {
+            return match MachineConfig::from_json(&text).and_then(|c| c.validate().map(|()| c)) {
+                Ok(config) => {
+                    instance.machine = Some(config);
+                    Response::no_content()
+                }
+                Err(e) => Response::error(400, &error_chain(&e)),
+            }
+        }
+        _ => {}
+    }
     let pre = &mut instance.pre;
     match request {
         R::GetInstanceInfo => info(&instance.id, "Not started"),
@@ -139,7 +196,14 @@ fn preboot(instance: &mut Instance, request: ApiRequest) -> Response {
             400,
             "loading a snapshot is only allowed before the microVM starts",
         ),
-        R::PatchDrive(_)
+        R::GetVmcraftMachine | R::PutVmcraftMachine(_) => unreachable!("answered above"),
+        R::PutMigrateReceive(_) => Response::error(
+            400,
+            "waiting for a migration is only possible before the microVM starts",
+        ),
+        R::GetBalancer
+        | R::PutMigrateSend(_)
+        | R::PatchDrive(_)
         | R::PatchNetworkInterface(_)
         | R::PatchBalloon(_)
         | R::PatchBalloonStats(_)
@@ -156,6 +220,9 @@ pub enum Start {
     Boot(MachineConfig, HostResources),
     /// `PUT /snapshot/load`: a snapshot's machine, its files open.
     Load(Box<Loaded>),
+    /// `PUT /vmcraft/migrate/receive`: the machine described, its files open, and
+    /// where a migration of it is awaited.
+    Receive(MachineConfig, HostResources, std::net::TcpListener),
 }
 
 /// A snapshot `PUT /snapshot/load` opened.
@@ -206,46 +273,77 @@ pub fn until_start(
     server: &mut ApiServer,
     instance: &mut Instance,
     key: Option<&[u8]>,
+    can_receive: bool,
 ) -> Result<Start, Box<dyn Error>> {
     let started: RefCell<Option<Start>> = RefCell::new(None);
     eprintln!("minimal-vmm: API on {}", server.path().display());
     server.serve(
         |request| {
-            instance.counted(request, |instance, request| match request {
-                ApiRequest::PutAction(InstanceActionInfo {
-                    action_type: ActionType::InstanceStart,
-                }) => {
-                    let opened = (instance.pre)
-                        .machine_config()
-                        .map_err(|e| error_chain(&e))
-                        .and_then(|c| c.open().map(|r| (c, r)).map_err(|e| error_chain(&e)));
-                    match opened {
-                        Ok((config, resources)) => {
-                            *started.borrow_mut() = Some(Start::Boot(config, resources));
-                            Response::no_content()
-                        }
-                        Err(e) => Response::error(400, &format!("cannot start the microVM: {e}")),
-                    }
+            instance.counted(request, |instance, request| {
+                let (response, start) = before_start(instance, request, key, can_receive);
+                if start.is_some() {
+                    *started.borrow_mut() = start;
                 }
-                ApiRequest::PutSnapshotLoad(params) => match load(&instance.pre, &params, key) {
-                    Ok(loaded) => {
-                        *started.borrow_mut() = Some(Start::Load(Box::new(loaded)));
-                        Response::no_content()
-                    }
-                    Err(e) => Response::error(400, &format!("cannot load the snapshot: {e}")),
-                },
-                ApiRequest::PutAction(InstanceActionInfo {
-                    action_type: ActionType::FlushMetrics,
-                }) => match instance.flush_metrics(None) {
-                    Ok(()) => Response::no_content(),
-                    Err(e) => Response::error(400, &e),
-                },
-                other => preboot(instance, other),
+                response
             })
         },
         || started.borrow().is_some(),
     )?;
     Ok(started.into_inner().expect("served until started"))
+}
+
+/// `config`'s files opened (an error names what failed).
+fn opened(config: Result<MachineConfig, String>) -> Result<(MachineConfig, HostResources), String> {
+    config.and_then(|c| c.open().map(|r| (c, r)).map_err(|e| error_chain(&e)))
+}
+
+/// A request before the start, and how the machine begins if it says.
+fn before_start(
+    instance: &mut Instance,
+    request: ApiRequest,
+    key: Option<&[u8]>,
+    can_receive: bool,
+) -> (Response, Option<Start>) {
+    let refused = |what: &str, e: String| (Response::error(400, &format!("{what}: {e}")), None);
+    match request {
+        ApiRequest::PutAction(InstanceActionInfo {
+            action_type: ActionType::InstanceStart,
+        }) => match opened(instance.config()) {
+            Ok((config, resources)) => {
+                (Response::no_content(), Some(Start::Boot(config, resources)))
+            }
+            Err(e) => refused("cannot start the microVM", e),
+        },
+        ApiRequest::PutSnapshotLoad(params) => match load(&instance.pre, &params, key) {
+            Ok(loaded) => (Response::no_content(), Some(Start::Load(Box::new(loaded)))),
+            Err(e) => refused("cannot load the snapshot", e),
+        },
+        ApiRequest::PutMigrateReceive(_) if !can_receive => refused(
+            "cannot wait for a migration",
+            "this VMM has no migration secret or keys: start it with --migrate-secret-file, or --migrate-key and --migrate-peer".into(),
+        ),
+        ApiRequest::PutMigrateReceive(receive) => {
+            let ready = opened(instance.config()).and_then(|(c, r)| {
+                std::net::TcpListener::bind(&receive.listen)
+                    .map(|l| (c, r, l))
+                    .map_err(|e| format!("cannot listen on {}: {e}", receive.listen))
+            });
+            match ready {
+                Ok((config, resources, listener)) => (
+                    Response::no_content(),
+                    Some(Start::Receive(config, resources, listener)),
+                ),
+                Err(e) => refused("cannot wait for a migration", e),
+            }
+        }
+        ApiRequest::PutAction(InstanceActionInfo {
+            action_type: ActionType::FlushMetrics,
+        }) => match instance.flush_metrics(None) {
+            Ok(()) => (Response::no_content(), None),
+            Err(e) => refused("FlushMetrics", e),
+        },
+        other => (preboot(instance, other), None),
+    }
 }
 
 /// The one directory the main thread may still open files in once the machine runs
@@ -343,6 +441,7 @@ pub struct RunningApi {
     instance: Instance,
     paused: bool,
     files: Option<ApiDir>,
+    balancing: Option<std::sync::Arc<vmcraft::balancing::Balancing>>,
 }
 
 impl RunningApi {
@@ -367,6 +466,7 @@ impl RunningApi {
                 instance,
                 paused,
                 files,
+                balancing: None,
             });
         };
         let thread =
@@ -394,21 +494,71 @@ impl RunningApi {
             instance,
             paused,
             files,
+            balancing: None,
         })
     }
 
-    /// Answer every request waiting, against `machine`; write the periodic metrics
-    /// line when it is due.
-    pub fn answer(&mut self, machine: &Machine) {
+    /// Answer every request waiting, against `machine` (a migration goes over
+    /// `on_signal`'s session); write the periodic metrics line when it is due.
+    pub fn answer(
+        &mut self,
+        machine: &Machine,
+        on_signal: &mut OnSignal<'_>,
+        deadline: Option<std::time::Instant>,
+    ) -> Served {
         while let Ok((request, reply)) = self.calls.try_recv() {
             let seen = request.clone();
-            let response = self.handle(machine, request);
+            let (response, served) = match request {
+                ApiRequest::PutMigrateSend(send) => {
+                    self.migrate(machine, on_signal, deadline, &send)
+                }
+                other => (self.handle(machine, other), Served::GoOn),
+            };
             self.instance.counters.record(&seen, response.status);
             let _ = reply.send(response);
+            if served == Served::Migrated {
+                return served;
+            }
         }
         if self.instance.metrics.as_ref().is_some_and(|m| m.due()) {
             let _ = self.instance.flush_metrics(Some(machine));
         }
+        Served::GoOn
+    }
+
+    /// `PUT /vmcraft/migrate/send`.
+    fn migrate(
+        &mut self,
+        machine: &Machine,
+        on_signal: &mut OnSignal<'_>,
+        deadline: Option<std::time::Instant>,
+        send: &MigrateSend,
+    ) -> (Response, Served) {
+        let limit = send.max_bandwidth_mib_s.map(|m| m.saturating_mul(1 << 20));
+        match crate::serve::migrate(machine, on_signal, deadline, limit) {
+            Migrated::Left => (Response::no_content(), Served::Migrated),
+            Migrated::Failed(e) => (
+                Response::error(400, &format!("{e}: the microVM runs on here")),
+                Served::GoOn,
+            ),
+            Migrated::Uncertain(e) => {
+                self.paused = true;
+                (
+                    Response::error(
+                        400,
+                        &format!(
+                            "{e}: the microVM is paused here (PATCH /vm Resumed resumes it here)"
+                        ),
+                    ),
+                    Served::GoOn,
+                )
+            }
+        }
+    }
+
+    /// The balancer, for `GET /vmcraft/balancer`.
+    pub fn set_balancing(&mut self, balancing: std::sync::Arc<vmcraft::balancing::Balancing>) {
+        self.balancing = Some(balancing);
     }
 
     /// The last metrics line, as the VMM ends.
@@ -491,6 +641,23 @@ impl RunningApi {
             }) => match self.instance.flush_metrics(Some(machine)) {
                 Ok(()) => Response::no_content(),
                 Err(e) => Response::error(400, &e),
+            },
+            R::GetVmcraftMachine => match machine.config() {
+                Some(config) => Response::ok(&config),
+                None => Response::error(400, "the machine was not built from a configuration"),
+            },
+            R::GetBalancer => match (machine.balloon(), &self.balancing) {
+                (Some(control), Some(b)) => {
+                    let last = b.last_step();
+                    Response::ok(&BalancerStatus {
+                        steps: b.steps(),
+                        pressure: last.as_ref().map(|s| s.pressure),
+                        keep_pages: last.as_ref().and_then(|s| s.targets.first().copied()),
+                        balloon_target_pages: control.target(),
+                        balloon_actual_pages: control.actual(),
+                    })
+                }
+                _ => Response::error(400, "no balancer runs: the machine has no balloon"),
             },
             R::PutSnapshotCreate(_) if !self.paused => Response::error(
                 400,

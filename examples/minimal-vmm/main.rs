@@ -84,7 +84,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     }
     // Firecracker's way: the machine from its configuration file, or from the API's
     // requests (served here until InstanceStart, which opens what they name).
+    let auth = keys::migration_auth(&args)?;
     let mut api_server = None;
+    let mut api_listener = None;
     let mut preopened = None;
     let mut instance = None;
     let mut api_loaded = None;
@@ -130,6 +132,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             counters: Default::default(),
             metrics,
             startup: Default::default(),
+            machine: None,
         };
         if let Some(path) = &args.api_sock {
             let mut server = vmcraft::api::server::ApiServer::bind(path)
@@ -147,8 +150,18 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             };
             api_files = Some(api::ApiDir::open(&dir, snapshot_key.clone())?);
             if args.config_file.is_none() {
-                match api::until_start(&mut server, &mut inst, snapshot_key.as_deref())? {
+                let can_receive = auth.is_some();
+                match api::until_start(
+                    &mut server,
+                    &mut inst,
+                    snapshot_key.as_deref(),
+                    can_receive,
+                )? {
                     api::Start::Boot(config, resources) => preopened = Some((config, resources)),
+                    api::Start::Receive(config, resources, listener) => {
+                        preopened = Some((config, resources));
+                        api_listener = Some(listener);
+                    }
                     api::Start::Load(loaded) => {
                         let loaded = *loaded;
                         inst.pre = vmcraft::api_config::PreBoot::from_loaded(&loaded.config);
@@ -214,9 +227,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         Some((_, resources)) => resources,
         None => config.open().map_err(|e| format!("{e}{}", chain(&e)))?,
     };
-    let auth = keys::migration_auth(&args)?;
-    if (args.migrate_to.is_some() || args.migrate_from.is_some()) != auth.is_some() {
-        return Err("--migrate-to and --migrate-from need --migrate-secret-file or --migrate-key with --migrate-peer (and they need one of them)".into());
+    let migrating = args.migrate_to.is_some() || args.migrate_from.is_some();
+    if migrating != auth.is_some() && !(auth.is_some() && args.api_sock.is_some()) {
+        return Err("--migrate-to and --migrate-from need --migrate-secret-file or --migrate-key with --migrate-peer (and they need one of them, or --api-sock)".into());
     }
     let migration_options = MigrationOptions {
         max_bandwidth: args.migrate_bandwidth,
@@ -244,6 +257,14 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         _ => OnSignal::Nothing,
     };
     let origin = match (&args.migrate_from, origin) {
+        (None, _) if api_listener.is_some() => {
+            let listener = api_listener.take().expect("checked");
+            eprintln!(
+                "minimal-vmm: waiting for a migration on {}",
+                listener.local_addr()?
+            );
+            Origin::Migration(listener)
+        }
         (Some(addr), _) => {
             let listener = std::net::TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen for a migration on {addr}: {e}"))?;
@@ -328,7 +349,8 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     // filters go on).
     let balancing = (machine.balloon())
         .map(|control| host::start_balancer(control.clone(), config.memory_bytes()))
-        .transpose()?;
+        .transpose()?
+        .map(std::sync::Arc::new);
     // The API from here on served by its own thread, under its own filter (started
     // before this thread's filter goes on: a thread inherits its parent's).
     let mut running_api = instance
@@ -341,6 +363,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
             )
         })
         .transpose()?;
+    if let (Some(api), Some(b)) = (running_api.as_mut(), &balancing) {
+        api.set_balancing(b.clone());
+    }
     // Everything is set up: this thread only waits and reports from here on. Built
     // for coverage (cargo-llvm-cov sets `cfg(coverage)`), it stays unfiltered: the
     // profile is written from this thread at exit, which opens and creates files.
@@ -358,7 +383,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         api.finish(&machine);
     }
     drop(running_api);
-    let extra = report::extra_lines(&machine, balancing.as_ref());
+    let extra = report::extra_lines(&machine, balancing.as_deref());
     drop(balancing);
     let outcome = report::finish(machine, started, first_exit, &status)?;
     extra.iter().for_each(|line| println!("{line}"));

@@ -40,7 +40,9 @@ pub fn serve(
 ) -> Result<(), Box<dyn Error>> {
     loop {
         if let Some(api) = api.as_deref_mut() {
-            api.answer(machine);
+            if api.answer(machine, &mut on_signal, deadline) == Served::Migrated {
+                return Ok(());
+            }
         }
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let step = left.map_or(snapshot_signals::POLL, |l| l.min(snapshot_signals::POLL));
@@ -59,47 +61,19 @@ pub fn serve(
                     *session = None;
                 }
             }
-            OnSignal::Migrate {
-                to,
-                session,
-                options,
-            } => {
-                let Some(session) = session.take() else {
-                    eprintln!("minimal-vmm: the migration session is spent: the VM runs on here");
-                    continue;
-                };
-                let options = MigrationOptions {
-                    deadline,
-                    ..*options
-                };
-                match machine.migrate_over(*session, options) {
-                    Ok(r) => {
-                        eprintln!(
-                            "minimal-vmm: migrated to {to}: {} rounds, {} pages ({} MiB sent), downtime {:.2} ms, {:.2} ms in all",
-                            r.rounds.len(),
-                            r.pages_sent(),
-                            r.bytes_sent >> 20,
-                            r.downtime.as_secs_f64() * 1e3,
-                            r.total.as_secs_f64() * 1e3
-                        );
+            OnSignal::Migrate { .. } => match migrate(machine, &mut on_signal, deadline, None) {
+                Migrated::Left => return Ok(()),
+                Migrated::Uncertain(e) => {
+                    eprintln!(
+                        "minimal-vmm: error: {e}\nminimal-vmm: the VM is paused: SIGUSR1 resumes it here, SIGUSR2 ends it"
+                    );
+                    if !wait_for_operator(machine, deadline) {
                         return Ok(());
                     }
-                    Err(e @ MigrationError::Uncertain(_)) => {
-                        eprintln!(
-                            "minimal-vmm: error: {e}{}\nminimal-vmm: the VM is paused: SIGUSR1 resumes it here, SIGUSR2 ends it",
-                            chain(&e)
-                        );
-                        if !wait_for_operator(machine, deadline) {
-                            return Ok(());
-                        }
-                        eprintln!("minimal-vmm: resumed here, as the operator asked");
-                    }
-                    Err(e) => eprintln!(
-                        "minimal-vmm: the migration failed, the VM runs on here: {e}{}",
-                        chain(&e)
-                    ),
+                    eprintln!("minimal-vmm: resumed here, as the operator asked");
                 }
-            }
+                Migrated::Failed(e) => eprintln!("minimal-vmm: {e}: the VM runs on here"),
+            },
             OnSignal::Snapshot { dir, files, key } => {
                 let Some(request) = request else {
                     continue;
@@ -120,6 +94,68 @@ pub fn serve(
                 }
             }
         }
+    }
+}
+
+/// Whether the API's requests let the VMM go on serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Go on.
+    GoOn,
+    /// The VM migrated away: the VMM ends.
+    Migrated,
+}
+
+/// How a migration ended.
+pub enum Migrated {
+    /// The destination runs the VM: this VMM ends.
+    Left,
+    /// It failed and the VM runs on here.
+    Failed(String),
+    /// The hand-over's outcome is unknown: the VM is paused here.
+    Uncertain(String),
+}
+
+/// Migrate `machine` over the session `on_signal` holds (a SIGUSR1, or the API's
+/// `PUT /vmcraft/migrate/send` with its bandwidth limit in bytes per second).
+pub fn migrate(
+    machine: &Machine,
+    on_signal: &mut OnSignal<'_>,
+    deadline: Option<Instant>,
+    max_bandwidth: Option<u64>,
+) -> Migrated {
+    let OnSignal::Migrate {
+        to,
+        session,
+        options,
+    } = on_signal
+    else {
+        return Migrated::Failed(
+            "no migration session: start the VMM with --migrate-to and its secret or keys".into(),
+        );
+    };
+    let Some(session) = session.take() else {
+        return Migrated::Failed("the migration session is spent".into());
+    };
+    let options = MigrationOptions {
+        deadline,
+        max_bandwidth: max_bandwidth.or(options.max_bandwidth),
+        ..*options
+    };
+    match machine.migrate_over(*session, options) {
+        Ok(r) => {
+            eprintln!(
+                "minimal-vmm: migrated to {to}: {} rounds, {} pages ({} MiB sent), downtime {:.2} ms, {:.2} ms in all",
+                r.rounds.len(),
+                r.pages_sent(),
+                r.bytes_sent >> 20,
+                r.downtime.as_secs_f64() * 1e3,
+                r.total.as_secs_f64() * 1e3
+            );
+            Migrated::Left
+        }
+        Err(e @ MigrationError::Uncertain(_)) => Migrated::Uncertain(format!("{e}{}", chain(&e))),
+        Err(e) => Migrated::Failed(format!("the migration failed: {e}{}", chain(&e))),
     }
 }
 

@@ -66,6 +66,11 @@ fn names(request: &ApiRequest) -> (Group, &'static str, &'static str) {
         R::PutSnapshotLoad(_) => (Put, "snapshot_load_count", "snapshot_load_fails"),
         R::PutLogger(_) => (Put, "logger_count", "logger_fails"),
         R::PutMetrics(_) => (Put, "metrics_count", "metrics_fails"),
+        R::GetVmcraftMachine => (Get, "vmcraft_machine_count", "vmcraft_machine_fails"),
+        R::PutVmcraftMachine(_) => (Put, "vmcraft_machine_count", "vmcraft_machine_fails"),
+        R::PutMigrateSend(_) => (Put, "migrate_send_count", "migrate_send_fails"),
+        R::PutMigrateReceive(_) => (Put, "migrate_receive_count", "migrate_receive_fails"),
+        R::GetBalancer => (Get, "balancer_count", "balancer_fails"),
     }
 }
 

@@ -48,6 +48,14 @@ pub enum ApiRequest {
     PutSnapshotLoad(SnapshotLoadParams),
     PutLogger(Logger),
     PutMetrics(Metrics),
+    /// `GET /vmcraft/machine`: the machine in vmcraft's own configuration format.
+    GetVmcraftMachine,
+    /// `PUT /vmcraft/machine`: the whole machine in vmcraft's own configuration
+    /// format (the JSON text, an object; its fields are the embedding VMM's to check).
+    PutVmcraftMachine(String),
+    PutMigrateSend(MigrateSend),
+    PutMigrateReceive(MigrateReceive),
+    GetBalancer,
 }
 
 /// Why a request has no meaning for the API (answered with 400, or 404 for a path it
@@ -180,6 +188,26 @@ pub fn route(req: &HttpRequest) -> Result<ApiRequest, RouteError> {
         (["snapshot", "load"], Put) => R::PutSnapshotLoad(body(req)?),
         (["logger"], Put) => R::PutLogger(body(req)?),
         (["metrics"], Put) => R::PutMetrics(body(req)?),
+        // vmcraft's own, under its prefix.
+        (["vmcraft", "machine"], Get) => R::GetVmcraftMachine,
+        (["vmcraft", "machine"], Put) => {
+            let machine: serde_json::Value = body(req)?;
+            if !machine.is_object() {
+                return Err(RouteError::Body(
+                    "the machine is a JSON object (vmcraft's MachineConfig)".into(),
+                ));
+            }
+            R::PutVmcraftMachine(machine.to_string())
+        }
+        (["vmcraft", "migrate", "send"], Put) => R::PutMigrateSend(match req.body.is_empty() {
+            true => MigrateSend::default(),
+            false => body(req)?,
+        }),
+        (["vmcraft", "migrate", "receive"], Put) => R::PutMigrateReceive(body(req)?),
+        (["vmcraft", "balancer"], Get) => R::GetBalancer,
+        (["vmcraft", "machine"], _) => return wrong("GET, PUT"),
+        (["vmcraft", "migrate", "send" | "receive"], _) => return wrong("PUT"),
+        (["vmcraft", "balancer"], _) => return wrong("GET"),
         // Known paths with another method.
         (["version"] | ["vm", "config"] | ["balloon", "statistics"], _) => return wrong("GET"),
         (
@@ -344,6 +372,64 @@ mod tests {
             route(&req(Get, "/machine-config/", "")),
             Ok(ApiRequest::GetMachineConfig),
             "a trailing slash"
+        );
+    }
+
+    #[test]
+    fn vmcrafts_own_paths_route_under_their_prefix() {
+        use Method::*;
+        assert_eq!(
+            route(&req(Get, "/vmcraft/machine", "")),
+            Ok(ApiRequest::GetVmcraftMachine)
+        );
+        assert_eq!(
+            route(&req(Put, "/vmcraft/machine", r#"{"memory_mib": 64}"#)),
+            Ok(ApiRequest::PutVmcraftMachine(r#"{"memory_mib":64}"#.into()))
+        );
+        assert!(route(&req(Put, "/vmcraft/machine", "[1]"))
+            .unwrap_err()
+            .to_string()
+            .contains("JSON object"));
+        assert_eq!(
+            route(&req(Put, "/vmcraft/migrate/send", "")),
+            Ok(ApiRequest::PutMigrateSend(MigrateSend::default()))
+        );
+        assert_eq!(
+            route(&req(
+                Put,
+                "/vmcraft/migrate/send",
+                r#"{"max_bandwidth_mib_s": 100}"#
+            )),
+            Ok(ApiRequest::PutMigrateSend(MigrateSend {
+                max_bandwidth_mib_s: Some(100)
+            }))
+        );
+        assert!(route(&req(Put, "/vmcraft/migrate/send", r#"{"to": "x"}"#)).is_err());
+        assert_eq!(
+            route(&req(
+                Put,
+                "/vmcraft/migrate/receive",
+                r#"{"listen": "0.0.0.0:4444"}"#
+            )),
+            Ok(ApiRequest::PutMigrateReceive(MigrateReceive {
+                listen: "0.0.0.0:4444".into()
+            }))
+        );
+        assert_eq!(
+            route(&req(Get, "/vmcraft/balancer", "")),
+            Ok(ApiRequest::GetBalancer)
+        );
+        for (m, p) in [
+            (Patch, "/vmcraft/machine"),
+            (Get, "/vmcraft/migrate/send"),
+            (Put, "/vmcraft/balancer"),
+        ] {
+            let e = route(&req(m, p, "{}")).unwrap_err();
+            assert!(e.to_string().contains("invalid request method"), "{p}: {e}");
+        }
+        assert_eq!(
+            route(&req(Get, "/vmcraft/other", "")).unwrap_err().status(),
+            404
         );
     }
 }

@@ -413,6 +413,45 @@ pub struct ApiErrorBody {
     pub fault_message: String,
 }
 
+/// `PUT /vmcraft/migrate/send` (vmcraft's own): migrate the running machine over the
+/// session the VMM opened at its start (`--migrate-to`, authenticated then).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateSend {
+    /// A bandwidth limit for the memory rounds, in MiB/s (none: as fast as the
+    /// connection goes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_mib_s: Option<u64>,
+}
+
+/// `PUT /vmcraft/migrate/receive` (vmcraft's own), before the start: instead of
+/// booting, wait for a migration of the machine the requests described, from a
+/// source authenticated with the secret or keys given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateReceive {
+    /// Where to listen (`host:port`).
+    pub listen: String,
+}
+
+/// `GET /vmcraft/balancer` (vmcraft's own): the memory balancer on the balloon.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerStatus {
+    /// Steps taken so far.
+    pub steps: u64,
+    /// The host's memory pressure the last step used (PSI, 0 to 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pressure: Option<f64>,
+    /// The pages the last step let the VM keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_pages: Option<u64>,
+    /// The balloon's target, in 4 KiB pages.
+    pub balloon_target_pages: u32,
+    /// The pages the guest holds in the balloon.
+    pub balloon_actual_pages: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
