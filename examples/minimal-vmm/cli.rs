@@ -158,7 +158,7 @@ pub struct Args {
 
     /// Firecracker's custom filter file: refused (its BPF describes Firecracker's
     /// threads; vmcraft's own allowlists apply, see --seccomp)
-    #[arg(long, value_name = "FILE", hide = true)]
+    #[arg(long, value_name = "FILE")]
     pub seccomp_filter: Option<PathBuf>,
 
     /// The log to this file or named pipe (which must exist), in Firecracker's form
@@ -178,6 +178,11 @@ pub struct Args {
     /// Each log line says its source file and line (with --log-path)
     #[arg(long, requires = "log_path")]
     pub show_log_origin: bool,
+
+    /// Firecracker's boot timer: a guest that writes 123 to the byte at 0xd0000000
+    /// (`devmem 0xd0000000 8 123`) gets its boot time logged (at Info) and reported
+    #[arg(long)]
+    pub boot_timer: bool,
 
     /// Metrics as JSON lines to this file or named pipe (which must exist), as PUT
     /// /metrics: every 60 s, on FlushMetrics and at the end

@@ -21,6 +21,7 @@
 
 pub mod acpi_pm;
 pub mod ata;
+pub mod boot_timer;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
