@@ -2,17 +2,35 @@
 //! each followed by the payload its chain holds, checked as the device checks them
 //! and fed to one connection. Never a panic; the guest's bytes buffered never pass
 //! the buffer the host advertised, nor the credit what it could be; a connection the
-//! guest broke stays broken (the device resets it).
+//! guest broke stays broken (the device resets it). And the same bytes as a host
+//! client's hybrid-vsock command line, in pieces.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vmcraft_devices::virtio::vsock::conn::{Connection, Received};
+use vmcraft_devices::virtio::vsock::hybrid::{Command, CommandReader};
 use vmcraft_devices::virtio::vsock::wire::{PacketHeader, HEADER_SIZE};
 
 const GUEST: u64 = 3;
 const BUF: u32 = 4096;
 
 fuzz_target!(|data: &[u8]| {
+    // The same bytes as a host client's command line, in pieces of the sizes the
+    // bytes say: a command whose port the bytes hold, or a refusal.
+    let mut reader = CommandReader::default();
+    let mut line = data;
+    while let Some((&size, rest)) = line.split_first() {
+        let n = usize::from(size % 8).min(rest.len());
+        match reader.feed(&rest[..n]) {
+            Ok(Some(Command::Connect(port))) => {
+                let text = String::from_utf8_lossy(data);
+                assert!(text.contains(&port.to_string()));
+                break;
+            }
+            Ok(None) => line = &rest[n..],
+            Err(_) => break,
+        }
+    }
     let mut conn = if data.first().is_some_and(|b| b & 1 == 0) {
         Connection::accepted(1024, 52, BUF)
     } else {
