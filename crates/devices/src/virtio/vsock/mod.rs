@@ -5,4 +5,5 @@
 
 pub mod conn;
 pub mod hybrid;
+pub mod muxer;
 pub mod wire;
