@@ -139,7 +139,8 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
                 .map_err(|e| format!("--api-sock {}: {e}", path.display()))?;
             inst.startup = vmcraft::api::metrics::StartupMetrics {
                 process_startup_time_us: started.elapsed().as_micros() as u64,
-                process_startup_time_cpu_us: host::process_cpu_time().as_micros() as u64,
+                process_startup_time_cpu_us: vmcraft::devices::boot_timer::process_cpu_time()
+                    .as_micros() as u64,
             };
             // Opened now, before the jail and the filters: the one directory the
             // running machine's requests may name files in.

@@ -46,8 +46,8 @@ impl BootTimer {
     }
 }
 
-/// The CPU time this process has used so far.
-fn process_cpu_time() -> Duration {
+/// The CPU time this process has used so far (every thread, user and system).
+pub fn process_cpu_time() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
