@@ -130,6 +130,139 @@ fn measure(cmd: &mut Command) -> Result<Sample, PeerError> {
     })
 }
 
+/// One run through the API, as an orchestrator starts a VM: spawn, wait for the
+/// socket to answer `GET /`, describe the machine, `InstanceStart`, wait for the
+/// guest's first output.
+struct ApiSample {
+    /// From just before `spawn` to the first answer on the socket.
+    socket_ready: Duration,
+    /// From sending `InstanceStart` to the guest's newline on the pipe.
+    start_to_first_exit: Duration,
+    cpu: Duration,
+}
+
+/// Send one request on `stream`, read its answer: the status code.
+fn api_call(
+    stream: &mut std::os::unix::net::UnixStream,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<u16> {
+    use std::io::Write;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some(at) = text.find("\r\n\r\n") {
+            let len: usize = text
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if got.len() >= at + 4 + len {
+                return text
+                    .get(9..12)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| std::io::ErrorKind::InvalidData.into());
+            }
+        }
+    }
+}
+
+/// Run `cmd` (a VMM with its API on `sock`) once through the API, booting `kernel`.
+fn measure_api(cmd: &mut Command, sock: &Path, kernel: &Path) -> Result<ApiSample, PeerError> {
+    let _ = std::fs::remove_file(sock);
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| PeerError::Spawn {
+            peer: format!("{cmd:?}"),
+            source,
+        })?;
+    let failed = |cmd: &Command, child, what| Err(peers::exited_early(cmd, child, what));
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_micros(50))
+            }
+            Err(_) => {
+                let _ = child.kill();
+                return failed(cmd, child, "its API socket");
+            }
+        }
+    };
+    if api_call(&mut stream, "GET", "/", "").ok() != Some(200) {
+        let _ = child.kill();
+        return failed(cmd, child, "an answer to GET /");
+    }
+    let socket_ready = start.elapsed();
+    let machine = format!(r#"{{"vcpu_count": 1, "mem_size_mib": {GUEST_MEM_MIB}}}"#);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    for (path, body) in [
+        ("/machine-config", machine.as_str()),
+        ("/boot-source", &boot),
+    ] {
+        if api_call(&mut stream, "PUT", path, body).ok() != Some(204) {
+            let _ = child.kill();
+            return failed(cmd, child, "its machine described");
+        }
+    }
+    let sent = Instant::now();
+    // The answer may come after the guest's first output (the guest may end the VMM
+    // first): the newline is what counts.
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut request = stream.try_clone().expect("a second handle");
+    std::thread::spawn(move || {
+        let _ = api_call(
+            &mut request,
+            "PUT",
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#,
+        );
+    });
+    let mut first = [0u8; 1];
+    if stdout.read_exact(&mut first).is_err() {
+        return failed(cmd, child, "the guest's first output");
+    }
+    let start_to_first_exit = sent.elapsed();
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).expect("drain stdout");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain old data, for which all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child, not yet reaped (std never waited on it); `status` and
+    // `usage` are valid for writes for the duration of the call.
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
+    Ok(ApiSample {
+        socket_ready,
+        start_to_first_exit,
+        cpu: timeval(usage.ru_utime) + timeval(usage.ru_stime),
+    })
+}
+
 fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
     v.sort();
     v[v.len() / 2]
@@ -414,5 +547,66 @@ fn main() {
     } else if contenders[4].missing.is_some() && !firecracker_log.is_empty() {
         println!("Firecracker's log: {firecracker_log}");
     }
+    api_startup(&vmm, kernel, dir);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The start-up through the API, as an orchestrator sees it, for the example and
+/// Firecracker (if found), interleaved.
+fn api_startup(vmm: &Path, kernel: &Path, dir: &Path) {
+    const API_ROUNDS: usize = 11;
+    let sock = dir.join("api.sock");
+    let mut ours: Vec<ApiSample> = Vec::new();
+    let mut theirs: Result<Vec<ApiSample>, String> = match peers::firecracker() {
+        Some(_) => Ok(Vec::new()),
+        None => Err("no firecracker on the PATH and VMCRAFT_FIRECRACKER is not set".into()),
+    };
+    for _ in 0..API_ROUNDS {
+        let mut c = Command::new(vmm);
+        c.args(["--no-jail", "--api-sock"]).arg(&sock);
+        match measure_api(&mut c, &sock, kernel) {
+            Ok(s) => ours.push(s),
+            Err(e) => panic!("vmcraft through the API: {}", ErrorChain(&e)),
+        }
+        if let (Ok(samples), Some(f)) = (&mut theirs, peers::firecracker()) {
+            let mut c = Command::new(f);
+            c.arg("--api-sock").arg(&sock);
+            match measure_api(&mut c, &sock, kernel) {
+                Ok(s) => samples.push(s),
+                Err(e) => theirs = Err(ErrorChain(&e).to_string()),
+            }
+        }
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let row = |name: &str, v: &[ApiSample]| {
+        let ready = median(v.iter().map(|s| s.socket_ready).collect());
+        let first = median(v.iter().map(|s| s.start_to_first_exit).collect());
+        let cpu = median(v.iter().map(|s| s.cpu).collect());
+        println!(
+            "{name:<34} {:>15.2} {:>22.2} {:>10.2}",
+            ms(ready),
+            ms(first),
+            ms(cpu)
+        );
+        (ready, first, cpu)
+    };
+    println!("through the API, median of {API_ROUNDS} runs (spawn, GET / answered, machine-config, boot-source, InstanceStart)");
+    println!(
+        "{:<34} {:>15} {:>22} {:>10}",
+        "", "socket ready ms", "InstanceStart->exit ms", "CPU ms"
+    );
+    let (r, f, c) = row("vmcraft, ELF kernel", &ours);
+    match &theirs {
+        Ok(v) if !v.is_empty() => {
+            let (fr, ff, fc) = row("Firecracker, ELF kernel", v);
+            println!(
+                "vmcraft / Firecracker through the API: socket ready {}, InstanceStart to first exit {}, CPU {}",
+                ratio(r.as_secs_f64(), fr.as_secs_f64()),
+                ratio(f.as_secs_f64(), ff.as_secs_f64()),
+                ratio(c.as_secs_f64(), fc.as_secs_f64())
+            );
+        }
+        Ok(_) => {}
+        Err(why) => println!("{:<34} not measured: {why}", "Firecracker, ELF kernel"),
+    }
 }
