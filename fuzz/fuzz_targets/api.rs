@@ -61,7 +61,9 @@ fn apply(pre: &mut PreBoot, dir: &Path, request: &ApiRequest) -> bool {
         R::PatchDrive(p) => match pre.patch_drive(dir, &p) {
             Ok((_, relative)) => {
                 assert!(relative.is_relative());
-                assert!(!relative.components().any(|c| c == std::path::Component::ParentDir));
+                assert!(!relative
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir));
                 pre.drive_replaced(&p.drive_id, &dir.join(relative));
                 true
             }
