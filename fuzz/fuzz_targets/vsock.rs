@@ -19,12 +19,15 @@ fuzz_target!(|data: &[u8]| {
     // bytes say: a command whose port the bytes hold, or a refusal.
     let mut reader = CommandReader::default();
     let mut line = data;
+    let mut fed = Vec::new();
     while let Some((&size, rest)) = line.split_first() {
         let n = usize::from(size % 8).min(rest.len());
+        fed.extend_from_slice(&rest[..n]);
         match reader.feed(&rest[..n]) {
             Ok(Some(Command::Connect(port))) => {
-                let text = String::from_utf8_lossy(data);
-                assert!(text.contains(&port.to_string()));
+                let text = String::from_utf8_lossy(&fed);
+                assert!(text.starts_with("CONNECT "), "{text:?}");
+                assert!(text.contains(&port.to_string()), "{text:?}: {port}");
                 break;
             }
             Ok(None) => line = &rest[n..],
