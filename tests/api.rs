@@ -74,6 +74,31 @@ struct Vmm {
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    /// The stdout pipe, for [`Vmm::drained_stdout`].
+    stdout_pipe: std::fs::File,
+}
+
+fn set_nonblocking(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL and F_SETFL on a descriptor this process owns, no pointers.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+}
+
+/// Append what `pipe` holds now to `into`; whether its writer may write more.
+fn read_available(mut pipe: &std::fs::File, into: &mut Vec<u8>) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(n) => into.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
 }
 
 impl Vmm {
@@ -88,25 +113,44 @@ impl Vmm {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let collect = |mut from: Box<dyn Read + Send>, into: Arc<Mutex<Vec<u8>>>| {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = from.read(&mut buf) {
-                    into.lock().unwrap().extend_from_slice(&buf[..n]);
+        // Each pipe is read non-blocking, a reader holding the buffer's lock while it
+        // reads: whoever holds the lock has every byte that was in the pipe when it
+        // took it, so `drained` is exact however late the reader runs.
+        let collect = |from: std::os::fd::OwnedFd, into: Arc<Mutex<Vec<u8>>>| {
+            let from = std::fs::File::from(from);
+            set_nonblocking(&from);
+            std::thread::spawn(move || loop {
+                let open = read_available(&from, &mut into.lock().unwrap());
+                if !open {
+                    return;
                 }
+                std::thread::sleep(Duration::from_millis(1));
             })
         };
         let (stdout, stderr) = (Arc::default(), Arc::default());
+        let out = std::os::fd::OwnedFd::from(child.stdout.take().unwrap());
+        let out_copy = out.try_clone().unwrap();
         let readers = vec![
-            collect(Box::new(child.stdout.take().unwrap()), Arc::clone(&stdout)),
-            collect(Box::new(child.stderr.take().unwrap()), Arc::clone(&stderr)),
+            collect(out, Arc::clone(&stdout)),
+            collect(
+                std::os::fd::OwnedFd::from(child.stderr.take().unwrap()),
+                Arc::clone(&stderr),
+            ),
         ];
         Vmm {
             child: Some(child),
             stdout,
             stderr,
             readers,
+            stdout_pipe: std::fs::File::from(out_copy),
         }
+    }
+
+    /// Everything it has written to stdout so far, the pipe drained.
+    fn drained_stdout(&self) -> String {
+        let mut out = self.stdout.lock().unwrap();
+        read_available(&self.stdout_pipe, &mut out);
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     fn running(&mut self) -> bool {
@@ -434,10 +478,9 @@ fn a_snapshot_created_through_the_api_loads_in_a_new_vmm_and_goes_on() {
     assert!(body.contains("outside"), "{body}");
     let (status, body) = call(&mut api, "PUT", "/snapshot/create", &create);
     assert_eq!(status, 204, "{body}");
-    // Paused: what it printed is all it printed before the snapshot (a line it was in
-    // the middle of comes out complete after the resume).
-    std::thread::sleep(Duration::from_millis(200));
-    let saved_at = *ticks(&first.stdout()).last().unwrap();
+    // Paused: every complete line it printed is in the pipe (a line it was in the
+    // middle of comes out complete after the resume).
+    let saved_at = *ticks(&first.drained_stdout()).last().unwrap();
     assert!(saved_at >= 3, "{saved_at}");
     assert!(std::fs::metadata(&state).unwrap().len() > 0);
     assert!(std::fs::metadata(dir.0.join("vm.mem")).unwrap().len() > 0);
