@@ -111,21 +111,14 @@ fn measure(cmd: &mut Command) -> Result<Sample, PeerError> {
     assert_eq!(first[0], b'\n', "{cmd:?}: the guest's first byte");
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest).expect("drain stdout");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: rusage is plain old data, for which all zeroes is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child, not yet reaped (std never waited on it); `status` and
-    // `usage` are valid for writes for the duration of the call.
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
+    let (cpu, max_rss_kib) = reap(&child);
     let whole = start.elapsed();
     let reported = reported_memory(&String::from_utf8_lossy(&rest));
     Ok(Sample {
         first_exit,
         whole,
-        cpu: timeval(usage.ru_utime) + timeval(usage.ru_stime),
-        peak_rss_kib: reported.map_or(usage.ru_maxrss as u64, |r| r.0),
+        cpu,
+        peak_rss_kib: reported.map_or(max_rss_kib, |r| r.0),
         overhead_kib: reported.map(|r| r.1),
     })
 }
@@ -148,39 +141,7 @@ fn api_call(
     path: &str,
     body: &str,
 ) -> std::io::Result<u16> {
-    use std::io::Write;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes())?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got);
-        if let Some(at) = text.find("\r\n\r\n") {
-            let len: usize = text
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_string())
-                })
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if got.len() >= at + 4 + len {
-                return text
-                    .get(9..12)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| std::io::ErrorKind::InvalidData.into());
-            }
-        }
-    }
+    vmcraft::api::client::call(stream, method, path, body).map(|(status, _)| status)
 }
 
 /// Run `cmd` (a VMM with its API on `sock`) once through the API, booting `kernel`.
@@ -248,19 +209,29 @@ fn measure_api(cmd: &mut Command, sock: &Path, kernel: &Path) -> Result<ApiSampl
     let start_to_first_exit = sent.elapsed();
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest).expect("drain stdout");
+    let (cpu, _) = reap(&child);
+    Ok(ApiSample {
+        socket_ready,
+        start_to_first_exit,
+        cpu,
+    })
+}
+
+/// Reap `child` (std never waited on it) with `wait4`: the CPU time it used, user
+/// and system, and its peak RSS in KiB.
+fn reap(child: &std::process::Child) -> (Duration, u64) {
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: rusage is plain old data, for which all zeroes is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child, not yet reaped (std never waited on it); `status` and
-    // `usage` are valid for writes for the duration of the call.
+    // SAFETY: `pid` is our child, not yet reaped; `status` and `usage` are valid for
+    // writes for the duration of the call.
     let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
-    Ok(ApiSample {
-        socket_ready,
-        start_to_first_exit,
-        cpu: timeval(usage.ru_utime) + timeval(usage.ru_stime),
-    })
+    (
+        timeval(usage.ru_utime) + timeval(usage.ru_stime),
+        usage.ru_maxrss as u64,
+    )
 }
 
 fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {

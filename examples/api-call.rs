@@ -8,7 +8,6 @@
 //! cargo run --example api-call -- /tmp/vmcraft.sock PUT /actions '{"action_type": "SendCtrlAltDel"}'
 //! ```
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,27 +18,7 @@ fn call(socket: &str, method: &str, path: &str, body: &str) -> Result<(u16, Stri
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("cannot send the request: {e}"))?;
-    let mut answer = Vec::new();
-    stream
-        .read_to_end(&mut answer)
-        .map_err(|e| format!("no answer: {e}"))?;
-    let text = String::from_utf8_lossy(&answer);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("an answer without a header end: {text:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("a bad status line: {head:?}"))?;
-    Ok((code, body.to_string()))
+    vmcraft::api::client::call(&mut stream, method, path, body).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

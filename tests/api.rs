@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -36,35 +36,8 @@ impl Drop for Scratch {
 
 /// Send one request, read one response: (status, body).
 fn call(stream: &mut UnixStream, method: &str, path: &str, body: &str) -> (u16, String) {
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut buf).unwrap();
-        assert_ne!(
-            n,
-            0,
-            "the VMM closed the connection after {:?}",
-            String::from_utf8_lossy(&got)
-        );
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(at) = text.find("\r\n\r\n") {
-            let len: usize = text
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if got.len() >= at + 4 + len {
-                let status = text[9..12].parse().unwrap();
-                return (status, text[at + 4..].to_string());
-            }
-        }
-    }
+    vmcraft::api::client::call(stream, method, path, body)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 /// A VMM under test, its output collected as it comes; killed if the test ends

@@ -135,21 +135,21 @@ fn preboot(instance: &mut Instance, request: ApiRequest) -> Response {
             "the machine was put whole (PUT /vmcraft/machine): change it there",
         );
     }
+    let pre = &mut instance.pre;
     match request {
-        R::GetVmcraftMachine => {
-            return match instance.config() {
+        R::GetVmcraftMachine => match &instance.machine {
+            Some(config) => Response::ok(config),
+            None => match pre.machine_config() {
                 Ok(config) => Response::ok(&config),
-                Err(e) => Response::error(400, &e),
-            }
-        }
-        R::PutVmcraftMachine(_) if instance.pre.is_configured() => {
-            return Response::error(
-                400,
-                "Firecracker's requests have described the machine already: put it whole before any of them",
-            )
-        }
+                Err(e) => Response::error(400, &error_chain(&e)),
+            },
+        },
+        R::PutVmcraftMachine(_) if pre.is_configured() => Response::error(
+            400,
+            "Firecracker's requests have described the machine already: put it whole before any of them",
+        ),
         R::PutVmcraftMachine(text) => {
-            return match MachineConfig::from_json(&text).and_then(|c| c.validate().map(|()| c)) {
+            match MachineConfig::from_json(&text).and_then(|c| c.validate().map(|()| c)) {
                 Ok(config) => {
                     instance.machine = Some(config);
                     Response::no_content()
@@ -157,10 +157,6 @@ fn preboot(instance: &mut Instance, request: ApiRequest) -> Response {
                 Err(e) => Response::error(400, &error_chain(&e)),
             }
         }
-        _ => {}
-    }
-    let pre = &mut instance.pre;
-    match request {
         R::GetInstanceInfo => info(&instance.id, "Not started"),
         R::GetVersion => Response::ok(&FirecrackerVersion {
             firecracker_version: VERSION.into(),
@@ -196,7 +192,6 @@ fn preboot(instance: &mut Instance, request: ApiRequest) -> Response {
             400,
             "loading a snapshot is only allowed before the microVM starts",
         ),
-        R::GetVmcraftMachine | R::PutVmcraftMachine(_) => unreachable!("answered above"),
         R::PutMigrateReceive(_) => Response::error(
             400,
             "waiting for a migration is only possible before the microVM starts",

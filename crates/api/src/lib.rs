@@ -8,6 +8,7 @@
 //! * [`routes`]: from path, method and body to a typed [`routes::ApiRequest`].
 //! * [`metrics`]: the lines of the metrics file, in Firecracker's format.
 //! * [`server`]: a Unix socket served by one thread, several clients in turn.
+//! * [`client`]: one request and its answer, for programs that drive a VMM.
 //!
 //! A separate crate so that an embedder that wants the API takes it without the
 //! machine, and one that does not pays nothing for it: it needs only serde,
@@ -16,6 +17,7 @@
 //! embedding program's: the `vmcraft` crate's glue maps the pre-boot requests onto a
 //! `MachineConfig`.
 
+pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod routes;

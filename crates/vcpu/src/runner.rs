@@ -388,8 +388,7 @@ impl RunningVm {
         states: &[VcpuState],
         handler: Arc<dyn ExitHandler>,
     ) -> Result<Self, VmError> {
-        let cores = restore_vcpus(&vm, states, handler.clone())?;
-        Self::start_cores(vm, cores, handler, false)
+        Self::restore_and_start(vm, states, handler, false)
     }
 
     /// [`RunningVm::start_restored`], its vCPUs parked before they enter the guest:
@@ -400,8 +399,17 @@ impl RunningVm {
         states: &[VcpuState],
         handler: Arc<dyn ExitHandler>,
     ) -> Result<Self, VmError> {
+        Self::restore_and_start(vm, states, handler, true)
+    }
+
+    fn restore_and_start(
+        vm: Vm,
+        states: &[VcpuState],
+        handler: Arc<dyn ExitHandler>,
+        paused: bool,
+    ) -> Result<Self, VmError> {
         let cores = restore_vcpus(&vm, states, handler.clone())?;
-        Self::start_cores(vm, cores, handler, true)
+        Self::start_cores(vm, cores, handler, paused)
     }
 
     fn start_cores(
