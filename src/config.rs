@@ -195,6 +195,22 @@ pub enum DeviceConfig {
     /// An ATA disk on the primary channel's ports (PIO, LBA28), the fully emulated
     /// path.
     Ata(DiskConfig),
+    /// virtio-vsock with Firecracker's host side on Unix sockets.
+    VirtioVsock(VsockConfig),
+}
+
+/// A virtio-vsock device: host-guest stream sockets, reached from the host as
+/// Firecracker's are ("hybrid vsock"): a host client connects to `uds_path` and
+/// writes `CONNECT <port>\n`; a guest connecting to host port `P` reaches whoever
+/// listens on `<uds_path>_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 to 2^32 - 2).
+    pub guest_cid: u64,
+    /// The device's Unix socket, created by the VMM (it must not exist) and removed
+    /// when the machine ends.
+    pub uds_path: PathBuf,
 }
 
 /// A virtio-net device.
@@ -253,6 +269,7 @@ impl DeviceConfig {
             DeviceConfig::XenDisk(_) => "xen-disk",
             DeviceConfig::XenConsole => "xen-console",
             DeviceConfig::Ata(_) => "ata",
+            DeviceConfig::VirtioVsock(_) => "virtio-vsock",
         }
     }
 
@@ -417,6 +434,7 @@ impl MachineConfig {
                     | DeviceConfig::Pv(_)
                     | DeviceConfig::Ata(_)
                     | DeviceConfig::XenConsole
+                    | DeviceConfig::VirtioVsock(_)
             );
             if let Some(j) = first.insert(kind, i) {
                 if one_only {
@@ -503,6 +521,20 @@ impl MachineConfig {
                 {
                     return Err(invalid(field(".socket"), "no path"));
                 }
+                DeviceConfig::VirtioVsock(vsock) => {
+                    if !vmcraft_devices::virtio::vsock::wire::valid_guest_cid(vsock.guest_cid) {
+                        return Err(invalid(
+                            field(".guest_cid"),
+                            format!(
+                                "{} is reserved (a guest's is 3 to 4294967294)",
+                                vsock.guest_cid
+                            ),
+                        ));
+                    }
+                    if vsock.uds_path.as_os_str().is_empty() {
+                        return Err(invalid(field(".uds_path"), "no path"));
+                    }
+                }
                 _ => {}
             }
         }
@@ -557,6 +589,12 @@ impl MachineConfig {
                 match d {
                     DeviceConfig::VirtioNet(net) => net.tap.clear(),
                     DeviceConfig::VirtioConsole(c) => c.socket = None,
+                    // A clone may get a new context id: the guest reads it again at
+                    // the transport reset a restored vsock sends.
+                    DeviceConfig::VirtioVsock(v) => {
+                        v.uds_path = PathBuf::new();
+                        v.guest_cid = 0;
+                    }
                     _ => {}
                 }
             }
@@ -579,6 +617,9 @@ impl MachineConfig {
                 (DeviceConfig::VirtioNet(n), DeviceConfig::VirtioNet(hn)) => n.tap = hn.tap.clone(),
                 (DeviceConfig::VirtioConsole(c), DeviceConfig::VirtioConsole(hc)) => {
                     c.socket = hc.socket.clone()
+                }
+                (DeviceConfig::VirtioVsock(v), DeviceConfig::VirtioVsock(hv)) => {
+                    *v = hv.clone();
                 }
                 (d, h) => {
                     if let (Some(disk), Some(hd)) = (d.disk_mut(), h.disk()) {
@@ -632,6 +673,8 @@ pub enum DeviceResource {
     Socket(std::os::unix::net::UnixStream),
     /// A TAP interface's queues (one per queue pair).
     Tap(Vec<vmcraft_devices::virtio::tap::Tap>),
+    /// A vsock device's socket, bound at its path (which the device removes).
+    Vsock(vmcraft_devices::virtio::vsock::door::BoundSocket),
 }
 
 impl MachineConfig {
@@ -680,6 +723,10 @@ impl MachineConfig {
                         .map_err(|e| open_err(field(".socket"), path, e))?;
                     DeviceResource::Socket(stream)
                 }
+                DeviceConfig::VirtioVsock(vsock) => DeviceResource::Vsock(
+                    vmcraft_devices::virtio::vsock::door::BoundSocket::bind(&vsock.uds_path)
+                        .map_err(|e| open_err(field(".uds_path"), &vsock.uds_path, e))?,
+                ),
                 d => match d.disk() {
                     Some(disk) => DeviceResource::Disk(
                         std::fs::OpenOptions::new()

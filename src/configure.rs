@@ -12,6 +12,9 @@ use vmcraft_devices::virtio::block::{Block, Disk};
 use vmcraft_devices::virtio::console::Console;
 use vmcraft_devices::virtio::net::Net;
 use vmcraft_devices::virtio::rng::Rng;
+use vmcraft_devices::virtio::vsock::device::Vsock;
+use vmcraft_devices::virtio::vsock::door::Door;
+use vmcraft_devices::virtio::vsock::muxer::Limits as VsockLimits;
 use vmcraft_vcpu::linux::LoadedKernel;
 use vmcraft_vcpu::VcpuConfig;
 
@@ -200,6 +203,17 @@ impl MachineBuilder {
                         .map_err(|e| failed(Box::new(e)))?;
                     self.add_virtio_on(config.transport, Box::new(nic))?;
                 }
+                (DeviceConfig::VirtioVsock(vsock), DeviceResource::Vsock(socket)) => {
+                    let door = Door::open(socket).map_err(|e| failed(Box::new(e)))?;
+                    let device = Vsock::new(
+                        vsock.guest_cid,
+                        Arc::new(door),
+                        VsockLimits::default(),
+                        "vsock",
+                    )
+                    .map_err(|e| failed(Box::new(e)))?;
+                    self.add_virtio_on(config.transport, Box::new(device))?;
+                }
                 (DeviceConfig::XenDisk(disk), DeviceResource::Disk(file)) => {
                     xen_disks.push(XenDisk {
                         file,
@@ -264,6 +278,7 @@ impl MachineBuilder {
             3 => "console",
             4 => "rng",
             5 => "balloon",
+            19 => "vsock",
             _ => "virtio",
         };
         let interrupt = match transport {

@@ -258,6 +258,17 @@ impl Guest {
     /// 64-byte requests come back full and different, a 128 KiB one is cut to the
     /// 64 KiB cap; prints `rng ok` and exits 0.
     pub const VIRTIO_RNG: Guest = guest!("virtio_rng", GuestMode::User64);
+    /// A C guest driving the virtio-vsock device at [`abi::VIRTIO_MMIO_BASE`] as its
+    /// own small driver. Parameter 0: a session against a host echo listener on
+    /// port 1234 (256 KiB each way through a 16 KiB window given back only when used
+    /// up), a reset from port 4321 where nobody listens, 32 connections at once, then
+    /// the host's connection to its port 5000 accepted (`listening` printed first)
+    /// and echoed; prints `vsock ok` and exits 0. Parameter 1: an agent that echoes a
+    /// counter through port 1234 forever and reconnects whenever its connection goes
+    /// (a transport reset after a restore); exits 70 if a reconnect is refused, 71 if
+    /// an echo comes back wrong. Its count of connections made is the `u64` at
+    /// `GUEST_HEAP + 0x7f000`.
+    pub const VIRTIO_VSOCK: Guest = guest!("virtio_vsock", GuestMode::User64);
     /// A C guest that finds the vmcraft interface through CPUID at CPL 0 (it scans
     /// the hypervisor range in steps of 0x100 for the signature, then reads the
     /// hypercall port from the next leaf), then makes hypercalls at CPL 3 through

@@ -4,8 +4,10 @@
 //! Linux-guest tier run under the filters; `Violation::Log` and the kernel's audit
 //! records, type 1326, show what a list misses) and is kept as narrow as that: no VMM
 //! thread opens files, creates sockets or executes programs once a VM runs, so
-//! `open`, `socket`, `execve`, `ptrace` and their kin are in no list. The one
-//! exception is the main thread's files beneath one directory the process names in
+//! `open`, `execve`, `ptrace` and their kin are in no list, and `socket` and
+//! `connect` in one only: a vsock device's host door
+//! ([`ThreadKind::HostSockets`]), which makes Unix sockets and nothing else. The one
+//! exception to opening is the main thread's files beneath one directory the process names in
 //! its [`Policy`](crate::Policy) (`openat2` relative to that descriptor only: the
 //! snapshots a control API writes). vCPU threads may
 //! `ioctl` only with KVM's request numbers; device threads not at all, and backend
@@ -51,16 +53,23 @@ pub enum ThreadKind {
     /// The control API's thread: clients accepted on a socket bound beforehand, their
     /// requests read and answered; nothing opened, no KVM, no ioctl.
     Api,
+    /// A vsock device's host door: accepts host clients on the device's socket
+    /// (bound beforehand) and connects to the Unix sockets the guest's connections
+    /// go to (`socket` for `AF_UNIX` only, and `connect`), the one kind that makes
+    /// sockets. Started with the machine, by an unfiltered main thread; its streams
+    /// are handed to the device's I/O thread, which never connects anything.
+    HostSockets,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::DeviceIo,
         ThreadKind::PvBackend,
         ThreadKind::Api,
+        ThreadKind::HostSockets,
     ];
 
     fn index(self) -> usize {
@@ -75,6 +84,7 @@ impl ThreadKind {
             ThreadKind::DeviceIo => "the device I/O threads' allowlist",
             ThreadKind::PvBackend => "the PV backend threads' allowlist",
             ThreadKind::Api => "the API thread's allowlist",
+            ThreadKind::HostSockets => "the vsock host door's allowlist",
         }
     }
 }
@@ -186,6 +196,16 @@ const API: &[libc::c_long] = &[
     libc::SYS_unlinkat,
 ];
 
+/// A vsock device's host door: its clients accepted, the guest's connections made
+/// (`socket` is allowed for `AF_UNIX` only, in [`rules`]), and its socket file
+/// removed when the device ends.
+const HOST_SOCKETS: &[libc::c_long] = &[
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
 /// Starting, naming and joining threads, and creating the descriptors a device needs
 /// when a driver starts it (eventfds, epoll instances, duplicates).
 const THREADS: &[libc::c_long] = &[
@@ -226,6 +246,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<libc::c_long> {
         ThreadKind::DeviceIo => [COMMON, EVENTS, DISK, STREAMS].concat(),
         ThreadKind::PvBackend => [COMMON, EVENTS, DISK].concat(),
         ThreadKind::Api => [COMMON, EVENTS, STREAMS, API].concat(),
+        ThreadKind::HostSockets => [COMMON, EVENTS, HOST_SOCKETS].concat(),
         // A driver starting its device starts the device's thread from here.
         ThreadKind::Vcpu => [
             allowed(ThreadKind::DeviceIo),
@@ -258,9 +279,24 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         ThreadKind::PvBackend => {
             map.insert(libc::SYS_ioctl, signal_msi_only());
         }
+        ThreadKind::HostSockets => {
+            map.insert(libc::SYS_socket, unix_sockets_only());
+        }
         ThreadKind::DeviceIo | ThreadKind::Api => {}
     }
     map
+}
+
+/// `socket` allowed for the `AF_UNIX` domain only.
+fn unix_sockets_only() -> Vec<SeccompRule> {
+    let domain = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_UNIX as u64,
+    )
+    .expect("a valid condition");
+    vec![SeccompRule::new(vec![domain]).expect("a valid rule")]
 }
 
 /// `KVM_SIGNAL_MSI`: `_IOW(KVMIO, 0xa5, struct kvm_msi)` (32 bytes).
@@ -415,9 +451,14 @@ mod tests {
     fn no_kind_opens_files_makes_sockets_or_executes() {
         for kind in ThreadKind::ALL {
             let calls = allowed(kind);
+            assert!(
+                !rules(kind).contains_key(&libc::SYS_socket) || kind == ThreadKind::HostSockets,
+                "{kind:?} makes sockets"
+            );
+            if kind != ThreadKind::HostSockets {
+                assert!(!calls.contains(&libc::SYS_connect), "{kind:?} connects");
+            }
             for forbidden in [
-                libc::SYS_socket,
-                libc::SYS_connect,
                 libc::SYS_execve,
                 libc::SYS_execveat,
                 libc::SYS_ptrace,
@@ -427,6 +468,12 @@ mod tests {
             }
         }
         assert!(!rules(ThreadKind::DeviceIo).contains_key(&libc::SYS_ioctl));
+        assert!(!rules(ThreadKind::HostSockets).contains_key(&libc::SYS_ioctl));
+        assert_eq!(
+            rules(ThreadKind::HostSockets).get(&libc::SYS_socket),
+            Some(&unix_sockets_only()),
+            "the vsock door makes Unix sockets, nothing else"
+        );
         assert_eq!(
             rules(ThreadKind::PvBackend).get(&libc::SYS_ioctl),
             Some(&signal_msi_only()),

@@ -114,6 +114,54 @@ pub fn listener_path(uds_path: &Path, port: u32) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// The host's side of a connection to the guest's port `port`, through the device's
+/// socket at `uds_path`: connects, sends `CONNECT <port>`, and waits (blocking, up to
+/// `wait`) for `OK <host port>`. Returns the stream, the guest's from then on, and its
+/// host port. A guest that refuses closes the stream: that is an error
+/// ([`io::ErrorKind::ConnectionRefused`]).
+pub fn connect_with_timeout(
+    uds_path: &Path,
+    port: u32,
+    wait: std::time::Duration,
+) -> std::io::Result<(std::os::unix::net::UnixStream, u32)> {
+    use std::io::{Error, ErrorKind, Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(uds_path)?;
+    stream.set_read_timeout(Some(wait))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Byte by byte: what follows the line is the guest's.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if line.len() > MAX_LINE {
+            return Err(Error::new(ErrorKind::InvalidData, "no OK line"));
+        }
+        match stream.read(&mut byte)? {
+            0 => {
+                return Err(Error::new(
+                    ErrorKind::ConnectionRefused,
+                    format!("the guest refused port {port}"),
+                ))
+            }
+            _ => line.push(byte[0]),
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    let host_port = text
+        .strip_prefix("OK ")
+        .and_then(|rest| rest.trim_end().parse().ok())
+        .ok_or_else(|| Error::new(ErrorKind::InvalidData, format!("not an OK line: {text:?}")))?;
+    stream.set_read_timeout(None)?;
+    Ok((stream, host_port))
+}
+
+/// [`connect_with_timeout`] waiting up to 5 s.
+pub fn connect(
+    uds_path: &Path,
+    port: u32,
+) -> std::io::Result<(std::os::unix::net::UnixStream, u32)> {
+    connect_with_timeout(uds_path, port, std::time::Duration::from_secs(5))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

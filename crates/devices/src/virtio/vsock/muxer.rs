@@ -78,6 +78,8 @@ struct Entry<S> {
     host_eof: bool,
     /// A control packet for this connection is queued (one at a time).
     owed: Option<u16>,
+    /// The connection is in the readable queue (at most once).
+    queued: bool,
 }
 
 /// What the muxer tells the device about host streams, so that its event loop
@@ -168,6 +170,7 @@ impl<S: HostStream> Muxer<S> {
                 stream,
                 host_eof: false,
                 owed: None,
+                queued: false,
             },
         );
     }
@@ -191,6 +194,21 @@ impl<S: HostStream> Muxer<S> {
                 e.owed = Some(operation);
             }
         }
+    }
+
+    /// Queue `key` for [`to_guest`](Self::to_guest) to read its host stream, once.
+    fn mark_readable(&mut self, key: (u32, u32)) {
+        if let Some(e) = self.conns.get_mut(&key) {
+            if !std::mem::replace(&mut e.queued, true) {
+                self.readable.push_back(key);
+            }
+        }
+    }
+
+    /// Refuse a packet from the guest that names (host port, guest port) `key`: its
+    /// connection, if any, is dropped and the guest gets a reset.
+    pub fn refuse(&mut self, key: (u32, u32)) {
+        self.reset(key);
     }
 
     fn reset(&mut self, key: (u32, u32)) {
@@ -236,7 +254,7 @@ impl<S: HostStream> Muxer<S> {
                 if entry.stream.write_all(line.as_bytes()).is_err() {
                     self.reset(key);
                 } else {
-                    self.readable.push_back(key);
+                    self.mark_readable(key);
                 }
             }
             Ok(Received::Data) => self.flush(key),
@@ -252,7 +270,7 @@ impl<S: HostStream> Muxer<S> {
             Ok(Received::CreditRequested) => self.owe(key, op::CREDIT_UPDATE),
             Ok(Received::Nothing) => {
                 // More credit may let a stream's bytes go.
-                self.readable.push_back(key);
+                self.mark_readable(key);
             }
         }
     }
@@ -337,7 +355,7 @@ impl<S: HostStream> Muxer<S> {
     /// credit and rx buffers allow.
     pub fn host_readable(&mut self, fd: RawFd) {
         if let Some(&key) = self.by_fd.get(&fd) {
-            self.readable.push_back(key);
+            self.mark_readable(key);
         } else if self.clients.contains_key(&fd) {
             self.client_readable(fd);
         }
@@ -432,6 +450,7 @@ impl<S: HostStream> Muxer<S> {
             let Some(e) = self.conns.get_mut(&key) else {
                 continue;
             };
+            e.queued = false;
             if e.host_eof || e.conn.state() != State::Established {
                 continue;
             }
@@ -452,11 +471,12 @@ impl<S: HostStream> Muxer<S> {
                     let mut h = e.conn.header(cid, op::RW);
                     h.len = n as u32;
                     // More may wait: look again after the others.
-                    self.readable.push_back(key);
+                    self.mark_readable(key);
                     return Some((h, n));
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {
+                    e.queued = true;
                     self.readable.push_front(key);
                     continue;
                 }
