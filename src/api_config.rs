@@ -1,6 +1,6 @@
 //! Firecracker's pre-boot requests made into a [`MachineConfig`]: what
-//! `PUT /machine-config`, `/boot-source`, `/drives/{id}`, `/network-interfaces/{id}`
-//! and `/balloon` (or a `--config-file` with the same bodies) describe, checked as each
+//! `PUT /machine-config`, `/boot-source`, `/drives/{id}`, `/network-interfaces/{id}`,
+//! `/vsock` and `/balloon` (or a `--config-file` with the same bodies) describe, checked as each
 //! arrives and put together at `InstanceStart`. Plain code: unit tested without KVM.
 //!
 //! As in Firecracker: a drive or interface `PUT` again with the same id replaces it;
@@ -8,8 +8,7 @@
 //! `/dev/vda`); `root=/dev/vda` (or `root=PARTUUID=...`) and `ro` or `rw` go on the
 //! command line for the root device; without a `boot_args`, the command line is
 //! Firecracker's default. What vmcraft does not have is refused with the reason (a
-//! CPU template, SMT, a rate limiter, a vsock before the vsock issue lands, UFFD
-//! snapshots).
+//! CPU template, SMT, a rate limiter, UFFD snapshots).
 //!
 //! ```
 //! use vmcraft::api_config::PreBoot;
@@ -32,11 +31,12 @@ use thiserror::Error;
 use vmcraft_api::types::{
     Balloon, BootSource as ApiBootSource, Drive, FullVmConfiguration, MachineConfiguration,
     MachineConfigurationUpdate, NetworkInterface, PartialDrive, RateLimiter, SnapshotCreateParams,
-    SnapshotLoadParams,
+    SnapshotLoadParams, Vsock,
 };
 
 use crate::config::{
     BootSource, ConfigError, DeviceConfig, DiskConfig, MachineConfig, NetConfig, VirtioTransport,
+    VsockConfig,
 };
 
 /// Firecracker's command line when `boot_args` is not given.
@@ -74,6 +74,8 @@ pub struct PreBoot {
     pub interfaces: Vec<NetworkInterface>,
     /// The balloon.
     pub balloon: Option<Balloon>,
+    /// The vsock.
+    pub vsock: Option<Vsock>,
     /// The transport of the virtio devices.
     pub transport: VirtioTransport,
 }
@@ -93,6 +95,7 @@ impl Default for PreBoot {
             drives: Vec::new(),
             interfaces: Vec::new(),
             balloon: None,
+            vsock: None,
             transport: VirtioTransport::Mmio,
         }
     }
@@ -228,6 +231,22 @@ impl PreBoot {
         Ok(())
     }
 
+    /// `PUT /vsock`: the guest's context id and the host side's socket (created at
+    /// `InstanceStart`; it must not exist). A second `PUT` replaces the first.
+    pub fn put_vsock(&mut self, v: Vsock) -> Result<(), ApiConfigError> {
+        if !vmcraft_devices::virtio::vsock::wire::valid_guest_cid(u64::from(v.guest_cid)) {
+            return Err(ApiConfigError::Invalid(format!(
+                "guest_cid {}: reserved (a guest's is 3 to 4294967294)",
+                v.guest_cid
+            )));
+        }
+        if v.uds_path.is_empty() {
+            return Err(ApiConfigError::Invalid("uds_path is empty".into()));
+        }
+        self.vsock = Some(v);
+        Ok(())
+    }
+
     /// Everything at once, from `--config-file` (Firecracker's format): applied in
     /// the order Firecracker applies it, each part checked as its request would be.
     pub fn from_full(full: FullVmConfiguration) -> Result<Self, ApiConfigError> {
@@ -247,10 +266,8 @@ impl PreBoot {
         if let Some(b) = full.balloon {
             vm.put_balloon(b)?;
         }
-        if full.vsock.is_some() {
-            return Err(ApiConfigError::Unsupported(
-                "vsock is not supported by this VMM yet".into(),
-            ));
+        if let Some(v) = full.vsock {
+            vm.put_vsock(v)?;
         }
         Ok(vm)
     }
@@ -292,6 +309,12 @@ impl PreBoot {
         }));
         if self.balloon.is_some() {
             devices.push(DeviceConfig::VirtioBalloon);
+        }
+        if let Some(v) = &self.vsock {
+            devices.push(DeviceConfig::VirtioVsock(VsockConfig {
+                guest_cid: u64::from(v.guest_cid),
+                uds_path: v.uds_path.clone().into(),
+            }));
         }
         let config = MachineConfig {
             memory_mib: self.machine.mem_size_mib,
@@ -444,6 +467,14 @@ impl PreBoot {
             },
             boot,
             balloon,
+            vsock: config.devices.iter().find_map(|d| match d {
+                DeviceConfig::VirtioVsock(v) => Some(Vsock {
+                    guest_cid: v.guest_cid.min(u64::from(u32::MAX)) as u32,
+                    uds_path: v.uds_path.display().to_string(),
+                    vsock_id: None,
+                }),
+                _ => None,
+            }),
             transport: config.transport,
             ..PreBoot::default()
         }
@@ -457,6 +488,7 @@ impl PreBoot {
             boot_source: self.boot.clone(),
             machine_config: Some(self.machine.clone()),
             network_interfaces: self.interfaces.clone(),
+            vsock: self.vsock.clone(),
             ..FullVmConfiguration::default()
         }
     }
@@ -692,10 +724,26 @@ mod tests {
             uds_path: "/v.sock".into(),
             vsock_id: None,
         });
-        assert!(PreBoot::from_full(with_vsock)
-            .unwrap_err()
-            .to_string()
-            .contains("vsock"));
+        let vm = PreBoot::from_full(with_vsock.clone()).unwrap();
+        let config = vm.machine_config().unwrap();
+        assert_eq!(
+            config.devices.last(),
+            Some(&DeviceConfig::VirtioVsock(VsockConfig {
+                guest_cid: 3,
+                uds_path: "/v.sock".into()
+            }))
+        );
+        assert_eq!(vm.full(), with_vsock);
+        assert_eq!(PreBoot::from_loaded(&config).vsock, with_vsock.vsock);
+        for (cid, path) in [(2, "/v.sock"), (u32::MAX, "/v.sock"), (3, "")] {
+            let mut bad = with_vsock.clone();
+            bad.vsock = Some(vmcraft_api::types::Vsock {
+                guest_cid: cid,
+                uds_path: path.into(),
+                vsock_id: None,
+            });
+            assert!(PreBoot::from_full(bad).is_err(), "{cid} {path:?}");
+        }
     }
 
     #[test]

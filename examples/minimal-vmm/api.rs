@@ -48,10 +48,6 @@ fn info(id: &str, state: &str) -> Response {
     })
 }
 
-fn not_yet(what: &str) -> Response {
-    Response::error(400, &format!("{what} is not supported by this VMM yet"))
-}
-
 fn applied<E: std::fmt::Display>(r: Result<(), E>) -> Response {
     match r {
         Ok(()) => Response::no_content(),
@@ -173,7 +169,7 @@ fn preboot(instance: &mut Instance, request: ApiRequest) -> Response {
             Some(b) => Response::ok(b),
             None => Response::error(400, "no balloon device is configured"),
         },
-        R::PutVsock(_) => not_yet("vsock"),
+        R::PutVsock(v) => applied(pre.put_vsock(v)),
         R::PutLogger(logger) => match crate::host::log_to_file(&logger) {
             Ok(()) => Response::no_content(),
             Err(e) => Response::error(400, &e),
@@ -685,7 +681,6 @@ impl RunningApi {
             same @ (R::GetVersion
             | R::GetMachineConfig
             | R::GetVmConfig
-            | R::PutVsock(_)
             | R::PutSnapshotLoad(_)) => preboot(&mut self.instance, same),
             _ => Response::error(
                 400,

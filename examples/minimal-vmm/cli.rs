@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use vmcraft::config::{
     BootSource, ConsoleConfig, DeviceConfig, DiskConfig, MachineConfig, NetConfig, PvConfig,
-    VirtioTransport, PV_UPCALL_IRQ,
+    VirtioTransport, VsockConfig, PV_UPCALL_IRQ,
 };
 use vmcraft::pv::layout::PvLayout;
 use vmcraft_guest_kit::Guest;
@@ -123,6 +123,13 @@ pub struct Args {
     /// multi-queue TAP, a queue pair each (give a vCPU per pair)
     #[arg(long, value_name = "NAME[,queues=N]", value_parser = parse_net_tap)]
     pub net_tap: Option<NetConfig>,
+
+    /// A virtio-vsock device for the guest with context id CID, its host side as
+    /// Firecracker's: clients connect to the Unix socket PATH (created here, removed
+    /// at the end) and write `CONNECT <port>`; the guest's connections to host port P
+    /// go to `PATH_P`
+    #[arg(long, value_name = "CID,PATH", value_parser = parse_vsock)]
+    pub vsock: Option<VsockConfig>,
 
     /// vmcraft's PV channel (event channels, grants, a PV console and the first
     /// --disk as a PV block device); alone, run the PV demo guest
@@ -259,7 +266,7 @@ pub struct Args {
 }
 
 /// The options that describe the machine (what --config replaces).
-const MACHINE_OPTIONS: [&str; 15] = [
+const MACHINE_OPTIONS: [&str; 16] = [
     "guest",
     "kernel",
     "initrd",
@@ -271,6 +278,7 @@ const MACHINE_OPTIONS: [&str; 15] = [
     "ksm",
     "transport",
     "net_tap",
+    "vsock",
     "pv",
     "xen",
     "mem",
@@ -320,6 +328,9 @@ pub enum GuestName {
     VirtioBlkFlush,
     /// Greets on the console, waits for "ping" and answers "got: ping"
     VirtioConsole,
+    /// An agent on the --vsock: connects to host port 1234 (`PATH_1234`), echoes a
+    /// counter through it forever, reconnects after a restore
+    VsockAgent,
 }
 
 impl GuestName {
@@ -335,6 +346,7 @@ impl GuestName {
             GuestName::VirtioBlk => "virtio-blk",
             GuestName::VirtioBlkFlush => "virtio-blk-flush",
             GuestName::VirtioConsole => "virtio-console",
+            GuestName::VsockAgent => "vsock-agent",
         }
     }
 }
@@ -354,6 +366,7 @@ pub fn embedded_guest(name: &str, param: u64, mem: u64) -> Result<(Guest, u64), 
         // The virtio-blk guest negotiates EVENT_IDX with parameter bit 0.
         "virtio-blk" | "virtio-blk-flush" => (Guest::VIRTIO_BLK, param | 1),
         "virtio-console" => (Guest::VIRTIO_CONSOLE, param),
+        "vsock-agent" => (Guest::VIRTIO_VSOCK, 1),
         other => return Err(format!("unknown embedded guest {other:?}")),
     })
 }
@@ -433,6 +446,19 @@ fn parse_net_tap(s: &str) -> Result<NetConfig, String> {
     Ok(net)
 }
 
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    let (cid, path) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?} is not CID,PATH"))?;
+    let guest_cid = cid
+        .parse()
+        .map_err(|e| format!("context id {cid:?}: {e}"))?;
+    Ok(VsockConfig {
+        guest_cid,
+        uds_path: path.into(),
+    })
+}
+
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let mut parts = s.split(',');
     let mut disk = DiskConfig::new(parts.next().unwrap_or_default());
@@ -459,6 +485,7 @@ impl Args {
             || self.rng
             || self.balloon
             || self.net_tap.is_some()
+            || self.vsock.is_some()
             || self.pv
             || self.xen
     }
@@ -551,6 +578,9 @@ impl Args {
         if let Some(net) = &self.net_tap {
             devices.push(DeviceConfig::VirtioNet(net.clone()));
         }
+        if let Some(vsock) = &self.vsock {
+            devices.push(DeviceConfig::VirtioVsock(vsock.clone()));
+        }
         let config = MachineConfig {
             memory_mib,
             vcpus,
@@ -594,6 +624,11 @@ impl Args {
             }
             GuestName::VirtioConsole if !has("virtio-console") || has("virtio-block") => {
                 "--guest virtio-console needs --console or --console-socket, and no --disk"
+            }
+            GuestName::VsockAgent
+                if !matches!(config.devices.as_slice(), [DeviceConfig::VirtioVsock(_)]) =>
+            {
+                "--guest vsock-agent needs --vsock, and no other virtio device (its driver takes the first one)"
             }
             GuestName::Balloon if config.devices != [DeviceConfig::VirtioBalloon] => {
                 "--guest balloon needs --balloon, and no other virtio device (its driver takes the first one)"

@@ -10,15 +10,25 @@ use vmcraft::sandbox::jail::{CgroupLimits, Entered, Jail};
 use crate::chain;
 
 /// Enter the jail at `dir` (a fresh directory under the temporary directory if
-/// none): `None` inside, where the VM is to be run; outside, once the jailed VMM
-/// has ended, how this process ends.
-pub fn enter(dir: Option<&Path>, mem: u64, vcpus: u32) -> Result<Option<ExitCode>, Box<dyn Error>> {
+/// none), with the host directories `shared` visible (writable) at their own paths:
+/// `None` inside, where the VM is to be run; outside, once the jailed VMM has
+/// ended, how this process ends.
+pub fn enter(
+    dir: Option<&Path>,
+    mem: u64,
+    vcpus: u32,
+    shared: &[&Path],
+) -> Result<Option<ExitCode>, Box<dyn Error>> {
     // A fresh directory unless one was named; this process removes it afterwards.
     let root = match dir {
         Some(dir) => dir.to_owned(),
         None => std::env::temp_dir().join(format!("minimal-vmm-jail-{}", std::process::id())),
     };
-    let entered = jail(&root, mem, vcpus)?.enter().map_err(|e| {
+    let mut jail = jail(&root, mem, vcpus)?;
+    for dir in shared {
+        jail = jail.bind(*dir, *dir, true);
+    }
+    let entered = jail.enter().map_err(|e| {
         format!(
             "{e}{} (run as root or with user namespaces, or pass --no-jail)",
             chain(&e)

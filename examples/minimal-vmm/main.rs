@@ -217,6 +217,20 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         },
     };
     config.validate()?;
+    if !args.no_jail {
+        // The jailed VMM resolves paths inside the jail.
+        for d in &config.devices {
+            if let vmcraft::config::DeviceConfig::VirtioVsock(v) = d {
+                if v.uds_path.is_relative() {
+                    return Err(format!(
+                        "vsock uds_path {}: give an absolute path (the jailed VMM resolves it inside its jail), or pass --no-jail",
+                        v.uds_path.display()
+                    )
+                    .into());
+                }
+            }
+        }
+    }
     if args.print_config {
         println!("{}", config.to_json());
         return Ok(ExitCode::SUCCESS);
@@ -278,8 +292,20 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         (None, origin) => origin,
     };
     if !args.no_jail {
-        if let Some(code) = jail::enter(args.jail.as_deref(), config.memory_bytes(), config.vcpus)?
-        {
+        // A vsock's host side connects to sockets beside its own (`<uds_path>_<port>`)
+        // and removes its own at the end: that directory is seen inside.
+        let shared: Vec<&std::path::Path> = (config.devices.iter())
+            .filter_map(|d| match d {
+                vmcraft::config::DeviceConfig::VirtioVsock(v) => v.uds_path.parent(),
+                _ => None,
+            })
+            .collect();
+        if let Some(code) = jail::enter(
+            args.jail.as_deref(),
+            config.memory_bytes(),
+            config.vcpus,
+            &shared,
+        )? {
             return Ok(code);
         }
     }
