@@ -257,7 +257,12 @@ impl<S: HostStream> Muxer<S> {
                     self.mark_readable(key);
                 }
             }
-            Ok(Received::Data) => self.flush(key),
+            Ok(Received::Data) => {
+                self.flush(key);
+                // Its header carried the guest's credit: a guest that sends as much
+                // as it reads (Linux) tells its credit this way, not with updates.
+                self.mark_readable(key);
+            }
             Ok(Received::Shutdown(flags)) => {
                 if flags == SHUTDOWN_RCV | SHUTDOWN_SEND {
                     // Both ways: the guest waits for our reset to finish.
@@ -725,6 +730,17 @@ mod tests {
         m.from_guest(&update, &[], &mut host);
         let (_, data) = next(&mut m).unwrap();
         assert_eq!(data, b"def");
+        // Credit given in the header of the guest's own data (as Linux does when it
+        // sends while it reads) lets waiting bytes go too.
+        peer.write_all(b"ghi").unwrap();
+        m.host_readable(fd);
+        assert!(next(&mut m).is_none(), "no credit left");
+        let mut data_with_credit = guest(op::RW, 1024, 52, 1);
+        data_with_credit.buf_alloc = 3;
+        data_with_credit.fwd_cnt = 6;
+        m.from_guest(&data_with_credit, b"x", &mut host);
+        let (_, data) = next(&mut m).unwrap();
+        assert_eq!(data, b"ghi");
     }
 
     #[test]

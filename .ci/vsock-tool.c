@@ -1,0 +1,230 @@
+/* The tier's vsock endpoints, static so that both initramfs images can carry it
+   (busybox has no vsock and no Unix-socket client):
+
+     vsock-tool vsock-connect CID PORT    connect to (CID, PORT) over AF_VSOCK
+     vsock-tool vsock-listen PORT         accept one connection on AF_VSOCK PORT
+     vsock-tool vsock-hold CID PORT       connect, then wait until the connection ends;
+                                          prints how it ended (errno name or "eof")
+     vsock-tool hybrid-connect UDS PORT   Firecracker's host side: CONNECT PORT on the
+                                          device's socket, OK awaited (retried for 60 s
+                                          while the guest refuses)
+     vsock-tool unix-serve PATH           accept one connection on a Unix socket at PATH
+     vsock-tool unix-hold PATH            accept one, wait until it ends
+     vsock-tool unix-echo PATH            accept connections forever, echo each
+
+   The connect, listen and serve forms copy stdin to the connection (then shut down
+   its sending side) and the connection to stdout, both at once, until both ends are
+   done. Exit 0, or 1 with the failed call on stderr. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <linux/vm_sockets.h>
+
+static int die(const char *what)
+{
+    fprintf(stderr, "vsock-tool: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* stdin -> s and s -> stdout at once. */
+static void pump(int s)
+{
+    static char buf[65536];
+    int in_open = 1, sock_open = 1;
+    while (in_open || sock_open) {
+        struct pollfd p[2] = {{in_open ? 0 : -1, POLLIN, 0}, {sock_open ? s : -1, POLLIN, 0}};
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            die("poll");
+        }
+        if (in_open && p[0].revents) {
+            ssize_t n = read(0, buf, sizeof buf);
+            if (n < 0)
+                die("read stdin");
+            if (n == 0) {
+                in_open = 0;
+                shutdown(s, SHUT_WR);
+            } else if (write_all(s, buf, (size_t)n) < 0)
+                die("write to the connection");
+        }
+        if (sock_open && p[1].revents) {
+            ssize_t n = read(s, buf, sizeof buf);
+            if (n < 0)
+                die("read the connection");
+            if (n == 0)
+                sock_open = 0;
+            else if (write_all(1, buf, (size_t)n) < 0)
+                die("write stdout");
+        }
+    }
+}
+
+static void hold(int s)
+{
+    char c;
+    for (;;) {
+        ssize_t n = read(s, &c, 1);
+        if (n == 0) {
+            printf("eof\n");
+            return;
+        }
+        if (n < 0 && errno != EINTR) {
+            printf("%s\n", strerrorname_np(errno));
+            return;
+        }
+    }
+}
+
+static int vsock_connect(unsigned cid, unsigned port)
+{
+    int s = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (s < 0)
+        die("socket(AF_VSOCK)");
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = cid, .svm_port = port};
+    if (connect(s, (struct sockaddr *)&a, sizeof a) < 0)
+        die("connect");
+    return s;
+}
+
+static int vsock_accept(unsigned port)
+{
+    int l = socket(AF_VSOCK, SOCK_STREAM, 0);
+    if (l < 0)
+        die("socket(AF_VSOCK)");
+    struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port};
+    if (bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 1) < 0)
+        die("bind/listen");
+    int s = accept(l, 0, 0);
+    if (s < 0)
+        die("accept");
+    close(l);
+    return s;
+}
+
+static struct sockaddr_un unix_addr(const char *path)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof a.sun_path) {
+        errno = ENAMETOOLONG;
+        die(path);
+    }
+    strcpy(a.sun_path, path);
+    return a;
+}
+
+static int unix_listen(const char *path)
+{
+    int l = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a = unix_addr(path);
+    unlink(path);
+    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 16) < 0)
+        die("bind/listen");
+    return l;
+}
+
+static int hybrid_connect(const char *uds, const char *port)
+{
+    for (int tries = 0; tries < 600; tries++) {
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        struct sockaddr_un a = unix_addr(uds);
+        if (s < 0)
+            die("socket(AF_UNIX)");
+        if (connect(s, (struct sockaddr *)&a, sizeof a) == 0) {
+            char line[64];
+            snprintf(line, sizeof line, "CONNECT %s\n", port);
+            if (write_all(s, line, strlen(line)) < 0)
+                die("write CONNECT");
+            /* The OK line, byte by byte: what follows is the guest's. */
+            size_t n = 0;
+            while (n < sizeof line - 1) {
+                ssize_t r = read(s, &line[n], 1);
+                if (r <= 0)
+                    break;
+                if (line[n++] == '\n')
+                    break;
+            }
+            line[n] = 0;
+            if (!strncmp(line, "OK ", 3)) {
+                fprintf(stderr, "vsock-tool: %s", line);
+                return s;
+            }
+        }
+        close(s);
+        usleep(100000);
+    }
+    errno = ECONNREFUSED;
+    return die("CONNECT (no OK in 60 s)");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3) {
+        fprintf(stderr, "usage: see the comment at the top of vsock-tool.c\n");
+        return 2;
+    }
+    const char *mode = argv[1];
+    if (!strcmp(mode, "vsock-connect") && argc == 4)
+        pump(vsock_connect(atoi(argv[2]), atoi(argv[3])));
+    else if (!strcmp(mode, "vsock-listen"))
+        pump(vsock_accept(atoi(argv[2])));
+    else if (!strcmp(mode, "vsock-hold") && argc == 4) {
+        int s = vsock_connect(atoi(argv[2]), atoi(argv[3]));
+        printf("connected\n");
+        fflush(stdout);
+        hold(s);
+    } else if (!strcmp(mode, "hybrid-connect") && argc == 4)
+        pump(hybrid_connect(argv[2], argv[3]));
+    else if (!strcmp(mode, "unix-serve")) {
+        int s = accept(unix_listen(argv[2]), 0, 0);
+        if (s < 0)
+            die("accept");
+        pump(s);
+    } else if (!strcmp(mode, "unix-hold")) {
+        int s = accept(unix_listen(argv[2]), 0, 0);
+        if (s < 0)
+            die("accept");
+        hold(s);
+    } else if (!strcmp(mode, "unix-echo")) {
+        int l = unix_listen(argv[2]);
+        for (;;) {
+            int s = accept(l, 0, 0);
+            if (s < 0)
+                die("accept");
+            if (fork() == 0) {
+                char buf[4096];
+                ssize_t n;
+                while ((n = read(s, buf, sizeof buf)) > 0)
+                    if (write_all(s, buf, (size_t)n) < 0)
+                        break;
+                _exit(0);
+            }
+            close(s);
+        }
+    } else {
+        fprintf(stderr, "vsock-tool: unknown mode %s\n", mode);
+        return 2;
+    }
+    return 0;
+}
