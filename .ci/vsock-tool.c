@@ -17,6 +17,7 @@
    done. Exit 0, or 1 with the failed call on stderr. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,35 +48,59 @@ static int write_all(int fd, const char *p, size_t n)
     return 0;
 }
 
-/* stdin -> s and s -> stdout at once. */
+/* stdin -> s and s -> stdout at once. The socket is non-blocking: a write that would
+   block waits for POLLOUT while what comes in is still read (two peers that both
+   send more than the buffers between them hold must not both block in write). */
 static void pump(int s)
 {
-    static char buf[65536];
-    int in_open = 1, sock_open = 1;
-    while (in_open || sock_open) {
-        struct pollfd p[2] = {{in_open ? 0 : -1, POLLIN, 0}, {sock_open ? s : -1, POLLIN, 0}};
+    static char out[65536], in[65536];
+    size_t out_len = 0, out_off = 0;
+    int in_open = 1, sock_open = 1, shut = 0;
+    int flags = fcntl(s, F_GETFL);
+    if (flags < 0 || fcntl(s, F_SETFL, flags | O_NONBLOCK) < 0)
+        die("fcntl");
+    while (in_open || out_len || sock_open) {
+        if (!in_open && !out_len && !shut) {
+            shutdown(s, SHUT_WR);
+            shut = 1;
+        }
+        struct pollfd p[2] = {
+            {in_open && !out_len ? 0 : -1, POLLIN, 0},
+            {s, (short)((sock_open ? POLLIN : 0) | (out_len ? POLLOUT : 0)), 0},
+        };
+        if (!p[1].events)
+            p[1].fd = -1;
         if (poll(p, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             die("poll");
         }
-        if (in_open && p[0].revents) {
-            ssize_t n = read(0, buf, sizeof buf);
+        if (p[0].revents) {
+            ssize_t n = read(0, out, sizeof out);
             if (n < 0)
                 die("read stdin");
-            if (n == 0) {
+            if (n == 0)
                 in_open = 0;
-                shutdown(s, SHUT_WR);
-            } else if (write_all(s, buf, (size_t)n) < 0)
-                die("write to the connection");
+            out_len = (size_t)n;
+            out_off = 0;
         }
-        if (sock_open && p[1].revents) {
-            ssize_t n = read(s, buf, sizeof buf);
-            if (n < 0)
+        if (out_len && (p[1].revents & (POLLOUT | POLLERR | POLLHUP))) {
+            ssize_t w = write(s, out + out_off, out_len - out_off);
+            if (w < 0 && errno != EAGAIN && errno != EINTR)
+                die("write to the connection");
+            if (w > 0) {
+                out_off += (size_t)w;
+                if (out_off == out_len)
+                    out_len = 0;
+            }
+        }
+        if (sock_open && (p[1].revents & (POLLIN | POLLERR | POLLHUP))) {
+            ssize_t n = read(s, in, sizeof in);
+            if (n < 0 && errno != EAGAIN && errno != EINTR)
                 die("read the connection");
             if (n == 0)
                 sock_open = 0;
-            else if (write_all(1, buf, (size_t)n) < 0)
+            if (n > 0 && write_all(1, in, (size_t)n) < 0)
                 die("write stdout");
         }
     }
