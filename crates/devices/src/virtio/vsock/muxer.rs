@@ -446,7 +446,10 @@ impl<S: HostStream> Muxer<S> {
             };
             let mut h = e.conn.header(cid, operation);
             if operation == op::SHUTDOWN {
-                h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                // The host side's stream ended (a read gave 0): it sends no more. It
+                // may still take the guest's bytes (a half-close); if it is gone
+                // altogether, the next write fails and the guest gets RST.
+                h.flags = SHUTDOWN_SEND;
             }
             return Some((h, 0));
         }
@@ -597,12 +600,20 @@ mod tests {
         let (o, l) = (h.op, h.len);
         assert_eq!((o, l, data.as_slice()), (op::RW, 5, &b"world"[..]));
         assert!(next(&mut m).is_none());
-        // The host closes: the guest hears SHUTDOWN, then resets.
-        drop(peer);
+        // The host closes its sending side: the guest hears SHUTDOWN (send), and may
+        // still send; then it resets.
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
         m.host_readable(fd);
         let shut = next(&mut m).unwrap().0;
         let (o, f) = (shut.op, shut.flags);
-        assert_eq!((o, f), (op::SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND));
+        assert_eq!((o, f), (op::SHUTDOWN, SHUTDOWN_SEND));
+        m.from_guest(&guest(op::RW, 1024, 52, 4), b"more", &mut host);
+        let mut got = [0u8; 4];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(
+            &got, b"more",
+            "a half-closed host side still takes the guest's bytes"
+        );
         m.from_guest(&guest(op::RST, 1024, 52, 0), &[], &mut host);
         assert_eq!(m.connections(), 0);
         assert_eq!(m.take_watch(), vec![Watch::Remove(fd)]);
