@@ -946,3 +946,57 @@ fn a_kernel_gets_virtio_pci_unless_told_otherwise() {
     assert_eq!(transport(&["--kernel", "/vmlinux", "--xen"]), "mmio");
     assert_eq!(transport(&["--guest", "hello"]), "mmio");
 }
+
+/// The example, jailed and filtered as by default, with a vsock and the agent guest:
+/// its door connects from inside the jail to a listener beside the device's socket
+/// (the directory is bound in), the agent's counter comes back through it, and the
+/// socket is gone when the VMM ends.
+#[test]
+fn a_jailed_vmm_carries_a_vsock_agents_connection() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    common::require_kvm();
+    let dir = std::env::temp_dir().join(format!("vmcraft-vsock-jail-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let uds = dir.join("v.sock");
+    let listener = std::os::unix::net::UnixListener::bind(dir.join("v.sock_1234")).unwrap();
+    let echoed = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = echoed.clone();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf) {
+            if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            counted.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    });
+    let vsock = format!("3,{}", uds.display());
+    let out = run(&[
+        "--guest",
+        "vsock-agent",
+        "--vsock",
+        &vsock,
+        "--timeout",
+        "3",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        echoed.load(Ordering::SeqCst) >= 8 * 100,
+        "the agent's counter went through the jailed door: {} bytes; {stderr}",
+        echoed.load(Ordering::SeqCst)
+    );
+    assert!(!uds.exists(), "the device's socket is removed");
+    // A relative socket path is refused for a jailed VMM, with the reason.
+    let out = run(&["--guest", "vsock-agent", "--vsock", "3,v.sock"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("absolute path"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

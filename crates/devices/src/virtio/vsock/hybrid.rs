@@ -118,7 +118,7 @@ pub fn listener_path(uds_path: &Path, port: u32) -> PathBuf {
 /// socket at `uds_path`: connects, sends `CONNECT <port>`, and waits (blocking, up to
 /// `wait`) for `OK <host port>`. Returns the stream, the guest's from then on, and its
 /// host port. A guest that refuses closes the stream: that is an error
-/// ([`io::ErrorKind::ConnectionRefused`]).
+/// ([`std::io::ErrorKind::ConnectionRefused`]).
 pub fn connect_with_timeout(
     uds_path: &Path,
     port: u32,

@@ -270,6 +270,7 @@ impl<S: HostStream> Muxer<S> {
                     self.reset(key);
                 } else if flags & SHUTDOWN_SEND != 0 {
                     self.flush(key);
+                    self.finish_if_done(key);
                 }
             }
             Ok(Received::CreditRequested) => self.owe(key, op::CREDIT_UPDATE),
@@ -347,6 +348,20 @@ impl<S: HostStream> Muxer<S> {
         if e.conn.owes_credit_update() {
             self.owe(key, op::CREDIT_UPDATE);
         }
+    }
+
+    /// A connection both sides have finished sending on (the host's stream ended,
+    /// the guest shut down its sending side and all it sent was written) is over:
+    /// the guest gets RST, as a TCP close ends with both FINs. Returns whether it
+    /// was.
+    fn finish_if_done(&mut self, key: (u32, u32)) -> bool {
+        let done = self.conns.get(&key).is_some_and(|e| {
+            e.host_eof && e.conn.guest_shutdown() & SHUTDOWN_SEND != 0 && e.conn.pending() == 0
+        });
+        if done {
+            self.reset(key);
+        }
+        done
     }
 
     /// The host stream `fd` can be written: what waits for it goes.
@@ -471,7 +486,9 @@ impl<S: HostStream> Muxer<S> {
             match e.stream.read(&mut buf[..room]) {
                 Ok(0) => {
                     e.host_eof = true;
-                    self.owe(key, op::SHUTDOWN);
+                    if !self.finish_if_done(key) {
+                        self.owe(key, op::SHUTDOWN);
+                    }
                     return self.to_guest(buf);
                 }
                 Ok(n) => {
@@ -614,9 +631,16 @@ mod tests {
             &got, b"more",
             "a half-closed host side still takes the guest's bytes"
         );
-        m.from_guest(&guest(op::RST, 1024, 52, 0), &[], &mut host);
+        // The guest shuts down its side too: both are done, the guest gets RST and
+        // the host stream ends.
+        let mut shut = guest(op::SHUTDOWN, 1024, 52, 0);
+        shut.flags = SHUTDOWN_SEND;
+        m.from_guest(&shut, &[], &mut host);
+        assert_eq!(op_of(&next(&mut m)), Some(op::RST));
         assert_eq!(m.connections(), 0);
         assert_eq!(m.take_watch(), vec![Watch::Remove(fd)]);
+        let mut end = [0u8; 1];
+        assert_eq!(peer.read(&mut end).unwrap(), 0, "the host stream ends");
     }
 
     #[test]
