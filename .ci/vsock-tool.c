@@ -11,6 +11,15 @@
      vsock-tool unix-serve PATH           accept one connection on a Unix socket at PATH
      vsock-tool unix-hold PATH            accept one, wait until it ends
      vsock-tool unix-echo PATH            accept connections forever, echo each
+     vsock-tool unix-sink PATH            accept connections forever, read each to its end
+     vsock-tool tcp-echo PORT, tcp-sink PORT   the same on TCP (0.0.0.0:PORT)
+     vsock-tool bench-vsock CID PORT BYTES N
+     vsock-tool bench-tcp IP PORT BYTES N
+                                          BYTES to a sink at PORT (the time until it has
+                                          them all: it closes after the end), then N
+                                          connections to an echo at PORT + 1, a byte
+                                          there and back on each; prints
+                                          "throughput <MiB/s> MiB/s connect+rtt <us> us"
 
    The connect, listen and serve forms copy stdin to the connection (then shut down
    its sending side) and the connection to stdout, both at once, until both ends are
@@ -24,6 +33,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
@@ -203,6 +215,85 @@ static int hybrid_connect(const char *uds, const char *port)
     return die("CONNECT (no OK in 60 s)");
 }
 
+static int tcp_listen(const char *port)
+{
+    int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(port))};
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 64) < 0)
+        die("tcp bind/listen");
+    return l;
+}
+
+/* Serve connections on listener l forever: echo each (or read it to its end). */
+static void serve_forever(int l, int echo)
+{
+    for (;;) {
+        int s = accept(l, 0, 0);
+        if (s < 0)
+            die("accept");
+        if (fork() == 0) {
+            static char buf[65536];
+            ssize_t n;
+            while ((n = read(s, buf, sizeof buf)) > 0)
+                if (echo && write_all(s, buf, (size_t)n) < 0)
+                    break;
+            _exit(0);
+        }
+        close(s);
+    }
+}
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+static int tcp_connect(const char *ip, unsigned port)
+{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((unsigned short)port)};
+    if (s < 0 || inet_pton(AF_INET, ip, &a.sin_addr) != 1)
+        die("tcp socket");
+    if (connect(s, (struct sockaddr *)&a, sizeof a) < 0)
+        die("tcp connect");
+    return s;
+}
+
+/* The bench: `connect_to(port)` makes a connection either way. */
+static void bench(int (*connect_to)(const char *, unsigned), const char *peer, unsigned port,
+                  long bytes, int n)
+{
+    static char buf[65536];
+    double t0 = now_s();
+    int s = connect_to(peer, port);
+    for (long left = bytes; left > 0;) {
+        size_t k = left < (long)sizeof buf ? (size_t)left : sizeof buf;
+        if (write_all(s, buf, k) < 0)
+            die("write");
+        left -= (long)k;
+    }
+    shutdown(s, SHUT_WR);
+    while (read(s, buf, sizeof buf) > 0)
+        ;
+    close(s);
+    double t1 = now_s();
+    for (int i = 0; i < n; i++) {
+        int e = connect_to(peer, port + 1);
+        char c = 'x';
+        if (write_all(e, &c, 1) < 0 || read(e, &c, 1) != 1)
+            die("round trip");
+        close(e);
+    }
+    double t2 = now_s();
+    printf("throughput %.1f MiB/s connect+rtt %.0f us\n", (double)bytes / (1 << 20) / (t1 - t0),
+           (t2 - t1) / n * 1e6);
+}
+
+static int vsock_to(const char *cid, unsigned port) { return vsock_connect(atoi(cid), port); }
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -231,23 +322,19 @@ int main(int argc, char **argv)
         if (s < 0)
             die("accept");
         hold(s);
-    } else if (!strcmp(mode, "unix-echo")) {
-        int l = unix_listen(argv[2]);
-        for (;;) {
-            int s = accept(l, 0, 0);
-            if (s < 0)
-                die("accept");
-            if (fork() == 0) {
-                char buf[4096];
-                ssize_t n;
-                while ((n = read(s, buf, sizeof buf)) > 0)
-                    if (write_all(s, buf, (size_t)n) < 0)
-                        break;
-                _exit(0);
-            }
-            close(s);
-        }
-    } else {
+    } else if (!strcmp(mode, "unix-echo"))
+        serve_forever(unix_listen(argv[2]), 1);
+    else if (!strcmp(mode, "unix-sink"))
+        serve_forever(unix_listen(argv[2]), 0);
+    else if (!strcmp(mode, "tcp-echo"))
+        serve_forever(tcp_listen(argv[2]), 1);
+    else if (!strcmp(mode, "tcp-sink"))
+        serve_forever(tcp_listen(argv[2]), 0);
+    else if (!strcmp(mode, "bench-vsock") && argc == 6)
+        bench(vsock_to, argv[2], (unsigned)atoi(argv[3]), atol(argv[4]), atoi(argv[5]));
+    else if (!strcmp(mode, "bench-tcp") && argc == 6)
+        bench(tcp_connect, argv[2], (unsigned)atoi(argv[3]), atol(argv[4]), atoi(argv[5]));
+    else {
         fprintf(stderr, "vsock-tool: unknown mode %s\n", mode);
         return 2;
     }

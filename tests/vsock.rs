@@ -2,7 +2,8 @@
 //! (`Guest::VIRTIO_VSOCK`), the host side as Firecracker's (Unix sockets): a session
 //! both ways through credit exhaustion, a port nobody listens on, many connections,
 //! the host connecting in; a guest that holds a connection across 1,000 snapshot
-//! restores and reconnects after each (one of them a clone with a new context id);
+//! restores and reconnects after each (one of them with a new context id), then two
+//! clones of one snapshot at once, each with its own context id and socket;
 //! and the same guest migrated while its connection streams.
 
 mod common;
@@ -246,8 +247,33 @@ fn a_guest_reconnects_after_each_of_1000_restores() {
     }
     assert_eq!(echo.count(), CYCLES + 1, "one connection per run, no more");
     assert_eq!(m.stop_reason(), None, "the agent never failed a reconnect");
+    // Two clones of one snapshot running at once, each with a context id and a
+    // socket of its own: each reconnects through its own.
+    m.snapshot(&snaps[0]).unwrap();
     drop(m);
     assert!(!uds.exists());
+    let clones: Vec<_> = [(5, "a.sock"), (6, "b.sock")]
+        .into_iter()
+        .map(|(cid, name)| {
+            let uds = dir.0.join(name);
+            let echo = Echo::start(&uds);
+            let serial = SharedBuffer::new();
+            let m = restore(&snaps[0], cid, &uds, &serial);
+            (m, echo, uds, serial)
+        })
+        .collect();
+    for (m, echo, _, serial) in &clones {
+        assert!(
+            echo.wait_for(0, 8),
+            "a clone did not reconnect ({:?}): {}",
+            m.stop_reason(),
+            String::from_utf8_lossy(&serial.contents())
+        );
+    }
+    for (m, _, uds, _) in clones {
+        drop(m);
+        assert!(!uds.exists());
+    }
 }
 
 #[test]
