@@ -161,6 +161,13 @@ impl SnapshotPart for PciPart {
         self.root.refresh(self.device);
         Ok(())
     }
+    fn after_vcpus_restored(&self) {
+        self.transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .interrupt()
+            .raise_again();
+    }
 }
 
 impl MachineBuilder {

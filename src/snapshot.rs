@@ -186,6 +186,10 @@ pub trait SnapshotPart: Send + Sync {
     /// restored guest memory and interrupt controllers are in place, the vCPUs not
     /// yet running. The state came from outside: check it.
     fn restore(&self, saved: &PartReader<'_>) -> Result<(), MachineSnapshotError>;
+    /// The restored machine's vCPUs have their state back (their local APICs among
+    /// it): raise again an interrupt raised since [`SnapshotPart::restore`], which
+    /// that state went over. The default does nothing.
+    fn after_vcpus_restored(&self) {}
 }
 
 /// Where a [`SnapshotPart`] writes its state: its own section of the state file.
@@ -314,6 +318,12 @@ impl SnapshotPart for std::sync::Mutex<vmcraft_devices::virtio::mmio::MmioTransp
             .unwrap_or_else(|p| p.into_inner())
             .restore_state(&state)
             .map_err(MachineSnapshotError::Device)
+    }
+    fn after_vcpus_restored(&self) {
+        self.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .interrupt()
+            .raise_again();
     }
 }
 
@@ -905,11 +915,18 @@ impl MachineBuilder {
                 name: &name,
             })?;
         }
-        self.into_parts()
+        let machine = self
+            .into_parts()
             .start_with(|vm, handler, _| match paused {
                 false => RunningVm::start_restored(vm, &vcpus, handler),
                 true => RunningVm::start_restored_paused(vm, &vcpus, handler),
             })
-            .map_err(MachineSnapshotError::Start)
+            .map_err(MachineSnapshotError::Start)?;
+        // The vCPUs' state went over whatever the devices raised since their
+        // restore: raised again.
+        for (_, part) in machine_parts(&machine.legacy, &machine.virtio, &machine.parts) {
+            part.after_vcpus_restored();
+        }
+        Ok(machine)
     }
 }

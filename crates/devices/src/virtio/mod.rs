@@ -429,6 +429,25 @@ impl Interrupt {
         let _ = self.irq.write(1);
     }
 
+    /// Signal again what may be pending, without changing the status register: with
+    /// MSI-X enabled every queue's vector, else the line if the status register has
+    /// bits set. After a restore, an interrupt a device raised before the vCPUs'
+    /// local APIC state was put back went under it (a vsock's transport reset, raised
+    /// as the device starts): the driver, interrupted again, finds what it missed,
+    /// and finds nothing new otherwise.
+    pub fn raise_again(&self) {
+        if let Some(m) = self.msix.as_ref().filter(|m| m.vectors.enabled()) {
+            for v in m.queues.iter() {
+                m.vectors.fire(v.load(Ordering::SeqCst));
+            }
+            return;
+        }
+        if self.status() != 0 {
+            // A failed write means the counter is saturated: an interrupt is pending.
+            let _ = self.irq.write(1);
+        }
+    }
+
     /// The guest broke the protocol: set NEEDS_RESET and raise a configuration
     /// interrupt. The device stops serving until the driver resets it.
     pub fn device_error(&self) {
