@@ -219,16 +219,12 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     config.validate()?;
     if !args.no_jail {
         // The jailed VMM resolves paths inside the jail.
-        for d in &config.devices {
-            if let vmcraft::config::DeviceConfig::VirtioVsock(v) = d {
-                if v.uds_path.is_relative() {
-                    return Err(format!(
-                        "vsock uds_path {}: give an absolute path (the jailed VMM resolves it inside its jail), or pass --no-jail",
-                        v.uds_path.display()
-                    )
-                    .into());
-                }
-            }
+        if let Some(v) = vsock_of(&config).filter(|v| v.uds_path.is_relative()) {
+            return Err(format!(
+                "vsock uds_path {}: give an absolute path (the jailed VMM resolves it inside its jail), or pass --no-jail",
+                v.uds_path.display()
+            )
+            .into());
         }
     }
     if args.print_config {
@@ -294,11 +290,9 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     if !args.no_jail {
         // A vsock's host side connects to sockets beside its own (`<uds_path>_<port>`)
         // and removes its own at the end: that directory is seen inside.
-        let shared: Vec<&std::path::Path> = (config.devices.iter())
-            .filter_map(|d| match d {
-                vmcraft::config::DeviceConfig::VirtioVsock(v) => v.uds_path.parent(),
-                _ => None,
-            })
+        let shared: Vec<&std::path::Path> = vsock_of(&config)
+            .and_then(|v| v.uds_path.parent())
+            .into_iter()
             .collect();
         if let Some(code) = jail::enter(
             args.jail.as_deref(),
@@ -442,6 +436,14 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
         StopReason::Reset | StopReason::PowerOff | StopReason::Requested => ExitCode::SUCCESS,
         // TripleFault, Crash, Halted, and whatever later versions add.
         _ => ExitCode::FAILURE,
+    })
+}
+
+/// The machine's vsock, if it has one (a machine has at most one).
+fn vsock_of(config: &MachineConfig) -> Option<&vmcraft::config::VsockConfig> {
+    config.devices.iter().find_map(|d| match d {
+        vmcraft::config::DeviceConfig::VirtioVsock(v) => Some(v),
+        _ => None,
     })
 }
 
