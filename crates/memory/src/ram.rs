@@ -78,6 +78,15 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    /// The host could not make the memory file of shared guest RAM.
+    #[error("cannot make a {size:#x}-byte memory file for shared guest RAM")]
+    SharedFile {
+        /// The RAM's size.
+        size: u64,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The memory has not been registered with a VM.
     #[error("guest RAM is not registered with a VM: call GuestRam::register first")]
     NotRegistered,
@@ -174,6 +183,43 @@ impl GuestRam {
         Self::from_regions(regions)
     }
 
+    /// Guest RAM that another process can map: every range of `layout` mapped shared
+    /// from one memory file (`memfd_create`), back to back in guest-physical order.
+    /// Each region's [`file_offset`](vm_memory::GuestMemoryRegion::file_offset) names
+    /// the file and where the region starts in it: what a vhost-user backend is
+    /// given (`SET_MEM_TABLE`) to reach guest memory itself. The file's size is
+    /// sealed, so a process holding it cannot shrink it under the VM (a mapping past
+    /// a file's end faults).
+    ///
+    /// ```
+    /// use vmcraft_memory::{GuestRam, layout::MemoryLayout};
+    /// use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    ///
+    /// let ram = GuestRam::new_shared(&MemoryLayout::x86_64(16 << 20).unwrap()).unwrap();
+    /// assert!(ram.is_shared());
+    /// assert!(ram.memory().iter().all(|r| r.file_offset().is_some()));
+    /// ```
+    pub fn new_shared(layout: &MemoryLayout) -> Result<Self, MemoryError> {
+        let file = shared_memory_file(layout.total())?;
+        Self::map_file(layout, &file, libc::MAP_SHARED)
+    }
+
+    /// Guest RAM for `layout`, shared ([`new_shared`](Self::new_shared)) or anonymous
+    /// ([`new`](Self::new)).
+    pub fn for_layout(layout: &MemoryLayout, shared: bool) -> Result<Self, MemoryError> {
+        if shared {
+            Self::new_shared(layout)
+        } else {
+            Self::new(layout)
+        }
+    }
+
+    /// Whether this RAM is mapped shared from a memory file another process can map
+    /// ([`new_shared`](Self::new_shared)).
+    pub fn is_shared(&self) -> bool {
+        is_shared(&self.memory)
+    }
+
     /// Map every range of `layout` privately (copy-on-write) from `file`, the ranges
     /// back to back in guest-physical order: what
     /// [`save_memory`](crate::snapshot::save_memory) wrote. Nothing is read now; each
@@ -182,6 +228,15 @@ impl GuestRam {
     pub fn from_memory_file(
         layout: &MemoryLayout,
         file: &std::fs::File,
+    ) -> Result<Self, MemoryError> {
+        Self::map_file(layout, file, libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+    }
+
+    /// Map every range of `layout` from `file` with `flags`, back to back.
+    fn map_file(
+        layout: &MemoryLayout,
+        file: &std::fs::File,
+        flags: i32,
     ) -> Result<Self, MemoryError> {
         use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
         use vm_memory::mmap::MmapRegionBuilder;
@@ -202,7 +257,7 @@ impl GuestRam {
                 AtomicBitmap::with_len(r.size as usize),
             )
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_mmap_flags(flags)
             .with_file_offset(FileOffset::new(file, offset))
             .build()
             .map_err(|source| MemoryError::MapFile {
@@ -385,10 +440,78 @@ impl GuestRam {
     }
 }
 
+/// Whether `memory`'s regions are mapped shared from a file
+/// ([`GuestRam::new_shared`]).
+pub(crate) fn is_shared(memory: &GuestMemory) -> bool {
+    memory
+        .iter()
+        .all(|r| r.deref().flags() & libc::MAP_SHARED != 0 && r.file_offset().is_some())
+}
+
+/// A memory file of `size` bytes for shared guest RAM, its size sealed.
+fn shared_memory_file(size: u64) -> Result<std::fs::File, MemoryError> {
+    use std::os::fd::FromRawFd;
+    let failed = |source| MemoryError::SharedFile { size, source };
+    // SAFETY: the name is a NUL-terminated string that outlives the call; the flags
+    // are memfd_create's.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vmcraft-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(failed(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size).map_err(failed)?;
+    // Seal its size: a backend given the file cannot truncate it under the VM's
+    // mappings (where the VMM's own accesses would fault) or grow it.
+    // SAFETY: fcntl on a file this function owns, with an integer argument.
+    let rc = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+    };
+    if rc != 0 {
+        return Err(failed(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn shared_ram_is_one_sealed_file_another_mapping_sees() {
+        use std::os::unix::fs::FileExt;
+        let layout = MemoryLayout::x86_64(8 << 20).unwrap();
+        let ram = GuestRam::new_shared(&layout).unwrap();
+        assert!(ram.is_shared());
+        assert!(!GuestRam::new(&layout).unwrap().is_shared());
+        let region = ram.memory().iter().next().unwrap();
+        let file = region.file_offset().unwrap();
+        assert_eq!(file.start(), 0);
+        assert_eq!(file.file().metadata().unwrap().len(), 8 << 20);
+        // What the guest's memory holds, the file holds: another process mapping it
+        // (a vhost-user backend) sees the same bytes, both ways.
+        ram.memory()
+            .write_obj(0x1234_5678u32, GuestAddress(0x2000))
+            .unwrap();
+        let mut word = [0u8; 4];
+        file.file().read_exact_at(&mut word, 0x2000).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0x1234_5678);
+        file.file().write_all_at(&[0xab], 0x3000).unwrap();
+        assert_eq!(ram.memory().read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 0xab);
+        // Its size is sealed.
+        assert!(file.file().set_len(4096).is_err());
+        assert!(file.file().set_len(16 << 20).is_err());
+    }
 
     #[test]
     fn dirty_pages_decode_bitmaps() {
