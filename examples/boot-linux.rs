@@ -80,7 +80,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let resources = config.open()?;
 
     let serial = SharedBuffer::new();
-    let mut builder = MachineBuilder::new(config.memory_bytes(), Box::new(Tee(serial.clone())))?;
+    let mut builder = MachineBuilder::for_config(&config, Box::new(Tee(serial.clone())))?;
     builder.configure(&config, resources)?;
     let (loaded, vcpus) = builder.load_configured_linux()?;
     eprintln!(

@@ -249,6 +249,21 @@ impl MachineBuilder {
         Self::with_ram(layout, ram, serial_out)
     }
 
+    /// [`MachineBuilder::new`] with the RAM `config` asks for: its size, shared from
+    /// a memory file when it has vhost-user devices or asks for shared memory
+    /// ([`MachineConfig::memory_is_shared`](crate::config::MachineConfig::memory_is_shared)).
+    /// Then [`configure`](Self::configure) it with the same configuration.
+    pub fn for_config(
+        config: &crate::config::MachineConfig,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Self, BuildError> {
+        let bytes = config.memory_bytes();
+        let layout = MemoryLayout::x86_64(bytes).map_err(|e| BuildError::Layout(bytes, e))?;
+        let ram =
+            GuestRam::for_layout(&layout, config.memory_is_shared()).map_err(BuildError::Memory)?;
+        Self::with_ram(layout, ram, serial_out)
+    }
+
     /// [`MachineBuilder::new`] on guest RAM of the caller's making (restored from a
     /// snapshot, say), laid out as `layout`.
     pub fn with_ram(

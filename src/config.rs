@@ -72,6 +72,11 @@ pub struct MachineConfig {
     /// How the virtio devices reach the guest.
     #[serde(default)]
     pub transport: VirtioTransport,
+    /// Map guest RAM shared from a memory file that other processes can map (a
+    /// vhost-user backend reads and writes guest memory itself). Implied by any
+    /// vhost-user device; see [`MachineConfig::shared_memory`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_memory: bool,
 }
 
 /// The transport of a machine's virtio devices.
@@ -104,6 +109,7 @@ impl Default for MachineConfig {
             xen: false,
             ksm: false,
             transport: VirtioTransport::Mmio,
+            shared_memory: false,
         }
     }
 }
@@ -197,6 +203,74 @@ pub enum DeviceConfig {
     Ata(DiskConfig),
     /// virtio-vsock with Firecracker's host side on Unix sockets.
     VirtioVsock(VsockConfig),
+    /// virtio-blk served by a vhost-user backend (qemu-storage-daemon's
+    /// `vhost-user-blk` export, vmcraft's own backend); its capacity and the rest of
+    /// its configuration come from the backend.
+    VhostUserBlk(VhostUserConfig),
+    /// virtio-fs served by a vhost-user backend (virtiofsd).
+    VhostUserFs(VhostUserFsConfig),
+    /// virtio-rng served by a vhost-user backend (vhost-device-rng).
+    VhostUserRng(VhostUserConfig),
+    /// virtio-vsock served by a vhost-user backend (vhost-device-vsock); the guest's
+    /// CID comes from the backend.
+    VhostUserVsock(VhostUserConfig),
+    /// Any virtio device type served by a vhost-user backend, its configuration
+    /// space read from the backend.
+    VhostUser(VhostUserGenericConfig),
+}
+
+/// A vhost-user device of a known type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserConfig {
+    /// The backend's Unix socket (it listens; the VMM connects when it opens the
+    /// machine's resources).
+    pub socket: PathBuf,
+    /// Request queues (virtio-blk only: 1 to 16). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
+    /// Each queue's size (a power of two, 2 to 1024). Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
+}
+
+/// A virtio-fs device on a vhost-user backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserFsConfig {
+    /// The backend's Unix socket.
+    pub socket: PathBuf,
+    /// The tag the guest mounts (`mount -t virtiofs TAG DIR`): 1 to 36 bytes.
+    pub tag: String,
+    /// Request queues (1 to 16; the high-priority queue comes with them). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
+    /// Each queue's size (a power of two, 2 to 1024). Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
+}
+
+/// A vhost-user device of any type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserGenericConfig {
+    /// The backend's Unix socket.
+    pub socket: PathBuf,
+    /// The virtio device ID (1 to 63).
+    pub device_type: u32,
+    /// How many queues (1 to 64).
+    pub queues: u16,
+    /// Each queue's size (a power of two, 2 to 1024). Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
+    /// Bytes of configuration space read from the backend (0: none; at most 256).
+    #[serde(default)]
+    pub config_size: u32,
+}
+
+impl VhostUserGenericConfig {
+    /// The most bytes of configuration space read from a backend.
+    pub const MAX_CONFIG_SIZE: u32 = 256;
 }
 
 /// A virtio-vsock device: host-guest stream sockets, reached from the host as
@@ -270,7 +344,75 @@ impl DeviceConfig {
             DeviceConfig::XenConsole => "xen-console",
             DeviceConfig::Ata(_) => "ata",
             DeviceConfig::VirtioVsock(_) => "virtio-vsock",
+            DeviceConfig::VhostUserBlk(_) => "vhost-user-blk",
+            DeviceConfig::VhostUserFs(_) => "vhost-user-fs",
+            DeviceConfig::VhostUserRng(_) => "vhost-user-rng",
+            DeviceConfig::VhostUserVsock(_) => "vhost-user-vsock",
+            DeviceConfig::VhostUser(_) => "vhost-user",
         }
+    }
+
+    /// The backend socket of a vhost-user device.
+    pub fn vhost_user_socket(&self) -> Option<&Path> {
+        match self {
+            DeviceConfig::VhostUserBlk(c)
+            | DeviceConfig::VhostUserRng(c)
+            | DeviceConfig::VhostUserVsock(c) => Some(&c.socket),
+            DeviceConfig::VhostUserFs(c) => Some(&c.socket),
+            DeviceConfig::VhostUser(c) => Some(&c.socket),
+            _ => None,
+        }
+    }
+
+    fn vhost_user_socket_mut(&mut self) -> Option<&mut PathBuf> {
+        match self {
+            DeviceConfig::VhostUserBlk(c)
+            | DeviceConfig::VhostUserRng(c)
+            | DeviceConfig::VhostUserVsock(c) => Some(&mut c.socket),
+            DeviceConfig::VhostUserFs(c) => Some(&mut c.socket),
+            DeviceConfig::VhostUser(c) => Some(&mut c.socket),
+            _ => None,
+        }
+    }
+
+    /// The device as a vhost-user frontend asks its backend for it (type, queues,
+    /// configuration space), for a vhost-user device.
+    pub fn vhost_user_spec(
+        &self,
+    ) -> Option<Result<vmcraft_devices::virtio::vhost_user::VhostUserSpec, String>> {
+        use vmcraft_devices::virtio::vhost_user::{ConfigSpace, VhostUserSpec};
+        let sized = |mut spec: VhostUserSpec, size: Option<u16>| {
+            if let Some(size) = size {
+                spec.queue_sizes.iter_mut().for_each(|s| *s = size);
+            }
+            spec
+        };
+        let spec = match self {
+            DeviceConfig::VhostUserBlk(c) => Ok(sized(
+                VhostUserSpec::block(c.queues.unwrap_or(1)),
+                c.queue_size,
+            )),
+            DeviceConfig::VhostUserRng(c) => Ok(sized(VhostUserSpec::rng(), c.queue_size)),
+            DeviceConfig::VhostUserVsock(c) => Ok(sized(VhostUserSpec::vsock(), c.queue_size)),
+            DeviceConfig::VhostUserFs(c) => VhostUserSpec::fs(&c.tag, c.queues.unwrap_or(1))
+                .map(|spec| sized(spec, c.queue_size))
+                .map_err(|e| e.to_string()),
+            DeviceConfig::VhostUser(c) => Ok(VhostUserSpec {
+                device_type: c.device_type,
+                queue_sizes: vec![
+                    c.queue_size.unwrap_or(
+                        vmcraft_devices::virtio::vhost_user::DEFAULT_QUEUE_SIZE
+                    );
+                    usize::from(c.queues)
+                ],
+                config: match c.config_size {
+                    0 => ConfigSpace::None,
+                    n => ConfigSpace::FromBackend(n),
+                },
+            }),
+            _ => return None,
+        };
+        Some(spec)
     }
 
     /// The disk this device serves, if it serves one.
@@ -521,6 +663,59 @@ impl MachineConfig {
                 {
                     return Err(invalid(field(".socket"), "no path"));
                 }
+                DeviceConfig::VhostUserBlk(c)
+                | DeviceConfig::VhostUserRng(c)
+                | DeviceConfig::VhostUserVsock(c) => {
+                    let blk = matches!(device, DeviceConfig::VhostUserBlk(_));
+                    match c.queues {
+                        Some(n) if blk && !(1..=16).contains(&n) => {
+                            return Err(invalid(field(".queues"), format!("{n} queues (1 to 16)")))
+                        }
+                        Some(n) if !blk => {
+                            return Err(invalid(
+                                field(".queues"),
+                                format!("{n} queues: a {kind} has a fixed set"),
+                            ))
+                        }
+                        _ => {}
+                    }
+                    check_vhost_user(&c.socket, c.queue_size, &field)?;
+                }
+                DeviceConfig::VhostUserFs(c) => {
+                    if let Some(n) = c.queues.filter(|n| !(1..=16).contains(n)) {
+                        return Err(invalid(field(".queues"), format!("{n} queues (1 to 16)")));
+                    }
+                    check_vhost_user(&c.socket, c.queue_size, &field)?;
+                    if let Some(Err(problem)) = device.vhost_user_spec() {
+                        return Err(invalid(field(".tag"), problem));
+                    }
+                }
+                DeviceConfig::VhostUser(c) => {
+                    check_vhost_user(&c.socket, c.queue_size, &field)?;
+                    if !(1..64).contains(&c.device_type) {
+                        return Err(invalid(
+                            field(".device_type"),
+                            format!("{} is not a virtio device ID (1 to 63)", c.device_type),
+                        ));
+                    }
+                    let max = vmcraft_devices::virtio::vhost_user::MAX_QUEUES;
+                    if !(1..=max).contains(&usize::from(c.queues)) {
+                        return Err(invalid(
+                            field(".queues"),
+                            format!("{} queues (1 to {max})", c.queues),
+                        ));
+                    }
+                    if c.config_size > VhostUserGenericConfig::MAX_CONFIG_SIZE {
+                        return Err(invalid(
+                            field(".config_size"),
+                            format!(
+                                "{} bytes (at most {})",
+                                c.config_size,
+                                VhostUserGenericConfig::MAX_CONFIG_SIZE
+                            ),
+                        ));
+                    }
+                }
                 DeviceConfig::VirtioVsock(vsock) => {
                     if !vmcraft_devices::virtio::vsock::wire::valid_guest_cid(vsock.guest_cid) {
                         return Err(invalid(
@@ -539,6 +734,27 @@ impl MachineConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether guest RAM is mapped shared from a memory file: asked for, or needed by
+    /// a vhost-user device.
+    pub fn memory_is_shared(&self) -> bool {
+        self.shared_memory || self.devices.iter().any(|d| d.vhost_user_socket().is_some())
+    }
+
+    /// Why this machine cannot be saved (snapshots, migration), if it cannot: a
+    /// device whose state lives in another process (a vhost-user backend's).
+    pub fn unsavable(&self) -> Option<String> {
+        self.devices
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.vhost_user_socket().is_some())
+            .map(|(i, d)| {
+                format!(
+                    "devices[{i}] ({}) is served by a vhost-user backend, whose state is not saved",
+                    d.kind()
+                )
+            })
     }
 
     /// Check that a machine built from `self` can take the state of one built from
@@ -589,6 +805,11 @@ impl MachineConfig {
                 match d {
                     DeviceConfig::VirtioNet(net) => net.tap.clear(),
                     DeviceConfig::VirtioConsole(c) => c.socket = None,
+                    d if d.vhost_user_socket().is_some() => {
+                        if let Some(socket) = d.vhost_user_socket_mut() {
+                            *socket = PathBuf::new();
+                        }
+                    }
                     // A clone may get a new context id: the guest reads it again at
                     // the transport reset a restored vsock sends.
                     DeviceConfig::VirtioVsock(v) => {
@@ -621,6 +842,13 @@ impl MachineConfig {
                 (DeviceConfig::VirtioVsock(v), DeviceConfig::VirtioVsock(hv)) => {
                     *v = hv.clone();
                 }
+                (d, h) if h.vhost_user_socket().is_some() => {
+                    if let (Some(socket), Some(hs)) =
+                        (d.vhost_user_socket_mut(), h.vhost_user_socket())
+                    {
+                        *socket = hs.to_path_buf();
+                    }
+                }
                 (d, h) => {
                     if let (Some(disk), Some(hd)) = (d.disk_mut(), h.disk()) {
                         disk.path = hd.path.clone();
@@ -630,6 +858,24 @@ impl MachineConfig {
         }
         Ok(out)
     }
+}
+
+/// A vhost-user device's socket and queue size checked.
+fn check_vhost_user(
+    socket: &Path,
+    queue_size: Option<u16>,
+    field: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    if socket.as_os_str().is_empty() {
+        return Err(invalid(field(".socket"), "no path"));
+    }
+    if let Some(size) = queue_size.filter(|s| !(2..=1024).contains(s) || !s.is_power_of_two()) {
+        return Err(invalid(
+            field(".queue_size"),
+            format!("{size} (a power of two, 2 to 1024)"),
+        ));
+    }
+    Ok(())
 }
 
 /// A MAC address from `aa:bb:cc:dd:ee:ff`; a multicast address is refused.
@@ -675,6 +921,8 @@ pub enum DeviceResource {
     Tap(Vec<vmcraft_devices::virtio::tap::Tap>),
     /// A vsock device's socket, bound at its path (which the device removes).
     Vsock(vmcraft_devices::virtio::vsock::door::BoundSocket),
+    /// A vhost-user backend's socket, connected.
+    VhostUser(std::os::unix::net::UnixStream),
 }
 
 impl MachineConfig {
@@ -722,6 +970,13 @@ impl MachineConfig {
                         .accept()
                         .map_err(|e| open_err(field(".socket"), path, e))?;
                     DeviceResource::Socket(stream)
+                }
+                d if d.vhost_user_socket().is_some() => {
+                    let path = d.vhost_user_socket().unwrap_or(Path::new(""));
+                    DeviceResource::VhostUser(
+                        std::os::unix::net::UnixStream::connect(path)
+                            .map_err(|e| open_err(field(".socket"), path, e))?,
+                    )
                 }
                 DeviceConfig::VirtioVsock(vsock) => DeviceResource::Vsock(
                     vmcraft_devices::virtio::vsock::door::BoundSocket::bind(&vsock.uds_path)

@@ -12,6 +12,7 @@ use vmcraft_devices::virtio::block::{Block, Disk};
 use vmcraft_devices::virtio::console::Console;
 use vmcraft_devices::virtio::net::Net;
 use vmcraft_devices::virtio::rng::Rng;
+use vmcraft_devices::virtio::vhost_user::VhostUser;
 use vmcraft_devices::virtio::vsock::device::Vsock;
 use vmcraft_devices::virtio::vsock::door::Door;
 use vmcraft_devices::virtio::vsock::muxer::Limits as VsockLimits;
@@ -91,6 +92,19 @@ impl MachineBuilder {
                     config.devices.len(),
                     resources.devices.len()
                 ),
+            }
+            .into());
+        }
+        if config.memory_is_shared() && !self.vm().ram().is_shared() {
+            return Err(ConfigError::Invalid {
+                field: "shared_memory".into(),
+                problem: match config.devices.iter().find(|d| d.vhost_user_socket().is_some()) {
+                    Some(d) => format!(
+                        "a {} needs guest RAM another process can map, and this machine's is private (build it with MachineBuilder::for_config)",
+                        d.kind()
+                    ),
+                    None => "asked for, and this machine's RAM is private (build it with MachineBuilder::for_config)".into(),
+                },
             }
             .into());
         }
@@ -214,6 +228,16 @@ impl MachineBuilder {
                     .map_err(|e| failed(Box::new(e)))?;
                     self.add_virtio_on(config.transport, Box::new(device))?;
                 }
+                (d, DeviceResource::VhostUser(stream)) => {
+                    let Some(spec) = d.vhost_user_spec() else {
+                        return Err(mismatch());
+                    };
+                    let spec = spec.map_err(|e| failed(e.into()))?;
+                    let name = format!("{kind}{index}");
+                    let device = VhostUser::on_stream(stream, spec, &name)
+                        .map_err(|e| failed(Box::new(e)))?;
+                    self.add_virtio_on(config.transport, Box::new(device))?;
+                }
                 (DeviceConfig::XenDisk(disk), DeviceResource::Disk(file)) => {
                     xen_disks.push(XenDisk {
                         file,
@@ -279,6 +303,7 @@ impl MachineBuilder {
             4 => "rng",
             5 => "balloon",
             19 => "vsock",
+            26 => "fs",
             _ => "virtio",
         };
         let interrupt = match transport {

@@ -117,6 +117,9 @@ pub enum MachineSnapshotError {
     /// Guest memory could not be mapped from the memory file.
     #[error("cannot map guest memory from the snapshot")]
     MapMemory(#[source] MemoryError),
+    /// The machine has a part whose state cannot be saved.
+    #[error("this machine cannot be saved: {0}")]
+    Unsavable(String),
     /// The machine could not be built around the restored memory.
     #[error("cannot build the restored machine")]
     Build(#[source] BuildError),
@@ -646,6 +649,7 @@ impl Machine {
     pub(crate) fn pause_and_save_state(
         &self,
     ) -> Result<(SnapshotBuilder, Duration), MachineSnapshotError> {
+        self.check_savable()?;
         let start = Instant::now();
         let vcpus = self
             .running
@@ -675,6 +679,15 @@ impl Machine {
             b.put(&vcpu_section(i as u32), state).map_err(file)?;
         }
         Ok((b, pause))
+    }
+
+    /// Refuse to save a machine that has a part whose state is not saved (a device
+    /// served by a vhost-user backend), before anything is paused.
+    pub fn check_savable(&self) -> Result<(), MachineSnapshotError> {
+        match self.config().and_then(|c| c.unsavable()) {
+            Some(why) => Err(MachineSnapshotError::Unsavable(why)),
+            None => Ok(()),
+        }
     }
 
     /// What a restore must rebuild: RAM, vCPUs, devices.
@@ -808,8 +821,13 @@ impl MachineBuilder {
         let bytes = saved.info.ram_bytes;
         let layout =
             MemoryLayout::x86_64(bytes).map_err(|e| MachineSnapshotError::Layout(bytes, e))?;
-        let ram =
-            GuestRam::from_memory_file(&layout, memory).map_err(MachineSnapshotError::MapMemory)?;
+        let shared = saved.config()?.is_some_and(|c| c.memory_is_shared());
+        let ram = if shared {
+            GuestRam::shared_from_memory_file(&layout, memory)
+        } else {
+            GuestRam::from_memory_file(&layout, memory)
+        }
+        .map_err(MachineSnapshotError::MapMemory)?;
         if saved.verified {
             let signed: MemoryDigest = saved
                 .snapshot

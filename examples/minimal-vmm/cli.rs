@@ -131,6 +131,15 @@ pub struct Args {
     #[arg(long, value_name = "CID,PATH", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
 
+    /// A device served by a vhost-user backend listening on the Unix socket PATH
+    /// (repeatable; guest RAM is then shared from a memory file the backend maps):
+    /// KIND is blk (qemu-storage-daemon, vmcraft-vhost-user-backend; queues=N),
+    /// fs (virtiofsd; tag=TAG, what the guest mounts), rng, vsock (vhost-device-*),
+    /// or generic (type=N, the virtio device ID; queues=N; config=BYTES of
+    /// configuration space from the backend); queue-size=N for any
+    #[arg(long = "vhost-user", value_name = "KIND,PATH[,key=value...]", value_parser = parse_vhost_user)]
+    pub vhost_user: Vec<DeviceConfig>,
+
     /// vmcraft's PV channel (event channels, grants, a PV console and the first
     /// --disk as a PV block device); alone, run the PV demo guest
     #[arg(long, conflicts_with_all = ["xen", "kernel"])]
@@ -459,6 +468,71 @@ fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
     })
 }
 
+fn parse_vhost_user(s: &str) -> Result<DeviceConfig, String> {
+    use vmcraft::config::{VhostUserConfig, VhostUserFsConfig, VhostUserGenericConfig};
+    let mut parts = s.split(',');
+    let kind = parts.next().unwrap_or_default();
+    let socket: std::path::PathBuf = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| format!("{s:?} is not KIND,PATH[,key=value...]"))?
+        .into();
+    let (mut tag, mut queues, mut queue_size, mut device_type, mut config_size) =
+        (None, None, None, None, 0u32);
+    for flag in parts {
+        let (key, value) = flag
+            .split_once('=')
+            .ok_or_else(|| format!("{flag:?} is not key=value"))?;
+        let number = |what: &str| {
+            value
+                .parse::<u32>()
+                .map_err(|e| format!("{what} {value:?}: {e}"))
+        };
+        match key {
+            "tag" => tag = Some(value.to_string()),
+            "queues" => queues = Some(u16::try_from(number("queues")?).map_err(|e| e.to_string())?),
+            "queue-size" => {
+                queue_size = Some(u16::try_from(number("queue-size")?).map_err(|e| e.to_string())?)
+            }
+            "type" => device_type = Some(number("type")?),
+            "config" => config_size = number("config")?,
+            _ => {
+                return Err(format!(
+                    "unknown vhost-user flag {key:?} (tag, queues, queue-size, type, config)"
+                ))
+            }
+        }
+    }
+    let known = |queues| VhostUserConfig {
+        socket: socket.clone(),
+        queues,
+        queue_size,
+    };
+    let refuse = |what: &str| Err(format!("{what} is not a flag of a vhost-user {kind}"));
+    match kind {
+        "blk" => Ok(DeviceConfig::VhostUserBlk(known(queues))),
+        "rng" | "vsock" if queues.is_some() => refuse("queues"),
+        "rng" => Ok(DeviceConfig::VhostUserRng(known(None))),
+        "vsock" => Ok(DeviceConfig::VhostUserVsock(known(None))),
+        "fs" => Ok(DeviceConfig::VhostUserFs(VhostUserFsConfig {
+            socket: socket.clone(),
+            tag: tag.ok_or("a vhost-user fs needs tag=TAG")?,
+            queues,
+            queue_size,
+        })),
+        "generic" => Ok(DeviceConfig::VhostUser(VhostUserGenericConfig {
+            socket: socket.clone(),
+            device_type: device_type.ok_or("a generic vhost-user device needs type=N")?,
+            queues: queues.unwrap_or(1),
+            queue_size,
+            config_size,
+        })),
+        _ => Err(format!(
+            "vhost-user kind {kind:?} (blk, fs, rng, vsock or generic)"
+        )),
+    }
+}
+
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let mut parts = s.split(',');
     let mut disk = DiskConfig::new(parts.next().unwrap_or_default());
@@ -486,6 +560,7 @@ impl Args {
             || self.balloon
             || self.net_tap.is_some()
             || self.vsock.is_some()
+            || !self.vhost_user.is_empty()
             || self.pv
             || self.xen
     }
@@ -581,6 +656,7 @@ impl Args {
         if let Some(vsock) = &self.vsock {
             devices.push(DeviceConfig::VirtioVsock(vsock.clone()));
         }
+        devices.extend(self.vhost_user.iter().cloned());
         let config = MachineConfig {
             memory_mib,
             vcpus,
@@ -589,6 +665,7 @@ impl Args {
             xen: self.xen,
             ksm: self.ksm,
             transport: self.transport(saved),
+            shared_memory: false,
         };
         self.check_guest(&config)?;
         Ok(config)
@@ -606,7 +683,7 @@ impl Args {
         let virtio = config
             .devices
             .iter()
-            .any(|d| d.kind().starts_with("virtio-"));
+            .any(|d| d.kind().starts_with("virtio-") || d.kind().starts_with("vhost-user"));
         if config.transport == VirtioTransport::Pci && virtio {
             return Err(
                 "the embedded guests drive virtio-mmio: --transport pci is for a --kernel".into(),
@@ -618,9 +695,9 @@ impl Args {
                 "--pv runs its own guest (or --guest pvcheck): no other --guest"
             }
             GuestName::Blkcheck | GuestName::VirtioBlk | GuestName::VirtioBlkFlush
-                if !has("virtio-block") =>
+                if !has("virtio-block") && !has("vhost-user-blk") =>
             {
-                "this guest needs a --disk it may overwrite"
+                "this guest needs a --disk (or a --vhost-user blk) it may overwrite"
             }
             GuestName::VirtioConsole if !has("virtio-console") || has("virtio-block") => {
                 "--guest virtio-console needs --console or --console-socket, and no --disk"

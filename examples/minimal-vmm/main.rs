@@ -336,7 +336,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn Error>> {
     };
     let machine = match origin {
         Origin::Fresh => {
-            let mut b = MachineBuilder::new(config.memory_bytes(), serial())?;
+            let mut b = MachineBuilder::for_config(&config, serial())?;
             b.configure(&config, resources)?;
             add_boot_timer(&mut b)?;
             let vcpus = boot(&mut b, &config, &args)?;

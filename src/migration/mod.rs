@@ -460,6 +460,7 @@ impl Machine {
         options: MigrationOptions,
         start: Instant,
     ) -> Result<MigrationReport, MigrationError> {
+        self.check_savable().map_err(MigrationError::State)?;
         let mut channel = session.channel;
         channel.set_peer_timeout(options.peer_timeout);
         channel.set_deadline(options.deadline);
@@ -891,6 +892,10 @@ fn receive<S: Transport>(
     // The source's machine, if it was built from a configuration, checked against
     // this one's before any memory is allocated or comes.
     let mut first = channel.recv()?;
+    let mut shared = options
+        .config
+        .as_ref()
+        .is_some_and(|c| c.memory_is_shared());
     if let Message::Config(json) = first {
         let text = std::str::from_utf8(json)
             .map_err(|_| MigrationError::Protocol("a configuration that is not UTF-8".into()))?;
@@ -899,13 +904,15 @@ fn receive<S: Transport>(
             ours.check_same_machine(&theirs)
                 .map_err(MigrationError::Config)?;
         }
+        shared |= theirs.memory_is_shared();
         channel.send(&Message::Accepted)?;
         channel.flush()?;
         first = channel.recv()?;
     }
     let layout =
         MemoryLayout::x86_64(ram_bytes).map_err(|e| MigrationError::Ram(ram_bytes, e.into()))?;
-    let ram = GuestRam::new(&layout).map_err(|e| MigrationError::Ram(ram_bytes, e.into()))?;
+    let ram = GuestRam::for_layout(&layout, shared)
+        .map_err(|e| MigrationError::Ram(ram_bytes, e.into()))?;
     let mut receiver = Receiver::new(ram.memory().clone(), ram_bytes, vcpus);
     let mut message = first;
     let state = loop {

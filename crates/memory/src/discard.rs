@@ -123,7 +123,11 @@ mod tests {
         discard(m, GuestAddress(0x10_0000), 3 * PAGE_SIZE).unwrap();
         // (Fewer blocks: exactly 24 fewer unless the host backs shared memory with
         // huge pages, which a partial hole splits.)
-        assert!(blocks(file) < before, "{} blocks, {before} before", blocks(file));
+        assert!(
+            blocks(file) < before,
+            "{} blocks, {before} before",
+            blocks(file)
+        );
         // The file (what a backend maps) reads zeros there and holds fewer pages.
         let mut byte = [0u8];
         file.read_exact_at(&mut byte, 0x10_0000).unwrap();

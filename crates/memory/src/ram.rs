@@ -214,6 +214,49 @@ impl GuestRam {
         }
     }
 
+    /// Shared guest RAM ([`new_shared`](Self::new_shared)) holding what `file` holds:
+    /// a memory file as [`save_memory`](crate::snapshot::save_memory) wrote it (the
+    /// ranges back to back), which must be exactly as long as the layout's RAM. Unlike
+    /// [`from_memory_file`](Self::from_memory_file) the pages are read now (another
+    /// process cannot map a copy-on-write mapping); only the file's data extents are
+    /// copied, its holes stay unallocated.
+    pub fn shared_from_memory_file(
+        layout: &MemoryLayout,
+        file: &std::fs::File,
+    ) -> Result<Self, MemoryError> {
+        use std::os::unix::fs::FileExt;
+        let len = file.metadata().map_err(MemoryError::MemoryFile)?.len();
+        if len != layout.total() {
+            return Err(MemoryError::MemoryFileSize {
+                file: len,
+                ram: layout.total(),
+            });
+        }
+        let ram = Self::new_shared(layout)?;
+        let shared = ram
+            .memory
+            .iter()
+            .next()
+            .and_then(|r| r.file_offset())
+            .map(|f| f.file().try_clone())
+            .ok_or(MemoryError::NotRegistered)?
+            .map_err(MemoryError::MemoryFile)?;
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut offset = 0u64;
+        while let Some((start, end)) = next_data_extent(file, offset, len)? {
+            let mut at = start;
+            while at < end {
+                let n = buffer.len().min((end - at) as usize);
+                file.read_exact_at(&mut buffer[..n], at)
+                    .and_then(|()| shared.write_all_at(&buffer[..n], at))
+                    .map_err(MemoryError::MemoryFile)?;
+                at += n as u64;
+            }
+            offset = end;
+        }
+        Ok(ram)
+    }
+
     /// Whether this RAM is mapped shared from a memory file another process can map
     /// ([`new_shared`](Self::new_shared)).
     pub fn is_shared(&self) -> bool {
@@ -448,6 +491,38 @@ pub(crate) fn is_shared(memory: &GuestMemory) -> bool {
         .all(|r| r.deref().flags() & libc::MAP_SHARED != 0 && r.file_offset().is_some())
 }
 
+/// The next extent of data in `file` at or after `offset` (before `len`), as
+/// `(start, end)`: `lseek`'s `SEEK_DATA` and `SEEK_HOLE`.
+fn next_data_extent(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> Result<Option<(u64, u64)>, MemoryError> {
+    use std::os::fd::AsRawFd;
+    if offset >= len {
+        return Ok(None);
+    }
+    let seek = |from: u64, whence: i32| -> Result<Option<u64>, MemoryError> {
+        // SAFETY: lseek on a descriptor `file` owns; it moves only the file position.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
+        if at < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data past `from`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(MemoryError::MemoryFile(e))
+            };
+        }
+        Ok(Some(at as u64))
+    };
+    let Some(start) = seek(offset, libc::SEEK_DATA)? else {
+        return Ok(None);
+    };
+    let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+    Ok((start < end).then_some((start, end)))
+}
+
 /// A memory file of `size` bytes for shared guest RAM, its size sealed.
 fn shared_memory_file(size: u64) -> Result<std::fs::File, MemoryError> {
     use std::os::fd::FromRawFd;
@@ -507,10 +582,54 @@ mod tests {
         file.file().read_exact_at(&mut word, 0x2000).unwrap();
         assert_eq!(u32::from_le_bytes(word), 0x1234_5678);
         file.file().write_all_at(&[0xab], 0x3000).unwrap();
-        assert_eq!(ram.memory().read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 0xab);
+        assert_eq!(
+            ram.memory().read_obj::<u8>(GuestAddress(0x3000)).unwrap(),
+            0xab
+        );
         // Its size is sealed.
         assert!(file.file().set_len(4096).is_err());
         assert!(file.file().set_len(16 << 20).is_err());
+    }
+
+    #[test]
+    fn shared_ram_from_a_sparse_memory_file_holds_its_data_and_leaves_its_holes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let layout = MemoryLayout::x86_64(8 << 20).unwrap();
+        let dir = std::env::temp_dir().join(format!("vmcraft-shared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("memory");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        file.set_len(8 << 20).unwrap();
+        file.write_all_at(b"first", 0x1000).unwrap();
+        file.write_all_at(b"last", (8 << 20) - 4).unwrap();
+        let ram = GuestRam::shared_from_memory_file(&layout, &file).unwrap();
+        assert!(ram.is_shared());
+        let mut got = [0u8; 5];
+        ram.memory()
+            .read_slice(&mut got, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(&got, b"first");
+        let mut got = [0u8; 4];
+        ram.memory()
+            .read_slice(&mut got, GuestAddress((8 << 20) - 4))
+            .unwrap();
+        assert_eq!(&got, b"last");
+        // Only the file's data was copied: a few pages, not 8 MiB.
+        let shared = ram.memory().iter().next().unwrap().file_offset().unwrap();
+        assert!(shared.file().metadata().unwrap().blocks() * 512 < 1 << 20);
+        // A file of another length is refused.
+        file.set_len(4 << 20).unwrap();
+        assert!(matches!(
+            GuestRam::shared_from_memory_file(&layout, &file),
+            Err(MemoryError::MemoryFileSize { .. })
+        ));
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod tap;
 #[cfg(test)]
 mod test_util;
 pub mod transport;
+pub mod vhost_user;
 pub mod vsock;
 pub mod worker;
 
