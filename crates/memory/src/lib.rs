@@ -34,7 +34,7 @@ pub mod report;
 pub mod snapshot;
 pub mod vectored;
 
-pub use ram::{DirtyPages, GuestRam, MemoryError, PAGE_SIZE};
+pub use ram::{map_shared_regions, DirtyPages, GuestRam, MemoryError, SharedRegion, PAGE_SIZE};
 pub use vm_memory;
 
 /// The guest memory type every vmcraft crate shares: mmap-backed regions that track the

@@ -87,6 +87,18 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    /// A memory file given for a region of shared guest memory does not cover it.
+    #[error("the memory file of the {size:#x}-byte region at {start:#x} holds {file_len} bytes, short of offset {offset:#x} plus the region")]
+    SharedRegionOutsideFile {
+        /// Guest-physical start of the region.
+        start: u64,
+        /// Its size.
+        size: u64,
+        /// Where the region starts in the file.
+        offset: u64,
+        /// The file's length.
+        file_len: u64,
+    },
     /// The memory has not been registered with a VM.
     #[error("guest RAM is not registered with a VM: call GuestRam::register first")]
     NotRegistered,
@@ -483,6 +495,63 @@ impl GuestRam {
     }
 }
 
+/// One region of guest memory that another process shares through a memory file:
+/// what a vhost-user backend is given (`SET_MEM_TABLE`).
+#[derive(Debug, Clone, Copy)]
+pub struct SharedRegion<'a> {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The memory file.
+    pub file: &'a std::fs::File,
+    /// Where the region starts in the file.
+    pub offset: u64,
+}
+
+/// Map `regions` of another process's guest memory shared into this one, as vmcraft's
+/// [`GuestMemory`] (a vhost-user backend serving the guest with vmcraft's device
+/// code). Each file must cover its region: a region past a file's end would fault
+/// when touched.
+pub fn map_shared_regions(regions: &[SharedRegion<'_>]) -> Result<GuestMemory, MemoryError> {
+    use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::FileOffset;
+    let mut mapped = Vec::with_capacity(regions.len());
+    for r in regions {
+        let file_len = r.file.metadata().map_err(MemoryError::MemoryFile)?.len();
+        let outside = MemoryError::SharedRegionOutsideFile {
+            start: r.guest_addr,
+            size: r.size,
+            offset: r.offset,
+            file_len,
+        };
+        if r.size == 0
+            || usize::try_from(r.size).is_err()
+            || r.offset.checked_add(r.size).is_none_or(|end| end > file_len)
+        {
+            return Err(outside);
+        }
+        let file = r.file.try_clone().map_err(MemoryError::MemoryFile)?;
+        let map = MmapRegionBuilder::new_with_bitmap(
+            r.size as usize,
+            AtomicBitmap::with_len(r.size as usize),
+        )
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+        .with_file_offset(FileOffset::new(file, r.offset))
+        .build()
+        .map_err(|source| MemoryError::MapFile {
+            start: r.guest_addr,
+            size: r.size,
+            source,
+        })?;
+        let region = GuestRegionMmap::new(map, GuestAddress(r.guest_addr)).ok_or(outside)?;
+        mapped.push(region);
+    }
+    GuestMemory::from_regions(mapped).map_err(MemoryError::Collect)
+}
+
 /// Whether `memory`'s regions are mapped shared from a file
 /// ([`GuestRam::new_shared`]).
 pub(crate) fn is_shared(memory: &GuestMemory) -> bool {
@@ -630,6 +699,35 @@ mod tests {
             GuestRam::shared_from_memory_file(&layout, &file),
             Err(MemoryError::MemoryFileSize { .. })
         ));
+    }
+
+    #[test]
+    fn another_process_maps_shared_regions_and_sees_the_same_bytes() {
+        let layout = MemoryLayout::x86_64(8 << 20).unwrap();
+        let ram = GuestRam::new_shared(&layout).unwrap();
+        let region = ram.memory().iter().next().unwrap();
+        let file = region.file_offset().unwrap();
+        let mapped = map_shared_regions(&[SharedRegion {
+            guest_addr: 0,
+            size: 8 << 20,
+            file: file.file(),
+            offset: 0,
+        }])
+        .unwrap();
+        mapped.write_obj(0xfeedu16, GuestAddress(0x7000)).unwrap();
+        assert_eq!(ram.memory().read_obj::<u16>(GuestAddress(0x7000)).unwrap(), 0xfeed);
+        // A region the file does not cover is refused, not mapped to fault later.
+        for (size, offset) in [(16 << 20, 0), (8 << 20, 4096), (0, 0), (4096, u64::MAX)] {
+            assert!(matches!(
+                map_shared_regions(&[SharedRegion {
+                    guest_addr: 0,
+                    size,
+                    file: file.file(),
+                    offset,
+                }]),
+                Err(MemoryError::SharedRegionOutsideFile { .. })
+            ));
+        }
     }
 
     #[test]

@@ -59,17 +59,24 @@ pub enum ThreadKind {
     /// sockets. Started with the machine, by an unfiltered main thread; its streams
     /// are handed to the device's I/O thread, which never connects anything.
     HostSockets,
+    /// Every thread of a vhost-user backend process (vmcraft's devices served to
+    /// another VMM): the connection accepted on a socket bound beforehand, the
+    /// frontend's memory files mapped, the device's I/O (a disk image opened
+    /// beforehand), the daemon's threads and eventfds; no KVM, nothing opened, no
+    /// socket made.
+    VhostUserBackend,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::DeviceIo,
         ThreadKind::PvBackend,
         ThreadKind::Api,
         ThreadKind::HostSockets,
+        ThreadKind::VhostUserBackend,
     ];
 
     fn index(self) -> usize {
@@ -85,6 +92,7 @@ impl ThreadKind {
             ThreadKind::PvBackend => "the PV backend threads' allowlist",
             ThreadKind::Api => "the API thread's allowlist",
             ThreadKind::HostSockets => "the vsock host door's allowlist",
+            ThreadKind::VhostUserBackend => "the vhost-user backend's allowlist",
         }
     }
 }
@@ -206,6 +214,22 @@ const HOST_SOCKETS: &[libc::c_long] = &[
     libc::SYS_unlinkat,
 ];
 
+/// A vhost-user backend beyond its device's I/O: its one connection accepted (and
+/// SIGPIPE ignored on it), the
+/// frontend's memory files examined (their length, before mapping), its socket file
+/// removed at the end.
+const VHOST_USER_BACKEND: &[libc::c_long] = &[
+    // The daemon's connection ignores SIGPIPE (a frontend gone mid-write).
+    libc::SYS_rt_sigaction,
+    libc::SYS_accept4,
+    libc::SYS_accept,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
 /// Starting, naming and joining threads, and creating the descriptors a device needs
 /// when a driver starts it (eventfds, epoll instances, duplicates).
 const THREADS: &[libc::c_long] = &[
@@ -247,6 +271,9 @@ pub fn allowed(kind: ThreadKind) -> Vec<libc::c_long> {
         ThreadKind::PvBackend => [COMMON, EVENTS, DISK].concat(),
         ThreadKind::Api => [COMMON, EVENTS, STREAMS, API].concat(),
         ThreadKind::HostSockets => [COMMON, EVENTS, HOST_SOCKETS].concat(),
+        ThreadKind::VhostUserBackend => {
+            [COMMON, EVENTS, DISK, STREAMS, THREADS, VHOST_USER_BACKEND].concat()
+        }
         // A driver starting its device starts the device's thread from here.
         ThreadKind::Vcpu => [
             allowed(ThreadKind::DeviceIo),
@@ -282,7 +309,7 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
         ThreadKind::HostSockets => {
             map.insert(libc::SYS_socket, unix_sockets_only());
         }
-        ThreadKind::DeviceIo | ThreadKind::Api => {}
+        ThreadKind::DeviceIo | ThreadKind::Api | ThreadKind::VhostUserBackend => {}
     }
     map
 }

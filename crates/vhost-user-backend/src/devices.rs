@@ -1,0 +1,136 @@
+//! The vmcraft devices served as vhost-user backends.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::Queue;
+use vmcraft_devices::virtio::block::{Block, Disk};
+use vmcraft_devices::virtio::chain_buffers::ChainBuffers;
+use vmcraft_devices::virtio::queue::ProtocolError;
+use vmcraft_devices::virtio::{Interrupt, VirtioDevice};
+use vmcraft_memory::GuestMemory;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::backend::ServedDevice;
+
+/// The largest queue a served device takes.
+pub const QUEUE_SIZE: u16 = 1024;
+
+/// virtio-blk on a raw image, served as vmcraft's in-process device serves it (reads
+/// of adjacent sectors merged, data straight between the image and guest memory).
+#[derive(Debug)]
+pub struct BlockDevice {
+    /// The in-process device, never started here: its features and configuration
+    /// space.
+    model: Block,
+    disk: Arc<Disk>,
+    queues: usize,
+    buffers: Vec<Mutex<ChainBuffers>>,
+}
+
+impl BlockDevice {
+    /// virtio-blk on `disk` with `queues` request queues (1 to 16).
+    pub fn new(disk: Disk, queues: u16) -> BlockDevice {
+        let queues = queues.clamp(1, vmcraft_devices::virtio::block::MAX_QUEUES);
+        let model = Block::new(disk, "vhost-user-blk").with_queues(queues);
+        let disk = model.disk_slot().current();
+        BlockDevice {
+            model,
+            disk,
+            queues: usize::from(queues),
+            buffers: (0..queues).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl ServedDevice for BlockDevice {
+    fn name(&self) -> &str {
+        "vhost-user-blk"
+    }
+
+    fn queues(&self) -> usize {
+        self.queues
+    }
+
+    fn queue_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.model.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        // Without FLUSH the driver expects each write on stable storage when it
+        // completes.
+        let flush = 1u64 << vmcraft_devices::virtio::virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+        self.disk.image().set_write_through(features & flush == 0);
+    }
+
+    fn config(&self) -> Vec<u8> {
+        let mut config = vec![0u8; vmcraft_devices::virtio::block::CONFIG_SIZE];
+        self.model.read_config(0, &mut config);
+        config
+    }
+
+    fn serve(
+        &self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+        interrupt: &Interrupt,
+        requeue: &EventFd,
+    ) -> Result<(), ProtocolError> {
+        let mut buffers = self.buffers[index]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        vmcraft_devices::virtio::block::serve_queue(
+            queue,
+            mem,
+            &self.disk,
+            interrupt,
+            requeue,
+            &mut buffers,
+        )
+        .map(drop)
+    }
+}
+
+/// virtio-rng from the host's getrandom.
+#[derive(Debug, Default)]
+pub struct RngDevice {
+    scratch: Mutex<Vec<u8>>,
+}
+
+impl ServedDevice for RngDevice {
+    fn name(&self) -> &str {
+        "vhost-user-rng"
+    }
+
+    fn queues(&self) -> usize {
+        1
+    }
+
+    fn queue_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        vmcraft_devices::virtio::F_VERSION_1 | vmcraft_devices::virtio::F_EVENT_IDX
+    }
+
+    fn serve(
+        &self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+        interrupt: &Interrupt,
+        requeue: &EventFd,
+    ) -> Result<(), ProtocolError> {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if scratch.is_empty() {
+            scratch.resize(4096, 0);
+        }
+        vmcraft_devices::virtio::rng::serve_queue(queue, mem, interrupt, requeue, &mut scratch)
+            .map(drop)
+    }
+}
