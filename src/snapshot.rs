@@ -537,6 +537,7 @@ impl Machine {
         dir: &Path,
         key: Option<&[u8]>,
     ) -> Result<SnapshotReport, MachineSnapshotError> {
+        self.check_savable()?;
         let start = Instant::now();
         std::fs::create_dir_all(dir).map_err(|source| MachineSnapshotError::Directory {
             path: dir.to_owned(),

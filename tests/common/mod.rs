@@ -435,59 +435,91 @@ impl DiskGuest {
 /// The path of example `name`, built (with the other examples) on first use.
 pub fn example(name: &str) -> std::path::PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
-    // Integration tests live in <target dir>[/<triple>]/<profile>/deps, examples in
-    // <profile>/examples beside them. The target directory is wherever this test was
-    // built (cargo-llvm-cov, for one, builds into its own), so the examples are built
-    // there too, with the same profile and triple.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let profile_dir = BUILT_WITH.profile_dir();
+    // `cargo test` builds examples, but `cargo test --test NAME` alone does not,
+    // and a stale binary would test old code: let cargo bring it up to date.
+    BUILT.call_once(|| cargo_build(&["--example", "minimal-vmm", "--example", "custom-device"]));
+    profile_dir.join("examples").join(name)
+}
+
+/// The path of the vhost-user backend binary (`vmcraft-vhost-user-backend`, a
+/// package of the workspace), built on first use as this test was.
+pub fn vhost_user_backend() -> std::path::PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        cargo_build(&[
+            "--package",
+            "vmcraft-vhost-user-backend",
+            "--bin",
+            "vmcraft-vhost-user-backend",
+        ])
+    });
+    BUILT_WITH.profile_dir().join("vmcraft-vhost-user-backend")
+}
+
+/// Where and how this test was built.
+struct BuiltWith;
+
+const BUILT_WITH: BuiltWith = BuiltWith;
+
+impl BuiltWith {
+    /// `<target dir>[/<triple>]/<profile>`.
+    fn profile_dir(&self) -> std::path::PathBuf {
+        // Integration tests live in <target dir>[/<triple>]/<profile>/deps, examples in
+        // <profile>/examples beside them. The target directory is wherever this test was
+        // built (cargo-llvm-cov, for one, builds into its own), so the examples are built
+        // there too, with the same profile and triple.
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().unwrap().parent().unwrap().to_path_buf()
+    }
+
+    /// The target directory and the triple, if one was given.
+    fn target(&self) -> (std::path::PathBuf, Option<String>) {
+        let profile_dir = self.profile_dir();
+        let above = profile_dir.parent().unwrap();
+        // A target directory is marked by the CACHEDIR.TAG cargo writes into it.
+        if above.join("CACHEDIR.TAG").exists() {
+            (above.to_path_buf(), None)
+        } else {
+            let triple = above.file_name().unwrap().to_str().unwrap().to_owned();
+            (above.parent().unwrap().to_path_buf(), Some(triple))
+        }
+    }
+}
+
+/// `cargo build --quiet ARGS` into the target directory, profile and triple this test
+/// was built with.
+fn cargo_build(args: &[&str]) {
+    let profile_dir = BUILT_WITH.profile_dir();
     let profile = profile_dir
         .file_name()
         .unwrap()
         .to_str()
         .unwrap()
         .to_owned();
-    let above = profile_dir.parent().unwrap();
-    // A target directory is marked by the CACHEDIR.TAG cargo writes into it.
-    let (target_dir, triple) = if above.join("CACHEDIR.TAG").exists() {
-        (above.to_path_buf(), None)
-    } else {
-        let triple = above.file_name().unwrap().to_str().unwrap().to_owned();
-        (above.parent().unwrap().to_path_buf(), Some(triple))
-    };
-    // `cargo test` builds examples, but `cargo test --test NAME` alone does not,
-    // and a stale binary would test old code: let cargo bring it up to date.
-    BUILT.call_once(|| {
-        let mut cargo = std::process::Command::new(env!("CARGO"));
-        cargo
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                "minimal-vmm",
-                "--example",
-                "custom-device",
-                "--manifest-path",
-            ])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target_dir);
-        match profile.as_str() {
-            "debug" => {}
-            "release" => {
-                cargo.arg("--release");
-            }
-            other => {
-                cargo.args(["--profile", other]);
-            }
+    let (target_dir, triple) = BUILT_WITH.target();
+    let mut cargo = std::process::Command::new(env!("CARGO"));
+    cargo
+        .args(["build", "--quiet"])
+        .args(args)
+        .arg("--manifest-path")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cargo.arg("--release");
         }
-        if let Some(triple) = &triple {
-            cargo.args(["--target", triple]);
+        other => {
+            cargo.args(["--profile", other]);
         }
-        assert!(
-            cargo.status().unwrap().success(),
-            "building the example failed"
-        );
-    });
-    profile_dir.join("examples").join(name)
+    }
+    if let Some(triple) = &triple {
+        cargo.args(["--target", triple]);
+    }
+    assert!(
+        cargo.status().unwrap().success(),
+        "cargo build {args:?} failed"
+    );
 }

@@ -528,7 +528,9 @@ pub fn map_shared_regions(regions: &[SharedRegion<'_>]) -> Result<GuestMemory, M
         };
         if r.size == 0
             || usize::try_from(r.size).is_err()
-            || r.offset.checked_add(r.size).is_none_or(|end| end > file_len)
+            || r.offset
+                .checked_add(r.size)
+                .is_none_or(|end| end > file_len)
         {
             return Err(outside);
         }
@@ -715,7 +717,10 @@ mod tests {
         }])
         .unwrap();
         mapped.write_obj(0xfeedu16, GuestAddress(0x7000)).unwrap();
-        assert_eq!(ram.memory().read_obj::<u16>(GuestAddress(0x7000)).unwrap(), 0xfeed);
+        assert_eq!(
+            ram.memory().read_obj::<u16>(GuestAddress(0x7000)).unwrap(),
+            0xfeed
+        );
         // A region the file does not cover is refused, not mapped to fault later.
         for (size, offset) in [(16 << 20, 0), (8 << 20, 4096), (0, 0), (4096, u64::MAX)] {
             assert!(matches!(

@@ -12,7 +12,9 @@ use vmcraft_devices::virtio::queue::ProtocolError;
 use vmcraft_devices::virtio::Interrupt;
 use vmcraft_memory::{GuestMemory, SharedRegion};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// The frontend's memory as the vhost-user-backend crate keeps it.
@@ -79,7 +81,9 @@ impl<D: ServedDevice> Backend<D> {
     /// A backend for `device`.
     pub fn new(device: D) -> io::Result<Self> {
         let n = device.queues();
-        let interrupts = (0..n).map(|_| Interrupt::new()).collect::<io::Result<_>>()?;
+        let interrupts = (0..n)
+            .map(|_| Interrupt::new())
+            .collect::<io::Result<_>>()?;
         let requeues = (0..n)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<io::Result<_>>()?;
@@ -217,7 +221,12 @@ impl<D: ServedDevice> VhostUserBackend for Backend<D> {
                     ),
                 )
             })?;
-            regions.push((region.start_addr().0, region.len(), file.file(), file.start()));
+            regions.push((
+                region.start_addr().0,
+                region.len(),
+                file.file(),
+                file.start(),
+            ));
         }
         let shared: Vec<SharedRegion<'_>> = regions
             .iter()

@@ -62,7 +62,8 @@ impl ServedDevice for BlockDevice {
     fn acked_features(&self, features: u64) {
         // Without FLUSH the driver expects each write on stable storage when it
         // completes.
-        let flush = 1u64 << vmcraft_devices::virtio::virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+        let flush =
+            1u64 << vmcraft_devices::virtio::virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
         self.disk.image().set_write_through(features & flush == 0);
     }
 

@@ -136,7 +136,11 @@ fn remove_socket(path: &Path) {
 
 fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
     if args.socket.exists() {
-        return Err(format!("{:?} exists: remove it, or name another socket", args.socket).into());
+        return Err(format!(
+            "{:?} exists: remove it, or name another socket",
+            args.socket
+        )
+        .into());
     }
     // Everything from outside is opened before the jail and the filter.
     let device: Box<dyn FnOnce() -> Result<(), Box<dyn Error>>> = match &args.device {
@@ -220,17 +224,14 @@ fn serve<D: ServedDevice>(
     }
     let backend = Arc::new(Backend::new(device)?);
     let mem = vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new(
-        "vmcraft-vhost-user-backend".into(),
-        backend.clone(),
-        mem,
-    )
-    .map_err(|e| format!("cannot start the daemon: {e}"))?;
-    for handler in daemon.get_epoll_handlers() {
+    let mut daemon =
+        VhostUserDaemon::new("vmcraft-vhost-user-backend".into(), backend.clone(), mem)
+            .map_err(|e| format!("cannot start the daemon: {e}"))?;
+    // Every queue is served on the daemon's first (and only) vring thread.
+    if let Some(handler) = daemon.get_epoll_handlers().first() {
         for (fd, id) in backend.requeue_listeners() {
             handler.register_listener(fd, vmm_sys_util::epoll::EventSet::IN, id)?;
         }
-        break;
     }
     log::info!(
         "{} listening on {}",

@@ -1,0 +1,266 @@
+//! vhost-user on real KVM: vmcraft's frontend with vmcraft's own backend process
+//! (`vmcraft-vhost-user-backend`, jailed and filtered) and with qemu-storage-daemon's
+//! `vhost-user-blk` export, driven by the test guests; a backend killed in the middle
+//! of the guest's I/O.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vmcraft::builder::MachineBuilder;
+use vmcraft::config::{DeviceConfig, MachineConfig, VhostUserConfig};
+use vmcraft::devices::serial::SharedBuffer;
+use vmcraft::machine::Machine;
+use vmcraft::vcpu::VcpuConfig;
+use vmcraft_guest_kit::Guest;
+
+/// A directory of its own for a test's sockets, removed at the end.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let dir = std::env::temp_dir().join(format!("vmcraft-vu-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A backend process, killed if still running at the end.
+struct BackendProcess {
+    child: Child,
+}
+
+impl BackendProcess {
+    /// Start `command` and wait (10 s at most) for it to listen on `socket`.
+    fn start(mut command: Command, socket: &Path) -> BackendProcess {
+        command.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("{command:?} exited ({status}) before listening: {err}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{command:?} never listened on {socket:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        BackendProcess { child }
+    }
+
+    /// vmcraft's backend serving `args` on `socket`, jailed and filtered.
+    fn vmcraft(socket: &Path, args: &[&str]) -> BackendProcess {
+        let mut command = Command::new(vhost_user_backend());
+        command.arg("--socket").arg(socket).args(args);
+        BackendProcess::start(command, socket)
+    }
+
+    /// Its exit, once the frontend has gone (10 s at most).
+    fn wait(mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the backend did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A machine of `memory_mib` with `devices`, running `guest` with `param`.
+fn start(devices: Vec<DeviceConfig>, guest: Guest, param: u64) -> (Machine, SharedBuffer) {
+    require_kvm();
+    let config = MachineConfig {
+        memory_mib: 32,
+        devices,
+        ..MachineConfig::default()
+    };
+    assert!(config.memory_is_shared());
+    let serial = SharedBuffer::new();
+    let mut b = MachineBuilder::for_config(&config, Box::new(serial.clone())).unwrap();
+    assert!(b.vm().ram().is_shared());
+    b.configure(&config, config.open().unwrap()).unwrap();
+    b.load(guest.image()).unwrap();
+    let machine = b.start(&[VcpuConfig::at(guest.entry(0, param))]).unwrap();
+    (machine, serial)
+}
+
+fn blk(socket: &Path) -> DeviceConfig {
+    DeviceConfig::VhostUserBlk(VhostUserConfig {
+        socket: socket.to_path_buf(),
+        queues: None,
+        queue_size: None,
+    })
+}
+
+#[test]
+fn the_blk_guest_drives_vmcrafts_own_backend_process() {
+    let dir = Dir::new("blk");
+    let socket = dir.0.join("blk.sock");
+    let image = ScratchImage::new("vu-blk", 16 << 20);
+    let backend =
+        BackendProcess::vmcraft(&socket, &["blk", "--image", image.path().to_str().unwrap()]);
+    // EVENT_IDX on: writes, reads back, flush, get-id, an out-of-range read.
+    let (machine, serial) = start(vec![blk(&socket)], Guest::VIRTIO_BLK, 1);
+    let outcome = machine.run_for(TIMEOUT).unwrap();
+    let out = String::from_utf8_lossy(&serial.contents()).into_owned();
+    assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0), "{out}");
+    assert!(out.contains("capacity 0x0000000000008000"), "{out}");
+    assert!(out.contains("id vmcraft-vhost"), "{out}");
+    // What the guest wrote is in the image the other process serves.
+    assert!(image.contents()[0x1000..0x2000].iter().any(|&b| b != 0));
+    // The frontend gone, the backend ends cleanly and its socket with it.
+    let status = backend.wait();
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists());
+}
+
+#[test]
+fn the_rng_guest_drives_vmcrafts_own_backend_process() {
+    let dir = Dir::new("rng");
+    let socket = dir.0.join("rng.sock");
+    let backend = BackendProcess::vmcraft(&socket, &["rng"]);
+    let (machine, serial) = start(
+        vec![DeviceConfig::VhostUserRng(VhostUserConfig {
+            socket: socket.clone(),
+            queues: None,
+            queue_size: None,
+        })],
+        Guest::VIRTIO_RNG,
+        0,
+    );
+    let outcome = machine.run_for(TIMEOUT).unwrap();
+    let out = String::from_utf8_lossy(&serial.contents()).into_owned();
+    assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0), "{out}");
+    assert!(out.contains("rng ok"), "{out}");
+    assert!(backend.wait().success());
+}
+
+#[test]
+fn a_backend_killed_mid_io_leaves_the_vm_running_with_the_device_needing_a_reset() {
+    let dir = Dir::new("kill");
+    let socket = dir.0.join("blk.sock");
+    let image = ScratchImage::new("vu-kill", 16 << 20);
+    let mut backend =
+        BackendProcess::vmcraft(&socket, &["blk", "--image", image.path().to_str().unwrap()]);
+    // Batches of 8 writes at random offsets, far more than the test waits for.
+    let param = 1 | 2 | 4 | (8 << 8) | (1 << 40);
+    let (machine, _serial) = start(vec![blk(&socket)], Guest::VIRTIO_BLK_BENCH, param);
+    let transport = machine.virtio()[0].transport.clone();
+    let interrupt = transport.lock().unwrap().interrupt().clone();
+    // The guest is in the middle of its I/O: the backend's calls come through.
+    use vmcraft::devices::virtio::DeviceCounters;
+    let calls = || DeviceCounters::get(&interrupt.counters().interrupts);
+    assert!(
+        eventually(20, || calls() > 100),
+        "the backend's completions never reached the guest"
+    );
+    assert!(!interrupt.needs_reset());
+    // The backend crashes: the jailed process itself (the child of the one started).
+    let jailed = children(backend.child.id());
+    assert_eq!(jailed.len(), 1, "the jail's child: {jailed:?}");
+    // SAFETY: kill with a pid read from /proc and a signal number.
+    assert_eq!(unsafe { libc::kill(jailed[0], libc::SIGKILL) }, 0);
+    assert!(
+        eventually(10, || interrupt.needs_reset()),
+        "the device was not marked NEEDS_RESET"
+    );
+    // The jail's parent reports the kill and removes the socket.
+    let status = backend.child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "{status:?}");
+    assert!(!socket.exists());
+    // The VM ran on until stopped: nothing failed, the VMM did not hang.
+    let started = Instant::now();
+    let outcome = machine.run_for(Duration::from_secs(1)).unwrap();
+    assert_eq!(outcome.reason, vmcraft::vcpu::exit::StopReason::Requested);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let _ = backend.child.kill();
+    let _ = backend.child.wait().map(|s| s.signal());
+}
+
+/// The children of process `pid`.
+fn children(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn the_blk_guest_drives_qemu_storage_daemons_vhost_user_blk_export() {
+    let qsd = vmcraft_guest_kit::peers::find_in_path("qemu-storage-daemon")
+        .expect("this test needs qemu-storage-daemon (Debian's qemu-utils; .ci/run installs it)");
+    let dir = Dir::new("qsd");
+    let socket = dir.0.join("qsd.sock");
+    let image = ScratchImage::new("vu-qsd", 16 << 20);
+    let mut command = Command::new(qsd);
+    command
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            image.path().display()
+        ))
+        .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,addr.type=unix,addr.path={},node-name=disk0,writable=on,num-queues=1",
+            socket.display()
+        ));
+    let _qsd = BackendProcess::start(command, &socket);
+    let (machine, serial) = start(vec![blk(&socket)], Guest::VIRTIO_BLK, 1);
+    let outcome = machine.run_for(TIMEOUT).unwrap();
+    let out = String::from_utf8_lossy(&serial.contents()).into_owned();
+    assert_eq!(outcome.reason, vmcraft_guest_kit::exited(0), "{out}");
+    assert!(out.contains("capacity 0x0000000000008000"), "{out}");
+    assert!(image.contents()[0x1000..0x2000].iter().any(|&b| b != 0));
+}
+
+#[test]
+fn machines_with_vhost_user_devices_refuse_snapshots_and_name_the_device() {
+    let dir = Dir::new("snap");
+    let socket = dir.0.join("rng.sock");
+    let _backend = BackendProcess::vmcraft(&socket, &["rng"]);
+    let (machine, _serial) = start(
+        vec![DeviceConfig::VhostUserRng(VhostUserConfig {
+            socket: socket.clone(),
+            queues: None,
+            queue_size: None,
+        })],
+        Guest::VIRTIO_RNG,
+        0,
+    );
+    let err = machine.snapshot(&dir.0.join("snap")).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("devices[0] (vhost-user-rng)") && text.contains("vhost-user backend"),
+        "{text}"
+    );
+    // Refused before anything was paused or written.
+    assert!(!dir.0.join("snap").join("state").exists());
+}
