@@ -703,9 +703,12 @@ impl Args {
                 "--guest virtio-console needs --console or --console-socket, and no --disk"
             }
             GuestName::VsockAgent
-                if !matches!(config.devices.as_slice(), [DeviceConfig::VirtioVsock(_)]) =>
+                if !matches!(
+                    config.devices.as_slice(),
+                    [DeviceConfig::VirtioVsock(_) | DeviceConfig::VhostUserVsock(_)]
+                ) =>
             {
-                "--guest vsock-agent needs --vsock, and no other virtio device (its driver takes the first one)"
+                "--guest vsock-agent needs --vsock (or a --vhost-user vsock), and no other virtio device (its driver takes the first one)"
             }
             GuestName::Balloon if config.devices != [DeviceConfig::VirtioBalloon] => {
                 "--guest balloon needs --balloon, and no other virtio device (its driver takes the first one)"
