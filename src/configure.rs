@@ -4,6 +4,7 @@
 //! restored from a snapshot, or arriving by migration.
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 
 use vmcraft_devices::ata::AtaDisk;
@@ -233,8 +234,14 @@ impl MachineBuilder {
                         return Err(mismatch());
                     };
                     let spec = spec.map_err(|e| failed(e.into()))?;
-                    let name = format!("{kind}{index}");
-                    let device = VhostUser::on_stream(stream, spec, &name)
+                    // vu-blk0, vu-fs1, ...: its threads' names are cut at 15 bytes.
+                    let short = kind
+                        .trim_start_matches("vhost-user")
+                        .trim_start_matches('-');
+                    let name = format!("vu-{short}{index}");
+                    // Connected again at the same path if the backend restarts.
+                    let path = d.vhost_user_socket().map(Path::to_path_buf);
+                    let device = VhostUser::new(stream, path, spec, &name)
                         .map_err(|e| failed(Box::new(e)))?;
                     self.add_virtio_on(config.transport, Box::new(device))?;
                 }

@@ -186,8 +186,15 @@ fn a_backend_killed_mid_io_leaves_the_vm_running_with_the_device_needing_a_reset
     assert_eq!(jailed.len(), 1, "the jail's child: {jailed:?}");
     // SAFETY: kill with a pid read from /proc and a signal number.
     assert_eq!(unsafe { libc::kill(jailed[0], libc::SIGKILL) }, 0);
+    // The device waits for a backend to come back (RECONNECT_WINDOW), then gives up.
+    std::thread::sleep(Duration::from_secs(1));
     assert!(
-        eventually(10, || interrupt.needs_reset()),
+        !interrupt.needs_reset(),
+        "marked before its reconnect window"
+    );
+    let window = vmcraft::devices::virtio::vhost_user::RECONNECT_WINDOW.as_secs();
+    assert!(
+        eventually(window + 30, || interrupt.needs_reset()),
         "the device was not marked NEEDS_RESET"
     );
     // The jail's parent reports the kill and removes the socket.
@@ -201,6 +208,57 @@ fn a_backend_killed_mid_io_leaves_the_vm_running_with_the_device_needing_a_reset
     assert!(started.elapsed() < Duration::from_secs(10));
     let _ = backend.child.kill();
     let _ = backend.child.wait().map(|s| s.signal());
+}
+
+#[test]
+fn a_restarted_backend_takes_over_the_running_rings_and_the_guest_sees_nothing() {
+    let dir = Dir::new("restart");
+    let socket = dir.0.join("blk.sock");
+    let image = ScratchImage::new("vu-restart", 16 << 20);
+    let args = ["blk", "--image", image.path().to_str().unwrap()];
+    let mut first = BackendProcess::vmcraft(&socket, &args);
+    // Rounds of 16 page writes and the 16 reads that check them, byte for byte.
+    let rounds = 3000u64;
+    let (machine, serial) = start(vec![blk(&socket)], Guest::BLKCHECK, 1 | rounds << 16);
+    let interrupt = machine.virtio()[0]
+        .transport
+        .lock()
+        .unwrap()
+        .interrupt()
+        .clone();
+    let text = || String::from_utf8_lossy(&serial.contents()).into_owned();
+    assert!(
+        eventually(20, || text().contains("round 0x0000000000000014 ok")),
+        "{}",
+        text()
+    );
+    // The backend crashes in the middle of the guest's rounds, and is started again on
+    // the same socket and image.
+    let jailed = children(first.child.id());
+    assert_eq!(jailed.len(), 1, "the jail's child: {jailed:?}");
+    // SAFETY: kill with a pid read from /proc and a signal number.
+    assert_eq!(unsafe { libc::kill(jailed[0], libc::SIGKILL) }, 0);
+    let status = first.child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "{status:?}");
+    let rounds_at_kill = text().matches(" ok").count();
+    let second = BackendProcess::vmcraft(&socket, &args);
+    // Every round is done and checked: the new backend did again what the old one
+    // had taken and not completed; the driver was never told to reset.
+    let outcome = machine.run_for(Duration::from_secs(120)).unwrap();
+    let out = text();
+    assert_eq!(
+        outcome.reason,
+        vmcraft_guest_kit::exited(0),
+        "{}",
+        &out[out.len().saturating_sub(400)..]
+    );
+    assert!(out.contains("blkcheck done"));
+    assert!(
+        rounds_at_kill < rounds as usize,
+        "the guest had finished before the backend went"
+    );
+    assert!(!interrupt.needs_reset());
+    assert!(second.wait().success());
 }
 
 /// The children of process `pid`.

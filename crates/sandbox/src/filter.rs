@@ -57,7 +57,9 @@ pub enum ThreadKind {
     /// (bound beforehand) and connects to the Unix sockets the guest's connections
     /// go to (`socket` for `AF_UNIX` only, and `connect`), the one kind that makes
     /// sockets. Started with the machine, by an unfiltered main thread; its streams
-    /// are handed to the device's I/O thread, which never connects anything.
+    /// are handed to the device's I/O thread, which never connects anything. Also a
+    /// vhost-user device's link, which passes its backend's calls on as interrupts
+    /// and connects to a restarted backend.
     HostSockets,
     /// Every thread of a vhost-user backend process (vmcraft's devices served to
     /// another VMM): the connection accepted on a socket bound beforehand, the
@@ -91,7 +93,9 @@ impl ThreadKind {
             ThreadKind::DeviceIo => "the device I/O threads' allowlist",
             ThreadKind::PvBackend => "the PV backend threads' allowlist",
             ThreadKind::Api => "the API thread's allowlist",
-            ThreadKind::HostSockets => "the vsock host door's allowlist",
+            ThreadKind::HostSockets => {
+                "the host-socket threads' allowlist (vsock door, vhost-user link)"
+            }
             ThreadKind::VhostUserBackend => "the vhost-user backend's allowlist",
         }
     }
@@ -204,12 +208,14 @@ const API: &[libc::c_long] = &[
     libc::SYS_unlinkat,
 ];
 
-/// A vsock device's host door: its clients accepted, the guest's connections made
-/// (`socket` is allowed for `AF_UNIX` only, in [`rules`]), and its socket file
+/// A vsock device's host door and a vhost-user device's link: clients accepted, the
+/// guest's connections made, a restarted backend connected to again (`socket` is
+/// allowed for `AF_UNIX` only, in [`rules`]) with its timeouts set, a socket file
 /// removed when the device ends.
 const HOST_SOCKETS: &[libc::c_long] = &[
     libc::SYS_accept4,
     libc::SYS_connect,
+    libc::SYS_setsockopt,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
 ];
@@ -270,7 +276,8 @@ pub fn allowed(kind: ThreadKind) -> Vec<libc::c_long> {
         ThreadKind::DeviceIo => [COMMON, EVENTS, DISK, STREAMS].concat(),
         ThreadKind::PvBackend => [COMMON, EVENTS, DISK].concat(),
         ThreadKind::Api => [COMMON, EVENTS, STREAMS, API].concat(),
-        ThreadKind::HostSockets => [COMMON, EVENTS, HOST_SOCKETS].concat(),
+        // The vhost-user link speaks the protocol (messages with descriptors).
+        ThreadKind::HostSockets => [COMMON, EVENTS, STREAMS, HOST_SOCKETS].concat(),
         ThreadKind::VhostUserBackend => {
             [COMMON, EVENTS, DISK, STREAMS, THREADS, VHOST_USER_BACKEND].concat()
         }

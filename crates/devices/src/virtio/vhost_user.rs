@@ -13,41 +13,50 @@
 //!
 //! * the queue's *kick*, the notifier KVM signals on the driver's write to the notify
 //!   register (an ioeventfd): the backend wakes without the VMM;
-//! * the queue's *call*, which the backend signals after it has used buffers. A
-//!   thread of the device (`<name>-call`) passes it on through the transport's
+//! * the queue's *call*, which the backend signals after it has used buffers. The
+//!   device's link thread (`<name>-link`) passes it on through the transport's
 //!   [`Interrupt`](super::Interrupt) (the used-buffer bit on virtio-mmio, the queue's
 //!   own vector with MSI-X, masking honoured). The data never passes through the VMM.
 //!
-//! A backend is another party: every reply is checked by the `vhost` crate, the
+//! A backend is another party: every reply is checked by the `vhost` crate, and the
 //! socket has a timeout ([`REPLY_TIMEOUT`]) so that a backend that stops answering
-//! fails the request instead of holding a vCPU, and a backend that goes away while
-//! the device runs (its socket closes) marks the device NEEDS_RESET (the driver gets
-//! a configuration interrupt); the VM and its other devices run on.
+//! fails the request instead of holding a vCPU. A backend that closes its socket
+//! (it crashed, or was restarted) is connected to again by the link thread, at the
+//! same path, for [`RECONNECT_WINDOW`]: the new backend is given the running rings
+//! from their used indices in guest memory, so it does again what its predecessor
+//! took and did not complete (a block request, a random number), and the driver sees
+//! nothing but the wait. Past the window the device is marked NEEDS_RESET (the driver
+//! gets a configuration interrupt), the link keeps trying every second, and the VM
+//! and its other devices run on. The link thread is the one kind of thread that
+//! connects sockets (`ThreadKind::HostSockets`); the vCPUs never do.
 //!
 //! Not here: migration and snapshots of a machine with vhost-user devices (the
 //! backend's own state is not saved; the machine refuses them, naming the device),
 //! the backend's configuration-change messages (no backend request channel is
-//! opened), reconnection to a restarted backend.
+//! opened).
 
-use std::os::fd::{AsRawFd, RawFd};
+mod link;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::vhost_user::VhostUserFrontend;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::worker::{Next, Token, Worker};
 use super::{ActivateError, ActiveQueues, VirtioDevice, F_EVENT_IDX, F_VERSION_1};
+use link::{lock, Shared};
 
 /// How long the device waits for a backend's reply before the request fails.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a backend that closed its socket has to come back (a process restarted
+/// on the same socket) before the device is marked NEEDS_RESET.
+pub const RECONNECT_WINDOW: Duration = Duration::from_secs(10);
 
 /// The feature bit a backend sets to say it speaks protocol features
 /// (`VHOST_USER_F_PROTOCOL_FEATURES`); never offered to the driver.
@@ -207,6 +216,14 @@ pub enum VhostUserError {
     /// A virtio-fs tag that is empty, longer than 36 bytes or has a NUL.
     #[error("virtio-fs tag {0:?} is not 1 to 36 bytes without NUL")]
     BadFsTag(String),
+    /// A restarted backend no longer offers features the driver took.
+    #[error("the vhost-user backend offers features {backend:#x}, without some the driver took ({driver:#x})")]
+    FeaturesGone {
+        /// What the driver took.
+        driver: u64,
+        /// What the backend offers now.
+        backend: u64,
+    },
     /// Guest RAM is not mapped from a memory file, which the backend needs.
     #[error("guest RAM at {0:#x} is not shared memory: a vhost-user backend cannot map it (make the machine's RAM shared)")]
     NotShared(u64),
@@ -228,49 +245,43 @@ fn request(request: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserError
 /// A virtio device served by a vhost-user backend. See the
 /// [module documentation](self).
 pub struct VhostUser {
-    name: String,
-    spec: VhostUserSpec,
-    frontend: Frontend,
-    /// The features the backend offered, protocol features bit included.
-    backend_features: u64,
-    protocol: VhostUserProtocolFeatures,
-    config: Vec<u8>,
-    /// The backend closed its socket: nothing more is sent.
-    gone: Arc<AtomicBool>,
-    /// The queues handed to the backend at the last activation.
-    started: Vec<usize>,
-    calls: Vec<EventFd>,
-    worker: Option<Worker>,
+    shared: Arc<Shared>,
+    link: Option<vmcraft_sandbox::Thread<()>>,
+    /// Whether the rings were handed to the backend and not taken back.
+    started: bool,
 }
 
 impl std::fmt::Debug for VhostUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhostUser")
-            .field("name", &self.name)
-            .field("spec", &self.spec)
-            .field("backend_features", &self.backend_features)
-            .field("protocol", &self.protocol)
-            .field("gone", &self.gone)
+            .field("name", &self.shared.name)
+            .field("spec", &self.shared.spec)
+            .field("path", &self.shared.path)
+            .field("gone", &self.shared.gone)
             .finish_non_exhaustive()
     }
 }
 
 impl VhostUser {
     /// Connect to the backend listening at `path` and negotiate a `spec` device
-    /// with it.
+    /// with it; if the backend goes away, the device connects to `path` again.
     pub fn connect(path: &Path, spec: VhostUserSpec, name: &str) -> Result<Self, VhostUserError> {
         let stream = UnixStream::connect(path).map_err(|source| VhostUserError::Connect {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::on_stream(stream, spec, name)
+        Self::new(stream, Some(path.to_path_buf()), spec, name)
     }
 
     /// Negotiate a `spec` device with the backend at the other end of `stream` (a
     /// connected socket: the embedder's, or a socket pair's end given to a backend
-    /// started with it).
-    pub fn on_stream(
+    /// started with it). If the backend goes away, the device connects to `path`
+    /// again when there is one (within [`RECONNECT_WINDOW`], after which it is marked
+    /// NEEDS_RESET and the device keeps trying every second), and is marked
+    /// NEEDS_RESET at once when there is none.
+    pub fn new(
         stream: UnixStream,
+        path: Option<PathBuf>,
         spec: VhostUserSpec,
         name: &str,
     ) -> Result<Self, VhostUserError> {
@@ -283,300 +294,135 @@ impl VhostUser {
                 sizes: spec.queue_sizes.clone(),
             });
         }
-        let host = |what| move |source| VhostUserError::Host { what, source };
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
-            .map_err(host("set the backend socket's timeouts"))?;
-        let mut frontend = Frontend::from_stream(stream, queues as u64);
-        frontend.set_owner().map_err(request("SET_OWNER"))?;
-        let backend_features = frontend.get_features().map_err(request("GET_FEATURES"))?;
-        if backend_features & F_VERSION_1 == 0 {
-            return Err(VhostUserError::NoVersion1(backend_features));
-        }
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        if backend_features & F_PROTOCOL_FEATURES != 0 {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(request("GET_PROTOCOL_FEATURES"))?;
-            protocol = offered & wanted_protocol_features();
-            frontend
-                .set_protocol_features(protocol)
-                .map_err(request("SET_PROTOCOL_FEATURES"))?;
-        }
-        if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            let backend = frontend.get_queue_num().map_err(request("GET_QUEUE_NUM"))?;
-            if backend < queues as u64 {
-                return Err(VhostUserError::TooFewQueues {
-                    wanted: queues,
-                    backend,
-                });
-            }
-        }
-        let mut config = match &spec.config {
-            ConfigSpace::None => Vec::new(),
-            ConfigSpace::Local(bytes) => bytes.clone(),
-            ConfigSpace::FromBackend(size) => {
-                if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-                    return Err(VhostUserError::NoConfig(protocol.bits()));
-                }
-                let (_, bytes) = frontend
-                    .get_config(
-                        0,
-                        *size,
-                        VhostUserConfigFlags::WRITABLE,
-                        &vec![0u8; *size as usize],
-                    )
-                    .map_err(request("GET_CONFIG"))?;
-                bytes
-            }
+        let connection = link::Connection::negotiate(stream, &spec)?;
+        let eventfd = |what| {
+            EventFd::new(EFD_NONBLOCK).map_err(|source| VhostUserError::Host { what, source })
         };
-        // virtio-blk's queue count is the frontend's to choose (the backend reports
-        // how many it could serve).
-        if spec.device_type == TYPE_BLOCK && config.len() >= 36 {
-            config[34..36].copy_from_slice(&(queues as u16).to_le_bytes());
-        }
-        Ok(VhostUser {
+        let shared = Arc::new(link::Shared {
             name: name.to_string(),
             spec,
-            frontend,
-            backend_features,
-            protocol,
-            config,
-            gone: Arc::new(AtomicBool::new(false)),
-            started: Vec::new(),
-            calls: Vec::new(),
-            worker: None,
+            path,
+            reconnect_window: RECONNECT_WINDOW,
+            rings: Mutex::new(None),
+            connection: Mutex::new(connection),
+            gone: AtomicBool::new(false),
+            changed: eventfd("make the link's eventfd")?,
+            stop: eventfd("make the link's stop eventfd")?,
+        });
+        let link = link::spawn(shared.clone())?;
+        Ok(VhostUser {
+            shared,
+            link: Some(link),
+            started: false,
         })
     }
 
-    /// Whether the backend has closed its socket (the device then needs a reset, and
-    /// cannot start again).
+    /// Whether the backend has gone and no other has taken its place (the device then
+    /// cannot start).
     pub fn backend_gone(&self) -> bool {
-        self.gone.load(Ordering::SeqCst)
+        self.shared.gone.load(Ordering::SeqCst)
     }
 
     /// The protocol features in use.
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        self.protocol
+        lock(&self.shared.connection).protocol
     }
 
-    /// Hand the backend guest memory and every ready queue, and start passing its
-    /// calls on as interrupts.
-    fn start(&mut self, active: &ActiveQueues) -> Result<(), VhostUserError> {
-        let mem = &active.mem;
-        let mut regions = Vec::new();
-        for region in mem.iter() {
-            let shared = region.deref_flags() & libc::MAP_SHARED != 0;
-            let Some(file) = region.file_offset().filter(|_| shared) else {
-                return Err(VhostUserError::NotShared(region.start_addr().0));
-            };
-            regions.push(VhostUserMemoryRegionInfo {
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                mmap_offset: file.start(),
-                mmap_handle: file.file().as_raw_fd(),
-            });
-        }
-        let features = (active.driver_features & PASSED_FEATURES)
-            | (self.backend_features & F_PROTOCOL_FEATURES);
-        self.frontend
-            .set_features(features)
-            .map_err(request("SET_FEATURES"))?;
-        self.frontend
-            .set_mem_table(&regions)
-            .map_err(request("SET_MEM_TABLE"))?;
-        let host_address = |gpa: u64| -> Result<u64, VhostUserError> {
-            mem.get_host_address(GuestAddress(gpa))
-                .map(|p| p as u64)
-                .map_err(|_| VhostUserError::NotShared(gpa))
-        };
-        let mut calls = Vec::new();
-        let mut started = Vec::new();
+    /// Hand the backend guest memory and every ready queue.
+    fn start(&mut self, active: ActiveQueues) -> Result<(), VhostUserError> {
+        let host = |what| move |source| VhostUserError::Host { what, source };
+        let mut rings = Vec::new();
         for (index, queue) in active.queues.iter().enumerate() {
-            let call = EventFd::new(EFD_NONBLOCK).map_err(|source| VhostUserError::Host {
-                what: "make a queue's call eventfd",
-                source,
-            })?;
-            if !queue.ready() {
-                calls.push(call);
-                continue;
-            }
-            let config = VringConfigData {
-                queue_max_size: self.spec.queue_sizes[index],
-                queue_size: queue.size(),
-                flags: 0,
-                desc_table_addr: host_address(queue.desc_table())?,
-                used_ring_addr: host_address(queue.used_ring())?,
-                avail_ring_addr: host_address(queue.avail_ring())?,
-                log_addr: None,
-            };
-            self.frontend
-                .set_vring_num(index, queue.size())
-                .map_err(request("SET_VRING_NUM"))?;
-            self.frontend
-                .set_vring_addr(index, &config)
-                .map_err(request("SET_VRING_ADDR"))?;
-            self.frontend
-                .set_vring_base(index, queue.next_avail())
-                .map_err(request("SET_VRING_BASE"))?;
-            // The call before the kick: a backend starts the ring on its kick.
-            self.frontend
-                .set_vring_call(index, &call)
-                .map_err(request("SET_VRING_CALL"))?;
-            self.frontend
-                .set_vring_kick(index, &active.notifiers[index])
-                .map_err(request("SET_VRING_KICK"))?;
-            started.push(index);
-            calls.push(call);
-        }
-        if self.backend_features & F_PROTOCOL_FEATURES != 0 {
-            for &index in &started {
-                self.frontend
-                    .set_vring_enable(index, true)
-                    .map_err(request("SET_VRING_ENABLE"))?;
+            if queue.ready() {
+                rings.push(link::Ring {
+                    index,
+                    size: queue.size(),
+                    desc: queue.desc_table(),
+                    avail: queue.avail_ring(),
+                    used: queue.used_ring(),
+                    next_avail: queue.next_avail(),
+                });
             }
         }
-        self.started = started;
-        let relayed = calls
-            .iter()
-            .map(EventFd::try_clone)
+        let calls = (0..active.queues.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| VhostUserError::Host {
-                what: "duplicate a call eventfd",
-                source,
-            })?;
-        self.calls = calls;
-        let interrupt = active.interrupt.clone();
-        let gone = self.gone.clone();
-        let socket = self.frontend.as_raw_fd();
-        let name = self.name.clone();
-        let worker = Worker::spawn(
-            format!("{}-call", self.name),
-            relayed,
-            vec![socket],
-            move |_, token| match token {
-                Token::Queue(q) => {
-                    interrupt.queue(q as u16).signal();
-                    Next::Continue
-                }
-                Token::Fd(_) => match peer_closed(socket) {
-                    Some(true) => {
-                        log::error!(
-                            "{name}: the vhost-user backend closed its socket: the device needs a reset"
-                        );
-                        gone.store(true, Ordering::SeqCst);
-                        interrupt.device_error();
-                        Next::Stop
-                    }
-                    // A reply on its way to the thread that asked (a configuration
-                    // write), or nothing.
-                    _ => {
-                        std::thread::yield_now();
-                        Next::Continue
-                    }
-                },
-            },
-        )
-        .map_err(|source| VhostUserError::Host {
-            what: "start the call thread",
-            source,
-        })?;
-        self.worker = Some(worker);
+            .map_err(host("make the queues' call eventfds"))?;
+        let running = link::Rings {
+            mem: active.mem,
+            driver_features: active.driver_features,
+            rings,
+            kicks: active.notifiers,
+            calls,
+            interrupt: active.interrupt,
+        };
+        let mut slot = lock(&self.shared.rings);
+        lock(&self.shared.connection).start(&running, link::Base::Activation)?;
+        *slot = Some(running);
+        drop(slot);
+        self.started = true;
+        // The link thread watches the new calls.
+        let _ = self.shared.changed.write(1);
         Ok(())
     }
 
-    /// Stop the backend's use of every started queue (`GET_VRING_BASE`).
+    /// Take every started queue back from the backend (`GET_VRING_BASE`).
     fn stop(&mut self) {
-        self.worker = None;
-        let started = std::mem::take(&mut self.started);
-        self.calls.clear();
-        if self.backend_gone() {
-            return;
-        }
-        for index in started {
-            if let Err(e) = self.frontend.get_vring_base(index) {
-                log::warn!(
-                    "{}: the vhost-user backend did not stop queue {index}: {e}",
-                    self.name
-                );
+        let mut slot = lock(&self.shared.rings);
+        if let Some(running) = slot.take() {
+            if !self.backend_gone() {
+                lock(&self.shared.connection).stop(&running, &self.shared.name);
             }
         }
-    }
-}
-
-/// Whether the peer of socket `fd` has closed it: `Some(true)` at its end of stream
-/// or a reset, `Some(false)` if bytes wait to be read, `None` if nothing does.
-fn peer_closed(fd: RawFd) -> Option<bool> {
-    let mut byte = 0u8;
-    // SAFETY: a one-byte buffer this function owns; MSG_PEEK leaves the bytes for
-    // the frontend, MSG_DONTWAIT keeps the call from blocking.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        0 => Some(true),
-        n if n > 0 => Some(false),
-        _ => match std::io::Error::last_os_error().kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => None,
-            _ => Some(true),
-        },
-    }
-}
-
-/// A region's mapping flags.
-trait RegionFlags {
-    fn deref_flags(&self) -> i32;
-}
-
-impl RegionFlags for vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap> {
-    fn deref_flags(&self) -> i32 {
-        std::ops::Deref::deref(self).flags()
+        drop(slot);
+        self.started = false;
+        let _ = self.shared.changed.write(1);
     }
 }
 
 impl VirtioDevice for VhostUser {
     fn device_type(&self) -> u32 {
-        self.spec.device_type
+        self.shared.spec.device_type
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.spec.queue_sizes
+        &self.shared.spec.queue_sizes
     }
 
     fn features(&self) -> u64 {
-        self.backend_features & PASSED_FEATURES
+        lock(&self.shared.connection).backend_features & PASSED_FEATURES
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&self.config, offset, data);
+        super::read_config_bytes(&lock(&self.shared.connection).config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if self.backend_gone() {
+            return;
+        }
+        let mut connection = lock(&self.shared.connection);
         let Some(end) = usize::try_from(offset)
             .ok()
             .and_then(|o| o.checked_add(data.len()))
-            .filter(|&end| end <= self.config.len())
+            .filter(|&end| end <= connection.config.len())
         else {
             return;
         };
-        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) || self.backend_gone() {
+        if !connection
+            .protocol
+            .contains(VhostUserProtocolFeatures::CONFIG)
+        {
             return;
         }
-        match self
+        match connection
             .frontend
             .set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
         {
-            Ok(()) => self.config[end - data.len()..end].copy_from_slice(data),
+            Ok(()) => connection.config[end - data.len()..end].copy_from_slice(data),
             Err(e) => log::warn!(
                 "{}: the vhost-user backend refused a configuration write of {} bytes at {offset}: {e}",
-                self.name,
+                self.shared.name,
                 data.len()
             ),
         }
@@ -589,8 +435,12 @@ impl VirtioDevice for VhostUser {
                 source: std::io::Error::from(std::io::ErrorKind::NotConnected),
             });
         }
-        self.start(&active).map_err(|e| {
-            log::error!("{}: {}", self.name, vmcraft_memory::report::ErrorChain(&e));
+        self.start(active).map_err(|e| {
+            log::error!(
+                "{}: {}",
+                self.shared.name,
+                vmcraft_memory::report::ErrorChain(&e)
+            );
             self.stop();
             ActivateError::Host {
                 what: "start the vhost-user backend's queues",
@@ -609,14 +459,17 @@ impl VirtioDevice for VhostUser {
         self.stop();
         false
     }
-
-    fn workers(&self) -> &[Worker] {
-        self.worker.as_slice()
-    }
 }
 
 impl Drop for VhostUser {
     fn drop(&mut self) {
-        self.stop();
+        if self.started {
+            self.stop();
+        }
+        let _ = self.shared.stop.write(1);
+        if let Some(link) = self.link.take() {
+            // A panic in the link thread has been reported by the panic hook.
+            let _ = link.join();
+        }
     }
 }
