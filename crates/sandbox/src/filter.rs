@@ -213,6 +213,8 @@ const API: &[libc::c_long] = &[
 /// allowed for `AF_UNIX` only, in [`rules`]) with its timeouts set, a socket file
 /// removed when the device ends.
 const HOST_SOCKETS: &[libc::c_long] = &[
+    // The link thread's own event loop.
+    libc::SYS_epoll_create1,
     libc::SYS_accept4,
     libc::SYS_connect,
     libc::SYS_setsockopt,
