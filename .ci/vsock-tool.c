@@ -11,6 +11,8 @@
      vsock-tool unix-serve PATH           accept one connection on a Unix socket at PATH
      vsock-tool unix-hold PATH            accept one, wait until it ends
      vsock-tool unix-echo PATH            accept connections forever, echo each
+     vsock-tool unix-echo-one PATH        accept one, echo it to its end, then print
+                                          "echoed <bytes> bytes"
      vsock-tool unix-sink PATH            accept connections forever, read each to its end
      vsock-tool tcp-echo PORT, tcp-sink PORT   the same on TCP (0.0.0.0:PORT)
      vsock-tool bench-vsock CID PORT BYTES N
@@ -324,6 +326,17 @@ int main(int argc, char **argv)
         hold(s);
     } else if (!strcmp(mode, "unix-echo"))
         serve_forever(unix_listen(argv[2]), 1);
+    else if (!strcmp(mode, "unix-echo-one")) {
+        int s = accept(unix_listen(argv[2]), 0, 0);
+        if (s < 0)
+            die("accept");
+        static char buf[65536];
+        ssize_t n;
+        long total = 0;
+        while ((n = read(s, buf, sizeof buf)) > 0 && write_all(s, buf, (size_t)n) == 0)
+            total += n;
+        printf("echoed %ld bytes\n", total);
+    }
     else if (!strcmp(mode, "unix-sink"))
         serve_forever(unix_listen(argv[2]), 0);
     else if (!strcmp(mode, "tcp-echo"))
