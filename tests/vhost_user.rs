@@ -165,6 +165,81 @@ fn the_rng_guest_drives_vmcrafts_own_backend_process() {
 }
 
 #[test]
+fn the_console_guest_talks_through_vmcrafts_backend_process_as_a_generic_device() {
+    use std::io::{Read, Write};
+    let dir = Dir::new("console");
+    let socket = dir.0.join("con.sock");
+    let mut command = Command::new(vhost_user_backend());
+    command
+        .arg("--socket")
+        .arg(&socket)
+        .arg("console")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = command.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    assert!(
+        eventually(10, || socket.exists()),
+        "the backend never listened"
+    );
+    let backend = BackendProcess { child };
+    // What the guest writes comes out on the backend's stdout.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    // virtio-console by the generic kind: its type, two queues, 12 bytes of
+    // configuration from the backend.
+    let (machine, serial) = start(
+        vec![DeviceConfig::VhostUser(
+            vmcraft::config::VhostUserGenericConfig {
+                socket: socket.clone(),
+                device_type: 3,
+                queues: 2,
+                queue_size: Some(64),
+                config_size: 12,
+            },
+        )],
+        Guest::VIRTIO_CONSOLE,
+        0,
+    );
+    let mut out = Vec::new();
+    let mut wait_for = |text: &str, out: &mut Vec<u8>| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !String::from_utf8_lossy(out).contains(text) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(bytes) => out.extend(bytes),
+                Err(_) => panic!(
+                    "no {text:?} from the guest: {:?}",
+                    String::from_utf8_lossy(out)
+                ),
+            }
+        }
+    };
+    wait_for("hello from virtio-console", &mut out);
+    // The backend's stdin reaches the guest.
+    stdin.write_all(b"ping\n").unwrap();
+    wait_for("got: ping", &mut out);
+    let outcome = machine.run_for(TIMEOUT).unwrap();
+    assert_eq!(
+        outcome.reason,
+        vmcraft_guest_kit::exited(0),
+        "{}",
+        String::from_utf8_lossy(&serial.contents())
+    );
+    drop(stdin);
+    assert!(backend.wait().success());
+}
+
+#[test]
 fn a_backend_killed_mid_io_leaves_the_vm_running_with_the_device_needing_a_reset() {
     let dir = Dir::new("kill");
     let socket = dir.0.join("blk.sock");

@@ -38,6 +38,16 @@ pub trait ServedDevice: Send + Sync + 'static {
     fn config(&self) -> Vec<u8> {
         Vec::new()
     }
+    /// A descriptor whose input the device takes (a console's stdin), watched
+    /// edge-triggered: [`read_input`](Self::read_input) reads it to its end.
+    fn input(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The input is readable (or a queue was served and there may be room for
+    /// more): read what there is room for; returns the queue to serve with it.
+    fn read_input(&self) -> Option<usize> {
+        None
+    }
     /// Serve what the driver made available on queue `index`; `interrupt` is
     /// signalled when the driver is to be told, `requeue` when the budget of one call
     /// is spent with chains left.
@@ -103,16 +113,21 @@ impl<D: ServedDevice> Backend<D> {
         &self.device
     }
 
-    /// The eventfds to register with the daemon's event loop (thread 0) as
-    /// `(fd, event id)`: each queue's requeue.
-    pub fn requeue_listeners(&self) -> Vec<(std::os::fd::RawFd, u64)> {
+    /// The descriptors to register with the daemon's event loop (thread 0) as
+    /// `(fd, events, event id)`: each queue's requeue, and the device's input.
+    pub fn listeners(&self) -> Vec<(std::os::fd::RawFd, EventSet, u64)> {
         use std::os::fd::AsRawFd;
-        let first = self.device.queues() as u64 + 1;
-        self.requeues
+        let n = self.device.queues() as u64;
+        let mut fds: Vec<_> = self
+            .requeues
             .iter()
             .enumerate()
-            .map(|(i, fd)| (fd.as_raw_fd(), first + i as u64))
-            .collect()
+            .map(|(i, fd)| (fd.as_raw_fd(), EventSet::IN, n + 1 + i as u64))
+            .collect();
+        if let Some(fd) = self.device.input() {
+            fds.push((fd, EventSet::IN | EventSet::EDGE_TRIGGERED, 2 * n + 1));
+        }
+        fds
     }
 
     /// Ask the daemon's event loop to end.
@@ -272,12 +287,27 @@ impl<D: ServedDevice> VhostUserBackend for Backend<D> {
             // A requeue: the serving code stopped at its budget.
             let _ = self.requeues[index].read();
             index
+        } else if event == 2 * n + 1 {
+            match self.device.read_input() {
+                Some(index) if index < n => index,
+                _ => return Ok(()),
+            }
         } else {
             return Ok(());
         };
         let Some(vring) = vrings.get(index) else {
             return Ok(());
         };
-        self.serve_queue(index, vring)
+        self.serve_queue(index, vring)?;
+        // Room made for input the device stopped reading (edge-triggered: it is told
+        // once), or bytes waiting for buffers the driver just posted.
+        if self.device.input().is_some() {
+            if let Some(index) = self.device.read_input().filter(|&i| i < n) {
+                if let Some(vring) = vrings.get(index) {
+                    self.serve_queue(index, vring)?;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -11,6 +11,8 @@
 //! region its file does not cover). A queue whose driver breaks the virtio protocol
 //! stops being served (logged); the others go on.
 //!
+//! Devices: [`devices::BlockDevice`], [`devices::RngDevice`], [`devices::ConsoleDevice`].
+//!
 //! The `vmcraft-vhost-user-backend` binary runs one device for one frontend, jailed
 //! and under its seccomp filter.
 

@@ -4,6 +4,7 @@
 //! ```text
 //! vmcraft-vhost-user-backend --socket /run/disk.sock blk --image disk.img [--read-only] [--queues N]
 //! vmcraft-vhost-user-backend --socket /run/rng.sock rng
+//! vmcraft-vhost-user-backend --socket /run/con.sock console   # guest output on stdout, input from stdin
 //! ```
 //!
 //! It binds the socket, opens what the device needs, enters its jail (a new mount,
@@ -24,7 +25,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vmcraft_devices::virtio::block::Disk;
 use vmcraft_sandbox::jail::{Entered, Jail};
 use vmcraft_sandbox::{Policy, ThreadKind, Violation};
-use vmcraft_vhost_user_backend::devices::{BlockDevice, RngDevice};
+use vmcraft_vhost_user_backend::devices::{BlockDevice, ConsoleDevice, RngDevice};
 use vmcraft_vhost_user_backend::{Backend, ServedDevice};
 
 #[derive(Debug, Parser)]
@@ -70,6 +71,9 @@ enum DeviceArgs {
     },
     /// virtio-rng from the host's getrandom
     Rng,
+    /// virtio-console with one port: the guest's output on stdout, its input from
+    /// stdin
+    Console,
 }
 
 /// A logger on stderr, level from `VMCRAFT_LOG` (default: info).
@@ -170,6 +174,23 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn Error>> {
                 .map_err(|e| format!("cannot listen on {:?}: {e}", args.socket))?;
             Box::new(move || serve(RngDevice::default(), &mut listener, &socket, seccomp))
         }
+        DeviceArgs::Console => {
+            use std::os::fd::AsFd;
+            let socket = args.socket.clone();
+            let seccomp = args.seccomp;
+            let stdin = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("cannot take stdin: {e}"))?;
+            let device = ConsoleDevice::new(
+                Box::new(std::io::stdout()),
+                Some(std::fs::File::from(stdin)),
+            )
+            .map_err(|e| format!("the console's input: {e}"))?;
+            let mut listener = Listener::new(&args.socket, false)
+                .map_err(|e| format!("cannot listen on {:?}: {e}", args.socket))?;
+            Box::new(move || serve(device, &mut listener, &socket, seccomp))
+        }
     };
     if !args.no_jail {
         let root = std::env::temp_dir().join(format!(
@@ -229,8 +250,8 @@ fn serve<D: ServedDevice>(
             .map_err(|e| format!("cannot start the daemon: {e}"))?;
     // Every queue is served on the daemon's first (and only) vring thread.
     if let Some(handler) = daemon.get_epoll_handlers().first() {
-        for (fd, id) in backend.requeue_listeners() {
-            handler.register_listener(fd, vmm_sys_util::epoll::EventSet::IN, id)?;
+        for (fd, events, id) in backend.listeners() {
+            handler.register_listener(fd, events, id)?;
         }
     }
     log::info!(
