@@ -12,14 +12,14 @@
 //! * in the VMM: vmcraft's virtio-blk on its I/O thread (host CPU: that thread, and the
 //!   vCPU's time in the VMM handling exits);
 //! * by `vmcraft-vhost-user-backend` (jailed, filtered), the same serving code in
-//!   another process: host CPU is the backend's (every thread of the jailed process),
-//!   the vCPU's exit handling, and the frontend's call thread that passes completions
-//!   on as interrupts;
+//!   another process: host CPU is the backend's (every thread of the jailed process)
+//!   and the vCPU's exit handling;
 //! * by qemu-storage-daemon's vhost-user-blk export (QEMU's own block layer, its
 //!   libvhost-user server), counted the same way: the reference of the field.
 //!
-//! The queue notifications go from KVM to the backend (ioeventfd) in both vhost-user
-//! rows: no VMM exit and no VMM thread sees them.
+//! In both vhost-user rows the notifications go from KVM to the backend (ioeventfd)
+//! and the completions' interrupts from the backend to KVM (the queue's irqfd): no VMM
+//! exit and no VMM thread sees either.
 
 mod common;
 
@@ -78,36 +78,32 @@ fn own_threads_cpu_ns(prefix: &str) -> u64 {
     total
 }
 
-/// The CPU time (ns, user and system) of process `pid` and its descendants so far.
+/// The CPU time (ns) of the live threads of process `pid` and of its descendants,
+/// from each thread's schedstat.
 fn process_tree_cpu_ns(pid: u32) -> u64 {
-    let ticks = |pid: u32| -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the command's closing parenthesis: utime is the 12th, stime the 13th.
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let field = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        field(11) + field(12)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     let mut total = 0;
     let mut pending = vec![pid];
     while let Some(p) = pending.pop() {
-        total += ticks(p);
-        let children =
-            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
-        pending.extend(
-            children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok()),
-        );
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for task in tasks.flatten() {
+                let sched =
+                    std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+                total += sched
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                let children =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                pending.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
     }
-    total * 1_000_000_000 / hz
+    total
 }
 
 /// The backend binary, built as this benchmark was (release).
@@ -226,7 +222,8 @@ fn guest_run(
         .wait_stopped(Some(Duration::from_secs(600)))
         .expect("the guest finishes");
     let elapsed = start.elapsed();
-    // The in-process device's I/O thread, or the frontend's call thread.
+    // The in-process device's I/O thread, or the vhost-user device's link thread
+    // (which only watches the backend's socket).
     let vmm_threads = match server {
         Server::InProcess => own_threads_cpu_ns("vblk0-"),
         _ => own_threads_cpu_ns("vu-blk"),

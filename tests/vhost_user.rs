@@ -211,7 +211,7 @@ fn the_console_guest_talks_through_vmcrafts_backend_process_as_a_generic_device(
         0,
     );
     let mut out = Vec::new();
-    let mut wait_for = |text: &str, out: &mut Vec<u8>| {
+    let wait_for = |text: &str, out: &mut Vec<u8>| {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !String::from_utf8_lossy(out).contains(text) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -246,17 +246,16 @@ fn a_backend_killed_mid_io_leaves_the_vm_running_with_the_device_needing_a_reset
     let image = ScratchImage::new("vu-kill", 16 << 20);
     let mut backend =
         BackendProcess::vmcraft(&socket, &["blk", "--image", image.path().to_str().unwrap()]);
-    // Batches of 8 writes at random offsets, far more than the test waits for.
-    let param = 1 | 2 | 4 | (8 << 8) | (1 << 40);
-    let (machine, _serial) = start(vec![blk(&socket)], Guest::VIRTIO_BLK_BENCH, param);
+    // Rounds of checked writes and reads, far more than the test waits for.
+    let (machine, serial) = start(vec![blk(&socket)], Guest::BLKCHECK, 1 | 1_000_000 << 16);
     let transport = machine.virtio()[0].transport.clone();
     let interrupt = transport.lock().unwrap().interrupt().clone();
-    // The guest is in the middle of its I/O: the backend's calls come through.
-    use vmcraft::devices::virtio::DeviceCounters;
-    let calls = || DeviceCounters::get(&interrupt.counters().interrupts);
+    // The guest is in the middle of its I/O.
+    let text = || String::from_utf8_lossy(&serial.contents()).into_owned();
     assert!(
-        eventually(20, || calls() > 100),
-        "the backend's completions never reached the guest"
+        eventually(20, || text().contains("round 0x0000000000000014 ok")),
+        "the guest's rounds never got going: {}",
+        text()
     );
     assert!(!interrupt.needs_reset());
     // The backend crashes: the jailed process itself (the child of the one started).

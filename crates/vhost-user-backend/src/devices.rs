@@ -163,15 +163,7 @@ impl ConsoleDevice {
         input: Option<std::fs::File>,
     ) -> std::io::Result<ConsoleDevice> {
         if let Some(file) = &input {
-            // SAFETY: fcntl on a descriptor `file` owns, with integer arguments.
-            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-            // SAFETY: as above.
-            if flags < 0
-                || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }
-                    < 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            set_nonblocking(file)?;
         }
         Ok(ConsoleDevice {
             output: Mutex::new(output),
@@ -260,4 +252,19 @@ impl ServedDevice for ConsoleDevice {
             _ => Ok(()),
         }
     }
+}
+
+/// Make `file`'s descriptor non-blocking.
+fn set_nonblocking(file: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor `file` owns, with integer arguments.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -241,6 +241,9 @@ pub const NO_VECTOR: u16 = 0xffff;
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
+    /// The used-buffer bit reads as set whatever was acknowledged: another process
+    /// signals the line directly ([`Interrupt::direct_queue_notifier`]).
+    sticky_vring: AtomicBool,
     needs_reset: AtomicBool,
     irq: EventFd,
     msix: Option<MsixRouting>,
@@ -309,6 +312,7 @@ impl Interrupt {
     pub fn new() -> io::Result<Self> {
         Ok(Interrupt {
             status: AtomicU32::new(0),
+            sticky_vring: AtomicBool::new(false),
             needs_reset: AtomicBool::new(false),
             irq: EventFd::new(EFD_NONBLOCK)?,
             msix: None,
@@ -401,7 +405,38 @@ impl Interrupt {
 
     /// The interrupt status register.
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        let sticky = if self.sticky_vring.load(Ordering::SeqCst) {
+            INT_VRING
+        } else {
+            0
+        };
+        self.status.load(Ordering::SeqCst) | sticky
+    }
+
+    /// An eventfd that interrupts the driver for queue `queue` when another process
+    /// writes it, with no VMM thread in between (a vhost-user backend's call): with
+    /// MSI-X enabled and a vector chosen for the queue, that vector's irqfd (its mask
+    /// is then the guest's to honour: KVM delivers a masked vector's message as an
+    /// unmasked one's, which a driver takes as a spurious interrupt); otherwise the
+    /// line's irqfd, the used-buffer bit of the status register then reading as set
+    /// until the device is reset (a driver looks at every queue on each interrupt,
+    /// and finds nothing new on those without). Interrupts sent this way are not
+    /// counted in [`counters`](Self::counters).
+    pub fn direct_queue_notifier(&self, queue: u16) -> io::Result<EventFd> {
+        if let Some(m) = self.msix.as_ref().filter(|m| m.vectors.enabled()) {
+            let vector = m
+                .queues
+                .get(usize::from(queue))
+                .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst));
+            return match m.vectors.irqfd(vector) {
+                Some(fd) => fd.try_clone(),
+                // No vector: the driver wants no interrupts from this queue; an
+                // eventfd nobody reads.
+                None => EventFd::new(EFD_NONBLOCK),
+            };
+        }
+        self.sticky_vring.store(true, Ordering::SeqCst);
+        self.irq.try_clone()
     }
 
     /// Whether a device error has set NEEDS_RESET.
@@ -476,6 +511,7 @@ impl Interrupt {
     /// Device reset: clear everything.
     pub(crate) fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.sticky_vring.store(false, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 }
@@ -501,6 +537,32 @@ mod interrupt_tests {
             (i.queue_vector(0), i.config_vector()),
             (NO_VECTOR, NO_VECTOR)
         );
+    }
+
+    #[test]
+    fn a_direct_notifier_is_the_line_with_the_used_bit_kept_or_the_queues_vector() {
+        let i = Interrupt::new().unwrap();
+        let line = i.direct_queue_notifier(1).unwrap();
+        line.write(1).unwrap();
+        assert_eq!(i.irq_eventfd().read().unwrap(), 1, "the line's own eventfd");
+        assert_eq!(i.status(), INT_VRING);
+        i.acknowledge(INT_VRING);
+        assert_eq!(i.status(), INT_VRING, "kept while the device runs");
+        i.clear();
+        assert_eq!(i.status(), 0);
+
+        let vectors = Arc::new(MsixVectors::new(2).unwrap());
+        let mut table = MsixTable::new(vectors.clone());
+        table.set_bus_master(true);
+        table.set_control(CONTROL_ENABLE);
+        let m = Interrupt::with_msix(vectors.clone(), 2).unwrap();
+        m.set_queue_vector(0, 1);
+        m.direct_queue_notifier(0).unwrap().write(1).unwrap();
+        assert_eq!(fired(&vectors, 1), 1, "the queue's vector's irqfd");
+        // No vector for queue 1: an eventfd that reaches nothing.
+        m.direct_queue_notifier(1).unwrap().write(1).unwrap();
+        assert_eq!((fired(&vectors, 0), fired(&vectors, 1)), (0, 0));
+        assert_eq!(m.status(), 0);
     }
 
     #[test]

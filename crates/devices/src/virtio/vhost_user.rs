@@ -13,10 +13,11 @@
 //!
 //! * the queue's *kick*, the notifier KVM signals on the driver's write to the notify
 //!   register (an ioeventfd): the backend wakes without the VMM;
-//! * the queue's *call*, which the backend signals after it has used buffers. The
-//!   device's link thread (`<name>-link`) passes it on through the transport's
-//!   [`Interrupt`](super::Interrupt) (the used-buffer bit on virtio-mmio, the queue's
-//!   own vector with MSI-X, masking honoured). The data never passes through the VMM.
+//! * the queue's *call*, which the backend signals after it has used buffers: the
+//!   queue's irqfd itself ([`Interrupt::direct_queue_notifier`](super::Interrupt::direct_queue_notifier):
+//!   its MSI-X vector's, or the line's with the used-buffer bit kept set), so KVM
+//!   interrupts the guest without a VMM thread. Neither the data nor the
+//!   notifications pass through the VMM.
 //!
 //! A backend is another party: every reply is checked by the `vhost` crate, and the
 //! socket has a timeout ([`REPLY_TIMEOUT`]) so that a backend that stops answering
@@ -344,10 +345,12 @@ impl VhostUser {
                 });
             }
         }
+        // The backend interrupts the driver itself: each queue's call is the queue's
+        // irqfd (its MSI-X vector's, or the line's).
         let calls = (0..active.queues.len())
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|q| active.interrupt.direct_queue_notifier(q as u16))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(host("make the queues' call eventfds"))?;
+            .map_err(host("duplicate the queues' irqfds"))?;
         let running = link::Rings {
             mem: active.mem,
             driver_features: active.driver_features,

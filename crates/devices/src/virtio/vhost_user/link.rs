@@ -1,6 +1,6 @@
 //! One vhost-user device's connection to its backend: the negotiation, the rings
-//! handed over, and the thread that passes the backend's calls on as interrupts and
-//! connects again when the backend restarts.
+//! handed over, and the thread that watches the backend's socket and connects again
+//! when the backend restarts.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -52,7 +52,7 @@ pub(super) struct Rings {
     pub(super) rings: Vec<Ring>,
     /// Every queue's notifier (the driver's kick), by queue index.
     pub(super) kicks: Vec<EventFd>,
-    /// Every queue's call eventfd, by queue index.
+    /// Every queue's call eventfd, by queue index: the queue's irqfd.
     pub(super) calls: Vec<EventFd>,
     pub(super) interrupt: Arc<Interrupt>,
 }
@@ -316,17 +316,11 @@ pub(super) fn spawn(shared: Arc<Shared>) -> Result<vmcraft_sandbox::Thread<()>, 
     })
 }
 
-/// The descriptors the link thread waits on now: the socket, and each call of the
-/// running rings.
-fn watched(shared: &Shared) -> (Option<RawFd>, Vec<RawFd>) {
-    let rings = lock(&shared.rings);
-    let socket = (!shared.gone.load(Ordering::SeqCst))
-        .then(|| lock(&shared.connection).frontend.as_raw_fd());
-    let calls = rings
-        .as_ref()
-        .map(|r| r.calls.iter().map(AsRawFd::as_raw_fd).collect())
-        .unwrap_or_default();
-    (socket, calls)
+/// The descriptor the link thread waits on now: the backend's socket, unless it is
+/// gone. (The calls go to KVM, not to this thread.)
+fn watched(shared: &Shared) -> Option<RawFd> {
+    let _rings = lock(&shared.rings);
+    (!shared.gone.load(Ordering::SeqCst)).then(|| lock(&shared.connection).frontend.as_raw_fd())
 }
 
 fn run(shared: &Shared) -> std::io::Result<()> {
@@ -341,7 +335,7 @@ fn run(shared: &Shared) -> std::io::Result<()> {
         shared.changed.as_raw_fd(),
         EpollEvent::new(EventSet::IN, TOKEN_CHANGED),
     )?;
-    let mut registered: (Option<RawFd>, Vec<RawFd>) = (None, Vec::new());
+    let mut registered: Option<RawFd> = None;
     let mut events = vec![EpollEvent::default(); 8];
     // Whether the device changed what to watch (its rings started or stopped, a new
     // socket). Descriptors are compared by nothing but being told: a closed one's
@@ -350,18 +344,14 @@ fn run(shared: &Shared) -> std::io::Result<()> {
     loop {
         if dirty {
             dirty = false;
-            for fd in registered.0.iter().chain(&registered.1) {
+            if let Some(fd) = registered {
                 // Gone already if it was closed.
-                let _ = epoll.ctl(ControlOperation::Delete, *fd, EpollEvent::default());
+                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
-            let now = watched(shared);
-            if let Some(fd) = now.0 {
+            registered = watched(shared);
+            if let Some(fd) = registered {
                 watch(&epoll, fd, TOKEN_SOCKET)?;
             }
-            for (q, &fd) in now.1.iter().enumerate() {
-                watch(&epoll, fd, q as u64)?;
-            }
-            registered = now;
         }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -376,7 +366,7 @@ fn run(shared: &Shared) -> std::io::Result<()> {
                     dirty = true;
                 }
                 TOKEN_SOCKET => {
-                    if peer_closed(registered.0.unwrap_or(-1)) == Some(true) {
+                    if peer_closed(registered.unwrap_or(-1)) == Some(true) {
                         if reconnect(shared) == Reconnected::Stopped {
                             return Ok(());
                         }
@@ -387,16 +377,7 @@ fn run(shared: &Shared) -> std::io::Result<()> {
                         std::thread::yield_now();
                     }
                 }
-                q => {
-                    let rings = lock(&shared.rings);
-                    if let Some(r) = rings.as_ref() {
-                        if let Some(call) = r.calls.get(q as usize) {
-                            // Reading resets the counter; an error means it was zero.
-                            let _ = call.read();
-                            r.interrupt.queue(q as u16).signal();
-                        }
-                    }
-                }
+                _ => {}
             }
         }
     }
