@@ -338,6 +338,60 @@ fn a_restarted_backend_takes_over_the_running_rings_and_the_guest_sees_nothing()
     assert!(second.wait().success());
 }
 
+#[test]
+fn the_backend_refuses_what_it_cannot_serve_and_says_why() {
+    let dir = Dir::new("refuse");
+    let run = |args: &[&str]| {
+        let out = Command::new(vhost_user_backend())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A socket path that exists is not taken over (nor removed).
+    let taken = dir.0.join("taken.sock");
+    std::fs::write(&taken, b"").unwrap();
+    let (status, err) = run(&["--socket", taken.to_str().unwrap(), "rng"]);
+    assert!(
+        !status.success() && err.contains("exists"),
+        "{status} {err}"
+    );
+    assert!(taken.exists());
+    // An image that cannot be opened, named; no socket left behind.
+    let socket = dir.0.join("blk.sock");
+    let missing = dir.0.join("no-such.img");
+    let (status, err) = run(&[
+        "--socket",
+        socket.to_str().unwrap(),
+        "blk",
+        "--image",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(
+        !status.success() && err.contains("cannot open the image") && err.contains("no-such.img"),
+        "{status} {err}"
+    );
+    assert!(!socket.exists());
+    // Queues out of range, and a device it does not have.
+    let (status, _) = run(&[
+        "--socket",
+        socket.to_str().unwrap(),
+        "blk",
+        "--image",
+        "x",
+        "--queues",
+        "17",
+    ]);
+    assert!(!status.success());
+    let (status, _) = run(&["--socket", socket.to_str().unwrap(), "gpu"]);
+    assert!(!status.success());
+    assert!(!socket.exists());
+}
+
 /// The children of process `pid`.
 fn children(pid: u32) -> Vec<i32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
