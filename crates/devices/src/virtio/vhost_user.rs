@@ -476,3 +476,134 @@ impl Drop for VhostUser {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A backend of a few lines: answers an rng's negotiation (VERSION_1 and protocol
+    /// features; MQ; one queue), then does what `after` says.
+    fn scripted_backend(
+        mut theirs: UnixStream,
+        after: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) {
+        std::thread::spawn(move || {
+            let mut answered = 0;
+            while answered < 3 {
+                let mut header = [0u8; 12];
+                if theirs.read_exact(&mut header).is_err() {
+                    return;
+                }
+                let request = u32::from_le_bytes(header[0..4].try_into().unwrap());
+                let size = u32::from_le_bytes(header[8..12].try_into().unwrap());
+                let mut body = vec![0u8; size as usize];
+                theirs.read_exact(&mut body).unwrap();
+                let value: u64 = match request {
+                    1 => F_VERSION_1 | F_PROTOCOL_FEATURES,     // GET_FEATURES
+                    15 => VhostUserProtocolFeatures::MQ.bits(), // GET_PROTOCOL_FEATURES
+                    17 => 1,                                    // GET_QUEUE_NUM
+                    _ => continue,                              // no reply
+                };
+                let mut reply = Vec::new();
+                reply.extend_from_slice(&request.to_le_bytes());
+                reply.extend_from_slice(&0x5u32.to_le_bytes());
+                reply.extend_from_slice(&8u32.to_le_bytes());
+                reply.extend_from_slice(&value.to_le_bytes());
+                theirs.write_all(&reply).unwrap();
+                answered += 1;
+            }
+            after(&mut theirs);
+        });
+    }
+
+    #[test]
+    fn a_negotiated_device_offers_the_backends_features_masked_and_needs_its_memory_shared() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        scripted_backend(theirs, |s| {
+            // Keep the socket open until the device is dropped.
+            let mut buf = [0u8; 64];
+            while s.read(&mut buf).is_ok_and(|n| n > 0) {}
+        });
+        let device = VhostUser::new(ours, None, VhostUserSpec::rng(), "vu-test").unwrap();
+        assert_eq!(device.features(), F_VERSION_1);
+        assert_eq!(device.device_type(), TYPE_RNG);
+        assert!(device
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::MQ));
+        assert!(!device.backend_gone());
+    }
+
+    #[test]
+    fn a_backend_that_sends_what_nobody_asked_for_is_cut_off() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        scripted_backend(theirs, |s| {
+            s.write_all(b"unasked bytes").unwrap();
+            let mut buf = [0u8; 64];
+            while s.read(&mut buf).is_ok_and(|n| n > 0) {}
+        });
+        let device = VhostUser::new(ours, None, VhostUserSpec::rng(), "vu-test").unwrap();
+        let deadline = std::time::Instant::now() + 4 * REPLY_TIMEOUT;
+        while !device.backend_gone() {
+            assert!(std::time::Instant::now() < deadline, "still trusted");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_backend_without_version_1_or_with_too_few_queues_is_refused() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut header = [0u8; 12];
+            // SET_OWNER, then GET_FEATURES answered without VERSION_1.
+            theirs.read_exact(&mut header).unwrap();
+            theirs.read_exact(&mut header).unwrap();
+            let mut reply = Vec::new();
+            reply.extend_from_slice(&1u32.to_le_bytes());
+            reply.extend_from_slice(&0x5u32.to_le_bytes());
+            reply.extend_from_slice(&8u32.to_le_bytes());
+            reply.extend_from_slice(&(1u64 << 30).to_le_bytes());
+            theirs.write_all(&reply).unwrap();
+        });
+        let err = VhostUser::new(ours, None, VhostUserSpec::rng(), "vu-test").unwrap_err();
+        assert!(matches!(err, VhostUserError::NoVersion1(_)), "{err}");
+
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        scripted_backend(theirs, |_| {});
+        // The backend serves one queue; a vsock needs three.
+        let err = VhostUser::new(ours, None, VhostUserSpec::vsock(), "vu-test").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VhostUserError::TooFewQueues {
+                    wanted: 3,
+                    backend: 1
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn specs_refuse_bad_tags_and_queues() {
+        assert!(VhostUserSpec::fs("", 1).is_err());
+        assert!(VhostUserSpec::fs(&"x".repeat(37), 1).is_err());
+        let fs = VhostUserSpec::fs("share", 2).unwrap();
+        assert_eq!(fs.queue_sizes.len(), 3);
+        let ConfigSpace::Local(config) = &fs.config else {
+            panic!("virtio-fs's configuration is the frontend's");
+        };
+        assert_eq!(&config[..5], b"share");
+        assert_eq!(&config[36..], &2u32.to_le_bytes());
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let bad = VhostUserSpec {
+            device_type: 1,
+            queue_sizes: vec![3],
+            config: ConfigSpace::None,
+        };
+        assert!(matches!(
+            VhostUser::new(ours, None, bad, "vu-test"),
+            Err(VhostUserError::BadQueues { .. })
+        ));
+    }
+}

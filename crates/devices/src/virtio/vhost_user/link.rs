@@ -341,6 +341,8 @@ fn run(shared: &Shared) -> std::io::Result<()> {
     // socket). Descriptors are compared by nothing but being told: a closed one's
     // number is soon another's.
     let mut dirty = true;
+    // Since when bytes have waited on the socket with nobody reading them.
+    let mut unasked: Option<Instant> = None;
     loop {
         if dirty {
             dirty = false;
@@ -365,18 +367,34 @@ fn run(shared: &Shared) -> std::io::Result<()> {
                     let _ = shared.changed.read();
                     dirty = true;
                 }
-                TOKEN_SOCKET => {
-                    if peer_closed(registered.unwrap_or(-1)) == Some(true) {
+                TOKEN_SOCKET => match peer_closed(registered.unwrap_or(-1)) {
+                    Some(true) => {
+                        unasked = None;
                         if reconnect(shared) == Reconnected::Stopped {
                             return Ok(());
                         }
                         dirty = true;
-                    } else {
-                        // A reply on its way to the thread that asked (a
-                        // configuration write).
-                        std::thread::yield_now();
                     }
-                }
+                    Some(false) => {
+                        // A reply on its way to the thread that asked (a configuration
+                        // write) is read within its timeout; bytes that stay longer
+                        // were sent unasked: the backend breaks the protocol.
+                        let since = *unasked.get_or_insert_with(Instant::now);
+                        if since.elapsed() > 2 * REPLY_TIMEOUT {
+                            log::error!(
+                                "{}: the vhost-user backend sent what nobody asked for: the device needs a reset",
+                                shared.name
+                            );
+                            shared.gone.store(true, Ordering::SeqCst);
+                            mark_broken(shared);
+                            unasked = None;
+                            dirty = true;
+                        } else {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                    None => unasked = None,
+                },
                 _ => {}
             }
         }
