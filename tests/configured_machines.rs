@@ -385,3 +385,41 @@ fn resources_that_do_not_fit_the_configuration_are_refused_by_field() {
     let err = attempt(16 << 20, &xen_disk, xen_disk.open().unwrap());
     assert!(err.contains("devices[0]"), "{err}");
 }
+
+#[test]
+fn a_vhost_user_device_on_private_ram_is_refused_with_the_reason() {
+    use vmcraft::config::{
+        DeviceConfig, DeviceResource, HostResources, MachineConfig, VhostUserConfig,
+    };
+    common::require_kvm();
+    let config = MachineConfig {
+        memory_mib: 16,
+        devices: vec![DeviceConfig::VhostUserRng(VhostUserConfig {
+            socket: "/nonexistent.sock".into(),
+            queues: None,
+            queue_size: None,
+        })],
+        ..MachineConfig::default()
+    };
+    let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    // Built as MachineBuilder::new does: private, anonymous RAM.
+    let mut b = machine_builder(16 << 20, Box::new(std::io::sink()));
+    let err = b
+        .configure(
+            &config,
+            HostResources {
+                kernel: None,
+                devices: vec![DeviceResource::VhostUser(ours)],
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("shared_memory") && err.contains("vhost-user-rng"),
+        "{err}"
+    );
+    // MachineBuilder::for_config makes it shared.
+    let b =
+        vmcraft::builder::MachineBuilder::for_config(&config, Box::new(std::io::sink())).unwrap();
+    assert!(b.vm().ram().is_shared());
+}

@@ -273,3 +273,117 @@ fn queues_are_a_virtio_block_setting_within_its_bounds() {
     }
     assert!(four.check_same_machine(&plain).is_err());
 }
+
+#[test]
+fn vhost_user_devices_are_checked_made_into_specs_and_share_memory() {
+    let ok = parse(
+        r#"{"devices": [
+            {"kind": "vhost-user-blk", "socket": "/run/b.sock", "queues": 2, "queue_size": 128},
+            {"kind": "vhost-user-fs", "socket": "/run/f.sock", "tag": "share"},
+            {"kind": "vhost-user-rng", "socket": "/run/r.sock"},
+            {"kind": "vhost-user-vsock", "socket": "/run/v.sock"},
+            {"kind": "vhost-user", "socket": "/run/g.sock", "device_type": 3, "queues": 2, "config_size": 12}
+        ]}"#,
+    )
+    .unwrap();
+    assert!(ok.memory_is_shared());
+    assert!(ok
+        .unsavable()
+        .unwrap()
+        .contains("devices[0] (vhost-user-blk)"));
+    let kinds: Vec<_> = ok.devices.iter().map(|d| d.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "vhost-user-blk",
+            "vhost-user-fs",
+            "vhost-user-rng",
+            "vhost-user-vsock",
+            "vhost-user"
+        ]
+    );
+    let specs: Vec<_> = ok
+        .devices
+        .iter()
+        .map(|d| d.vhost_user_spec().unwrap().unwrap())
+        .collect();
+    assert_eq!(specs[0].queue_sizes, [128, 128]);
+    assert_eq!(specs[1].queue_sizes.len(), 2);
+    assert_eq!(specs[2].device_type, 4);
+    assert_eq!(specs[3].queue_sizes.len(), 3);
+    assert_eq!((specs[4].device_type, specs[4].queue_sizes.len()), (3, 2));
+    assert!(ok.devices.iter().all(|d| d.vhost_user_socket().is_some()));
+    assert!(!MachineConfig::default().memory_is_shared());
+    assert!(MachineConfig::default().unsavable().is_none());
+    // Asked for without a vhost-user device.
+    assert!(parse(r#"{"shared_memory": true}"#)
+        .unwrap()
+        .memory_is_shared());
+
+    // Another host's sockets: the same machine; its sockets taken.
+    let mut there = ok.clone();
+    for d in &mut there.devices {
+        if let Some(s) = d.vhost_user_socket_mut() {
+            *s = "/elsewhere.sock".into();
+        }
+    }
+    ok.check_same_machine(&there).unwrap();
+    let moved = ok.with_host_resources_of(&there).unwrap();
+    assert!(moved
+        .devices
+        .iter()
+        .all(|d| d.vhost_user_socket() == Some(std::path::Path::new("/elsewhere.sock"))));
+}
+
+#[test]
+fn bad_vhost_user_devices_are_refused_with_the_field() {
+    for (json, field) in [
+        (
+            r#"{"kind": "vhost-user-blk", "socket": ""}"#,
+            "devices[0].socket",
+        ),
+        (
+            r#"{"kind": "vhost-user-blk", "socket": "/s", "queues": 17}"#,
+            "devices[0].queues",
+        ),
+        (
+            r#"{"kind": "vhost-user-rng", "socket": "/s", "queues": 2}"#,
+            "devices[0].queues",
+        ),
+        (
+            r#"{"kind": "vhost-user-vsock", "socket": "/s", "queue_size": 100}"#,
+            "devices[0].queue_size",
+        ),
+        (
+            r#"{"kind": "vhost-user-blk", "socket": "/s", "queue_size": 2048}"#,
+            "devices[0].queue_size",
+        ),
+        (
+            r#"{"kind": "vhost-user-fs", "socket": "/s", "tag": ""}"#,
+            "devices[0].tag",
+        ),
+        (
+            r#"{"kind": "vhost-user-fs", "socket": "/s", "tag": "t", "queues": 0}"#,
+            "devices[0].queues",
+        ),
+        (
+            r#"{"kind": "vhost-user", "socket": "/s", "device_type": 0, "queues": 1}"#,
+            "devices[0].device_type",
+        ),
+        (
+            r#"{"kind": "vhost-user", "socket": "/s", "device_type": 3, "queues": 0}"#,
+            "devices[0].queues",
+        ),
+        (
+            r#"{"kind": "vhost-user", "socket": "/s", "device_type": 3, "queues": 1, "config_size": 4096}"#,
+            "devices[0].config_size",
+        ),
+        (
+            r#"{"kind": "vhost-user", "socket": "", "device_type": 3, "queues": 1}"#,
+            "devices[0].socket",
+        ),
+    ] {
+        let err = parse(&format!(r#"{{"devices": [{json}]}}"#)).unwrap_err();
+        assert_eq!(field_of(err), field, "{json}");
+    }
+}
