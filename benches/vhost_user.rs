@@ -63,21 +63,6 @@ struct Run {
     exits: u64,
 }
 
-/// The CPU time (ns) of this process's threads whose names start with `prefix`.
-fn own_threads_cpu_ns(prefix: &str) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task")
-        .expect("tasks")
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.starts_with(prefix) {
-            total += common::thread_cpu_ns(comm.trim_end()).unwrap_or(0);
-        }
-    }
-    total
-}
-
 /// The CPU time (ns) of the live threads of process `pid` and of its descendants,
 /// from each thread's schedstat.
 fn process_tree_cpu_ns(pid: u32) -> u64 {
@@ -225,8 +210,8 @@ fn guest_run(
     // The in-process device's I/O thread, or the vhost-user device's link thread
     // (which only watches the backend's socket).
     let vmm_threads = match server {
-        Server::InProcess => own_threads_cpu_ns("vblk0-"),
-        _ => own_threads_cpu_ns("vu-blk"),
+        Server::InProcess => common::threads_cpu_ns("vblk0-"),
+        _ => common::threads_cpu_ns("vu-blk"),
     };
     let backend_cpu_ns = backend
         .as_ref()

@@ -105,17 +105,7 @@ impl Transport {
 
 /// The CPU time of every thread of the device (`vblk0-io` or one per queue).
 fn device_cpu_ns() -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task")
-        .expect("tasks")
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.starts_with(IO_THREADS) {
-            total += common::thread_cpu_ns(comm.trim_end()).unwrap_or(0);
-        }
-    }
-    total
+    common::threads_cpu_ns(IO_THREADS)
 }
 
 fn guest_run(

@@ -43,6 +43,22 @@ pub fn thread_cpu_ns(name: &str) -> Option<u64> {
     None
 }
 
+/// The CPU time (ns) of this process's threads whose names start with `prefix`.
+#[allow(dead_code)] // not every benchmark looks at threads
+pub fn threads_cpu_ns(prefix: &str) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with(prefix) {
+            total += thread_cpu_ns(comm.trim_end()).unwrap_or(0);
+        }
+    }
+    total
+}
+
 /// A scratch disk image of `bytes`, filled with data (so reads hit real blocks),
 /// removed on drop.
 #[allow(dead_code)]
