@@ -237,13 +237,7 @@ impl GuestRam {
         file: &std::fs::File,
     ) -> Result<Self, MemoryError> {
         use std::os::unix::fs::FileExt;
-        let len = file.metadata().map_err(MemoryError::MemoryFile)?.len();
-        if len != layout.total() {
-            return Err(MemoryError::MemoryFileSize {
-                file: len,
-                ram: layout.total(),
-            });
-        }
+        let len = memory_file_len(layout, file)?;
         let ram = Self::new_shared(layout)?;
         let shared = ram
             .memory
@@ -296,13 +290,7 @@ impl GuestRam {
         use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
         use vm_memory::mmap::MmapRegionBuilder;
         use vm_memory::FileOffset;
-        let len = file.metadata().map_err(MemoryError::MemoryFile)?.len();
-        if len != layout.total() {
-            return Err(MemoryError::MemoryFileSize {
-                file: len,
-                ram: layout.total(),
-            });
-        }
+        memory_file_len(layout, file)?;
         let mut regions = Vec::with_capacity(layout.ranges().len());
         let mut offset = 0;
         for r in layout.ranges() {
@@ -560,6 +548,18 @@ pub(crate) fn is_shared(memory: &GuestMemory) -> bool {
     memory
         .iter()
         .all(|r| r.deref().flags() & libc::MAP_SHARED != 0 && r.file_offset().is_some())
+}
+
+/// The length of memory file `file`, which must be exactly the layout's RAM.
+fn memory_file_len(layout: &MemoryLayout, file: &std::fs::File) -> Result<u64, MemoryError> {
+    let len = file.metadata().map_err(MemoryError::MemoryFile)?.len();
+    if len != layout.total() {
+        return Err(MemoryError::MemoryFileSize {
+            file: len,
+            ram: layout.total(),
+        });
+    }
+    Ok(len)
 }
 
 /// The next extent of data in `file` at or after `offset` (before `len`), as
